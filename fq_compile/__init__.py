@@ -1,0 +1,19 @@
+"""fq_compile: a torch.compile backend for FlattenQuant per-tensor INT8/INT4 inference.
+
+    plan = fq_compile.calibrate(model, batches, fq_compile.Config(level="O1"))
+    fast = torch.compile(model, backend="flattenquant", options={"plan": plan})
+    print(fq_compile.explain(fast))
+"""
+
+from . import kernels  # noqa: F401  (registers torch.ops.fq.*)
+from .backend import BackendOptionsError, flattenquant
+from .calibrate import calibrate
+from .config import Config, ConfigError
+from .explain import explain
+from .passes.observe import CalibrationError
+from .plan import PlanFormatError, PlanMismatchError, QuantPlan
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "ConfigError", "calibrate", "QuantPlan", "explain", "flattenquant", "CalibrationError",
+           "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "__version__"]

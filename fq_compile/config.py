@@ -1,0 +1,140 @@
+"""User-facing configuration: one `Config` whose `level` picks a row of the paper's Table 2.
+
+Every knob has the paper's default (section 5.1) and can be overridden; values are validated at
+construction so that a typo fails at once with the knob's name and its range, not deep inside
+calibration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+# level -> (smoothing, flatten activations, mixed 4/8 bits, GPTQ)
+LEVELS = {
+    "fp16": dict(quantize=False, smoothing="none", flatten=False, mixed_bits=False, gptq=False),
+    "w8a8": dict(quantize=True, smoothing="none", flatten=False, mixed_bits=False, gptq=False),
+    "smoothquant": dict(quantize=True, smoothing="smoothquant", flatten=False, mixed_bits=False, gptq=False),
+    "O1": dict(quantize=True, smoothing="sigmoid", flatten=True, mixed_bits=False, gptq=False),
+    "O2": dict(quantize=True, smoothing="sigmoid", flatten=True, mixed_bits=True, gptq=False),
+    "O3": dict(quantize=True, smoothing="sigmoid", flatten=True, mixed_bits=True, gptq=True),
+}
+
+O3_ISSUE = "issue 6 (GPTQ for O3)"
+
+
+class ConfigError(ValueError):
+    """A Config knob holds a value outside its range."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """What to quantize and how.
+
+    level: one of fp16 (pass-through), w8a8 (naive per-tensor static INT8), smoothquant (SmoothQuant
+        alpha smoothing + per-tensor static INT8), O1 (FlattenQuant, all INT8), O2 (FlattenQuant,
+        INT4/INT8 chosen per layer by Eq. 8), O3 (O2 + GPTQ on the flattened weights).
+    alpha: smoothing migration strength (Eq. 5 and SmoothQuant), in [0, 1].
+    beta: truncation threshold coefficient T = beta * mean(clipped channel maxima) (Eq. 7), > 0.
+    gamma: Eq. 8 bit choice: KL4/KL8 < gamma -> INT4, > 0.
+    pad_multiple: flattened channel count padded to a multiple of this (32 in the paper).
+    outlier_clip: apply the Eq. 6 boxplot clip before averaging channel maxima.
+    smoothing: override the level's smoothing ("none", "smoothquant", "sigmoid"); None keeps it.
+    flatten_weights: also flatten weight columns whose max exceeds the weight threshold (paper 4.1,
+        last paragraph) by splitting them into equal parts and repeating the activation channel.
+    weight_beta: threshold coefficient for weight flattening (same Eq. 6-7 on column maxima).
+    weight_clip: per-tensor weight scale from the max ("max") or the MSE-optimal clip ("mse").
+    fold: fold smoothing scales into the producing norm / linear where exact (else applied in op).
+    skip: substrings of layer names kept in floating point (the output head by default).
+    calib_samples: activation rows kept per linear input for the Eq. 8 KL estimate.
+    kl_bins: histogram bins for the Eq. 8 KL estimate.
+    seed: seeds the row sampling during calibration.
+    """
+
+    level: str = "O1"
+    alpha: float = 0.5
+    beta: float = 1.3
+    gamma: float = 1.86
+    pad_multiple: int = 32
+    outlier_clip: bool = True
+    smoothing: str | None = None
+    flatten_weights: bool = False
+    weight_beta: float = 1.3
+    weight_clip: str = "max"
+    fold: bool = True
+    skip: tuple[str, ...] = ("lm_head",)
+    calib_samples: int = 512
+    kl_bins: int = 2048
+    seed: int = 0
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ConfigError(f"Config.level={self.level!r} is unknown; choose one of {', '.join(LEVELS)}")
+        _check_range("alpha", self.alpha, 0.0, 1.0)
+        _check_positive("beta", self.beta)
+        _check_positive("gamma", self.gamma)
+        _check_positive("weight_beta", self.weight_beta)
+        if not isinstance(self.pad_multiple, int) or self.pad_multiple < 2 or self.pad_multiple % 2:
+            raise ConfigError(f"Config.pad_multiple={self.pad_multiple!r} must be an even integer >= 2 (INT4 packs two per byte)")
+        if self.smoothing not in (None, "none", "smoothquant", "sigmoid"):
+            raise ConfigError(f"Config.smoothing={self.smoothing!r} must be None, 'none', 'smoothquant' or 'sigmoid'")
+        if self.weight_clip not in ("max", "mse"):
+            raise ConfigError(f"Config.weight_clip={self.weight_clip!r} must be 'max' or 'mse'")
+        if not isinstance(self.calib_samples, int) or self.calib_samples < 16:
+            raise ConfigError(f"Config.calib_samples={self.calib_samples!r} must be an integer >= 16")
+        if not isinstance(self.kl_bins, int) or self.kl_bins < 64:
+            raise ConfigError(f"Config.kl_bins={self.kl_bins!r} must be an integer >= 64")
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise ConfigError(f"Config.skip={self.skip!r} must be a tuple of name substrings")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        spec = dict(LEVELS[self.level])
+        if self.smoothing is not None:
+            spec["smoothing"] = self.smoothing
+        self._derived.update(spec)
+
+    # what the level implies, with overrides applied
+    @property
+    def quantize(self) -> bool:
+        return self._derived["quantize"]
+
+    @property
+    def smoothing_method(self) -> str:
+        return self._derived["smoothing"]
+
+    @property
+    def flatten(self) -> bool:
+        return self._derived["flatten"]
+
+    @property
+    def mixed_bits(self) -> bool:
+        return self._derived["mixed_bits"]
+
+    @property
+    def gptq(self) -> bool:
+        return self._derived["gptq"]
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown Config knob(s): {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "skip" in d:
+            d["skip"] = tuple(d["skip"])
+        return cls(**d)
+
+
+def _check_range(name, v, lo, hi):
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo <= v <= hi) or math.isnan(v):
+        raise ConfigError(f"Config.{name}={v!r} is out of range; it must lie in [{lo}, {hi}]")
+
+
+def _check_positive(name, v):
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > 0) or math.isinf(v):
+        raise ConfigError(f"Config.{name}={v!r} is out of range; it must be a finite number > 0")

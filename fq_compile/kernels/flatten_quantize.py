@@ -1,0 +1,90 @@
+"""Activation smooth + flatten (Eq. 3) + per-tensor quantize, as one op: `fq::flatten_quantize`.
+
+The flattened activation is described per output position p by four constants computed at plan
+time (see `fq_compile.passes.flatten.channel_map`):
+
+    src[p]  which input channel feeds position p (extra channels repeat their source channel)
+    mult[p] 1 / (smoothing scale of src[p] * activation scale): moves x into quantized units
+    lo[p], hi[p]  the slice of |x| this position carries, in quantized units
+
+and the integer result is, with a = |x[..., src[p]]| * mult[p] computed in float32:
+
+    q[p] = sign(x[src[p]]) * min(rint(min(max(a - lo[p], 0), hi[p])), qmax)
+
+For a channel flattened into E extra channels, the extra positions carry [i*qmax, (i+1)*qmax)
+(lo = i*qmax, hi = qmax: the paper's T, ..., T) and the original position carries the remainder
+(lo = E*qmax, hi = inf: Eq. 3's X mod T).  A value beyond the calibrated range therefore saturates
+the remainder at qmax (never wraps).  Unflattened channels have lo = 0, hi = inf; padding
+positions have mult = 0.  Rounding is half-to-even (torch.round, CUDA rint); GPU kernels must
+compute `a - lo` without contracting it into an FMA so that their integers match bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import custom_op, triton_op
+
+from .packing import INT4_MAX, pack_int4
+
+QMAX = {8: 127, 4: INT4_MAX}
+
+
+def flatten_quantize_reference(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor,
+                               hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer semantics every kernel reproduces: [..., C] float -> [..., K'] int8 (bits=8) or
+    [..., K'/2] packed uint8 (bits=4)."""
+    qmax = QMAX[bits]
+    g = x.index_select(-1, src.to(torch.int64)).float()
+    a = g.abs() * mult
+    v = torch.minimum((a - lo).clamp_min(0.0), hi)
+    q = torch.round(v).clamp_max(float(qmax))
+    q = torch.where(g < 0, -q, q).to(torch.int8)
+    return pack_int4(q) if bits == 4 else q
+
+
+def _out_shape(x, src, bits):
+    k = src.shape[0]
+    return (*x.shape[:-1], k // 2 if bits == 4 else k), (torch.uint8 if bits == 4 else torch.int8)
+
+
+def _check(x, src, mult, lo, hi, bits):
+    torch._check(bits in (4, 8), lambda: f"flatten_quantize: bits must be 4 or 8, got {bits}")
+    torch._check(src.dim() == 1 and mult.shape == src.shape and lo.shape == src.shape and hi.shape == src.shape,
+                 lambda: "flatten_quantize: src/mult/lo/hi must be 1-D of equal length")
+    torch._check(bits == 8 or src.shape[0] % 2 == 0, lambda: "flatten_quantize: INT4 needs an even channel count")
+
+
+@custom_op("fq::flatten_quantize_reference", mutates_args=())
+def _flatten_quantize_ref_op(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor,
+                             hi: torch.Tensor, bits: int) -> torch.Tensor:
+    _check(x, src, mult, lo, hi, bits)
+    return flatten_quantize_reference(x, src, mult, lo, hi, bits)
+
+
+@_flatten_quantize_ref_op.register_fake
+def _(x, src, mult, lo, hi, bits):
+    _check(x, src, mult, lo, hi, bits)
+    shape, dtype = _out_shape(x, src, bits)
+    return x.new_empty(shape, dtype=dtype)
+
+
+# The GPU kernel registry: a callable (x, src, mult, lo, hi, bits) -> Tensor that launches the
+# CUDA implementation through torch.library.wrap_triton.  Filled in by the Triton kernel module.
+CUDA_IMPL = {}
+
+
+@triton_op("fq::flatten_quantize", mutates_args=())
+def flatten_quantize(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor,
+                     hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """Smooth + flatten + quantize one activation tensor (see the module docstring)."""
+    impl = CUDA_IMPL.get("flatten_quantize")
+    if impl is not None and x.is_cuda:
+        return impl(x, src, mult, lo, hi, bits)
+    return torch.ops.fq.flatten_quantize_reference(x, src, mult, lo, hi, bits)
+
+
+@flatten_quantize.register_fake
+def _(x, src, mult, lo, hi, bits):
+    _check(x, src, mult, lo, hi, bits)
+    shape, dtype = _out_shape(x, src, bits)
+    return x.new_empty(shape, dtype=dtype)

@@ -1,0 +1,98 @@
+"""Per-tensor INT8 and packed-INT4 linear layers: `fq::int8_linear`, `fq::int4_linear`.
+
+    y = (xq @ wq.T  accumulated exactly in int32) * scale + bias      -> out_dtype
+
+xq is [..., K] (int8, or uint8 packed two per byte for INT4), wq is [N, K] in the same format
+(nn.Linear's layout, K-major, which is what the INT8 tensor cores want for both operands), scale is
+the product of the activation and weight per-tensor scales, bias is float32 [N] or None.  The
+epilogue runs in float32 and casts once at the end.  The CPU reference defines the integer
+result: every GPU kernel is tested bit-exactly against `int_matmul_reference` before the epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import custom_op, triton_op
+
+from .packing import unpack_int4
+
+
+def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """Exact int32 a @ b_t.T for int8 a [M, K], b_t [N, K].
+
+    torch._int_mm where the device supports the shape; otherwise float64, which is exact here since
+    every partial sum is an integer below 2**53 (|a*b| <= 16384, K < 2**39)."""
+    try:
+        return torch._int_mm(a.contiguous(), b_t.t().contiguous())
+    except RuntimeError:
+        return (a.double() @ b_t.double().t()).to(torch.int32)
+
+
+def quant_linear_reference(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                           bits: int, out_dtype: torch.dtype) -> torch.Tensor:
+    if bits == 4:
+        xq, wq = unpack_int4(xq), unpack_int4(wq)
+    lead = xq.shape[:-1]
+    acc = int_matmul_reference(xq.reshape(-1, xq.shape[-1]), wq)
+    y = acc.float() * scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*lead, wq.shape[0])
+
+
+def _check(xq, wq, bits):
+    dt = torch.uint8 if bits == 4 else torch.int8
+    torch._check(xq.dtype == dt and wq.dtype == dt, lambda: f"int{bits}_linear expects {dt} operands, got {xq.dtype} and {wq.dtype}")
+    torch._check(wq.dim() == 2 and xq.shape[-1] == wq.shape[1],
+                 lambda: f"int{bits}_linear: K mismatch, x {tuple(xq.shape)} vs w {tuple(wq.shape)}")
+
+
+def _fake(xq, wq, bias, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
+
+
+@custom_op("fq::int8_linear_reference", mutates_args=())
+def _int8_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    _check(xq, wq, 8)
+    return quant_linear_reference(xq, wq, scale, bias, 8, out_dtype)
+
+
+@custom_op("fq::int4_linear_reference", mutates_args=())
+def _int4_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    _check(xq, wq, 4)
+    return quant_linear_reference(xq, wq, scale, bias, 4, out_dtype)
+
+
+# GPU implementations, keyed "int8_linear" / "int4_linear"; filled in by the kernel modules.
+CUDA_IMPL = {}
+
+
+@triton_op("fq::int8_linear", mutates_args=())
+def int8_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """Per-tensor INT8 GEMM with dequantize(+bias) epilogue."""
+    impl = CUDA_IMPL.get("int8_linear")
+    if impl is not None and xq.is_cuda:
+        return impl(xq, wq, scale, bias, out_dtype)
+    return torch.ops.fq.int8_linear_reference(xq, wq, scale, bias, out_dtype)
+
+
+@triton_op("fq::int4_linear", mutates_args=())
+def int4_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """Per-tensor packed-INT4 GEMM (unpacked onto INT8/FP8 tensor cores on Hopper)."""
+    impl = CUDA_IMPL.get("int4_linear")
+    if impl is not None and xq.is_cuda:
+        return impl(xq, wq, scale, bias, out_dtype)
+    return torch.ops.fq.int4_linear_reference(xq, wq, scale, bias, out_dtype)
+
+
+for _op, _bits in ((_int8_ref_op, 8), (_int4_ref_op, 4), (int8_linear, 8), (int4_linear, 4)):
+    def _register(op=_op, bits=_bits):
+        @op.register_fake
+        def _(xq, wq, scale, bias, out_dtype):
+            _check(xq, wq, bits)
+            return _fake(xq, wq, bias, out_dtype)
+    _register()

@@ -1,0 +1,39 @@
+import pytest
+
+from fq_compile import Config, ConfigError
+
+
+def test_paper_defaults():
+    c = Config()
+    assert (c.level, c.alpha, c.beta, c.gamma, c.pad_multiple) == ("O1", 0.5, 1.3, 1.86, 32)
+
+
+@pytest.mark.parametrize("level,smoothing,flatten,mixed", [
+    ("fp16", "none", False, False), ("w8a8", "none", False, False), ("smoothquant", "smoothquant", False, False),
+    ("O1", "sigmoid", True, False), ("O2", "sigmoid", True, True), ("O3", "sigmoid", True, True)])
+def test_levels_follow_table_2(level, smoothing, flatten, mixed):
+    c = Config(level=level)
+    assert (c.smoothing_method, c.flatten, c.mixed_bits) == (smoothing, flatten, mixed)
+    assert c.quantize == (level != "fp16")
+    assert c.gptq == (level == "O3")
+
+
+def test_overrides():
+    c = Config(level="O1", smoothing="none", beta=1.1)
+    assert c.smoothing_method == "none" and c.beta == 1.1
+
+
+@pytest.mark.parametrize("kw,knob", [
+    (dict(level="O4"), "level"), (dict(alpha=1.5), "alpha"), (dict(alpha=-0.1), "alpha"), (dict(beta=0), "beta"),
+    (dict(gamma=-1.0), "gamma"), (dict(pad_multiple=7), "pad_multiple"), (dict(smoothing="foo"), "smoothing"),
+    (dict(weight_clip="p99"), "weight_clip"), (dict(calib_samples=1), "calib_samples"), (dict(beta=float("inf")), "beta")])
+def test_invalid_values_name_the_knob(kw, knob):
+    with pytest.raises(ConfigError, match=knob):
+        Config(**kw)
+
+
+def test_dict_round_trip_and_unknown_knob():
+    c = Config(level="O2", gamma=1.9, skip=("lm_head", "fc2"))
+    assert Config.from_dict(c.to_dict()) == c
+    with pytest.raises(ConfigError, match="bogus"):
+        Config.from_dict({"bogus": 1})

@@ -1,0 +1,100 @@
+"""The CPU reference ops: integer semantics against independent float64 computations."""
+
+import pytest
+import torch
+
+import fq_compile  # noqa: F401  (registers the ops)
+from fq_compile.kernels import flatten_quantize_reference, int_matmul_reference, pack_int4, unpack_int4
+from fq_compile.passes.flatten import channel_map
+
+
+def _float64_flatten_quantize(x, e, smooth, t, qmax):
+    """Eq. 3 + per-tensor quantization, element by element in float64 (independent of the op)."""
+    xs = x.double() / smooth.double()
+    cols = []
+    c = x.shape[-1]
+    extra_cols = []
+    for j in range(c):
+        a, sgn = xs[..., j].abs() / t, torch.sign(xs[..., j])
+        for i in range(int(e[j])):
+            extra_cols.append(sgn * (a - i).clamp(0, 1) * qmax)
+        cols.append(sgn * (a - int(e[j])).clamp_min(0) * qmax)
+    v = torch.stack(cols + extra_cols, -1)
+    return torch.round(v).clamp(-qmax, qmax)
+
+
+@pytest.mark.parametrize("bits,dtype", [(8, torch.float32), (8, torch.bfloat16), (4, torch.float16), (4, torch.float32)])
+def test_flatten_quantize_matches_float64_eq3(bits, dtype):
+    g = torch.Generator().manual_seed(bits)
+    c = 24
+    x = (torch.randn(3, 50, c, generator=g) * torch.linspace(0.2, 6.0, c)).to(dtype)
+    smooth = torch.rand(c, generator=g) + 0.5
+    m = (x.float() / smooth).abs().amax((0, 1))
+    t = float(m.mean())
+    e = torch.floor(m / t).long()
+    cm = channel_map(e, None, pad_multiple=8)
+    qmax = 127 if bits == 8 else 7
+    mult = torch.where(cm.active, (1.0 / smooth.double())[cm.src.long()] * qmax / t, torch.zeros(cm.size, dtype=torch.float64)).float()
+    lo = cm.lo * qmax
+    hi = torch.where(cm.hi.isinf(), cm.hi, cm.hi * qmax)
+    q = flatten_quantize_reference(x, cm.src, mult, lo, hi, bits)
+    if bits == 4:
+        assert q.dtype == torch.uint8 and q.shape[-1] == cm.size // 2
+        q = unpack_int4(q)
+    want = _float64_flatten_quantize(x, e, smooth, t, qmax)
+    n = want.shape[-1]
+    assert bool((q[..., n:] == 0).all())                     # padding stays zero
+    diff = (q[..., :n].double() - want).abs()
+    assert float(diff.max()) <= 1                             # float32 vs float64 rounding at ties
+    assert float((diff > 0).double().mean()) < 2e-3
+    assert bool((q != 0).any())
+
+
+def test_values_beyond_calibrated_range_saturate_not_wrap():
+    cm = channel_map(torch.tensor([2]), None, pad_multiple=4)   # T = 1, qmax 127
+    mult = torch.where(cm.active, torch.full((4,), 127.0), torch.zeros(4))
+    lo = cm.lo * 127
+    hi = torch.where(cm.hi.isinf(), cm.hi, cm.hi * 127)
+    x = torch.tensor([[10.0], [-10.0], [2.5], [-0.25]])
+    q = flatten_quantize_reference(x, cm.src, mult, lo, hi, 8)
+    assert q.tolist() == [[127, 127, 127, 0], [-127, -127, -127, 0], [64, 127, 127, 0], [0, -32, 0, 0]]
+
+
+def test_int4_pack_round_trip_all_values():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
+    p = pack_int4(q)
+    assert p.dtype == torch.uint8 and p.shape == (3, 16)
+    assert torch.equal(unpack_int4(p), q)
+    assert int(p[0, 0]) == ((-7 & 0xF) << 4) | (-8 & 0xF)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 32, 7), (5, 96, 33), (64, 160, 48)])
+def test_int_matmul_is_exact(m, k, n):
+    g = torch.Generator().manual_seed(m)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    got = int_matmul_reference(a, b)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.long(), (a.long() @ b.long().T))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quant_linear_ops_against_float64(bits):
+    g = torch.Generator().manual_seed(bits)
+    qmax = 127 if bits == 8 else 7
+    xq = torch.randint(-qmax, qmax + 1, (40, 64), generator=g, dtype=torch.int8)
+    xq_t = xq.T.contiguous().T                       # non-contiguous view of the same values
+    wq = torch.randint(-qmax, qmax + 1, (24, 64), generator=g, dtype=torch.int8)
+    bias = torch.randn(24, generator=g)
+    scale = 0.0123
+    want = (xq.double() @ wq.double().T) * scale + bias.double()
+    if bits == 4:
+        xin, win, op = pack_int4(xq), pack_int4(wq), torch.ops.fq.int4_linear
+    else:
+        xin, win, op = xq_t, wq, torch.ops.fq.int8_linear
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
+        y = op(xin, win, scale, bias, dtype)
+        assert y.dtype == dtype and y.shape == (40, 24)
+        assert float((y.double() - want).norm() / want.norm()) < tol
+    y3 = op(xin.reshape(4, 10, -1), win, scale, None, torch.float32)
+    assert y3.shape == (4, 10, 24)
