@@ -1,0 +1,164 @@
+"""From calibration statistics to a QuantPlan: runs the planning passes in the paper's order.
+
+For each activation group: smoothing scales (Eq. 5, or SmoothQuant's), the truncation threshold
+(Eq. 6-7) on the smoothed channel maxima, the flatten counts (Eq. 2) and the channel map; then for
+each layer of the group: the weight smoothed (diag(s) W), row-divided by the next group's scales
+where those are folded into it, flattened (Eq. 4), its bit width (Eq. 8), and quantized per tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config
+from .kernels.flatten_quantize import QMAX
+from .kernels.packing import pack_int4
+from .passes import bits as bits_pass
+from .passes.flatten import ChannelMap, channel_map, extra_channels, flatten_values, flatten_weight, weight_splits
+from .passes.observe import CalibrationError, InputStats
+from .passes.smooth import smoothing_scales
+from .passes.threshold import truncation_threshold
+from .plan import GroupPlan, LayerPlan, QuantPlan, model_hash, weight_fingerprint
+
+
+def weight_scale(w: torch.Tensor, qmax: int, method: str) -> float:
+    """Per-tensor weight scale: max/qmax, or the clip ratio in [0.5, 1] that minimises ||W - Q(W)||^2."""
+    top = float(w.abs().max())
+    if top == 0:
+        return 1.0
+    if method == "max":
+        return top / qmax
+    best, best_err = top / qmax, float("inf")
+    for r in torch.linspace(1.0, 0.5, 26).tolist():
+        s = top * r / qmax
+        err = float(((torch.round(w / s).clamp(-qmax, qmax) * s - w) ** 2).sum())
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def quantize_weight(w: torch.Tensor, scale: float, bits: int, cmap: ChannelMap | None = None) -> torch.Tensor:
+    """Round the flattened weight W' [N, K'] to integers at the per-tensor scale.
+
+    Positions that read the same input channel (the E_j copies of Eq. 4, weight splits) are
+    rounded jointly: along the order in which the activation fills them (slice 0, 1, ..., then the
+    remainder), every prefix of their integer sum is the rounded prefix of their float sum.  Since
+    the active slices of a value always form such a prefix, the channel's weight error is at most
+    half a step whatever its magnitude, instead of E_j half-steps: for a 100x outlier channel the
+    rounding error of its weight no longer gets multiplied by its activation.  Plain rounding is the
+    special case of a channel with one position."""
+    qmax = QMAX[bits]
+    v = w.double() / scale
+    if cmap is None:
+        q = torch.round(v)
+    else:
+        src = torch.where(cmap.active, cmap.src.long(), torch.full_like(cmap.src.long(), -1))
+        pos = torch.arange(src.numel())
+        order = sorted(range(src.numel()), key=lambda p: (int(src[p]), float(cmap.lo[p]), p))
+        perm = torch.tensor(order, dtype=torch.long)
+        vs, gs = v[:, perm], src[perm]
+        csum = torch.cumsum(vs, dim=1)
+        first = torch.ones_like(gs, dtype=torch.bool)
+        first[1:] = gs[1:] != gs[:-1]
+        start = torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), 0).values
+        before = torch.where(start > 0, csum[:, (start - 1).clamp_min(0)], torch.zeros_like(csum))
+        prefix = torch.round(csum - before)
+        prev = torch.where(first, torch.zeros_like(prefix), torch.cat([torch.zeros_like(prefix[:, :1]), prefix[:, :-1]], 1))
+        qs = prefix - prev
+        q = torch.empty_like(qs)
+        q[:, perm] = qs
+    q = q.clamp(-qmax, qmax).to(torch.int8)
+    return pack_int4(q) if bits == 4 else q
+
+
+def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], fold: str, fold_note: str,
+               config: Config) -> GroupPlan:
+    act_max = stats.absmax.float()
+    wcat = torch.cat([weights[l].float() for l in stats.layers], dim=0)
+    w_colmax = wcat.abs().amax(dim=0)
+    s = smoothing_scales(config.smoothing_method, act_max, w_colmax, config.alpha)
+    smoothed_max = act_max / s
+    if config.flatten:
+        t = truncation_threshold(smoothed_max, config.beta, config.outlier_clip)
+        extra = extra_channels(smoothed_max, t)
+    else:
+        t = float(smoothed_max.max())
+        if not t > 0:
+            raise CalibrationError(f"input of {name} was all zeros during calibration")
+        extra = torch.zeros_like(act_max, dtype=torch.int64)
+    dup = torch.zeros_like(extra)
+    if config.flatten and config.flatten_weights:
+        wcol = (wcat * s).abs().amax(dim=0)
+        tw = truncation_threshold(wcol, config.weight_beta, config.outlier_clip)
+        dup = weight_splits(wcol, tw, blocked=extra > 0)
+    return GroupPlan(name=name, layers=list(stats.layers), in_features=act_max.numel(), threshold=t, smooth=s,
+                     fold=fold, extra=extra, weight_dup=dup, act_max=act_max, pad_multiple=config.pad_multiple,
+                     fold_note=fold_note)
+
+
+def plan_layer(layer: str, group: GroupPlan, stats: InputStats, weight: torch.Tensor, bias: torch.Tensor | None,
+               row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None) -> LayerPlan:
+    w = weight.float() * group.smooth[None, :]
+    b = None if bias is None else bias.float().clone()
+    if row_scale is not None:
+        w = w / row_scale[:, None]
+        if b is not None:
+            b = b / row_scale
+    wf = flatten_weight(w, group.cmap)
+    ratio = None
+    nbits = 8
+    if config.mixed_bits:
+        w_ratio = bits_pass.kl_ratio(wf, float(wf.abs().max()), config.kl_bins)
+        ratio = max(act_ratio, w_ratio)
+        nbits = bits_pass.choose_bits(act_ratio, w_ratio, config.gamma)
+    qmax = QMAX[nbits]
+    ws = weight_scale(wf, qmax, config.weight_clip)
+    return LayerPlan(name=layer, group=group.name, in_features=weight.shape[1], out_features=weight.shape[0],
+                     bits=nbits, weight_q=quantize_weight(wf, ws, nbits, group.cmap), weight_scale=ws,
+                     act_scale=group.threshold / qmax, bias=b, fingerprint=weight_fingerprint(weight),
+                     kl_ratio=ratio, rows_folded_from=row_group)
+
+
+def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dict[str, tuple[str, str]],
+               skipped: dict[str, str], config: Config, progress: bool = True) -> QuantPlan:
+    """folds: group -> (encoded fold site, note) from the fold analysis."""
+    plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model),
+                     skipped=dict(skipped))
+    params = dict(model.named_parameters())
+
+    def weight_of(layer):
+        return params[layer + ".weight"].detach()
+
+    for name, st in tqdm(list(inputs.items()), desc="fq_compile: planning groups", disable=not progress):
+        if st.absmax is None:
+            for l in st.layers:
+                plan.skipped[l] = "never executed during calibration"
+            continue
+        fold, note = folds.get(name, ("op", "no fold analysis"))
+        if not config.fold:
+            fold, note = "op", "folding disabled (Config.fold=False)"
+        weights = {l: weight_of(l) for l in st.layers}
+        plan.groups[name] = plan_group(name, st, weights, fold, note, config)
+    # rows folds: the producer layer's rows are divided by the consumer group's scales
+    row_fold = {}
+    for g in plan.groups.values():
+        if g.fold.startswith("rows:"):
+            producer = g.fold[len("rows:"):]
+            if not any(producer in og.layers for og in plan.groups.values()):
+                g.fold, g.fold_note = "op", f"producer {producer} is not quantized"
+                continue
+            row_fold[producer] = g
+    for name, g in tqdm(list(plan.groups.items()), desc="fq_compile: quantizing layers", disable=not progress):
+        st = inputs[name]
+        act_ratio = None
+        if config.mixed_bits:
+            sample = flatten_values(st.sample / g.smooth, g.cmap, g.threshold)
+            act_ratio = bits_pass.kl_ratio(sample, g.threshold, config.kl_bins)
+        for layer in g.layers:
+            rg = row_fold.get(layer)
+            bias = params.get(layer + ".bias")
+            plan.layers[layer] = plan_layer(layer, g, st, weight_of(layer), None if bias is None else bias.detach(),
+                                            None if rg is None else rg.smooth, None if rg is None else rg.name,
+                                            config, act_ratio)
+    return plan

@@ -1,0 +1,121 @@
+"""Each planning equation against hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from fq_compile.passes.bits import choose_bits, kl_quantized, kl_ratio
+from fq_compile.passes.flatten import channel_map, extra_channels, flatten_values, flatten_weight, weight_splits
+from fq_compile.passes.smooth import sigmoid_smoothing, smoothing_scales, smoothquant_smoothing
+from fq_compile.passes.threshold import boxplot_clip, truncation_threshold
+from fq_compile.planner import weight_scale
+
+INF = float("inf")
+
+
+def _sig(z):
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def test_eq5_sigmoid_smoothing_by_hand():
+    act = torch.tensor([1.0, 2.0, 3.0, 6.0])      # mu 3, sigma sqrt(3.5)
+    w = torch.tensor([0.1, 0.1, 0.2, 0.2])        # mu 0.15, sigma 0.05
+    sa = math.sqrt(3.5)
+    za = [(a - 3.0) / sa for a in (1, 2, 3, 6)]
+    zw = [-1.0, -1.0, 1.0, 1.0]
+    want = [_sig(a) ** 0.5 / _sig(b) ** 0.5 for a, b in zip(za, zw)]
+    got = sigmoid_smoothing(act, w, 0.5)
+    assert torch.allclose(got, torch.tensor(want), rtol=1e-6)
+    # alpha = 1 moves everything to the activation side, alpha = 0 to the weight side
+    assert torch.allclose(sigmoid_smoothing(act, w, 1.0), torch.tensor([_sig(z) for z in za]), rtol=1e-6)
+    assert torch.allclose(sigmoid_smoothing(act, w, 0.0), torch.tensor([1 / _sig(z) for z in zw]), rtol=1e-6)
+
+
+def test_smoothquant_by_hand_and_dead_channels():
+    got = smoothquant_smoothing(torch.tensor([4.0, 9.0, 0.0]), torch.tensor([1.0, 4.0, 2.0]), 0.5)
+    assert torch.allclose(got, torch.tensor([2.0, 1.5, 1.0]))
+    assert torch.equal(smoothing_scales("none", torch.rand(5), torch.rand(5), 0.5), torch.ones(5))
+
+
+def test_eq6_boxplot_clip_and_eq7_threshold():
+    m = torch.tensor([1.0] * 7 + [100.0])         # Q1 = Q3 = 1: the outlier is clipped to 1
+    assert torch.equal(boxplot_clip(m), torch.ones(8, dtype=torch.float64))
+    assert truncation_threshold(m, 1.3) == pytest.approx(1.3)
+    assert truncation_threshold(m, 1.3, outlier_clip=False) == pytest.approx(1.3 * 107 / 8)
+    m2 = torch.arange(1.0, 9.0)                   # Q1 2.75, Q3 6.25, fences [-2.5, 11.5]: nothing clipped
+    assert truncation_threshold(m2, 1.3) == pytest.approx(1.3 * 4.5)
+
+
+def test_eq2_extra_channels_and_channel_map():
+    e = extra_channels(torch.tensor([0.5, 2.6, 1.0, 3.9]), 1.0)
+    assert e.tolist() == [0, 2, 1, 3]
+    cm = channel_map(e, None, pad_multiple=8)
+    assert cm.size == 16
+    assert cm.src.tolist() == [0, 1, 2, 3, 1, 1, 2, 3, 3, 3] + [0] * 6
+    assert cm.lo.tolist() == [0, 2, 1, 3, 0, 1, 0, 0, 1, 2] + [0] * 6
+    assert cm.hi.tolist() == [INF] * 4 + [1] * 6 + [0] * 6
+    assert cm.active.tolist() == [True] * 10 + [False] * 6
+
+
+def test_eq3_greedy_fill_keeps_signs_and_sums_back():
+    cm = channel_map(torch.tensor([0, 2]), None, pad_multiple=2)
+    x = torch.tensor([[0.3, 2.5], [-0.7, -2.5], [0.1, 0.4]])
+    f = flatten_values(x, cm, threshold=1.0)
+    # positions: ch0, ch1 remainder, ch1 slice 0, ch1 slice 1
+    assert torch.allclose(f, torch.tensor([[0.3, 0.5, 1.0, 1.0], [-0.7, -0.5, -1.0, -1.0], [0.1, 0.0, 0.4, 0.0]]))
+
+
+def test_eq4_weight_repeat_is_exact_before_quantization():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 12, generator=g) * torch.linspace(0.1, 5.0, 12)
+    w = torch.randn(7, 12, generator=g)
+    m = x.abs().amax(0)
+    t = truncation_threshold(m, 1.3)
+    cm = channel_map(extra_channels(m, t), None, pad_multiple=32)
+    assert cm.size % 32 == 0
+    y = flatten_values(x, cm, t) @ flatten_weight(w, cm).T
+    assert torch.allclose(y, x @ w.T, atol=1e-5)
+    assert float(flatten_values(x, cm, t).abs().max()) <= t * (1 + 1e-6)
+
+
+def test_weight_splits_are_exact_and_skip_activation_flattened_channels():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 6, generator=g)
+    w[:, 2] *= 10
+    w[:, 4] *= 10
+    blocked = torch.tensor([False, False, False, False, True, False])
+    d = weight_splits(w.abs().amax(0), 1.3 * float(w.abs().amax(0).median()), blocked)
+    assert d[2] > 0 and d[4] == 0
+    cm = channel_map(torch.zeros(6, dtype=torch.int64), d, pad_multiple=2)
+    x = torch.randn(9, 6, generator=g)
+    wf = flatten_weight(w, cm)
+    assert torch.allclose(flatten_values(x, cm, 1e9) @ wf.T, x @ w.T, atol=1e-5)
+    col2 = wf[:, cm.src == 2]
+    assert col2.shape[1] == int(d[2]) + 1
+    assert float(col2.abs().max()) == pytest.approx(float(w[:, 2].abs().max()) / (int(d[2]) + 1))
+
+
+def test_eq8_kl_by_hand():
+    # bins of width 0.3 over [0, 0.9]: p = [.5, .25, .25]; scale 0.9, qmax 1: bins 0 and 1 -> level 0
+    v = torch.tensor([0.1, 0.1, 0.35, 0.9])
+    want = 0.5 * math.log(0.5 / 0.375) + 0.25 * math.log(0.25 / 0.375)
+    assert kl_quantized(v, 0.9, 1, 3) == pytest.approx(want, rel=1e-9)
+
+
+def test_eq8_ratio_and_choice():
+    g = torch.Generator().manual_seed(0)
+    assert kl_ratio(torch.randn(20000, generator=g), 4.0, 2048) > 1.0   # INT4 loses more than INT8
+    grid = torch.arange(-7, 8).float().repeat(50)                        # exactly on the INT4 grid
+    assert kl_ratio(grid, 7.0, 2048) == pytest.approx(1.0)
+    assert choose_bits(1.2, 1.5, 1.86) == 4
+    assert choose_bits(1.2, 1.9, 1.86) == 8
+    assert choose_bits(2.0, 1.0, 1.86) == 8
+
+
+def test_mse_weight_scale_clips_a_lone_outlier():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g)
+    w[0, 0] = 40.0
+    assert weight_scale(w, 7, "max") == pytest.approx(40.0 / 7)
+    assert weight_scale(w, 7, "mse") < 40.0 / 7
