@@ -1,0 +1,104 @@
+"""`calibrate(model, batches, config)`: observe the model's activations through its Dynamo graphs
+and plan the quantization.
+
+The model is compiled with a private backend that inserts observers (passes/observe.py) and runs
+the graph eagerly, so graph breaks and recompiles are simply more graphs feeding one stats store.
+The fold analysis runs on the same graphs, so the plan records where each smoothing vector lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import O3_ISSUE, Config
+from .fx_utils import ParamNames
+from .passes.fold import find_fold_site
+from .passes.observe import CalibrationError, StatsStore, find_linears, group_name, insert_observers
+from .planner import build_plan
+from .plan import QuantPlan, model_hash
+
+
+def _call(model, batch, device):
+    if isinstance(batch, torch.Tensor):
+        return model(batch.to(device))
+    if isinstance(batch, Mapping):
+        return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    raise TypeError(f"calibration batches must be input_ids tensors or dicts of model kwargs, got {type(batch).__name__}")
+
+
+def _skipped_layers(model: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, str]:
+    """Layer names (as the graphs will name them) kept in floating point, with why.
+
+    A graph names a linear after the parameter it reads, which for tied weights is the first owner
+    (OPT's lm_head reads model.decoder.embed_tokens.weight), so a pattern matching any module that
+    uses a weight skips every name of that weight."""
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            if pname == "weight":
+                owners.setdefault(id(p), []).append(mname)
+    out = {}
+    for names in owners.values():
+        hit = [n for n in names if any(s in n for s in patterns)]
+        if hit:
+            for n in names:
+                out[n] = (f"kept in floating point by Config.skip ({hit[0]})" if n in hit else
+                          f"weight tied to {hit[0]}, kept in floating point by Config.skip")
+    return out
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None = None, *,
+              progress: bool = True) -> QuantPlan:
+    """Run `batches` through `model` with observers and return the QuantPlan for `config`."""
+    config = config or Config()
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be an fq_compile.Config, got {type(config).__name__}")
+    if config.gptq:
+        raise NotImplementedError(f"level O3 needs GPTQ on the flattened weights, which is not implemented yet "
+                                  f"(tracked in {O3_ISSUE}); use level='O2' meanwhile")
+    if not config.quantize:
+        return QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model))
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        raise ValueError("the model has no parameters to quantize") from None
+
+    skip = _skipped_layers(model, config.skip)
+    store = StatsStore(sample_size=config.calib_samples, seed=config.seed)
+    folds: dict[str, tuple[str, str]] = {}
+    planned_names: set[str] = set()
+
+    by_id = {id(p): n for n, p in model.named_parameters()}
+
+    def observer_backend(gm, example_inputs):
+        name_of = ParamNames(gm, example_inputs, by_id=by_id)
+        groups, _ = find_linears(gm, name_of)
+        for x, lins in groups.items():
+            planned_names.update(l.layer for l in lins if l.layer not in skip)
+        for x, lins in groups.items():
+            lins = [l for l in lins if l.layer not in skip]
+            if lins:
+                site = find_fold_site(x, {l.node for l in lins}, planned_names, name_of)
+                folds[group_name([l.layer for l in lins])] = (site.encode(), site.note)
+        return insert_observers(gm, store, name_of, skip).forward
+
+    compiled = torch.compile(model, backend=observer_backend)
+    n_batches = len(batches) if hasattr(batches, "__len__") else None
+    seen = 0
+    with torch.no_grad():
+        for batch in tqdm(batches, total=n_batches, desc="fq_compile: calibrating", disable=not progress):
+            _call(compiled, batch, device)
+            seen += 1
+    if seen == 0:
+        raise CalibrationError("calibrate() got no batches: pass an iterable of input_ids tensors")
+    if not store.inputs:
+        raise CalibrationError(f"no linear layers were found in the graphs of {type(model).__name__}")
+    skipped = dict(skip)
+    skipped.update(store.unsupported)
+    plan = build_plan(model, store.inputs, folds, skipped, config, progress=progress)
+    plan.calibration = dict(batches=seen, rows=max(st.rows for st in store.inputs.values()),
+                            graphs=len(store.graphs))
+    return plan

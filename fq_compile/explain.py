@@ -1,0 +1,74 @@
+"""The graph dump: what the compiler did to every linear layer, as a table a person can read."""
+
+from __future__ import annotations
+
+import torch
+from tabulate import tabulate
+
+from .plan import QuantPlan
+
+
+def _find_plan(obj) -> QuantPlan | None:
+    """Dig the plan out of a torch.compile'd module: OptimizedModule -> dynamo context -> the
+    backend wrapper that holds options={'plan': ...}.  Bounded search over known attribute names."""
+    seen, frontier = set(), [obj]
+    for _ in range(8):
+        nxt = []
+        for o in frontier:
+            if o is None or id(o) in seen:
+                continue
+            seen.add(id(o))
+            kw = getattr(o, "kwargs", None)
+            if isinstance(kw, dict) and isinstance(kw.get("options"), dict):
+                p = kw["options"].get("plan")
+                if isinstance(p, QuantPlan):
+                    return p
+            for a in ("dynamo_ctx", "callback", "_torchdynamo_orig_backend", "_torchdynamo_orig_callable",
+                      "_inner_convert", "compiler_fn", "_orig_backend"):
+                nxt.append(getattr(o, a, None))
+        frontier = nxt
+    return None
+
+
+def explain(obj) -> str:
+    """A table of every layer (bits, T, extra channels, flatten ratio, where smoothing went, the op
+    used) and the totals.  `obj` is a QuantPlan or a module compiled with backend='flattenquant'."""
+    plan = obj if isinstance(obj, QuantPlan) else _find_plan(obj)
+    if plan is None:
+        raise TypeError("explain() takes a QuantPlan or a model compiled with torch.compile(..., "
+                        "backend='flattenquant', options={'plan': plan})")
+    used = {}
+    for rep in plan.reports:
+        for lr in rep.layers:
+            used[lr.layer] = lr
+    rows = []
+    for name, lp in plan.layers.items():
+        g = plan.groups[lp.group]
+        lr = used.get(name)
+        op = lr.op if lr else "(not compiled yet)"
+        where = lr.smoothing if lr else g.fold
+        if lp.rows_folded_from:
+            where += f"; rows carry s of {lp.rows_folded_from.rsplit('.', 1)[-1]}"
+        rows.append([name, f"{lp.out_features}x{lp.in_features}->{g.flat_features}", lp.bits,
+                     f"{g.threshold:.4g}", int(g.extra.sum() + g.weight_dup.sum()), f"{100 * g.flatten_ratio:.1f}%",
+                     "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op])
+    for name, why in plan.skipped.items():
+        lr = used.get(name)
+        rows.append([name, "-", "fp", "-", "-", "-", "-", "-", f"linear (floating point): {why}"])
+    table = tabulate(rows, headers=["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "KL4/KL8",
+                                    "smoothing folded into", "op"], tablefmt="simple")
+    n = len(plan.layers)
+    n4 = sum(lp.bits == 4 for lp in plan.layers.values())
+    ratios = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()]
+    before = sum(lp.in_features * lp.out_features * 2 for lp in plan.layers.values())
+    after = sum(lp.weight_bytes + (0 if lp.bias is None else 0) for lp in plan.layers.values())
+    totals = [
+        ["level", plan.config.level],
+        ["quantized linear layers", f"{n} ({len(plan.skipped)} kept in floating point)"],
+        ["INT4 share of layers", f"{100 * n4 / n:.1f}%" if n else "-"],
+        ["average flatten ratio", f"{100 * sum(ratios) / n:.1f}%" if n else "-"],
+        ["weight bytes, fp16 -> quantized", f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
+                                            + (f" ({before / after:.2f}x smaller)" if after else "")],
+        ["graphs compiled", len(plan.reports)],
+    ]
+    return f"fq_compile plan for {plan.model_type}\n{table}\n\n{tabulate(totals, tablefmt='plain')}"

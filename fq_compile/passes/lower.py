@@ -1,0 +1,151 @@
+"""Rewrite a Dynamo graph with a QuantPlan: fold smoothing into norms, replace planned linears.
+
+Each planned `linear(x, W, b)` becomes
+
+    xq = fq.flatten_quantize(x, src, mult, lo, hi, bits)      # once per (input, bits): q/k/v share it
+    y  = fq.int8_linear(xq, Wq, scale, bias, dtype)           # or fq.int4_linear
+
+with the plan's tensors attached to the GraphModule as buffers (get_attr nodes, which Inductor
+treats as constants).  Norm folds are applied here, from the live norm parameters, so a plan never
+stores floating-point copies of model weights; row folds are already inside the plan's weights.
+Linears the plan does not cover stay as they are and are reported with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..fx_utils import ParamNames, example_value, is_linear, layer_name, linear_args, placeholder_inputs
+from ..plan import PlanMismatchError, QuantPlan, weight_fingerprint
+from .fold import find_fold_site
+
+FINGERPRINT_RTOL = 1e-3
+
+
+@dataclass
+class LayerReport:
+    layer: str
+    op: str                 # "fq.int8_linear", "fq.int4_linear" or "linear (floating point)"
+    smoothing: str          # where s lives: "norm:<param>", "rows:<layer>", "op", or "-"
+    reason: str = ""
+
+
+@dataclass
+class GraphReport:
+    index: int
+    layers: list[LayerReport] = field(default_factory=list)
+    code: str = ""
+
+
+def _const(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
+    """Attach a plan tensor as a buffer of the graph module.  AOTAutograd lifts buffers to inputs
+    and, for a Dynamo graph, wants to know where each came from: we name it a constant source."""
+    name = name.replace(".", "_").replace("+", "_")
+    gm.register_buffer(name, t)
+    sources = getattr(gm, "_param_name_to_source", None)
+    if isinstance(sources, dict):
+        from torch._dynamo.source import ConstantSource
+
+        sources[name] = ConstantSource(f"fq_compile.{name}")
+    return gm.graph.get_attr(name)
+
+
+def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0) -> GraphReport:
+    report = GraphReport(index)
+    runtime = placeholder_inputs(gm, example_inputs)
+    known = {n: lp.fingerprint for n, lp in plan.layers.items()}
+    known.update({n: None for n in plan.skipped})
+    name_of = ParamNames(gm, example_inputs, known=known)
+    linears = [n for n in gm.graph.nodes if is_linear(n)]
+    # group this graph's linears by input, as calibration did
+    by_input: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
+    for node in linears:
+        x, w, _ = linear_args(node)
+        fqn = name_of(w)
+        if fqn is None:
+            report.layers.append(LayerReport(f"<linear {node.name}>", "linear (floating point)", "-",
+                                             "weight is not a model parameter"))
+            continue
+        name = layer_name(fqn)
+        if name in plan.skipped:
+            report.layers.append(LayerReport(name, "linear (floating point)", "-", plan.skipped[name]))
+            continue
+        if name not in plan.layers:
+            raise PlanMismatchError(
+                f"layer {name!r} is in the graph but not in the plan: the plan was made for another model "
+                f"({plan.model_type}, {len(plan.layers)} layers); calibrate this model with fq_compile.calibrate")
+        lp = plan.layers[name]
+        wt = runtime.get(w)
+        shape = tuple(wt.shape) if isinstance(wt, torch.Tensor) else tuple(example_value(w).shape)
+        if shape != (lp.out_features, lp.in_features):
+            raise PlanMismatchError(f"layer {name!r}: the plan was made for weight shape "
+                                    f"{(lp.out_features, lp.in_features)}, this model has {shape}")
+        if isinstance(wt, torch.Tensor):
+            fp = weight_fingerprint(wt)
+            if abs(fp - lp.fingerprint) > FINGERPRINT_RTOL * max(abs(lp.fingerprint), 1e-12):
+                raise PlanMismatchError(f"layer {name!r}: the weights differ from those the plan was calibrated on "
+                                        f"(sum|W| {fp:.6g} vs {lp.fingerprint:.6g}); recalibrate for these weights")
+        by_input.setdefault(x, []).append((name, node))
+
+    planned = set(plan.layers)
+    for x, members in by_input.items():
+        groups = {plan.layers[n].group for n, _ in members}
+        if len(groups) != 1:
+            raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor here but belong to "
+                                    f"different plan groups {sorted(groups)}")
+        g = plan.groups[groups.pop()]
+        smoothing = _apply_fold(gm, x, {node for _, node in members}, g, planned, runtime, name_of)
+        device = example_value(x).device if example_value(x) is not None else torch.device("cpu")
+        quantized: dict[int, fx.Node] = {}
+        for name, node in members:
+            lp = plan.layers[name]
+            out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
+            with gm.graph.inserting_before(node):
+                if lp.bits not in quantized:
+                    c = g.op_constants(lp.bits, smooth_in_op=(smoothing == "op"), device=device)
+                    base = f"fq_{g.name}_a{lp.bits}"
+                    args = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
+                    quantized[lp.bits] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
+                                                                (x, *args, lp.bits))
+                wq = _const(gm, f"fq_{name}_wq", lp.weight_q.to(device))
+                bias = _const(gm, f"fq_{name}_bias", lp.bias.to(device)) if lp.bias is not None else None
+                op = torch.ops.fq.int4_linear.default if lp.bits == 4 else torch.ops.fq.int8_linear.default
+                new = gm.graph.call_function(op, (quantized[lp.bits], wq, lp.scale, bias, out_dtype))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            report.layers.append(LayerReport(name, f"fq.int{lp.bits}_linear",
+                                             g.fold if smoothing != "op" else "op",
+                                             "" if smoothing != "op" else g.fold_note))
+    gm.graph.lint()
+    gm.recompile()
+    report.code = gm.code
+    return report
+
+
+def _apply_fold(gm, x, group_nodes, g, planned, runtime, name_of) -> str:
+    """Fold the group's smoothing into its producing norm where the plan says so and this graph
+    still has that norm; returns where s ended up ("norm:...", "rows:...", or "op")."""
+    if g.fold.startswith("rows:"):
+        return g.fold                       # inside the producer's quantized weights already
+    if not g.fold.startswith("norm:"):
+        return "op"
+    site = find_fold_site(x, group_nodes, planned, name_of)
+    if site.kind != "norm" or site.encode() != g.fold:
+        return "op"                         # the norm is not in this graph: s stays in the op (exact)
+    node = site.node
+    params = {name_of(a): a for a in node.all_input_nodes if name_of(a) is not None}
+    s = g.smooth.double()
+    for fqn in site.target:
+        ph = params[fqn]
+        live = runtime.get(ph)
+        if not isinstance(live, torch.Tensor):
+            return "op"
+        folded = (live.detach().double() / s.to(live.device)).to(live.dtype)
+        with gm.graph.inserting_before(node):
+            c = _const(gm, f"fq_fold_{fqn}", folded)
+        node.replace_input_with(ph, c)
+    return g.fold

@@ -1,0 +1,141 @@
+"""Calibration observers: find every linear layer in a Dynamo graph and insert one observer in
+front of each distinct input tensor (q/k/v share one), keyed by the layers' parameter names.
+
+An observer records, per input channel, max |x| (Eq. 5-7 need it) and keeps a uniform random sample
+of rows (the Eq. 8 histograms are built from it after T is known).  Non-finite values stop the
+calibration at once, naming the layer, instead of producing a plan full of NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..fx_utils import example_value, is_linear, layer_name, linear_args
+
+
+class CalibrationError(RuntimeError):
+    """Calibration saw something that would make a wrong plan (NaN/Inf, no data, ...)."""
+
+
+@dataclass
+class InputStats:
+    """Running statistics of one linear input (shared by every layer that reads it)."""
+
+    layers: list[str]
+    in_features: int
+    sample_size: int
+    generator: torch.Generator
+    absmax: torch.Tensor | None = None
+    rows: int = 0
+    _sample: torch.Tensor | None = None
+    _keys: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        if not bool(torch.isfinite(x2).all()):
+            raise CalibrationError(f"NaN/Inf in the input of {', '.join(self.layers)} during calibration; "
+                                   "the model overflows on this data (try float32/bfloat16 for calibration)")
+        m = x2.abs().amax(dim=0).float().cpu()
+        self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+        self.rows += x2.shape[0]
+        # reservoir by random keys: keeping the smallest keys is a uniform sample of all rows seen
+        keys = torch.rand(x2.shape[0], generator=self.generator)
+        take = torch.topk(keys, min(self.sample_size, x2.shape[0]), largest=False).indices
+        rows = x2[take.to(x2.device)].float().cpu()
+        if self._sample is None:
+            self._sample, self._keys = rows, keys[take]
+        else:
+            allk = torch.cat([self._keys, keys[take]])
+            allr = torch.cat([self._sample, rows])
+            keep = torch.topk(allk, min(self.sample_size, allk.numel()), largest=False).indices
+            self._sample, self._keys = allr[keep], allk[keep]
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return self._sample
+
+
+@dataclass
+class ObservedLinear:
+    layer: str
+    weight_fqn: str
+    input_node: fx.Node
+    node: fx.Node
+    in_features: int
+
+
+@dataclass
+class StatsStore:
+    """All observers of one calibration run, keyed by group name (see group_name)."""
+
+    sample_size: int = 512
+    seed: int = 0
+    inputs: dict[str, InputStats] = field(default_factory=dict)
+    unsupported: dict[str, str] = field(default_factory=dict)   # layer -> reason
+    graphs: list[fx.GraphModule] = field(default_factory=list)
+
+    def stats_for(self, group: str, layers: list[str], in_features: int) -> InputStats:
+        if group not in self.inputs:
+            g = torch.Generator().manual_seed(self.seed + len(self.inputs))
+            self.inputs[group] = InputStats(layers, in_features, self.sample_size, g)
+        return self.inputs[group]
+
+
+class ActivationObserver(torch.nn.Module):
+    """The observer node's module: records its input, returns nothing (the graph runs eagerly)."""
+
+    def __init__(self, stats: InputStats):
+        super().__init__()
+        self.stats = stats
+
+    def forward(self, x):
+        self.stats.update(x)
+
+
+def group_name(layers: list[str]) -> str:
+    """Stable name of an activation group: its layers, e.g. 'model.layers.0.self_attn.{q,k,v}_proj'
+    is written 'model.layers.0.self_attn.q_proj+k_proj+v_proj'."""
+    first, rest = layers[0], layers[1:]
+    prefix = first.rsplit(".", 1)[0] + "." if "." in first else ""
+    tails = [r[len(prefix):] if r.startswith(prefix) else r for r in rest]
+    return "+".join([first] + tails)
+
+
+def find_linears(gm: fx.GraphModule, name_of) -> tuple[dict[fx.Node, list[ObservedLinear]], dict[str, str]]:
+    """Group the graph's linear calls by input node; list those we cannot quantize, with why."""
+    groups: dict[fx.Node, list[ObservedLinear]] = {}
+    unsupported: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if not is_linear(node):
+            continue
+        x, w, _ = linear_args(node)
+        fqn = name_of(w)
+        if fqn is None:
+            unsupported[f"<linear {node.name}>"] = "weight is not a model parameter"
+            continue
+        groups.setdefault(x, []).append(ObservedLinear(layer_name(fqn), fqn, x, node, int(example_value(w).shape[1])))
+    return groups, unsupported
+
+
+def insert_observers(gm: fx.GraphModule, store: StatsStore, name_of, skip=frozenset()) -> fx.GraphModule:
+    """Add an observer before the first reader of every linear input; returns gm (modified)."""
+    groups, unsupported = find_linears(gm, name_of)
+    store.unsupported.update(unsupported)
+    for i, (x, lins) in enumerate(groups.items()):
+        lins = [l for l in lins if l.layer not in skip]
+        if not lins:
+            continue
+        layers = [l.layer for l in lins]
+        stats = store.stats_for(group_name(layers), layers, lins[0].in_features)
+        mod_name = f"fq_observer_{i}"
+        gm.add_submodule(mod_name, ActivationObserver(stats))
+        with gm.graph.inserting_before(lins[0].node):
+            gm.graph.call_module(mod_name, (x,))
+    gm.graph.lint()
+    gm.recompile()
+    store.graphs.append(gm)
+    return gm
