@@ -1,0 +1,185 @@
+"""`fq-compile`: the command-line front end over the same API.
+
+    fq-compile demo      calibrate + compile SmolLM2-135M at O1 on CPU, print the perplexity table,
+                         the graph dump and greedy continuations of fp32 and quantized side by side
+    fq-compile quantize  calibrate a model and save its plan
+    fq-compile dump      print explain() of a saved plan
+    fq-compile eval      WikiText-2 perplexity of fp32 and quantized levels, as a table (+ JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from tabulate import tabulate
+
+from .config import LEVELS, Config
+
+
+def _common(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m, opt-125m...), .gguf file, local dir or hub id")
+    p.add_argument("--data-dir", default=None, help="WikiText-2 directory (default: $FQ_DATA_DIR, ../shared/data, else the hub)")
+    p.add_argument("--calib-batches", type=int, default=16, help="calibration windows from the validation split")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _calibrate(model, tokenizer, args, level: str):
+    from . import calibrate
+    from .data import calibration_batches
+
+    batches = calibration_batches(tokenizer, n=args.calib_batches, seqlen=args.calib_seqlen, seed=args.seed,
+                                  data_dir=args.data_dir)
+    return calibrate(model, batches, Config(level=level, seed=args.seed), progress=not args.no_progress)
+
+
+def _test_ids(tokenizer, args):
+    from .data import wikitext_test
+
+    return tokenizer(wikitext_test(args.data_dir), return_tensors="pt").input_ids[0]
+
+
+def _rel_err(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@torch.no_grad()
+def greedy(model_call, tokenizer, prompt: str, new_tokens: int) -> str:
+    """Greedy decoding with a KV cache through `model_call` (a compiled module works as is)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model_call(input_ids=ids, use_cache=True)
+    past, generated = out.past_key_values, []
+    for _ in range(new_tokens):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(int(nxt))
+        if tokenizer.eos_token_id is not None and generated[-1] == tokenizer.eos_token_id:
+            break
+        out = model_call(input_ids=nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return tokenizer.decode(generated, skip_special_tokens=True)
+
+
+def _compile(model, plan):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="flattenquant", options={"plan": plan})
+
+
+@torch.no_grad()
+def cmd_demo(args) -> int:
+    from . import explain
+    from .evaluate import perplexity
+    from .models import load_model
+
+    t0 = time.time()
+    lm = load_model(args.model)
+    model, tok = lm.model, lm.tokenizer
+    ids = _test_ids(tok, args)
+    x = ids[:args.ppl_seqlen].unsqueeze(0)
+    ref_logits = model(x).logits
+    rows = [["fp32", f"{perplexity(model, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress).ppl:.3f}", "-", "-"]]
+    plans = {}
+    for level in [args.level] + [c for c in args.compare.split(",") if c and c != args.level]:
+        plan = _calibrate(model, tok, args, level)
+        fast = _compile(model, plan)
+        ppl = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
+        err = _rel_err(fast(x).logits, ref_logits)
+        n4 = sum(lp.bits == 4 for lp in plan.layers.values())
+        rows.append([level, f"{ppl.ppl:.3f}", f"{100 * (ppl.ppl / float(rows[0][1]) - 1):+.2f}%", f"{err:.4f}"
+                     + (f"  ({n4} INT4 layers)" if n4 else "")])
+        plans[level] = plan
+    limited = args.ppl_tokens is not None
+    print(f"\n== {lm.name}: WikiText-2 test perplexity, {args.ppl_seqlen}-token windows"
+          + (f", first {args.ppl_tokens} tokens only" if limited else "") + " ==")
+    print(tabulate(rows, headers=["level", "PPL", "vs fp32", "logits rel. error (first window)"]))
+    plan = plans[args.level]
+    print(f"\n== graph dump ({args.level}) ==")
+    print(explain(plan))
+    print(f"\n== greedy continuation, {args.max_new_tokens} tokens ==")
+    fp = greedy(model, tok, args.prompt, args.max_new_tokens)
+    q = greedy(_compile(model, plan), tok, args.prompt, args.max_new_tokens)
+    print(tabulate([["prompt", args.prompt], ["fp32", fp], [args.level, q]], tablefmt="grid", maxcolwidths=[8, 90]))
+    print(f"\ndone in {time.time() - t0:.0f} s")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .models import load_model
+
+    lm = load_model(args.model)
+    plan = _calibrate(lm.model, lm.tokenizer, args, args.level)
+    plan.save(args.out)
+    print(f"saved {args.level} plan for {lm.name} to {args.out} ({len(plan.layers)} layers)")
+    return 0
+
+
+def cmd_dump(args) -> int:
+    from . import QuantPlan, explain
+
+    print(explain(QuantPlan.load(args.plan)))
+    return 0
+
+
+@torch.no_grad()
+def cmd_eval(args) -> int:
+    from . import QuantPlan
+    from .evaluate import perplexity
+    from .models import load_model
+
+    lm = load_model(args.model)
+    ids = _test_ids(lm.tokenizer, args)
+    results = {"model": lm.name, "seqlen": args.ppl_seqlen, "max_tokens": args.ppl_tokens, "levels": {}}
+    fp = perplexity(lm.model, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
+    results["levels"]["fp32"] = dict(ppl=fp.ppl, windows=fp.windows)
+    for level in args.level.split(","):
+        plan = QuantPlan.load(args.plan) if args.plan else _calibrate(lm.model, lm.tokenizer, args, level)
+        p = perplexity(_compile(lm.model, plan), ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
+        results["levels"][plan.config.level] = dict(ppl=p.ppl, windows=p.windows,
+                                                    int4_layers=sum(lp.bits == 4 for lp in plan.layers.values()),
+                                                    layers=len(plan.layers))
+    rows = [[k, f"{v['ppl']:.3f}", f"{100 * (v['ppl'] / fp.ppl - 1):+.2f}%", v["windows"]] for k, v in results["levels"].items()]
+    print(tabulate(rows, headers=["level", "WikiText-2 PPL", "vs fp32", "windows"]))
+    if args.ppl_tokens:
+        print(f"(limited run: first {args.ppl_tokens} tokens of the test split)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fq-compile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="the main job: calibrate, compile, evaluate and dump SmolLM2-135M")
+    _common(d)
+    d.add_argument("--level", default="O1", choices=[l for l in LEVELS if l not in ("fp16", "O3")])
+    d.add_argument("--compare", default="w8a8", help="comma-separated levels measured beside --level")
+    d.add_argument("--ppl-seqlen", type=int, default=2048)
+    d.add_argument("--ppl-tokens", type=int, default=4 * 2048, help="limit the test tokens (0: the whole split)")
+    d.add_argument("--prompt", default="The tower is 324 metres tall, about the same height as")
+    d.add_argument("--max-new-tokens", type=int, default=24)
+    q = sub.add_parser("quantize", help="calibrate and save a plan")
+    _common(q)
+    q.add_argument("--level", default="O1", choices=list(LEVELS))
+    q.add_argument("--out", required=True)
+    u = sub.add_parser("dump", help="print the graph dump table of a saved plan")
+    u.add_argument("plan")
+    e = sub.add_parser("eval", help="WikiText-2 perplexity table")
+    _common(e)
+    e.add_argument("--level", default="O1", help="comma-separated levels")
+    e.add_argument("--plan", default=None, help="evaluate this saved plan instead of calibrating")
+    e.add_argument("--ppl-seqlen", type=int, default=2048)
+    e.add_argument("--ppl-tokens", type=int, default=0, help="limit the test tokens (0: the whole split)")
+    e.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if getattr(args, "ppl_tokens", None) == 0:
+        args.ppl_tokens = None
+    return {"demo": cmd_demo, "quantize": cmd_quantize, "dump": cmd_dump, "eval": cmd_eval}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Evaluation and calibration text: WikiText-2, read from a data directory or the hub.
+
+The data directory is, in order: the argument, $FQ_DATA_DIR, `../shared/data` beside the working
+directory or beside this checkout, else the hub (the `datasets` package, for online users).
+Calibration uses the validation split; the test split is for perplexity only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+TEST_FILE = Path("wikitext-2-raw") / "wiki.test.raw"
+CALIB_FILE = Path("wikitext-2") / "valid.txt"
+
+
+def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    if data_dir is not None:
+        p = Path(data_dir)
+        if not p.is_dir():
+            raise FileNotFoundError(f"data directory {p} does not exist")
+        return p
+    if os.environ.get("FQ_DATA_DIR"):
+        return find_data_dir(os.environ["FQ_DATA_DIR"])
+    for cand in (Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _hub_split(split: str) -> str:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise FileNotFoundError("no local data directory (pass --data-dir or set FQ_DATA_DIR) and the `datasets` "
+                                "package for the hub fallback is not installed") from None
+    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    return "".join(rows)
+
+
+def wikitext_test(data_dir=None) -> str:
+    """The WikiText-2 raw test split as one string (rows concatenated, each keeping its newline)."""
+    d = find_data_dir(data_dir)
+    if d is None:
+        return _hub_split("test")
+    path = d / TEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the data directory")
+    return path.read_text(encoding="utf-8")
+
+
+def wikitext_calibration(data_dir=None) -> str:
+    d = find_data_dir(data_dir)
+    if d is None:
+        return _hub_split("validation")
+    path = d / CALIB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the data directory")
+    return path.read_text(encoding="utf-8")
+
+
+def random_windows(token_ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> list[torch.Tensor]:
+    """n windows of seqlen tokens at seeded random offsets, each a [1, seqlen] batch."""
+    if token_ids.numel() <= seqlen:
+        raise ValueError(f"calibration text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, token_ids.numel() - seqlen, (n,), generator=g).tolist()
+    return [token_ids[s:s + seqlen].unsqueeze(0) for s in starts]
+
+
+def calibration_batches(tokenizer, n: int = 16, seqlen: int = 512, seed: int = 0, data_dir=None) -> list[torch.Tensor]:
+    ids = tokenizer(wikitext_calibration(data_dir), return_tensors="pt").input_ids[0]
+    return random_windows(ids, n, seqlen, seed)
