@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from .config import O3_ISSUE, Config
+from .config import Config
 from .fx_utils import ParamNames
 from .passes.fold import find_fold_site
 from .passes.observe import CalibrationError, StatsStore, find_linears, group_name, insert_observers
@@ -56,9 +56,6 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     config = config or Config()
     if not isinstance(config, Config):
         raise TypeError(f"config must be an fq_compile.Config, got {type(config).__name__}")
-    if config.gptq:
-        raise NotImplementedError(f"level O3 needs GPTQ on the flattened weights, which is not implemented yet "
-                                  f"(tracked in {O3_ISSUE}); use level='O2' meanwhile")
     if not config.quantize:
         return QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model))
     try:
@@ -67,6 +64,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
         raise ValueError("the model has no parameters to quantize") from None
 
     skip = _skipped_layers(model, config.skip)
+    if config.gptq:
+        batches = list(batches)      # O3 runs them again, once per block
     store = StatsStore(sample_size=config.calib_samples, seed=config.seed)
     folds: dict[str, tuple[str, str]] = {}
     planned_names: set[str] = set()
@@ -101,4 +100,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     plan = build_plan(model, store.inputs, folds, skipped, config, progress=progress)
     plan.calibration = dict(batches=seen, rows=max(st.rows for st in store.inputs.values()),
                             graphs=len(store.graphs))
+    if config.gptq:
+        from .gptq_calibration import apply_gptq
+
+        apply_gptq(model, plan, batches, _call, device, progress)
     return plan

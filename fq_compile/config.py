@@ -21,9 +21,6 @@ LEVELS = {
     "O3": dict(quantize=True, smoothing="sigmoid", flatten=True, mixed_bits=True, gptq=True),
 }
 
-O3_ISSUE = "issue 6 (GPTQ for O3)"
-
-
 class ConfigError(ValueError):
     """A Config knob holds a value outside its range."""
 
@@ -47,6 +44,8 @@ class Config:
     weight_clip: per-tensor weight scale from the max ("max") or the MSE-optimal clip ("mse").
     fold: fold smoothing scales into the producing norm / linear where exact (else applied in op).
     skip: substrings of layer names kept in floating point (the output head by default).
+    gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal (O3), in (0, 1].
+    gptq_block: GPTQ column block size (O3), >= 1.
     calib_samples: activation rows kept per linear input for the Eq. 8 KL estimate.
     kl_bins: histogram bins for the Eq. 8 KL estimate.
     seed: seeds the row sampling during calibration.
@@ -64,6 +63,8 @@ class Config:
     weight_clip: str = "max"
     fold: bool = True
     skip: tuple[str, ...] = ("lm_head",)
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
     calib_samples: int = 512
     kl_bins: int = 2048
     seed: int = 0
@@ -82,6 +83,9 @@ class Config:
             raise ConfigError(f"Config.smoothing={self.smoothing!r} must be None, 'none', 'smoothquant' or 'sigmoid'")
         if self.weight_clip not in ("max", "mse"):
             raise ConfigError(f"Config.weight_clip={self.weight_clip!r} must be 'max' or 'mse'")
+        _check_range("gptq_damp", self.gptq_damp, 1e-8, 1.0)
+        if not isinstance(self.gptq_block, int) or self.gptq_block < 1:
+            raise ConfigError(f"Config.gptq_block={self.gptq_block!r} must be an integer >= 1")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 16:
             raise ConfigError(f"Config.calib_samples={self.calib_samples!r} must be an integer >= 16")
         if not isinstance(self.kl_bins, int) or self.kl_bins < 64:

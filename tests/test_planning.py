@@ -119,3 +119,23 @@ def test_mse_weight_scale_clips_a_lone_outlier():
     w[0, 0] = 40.0
     assert weight_scale(w, 7, "max") == pytest.approx(40.0 / 7)
     assert weight_scale(w, 7, "mse") < 40.0 / 7
+
+
+def test_gptq_beats_round_to_nearest_on_a_synthetic_layer():
+    from fq_compile.passes.gptq import HessianAccumulator, gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(48, 48, generator=g)
+    x = torch.randn(2000, 48, generator=g) @ mix          # correlated input channels, like real activations
+    w = torch.randn(32, 48, generator=g)
+    acc = HessianAccumulator(48)
+    acc.add(x[:1000])
+    for qmax in (7, 127):
+        scale = float(w.abs().max()) / qmax
+        rtn = torch.round(w / scale).clamp(-qmax, qmax)
+        q = gptq_quantize(w, acc.hessian(), scale, qmax, block_size=16)
+        assert q.dtype == torch.int8 and int(q.abs().max()) <= qmax
+        xt = x[1000:]                                       # held-out rows
+        err_rtn = float((xt.double() @ (w.double() - rtn.double() * scale).T).norm())
+        err_gptq = float((xt.double() @ (w.double() - q.double() * scale).T).norm())
+        assert err_gptq < 0.8 * err_rtn, (qmax, err_gptq, err_rtn)

@@ -53,7 +53,9 @@ def _const(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
     return gm.graph.get_attr(name)
 
 
-def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0) -> GraphReport:
+def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0, group_hook=None) -> GraphReport:
+    """group_hook(gm, group_plan, x_node, smoothing) runs before each group is rewritten (calibration
+    uses it to observe the inputs of the partially quantized model, e.g. for GPTQ Hessians)."""
     report = GraphReport(index)
     runtime = placeholder_inputs(gm, example_inputs)
     known = {n: lp.fingerprint for n, lp in plan.layers.items()}
@@ -98,6 +100,8 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0)
                                     f"different plan groups {sorted(groups)}")
         g = plan.groups[groups.pop()]
         smoothing = _apply_fold(gm, x, {node for _, node in members}, g, planned, runtime, name_of)
+        if group_hook is not None:
+            group_hook(gm, g, x, smoothing, members[0][1])
         device = example_value(x).device if example_value(x) is not None else torch.device("cpu")
         quantized: dict[int, fx.Node] = {}
         for name, node in members:

@@ -1,0 +1,115 @@
+"""O3: GPTQ on the flattened weights, block by block over the model's decoder layers.
+
+For block b, the calibration batches run through the model compiled with the current plan (blocks
+before b already GPTQ-quantized, so their errors reach block b's inputs), with Hessian observers on
+the inputs of block b's layer groups; each forward stops as soon as those have all been seen.  The
+layers of block b are then quantized by GPTQ with their planned per-tensor scale and bit width, and
+their integer weights are replaced in place, so the compiled model sees them on the next pass.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from tqdm.auto import tqdm
+
+from .kernels.flatten_quantize import QMAX
+from .kernels.packing import pack_int4
+from .passes.flatten import flatten_values, flatten_weight
+from .passes.gptq import HessianAccumulator, gptq_quantize
+from .plan import QuantPlan
+
+_BLOCK = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+
+
+class _StopForward(Exception):
+    """Raised by the last active observer: the rest of the forward pass is not needed."""
+
+
+def _block_of(group: str) -> int:
+    m = _BLOCK.search(group)
+    return int(m.group(1)) if m else -1
+
+
+class _HessianObserver(torch.nn.Module):
+    def __init__(self, session, group):
+        super().__init__()
+        self.session, self.group = session, group
+
+    def forward(self, x):
+        self.session.observe(self.group, x)
+
+
+class _Session:
+    def __init__(self, plan: QuantPlan):
+        self.plan = plan
+        self.active: dict[str, HessianAccumulator] = {}
+        self.smooth_in_op: dict[str, bool] = {}
+        self.seen: set[str] = set()
+
+    def observe(self, group, x):
+        acc = self.active.get(group)
+        if acc is None:
+            return
+        g = self.plan.groups[group]
+        xs = x.float() / g.smooth.to(x.device) if self.smooth_in_op.get(group, True) else x.float()
+        acc.add(flatten_values(xs, g.cmap, g.threshold))
+        self.seen.add(group)
+        if self.seen >= set(self.active):
+            raise _StopForward
+
+    def hook(self, gm, g, x, smoothing, first_user):
+        self.smooth_in_op[g.name] = smoothing == "op"
+        name = f"fq_hessian_{len([m for m in gm._modules if m.startswith('fq_hessian_')])}"
+        gm.add_submodule(name, _HessianObserver(self, g.name))
+        with gm.graph.inserting_before(first_user):
+            gm.graph.call_module(name, (x,))
+
+
+def apply_gptq(model, plan: QuantPlan, batches, call, device, progress: bool = True) -> None:
+    """Replace every planned layer's round-to-nearest weights by GPTQ's, block by block."""
+    from .passes.lower import rewrite
+
+    for lp in plan.layers.values():      # on the model's device, so in-place updates reach the graph
+        lp.weight_q = lp.weight_q.to(device)
+    session = _Session(plan)
+    params = dict(model.named_parameters())
+
+    def backend(gm, example_inputs):
+        rewrite(gm, example_inputs, plan, group_hook=session.hook)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    blocks: dict[int, list[str]] = {}
+    for gname in plan.groups:
+        blocks.setdefault(_block_of(gname), []).append(gname)
+    row_fold = {g.fold[len("rows:"):]: g for g in plan.groups.values() if g.fold.startswith("rows:")}
+    cfg = plan.config
+    for b in tqdm(sorted(blocks), desc="fq_compile: GPTQ blocks", disable=not progress):
+        session.active = {gn: HessianAccumulator(plan.groups[gn].flat_features) for gn in blocks[b]}
+        with torch.no_grad():
+            for batch in batches:
+                session.seen = set()
+                try:
+                    call(compiled, batch, device)
+                except _StopForward:
+                    pass
+        for gn in blocks[b]:
+            g = plan.groups[gn]
+            acc = session.active[gn]
+            if acc.rows == 0:
+                continue
+            h = acc.hessian()
+            for layer in g.layers:
+                lp = plan.layers[layer]
+                w = params[layer + ".weight"].detach().float().cpu() * g.smooth[None, :]
+                rg = row_fold.get(layer)
+                if rg is not None:
+                    w = w / rg.smooth[:, None]
+                wf = flatten_weight(w, g.cmap)
+                q = gptq_quantize(wf, h, lp.weight_scale, QMAX[lp.bits], cfg.gptq_block, cfg.gptq_damp)
+                q = pack_int4(q) if lp.bits == 4 else q
+                lp.weight_q.copy_(q.to(lp.weight_q.device))
+        session.active = {}
+    plan.calibration["gptq_blocks"] = len(blocks)

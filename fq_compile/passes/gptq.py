@@ -1,0 +1,63 @@
+"""GPTQ (Frantar et al., 2022) with one per-tensor scale, on the flattened weights (paper 5.1, O3).
+
+The columns of the flattened weight W' [N, K'] are quantized one at a time, in blocks, with the
+fixed per-tensor scale of the layer; each column's rounding error is spread over the columns not
+yet quantized through the inverse Hessian of the layer's input, H = 2 X'^T X' / n, where X' is the
+*flattened, smoothed* activation the integer GEMM really sees.  Repeated columns of a flattened
+channel have almost identical activations, so GPTQ compensates one copy's error in the next: it
+subsumes the joint rounding that the round-to-nearest path does by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HessianAccumulator:
+    """Running X'^T X' over calibration rows (float64 for stable sums of many rows)."""
+
+    def __init__(self, k: int, device="cpu"):
+        self.h = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    @torch.no_grad()
+    def add(self, xf: torch.Tensor) -> None:
+        x = xf.reshape(-1, xf.shape[-1]).to(self.h.device, torch.float64)
+        self.h.addmm_(x.T, x)
+        self.rows += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.rows == 0:
+            raise ValueError("no rows were accumulated for this Hessian")
+        return 2.0 * self.h / self.rows
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: float, qmax: int, block_size: int = 128,
+                  damp: float = 0.01) -> torch.Tensor:
+    """Integer weights [N, K'] (int8 values in [-qmax, qmax]) for W' [N, K'] under Hessian H [K', K']."""
+    w = w.detach().to(torch.float64).clone()
+    h = h.detach().to(torch.float64).clone()
+    k = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype, device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hb = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            qc = torch.round(col / scale).clamp(-qmax, qmax)
+            q1[:, i] = qc
+            e = (col - qc * scale) / hb[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hb[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        q[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q.to(torch.int8)
