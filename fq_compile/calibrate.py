@@ -75,7 +75,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     def observer_backend(gm, example_inputs):
         name_of = ParamNames(gm, example_inputs, by_id=by_id)
         groups, _ = find_linears(gm, name_of)
-        for x, lins in groups.items():
+        for lins in groups.values():
             planned_names.update(l.layer for l in lins if l.layer not in skip)
         for x, lins in groups.items():
             lins = [l for l in lins if l.layer not in skip]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from tabulate import tabulate
 
 from .plan import QuantPlan
@@ -53,7 +52,6 @@ def explain(obj) -> str:
                      f"{g.threshold:.4g}", int(g.extra.sum() + g.weight_dup.sum()), f"{100 * g.flatten_ratio:.1f}%",
                      "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op])
     for name, why in plan.skipped.items():
-        lr = used.get(name)
         rows.append([name, "-", "fp", "-", "-", "-", "-", "-", f"linear (floating point): {why}"])
     table = tabulate(rows, headers=["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "KL4/KL8",
                                     "smoothing folded into", "op"], tablefmt="simple")
@@ -61,7 +59,7 @@ def explain(obj) -> str:
     n4 = sum(lp.bits == 4 for lp in plan.layers.values())
     ratios = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()]
     before = sum(lp.in_features * lp.out_features * 2 for lp in plan.layers.values())
-    after = sum(lp.weight_bytes + (0 if lp.bias is None else 0) for lp in plan.layers.values())
+    after = sum(lp.weight_bytes for lp in plan.layers.values())
     totals = [
         ["level", plan.config.level],
         ["quantized linear layers", f"{n} ({len(plan.skipped)} kept in floating point)"],

@@ -15,7 +15,7 @@ from .config import Config
 from .kernels.flatten_quantize import QMAX
 from .kernels.packing import pack_int4
 from .passes import bits as bits_pass
-from .passes.flatten import ChannelMap, channel_map, extra_channels, flatten_values, flatten_weight, weight_splits
+from .passes.flatten import ChannelMap, extra_channels, flatten_values, flatten_weight, weight_splits
 from .passes.observe import CalibrationError, InputStats
 from .passes.smooth import smoothing_scales
 from .passes.threshold import truncation_threshold
@@ -97,7 +97,7 @@ def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], f
                      fold_note=fold_note)
 
 
-def plan_layer(layer: str, group: GroupPlan, stats: InputStats, weight: torch.Tensor, bias: torch.Tensor | None,
+def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,
                row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None) -> LayerPlan:
     w = weight.float() * group.smooth[None, :]
     b = None if bias is None else bias.float().clone()
@@ -158,7 +158,7 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
         for layer in g.layers:
             rg = row_fold.get(layer)
             bias = params.get(layer + ".bias")
-            plan.layers[layer] = plan_layer(layer, g, st, weight_of(layer), None if bias is None else bias.detach(),
+            plan.layers[layer] = plan_layer(layer, g, weight_of(layer), None if bias is None else bias.detach(),
                                             None if rg is None else rg.smooth, None if rg is None else rg.name,
                                             config, act_ratio)
     return plan

@@ -1,6 +1,5 @@
 """End to end: calibrate -> torch.compile(backend="flattenquant") on tiny OPT and Llama."""
 
-import os
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 import fq_compile
-from fq_compile import BackendOptionsError, CalibrationError, Config, PlanMismatchError, QuantPlan
+from fq_compile import CalibrationError, Config, PlanMismatchError
 from tests.conftest import VOCAB, batches, tiny_llama, tiny_opt
 
 LEVELS = ["fp16", "w8a8", "smoothquant", "O1", "O2", "O3"]
