@@ -15,10 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .kernels.flatten_quantize import QMAX
-from .kernels.packing import pack_int4
+from .kernels.packing import pack_int4, unpack_int4
 from .passes.flatten import flatten_values, flatten_weight
-from .passes.gptq import HessianAccumulator, gptq_quantize
+from .passes.gptq import HessianAccumulator, gptq_quantize_flattened
 from .plan import QuantPlan
+from .planner import quantize_weight
 
 _BLOCK = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -108,7 +109,12 @@ def apply_gptq(model, plan: QuantPlan, batches, call, device, progress: bool = T
                 if rg is not None:
                     w = w / rg.smooth[:, None]
                 wf = flatten_weight(w, g.cmap)
-                q = gptq_quantize(wf, h, lp.weight_scale, QMAX[lp.bits], cfg.gptq_block, cfg.gptq_damp)
+                rtn = quantize_weight(wf, lp.weight_scale, 8, g.cmap) if lp.bits == 8 else \
+                    unpack_int4(quantize_weight(wf, lp.weight_scale, 4, g.cmap))
+                original = torch.zeros(g.flat_features, dtype=torch.bool)
+                original[: g.in_features] = True
+                q = gptq_quantize_flattened(wf, h, lp.weight_scale, QMAX[lp.bits], rtn, original,
+                                            cfg.gptq_block, cfg.gptq_damp)
                 q = pack_int4(q) if lp.bits == 4 else q
                 lp.weight_q.copy_(q.to(lp.weight_q.device))
         session.active = {}

@@ -5,7 +5,11 @@ fixed per-tensor scale of the layer; each column's rounding error is spread over
 yet quantized through the inverse Hessian of the layer's input, H = 2 X'^T X' / n, where X' is the
 *flattened, smoothed* activation the integer GEMM really sees.  Repeated columns of a flattened
 channel have almost identical activations, so GPTQ compensates one copy's error in the next: it
-subsumes the joint rounding that the round-to-nearest path does by construction.
+would push compensation into the copies that fire only for the largest values (slice i is active
+only where |x| > i*T).  Those columns have tiny Hessian diagonals, so GPTQ would park large errors in
+them, which calibration rows barely see and new inputs do.  We therefore fix the extra and split
+columns first, with the planner's joint rounding, let their error flow into the original columns,
+and run GPTQ over the original columns only (`fixed` below).
 """
 
 from __future__ import annotations
@@ -34,11 +38,31 @@ class HessianAccumulator:
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: float, qmax: int, block_size: int = 128,
-                  damp: float = 0.01) -> torch.Tensor:
-    """Integer weights [N, K'] (int8 values in [-qmax, qmax]) for W' [N, K'] under Hessian H [K', K']."""
+                  damp: float = 0.01, fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer weights [N, K'] (int8 values in [-qmax, qmax]) for W' [N, K'] under Hessian H [K', K'].
+
+    fixed: optional [N, K'] integers that every column keeps (their errors still propagate); only
+    gptq_quantize_flattened uses it, for a leading subset of columns."""
+    return _gptq(w, h, scale, qmax, block_size, damp, fixed, None)
+
+
+def gptq_quantize_flattened(w: torch.Tensor, h: torch.Tensor, scale: float, qmax: int, rtn: torch.Tensor,
+                            original: torch.Tensor, block_size: int = 128, damp: float = 0.01) -> torch.Tensor:
+    """GPTQ on a flattened weight: columns where `original` is False (extra slices, weight splits,
+    padding) keep `rtn` (the joint rounding) and are taken first; GPTQ runs on the rest."""
+    order = torch.cat([torch.nonzero(~original).flatten(), torch.nonzero(original).flatten()])
+    n_fixed = int((~original).sum())
+    q = _gptq(w[:, order], h[order][:, order], scale, qmax, block_size, damp, rtn[:, order], n_fixed)
+    out = torch.empty_like(q)
+    out[:, order] = q
+    return out
+
+
+def _gptq(w, h, scale, qmax, block_size, damp, fixed, n_fixed):
     w = w.detach().to(torch.float64).clone()
     h = h.detach().to(torch.float64).clone()
     k = w.shape[1]
+    n_fixed = 0 if fixed is None else (k if n_fixed is None else n_fixed)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -53,7 +77,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: float, qmax: int, blo
         hb = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
-            qc = torch.round(col / scale).clamp(-qmax, qmax)
+            if i1 + i < n_fixed:
+                qc = fixed[:, i1 + i].to(col.dtype)
+            else:
+                qc = torch.round(col / scale).clamp(-qmax, qmax)
             q1[:, i] = qc
             e = (col - qc * scale) / hb[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hb[i, i:].unsqueeze(0)
