@@ -135,16 +135,33 @@ def cmd_eval(args) -> int:
     results = {"model": lm.name, "seqlen": args.ppl_seqlen, "max_tokens": args.ppl_tokens, "levels": {}}
     fp = perplexity(lm.model, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
     results["levels"]["fp32"] = dict(ppl=fp.ppl, windows=fp.windows)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    zero_shot = {}
+    if tasks:
+        from .zeroshot import comparison_table, evaluate_zero_shot
+
+        def zs(level, call):
+            zero_shot[level] = results["levels"][level]["zero_shot"] = evaluate_zero_shot(
+                call, lm.model, lm.tokenizer, tasks, data_dir=args.data_dir, limit=args.zs_limit or None,
+                progress=not args.no_progress)
+
+        zs("fp32", lm.model)
     for level in args.level.split(","):
         plan = QuantPlan.load(args.plan) if args.plan else _calibrate(lm.model, lm.tokenizer, args, level)
-        p = perplexity(_compile(lm.model, plan), ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
+        fast = _compile(lm.model, plan)
+        p = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
         results["levels"][plan.config.level] = dict(ppl=p.ppl, windows=p.windows,
                                                     int4_layers=sum(lp.bits == 4 for lp in plan.layers.values()),
                                                     layers=len(plan.layers))
+        if tasks:
+            zs(plan.config.level, fast)
     rows = [[k, f"{v['ppl']:.3f}", f"{100 * (v['ppl'] / fp.ppl - 1):+.2f}%", v["windows"]] for k, v in results["levels"].items()]
     print(tabulate(rows, headers=["level", "WikiText-2 PPL", "vs fp32", "windows"]))
     if args.ppl_tokens:
         print(f"(limited run: first {args.ppl_tokens} tokens of the test split)")
+    if zero_shot:
+        print("\nzero-shot accuracy (%), lm-eval:")
+        print(comparison_table(zero_shot))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -175,6 +192,9 @@ def main(argv=None) -> int:
     e.add_argument("--ppl-seqlen", type=int, default=2048)
     e.add_argument("--ppl-tokens", type=int, default=0, help="limit the test tokens (0: the whole split)")
     e.add_argument("--json", default=None, help="also write the results here")
+    e.add_argument("--tasks", default="openbookqa,lambada_openai,piqa,hellaswag,winogrande,arc_easy",
+                   help="zero-shot tasks (lm-eval) read from <data-dir>/<task>/<split>.jsonl; comma-separated, empty: skip")
+    e.add_argument("--zs-limit", type=int, default=0, help="score only the first N rows of each zero-shot task (0: all)")
     args = p.parse_args(argv)
     if getattr(args, "ppl_tokens", None) == 0:
         args.ppl_tokens = None

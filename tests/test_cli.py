@@ -1,0 +1,88 @@
+"""The command line, the loader and the perplexity protocol, on a tiny offline model directory."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fq_compile.cli import main
+from fq_compile.evaluate import perplexity
+from fq_compile.models import OPT_SHAPES, load_model, opt_config
+from tests.conftest import tiny_llama
+
+WORDS = ("the cat sat on a mat while a dog ran to the park and the sun was warm over a quiet town "
+         "where people read books drank tea and walked home late at night").split()
+
+
+def _text(n_lines: int, seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(n_lines):
+        idx = torch.randint(0, len(WORDS), (12,), generator=g).tolist()
+        lines.append(" " + " ".join(WORDS[i] for i in idx) + " \n")
+    return "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tiny_llama(layers=1).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    data = root / "data"
+    (data / "wikitext-2-raw").mkdir(parents=True)
+    (data / "wikitext-2").mkdir()
+    (data / "wikitext-2-raw" / "wiki.test.raw").write_text(_text(40, 0))
+    (data / "wikitext-2" / "valid.txt").write_text(_text(40, 1))
+    return root
+
+
+def test_loader_local_dir_and_opt_alias(model_dir):
+    lm = load_model(str(model_dir / "model"))
+    assert type(lm.model).__name__ == "LlamaForCausalLM" and not lm.model.training and lm.tokenizer is not None
+    cfg = opt_config("opt-13b")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.ffn_dim) == (5120, 40, 20480)
+    assert set(OPT_SHAPES) >= {"opt-125m", "opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b"}
+    with pytest.raises(FileNotFoundError):
+        load_model(str(model_dir / "nothing-here" / "model"))
+
+
+def test_perplexity_protocol_against_direct_computation():
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(0))
+    res = perplexity(model, ids, seqlen=128, progress=False)
+    assert res.windows == 7 and res.tokens == 896 and not res.limited
+    nll = []
+    with torch.no_grad():
+        for w in range(7):
+            x = ids[w * 128:(w + 1) * 128]
+            logp = torch.log_softmax(model(x[None]).logits[0].double(), -1)
+            nll.append(-logp[torch.arange(127), x[1:]].mean())
+    assert res.ppl == pytest.approx(math.exp(float(torch.stack(nll).mean())), rel=1e-5)
+    assert perplexity(model, ids, seqlen=128, max_tokens=300, progress=False).windows == 2
+
+
+def test_quantize_dump_eval(model_dir, tmp_path, capsys):
+    common = ["--model", str(model_dir / "model"), "--data-dir", str(model_dir / "data"), "--calib-batches", "2",
+              "--calib-seqlen", "24", "--no-progress"]
+    plan = tmp_path / "tiny.fqplan"
+    assert main(["quantize", *common, "--level", "O2", "--out", str(plan)]) == 0
+    assert plan.exists()
+    assert main(["dump", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "fq_compile plan for LlamaForCausalLM" in out and "INT4 share of layers" in out
+    js = tmp_path / "eval.json"
+    torch._dynamo.reset()
+    assert main(["eval", *common, "--level", "w8a8,O1", "--ppl-seqlen", "32", "--tasks", "piqa", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert set(res["levels"]) == {"fp32", "w8a8", "O1"}
+    assert all(v["ppl"] > 1 and v["windows"] >= 3 for v in res["levels"].values())
+    assert "piqa" in res["levels"]["fp32"]["zero_shot"]["missing"]
+    assert "WikiText-2 PPL" in capsys.readouterr().out
