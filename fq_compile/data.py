@@ -40,25 +40,24 @@ def _hub_split(split: str) -> str:
     return "".join(rows)
 
 
-def wikitext_test(data_dir=None) -> str:
-    """The WikiText-2 raw test split as one string (rows concatenated, each keeping its newline)."""
+def _read(data_dir, relpath: Path, hub_split: str) -> str:
     d = find_data_dir(data_dir)
     if d is None:
-        return _hub_split("test")
-    path = d / TEST_FILE
+        return _hub_split(hub_split)
+    path = d / relpath
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the data directory")
     return path.read_text(encoding="utf-8")
+
+
+def wikitext_test(data_dir=None) -> str:
+    """The WikiText-2 raw test split as one string (rows concatenated, each keeping its newline)."""
+    return _read(data_dir, TEST_FILE, "test")
 
 
 def wikitext_calibration(data_dir=None) -> str:
-    d = find_data_dir(data_dir)
-    if d is None:
-        return _hub_split("validation")
-    path = d / CALIB_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the data directory")
-    return path.read_text(encoding="utf-8")
+    """The WikiText-2 validation split (calibration only; never the test split)."""
+    return _read(data_dir, CALIB_FILE, "validation")
 
 
 def random_windows(token_ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> list[torch.Tensor]:

@@ -69,24 +69,26 @@ def _int4_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.T
 CUDA_IMPL = {}
 
 
+def _dispatch(name, xq, wq, scale, bias, out_dtype):
+    """The GPU kernel on CUDA tensors when one is registered, else the opaque reference op."""
+    impl = CUDA_IMPL.get(name)
+    if impl is not None and xq.is_cuda:
+        return impl(xq, wq, scale, bias, out_dtype)
+    return getattr(torch.ops.fq, name + "_reference")(xq, wq, scale, bias, out_dtype)
+
+
 @triton_op("fq::int8_linear", mutates_args=())
 def int8_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
                 out_dtype: torch.dtype) -> torch.Tensor:
     """Per-tensor INT8 GEMM with dequantize(+bias) epilogue."""
-    impl = CUDA_IMPL.get("int8_linear")
-    if impl is not None and xq.is_cuda:
-        return impl(xq, wq, scale, bias, out_dtype)
-    return torch.ops.fq.int8_linear_reference(xq, wq, scale, bias, out_dtype)
+    return _dispatch("int8_linear", xq, wq, scale, bias, out_dtype)
 
 
 @triton_op("fq::int4_linear", mutates_args=())
 def int4_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
                 out_dtype: torch.dtype) -> torch.Tensor:
     """Per-tensor packed-INT4 GEMM (unpacked onto INT8/FP8 tensor cores on Hopper)."""
-    impl = CUDA_IMPL.get("int4_linear")
-    if impl is not None and xq.is_cuda:
-        return impl(xq, wq, scale, bias, out_dtype)
-    return torch.ops.fq.int4_linear_reference(xq, wq, scale, bias, out_dtype)
+    return _dispatch("int4_linear", xq, wq, scale, bias, out_dtype)
 
 
 for _op, _bits in ((_int8_ref_op, 8), (_int4_ref_op, 4), (int8_linear, 8), (int4_linear, 4)):
