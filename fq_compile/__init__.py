@@ -15,5 +15,17 @@ from .plan import PlanFormatError, PlanMismatchError, QuantPlan
 
 __version__ = "0.1.0"
 
+
+def _register_backend() -> None:
+    """The entry point makes backend="flattenquant" resolve after `pip install`; importing the
+    package also registers it, for source checkouts on PYTHONPATH.  Never twice."""
+    import torch._dynamo
+
+    if "flattenquant" not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(flattenquant, name="flattenquant")
+
+
+_register_backend()
+
 __all__ = ["Config", "ConfigError", "calibrate", "QuantPlan", "explain", "flattenquant", "CalibrationError",
            "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "__version__"]

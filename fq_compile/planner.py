@@ -128,7 +128,8 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
     params = dict(model.named_parameters())
 
     def weight_of(layer):
-        return params[layer + ".weight"].detach()
+        # planning runs on the CPU, where statistics and plan tensors live, whatever the model's device
+        return params[layer + ".weight"].detach().float().cpu()
 
     for name, st in tqdm(list(inputs.items()), desc="fq_compile: planning groups", disable=not progress):
         if st.absmax is None:
@@ -158,7 +159,7 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
         for layer in g.layers:
             rg = row_fold.get(layer)
             bias = params.get(layer + ".bias")
-            plan.layers[layer] = plan_layer(layer, g, weight_of(layer), None if bias is None else bias.detach(),
+            plan.layers[layer] = plan_layer(layer, g, weight_of(layer), None if bias is None else bias.detach().float().cpu(),
                                             None if rg is None else rg.smooth, None if rg is None else rg.name,
                                             config, act_ratio)
     return plan
