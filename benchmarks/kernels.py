@@ -1,0 +1,267 @@
+"""Kernel benchmark for issue 3: FlattenQuant INT8 / INT4 linear layers vs cuBLAS on one GPU.
+
+    python benchmarks/kernels.py [--quick] [--out results.md]
+
+For each linear shape (the paper's Table 5 case and OPT-13B/30B/66B layers) and M in
+{1, 16, 256, 2048, 16384} it times, with CUDA-graph replays (no CPU launch gaps) and inputs rotated
+so that the working set exceeds L2:
+  bf16     torch.nn.functional.linear on the ORIGINAL K (the layer being replaced)
+  int_mm   torch._int_mm on the flattened K' (int32 out, no quantize, no epilogue)
+  fp8      torch._scaled_mm e4m3 on K' (per-tensor scales, bf16 out, no quantize)
+  INT8     fq::flatten_quantize (bf16 -> int8 [M, K']) + fq::int8_linear (bias, bf16 out)
+  INT4     the same with packed INT4 (weights and activations), GEMM on INT8 tensor cores
+  act      the activation kernel alone (INT8 variant), as % of the INT8 GEMM alone
+and prints one table.  K' = K + K/4 extended channels rounded to 32 (Table 5: 4096 -> 5120).
+A second table compares the activation kernel with Inductor compiling the same aten code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fq_compile.kernels  # noqa: E402,F401  (registers fq:: ops and the Triton implementations)
+from fq_compile.kernels import triton_gemm as tg  # noqa: E402
+from fq_compile.kernels.packing import pack_int4  # noqa: E402
+
+L2_BYTES = 50 * 2**20
+MS = [1, 16, 256, 2048, 16384]
+# (name, K in, N out)
+SHAPES = [
+    ("table5 4096x4096", 4096, 4096),
+    ("13B qkv/out", 5120, 5120), ("13B fc1", 5120, 20480), ("13B fc2", 20480, 5120),
+    ("30B fc1", 7168, 28672), ("30B fc2", 28672, 7168),
+    ("66B qkv/out", 9216, 9216), ("66B fc1", 9216, 36864), ("66B fc2", 36864, 9216),
+]
+
+
+def flat_k(k: int) -> int:
+    return (k + k // 4 + 31) // 32 * 32
+
+
+def channel_tables(c: int, kp: int, qmax: int, device):
+    """A plausible flatten map: c originals, then (kp - c) extras spread 4 per hot channel."""
+    extra = kp - c
+    hot = torch.randperm(c)[: max(1, extra // 4)]
+    reps = torch.full((hot.numel(),), extra // hot.numel())
+    reps[: extra - int(reps.sum())] += 1
+    src = torch.cat([torch.arange(c), torch.repeat_interleave(hot, reps)])
+    e = torch.zeros(c)
+    e[hot] = reps.float()
+    slice_idx = torch.cat([torch.arange(int(r)) for r in reps]).float()
+    lo = torch.cat([e * qmax, slice_idx * qmax])
+    hi = torch.cat([torch.full((c,), float("inf")), torch.full((extra,), float(qmax))])
+    mult = (torch.rand(c) + 0.5)[src] * (qmax / 4.0)
+    return [t.to(device) for t in (src.to(torch.int32), mult.float(), lo.float(), hi.float())]
+
+
+def n_sets(bytes_per_set: int) -> int:
+    """Input sets to rotate through so one sweep over them is >= 2x L2."""
+    return max(1, min(16, math.ceil(2 * L2_BYTES / max(bytes_per_set, 1))))
+
+
+def time_graph(calls, reps: int = 20) -> float:
+    """Median ms per call: capture `calls` (a list of closures, one per input set) once into a CUDA
+    graph, replay it, divide by the number of calls."""
+    for c in calls:  # warm-up: compilation, autotuning, allocator
+        c()
+    torch.cuda.synchronize()
+    per_graph = max(1, math.ceil(8 / len(calls)))
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g, stream=s):
+            for _ in range(per_graph):
+                for c in calls:
+                    c()
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    # replay count: aim for ~150 ms of measurement
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record(); g.replay(); t1.record(); torch.cuda.synchronize()
+    one = max(t0.elapsed_time(t1), 1e-3)
+    n = max(5, min(200, int(150 / one)))
+    times = []
+    for _ in range(n):
+        t0.record(); g.replay(); t1.record()
+        t1.synchronize()
+        times.append(t0.elapsed_time(t1))
+    return statistics.median(times) / (per_graph * len(calls))
+
+
+def try_time(make_calls):
+    try:
+        return time_graph(make_calls())
+    except Exception as e:  # a baseline that refuses the shape (e.g. _int_mm with M <= 16)
+        print(f"    skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+        return None
+
+
+def bench_case(k, n, m, dev, fp8_variant=True):
+    kp = flat_k(k)
+    r = {}
+    bf16 = torch.bfloat16
+    # inputs per set
+    ns = n_sets(m * k * 2 + n * k * 2)
+    xs = [torch.randn(m, k, device=dev, dtype=bf16) for _ in range(ns)]
+    ws = [torch.randn(n, k, device=dev, dtype=bf16) * 0.02 for _ in range(ns)]
+    r["bf16"] = try_time(lambda: [lambda x=x, w=w: torch.nn.functional.linear(x, w) for x, w in zip(xs, ws)])
+    del ws
+
+    ns8 = n_sets(m * kp + n * kp + m * n * 4)
+    xq = [torch.randint(-127, 128, (m, kp), device=dev, dtype=torch.int8) for _ in range(ns8)]
+    wq = [torch.randint(-127, 128, (n, kp), device=dev, dtype=torch.int8) for _ in range(ns8)]
+    r["int_mm"] = try_time(lambda: [lambda a=a, b=b: torch._int_mm(a, b.t()) for a, b in zip(xq, wq)])
+    one = torch.ones((), device=dev)
+    xf8 = [a.to(torch.float8_e4m3fn) for a in xq]
+    wf8 = [b.to(torch.float8_e4m3fn) for b in wq]
+    r["fp8"] = try_time(lambda: [lambda a=a, b=b: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=bf16)
+                                 for a, b in zip(xf8, wf8)])
+    del xf8, wf8
+
+    bias = torch.randn(n, device=dev)
+    src, mult, lo, hi = channel_tables(k, kp, 127, dev)
+    # x sets for the full linear; the activation is read once per call
+    nsx = n_sets(m * k * 2 + n * kp + m * kp)
+    xs_full = [xs[i % len(xs)] for i in range(max(nsx, ns8))]
+    fq = torch.ops.fq.flatten_quantize
+    r["act8"] = try_time(lambda: [lambda x=x: fq(x, src, mult, lo, hi, 8) for x in xs_full[:nsx]])
+    r["gemm8"] = try_time(lambda: [lambda a=a, b=b: torch.ops.fq.int8_linear(a, b, 1e-3, bias, bf16)
+                                   for a, b in zip(xq, wq)])
+    r["lin8"] = try_time(lambda: [lambda x=x, b=b: torch.ops.fq.int8_linear(fq(x, src, mult, lo, hi, 8), b, 1e-3, bias, bf16)
+                                  for x, b in zip(xs_full, wq)])
+    del xq, wq
+
+    ns4 = n_sets(m * kp // 2 + n * kp // 2 + m * n * 4)
+    xq4 = [pack_int4(torch.randint(-7, 8, (m, kp), device=dev, dtype=torch.int8)) for _ in range(ns4)]
+    wq4 = [pack_int4(torch.randint(-7, 8, (n, kp), device=dev, dtype=torch.int8)) for _ in range(ns4)]
+    src4, mult4, lo4, hi4 = channel_tables(k, kp, 7, dev)
+    xs_full4 = [xs[i % len(xs)] for i in range(ns4)]
+    r["gemm4"] = try_time(lambda: [lambda a=a, b=b: torch.ops.fq.int4_linear(a, b, 1e-3, bias, bf16)
+                                   for a, b in zip(xq4, wq4)])
+    if fp8_variant:
+        r["gemm4_fp8"] = try_time(lambda: [lambda a=a, b=b: tg.int_linear_cuda(a, b, 1e-3, bias, bf16, 4, fp8=True)
+                                           for a, b in zip(xq4, wq4)])
+    r["lin4"] = try_time(lambda: [lambda x=x, b=b: torch.ops.fq.int4_linear(fq(x, src4, mult4, lo4, hi4, 4), b, 1e-3,
+                                                                            bias, bf16)
+                                  for x, b in zip(xs_full4, wq4)])
+    r["act4"] = try_time(lambda: [lambda x=x: fq(x, src4, mult4, lo4, hi4, 4) for x in xs_full[:nsx]])
+    del xq4, wq4, xs
+    torch.cuda.empty_cache()
+    r["tops8"] = 2 * m * n * kp / (r["gemm8"] * 1e-3) / 1e12 if r.get("gemm8") else None
+    return r
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def fmt(t):
+    return "-" if t is None else (f"{t * 1000:.1f}us" if t < 1 else f"{t:.3f}ms")
+
+
+def activation_vs_inductor(dev, m=16384, k=4096):
+    """Part 1 of the issue: our kernel vs Inductor compiling the reference's aten ops, alone and
+    fused into the producing LayerNorm (Inductor's best case: no bf16 round trip of the norm)."""
+    from fq_compile.kernels import flatten_quantize_reference
+    kp = flat_k(k)
+    rows = []
+    ln = torch.nn.LayerNorm(k, device=dev, dtype=torch.bfloat16)
+    for bits in (8, 4):
+        qmax = 127 if bits == 8 else 7
+        src, mult, lo, hi = channel_tables(k, kp, qmax, dev)
+        xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+        ref_c = torch.compile(lambda x: flatten_quantize_reference(x, src, mult, lo, hi, bits), dynamic=False)
+        ln_ref_c = torch.compile(lambda x: flatten_quantize_reference(ln(x), src, mult, lo, hi, bits), dynamic=False)
+        ln_ours_c = torch.compile(lambda x: torch.ops.fq.flatten_quantize(ln(x), src, mult, lo, hi, bits), dynamic=False)
+        ours = lambda x: torch.ops.fq.flatten_quantize(x, src, mult, lo, hi, bits)  # noqa: E731
+        exact = all(torch.equal(ref_c(x), ours(x)) for x in xs)
+        exact_ln = all(torch.equal(ln_ref_c(x), ln_ours_c(x)) for x in xs)
+        t = {name: try_time(lambda f=f: [lambda x=x: f(x) for x in xs])
+             for name, f in (("ours", ours), ("inductor", ref_c), ("ln+ours", ln_ours_c), ("ln+inductor", ln_ref_c))}
+        rows.append([f"INT{bits} {m}x{k}->{kp}", fmt(t["ours"]), fmt(t["inductor"]), ratio(t["inductor"], t["ours"]),
+                     fmt(t["ln+ours"]), fmt(t["ln+inductor"]), ratio(t["ln+inductor"], t["ln+ours"]),
+                     f"{exact}/{exact_ln}"])
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="table5 + one 66B shape only")
+    ap.add_argument("--shapes", default=None, help="comma-separated substrings of shape names")
+    ap.add_argument("--ms", default=None, help="comma-separated M values")
+    ap.add_argument("--no-fp8-variant", action="store_true")
+    ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--out", default=None, help="write the markdown results file here")
+    args = ap.parse_args()
+    from tabulate import tabulate
+
+    dev = "cuda"
+    torch.manual_seed(0)
+    shapes = SHAPES
+    if args.quick:
+        shapes = [SHAPES[0], SHAPES[7]]
+    if args.shapes:
+        keys = args.shapes.split(",")
+        shapes = [s for s in SHAPES if any(kk in s[0] for kk in keys)]
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
+    head = ["layer (K->N, K')", "M", "bf16", "int_mm", "fp8 mm", "INT8 lin", "x bf16", "x int_mm", "x fp8",
+            "INT4 lin", "x bf16", "x fp8", "INT4 gemm i8/f8 core", "act8", "act8 % gemm8", "gemm8 TOPS"]
+    rows = []
+    for name, k, n in shapes:
+        for m in ms:
+            print(f"{name} M={m}", flush=True)
+            r = bench_case(k, n, m, dev, fp8_variant=not args.no_fp8_variant)
+            rows.append([f"{name} ({k}->{n}, {flat_k(k)})", m, fmt(r["bf16"]), fmt(r["int_mm"]), fmt(r["fp8"]),
+                         fmt(r["lin8"]), ratio(r["bf16"], r["lin8"]), ratio(r["int_mm"], r["lin8"]),
+                         ratio(r["fp8"], r["lin8"]), fmt(r["lin4"]), ratio(r["bf16"], r["lin4"]),
+                         ratio(r["fp8"], r["lin4"]),
+                         f"{fmt(r['gemm4'])}/{fmt(r.get('gemm4_fp8'))}",
+                         fmt(r["act8"]), f"{100 * r['act8'] / r['gemm8']:.1f}%" if r["act8"] and r["gemm8"] else "-",
+                         f"{r['tops8']:.0f}" if r["tops8"] else "-"])
+            print("   ", rows[-1], flush=True)
+            if args.out:  # partial results survive a cut-off run
+                Path(args.out).write_text("partial\n\n" + tabulate(rows, head, tablefmt="github") + "\n")
+    table = tabulate(rows, head, tablefmt="github")
+    act_table = None
+    if not args.no_inductor:
+        act_rows = activation_vs_inductor(dev)
+        act_table = tabulate(act_rows, ["activation", "ours", "inductor(aten)", "x", "LN+ours", "LN+inductor fused",
+                                        "x", "bit-exact alone/LN"], tablefmt="github")
+    props = torch.cuda.get_device_properties(0)
+    meta = (f"device: {props.name} ({props.multi_processor_count} SMs), "
+            f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
+            f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}\n"
+            f"command: python {' '.join(sys.argv)}\n"
+            f"times: median of CUDA-graph replays, inputs rotated past 2x L2; ratios = baseline time / ours "
+            f"(>1: ours faster). bf16 runs on the original K; int_mm/fp8/ours on K' (flattened).")
+    print()
+    print(meta)
+    print()
+    print(table)
+    if act_table:
+        print()
+        print(act_table)
+    if args.out:
+        text = f"# Kernel benchmark (issue 3)\n\n{meta}\n\n{table}\n"
+        if act_table:
+            text += f"\n## Activation kernel vs Inductor-generated aten (M=16384, K=4096->5120)\n\n{act_table}\n"
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
