@@ -198,7 +198,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if getattr(args, "ppl_tokens", None) == 0:
         args.ppl_tokens = None
-    return {"demo": cmd_demo, "quantize": cmd_quantize, "dump": cmd_dump, "eval": cmd_eval}[args.cmd](args)
+    from . import ConfigError, PlanFormatError, PlanMismatchError
+
+    try:
+        return {"demo": cmd_demo, "quantize": cmd_quantize, "dump": cmd_dump, "eval": cmd_eval}[args.cmd](args)
+    except (FileNotFoundError, ImportError, ConfigError, PlanFormatError, PlanMismatchError) as e:
+        print(f"fq-compile: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -86,3 +86,11 @@ def test_quantize_dump_eval(model_dir, tmp_path, capsys):
     assert all(v["ppl"] > 1 and v["windows"] >= 3 for v in res["levels"].values())
     assert "piqa" in res["levels"]["fp32"]["zero_shot"]["missing"]
     assert "WikiText-2 PPL" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    assert main(["dump", str(tmp_path / "missing.fqplan")]) == 2
+    (tmp_path / "junk.fqplan").write_bytes(b"junk" * 20)
+    assert main(["dump", str(tmp_path / "junk.fqplan")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("fq-compile: error:") == 2 and "Traceback" not in err
