@@ -22,9 +22,10 @@ compute `a - lo` without contracting it into an FMA so that their integers match
 from __future__ import annotations
 
 import torch
-from torch.library import custom_op, triton_op
+from torch.library import custom_op
 
 from .packing import INT4_MAX, pack_int4
+from .registry import define_op
 
 QMAX = {8: 127, 4: INT4_MAX}
 
@@ -73,7 +74,7 @@ def _(x, src, mult, lo, hi, bits):
 CUDA_IMPL = {}
 
 
-@triton_op("fq::flatten_quantize", mutates_args=())
+@define_op("fq::flatten_quantize", mutates_args=())
 def flatten_quantize(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor,
                      hi: torch.Tensor, bits: int) -> torch.Tensor:
     """Smooth + flatten + quantize one activation tensor (see the module docstring)."""

@@ -12,9 +12,10 @@ result: every GPU kernel is tested bit-exactly against `int_matmul_reference` be
 from __future__ import annotations
 
 import torch
-from torch.library import custom_op, triton_op
+from torch.library import custom_op
 
 from .packing import unpack_int4
+from .registry import define_op
 
 
 def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -77,14 +78,14 @@ def _dispatch(name, xq, wq, scale, bias, out_dtype):
     return getattr(torch.ops.fq, name + "_reference")(xq, wq, scale, bias, out_dtype)
 
 
-@triton_op("fq::int8_linear", mutates_args=())
+@define_op("fq::int8_linear", mutates_args=())
 def int8_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
                 out_dtype: torch.dtype) -> torch.Tensor:
     """Per-tensor INT8 GEMM with dequantize(+bias) epilogue."""
     return _dispatch("int8_linear", xq, wq, scale, bias, out_dtype)
 
 
-@triton_op("fq::int4_linear", mutates_args=())
+@define_op("fq::int4_linear", mutates_args=())
 def int4_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
                 out_dtype: torch.dtype) -> torch.Tensor:
     """Per-tensor packed-INT4 GEMM (unpacked onto INT8/FP8 tensor cores on Hopper)."""
