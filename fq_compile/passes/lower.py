@@ -54,8 +54,10 @@ def _const(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
 
 
 def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0, group_hook=None) -> GraphReport:
-    """group_hook(gm, group_plan, x_node, smoothing) runs before each group is rewritten (calibration
-    uses it to observe the inputs of the partially quantized model, e.g. for GPTQ Hessians)."""
+    """Replace the plan's linears in `gm` (see the module docstring); returns what was done.
+
+    group_hook(gm, group_plan, x_node, smoothing, first_linear_node) runs before each group is
+    rewritten: calibration uses it to observe the inputs of the partially quantized model (GPTQ)."""
     report = GraphReport(index)
     runtime = placeholder_inputs(gm, example_inputs)
     known = {n: lp.fingerprint for n, lp in plan.layers.items()}

@@ -62,8 +62,6 @@ class InputStats:
 @dataclass
 class ObservedLinear:
     layer: str
-    weight_fqn: str
-    input_node: fx.Node
     node: fx.Node
     in_features: int
 
@@ -117,7 +115,7 @@ def find_linears(gm: fx.GraphModule, name_of) -> tuple[dict[fx.Node, list[Observ
         if fqn is None:
             unsupported[f"<linear {node.name}>"] = "weight is not a model parameter"
             continue
-        groups.setdefault(x, []).append(ObservedLinear(layer_name(fqn), fqn, x, node, int(example_value(w).shape[1])))
+        groups.setdefault(x, []).append(ObservedLinear(layer_name(fqn), node, int(example_value(w).shape[1])))
     return groups, unsupported
 
 
