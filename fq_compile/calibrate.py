@@ -74,7 +74,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
 
     def observer_backend(gm, example_inputs):
         name_of = ParamNames(gm, example_inputs, by_id=by_id)
-        groups, _ = find_linears(gm, name_of)
+        groups, unsupported = find_linears(gm, name_of)
         for lins in groups.values():
             planned_names.update(l.layer for l in lins if l.layer not in skip)
         for x, lins in groups.items():
@@ -82,7 +82,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
             if lins:
                 site = find_fold_site(x, {l.node for l in lins}, planned_names, name_of)
                 folds[group_name([l.layer for l in lins])] = (site.encode(), site.note)
-        return insert_observers(gm, store, name_of, skip).forward
+        return insert_observers(gm, store, groups, unsupported, skip).forward
 
     compiled = torch.compile(model, backend=observer_backend)
     n_batches = len(batches) if hasattr(batches, "__len__") else None

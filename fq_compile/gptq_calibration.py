@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 
 from .kernels.flatten_quantize import QMAX
 from .kernels.packing import pack_int4, unpack_int4
-from .passes.flatten import flatten_values, flatten_weight
+from .passes.flatten import flatten_values
 from .passes.gptq import HessianAccumulator, gptq_quantize_flattened
 from .plan import QuantPlan
-from .planner import quantize_weight
+from .planner import flattened_weight, quantize_weight
 
 _BLOCK = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -85,7 +85,6 @@ def apply_gptq(model, plan: QuantPlan, batches, call, device, progress: bool = T
     blocks: dict[int, list[str]] = {}
     for gname in plan.groups:
         blocks.setdefault(_block_of(gname), []).append(gname)
-    row_fold = {g.fold[len("rows:"):]: g for g in plan.groups.values() if g.fold.startswith("rows:")}
     cfg = plan.config
     for b in tqdm(sorted(blocks), desc="fq_compile: GPTQ blocks", disable=not progress):
         session.active = {gn: HessianAccumulator(plan.groups[gn].flat_features) for gn in blocks[b]}
@@ -104,11 +103,8 @@ def apply_gptq(model, plan: QuantPlan, batches, call, device, progress: bool = T
             h = acc.hessian()
             for layer in g.layers:
                 lp = plan.layers[layer]
-                w = params[layer + ".weight"].detach().float().cpu() * g.smooth[None, :]
-                rg = row_fold.get(layer)
-                if rg is not None:
-                    w = w / rg.smooth[:, None]
-                wf = flatten_weight(w, g.cmap)
+                rows = plan.groups[lp.rows_folded_from].smooth if lp.rows_folded_from else None
+                wf = flattened_weight(params[layer + ".weight"].detach().float().cpu(), g, rows)
                 rtn = quantize_weight(wf, lp.weight_scale, 8, g.cmap) if lp.bits == 8 else \
                     unpack_int4(quantize_weight(wf, lp.weight_scale, 4, g.cmap))
                 original = torch.zeros(g.flat_features, dtype=torch.bool)

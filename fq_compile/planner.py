@@ -55,8 +55,8 @@ def quantize_weight(w: torch.Tensor, scale: float, bits: int, cmap: ChannelMap |
     else:
         src = torch.where(cmap.active, cmap.src.long(), torch.full_like(cmap.src.long(), -1))
         pos = torch.arange(src.numel())
-        order = sorted(range(src.numel()), key=lambda p: (int(src[p]), float(cmap.lo[p]), p))
-        perm = torch.tensor(order, dtype=torch.long)
+        perm = torch.argsort(cmap.lo, stable=True)                    # fill order within a channel ...
+        perm = perm[torch.argsort(src[perm], stable=True)]             # ... grouped by channel
         vs, gs = v[:, perm], src[perm]
         csum = torch.cumsum(vs, dim=1)
         first = torch.ones_like(gs, dtype=torch.bool)
@@ -97,15 +97,21 @@ def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], f
                      fold_note=fold_note)
 
 
-def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,
-               row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None) -> LayerPlan:
+def flattened_weight(weight: torch.Tensor, group: GroupPlan, row_scale: torch.Tensor | None) -> torch.Tensor:
+    """The float weight the integer GEMM approximates: smoothed columns (diag(s) W), rows divided by
+    the scales of a group folded into this layer's output, flattened (Eq. 4)."""
     w = weight.float() * group.smooth[None, :]
-    b = None if bias is None else bias.float().clone()
     if row_scale is not None:
         w = w / row_scale[:, None]
-        if b is not None:
-            b = b / row_scale
-    wf = flatten_weight(w, group.cmap)
+    return flatten_weight(w, group.cmap)
+
+
+def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,
+               row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None) -> LayerPlan:
+    b = None if bias is None else bias.float().clone()
+    if row_scale is not None and b is not None:
+        b = b / row_scale
+    wf = flattened_weight(weight, group, row_scale)
     ratio = None
     nbits = 8
     if config.mixed_bits:

@@ -17,6 +17,14 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _quantized_logits(model, x, data, config, inductor=True):
+    """Calibrate `model` on `data` with `config` from fresh Dynamo caches, compile, run on x."""
+    torch._dynamo.reset()
+    plan = fq_compile.calibrate(model, data, config, progress=False)
+    fast = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": inductor})
+    return fast(x).logits, plan
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_every_level_compiles_and_matches_the_reference_path(make_model, level):
     model = make_model()
@@ -44,9 +52,7 @@ def test_flattening_beats_naive_w8a8_on_planted_outliers(make_model):
     with torch.no_grad():
         ref = model(x).logits
         for level in ("w8a8", "O1"):
-            torch._dynamo.reset()
-            plan = fq_compile.calibrate(model, batches(n=6), Config(level=level), progress=False)
-            errs[level] = _rel(torch.compile(model, backend="flattenquant", options={"plan": plan})(x).logits, ref)
+            errs[level] = _rel(_quantized_logits(model, x, batches(n=6), Config(level=level))[0], ref)
     # several times smaller: fails if flattening did nothing (O1 without flattening is ~W8A8)
     assert errs["O1"] * 3 < errs["w8a8"], errs
 
@@ -90,10 +96,8 @@ def test_folding_stays_within_quantization_error(make_model):
     with torch.no_grad():
         ref = model(x).logits
         for fold in (True, False):
-            torch._dynamo.reset()
-            plan = fq_compile.calibrate(model, batches(), Config(level="O1", fold=fold), progress=False)
+            outs[fold], plan = _quantized_logits(model, x, batches(), Config(level="O1", fold=fold), inductor=False)
             assert all(g.fold == "op" for g in plan.groups.values()) != fold
-            outs[fold] = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x).logits
     # a row fold changes the producer's own per-tensor rounding, so the two differ by quantization
     # noise; a wrong fold would differ by far more
     assert _rel(outs[True], outs[False]) < _rel(outs[False], ref)
@@ -248,13 +252,12 @@ def test_o3_gptq_runs_and_beats_o2_rounding(make_model):
     errs = {}
     with torch.no_grad():
         ref = model(x).logits
+        plans = {}
         for level in ("O2", "O3"):
-            torch._dynamo.reset()
-            plan = fq_compile.calibrate(model, iter(batches(n=6)), Config(level=level, gamma=2.3), progress=False)
-            errs[level] = _rel(torch.compile(model, backend="flattenquant", options={"plan": plan})(x).logits, ref)
-            plans = errs.setdefault("plans", {})
+            out, plan = _quantized_logits(model, x, iter(batches(n=6)), Config(level=level, gamma=2.3))
+            errs[level] = _rel(out, ref)
             plans[level] = {n: (lp.bits, lp.weight_scale) for n, lp in plan.layers.items()}
-    assert errs["plans"]["O2"] == errs["plans"]["O3"]
+    assert plans["O2"] == plans["O3"]
     assert errs["O3"] < errs["O2"], errs
 
 

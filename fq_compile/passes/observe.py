@@ -119,9 +119,9 @@ def find_linears(gm: fx.GraphModule, name_of) -> tuple[dict[fx.Node, list[Observ
     return groups, unsupported
 
 
-def insert_observers(gm: fx.GraphModule, store: StatsStore, name_of, skip=frozenset()) -> fx.GraphModule:
-    """Add an observer before the first reader of every linear input; returns gm (modified)."""
-    groups, unsupported = find_linears(gm, name_of)
+def insert_observers(gm: fx.GraphModule, store: StatsStore, groups, unsupported, skip=frozenset()) -> fx.GraphModule:
+    """Add an observer before the first reader of every linear input (groups and unsupported as
+    find_linears returns them); returns gm (modified)."""
     store.unsupported.update(unsupported)
     for i, (x, lins) in enumerate(groups.items()):
         lins = [l for l in lins if l.layer not in skip]
