@@ -9,6 +9,16 @@ kernels inline through torch.library.triton_op).  Options:
     plan       the QuantPlan from fq_compile.calibrate (or QuantPlan.load); required
     dump_dir   write each rewritten graph's code and the explain() table there (env FQ_DUMP_DIR)
     inductor   False runs the rewritten graph eagerly through the reference ops (for debugging)
+    gemm       "triton" | "cutlass" | "auto": the GEMM kernels while this graph compiles (over env
+               FQ_GEMM; see fq_compile/kernels/gemm_dispatch.py)
+    free_weights  release the floating-point weights of quantized layers once their graph is
+               compiled (default: True when they live on a CUDA device, False on the CPU, so that
+               CPU users can still run the un-compiled model side by side).  Only the weights that
+               nothing but replaced linears reads are freed (see fq_compile/resident.py); the
+               compiled model keeps working for every later call and recompile, the un-compiled
+               module no longer runs (PyTorch raises "... out of bounds for storage of size 0").
+               While set, hitting Dynamo's recompile limit raises instead of silently running the
+               frame eagerly on freed weights.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from . import kernels  # noqa: F401  (registers torch.ops.fq.*)
 from .passes.lower import GraphReport, rewrite
 from .plan import QuantPlan
 
-_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor"}
+_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm"}
 
 
 class BackendOptionsError(ValueError):
@@ -66,7 +76,38 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
         (d / "explain.txt").write_text(explain(plan) + "\n")
 
     if options.get("inductor", True) is False:
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
+        compiled = gm.forward
+    else:
+        from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+        with kernels.gemm_dispatch.use(options.get("gemm")):  # Triton/CUTLASS choice, kernels/gemm_dispatch.py
+            compiled = compile_fx(gm, example_inputs)
+    free = options.get("free_weights")
+    if free is None:
+        free = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    if free and plan.config.quantize:
+        report.released_bytes = _release_replaced(gm, example_inputs, report, plan)
+    return compiled
+
+
+def _release_replaced(gm: torch.fx.GraphModule, example_inputs, report: GraphReport, plan: QuantPlan) -> int:
+    """Free the storage of parameters that only replaced linears read in this graph (never a
+    skipped layer's, never one sharing storage with an input the graph still reads)."""
+    from .fx_utils import layer_name, placeholder_inputs
+    from .resident import is_released, release
+
+    runtime = placeholder_inputs(gm, example_inputs)
+    used = {t.untyped_storage().data_ptr() for n, t in runtime.items()
+            if n.users and isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()}
+    freed = 0
+    for fqn, node in report.replaced_params.items():
+        t = runtime.get(node)
+        if (not isinstance(t, torch.Tensor) or node.users or layer_name(fqn) in plan.skipped or is_released(t)
+                or t.untyped_storage().data_ptr() in used):
+            continue
+        freed += release(t, fqn)
+    if freed:
+        # a frame over the recompile limit would run eagerly and read freed weights: make it raise
+        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return freed

@@ -9,6 +9,10 @@ with the plan's tensors attached to the GraphModule as buffers (get_attr nodes, 
 treats as constants).  Norm folds are applied here, from the live norm parameters, so a plan never
 stores floating-point copies of model weights; row folds are already inside the plan's weights.
 Linears the plan does not cover stay as they are and are reported with the reason.
+
+Plan tensors reach each graph through `resident.device_tensor`, so every graph and recompile
+shares one device copy.  A weight whose storage was already released (resident.py) is named from
+the release registry and never read: its fingerprint is not checked, only its name and shape.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..fx_utils import ParamNames, example_value, is_linear, layer_name, linear_args, placeholder_inputs
+from ..fx_utils import ParamNames, example_value, is_linear, layer_name, linear_args, param_fqn, placeholder_inputs
 from ..plan import PlanMismatchError, QuantPlan, weight_fingerprint
+from ..resident import device_tensor, is_released, released_name
 from .fold import find_fold_site
 
 FINGERPRINT_RTOL = 1e-3
@@ -38,6 +43,9 @@ class GraphReport:
     index: int
     layers: list[LayerReport] = field(default_factory=list)
     code: str = ""
+    # parameters (fqn -> placeholder) that only replaced linears read: what free_weights may release
+    replaced_params: dict = field(default_factory=dict, repr=False, compare=False)
+    released_bytes: int = 0     # what free_weights freed after this graph was compiled
 
 
 def _const(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
@@ -60,9 +68,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
     rewritten: calibration uses it to observe the inputs of the partially quantized model (GPTQ)."""
     report = GraphReport(index)
     runtime = placeholder_inputs(gm, example_inputs)
-    known = {n: lp.fingerprint for n, lp in plan.layers.items()}
-    known.update({n: None for n in plan.skipped})
-    name_of = ParamNames(gm, example_inputs, known=known)
+    name_of = _param_names(gm, example_inputs, runtime, plan)
     linears = [n for n in gm.graph.nodes if is_linear(n)]
     # group this graph's linears by input, as calibration did
     by_input: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
@@ -87,7 +93,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
         if shape != (lp.out_features, lp.in_features):
             raise PlanMismatchError(f"layer {name!r}: the plan was made for weight shape "
                                     f"{(lp.out_features, lp.in_features)}, this model has {shape}")
-        if isinstance(wt, torch.Tensor):
+        if isinstance(wt, torch.Tensor) and not is_released(wt):
             fp = weight_fingerprint(wt)
             if abs(fp - lp.fingerprint) > FINGERPRINT_RTOL * max(abs(lp.fingerprint), 1e-12):
                 raise PlanMismatchError(f"layer {name!r}: the weights differ from those the plan was calibrated on "
@@ -111,18 +117,25 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
             with gm.graph.inserting_before(node):
                 if lp.bits not in quantized:
-                    c = g.op_constants(lp.bits, smooth_in_op=(smoothing == "op"), device=device)
                     base = f"fq_{g.name}_a{lp.bits}"
+                    in_op = smoothing == "op"
+                    c = _group_constants(plan, g, lp.bits, in_op, device)
                     args = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
                     quantized[lp.bits] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
                                                                 (x, *args, lp.bits))
-                wq = _const(gm, f"fq_{name}_wq", lp.weight_q.to(device))
-                bias = _const(gm, f"fq_{name}_bias", lp.bias.to(device)) if lp.bias is not None else None
+                wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
+                bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
+                        if lp.bias is not None else None)
                 op = torch.ops.fq.int4_linear.default if lp.bits == 4 else torch.ops.fq.int8_linear.default
                 new = gm.graph.call_function(op, (quantized[lp.bits], wq, lp.scale, bias, out_dtype))
             new.meta.update(node.meta)
+            _, w_node, b_node = linear_args(node)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
+            for p_node in (w_node, b_node):
+                fqn = name_of(p_node)
+                if fqn is not None and not p_node.users:
+                    report.replaced_params[fqn] = p_node
             report.layers.append(LayerReport(name, f"fq.int{lp.bits}_linear",
                                              g.fold if smoothing != "op" else "op",
                                              "" if smoothing != "op" else g.fold_note))
@@ -130,6 +143,36 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
     gm.recompile()
     report.code = gm.code
     return report
+
+
+def _param_names(gm, example_inputs, runtime, plan) -> ParamNames:
+    """Absolute parameter names of the graph's placeholders.  Where some weights were released, the
+    registry holds their full names, which also give the frame's prefix for every other placeholder
+    (ParamNames' own prefix search would read the released weights' values)."""
+    released = {n: released_name(t) for n, t in runtime.items() if released_name(t) is not None}
+    if not released:
+        known = {n: lp.fingerprint for n, lp in plan.layers.items()}
+        known.update({n: None for n in plan.skipped})
+        return ParamNames(gm, example_inputs, known=known)
+    rel = {n: param_fqn(n) for n in runtime if param_fqn(n) is not None}
+    prefix = ""
+    for n, full in released.items():
+        r = rel.get(n)
+        if r and full.endswith(r) and (len(full) == len(r) or full[-len(r) - 1] == "."):
+            prefix = full[: len(full) - len(r)]
+            break
+    by_id = {id(runtime[n]): released.get(n, prefix + r) for n, r in rel.items()}
+    return ParamNames(gm, example_inputs, by_id=by_id)
+
+
+def _group_constants(plan, g, bits: int, smooth_in_op: bool, device) -> dict[str, torch.Tensor]:
+    """The group's flatten_quantize constants on `device`, built and copied once per plan."""
+    key = f"{g.name}.a{bits}.{'s' if smooth_in_op else 'f'}"
+    cache = plan.__dict__.setdefault("_group_constants", {})
+    ident = (g.threshold, id(g.smooth), id(g.extra), id(g.weight_dup), g.pad_multiple)
+    if key not in cache or cache[key][0] != ident:
+        cache[key] = (ident, g.op_constants(bits, smooth_in_op=smooth_in_op))
+    return {k: device_tensor(plan, f"{key}.{k}", v, device) for k, v in cache[key][1].items()}
 
 
 def _apply_fold(gm, x, group_nodes, g, planned, runtime, name_of) -> str:

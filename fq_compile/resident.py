@@ -1,0 +1,112 @@
+"""What stays in device memory once a model runs through the flattenquant backend.
+
+After the rewrite, a quantized linear's floating-point weight is no longer read by its graph: the
+graph reads the plan's packed INT8/INT4 weight instead.  The parameter still reaches the compiled
+code as an (unused) input, so Dynamo's guards must keep seeing a tensor of the same shape, stride
+and dtype; we therefore free only its *storage* (`untyped_storage().resize_(0)`, as FSDP does for
+unsharded parameters): the metadata stays, the bytes go back to the allocator, and no recompile is
+triggered.  Later recompiles fakeify the freed parameter like any other (only metadata is read)
+and name it through the registry below, since its values -- which the plan's fingerprint check
+and the frame-prefix search would read -- are gone.
+
+Consequences a user sees (documented on the backend's `free_weights` option):
+  * the *un-compiled* module can no longer run: its linears raise PyTorch's "... out of bounds for
+    storage of size 0"; `state_dict()` of those weights is meaningless;
+  * weights that any other op reads (tied weights, lm_head / embeddings, skipped layers) and norm
+    weights (folds read them at every recompile) are never freed.
+
+Plan tensors are moved to a device once per (plan, device) (`device_tensor`) and shared by every
+graph and recompile, so a recompile costs no second copy of the quantized weights.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+# id(tensor) -> (weakref to it, fully-qualified parameter name); entries die with their tensor
+_RELEASED: dict[int, tuple[weakref.ref, str]] = {}
+
+
+def is_released(t) -> bool:
+    """True for a tensor whose storage was freed (by us or anyone else: its bytes cannot be read)."""
+    return isinstance(t, torch.Tensor) and t.numel() > 0 and t.untyped_storage().nbytes() == 0
+
+
+def released_name(t) -> str | None:
+    """The parameter name recorded when `t`'s storage was released here, else None."""
+    entry = _RELEASED.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return None
+    return entry[1]
+
+
+def release(t: torch.Tensor, name: str) -> int:
+    """Free `t`'s storage, keep its metadata, remember its name; returns the bytes freed."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"release() expects a tensor, got {type(t).__name__}")
+    storage = t.untyped_storage()
+    freed = storage.nbytes()
+    if freed:
+        storage.resize_(0)
+    key = id(t)
+
+    def _forget(ref, key=key):
+        if _RELEASED.get(key, (None,))[0] is ref:
+            del _RELEASED[key]
+
+    _RELEASED[key] = (weakref.ref(t, _forget), name)
+    return freed
+
+
+def device_tensor(plan, key: str, t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device`, copied at most once per (plan, key, device) and shared by all graphs."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    cache = plan.__dict__.setdefault("_device_tensors", {})
+    k = (key, str(device))
+    hit = cache.get(k)
+    if hit is None or hit[0]() is not t:          # a plan tensor replaced since (GPTQ): copy anew
+        hit = cache[k] = (weakref.ref(t), t.to(device))
+    return hit[1]
+
+
+def plan_tensors(plan):
+    """Every tensor the compiled graphs read from the plan (device copies included)."""
+    out = [copy for _, copy in plan.__dict__.get("_device_tensors", {}).values()]
+    for lp in plan.layers.values():
+        out.append(lp.weight_q)
+        if lp.bias is not None:
+            out.append(lp.bias)
+    return out
+
+
+def _unique_storage_bytes(tensors, device) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device != device:
+            continue
+        s = t.untyped_storage()
+        key = (s.data_ptr(), s.nbytes())
+        if s.nbytes() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += s.nbytes()
+    return total
+
+
+def resident_bytes(model: torch.nn.Module, plan=None, device=None) -> dict[str, int]:
+    """Bytes on `device` (default: the device of the model's first parameter) held by the model's
+    parameters and buffers (freed storages count 0, shared storages once) and by the plan's tensors
+    that live there.  Returns {"model": ..., "plan": ..., "total": ...}."""
+    params = list(model.parameters()) + list(model.buffers())
+    if device is None:
+        device = params[0].device if params else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    m = _unique_storage_bytes(params, device)
+    p = _unique_storage_bytes(plan_tensors(plan), device) if plan is not None else 0
+    return {"model": m, "plan": p, "total": _unique_storage_bytes(params + (plan_tensors(plan) if plan else []), device)}
