@@ -179,3 +179,72 @@ def test_cuda_default_releases_and_memory_drops():
     assert all(is_released(dict(model.named_parameters())[n + ".weight"]) for n in plan.layers)
     assert before - after >= weights - 2 * 2**20       # the plan's copies were made by the first compile
     assert torch.equal(out, expect) and torch.isfinite(out2).all()
+
+
+# -- synthetic plans (the end-to-end benchmark's plans for random-weight models) ----------------------
+
+def test_synthetic_plan_has_the_requested_shares_and_the_calibrated_structure(make_model):
+    from fq_compile.synthetic import PAPER_TABLE4, synthetic_plan
+
+    share, ratio = PAPER_TABLE4["13b"]
+    model = make_model(layers=40, hidden=64, outliers=False)
+    plan = synthetic_plan(model, "O3", flatten_ratio=ratio, int4_share=share, progress=False)
+    n = len(plan.layers)
+    n4 = sum(lp.bits == 4 for lp in plan.layers.values())
+    assert abs(n4 / n - share) <= 1 / 40
+    params = dict(model.named_parameters())
+    total = sum(params[l + ".weight"].numel() for l in plan.layers)
+    int4 = sum(params[l + ".weight"].numel() for l, lp in plan.layers.items() if lp.bits == 4)
+    assert abs(int4 / total - share) <= 1 / 40
+    for g in plan.groups.values():
+        assert len({plan.layers[l].bits for l in g.layers}) == 1          # q/k/v never mix bits
+        assert abs(g.flatten_ratio - ratio) <= 1 / g.in_features
+        assert g.flat_features % 32 == 0 and g.flat_features >= g.in_features * (1 + ratio) - 1
+    assert plan.calibration["synthetic"] == "given shares"
+    # the same groups and fold sites as a real calibration finds (4 blocks are enough to compare)
+    torch._dynamo.reset()
+    small = make_model(layers=4, hidden=64)
+    calibrated = fq_compile.calibrate(small, batches(n=1), Config(level="O1"), progress=False)
+    torch._dynamo.reset()
+    synthetic = synthetic_plan(small, "O1", flatten_ratio=ratio, progress=False)
+    assert {n: g.fold for n, g in synthetic.groups.items()} == {n: g.fold for n, g in calibrated.groups.items()}
+    assert set(synthetic.skipped) == set(calibrated.skipped)
+
+
+def test_synthetic_plan_with_released_weights_compiles_to_the_same_model():
+    """release_weights=True frees each weight as soon as it is quantized; the compiled model then
+    gives exactly what the same plan gives with the weights kept."""
+    import copy
+
+    from fq_compile.synthetic import synthetic_plan
+
+    model = tiny_opt(layers=2, outliers=False)
+    twin = copy.deepcopy(model)
+    kept = synthetic_plan(model, "O3", flatten_ratio=0.25, int4_share=0.5, progress=False)
+    torch._dynamo.reset()
+    freed = synthetic_plan(twin, "O3", flatten_ratio=0.25, int4_share=0.5, release_weights=True, progress=False)
+    assert all(is_released(dict(twin.named_parameters())[n + ".weight"]) for n in freed.layers)
+    for n, lp in kept.layers.items():
+        assert torch.equal(lp.weight_q, freed.layers[n].weight_q) and lp.bits == freed.layers[n].bits
+    x = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        torch._dynamo.reset()
+        a = torch.compile(model, backend="flattenquant", options={"plan": kept})(x).logits
+        torch._dynamo.reset()
+        b = torch.compile(twin, backend="flattenquant", options={"plan": freed})(x).logits
+        ref = model(x).logits
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert {lr.op for r in freed.reports for lr in r.layers} >= {"fq.int8_linear", "fq.int4_linear"}
+    assert 0 < float((a - ref).norm() / ref.norm()) < 1.0
+
+
+def test_synthetic_plan_refuses_impossible_requests():
+    from fq_compile.synthetic import synthetic_plan
+
+    model = tiny_opt(layers=1)
+    with pytest.raises(ValueError, match="does not flatten"):
+        synthetic_plan(model, "smoothquant", flatten_ratio=0.2, progress=False)
+    with pytest.raises(ValueError, match="all INT8"):
+        synthetic_plan(model, "O1", int4_share=0.4, progress=False)
+    with pytest.raises(ValueError, match="fp16"):
+        synthetic_plan(model, "fp16", progress=False)

@@ -1,0 +1,191 @@
+"""Plans built without calibration, for speed and memory measurements on random-weight models.
+
+Latency does not depend on weight values, but it does depend on what the backend compiles: the
+flattened width K' of every group (its flatten ratio), which layers are INT4, which folds apply.
+`synthetic_plan` fixes those from given shares -- e.g. the paper's Table 4 (PAPER_TABLE4, labelled
+as such wherever it is used) -- and quantizes the model's own weights on their device, so that the
+backend compiles exactly the ops a calibrated plan of those shares would give:
+
+  * structure: the activation groups (q/k/v share one input) and fold sites come from the same
+    fold analysis calibration uses, run on a one-block replica of the model (cheap: no calibration
+    data, no trace of the whole model), and are repeated for every block;
+  * flattening: each group gets round(ratio * C) extra channels -- half of them on a few large
+    outlier channels (many slices each), half as one slice on as many moderate channels, which is
+    the shape real OPT activations give Eq. 2 -- then the usual channel map (padded to 32);
+  * bits: for each group position in the block (q/k/v, out, fc1, fc2 for OPT), INT4 in the same
+    share of blocks, spread evenly over depth with a different phase per position; so the INT4
+    share of layers and of weight bytes both equal the requested share, and q/k/v never mix bits
+    (one activation quantize per group, as calibrated plans mostly give);
+  * values: smoothing scales 1, threshold T fixed (4.0: random-init activations are ~N(0, 1)),
+    weights flattened and rounded per tensor (max scale, plain rounding: numerics are not the
+    point here).
+
+`release_weights=True` frees each floating-point weight right after its quantized copy exists,
+so a model plus its plan never need both copies at once (OPT-30B: 60 GB fp16 + 36 GB INT8 would
+not fit an 80 GB GPU); the backend then names those weights from the release registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibrate import _skipped_layers
+from .config import Config
+from .fx_utils import ParamNames
+from .kernels.flatten_quantize import QMAX
+from .kernels.packing import pack_int4
+from .passes.flatten import flatten_weight
+from .passes.fold import find_fold_site
+from .passes.observe import find_linears, group_name
+from .plan import GroupPlan, LayerPlan, QuantPlan, model_hash, weight_fingerprint
+from .resident import release
+
+# paper Table 4: OPT size -> (share of INT4 layers, average flatten ratio)
+PAPER_TABLE4 = {
+    "125m": (0.3554, 0.2621), "1.3b": (0.3642, 0.2462), "6.7b": (0.4725, 0.2441),
+    "13b": (0.4575, 0.2150), "30b": (0.4829, 0.2242), "66b": (0.4737, 0.2165),
+}
+SYNTHETIC_THRESHOLD = 4.0
+_BLOCK = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _replica(model: torch.nn.Module) -> torch.nn.Module:
+    """The same architecture with one block, on the model's device and dtype."""
+    cfg = copy.deepcopy(model.config)
+    if not hasattr(cfg, "num_hidden_layers"):
+        raise ValueError(f"synthetic_plan needs a Hugging Face decoder config with num_hidden_layers, "
+                         f"got {type(cfg).__name__}")
+    cfg.num_hidden_layers = 1
+    p = next(model.parameters())
+    with torch.device(p.device):
+        rep = type(model)(cfg)
+    return rep.to(p.dtype).eval()
+
+
+def block_structure(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[list[str], str]]:
+    """[(layers of one activation group, encoded fold site)] of block 0 (and of anything outside
+    the blocks), found by the fold analysis on a one-block replica's Dynamo graph."""
+    rep = _replica(model)
+    by_id = {id(p): n for n, p in rep.named_parameters()}
+    skip = _skipped_layers(rep, skip)
+    found: list[tuple[list[str], str]] = []
+
+    def capture(gm, example_inputs):
+        name_of = ParamNames(gm, example_inputs, by_id=by_id)
+        groups, _ = find_linears(gm, name_of)
+        planned = {l.layer for lins in groups.values() for l in lins if l.layer not in skip}
+        for x, lins in groups.items():
+            site = find_fold_site(x, {l.node for l in lins}, planned, name_of)
+            found.append(([l.layer for l in lins], site.encode()))
+        return gm.forward
+
+    ids = torch.zeros(1, 8, dtype=torch.long, device=next(rep.parameters()).device)
+    with torch.no_grad():
+        torch.compile(rep, backend=capture, dynamic=False)(ids)
+    if not found:
+        raise ValueError(f"no linear layers found in {type(model).__name__}'s graph")
+    return found
+
+
+def _extra_counts(c: int, total: int, gen: torch.Generator) -> torch.Tensor:
+    """E_j summing to `total`: half on a few outlier channels, half as single slices."""
+    extra = torch.zeros(c, dtype=torch.int64)
+    if total <= 0:
+        return extra
+    order = torch.randperm(c, generator=gen)
+    n_big = max(1, min(8, total // 16))
+    big_total = total - min(total // 2, c - n_big)
+    extra[order[:n_big]] = big_total // n_big
+    extra[order[: big_total % n_big]] += 1
+    singles = total - big_total
+    extra[order[n_big:n_big + singles]] = 1
+    return extra
+
+
+def _int4_blocks(n_blocks: int, share: float, phase: float) -> set[int]:
+    """Blocks whose layer at one group position is INT4: `share` of them, evenly spread."""
+    return {b for b in range(n_blocks) if math.floor((b + 1) * share + phase) > math.floor(b * share + phase)}
+
+
+def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: float = 0.0,
+                   int4_share: float = 0.0, source: str = "given shares", seed: int = 0,
+                   release_weights: bool = False, progress: bool = True) -> QuantPlan:
+    """A plan for `model` at `level` ('w8a8', 'smoothquant', 'O1', 'O2' or 'O3') with the given
+    average flatten ratio (levels that flatten) and INT4 share of layers (O2/O3); see the module
+    docstring.  `source` is recorded in plan.calibration (e.g. 'paper Table 4 figures')."""
+    config = Config(level=level)
+    if not config.quantize:
+        raise ValueError("synthetic_plan makes quantized plans; level 'fp16' needs none")
+    if not 0 <= flatten_ratio < 4 or not 0 <= int4_share <= 1:
+        raise ValueError(f"flatten_ratio must lie in [0, 4) and int4_share in [0, 1], got {flatten_ratio}, {int4_share}")
+    if flatten_ratio and not config.flatten:
+        raise ValueError(f"level {level!r} does not flatten; flatten_ratio must be 0")
+    if int4_share and not config.mixed_bits:
+        raise ValueError(f"level {level!r} is all INT8; int4_share must be 0")
+    params = dict(model.named_parameters())
+    skipped = _skipped_layers(model, config.skip)
+    structure = block_structure(model, config.skip)
+    n_blocks = model.config.num_hidden_layers
+
+    def per_block(name: str, i: int) -> str:
+        return _BLOCK.sub(f".layers.{i}.", name, count=1)
+
+    groups: list[tuple[list[str], str, int]] = []       # (layers, fold, position in block)
+    for pos, (layers, fold) in enumerate(structure):
+        in_block = _BLOCK.search(layers[0]) is not None
+        for i in range(n_blocks) if in_block else [None]:
+            names = [per_block(l, i) if i is not None else l for l in layers]
+            kind, _, target = fold.partition(":")
+            if kind != "op" and i is not None:
+                fold_i = kind + ":" + ",".join(per_block(t, i) for t in target.split(","))
+            else:
+                fold_i = fold
+            names = [n for n in names if n not in skipped]
+            if names:
+                groups.append((names, fold_i, pos))
+    phases = {pos: k / max(len(structure), 1) for k, pos in enumerate(sorted({g[2] for g in groups}))}
+    int4 = {pos: _int4_blocks(n_blocks, int4_share, phases[pos]) for pos in phases}
+
+    plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model), skipped=skipped,
+                     calibration={"synthetic": source, "flatten_ratio": flatten_ratio, "int4_share": int4_share})
+    gen = torch.Generator().manual_seed(seed)
+    t = SYNTHETIC_THRESHOLD
+    row_of = {}
+    for layers, fold, pos in groups:
+        c = params[layers[0] + ".weight"].shape[1]
+        extra = _extra_counts(c, round(flatten_ratio * c), gen)
+        name = group_name(layers)
+        plan.groups[name] = GroupPlan(
+            name=name, layers=layers, in_features=c, threshold=t, smooth=torch.ones(c), fold=fold,
+            extra=extra, weight_dup=torch.zeros_like(extra), act_max=((extra + 1) * t).float(),
+            pad_multiple=config.pad_multiple, fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found")
+        if fold.startswith("rows:"):
+            row_of[fold[len("rows:"):]] = name
+    for (layers, fold, pos) in tqdm(groups, desc="fq_compile: synthetic plan", disable=not progress):
+        g = plan.groups[group_name(layers)]
+        block = _BLOCK.search(layers[0])
+        bits = 4 if block is not None and int(block.group(1)) in int4[pos] else 8
+        for layer in layers:
+            w = params[layer + ".weight"]
+            b = params.get(layer + ".bias")
+            with torch.no_grad():
+                wf = flatten_weight(w.detach().float(), g.cmap)   # smoothing 1: no column or row scaling
+                scale = float(wf.abs().amax()) / QMAX[bits] or 1.0
+                q = torch.round(wf / scale).clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8)
+                del wf
+                plan.layers[layer] = LayerPlan(
+                    name=layer, group=g.name, in_features=w.shape[1], out_features=w.shape[0], bits=bits,
+                    weight_q=pack_int4(q) if bits == 4 else q, weight_scale=scale, act_scale=t / QMAX[bits],
+                    bias=None if b is None else b.detach().float().clone(), fingerprint=weight_fingerprint(w),
+                    rows_folded_from=row_of.get(layer))
+                del q
+            if release_weights:
+                release(w, layer + ".weight")
+                if b is not None:
+                    release(b, layer + ".bias")
+    return plan
