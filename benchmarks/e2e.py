@@ -1,0 +1,688 @@
+"""End-to-end benchmark (issue 5): whole OPT models, compiled, called the way inference code calls
+them; prefill latency (Figure 4 analog), decode tokens/s, resident and peak memory (Table 6 analog).
+
+    python benchmarks/e2e.py --models 13b --methods all --batches 8 --seqs 2048 --out $OUT
+    python benchmarks/e2e.py --models 13b --methods fp16-eager,fq-O3 --decode 1,16,64 --out $OUT
+    python benchmarks/e2e.py --profile --models 13b --methods fp16-inductor,fp8-naive,fq-O1,fq-O3 --out $OUT
+    python benchmarks/e2e.py --report run1/e2e.jsonl run2/e2e.jsonl --results-dir benchmarks/results
+    python benchmarks/e2e.py --smoke --out /tmp/e2e          # tiny config on the CPU: checks the script
+
+Models: OPT shapes from OPTConfig at real sizes (1.3b, 6.7b, 13b, 30b), random fp16 weights made on
+the GPU (speed does not depend on values).  Methods, each on a fresh model:
+  fp16-eager      the Hugging Face model as is
+  fp16-inductor   torch.compile, Inductor default mode (--max-autotune: mode="max-autotune")
+  fp8-naive       every decoder linear -> dynamic per-tensor activation scale + static per-tensor
+                  FP8 e4m3 weight, torch._scaled_mm, under Inductor
+  smoothquant     SmoothQuant-W8A8 through our backend (per-tensor INT8, no flattening)
+  torchao-int8    torchao Int8DynamicActivationInt8WeightConfig (its defaults), then torch.compile
+  torchao-fp8     torchao Float8DynamicActivationFloat8WeightConfig (its defaults: per tensor)
+  fq-O1, fq-O3    FlattenQuant through our backend
+Our plans are synthetic (fq_compile/synthetic.py): the flatten ratio and INT4 share of the paper's
+Table 4 for that size ("paper Table 4 figures"), INT4 in the same share of blocks at every layer
+position; the output head stays fp16 for every method.  Our backend releases the fp16 weights.
+
+Prefill: model(input_ids, use_cache=False) (lm_head included, no KV cache), median of repeated runs
+timed with CUDA events after warm-up.  Decode: generate() with KV cache, 128-token prompt, 128 new
+tokens, greedy, tokens/s over the whole call.  Memory: GPU bytes allocated after the first call
+(weights, plan, anything the compiled model keeps), peak allocated per prefill point (activations,
+no KV cache) and per decode point (KV cache included).  Results: one JSON object per line appended
+to $OUT/e2e.jsonl as each point finishes; --report merges such files into markdown tables (ratios
+vs the faster of fp16 eager / Inductor) and a Figure 4-like PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fq_compile  # noqa: E402
+from fq_compile.models import opt_config  # noqa: E402
+from fq_compile.resident import resident_bytes  # noqa: E402
+from fq_compile.synthetic import PAPER_TABLE4, synthetic_plan  # noqa: E402
+
+METHODS = ["fp16-eager", "fp16-inductor", "fp8-naive", "smoothquant", "torchao-int8", "torchao-fp8", "fq-O1", "fq-O3"]
+FP16 = ("fp16-eager", "fp16-inductor")
+MODELS = ("1.3b", "6.7b", "13b", "30b")
+TABLE4_LABEL = "paper Table 4 figures"
+PROMPT, NEW_TOKENS = 128, 128
+T0 = time.monotonic()
+
+
+class Unavailable(RuntimeError):
+    """A method that cannot run here (package missing, no FP8 support): reported, not fatal."""
+
+
+# -- models and methods ------------------------------------------------------------------------------
+
+def build_model(size: str, device, dtype, layers: int | None = None, seed: int = 0):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    if size == "tiny":
+        cfg = OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
+                        max_position_embeddings=512, word_embed_proj_dim=64)
+    else:
+        cfg = opt_config(f"opt-{size}")
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = OPTForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def table4(size: str) -> tuple[float, float]:
+    return PAPER_TABLE4["13b" if size == "tiny" else size]
+
+
+class NaiveFP8Linear(torch.nn.Module):
+    """y = scaled_mm(fp8(x / sx), fp8(W / sw)) * sx * sw + b: per-tensor scales, sx from the current
+    activation's max (dynamic), sw fixed; the plain recipe FlattenQuant is measured against."""
+
+    def __init__(self, lin: torch.nn.Linear):
+        super().__init__()
+        w = lin.weight.detach()
+        self.out_features, self.in_features = w.shape
+        fmax = torch.finfo(torch.float8_e4m3fn).max
+        w_scale = (w.abs().amax().float() / fmax).clamp_min(1e-12)
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("weight_t", (w.float() / w_scale).to(torch.float8_e4m3fn).t())  # column-major
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().clone())
+        self.fmax = fmax
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)
+        sx = (x2.abs().amax().float() / self.fmax).clamp_min(1e-12)
+        xq = (x2.float() / sx).clamp(-self.fmax, self.fmax).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, self.weight_t, scale_a=sx, scale_b=self.w_scale, bias=self.bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def decoder_linears(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+
+
+def to_naive_fp8(model):
+    if model.device.type != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+        raise Unavailable("FP8 torch._scaled_mm needs a CUDA GPU with compute capability >= 8.9")
+    for name, lin in decoder_linears(model):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, NaiveFP8Linear(lin))
+        del lin
+    return model
+
+
+def to_torchao(model, kind: str):
+    try:
+        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
+                                          Int8DynamicActivationInt8WeightConfig, quantize_)
+    except Exception as e:  # noqa: BLE001  (an ABI mismatch shows up as any kind of import error)
+        raise Unavailable(f"torchao import failed on torch {torch.__version__}: {type(e).__name__}: {e}") from None
+    config = Int8DynamicActivationInt8WeightConfig() if kind == "int8" else Float8DynamicActivationFloat8WeightConfig()
+    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+    return model
+
+
+def prepare(method: str, size: str, device, dtype, args, layers=None):
+    """A fresh model set up and compiled for `method`; returns (model, plan or None, info)."""
+    model = build_model(size, device, dtype, layers=layers)
+    info, plan = {}, None
+    compile_kw = {"dynamic": args.dynamic_flag}
+    if method == "fp16-eager":
+        return model, None, info
+    if method == "fp16-inductor":
+        if args.max_autotune:
+            compile_kw["mode"] = "max-autotune"
+            info["mode"] = "max-autotune"
+        model.compile(**compile_kw)
+    elif method == "fp8-naive":
+        to_naive_fp8(model)
+        model.compile(**compile_kw)
+    elif method in ("torchao-int8", "torchao-fp8"):
+        to_torchao(model, method.split("-")[1])
+        model.compile(**compile_kw)
+        import torchao
+
+        info["torchao"] = torchao.__version__
+    elif method in ("smoothquant", "fq-O1", "fq-O3"):
+        share, ratio = table4(size)
+        level = {"smoothquant": "smoothquant", "fq-O1": "O1", "fq-O3": "O3"}[method]
+        plan = synthetic_plan(model, level, flatten_ratio=0.0 if level == "smoothquant" else ratio,
+                              int4_share=share if level == "O3" else 0.0, source=TABLE4_LABEL,
+                              release_weights=True, progress=False)
+        torch._dynamo.reset()                    # drop the replica's capture graphs (synthetic.py)
+        n4 = sum(lp.bits == 4 for lp in plan.layers.values())
+        info.update(plan_source=TABLE4_LABEL if level != "smoothquant" else "-", level=level,
+                    int4_share=round(n4 / len(plan.layers), 4),
+                    flatten_ratio=round(statistics.mean(plan.groups[lp.group].flatten_ratio
+                                                        for lp in plan.layers.values()), 4))
+        model.compile(backend="flattenquant", options={"plan": plan, "free_weights": True}, **compile_kw)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return model, plan, info
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup: int, reps: int, budget_s: float) -> list[float]:
+    """ms per call: `warmup` untimed calls, then up to `reps` timed ones (at least 3, stopping
+    once `budget_s` is spent)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for i in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append(1e3 * (time.perf_counter() - t))
+        if i >= 2 and sum(out) / 1e3 > budget_s:
+            break
+    return out
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak(device) -> int | None:
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+
+
+def allocated(device) -> int | None:
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
+class Recorder:
+    def __init__(self, out_dir: Path, meta: dict):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "e2e.jsonl"
+        self.meta = meta
+
+    def __call__(self, **row):
+        row = {**self.meta, **row, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        keep = {k: v for k, v in row.items() if k not in self.meta and k != "time"}
+        print(f"[{time.monotonic() - T0:6.0f}s] {json.dumps(keep)}", flush=True)
+
+
+def out_of_time(args) -> bool:
+    if args.time_limit and time.monotonic() - T0 > args.time_limit:
+        print(f"stopping: --time-limit {args.time_limit}s reached; rows so far are in e2e.jsonl", flush=True)
+        return True
+    return False
+
+
+def weight_bytes(model, plan, device) -> dict:
+    """Parameter (and plan) bytes on the device; tensor subclasses without a plain storage
+    (torchao) are counted by the allocator figure only."""
+    try:
+        rb = resident_bytes(model, plan, device)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return {}
+    return dict(weight_bytes_model=rb["model"], weight_bytes_plan=rb["plan"] if plan is not None else None)
+
+
+def run_method(method, size, device, dtype, args, rec):
+    vocab = 512 if size == "tiny" else 50272
+    t = time.monotonic()
+    try:
+        model, plan, info = prepare(method, size, device, dtype, args)
+    except Unavailable as e:
+        rec(kind="unavailable", model=size, method=method, reason=str(e))
+        return
+    prep_s = time.monotonic() - t
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    first = True
+    with torch.no_grad():
+        for b in args.batches:
+            for s in args.seqs:
+                if out_of_time(args):
+                    return
+                ids = torch.randint(0, vocab, (b, s), generator=gen).to(device)
+
+                def call():
+                    model(input_ids=ids, use_cache=False)
+
+                try:
+                    if first:
+                        t = time.monotonic()
+                        call()
+                        sync(device)
+                        first_s = time.monotonic() - t
+                        res = allocated(device)
+                        rec(kind="memory", model=size, method=method, resident_bytes=res, setup_s=round(prep_s, 1),
+                            first_call_s=round(first_s, 1), first_shape=[b, s], **weight_bytes(model, plan, device), **info)
+                        first = False
+                    reset_peak(device)
+                    ms = timed(call, device, args.warmup, args.reps, args.budget)
+                except torch.cuda.OutOfMemoryError as e:
+                    rec(kind="prefill", model=size, method=method, batch=b, seq=s, error=f"out of memory: {str(e)[:120]}")
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    continue
+                rec(kind="prefill", model=size, method=method, batch=b, seq=s, ms=round(statistics.median(ms), 3),
+                    reps=[round(x, 3) for x in ms], peak_bytes=peak(device), **info)
+        for b in args.decode:
+            if out_of_time(args):
+                return
+            ids = torch.randint(0, vocab, (b, args.prompt), generator=gen).to(device)
+            kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                      min_new_tokens=args.new_tokens, do_sample=False, use_cache=True, pad_token_id=1)
+            try:
+                t = time.monotonic()
+                model.generate(ids, **kw)          # warm-up: compiles the decode graphs
+                sync(device)
+                warm_s = time.monotonic() - t
+                if first:
+                    rec(kind="memory", model=size, method=method, resident_bytes=allocated(device),
+                        setup_s=round(prep_s, 1), first_call_s=round(warm_s, 1), first_shape=["generate", b],
+                        **weight_bytes(model, plan, device), **info)
+                    first = False
+                reset_peak(device)
+                ms = timed(lambda: model.generate(ids, **kw), device, 0, args.decode_reps, args.budget)
+            except torch.cuda.OutOfMemoryError as e:
+                rec(kind="decode", model=size, method=method, batch=b, error=f"out of memory: {str(e)[:120]}")
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            med = statistics.median(ms)
+            rec(kind="decode", model=size, method=method, batch=b, prompt=args.prompt, new_tokens=args.new_tokens,
+                ms=round(med, 3), tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2),
+                reps=[round(x, 3) for x in ms], warmup_s=round(warm_s, 1), peak_bytes=peak(device), **info)
+    if plan is not None:
+        rec(kind="graphs", model=size, method=method, graphs=len(plan.reports),
+            released_bytes=sum(r.released_bytes for r in plan.reports))
+    del model, plan
+
+
+# -- per-layer profile --------------------------------------------------------------------------------
+
+# first match wins: attention kernels may carry "sm90"/"gemm"-like words, our split-K epilogue is
+# "dequant_kernel" (part of the GEMM), Inductor's fused FP8/INT8 activation quantize shows "amax"
+CATEGORIES = [
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    ("GEMM", ("int_gemm", "dequant", "int8_linear", "int4_linear", "cutlass", "gemm", "xmma", "nvjet", "cublas",
+              "scaled_mm", "addmm", "aten::mm", "_int_mm", "wgmma", "triton_tem")),
+    ("quantize", ("flatten_quantize", "amax", "float8", "e4m3", "quantize")),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def run_profile(method, size, device, dtype, args, rec):
+    """One decoder layer (a one-block model; lm_head replaced by identity, so the big output GEMM
+    does not swamp the layer) at the first --batches x --seqs: time per kernel category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        model, plan, info = prepare(method, size, device, dtype, args, layers=1)
+    except Unavailable as e:
+        rec(kind="unavailable", model=size, method=method, reason=str(e))
+        return
+    model.lm_head = torch.nn.Identity()
+    b, s = args.batches[0], args.seqs[0]
+    ids = torch.randint(0, 512 if size == "tiny" else 50272, (b, s), device=device)
+    iters = 5
+    with torch.no_grad():
+        for _ in range(3):
+            model(input_ids=ids, use_cache=False)
+        sync(device)
+        acts = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+        with profile(activities=acts) as prof:
+            for _ in range(iters):
+                model(input_ids=ids, use_cache=False)
+            sync(device)
+    totals: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    from torch.autograd import DeviceType
+
+    for evt in prof.key_averages():
+        if device.type == "cuda":
+            if getattr(evt, "device_type", None) != DeviceType.CUDA:
+                continue                       # CPU-side ops repeat their kernels' time
+            t_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        else:
+            if not evt.key.startswith(("fq::", "aten::")):
+                continue
+            t_us = evt.self_cpu_time_total
+        if t_us <= 0:
+            continue
+        cat = category(evt.key)
+        totals[cat] = totals.get(cat, 0.0) + t_us / iters / 1e3
+        kernels[evt.key[:90]] = t_us / iters / 1e3
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    rec(kind="profile", model=size, method=method, batch=b, seq=s, total_ms=round(sum(totals.values()), 3),
+        **{f"{k}_ms": round(v, 3) for k, v in totals.items()}, top_kernels=[[k, round(v, 3)] for k, v in top], **info)
+    del model, plan
+
+
+# -- report ------------------------------------------------------------------------------------------
+
+def load_rows(paths) -> list[dict]:
+    rows = {}
+    for p in paths:
+        for line in Path(p).read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            key = (r.get("kind"), r.get("model"), r.get("method"), r.get("batch"), r.get("seq"), r.get("dynamic"))
+            rows[key] = r                      # a later run of the same point replaces an earlier one
+    # static-shape rows last, so that where a point was measured both ways the tables show the static one
+    return sorted(rows.values(), key=lambda r: r.get("dynamic") is False)
+
+
+def _gb(x):
+    return "-" if x is None else f"{x / 1e9:.2f}"
+
+
+def _order(methods):
+    return [m for m in METHODS if m in methods] + sorted(set(methods) - set(METHODS))
+
+
+def report(paths, results_dir: Path, stem: str) -> str:
+    from tabulate import tabulate
+
+    rows = load_rows(paths)
+    if not rows:
+        raise SystemExit("no rows in " + ", ".join(map(str, paths)))
+    first = rows[0]
+    lines = [f"# End-to-end benchmark (issue 5)", "",
+             f"device: {first.get('device')}, torch {first.get('torch')}, date {first.get('date')}; "
+             f"command lines in benchmarks/device/e2e.sh; rows merged from {len(paths)} file(s).",
+             "Random fp16 OPT weights; our plans are synthetic with the flatten ratio and INT4 share of the "
+             f"{TABLE4_LABEL} (INT4 in the same share of blocks at every layer position); lm_head fp16 for all methods.",
+             "Ratios: the faster of fp16 eager / fp16 Inductor at that point divided by the method's time (>1: faster).", ""]
+    models = [m for m in MODELS + ("tiny",) if any(r.get("model") == m for r in rows)]
+    unavailable = [r for r in rows if r.get("kind") == "unavailable"]
+    for size in models:
+        pre = [r for r in rows if r.get("kind") == "prefill" and r.get("model") == size and "ms" in r]
+        methods = _order({r["method"] for r in pre})
+        if pre:
+            pts = sorted({(r["batch"], r["seq"]) for r in pre})
+            table = []
+            for b, s in pts:
+                at = {r["method"]: r for r in pre if (r["batch"], r["seq"]) == (b, s)}
+                base = min((at[m]["ms"] for m in FP16 if m in at), default=None)
+                row = [b, s]
+                for m in methods:
+                    if m in at:
+                        dyn = "†" if at[m].get("dynamic") and m != "fp16-eager" else ""
+                        row.append(f"{at[m]['ms']:.1f}{dyn}" + (f" ({base / at[m]['ms']:.2f}x)" if base else ""))
+                    else:
+                        row.append("-")
+                table.append(row)
+            lines += [f"## OPT-{size}: prefill latency, ms (x faster fp16)",
+                      "† compiled with dynamic shapes (one graph for the sweep); others static", "",
+                      tabulate(table, headers=["batch", "seq"] + methods, tablefmt="github", disable_numparse=True), ""]
+            peaks = []
+            for b, s in pts:
+                at = {r["method"]: r for r in pre if (r["batch"], r["seq"]) == (b, s)}
+                peaks.append([b, s] + [_gb(at[m].get("peak_bytes")) if m in at else "-" for m in methods])
+            lines += [f"### OPT-{size}: peak GPU memory per prefill point, GB (weights + activations, no KV cache)", "",
+                      tabulate(peaks, headers=["batch", "seq"] + methods, tablefmt="github", disable_numparse=True), ""]
+        dec = [r for r in rows if r.get("kind") == "decode" and r.get("model") == size and "tokens_per_s" in r]
+        if dec:
+            dmethods = _order({r["method"] for r in dec})
+            table = []
+            for b in sorted({r["batch"] for r in dec}):
+                at = {r["method"]: r for r in dec if r["batch"] == b}
+                base = max((at[m]["tokens_per_s"] for m in FP16 if m in at), default=None)
+                table.append([b] + [f"{at[m]['tokens_per_s']:.0f}" + (f" ({at[m]['tokens_per_s'] / base:.2f}x)" if base else "")
+                                    + f" / {_gb(at[m].get('peak_bytes'))} GB" if m in at else "-" for m in dmethods])
+            d0 = dec[0]
+            lines += [f"## OPT-{size}: decode, tokens/s (x faster fp16) / peak GB incl. KV cache",
+                      f"generate(): {d0.get('prompt')}-token prompt, {d0.get('new_tokens')} new tokens, greedy; "
+                      "tokens/s over the whole call (prompt prefill included)", "",
+                      tabulate(table, headers=["batch"] + dmethods, tablefmt="github", disable_numparse=True), ""]
+        mem = [r for r in rows if r.get("kind") == "memory" and r.get("model") == size]
+        if mem:
+            fp16 = next((r["resident_bytes"] for r in mem if r["method"] == "fp16-eager" and r.get("resident_bytes")), None)
+            table = []
+            for r in sorted(mem, key=lambda r: _order([r["method"]] + METHODS).index(r["method"])):
+                res = r.get("resident_bytes")
+                table.append([r["method"], _gb(res), f"{res / fp16:.2f}" if res and fp16 else "-",
+                              _gb(r.get("weight_bytes_model")), _gb(r.get("weight_bytes_plan")),
+                              r.get("int4_share", "-"), r.get("flatten_ratio", "-"), r.get("setup_s"), r.get("first_call_s")])
+            lines += [f"## OPT-{size}: resident GPU memory after the first call (Table 6 analog; KV cache excluded)", "",
+                      tabulate(table, headers=["method", "resident GB", "x fp16", "model params GB", "plan GB",
+                                               "INT4 share", "flatten ratio", "setup s", "first call s (compile)"],
+                               tablefmt="github", disable_numparse=True), ""]
+        prof = [r for r in rows if r.get("kind") == "profile" and r.get("model") == size]
+        if prof:
+            cats = ["quantize", "GEMM", "attention", "other"]
+            table = [[r["method"], f"{r['batch']}x{r['seq']}", r["total_ms"]] + [r.get(f"{c}_ms", 0.0) for c in cats]
+                     for r in sorted(prof, key=lambda r: _order([r["method"]] + METHODS).index(r["method"]))]
+            lines += [f"## OPT-{size}: one decoder layer, device time by kernel category (ms per forward)", "",
+                      tabulate(table, headers=["method", "shape", "total"] + cats, tablefmt="github", disable_numparse=True), ""]
+            for r in prof:
+                lines += [f"<details><summary>{r['method']}: top kernels</summary>", "",
+                          tabulate(r.get("top_kernels", []), headers=["kernel", "ms"], tablefmt="github", disable_numparse=True), "", "</details>", ""]
+    lines += targets(rows)
+    errors = [r for r in rows if r.get("kind") == "error" or (r.get("error") and r.get("kind") != "error")]
+    if unavailable or errors:
+        lines += ["## Methods or points that could not run", ""]
+        lines += [f"- {r['model']} {r['method']}: unavailable: {r['reason']}" for r in unavailable]
+        lines += [f"- {r['model']} {r['method']} {r.get('kind')} {r.get('batch', '')}x{r.get('seq', '')}: {r['error']}"
+                  for r in errors]
+        lines.append("")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    md = results_dir / f"{stem}.md"
+    png = results_dir / f"{stem}.png"
+    if plot(rows, png):
+        lines += [f"![latency vs batch and sequence]({png.name})", ""]
+    md.write_text("\n".join(lines))
+    (results_dir / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print("\n".join(lines))
+    print(f"wrote {md}, {png}, {results_dir / (stem + '.jsonl')}")
+    return "\n".join(lines)
+
+
+def targets(rows) -> list[str]:
+    """The issue's targets at the headline point (OPT-13B, batch 8 x 2048), where measured."""
+    def ms(method, size="13b", b=8, s=2048):
+        return next((r["ms"] for r in rows if r.get("kind") == "prefill" and r.get("model") == size
+                     and r.get("method") == method and r.get("batch") == b and r.get("seq") == s and "ms" in r), None)
+
+    def tps(method, size="13b", b=1):
+        return next((r["tokens_per_s"] for r in rows if r.get("kind") == "decode" and r.get("model") == size
+                     and r.get("method") == method and r.get("batch") == b and "tokens_per_s" in r), None)
+
+    def res(method, size="13b"):
+        return next((r.get("resident_bytes") for r in rows if r.get("kind") == "memory" and r.get("model") == size
+                     and r.get("method") == method), None)
+
+    fp16 = min([x for x in (ms("fp16-eager"), ms("fp16-inductor")) if x], default=None)
+    fp16_tps = max([x for x in (tps("fp16-eager"), tps("fp16-inductor")) if x], default=None)
+    checks = [
+        ("O3 prefill vs faster fp16", ms("fq-O3"), fp16, 1.6, "speed"),
+        ("O3 prefill vs naive FP8", ms("fq-O3"), ms("fp8-naive"), 1.08, "speed"),
+        ("O3 prefill vs SmoothQuant-W8A8", ms("fq-O3"), ms("smoothquant"), 1.25, "speed"),
+        ("O1 prefill vs faster fp16", ms("fq-O1"), fp16, 1.45, "speed"),
+        ("O3 resident memory / fp16", res("fq-O3"), res("fp16-eager"), 0.45, "memory"),
+        ("O3 decode batch 1 tokens/s vs faster fp16", tps("fq-O3"), fp16_tps, 2.0, "tps"),
+    ]
+    table = []
+    for name, ours, base, target, kind in checks:
+        if not ours or not base:
+            table.append([name, "not measured", f"{target}", "-"])
+            continue
+        ratio = base / ours if kind == "speed" else ours / base
+        ok = ratio <= target if kind == "memory" else ratio >= target
+        table.append([name, f"{ratio:.2f}", f"{'<=' if kind == 'memory' else '>='} {target}",
+                      "met" if ok else f"missed by {abs(ratio / target - 1) * 100:.0f}%"])
+    from tabulate import tabulate
+
+    return ["## Targets (OPT-13B shape, prefill batch 8 x 2048; decode batch 1)", "",
+            tabulate(table, headers=["target", "measured", "wanted", "verdict"], tablefmt="github", disable_numparse=True), ""]
+
+
+def plot(rows, png: Path) -> bool:
+    """Figure 4 analog: per model and sequence length, latency vs batch, one line per method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    pre = [r for r in rows if r.get("kind") == "prefill" and "ms" in r]
+    if not pre:
+        return False
+    models = [m for m in MODELS + ("tiny",) if any(r["model"] == m for r in pre)]
+    seqs = sorted({r["seq"] for r in pre})
+    fig, axes = plt.subplots(len(models), len(seqs), figsize=(4.2 * len(seqs), 3.4 * len(models)), squeeze=False)
+    for i, size in enumerate(models):
+        for j, s in enumerate(seqs):
+            ax = axes[i][j]
+            for m in _order({r["method"] for r in pre if r["model"] == size}):
+                pts = sorted((r["batch"], r["ms"]) for r in pre if r["model"] == size and r["seq"] == s and r["method"] == m)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
+                            linewidth=2.2 if m.startswith("fq-") else 1.2)
+            ax.set_title(f"OPT-{size}, seq {s}")
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("prefill latency (ms)")
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    return True
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="13b", help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--methods", default="all", help=f"comma list of {', '.join(METHODS)}, or all")
+    ap.add_argument("--batches", type=ints, default=[8])
+    ap.add_argument("--seqs", type=ints, default=[2048])
+    ap.add_argument("--decode", type=ints, default=[], help="decode batch sizes (generate with KV cache)")
+    ap.add_argument("--prompt", type=int, default=PROMPT)
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    ap.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
+                    help="torch.compile dynamic: auto = static for one prefill shape without decode, else dynamic")
+    ap.add_argument("--max-autotune", action="store_true", help="fp16-inductor in mode='max-autotune'")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--decode-reps", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=8.0, help="seconds of timed runs per point (after 3 reps)")
+    ap.add_argument("--time-limit", type=float, default=0, help="stop starting new points after this many seconds")
+    ap.add_argument("--profile", action="store_true", help="per-layer profile instead of the sweep")
+    ap.add_argument("--out", default=os.environ.get("OUT", "e2e-out"))
+    ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU (checks the script, not speed)")
+    ap.add_argument("--report", nargs="+", metavar="JSONL", help="merge result files into tables + PNG")
+    ap.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--stem", default=None, help="report file name stem (default e2e-<date>-<device>)")
+    args = ap.parse_args(argv)
+
+    if args.report:
+        first = json.loads(Path(args.report[0]).read_text().splitlines()[0])
+        dev = "cpu" if "cpu" in str(first.get("device", "")).lower() else "h100" if "H100" in str(first.get("device")) else "gpu"
+        return report(args.report, Path(args.results_dir), args.stem or f"e2e-{first.get('date', 'undated')}-{dev}")
+
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        models = ["tiny"]
+        if args.seqs == [2048]:
+            args.seqs = [16]
+        if args.batches == [8]:
+            args.batches = [2]
+        args.prompt, args.new_tokens = min(args.prompt, 8), min(args.new_tokens, 4)
+        args.reps, args.warmup, args.decode_reps = 2, 1, 1
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("e2e.py measures on a CUDA GPU; use --smoke to check it on the CPU")
+        device, dtype = torch.device("cuda"), torch.float16
+        models = [m.strip() for m in args.models.split(",")]
+        bad = set(models) - set(MODELS)
+        if bad:
+            raise SystemExit(f"unknown model(s) {sorted(bad)}; choose from {', '.join(MODELS)}")
+    methods = METHODS if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    bad = set(methods) - set(METHODS)
+    if bad:
+        raise SystemExit(f"unknown method(s) {sorted(bad)}; choose from {', '.join(METHODS)}")
+    single = len(args.batches) * len(args.seqs) == 1 and not args.decode
+    args.dynamic_flag = {"true": True, "false": False, "auto": False if single or args.profile else True}[args.dynamic]
+    for knob in ("recompile_limit", "cache_size_limit"):      # one model sees many shapes and methods
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 32))
+
+    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+                date=datetime.date.today().isoformat(), dynamic=args.dynamic_flag)
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    rec = Recorder(Path(args.out), meta)
+    print(f"e2e: models {models}, methods {methods}, batches {args.batches}, seqs {args.seqs}, decode {args.decode}, "
+          f"dynamic={args.dynamic_flag}, out {rec.path}", flush=True)
+    import torch._inductor.config as inductor_config
+
+    for size in models:
+        for method in methods:
+            if out_of_time(args):
+                return
+            saved = inductor_config.save_config()     # torchao changes Inductor settings for its own run
+            try:
+                (run_profile if args.profile else run_method)(method, size, device, dtype, args, rec)
+            except Exception as e:  # noqa: BLE001  (one method failing must not cost the others' device time)
+                import traceback
+
+                tb = traceback.format_exc().strip().splitlines()
+                rec(kind="error", model=size, method=method, error=f"{type(e).__name__}: {str(e)[:300]}",
+                    where=tb[-6:-1])
+                if args.smoke:
+                    raise
+            finally:
+                inductor_config.load_config(saved)
+                torch._dynamo.reset()
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
