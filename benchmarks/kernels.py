@@ -1,6 +1,8 @@
 """Kernel benchmark for issue 3: FlattenQuant INT8 / INT4 linear layers vs cuBLAS on one GPU.
 
     python benchmarks/kernels.py [--quick] [--out results.md]
+    python benchmarks/kernels.py --cutlass [--write-table gemm_table.json] [--shapes ...] [--ms ...]
+    python benchmarks/kernels.py --merge-tables a.json b.json --write-table fq_compile/kernels/gemm_table.json
 
 For each linear shape (the paper's Table 5 case and OPT-13B/30B/66B layers) and M in
 {1, 16, 256, 2048, 16384} it times, with CUDA-graph replays (no CPU launch gaps) and inputs rotated
@@ -13,15 +15,26 @@ so that the working set exceeds L2:
   act      the activation kernel alone (INT8 variant), as % of the INT8 GEMM alone
 and prints one table.  K' = K + K/4 extended channels rounded to 32 (Table 5: 4096 -> 5120).
 A second table compares the activation kernel with Inductor compiling the same aten code.
+The INT8/INT4 columns above are the Triton kernels (FQ_GEMM=triton is forced).  --cutlass adds,
+measured in the same run on the same inputs:
+  C8 / C4  the CUTLASS GEMM alone (bias, bf16 out), best of every tile config (which one: cfg)
+  xT       Triton GEMM time / CUTLASS GEMM time (>1: CUTLASS faster)
+  best lin flatten_quantize + the faster of the two GEMMs, as ratio to bf16 cuBLAS
+--write-table turns these measurements into the dispatch table gemm_dispatch.py reads (per bits,
+N, K', M: the faster implementation, CUTLASS only when >= 2% faster, and its best config), merged
+into the file when it exists for the same GPU, rewritten after every case.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
+import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +42,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fq_compile.kernels  # noqa: E402,F401  (registers fq:: ops and the Triton implementations)
+from fq_compile.kernels import cutlass_gemm as cg  # noqa: E402
+from fq_compile.kernels import gemm_dispatch as gd  # noqa: E402
 from fq_compile.kernels import triton_gemm as tg  # noqa: E402
 from fq_compile.kernels.packing import pack_int4  # noqa: E402
 
@@ -110,7 +125,30 @@ def try_time(make_calls):
         return None
 
 
-def bench_case(k, n, m, dev, fp8_variant=True):
+CUTLASS_MARGIN = 0.98  # the table picks CUTLASS only when it takes <= 98% of Triton's time
+
+
+def bench_cutlass(r, key, bits, operands, bias, lin_calls, configs):
+    """Time every CUTLASS config on the operand sets; r[key] = best ms, r[key+'_cfg'] = its config,
+    r[key+'_all'] = {config: ms}, r['clin'+bits] = flatten_quantize + the best config."""
+    bf16 = torch.bfloat16
+    times = {}
+    for cfg in configs:
+        times[cfg] = try_time(lambda cfg=cfg: [lambda a=a, b=b: cg.cutlass_int_linear(a, b, 1e-3, bias, bf16, bits, config=cfg)
+                                              for a, b in operands])
+    ok = {c: t for c, t in times.items() if t}
+    r[key + "_all"] = times
+    r[key], r[key + "_cfg"] = (min(ok.values()), min(ok, key=ok.get)) if ok else (None, None)
+    if ok:
+        best = r[key + "_cfg"]
+        r[f"clin{bits}"] = try_time(lambda: [lambda x=x, b=b: cg.cutlass_int_linear(q(x), b, 1e-3, bias, bf16, bits, config=best)
+                                             for q, x, b in lin_calls])
+
+
+SMALL_M_CONFIGS = ("pp_64x128x128_c1x1", "pp_128x128x128_c1x2", "coop_128x128x128_c2x1")
+
+
+def bench_case(k, n, m, dev, fp8_variant=True, cutlass_configs=(), baselines=True):
     kp = flat_k(k)
     r = {}
     bf16 = torch.bfloat16
@@ -124,13 +162,18 @@ def bench_case(k, n, m, dev, fp8_variant=True):
     ns8 = n_sets(m * kp + n * kp + m * n * 4)
     xq = [torch.randint(-127, 128, (m, kp), device=dev, dtype=torch.int8) for _ in range(ns8)]
     wq = [torch.randint(-127, 128, (n, kp), device=dev, dtype=torch.int8) for _ in range(ns8)]
-    r["int_mm"] = try_time(lambda: [lambda a=a, b=b: torch._int_mm(a, b.t()) for a, b in zip(xq, wq)])
-    one = torch.ones((), device=dev)
-    xf8 = [a.to(torch.float8_e4m3fn) for a in xq]
-    wf8 = [b.to(torch.float8_e4m3fn) for b in wq]
-    r["fp8"] = try_time(lambda: [lambda a=a, b=b: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=bf16)
-                                 for a, b in zip(xf8, wf8)])
-    del xf8, wf8
+    if baselines:
+        r["int_mm"] = try_time(lambda: [lambda a=a, b=b: torch._int_mm(a, b.t()) for a, b in zip(xq, wq)])
+        one = torch.ones((), device=dev)
+        xf8 = [a.to(torch.float8_e4m3fn) for a in xq]
+        wf8 = [b.to(torch.float8_e4m3fn) for b in wq]
+        r["fp8"] = try_time(lambda: [lambda a=a, b=b: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=bf16)
+                                     for a, b in zip(xf8, wf8)])
+        del xf8, wf8
+    else:
+        r["int_mm"] = r["fp8"] = None
+    if cutlass_configs and m <= 64:  # skinny M: only the configs with small or ping-pong tiles
+        cutlass_configs = tuple(c for c in cutlass_configs if c in SMALL_M_CONFIGS) or cutlass_configs
 
     bias = torch.randn(n, device=dev)
     src, mult, lo, hi = channel_tables(k, kp, 127, dev)
@@ -143,6 +186,9 @@ def bench_case(k, n, m, dev, fp8_variant=True):
                                    for a, b in zip(xq, wq)])
     r["lin8"] = try_time(lambda: [lambda x=x, b=b: torch.ops.fq.int8_linear(fq(x, src, mult, lo, hi, 8), b, 1e-3, bias, bf16)
                                   for x, b in zip(xs_full, wq)])
+    if cutlass_configs:
+        q8 = lambda x: fq(x, src, mult, lo, hi, 8)  # noqa: E731
+        bench_cutlass(r, "c8", 8, list(zip(xq, wq)), bias, [(q8, x, b) for x, b in zip(xs_full, wq)], cutlass_configs)
     del xq, wq
 
     ns4 = n_sets(m * kp // 2 + n * kp // 2 + m * n * 4)
@@ -152,13 +198,16 @@ def bench_case(k, n, m, dev, fp8_variant=True):
     xs_full4 = [xs[i % len(xs)] for i in range(ns4)]
     r["gemm4"] = try_time(lambda: [lambda a=a, b=b: torch.ops.fq.int4_linear(a, b, 1e-3, bias, bf16)
                                    for a, b in zip(xq4, wq4)])
-    if fp8_variant:
+    if fp8_variant and baselines:
         r["gemm4_fp8"] = try_time(lambda: [lambda a=a, b=b: tg.int_linear_cuda(a, b, 1e-3, bias, bf16, 4, fp8=True)
                                            for a, b in zip(xq4, wq4)])
     r["lin4"] = try_time(lambda: [lambda x=x, b=b: torch.ops.fq.int4_linear(fq(x, src4, mult4, lo4, hi4, 4), b, 1e-3,
                                                                             bias, bf16)
                                   for x, b in zip(xs_full4, wq4)])
-    r["act4"] = try_time(lambda: [lambda x=x: fq(x, src4, mult4, lo4, hi4, 4) for x in xs_full[:nsx]])
+    r["act4"] = try_time(lambda: [lambda x=x: fq(x, src4, mult4, lo4, hi4, 4) for x in xs_full[:nsx]]) if baselines else None
+    if cutlass_configs:
+        q4 = lambda x: fq(x, src4, mult4, lo4, hi4, 4)  # noqa: E731
+        bench_cutlass(r, "c4", 4, list(zip(xq4, wq4)), bias, [(q4, x, b) for x, b in zip(xs_full4, wq4)], cutlass_configs)
     del xq4, wq4, xs
     torch.cuda.empty_cache()
     r["tops8"] = 2 * m * n * kp / (r["gemm8"] * 1e-3) / 1e12 if r.get("gemm8") else None
@@ -171,6 +220,59 @@ def ratio(a, b):
 
 def fmt(t):
     return "-" if t is None else (f"{t * 1000:.1f}us" if t < 1 else f"{t:.3f}ms")
+
+
+def best_of(*ts):
+    ok = [t for t in ts if t]
+    return min(ok) if ok else None
+
+
+def table_entries(r, m, n, kp):
+    """Dispatch-table entries of one measured case (per bits: Triton vs the best CUTLASS config)."""
+    out = []
+    for bits, tkey, ckey in ((8, "gemm8", "c8"), (4, "gemm4", "c4")):
+        t, c = r.get(tkey), r.get(ckey)
+        if not t and not c:
+            continue
+        impl = "cutlass" if c and (not t or c <= CUTLASS_MARGIN * t) else "triton"
+        out.append({"bits": bits, "m": m, "n": n, "k": kp, "impl": impl, "config": r.get(ckey + "_cfg") or "",
+                    "ms": {"triton": t, "cutlass": c, **{f"cutlass:{cfg}": v for cfg, v in (r.get(ckey + "_all") or {}).items()}}})
+    return out
+
+
+def write_table(path, device, entries, meta):
+    """Merge entries into the JSON table at path (same GPU) keyed by (bits, m, n, k), and rewrite it."""
+    p = Path(path)
+    old = []
+    if p.exists():
+        data = json.loads(p.read_text())
+        if data.get("device") == device:
+            old = data.get("entries", [])
+        else:
+            print(f"  {p}: measured on {data.get('device')!r}, replacing it with {device!r}", flush=True)
+    key = lambda e: (e["bits"], e["m"], e["n"], e["k"])  # noqa: E731
+    merged = {key(e): e for e in old}
+    merged.update({key(e): e for e in entries})
+    body = {"format": gd.TABLE_FORMAT, "device": device, **meta,
+            "entries": [merged[k] for k in sorted(merged)]}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(body, indent=1) + "\n")
+    gd.Table.from_json(body)  # what we write, gemm_dispatch can read
+
+
+def merge_tables(paths, out):
+    datas = [json.loads(Path(p).read_text()) for p in paths]
+    devices = {d.get("device") for d in datas}
+    if len(devices) != 1:
+        raise SystemExit(f"tables measured on different GPUs: {sorted(map(str, devices))}")
+    device = devices.pop()
+    meta = {k: v for k, v in datas[-1].items() if k not in ("entries", "device", "format")}
+    meta["merged_from"] = [str(p) for p in paths]
+    if Path(out).exists() and json.loads(Path(out).read_text()).get("device") != device:
+        Path(out).unlink()
+    for d in datas:
+        write_table(out, device, d.get("entries", []), meta)
+    print(f"wrote {out}: {len(json.loads(Path(out).read_text())['entries'])} entries for {device}")
 
 
 def activation_vs_inductor(dev, m=16384, k=4096):
@@ -206,8 +308,32 @@ def main():
     ap.add_argument("--no-fp8-variant", action="store_true")
     ap.add_argument("--no-inductor", action="store_true")
     ap.add_argument("--out", default=None, help="write the markdown results file here")
+    ap.add_argument("--cutlass", action="store_true", help="add the CUTLASS columns (builds the extension)")
+    ap.add_argument("--cutlass-configs", default=None, help="comma-separated CUTLASS configs (default: all)")
+    ap.add_argument("--cutlass-only", action="store_true",
+                    help="with --cutlass: skip the int_mm / fp8 / INT4-on-FP8 / act4 / Inductor baselines")
+    ap.add_argument("--write-table", default=None, help="write/merge the dispatch table JSON here")
+    ap.add_argument("--merge-tables", nargs="+", default=None, help="merge these table JSONs into --write-table")
     args = ap.parse_args()
     from tabulate import tabulate
+
+    if args.merge_tables:
+        if not args.write_table:
+            raise SystemExit("--merge-tables needs --write-table")
+        merge_tables(args.merge_tables, args.write_table)
+        return
+    os.environ["FQ_GEMM"] = "triton"  # the INT8/INT4 columns time the Triton kernels
+    cutlass_configs = ()
+    if args.cutlass:
+        cutlass_configs = tuple(args.cutlass_configs.split(",")) if args.cutlass_configs else tuple(cg.CONFIGS)
+        bad = [c for c in cutlass_configs if c not in cg.CONFIGS]
+        if bad:
+            raise SystemExit(f"unknown CUTLASS configs {bad}; known: {sorted(cg.CONFIGS)}")
+        t0 = time.time()
+        cg.load_library()  # build (or load from the cache) before any timing
+        print(f"CUTLASS extension ready in {time.time() - t0:.0f}s ({cg.build_dir()})", flush=True)
+    elif args.write_table:
+        raise SystemExit("--write-table needs --cutlass")
 
     dev = "cuda"
     torch.manual_seed(0)
@@ -220,11 +346,20 @@ def main():
     ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
     head = ["layer (K->N, K')", "M", "bf16", "int_mm", "fp8 mm", "INT8 lin", "x bf16", "x int_mm", "x fp8",
             "INT4 lin", "x bf16", "x fp8", "INT4 gemm i8/f8 core", "act8", "act8 % gemm8", "gemm8 TOPS"]
+    if cutlass_configs:
+        head += ["C8 gemm", "C8 cfg", "xT8", "C8 TOPS", "best8 lin x bf16", "C4 gemm", "C4 cfg", "xT4", "best4 lin x bf16"]
     rows = []
+    entries = []
+    device = torch.cuda.get_device_name(0)
+    table_meta = {"created": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+                  "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                  "command": "python " + " ".join(sys.argv), "margin": CUTLASS_MARGIN,
+                  "times": "ms per GEMM (bias, bf16 out), median of CUDA-graph replays"}
     for name, k, n in shapes:
         for m in ms:
             print(f"{name} M={m}", flush=True)
-            r = bench_case(k, n, m, dev, fp8_variant=not args.no_fp8_variant)
+            r = bench_case(k, n, m, dev, fp8_variant=not args.no_fp8_variant, cutlass_configs=cutlass_configs,
+                           baselines=not (args.cutlass_only and cutlass_configs))
             rows.append([f"{name} ({k}->{n}, {flat_k(k)})", m, fmt(r["bf16"]), fmt(r["int_mm"]), fmt(r["fp8"]),
                          fmt(r["lin8"]), ratio(r["bf16"], r["lin8"]), ratio(r["int_mm"], r["lin8"]),
                          ratio(r["fp8"], r["lin8"]), fmt(r["lin4"]), ratio(r["bf16"], r["lin4"]),
@@ -232,12 +367,22 @@ def main():
                          f"{fmt(r['gemm4'])}/{fmt(r.get('gemm4_fp8'))}",
                          fmt(r["act8"]), f"{100 * r['act8'] / r['gemm8']:.1f}%" if r["act8"] and r["gemm8"] else "-",
                          f"{r['tops8']:.0f}" if r["tops8"] else "-"])
+            if cutlass_configs:
+                kp = flat_k(k)
+                ctops = 2 * m * n * kp / (r["c8"] * 1e-3) / 1e12 if r.get("c8") else None
+                rows[-1] += [fmt(r.get("c8")), r.get("c8_cfg") or "-", ratio(r["gemm8"], r.get("c8")),
+                             f"{ctops:.0f}" if ctops else "-", ratio(r["bf16"], best_of(r["lin8"], r.get("clin8"))),
+                             fmt(r.get("c4")), r.get("c4_cfg") or "-", ratio(r["gemm4"], r.get("c4")),
+                             ratio(r["bf16"], best_of(r["lin4"], r.get("clin4")))]
+                entries += table_entries(r, m, n, kp)
+                if args.write_table:
+                    write_table(args.write_table, device, table_entries(r, m, n, kp), table_meta)
             print("   ", rows[-1], flush=True)
             if args.out:  # partial results survive a cut-off run
                 Path(args.out).write_text("partial\n\n" + tabulate(rows, head, tablefmt="github") + "\n")
     table = tabulate(rows, head, tablefmt="github")
     act_table = None
-    if not args.no_inductor:
+    if not args.no_inductor and not (args.cutlass_only and cutlass_configs):
         act_rows = activation_vs_inductor(dev)
         act_table = tabulate(act_rows, ["activation", "ours", "inductor(aten)", "x", "LN+ours", "LN+inductor fused",
                                         "x", "bit-exact alone/LN"], tablefmt="github")

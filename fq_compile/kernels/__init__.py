@@ -13,4 +13,8 @@ try:  # Triton CUDA implementations fill the CUDA_IMPL registries; absent Triton
 except ImportError:  # pragma: no cover - CPU-only installs without triton
     pass
 
+# Per-shape choice between the Triton and CUTLASS GEMMs (FQ_GEMM, backend option "gemm"); defines
+# fq::cutlass_int_linear, whose extension is only built on first use on a Hopper GPU.
+from . import gemm_dispatch  # noqa: E402,F401
+
 __all__ = ["flatten_quantize_reference", "int_matmul_reference", "quant_linear_reference", "pack_int4", "unpack_int4"]

@@ -68,12 +68,18 @@ def _int4_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.T
 
 # GPU implementations, keyed "int8_linear" / "int4_linear"; filled in by the kernel modules.
 CUDA_IMPL = {}
+# Per-call chooser installed by gemm_dispatch.py: (name, xq, wq, out_dtype) -> an implementation
+# (the CUTLASS op) or None for the default below.
+SELECT = None
 
 
 def _dispatch(name, xq, wq, scale, bias, out_dtype):
-    """The GPU kernel on CUDA tensors when one is registered, else the opaque reference op."""
-    impl = CUDA_IMPL.get(name)
-    if impl is not None and xq.is_cuda:
+    """The implementation SELECT picks, else the registered GPU kernel on CUDA tensors, else the
+    opaque reference op."""
+    impl = SELECT(name, xq, wq, out_dtype) if SELECT is not None else None
+    if impl is None and xq.is_cuda:
+        impl = CUDA_IMPL.get(name)
+    if impl is not None:
         return impl(xq, wq, scale, bias, out_dtype)
     return getattr(torch.ops.fq, name + "_reference")(xq, wq, scale, bias, out_dtype)
 

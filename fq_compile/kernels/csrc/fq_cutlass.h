@@ -1,0 +1,30 @@
+// C ABI shared by the CUTLASS kernel instances, the INT4 unpack kernel and the Python side (ctypes).
+// No torch headers: the .cu files compile with nvcc and the CUTLASS headers alone.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+// Output element of the epilogue: kRaw = the int32 accumulator itself (exactness tests).
+enum FqOutDtype : int { kRaw = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
+
+struct FqGemmParams {
+  const int8_t* a;       // [m, k] row-major, row stride lda (elements), 16-byte aligned
+  const int8_t* b;       // [n, k] row-major (= k x n column-major), row stride ldb
+  void* d;               // [m, n] row-major, row stride ldd, element given by out_dtype
+  const float* bias;     // [n] float32 or nullptr
+  int64_t lda, ldb, ldd;
+  int m, n, k;
+  float scale;
+  int out_dtype;         // FqOutDtype
+  int sm_count;          // 0: query the device
+  void* workspace;       // device memory of at least fq_gemm_workspace() bytes (may be null if 0)
+  cudaStream_t stream;
+};
+
+// One kernel instance: a tile configuration and an output dtype.
+typedef size_t (*FqWorkspaceFn)(const FqGemmParams*);
+typedef int (*FqRunFn)(const FqGemmParams*, char* err, int err_len);  // 0 = ok
+
+// Instances register themselves at load time (static initialisers in each .cu).
+void fq_register_instance(const char* config, int out_dtype, FqWorkspaceFn ws, FqRunFn run);
