@@ -26,16 +26,28 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--calib-batches", type=int, default=16, help="calibration windows from the validation split")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a Config knob for every level, e.g. --set beta=1.4 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _config(args, level: str) -> Config:
+    from .evaluate import parse_overrides
+
+    return Config.from_dict(dict(parse_overrides(args.overrides), level=level, seed=args.seed))
+
+
+def _calib(tokenizer, args):
+    from .data import calibration_batches
+
+    return calibration_batches(tokenizer, n=args.calib_batches, seqlen=args.calib_seqlen, seed=args.seed,
+                               data_dir=args.data_dir)
 
 
 def _calibrate(model, tokenizer, args, level: str):
     from . import calibrate
-    from .data import calibration_batches
 
-    batches = calibration_batches(tokenizer, n=args.calib_batches, seqlen=args.calib_seqlen, seed=args.seed,
-                                  data_dir=args.data_dir)
-    return calibrate(model, batches, Config(level=level, seed=args.seed), progress=not args.no_progress)
+    return calibrate(model, _calib(tokenizer, args), _config(args, level), progress=not args.no_progress)
 
 
 def _test_ids(tokenizer, args):
@@ -127,12 +139,13 @@ def cmd_dump(args) -> int:
 @torch.no_grad()
 def cmd_eval(args) -> int:
     from . import QuantPlan
-    from .evaluate import perplexity
+    from .evaluate import evaluate_config, perplexity, plan_summary
     from .models import load_model
 
     lm = load_model(args.model)
     ids = _test_ids(lm.tokenizer, args)
-    results = {"model": lm.name, "seqlen": args.ppl_seqlen, "max_tokens": args.ppl_tokens, "levels": {}}
+    results = {"model": lm.name, "seqlen": args.ppl_seqlen, "max_tokens": args.ppl_tokens,
+               "overrides": list(args.overrides), "levels": {}}
     fp = perplexity(lm.model, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
     results["levels"]["fp32"] = dict(ppl=fp.ppl, windows=fp.windows)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -146,17 +159,24 @@ def cmd_eval(args) -> int:
                 progress=not args.no_progress)
 
         zs("fp32", lm.model)
+    calib = None if args.plan else _calib(lm.tokenizer, args)
     for level in args.level.split(","):
-        plan = QuantPlan.load(args.plan) if args.plan else _calibrate(lm.model, lm.tokenizer, args, level)
-        fast = _compile(lm.model, plan)
-        p = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
-        results["levels"][plan.config.level] = dict(ppl=p.ppl, windows=p.windows,
-                                                    int4_layers=sum(lp.bits == 4 for lp in plan.layers.values()),
-                                                    layers=len(plan.layers))
+        if args.plan:
+            plan = QuantPlan.load(args.plan)
+            fast = _compile(lm.model, plan)
+            p = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
+            r = dict(ppl=p.ppl, windows=p.windows, **plan_summary(plan))
+        else:
+            r = evaluate_config(lm.model, calib, ids, _config(args, level), args.ppl_seqlen, args.ppl_tokens,
+                                not args.no_progress)
+            plan, fast = r.pop("plan"), r.pop("compiled")
+        results["levels"][plan.config.level] = r
         if tasks:
             zs(plan.config.level, fast)
-    rows = [[k, f"{v['ppl']:.3f}", f"{100 * (v['ppl'] / fp.ppl - 1):+.2f}%", v["windows"]] for k, v in results["levels"].items()]
-    print(tabulate(rows, headers=["level", "WikiText-2 PPL", "vs fp32", "windows"]))
+    rows = [[k, f"{v['ppl']:.3f}", f"{100 * (v['ppl'] / fp.ppl - 1):+.2f}%", v["windows"],
+             f"{100 * v['int4']:.1f}%" if "int4" in v else "-", f"{100 * v['flatten']:.1f}%" if "flatten" in v else "-"]
+            for k, v in results["levels"].items()]
+    print(tabulate(rows, headers=["level", "WikiText-2 PPL", "vs fp32", "windows", "INT4 layers", "flatten ratio"]))
     if args.ppl_tokens:
         print(f"(limited run: first {args.ppl_tokens} tokens of the test split)")
     if zero_shot:

@@ -41,11 +41,15 @@ class Config:
     flatten_weights: also flatten weight columns whose max exceeds the weight threshold (paper 4.1,
         last paragraph) by splitting them into equal parts and repeating the activation channel.
     weight_beta: threshold coefficient for weight flattening (same Eq. 6-7 on column maxima).
-    weight_clip: per-tensor weight scale from the max ("max") or the MSE-optimal clip ("mse").
+    weight_clip: per-tensor weight scale from the max ("max") or the MSE-optimal clip ("mse", the
+        default for every level: chosen on held-out validation windows, see benchmarks/results).
     fold: fold smoothing scales into the producing norm / linear where exact (else applied in op).
     skip: substrings of layer names kept in floating point (the output head by default).
     gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal (O3), in (0, 1].
     gptq_block: GPTQ column block size (O3), >= 1.
+    kl_method: Eq. 8's KL reading: "tensorrt" (default: each bit width at its own KL-optimal clip, as
+        TensorRT's entropy calibration) or "fixed" (KL at the scale the layer really uses); see
+        passes/bits.py.
     calib_samples: activation rows kept per linear input for the Eq. 8 KL estimate.
     kl_bins: histogram bins for the Eq. 8 KL estimate.
     seed: seeds the row sampling during calibration.
@@ -60,11 +64,12 @@ class Config:
     smoothing: str | None = None
     flatten_weights: bool = False
     weight_beta: float = 1.3
-    weight_clip: str = "max"
+    weight_clip: str = "mse"
     fold: bool = True
     skip: tuple[str, ...] = ("lm_head",)
     gptq_damp: float = 0.01
     gptq_block: int = 128
+    kl_method: str = "tensorrt"
     calib_samples: int = 512
     kl_bins: int = 2048
     seed: int = 0
@@ -83,6 +88,8 @@ class Config:
             raise ConfigError(f"Config.smoothing={self.smoothing!r} must be None, 'none', 'smoothquant' or 'sigmoid'")
         if self.weight_clip not in ("max", "mse"):
             raise ConfigError(f"Config.weight_clip={self.weight_clip!r} must be 'max' or 'mse'")
+        if self.kl_method not in ("fixed", "tensorrt"):
+            raise ConfigError(f"Config.kl_method={self.kl_method!r} must be 'fixed' or 'tensorrt'")
         _check_range("gptq_damp", self.gptq_damp, 1e-8, 1.0)
         if not isinstance(self.gptq_block, int) or self.gptq_block < 1:
             raise ConfigError(f"Config.gptq_block={self.gptq_block!r} must be an integer >= 1")

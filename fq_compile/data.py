@@ -62,13 +62,44 @@ def wikitext_calibration(data_dir=None) -> str:
 
 def random_windows(token_ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> list[torch.Tensor]:
     """n windows of seqlen tokens at seeded random offsets, each a [1, seqlen] batch."""
-    if token_ids.numel() <= seqlen:
-        raise ValueError(f"calibration text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
+    return [token_ids[s:s + seqlen].unsqueeze(0) for s in _window_starts(token_ids.numel(), n, seqlen, seed)]
+
+
+def _window_starts(numel: int, n: int, seqlen: int, seed: int) -> list[int]:
+    if numel <= seqlen:
+        raise ValueError(f"calibration text has {numel} tokens, fewer than one window of {seqlen}")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, token_ids.numel() - seqlen, (n,), generator=g).tolist()
-    return [token_ids[s:s + seqlen].unsqueeze(0) for s in starts]
+    return torch.randint(0, numel - seqlen, (n,), generator=g).tolist()
 
 
 def calibration_batches(tokenizer, n: int = 16, seqlen: int = 512, seed: int = 0, data_dir=None) -> list[torch.Tensor]:
     ids = tokenizer(wikitext_calibration(data_dir), return_tensors="pt").input_ids[0]
     return random_windows(ids, n, seqlen, seed)
+
+
+def heldout_windows(token_ids: torch.Tensor, n: int, seqlen: int, calib_n: int, calib_seqlen: int,
+                    seed: int = 0) -> torch.Tensor:
+    """n windows of seqlen validation tokens that overlap none of the calibration windows
+    (random_windows(token_ids, calib_n, calib_seqlen, seed)), as one 1-D tensor of n * seqlen tokens.
+
+    Settings are chosen on these (never on the test split) and calibrated on the others, so a choice
+    that only fits the calibration text does not look good.  The validation text is cut into
+    consecutive windows; those free of calibration tokens are drawn with a generator seeded apart
+    from the calibration one."""
+    used = torch.zeros(token_ids.numel(), dtype=torch.bool)
+    for s in _window_starts(token_ids.numel(), calib_n, calib_seqlen, seed):
+        used[s:s + calib_seqlen] = True
+    nwin = token_ids.numel() // seqlen
+    free = [i for i in range(nwin) if not bool(used[i * seqlen:(i + 1) * seqlen].any())]
+    if len(free) < n:
+        raise ValueError(f"only {len(free)} validation windows of {seqlen} tokens avoid the calibration windows; "
+                         f"{n} were asked for")
+    pick = torch.randperm(len(free), generator=torch.Generator().manual_seed(seed + 1_000_003))[:n]
+    return torch.cat([token_ids[free[i] * seqlen:(free[i] + 1) * seqlen] for i in sorted(pick.tolist())])
+
+
+def selection_tokens(tokenizer, n: int = 4, seqlen: int = 2048, calib_n: int = 16, calib_seqlen: int = 512,
+                     seed: int = 0, data_dir=None) -> torch.Tensor:
+    """The held-out validation tokens for choosing settings (see heldout_windows)."""
+    ids = tokenizer(wikitext_calibration(data_dir), return_tensors="pt").input_ids[0]
+    return heldout_windows(ids, n, seqlen, calib_n, calib_seqlen, seed)

@@ -43,3 +43,51 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_tokens: i
         nll += float(loss)
         count += seqlen - 1
     return Perplexity(math.exp(nll / count), nwin, nwin * seqlen, seqlen, limited)
+
+
+def parse_overrides(items) -> dict:
+    """["beta=1.1", "smoothing=none", "flatten_weights=true"] -> Config keyword arguments.
+
+    Values are read as JSON where they parse (numbers, true/false, lists), else kept as strings,
+    so the command line and the benchmark name a configuration the same way."""
+    import json
+
+    from .config import ConfigError
+
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"a Config override must read KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def plan_summary(plan) -> dict:
+    """Table 4's figures for a plan: INT4 share of the quantized layers and average flatten ratio."""
+    n = len(plan.layers)
+    if n == 0:
+        return dict(int4=0.0, flatten=0.0, layers=0)
+    return dict(int4=sum(lp.bits == 4 for lp in plan.layers.values()) / n,
+                flatten=sum(plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()) / n, layers=n)
+
+
+def evaluate_config(model, calib, token_ids, config, seqlen: int = 2048, max_tokens: int | None = None,
+                    progress: bool = True, device=None) -> dict:
+    """Calibrate `config` on `calib`, compile with the flattenquant backend and measure perplexity:
+    the one code path behind `fq-compile eval` and benchmarks/accuracy.py, so both give the same
+    figure for the same model, data, windows and Config."""
+    import time
+
+    from .calibrate import calibrate
+
+    t = time.time()
+    torch._dynamo.reset()
+    plan = calibrate(model, calib, config, progress=progress)
+    fast = torch.compile(model, backend="flattenquant", options={"plan": plan})
+    res = perplexity(fast, token_ids, seqlen, max_tokens, progress=progress, device=device)
+    return dict(ppl=res.ppl, windows=res.windows, **plan_summary(plan), seconds=time.time() - t,
+                config=config.to_dict(), plan=plan, compiled=fast)

@@ -23,19 +23,22 @@ from .plan import GroupPlan, LayerPlan, QuantPlan, model_hash, weight_fingerprin
 
 
 def weight_scale(w: torch.Tensor, qmax: int, method: str) -> float:
-    """Per-tensor weight scale: max/qmax, or the clip ratio in [0.5, 1] that minimises ||W - Q(W)||^2."""
+    """Per-tensor weight scale: max/qmax, or the clip ratio r in [0.5, 1] (scale r*max/qmax) that
+    minimises ||W - Q(W)||^2: a grid of step 0.05, then step 0.01 around its best."""
     top = float(w.abs().max())
     if top == 0:
         return 1.0
     if method == "max":
         return top / qmax
-    best, best_err = top / qmax, float("inf")
-    for r in torch.linspace(1.0, 0.5, 26).tolist():
+    a = w.detach().abs().flatten().float()
+
+    def err(r):
         s = top * r / qmax
-        err = float(((torch.round(w / s).clamp(-qmax, qmax) * s - w) ** 2).sum())
-        if err < best_err:
-            best, best_err = s, err
-    return best
+        return float(torch.round(a / s).clamp_(max=qmax).mul_(s).sub_(a).pow_(2).sum())
+
+    coarse = min(torch.linspace(1.0, 0.5, 11).tolist(), key=err)
+    fine = [r for r in torch.linspace(coarse - 0.04, coarse + 0.04, 9).tolist() if 0.5 - 1e-9 <= r <= 1.0 + 1e-9]
+    return top * min(fine, key=err) / qmax
 
 
 def quantize_weight(w: torch.Tensor, scale: float, bits: int, cmap: ChannelMap | None = None) -> torch.Tensor:
@@ -115,7 +118,7 @@ def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.T
     ratio = None
     nbits = 8
     if config.mixed_bits:
-        w_ratio = bits_pass.kl_ratio(wf, float(wf.abs().max()), config.kl_bins)
+        w_ratio = bits_pass.tensor_ratio(wf, float(wf.abs().max()), config.kl_bins, config.kl_method)
         ratio = max(act_ratio, w_ratio)
         nbits = bits_pass.choose_bits(act_ratio, w_ratio, config.gamma)
     qmax = QMAX[nbits]
@@ -161,7 +164,7 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
         act_ratio = None
         if config.mixed_bits:
             sample = flatten_values(st.sample / g.smooth, g.cmap, g.threshold)
-            act_ratio = bits_pass.kl_ratio(sample, g.threshold, config.kl_bins)
+            act_ratio = bits_pass.tensor_ratio(sample, g.threshold, config.kl_bins, config.kl_method)
         for layer in g.layers:
             rg = row_fold.get(layer)
             bias = params.get(layer + ".bias")

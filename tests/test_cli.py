@@ -86,6 +86,15 @@ def test_quantize_dump_eval(model_dir, tmp_path, capsys):
     assert all(v["ppl"] > 1 and v["windows"] >= 3 for v in res["levels"].values())
     assert "piqa" in res["levels"]["fp32"]["zero_shot"]["missing"]
     assert "WikiText-2 PPL" in capsys.readouterr().out
+    # a Config override reaches every level, and is recorded
+    torch._dynamo.reset()
+    assert main(["eval", *common, "--level", "O1", "--set", "beta=1.4", "--set", "weight_clip=mse", "--ppl-seqlen", "32",
+                 "--tasks", "", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["overrides"] == ["beta=1.4", "weight_clip=mse"]
+    assert res["levels"]["O1"]["config"]["beta"] == 1.4 and res["levels"]["O1"]["config"]["weight_clip"] == "mse"
+    assert main(["eval", *common, "--set", "beta", "--tasks", ""]) == 2
+    assert main(["eval", *common, "--set", "bogus=1", "--tasks", ""]) == 2
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

@@ -26,7 +26,7 @@ def test_overrides():
 @pytest.mark.parametrize("kw,knob", [
     (dict(level="O4"), "level"), (dict(alpha=1.5), "alpha"), (dict(alpha=-0.1), "alpha"), (dict(beta=0), "beta"),
     (dict(gamma=-1.0), "gamma"), (dict(pad_multiple=7), "pad_multiple"), (dict(smoothing="foo"), "smoothing"),
-    (dict(weight_clip="p99"), "weight_clip"), (dict(calib_samples=1), "calib_samples"), (dict(beta=float("inf")), "beta")])
+    (dict(weight_clip="p99"), "weight_clip"), (dict(kl_method="exact"), "kl_method"), (dict(calib_samples=1), "calib_samples"), (dict(beta=float("inf")), "beta")])
 def test_invalid_values_name_the_knob(kw, knob):
     with pytest.raises(ConfigError, match=knob):
         Config(**kw)
@@ -37,3 +37,14 @@ def test_dict_round_trip_and_unknown_knob():
     assert Config.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError, match="bogus"):
         Config.from_dict({"bogus": 1})
+
+
+def test_overrides_from_the_command_line():
+    from fq_compile.evaluate import parse_overrides
+
+    kw = parse_overrides(["beta=1.1", "smoothing=none", "flatten_weights=true", "skip=[\"lm_head\", \"fc2\"]"])
+    assert kw == {"beta": 1.1, "smoothing": "none", "flatten_weights": True, "skip": ["lm_head", "fc2"]}
+    c = Config.from_dict(dict(kw, level="O2"))
+    assert c.skip == ("lm_head", "fc2") and c.flatten_weights is True
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["beta"])

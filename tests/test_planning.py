@@ -139,3 +139,63 @@ def test_gptq_beats_round_to_nearest_on_a_synthetic_layer():
         err_rtn = float((xt.double() @ (w.double() - rtn.double() * scale).T).norm())
         err_gptq = float((xt.double() @ (w.double() - q.double() * scale).T).norm())
         assert err_gptq < 0.8 * err_rtn, (qmax, err_gptq, err_rtn)
+
+
+def test_kl_tensorrt_reading_by_hand_and_its_bounds():
+    from fq_compile.passes.bits import kl_ratio_tensorrt, kl_tensorrt
+
+    # 4 bins over [0, 1], one candidate threshold (all bins), 2 levels of 2 bins:
+    # p = [.5, .25, 0, .25]; level 0 spreads .75 over 2 non-empty bins, level 1 .25 over 1
+    v = torch.tensor([0.1, 0.1, 0.3, 1.0])
+    want = 0.5 * math.log(0.5 / 0.375) + 0.25 * math.log(0.25 / 0.375)
+    assert kl_tensorrt(v, 2, 4, candidates=1) == pytest.approx(want, rel=1e-9)
+    # a smaller clip can only help: the minimum over thresholds is at most the full-range KL
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, generator=g) ** 3                   # heavy tails
+    assert kl_tensorrt(x, 8, 512) <= kl_tensorrt(x, 8, 512, candidates=1) + 1e-12
+    assert kl_ratio_tensorrt(x, 512) > 1.0                     # 8 levels lose more than 128
+
+
+def test_heldout_windows_avoid_calibration_windows():
+    from fq_compile.data import _window_starts, heldout_windows
+
+    ids = torch.arange(50_000)                                 # token value = its position
+    got = heldout_windows(ids, 5, 1000, calib_n=16, calib_seqlen=512, seed=3)
+    assert got.numel() == 5000 and torch.equal(got, heldout_windows(ids, 5, 1000, 16, 512, seed=3))
+    cal = torch.zeros(50_000, dtype=torch.bool)
+    for s in _window_starts(50_000, 16, 512, 3):
+        cal[s:s + 512] = True
+    assert not bool(cal[got].any())
+    starts = got.view(5, 1000)[:, 0]
+    assert bool((starts % 1000 == 0).all()) and bool((got.view(5, 1000).diff(dim=1) == 1).all())
+    with pytest.raises(ValueError, match="avoid the calibration"):
+        heldout_windows(ids, 40, 1000, calib_n=16, calib_seqlen=512, seed=3)
+
+
+def test_weight_flattening_end_to_end_on_a_tiny_llama():
+    """flatten_weights splits heavy weight columns (not activation-flattened ones), the compiled model
+    stays close to fp32, and the flattened weight's max really drops."""
+    import fq_compile
+    from fq_compile import Config
+    from tests.conftest import VOCAB, batches, tiny_llama
+
+    model = tiny_llama(hidden=128)
+    with torch.no_grad():                          # heavy weight columns, the way smoothing makes them
+        model.model.layers[0].mlp.down_proj.weight[:, 5] *= 30
+        model.model.layers[1].self_attn.o_proj.weight[:, 9] *= 30
+    x = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        ref = model(x).logits
+        out = {}
+        for fw in (False, True):
+            torch._dynamo.reset()
+            plan = fq_compile.calibrate(model, batches(n=4), Config(level="O1", flatten_weights=fw), progress=False)
+            out[fw] = (torch.compile(model, backend="flattenquant", options={"plan": plan})(x).logits, plan)
+    plan = out[True][1]
+    split = [g for g in plan.groups.values() if int(g.weight_dup.sum()) > 0]
+    assert split and all(not bool(((g.weight_dup > 0) & (g.extra > 0)).any()) for g in split)
+    for g in split:
+        for l in g.layers:
+            assert plan.layers[l].weight_scale < out[False][1].layers[l].weight_scale
+    err = {fw: float((o.float() - ref).norm() / ref.norm()) for fw, (o, _) in out.items()}
+    assert err[True] < 0.2 and err[True] < 1.5 * err[False], err

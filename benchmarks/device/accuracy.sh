@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Full-split WikiText-2 accuracy tables of issue 6 on one CUDA GPU (H100): all levels and ablations
+# over the whole test split (--ppl-tokens 0: 147 windows of 2048 tokens on SmolLM2-135M), the model
+# in float32 (its dequantized GGUF weights are the fp baseline; the quantized linears run our
+# Triton INT8/INT4 kernels, everything else stays fp32).  Each PART fits one <= 9-minute call:
+#
+#   bash benchmarks/device/accuracy.sh levels    [--model M] [--data-dir D] [--dtype float32|bfloat16]
+#   bash benchmarks/device/accuracy.sh ablations ...   # O1: smoothing none / smoothquant, outlier clip off, beta 1.1-1.5
+#   bash benchmarks/device/accuracy.sh gamma ...       # O3 at gamma 1.82-1.90 (Table 10 analog)
+#   bash benchmarks/device/accuracy.sh select ...      # candidate settings on 16 held-out *validation* windows
+#
+# Defaults: --model .gguf/SmolLM2-135M-Instruct.Q4_1.gguf --data-dir .data (WikiText-2 in the layout
+# of /work/shared/data).  Results go to $OUT/accuracy-<part>.md and .json, rewritten after every row,
+# so a call cut short still returns the rows it finished; the log is $OUT/accuracy-<part>.log.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+PART=${1:-levels}
+shift || true
+MODEL=.gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+DATA=.data
+DTYPE=float32
+LIMIT=${LIMIT:-530}           # seconds: stop before the 10-minute call limit, keeping the rows done
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --model) MODEL=$2; shift 2;;
+    --data-dir) DATA=$2; shift 2;;
+    --dtype) DTYPE=$2; shift 2;;
+    *) echo "unknown argument $1" >&2; exit 2;;
+  esac
+done
+OUT=${OUT:-/tmp/fq-accuracy}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import gguf" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+[[ -f $MODEL ]] || { echo "no model file at $MODEL" >&2; exit 2; }
+[[ -f $DATA/wikitext-2-raw/wiki.test.raw && -f $DATA/wikitext-2/valid.txt ]] || { echo "WikiText-2 missing under $DATA" >&2; exit 2; }
+
+COMMON=(--model "$MODEL" --data-dir "$DATA" --dtype "$DTYPE" --device cuda)
+case $PART in
+  levels)    ARGS=(--ppl-tokens 0 --levels w8a8,smoothquant,O1,O2,O3 --no-ablations);;
+  ablations) ARGS=(--ppl-tokens 0 --levels "" --ablation-base O1 --gamma-base "");;
+  gamma)     ARGS=(--ppl-tokens 0 --levels "" --no-ablations
+                   --rows "O3 gamma=1.82; O3 gamma=1.84; O3 gamma=1.86; O3 gamma=1.88; O3 gamma=1.9");;
+  select)    ARGS=(--split select --select-windows 16 --levels O1,O3 --no-ablations
+                   --rows "O1 smoothing=none; O1 weight_clip=max; O1 flatten_weights=false; O1 smoothing=smoothquant; O3 kl_method=fixed");;
+  *) echo "unknown part $PART (levels, ablations, gamma, select)" >&2; exit 2;;
+esac
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+set +e
+timeout -s INT "$LIMIT" python3 benchmarks/accuracy.py "${COMMON[@]}" "${ARGS[@]}" --out "$OUT/accuracy-$PART.md" \
+  2>&1 | tee "$OUT/accuracy-$PART.log"
+rc=${PIPESTATUS[0]}
+set -e
+[[ $rc == 124 || $rc == 130 ]] && echo "stopped after ${LIMIT}s: $OUT/accuracy-$PART.md holds the rows finished" | tee -a "$OUT/accuracy-$PART.log"
+exit "$rc"
