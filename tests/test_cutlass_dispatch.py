@@ -273,6 +273,31 @@ def test_inductor_compiles_either_choice(eligible, monkeypatch, tmp_path, mode):
         assert code.count("cutlass_int_linear") >= 2 and "linear_reference" not in code
 
 
+def test_backend_option_routes_the_gemms(eligible, monkeypatch):
+    """options={'gemm': ...} decides while the flattenquant backend compiles, over FQ_GEMM; both
+    choices give the same logits (the CUTLASS op's CPU kernel is the reference), a bad value fails."""
+    import fq_compile
+    from tests.conftest import batches, tiny_opt
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("FQ_GEMM", "triton")
+    model = tiny_opt().eval()
+    plan = fq_compile.calibrate(model, batches(2), fq_compile.Config(level="O1"), progress=False)
+    x = batches(1, seed=5)[0]
+    logits = {}
+    for gemm in ("cutlass", "triton"):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out, codes = run_and_get_code(torch.compile(model, backend="flattenquant",
+                                                        options={"plan": plan, "gemm": gemm}), x)
+        logits[gemm] = out.logits
+        assert ("cutlass_int_linear" in "\n".join(codes)) == (gemm == "cutlass"), gemm
+    assert torch.equal(logits["cutlass"], logits["triton"])
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="not a GEMM choice"):
+        torch.compile(model, backend="flattenquant", options={"plan": plan, "gemm": "fastest"})(x)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: the kernels (build on first use, ~2-4 minutes on 16 cores; cached)
 # ------------------------------------------------------------------------------------------------
