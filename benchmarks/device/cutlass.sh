@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 4 on one H100: build the CUTLASS sm_90a GEMMs, run their GPU tests, and measure them beside
 # the Triton kernels and cuBLAS (benchmarks/kernels.py --cutlass), writing the dispatch table.
-# Each PART fits one <= 9-minute call, the ~2-3 minute build included (cached in $FQ_CACHE_DIR, so a
-# second part on a still-warm machine skips it):
+# Each PART fits one <= 9-minute call, the ~2-3 minute build included.  The build is cached in
+# $FQ_CACHE_DIR (default .fqcache/ in the repo, git-ignored) and the library is also copied to $OUT:
+# put it back as .fqcache/cutlass-<hash>/fq_cutlass_<hash>.so (the log prints the command) and carry
+# .fqcache, and the next call loads it instead of building.
 #
 #   bash benchmarks/device/cutlass.sh test            # build (timed) + GPU tests + table5 shape
 #   bash benchmarks/device/cutlass.sh bench 13B       # the OPT-13B shapes
@@ -24,7 +26,7 @@ LIMIT=${LIMIT:-500}            # seconds for the benchmark: stop before the 10-m
 OUT=${OUT:-/tmp/fq-cutlass}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-export FQ_CACHE_DIR=${FQ_CACHE_DIR:-/tmp/fq-cache}
+export FQ_CACHE_DIR=${FQ_CACHE_DIR:-$PWD/.fqcache}
 if ! python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)" 2>/dev/null; then
   compgen -G ".whl/nvidia_cutlass-*.whl" >/dev/null || { echo "no .whl/nvidia_cutlass-*.whl" >&2; exit 2; }
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/nvidia_cutlass-*.whl
@@ -46,6 +48,11 @@ fi
 
 echo "== build"
 time python3 -m fq_compile.kernels.cutlass_gemm --build
+SO=$(ls "$FQ_CACHE_DIR"/cutlass-*/fq_cutlass_*.so 2>/dev/null | head -1 || true)
+if [[ -n $SO ]]; then
+  cp "$SO" "$OUT/" && ls -la "$SO"
+  echo "reuse: mkdir -p .fqcache/$(basename "$(dirname "$SO")") && cp <fetched>/$(basename "$SO") .fqcache/$(basename "$(dirname "$SO")")/  (then carry .fqcache)"
+fi
 
 bench() {  # $1: shapes (substrings of benchmarks/kernels.py SHAPES names)
   timeout --signal=INT "$LIMIT" python3 benchmarks/kernels.py --cutlass --cutlass-only --no-fp8-variant \
