@@ -599,7 +599,7 @@ def ints(s: str) -> list[int]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="13b", help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--models", default="13b", help=f"comma list of {', '.join(MODELS)} (or tiny: a quick check)")
     ap.add_argument("--methods", default="all", help=f"comma list of {', '.join(METHODS)}, or all")
     ap.add_argument("--batches", type=ints, default=[8])
     ap.add_argument("--seqs", type=ints, default=[2048])
@@ -642,7 +642,7 @@ def main(argv=None):
             raise SystemExit("e2e.py measures on a CUDA GPU; use --smoke to check it on the CPU")
         device, dtype = torch.device("cuda"), torch.float16
         models = [m.strip() for m in args.models.split(",")]
-        bad = set(models) - set(MODELS)
+        bad = set(models) - set(MODELS) - {"tiny"}         # tiny on the GPU: a quick check of every path
         if bad:
             raise SystemExit(f"unknown model(s) {sorted(bad)}; choose from {', '.join(MODELS)}")
     methods = METHODS if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
@@ -668,10 +668,16 @@ def main(argv=None):
           f"dynamic={args.dynamic_flag}, out {rec.path}", flush=True)
     import torch._inductor.config as inductor_config
 
+    longest = 0.0                                  # the longest method so far: do not start one that cannot finish
     for size in models:
         for method in methods:
             if out_of_time(args):
                 return
+            if args.time_limit and time.monotonic() - T0 + longest > args.time_limit + 60:
+                print(f"stopping before {method}: the longest method so far took {longest:.0f}s, "
+                      f"which would overrun --time-limit {args.time_limit:.0f}s", flush=True)
+                return
+            started = time.monotonic()
             saved = inductor_config.save_config()     # torchao changes Inductor settings for its own run
             try:
                 (run_profile if args.profile else run_method)(method, size, device, dtype, args, rec)
@@ -684,6 +690,7 @@ def main(argv=None):
                 if args.smoke:
                     raise
             finally:
+                longest = max(longest, time.monotonic() - started)
                 inductor_config.load_config(saved)
                 torch._dynamo.reset()
                 gc.collect()

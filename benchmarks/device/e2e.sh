@@ -8,6 +8,8 @@
 #
 # PARTs, in priority order (wall times are estimates until the first run; most of each is compiling
 # a 40-layer model once per method):
+#   gpu-check    every method, prefill + decode + profile on a tiny OPT, and the GPU tests of
+#                tests/test_resident.py: catches a broken path before the big compiles              ~2-3 min
 #   headline-a   OPT-13B shape, prefill 8 x 2048: fp16 eager, fp16 Inductor, naive FP8           ~5-7 min
 #   headline-b   OPT-13B shape, prefill 8 x 2048: FlattenQuant O3, O1                             ~5-7 min
 #   headline-c   OPT-13B shape, prefill 8 x 2048: SmoothQuant-W8A8 (ours), torchao int8 / float8   ~6-8 min
@@ -40,6 +42,9 @@ case $PART in
   sweep-13b-b) run --models 13b --methods fp16-eager,fp8-naive,fq-O1 --batches 8,32,1 --seqs 512,1024,2048 --budget 4 ;;
   sweep-30b)   run --models 30b --methods fp16-eager,fq-O3 --batches 8,1 --seqs 512,2048 --budget 4 ;;
   decode-more) run --models 13b --methods fp16-eager,fq-O3 --batches '' --decode 16,64 ;;
+  gpu-check)   python3 -m pytest -q -m gpu tests/test_resident.py -p no:cacheprovider || echo "gpu tests failed"
+               run --models tiny --methods all --batches 2,4 --seqs 64 --decode 1 --prompt 16 --new-tokens 8
+               run --profile --models tiny --methods fp16-inductor,fp8-naive,fq-O3 --batches 2 --seqs 64 ;;
   smoke)       run --smoke --decode 1 ;;
   *) echo "unknown PART $PART" >&2; exit 2 ;;
 esac 2>&1 | tee -a "$OUT/e2e-$PART.log"
