@@ -165,7 +165,11 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
                     int4_share=round(n4 / len(plan.layers), 4),
                     flatten_ratio=round(statistics.mean(plan.groups[lp.group].flatten_ratio
                                                         for lp in plan.layers.values()), 4))
-        model.compile(backend="flattenquant", options={"plan": plan, "free_weights": True}, **compile_kw)
+        options = {"plan": plan, "free_weights": True}
+        if args.gemm:
+            options["gemm"] = args.gemm               # the backend's GEMM choice (kernels/gemm_dispatch.py)
+            info["gemm"] = args.gemm
+        model.compile(backend="flattenquant", options=options, **compile_kw)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     return model, plan, info
@@ -240,6 +244,12 @@ def out_of_time(args) -> bool:
     return False
 
 
+def label(method: str, args) -> str:
+    """The method's name in the results: ours carry a non-default --gemm choice, so runs with
+    different GEMM kernels land in different columns."""
+    return f"{method}+{args.gemm}" if args.gemm and method in ("smoothquant", "fq-O1", "fq-O3") else method
+
+
 def weight_bytes(model, plan, device) -> dict:
     """Parameter (and plan) bytes on the device; tensor subclasses without a plain storage
     (torchao) are counted by the allocator figure only."""
@@ -256,7 +266,7 @@ def run_method(method, size, device, dtype, args, rec):
     try:
         model, plan, info = prepare(method, size, device, dtype, args)
     except Unavailable as e:
-        rec(kind="unavailable", model=size, method=method, reason=str(e))
+        rec(kind="unavailable", model=size, method=label(method, args), reason=str(e))
         return
     prep_s = time.monotonic() - t
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -278,17 +288,17 @@ def run_method(method, size, device, dtype, args, rec):
                         sync(device)
                         first_s = time.monotonic() - t
                         res = allocated(device)
-                        rec(kind="memory", model=size, method=method, resident_bytes=res, setup_s=round(prep_s, 1),
+                        rec(kind="memory", model=size, method=label(method, args), resident_bytes=res, setup_s=round(prep_s, 1),
                             first_call_s=round(first_s, 1), first_shape=[b, s], **weight_bytes(model, plan, device), **info)
                         first = False
                     reset_peak(device)
                     ms = timed(call, device, args.warmup, args.reps, args.budget)
                 except torch.cuda.OutOfMemoryError as e:
-                    rec(kind="prefill", model=size, method=method, batch=b, seq=s, error=f"out of memory: {str(e)[:120]}")
+                    rec(kind="prefill", model=size, method=label(method, args), batch=b, seq=s, error=f"out of memory: {str(e)[:120]}")
                     gc.collect()
                     torch.cuda.empty_cache()
                     continue
-                rec(kind="prefill", model=size, method=method, batch=b, seq=s, ms=round(statistics.median(ms), 3),
+                rec(kind="prefill", model=size, method=label(method, args), batch=b, seq=s, ms=round(statistics.median(ms), 3),
                     reps=[round(x, 3) for x in ms], peak_bytes=peak(device), **info)
         for b in args.decode:
             if out_of_time(args):
@@ -302,23 +312,23 @@ def run_method(method, size, device, dtype, args, rec):
                 sync(device)
                 warm_s = time.monotonic() - t
                 if first:
-                    rec(kind="memory", model=size, method=method, resident_bytes=allocated(device),
+                    rec(kind="memory", model=size, method=label(method, args), resident_bytes=allocated(device),
                         setup_s=round(prep_s, 1), first_call_s=round(warm_s, 1), first_shape=["generate", b],
                         **weight_bytes(model, plan, device), **info)
                     first = False
                 reset_peak(device)
                 ms = timed(lambda: model.generate(ids, **kw), device, 0, args.decode_reps, args.budget)
             except torch.cuda.OutOfMemoryError as e:
-                rec(kind="decode", model=size, method=method, batch=b, error=f"out of memory: {str(e)[:120]}")
+                rec(kind="decode", model=size, method=label(method, args), batch=b, error=f"out of memory: {str(e)[:120]}")
                 gc.collect()
                 torch.cuda.empty_cache()
                 continue
             med = statistics.median(ms)
-            rec(kind="decode", model=size, method=method, batch=b, prompt=args.prompt, new_tokens=args.new_tokens,
+            rec(kind="decode", model=size, method=label(method, args), batch=b, prompt=args.prompt, new_tokens=args.new_tokens,
                 ms=round(med, 3), tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2),
                 reps=[round(x, 3) for x in ms], warmup_s=round(warm_s, 1), peak_bytes=peak(device), **info)
     if plan is not None:
-        rec(kind="graphs", model=size, method=method, graphs=len(plan.reports),
+        rec(kind="graphs", model=size, method=label(method, args), graphs=len(plan.reports),
             released_bytes=sum(r.released_bytes for r in plan.reports))
     del model, plan
 
@@ -353,7 +363,7 @@ def run_profile(method, size, device, dtype, args, rec):
     try:
         model, plan, info = prepare(method, size, device, dtype, args, layers=args.profile_layers)
     except Unavailable as e:
-        rec(kind="unavailable", model=size, method=method, reason=str(e))
+        rec(kind="unavailable", model=size, method=label(method, args), reason=str(e))
         return
     model.lm_head = torch.nn.Identity()
     b, s = args.batches[0], args.seqs[0]
@@ -388,7 +398,7 @@ def run_profile(method, size, device, dtype, args, rec):
         totals[cat] = totals.get(cat, 0.0) + per_block
         kernels[evt.key[:90]] = kernels.get(evt.key[:90], 0.0) + per_block
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
-    rec(kind="profile", model=size, method=method, batch=b, seq=s, blocks=args.profile_layers,
+    rec(kind="profile", model=size, method=label(method, args), batch=b, seq=s, blocks=args.profile_layers,
         total_ms=round(sum(totals.values()), 3),
         **{f"{k}_ms": round(v, 3) for k, v in totals.items()}, top_kernels=[[k, round(v, 3)] for k, v in top], **info)
     del model, plan
@@ -609,6 +619,7 @@ def main(argv=None):
     ap.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
                     help="torch.compile dynamic: auto = static for one prefill shape without decode, else dynamic")
     ap.add_argument("--max-autotune", action="store_true", help="fp16-inductor in mode='max-autotune'")
+    ap.add_argument("--gemm", default=None, help="our backend's 'gemm' option (triton, cutlass, auto); default: its own")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--decode-reps", type=int, default=3)
@@ -685,7 +696,7 @@ def main(argv=None):
                 import traceback
 
                 tb = traceback.format_exc().strip().splitlines()
-                rec(kind="error", model=size, method=method, error=f"{type(e).__name__}: {str(e)[:300]}",
+                rec(kind="error", model=size, method=label(method, args), error=f"{type(e).__name__}: {str(e)[:300]}",
                     where=tb[-6:-1])
                 if args.smoke:
                     raise
