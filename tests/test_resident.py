@@ -160,7 +160,7 @@ def test_release_registry():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_default_releases_and_memory_drops():
-    model = tiny_opt(hidden=256, layers=2).to("cuda", torch.float16)
+    model = tiny_opt(hidden=1024, layers=2).to("cuda", torch.float16)     # 34 MB of linear weights
     plan = fq_compile.calibrate(model, [b.cuda() for b in batches(n=2)], Config(level="O1"), progress=False)
     torch._dynamo.reset()
     x = torch.randint(0, VOCAB, (2, 64), device="cuda")
@@ -177,7 +177,8 @@ def test_cuda_default_releases_and_memory_drops():
         after = torch.cuda.memory_allocated()
         out2 = fast(torch.randint(0, VOCAB, (1, 100), device="cuda")).logits
     assert all(is_released(dict(model.named_parameters())[n + ".weight"]) for n in plan.layers)
-    assert before - after >= weights - 2 * 2**20       # the plan's copies were made by the first compile
+    assert weights > 30e6
+    assert before - after >= weights - 8 * 2**20       # the plan's copies were made by the first compile
     assert torch.equal(out, expect) and torch.isfinite(out2).all()
 
 
