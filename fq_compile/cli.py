@@ -142,6 +142,7 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_config, perplexity, plan_summary
     from .models import load_model
 
+    configs = {} if args.plan else {level: _config(args, level) for level in args.level.split(",")}   # typos fail first
     lm = load_model(args.model)
     ids = _test_ids(lm.tokenizer, args)
     results = {"model": lm.name, "seqlen": args.ppl_seqlen, "max_tokens": args.ppl_tokens,
@@ -167,7 +168,7 @@ def cmd_eval(args) -> int:
             p = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
             r = dict(ppl=p.ppl, windows=p.windows, **plan_summary(plan))
         else:
-            r = evaluate_config(lm.model, calib, ids, _config(args, level), args.ppl_seqlen, args.ppl_tokens,
+            r = evaluate_config(lm.model, calib, ids, configs[level], args.ppl_seqlen, args.ppl_tokens,
                                 not args.no_progress)
             plan, fast = r.pop("plan"), r.pop("compiled")
         results["levels"][plan.config.level] = r

@@ -179,7 +179,7 @@ def test_weight_flattening_end_to_end_on_a_tiny_llama():
     from fq_compile import Config
     from tests.conftest import VOCAB, batches, tiny_llama
 
-    model = tiny_llama(hidden=128)
+    model = tiny_llama()
     with torch.no_grad():                          # heavy weight columns, the way smoothing makes them
         model.model.layers[0].mlp.down_proj.weight[:, 5] *= 30
         model.model.layers[1].self_attn.o_proj.weight[:, 9] *= 30
@@ -189,13 +189,14 @@ def test_weight_flattening_end_to_end_on_a_tiny_llama():
         out = {}
         for fw in (False, True):
             torch._dynamo.reset()
-            plan = fq_compile.calibrate(model, batches(n=4), Config(level="O1", flatten_weights=fw), progress=False)
-            out[fw] = (torch.compile(model, backend="flattenquant", options={"plan": plan})(x).logits, plan)
+            plan = fq_compile.calibrate(model, batches(n=2), Config(level="O1", flatten_weights=fw, weight_clip="max"),
+                                        progress=False)
+            fast = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})
+            out[fw] = (fast(x).logits, plan)
     plan = out[True][1]
     split = [g for g in plan.groups.values() if int(g.weight_dup.sum()) > 0]
     assert split and all(not bool(((g.weight_dup > 0) & (g.extra > 0)).any()) for g in split)
-    for g in split:
-        for l in g.layers:
-            assert plan.layers[l].weight_scale < out[False][1].layers[l].weight_scale
+    for l in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"):   # the heavy columns were split
+        assert plan.layers[l].weight_scale < 0.5 * out[False][1].layers[l].weight_scale
     err = {fw: float((o.float() - ref).norm() / ref.norm()) for fw, (o, _) in out.items()}
     assert err[True] < 0.2 and err[True] < 1.5 * err[False], err
