@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fq_compile  # noqa: E402
+import fq_compile  # noqa: E402,F401  (registers backend='flattenquant')
 from fq_compile.models import opt_config  # noqa: E402
 from fq_compile.resident import resident_bytes  # noqa: E402
 from fq_compile.synthetic import PAPER_TABLE4, synthetic_plan  # noqa: E402
@@ -330,7 +330,7 @@ def run_method(method, size, device, dtype, args, rec):
     if plan is not None:
         rec(kind="graphs", model=size, method=label(method, args), graphs=len(plan.reports),
             released_bytes=sum(r.released_bytes for r in plan.reports))
-    del model, plan
+    model = plan = None                        # free the GPU before the next method
 
 
 # -- per-layer profile --------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def run_profile(method, size, device, dtype, args, rec):
     rec(kind="profile", model=size, method=label(method, args), batch=b, seq=s, blocks=args.profile_layers,
         total_ms=round(sum(totals.values()), 3),
         **{f"{k}_ms": round(v, 3) for k, v in totals.items()}, top_kernels=[[k, round(v, 3)] for k, v in top], **info)
-    del model, plan
+    model = plan = None                        # free the GPU before the next method
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ def report(paths, results_dir: Path, stem: str) -> str:
     if not rows:
         raise SystemExit("no rows in " + ", ".join(map(str, paths)))
     first = rows[0]
-    lines = [f"# End-to-end benchmark (issue 5)", "",
+    lines = ["# End-to-end benchmark (issue 5)", "",
              f"device: {first.get('device')}, torch {first.get('torch')}, date {first.get('date')}; "
              f"command lines in benchmarks/device/e2e.sh; rows merged from {len(paths)} file(s).",
              "Random fp16 OPT weights; our plans are synthetic with the flatten ratio and INT4 share of the "

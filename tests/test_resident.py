@@ -7,7 +7,7 @@ import torch
 import fq_compile
 from fq_compile import Config
 from fq_compile.resident import device_tensor, is_released, release, released_name, resident_bytes
-from tests.conftest import VOCAB, batches, tiny_llama, tiny_opt
+from tests.conftest import VOCAB, batches, tiny_opt
 
 SHAPES = [(2, 20), (1, 7), (3, 33), (1, 5)]       # batch 1 after batch 3, several lengths
 
