@@ -484,7 +484,7 @@ def report(paths, results_dir: Path, stem: str) -> str:
                       tabulate(table, headers=["batch"] + dmethods, tablefmt="github", disable_numparse=True), ""]
         mem = [r for r in rows if r.get("kind") == "memory" and r.get("model") == size]
         if mem:
-            fp16 = next((r["resident_bytes"] for r in mem if r["method"] == "fp16-eager" and r.get("resident_bytes")), None)
+            fp16 = next((r["resident_bytes"] for m in FP16 for r in mem if r["method"] == m and r.get("resident_bytes")), None)
             table = []
             for r in sorted(mem, key=lambda r: _order([r["method"]] + METHODS).index(r["method"])):
                 res = r.get("resident_bytes")
@@ -548,7 +548,7 @@ def targets(rows) -> list[str]:
         ("O3 prefill vs naive FP8", ms("fq-O3"), ms("fp8-naive"), 1.08, "speed"),
         ("O3 prefill vs SmoothQuant-W8A8", ms("fq-O3"), ms("smoothquant"), 1.25, "speed"),
         ("O1 prefill vs faster fp16", ms("fq-O1"), fp16, 1.45, "speed"),
-        ("O3 resident memory / fp16", res("fq-O3"), res("fp16-eager"), 0.45, "memory"),
+        ("O3 resident memory / fp16", res("fq-O3"), res("fp16-eager") or res("fp16-inductor"), 0.45, "memory"),
         ("O3 decode batch 1 tokens/s vs faster fp16", tps("fq-O3"), fp16_tps, 2.0, "tps"),
     ]
     table = []
