@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--ablation-base", default="O1")
     p.add_argument("--gamma-base", default="O2", help="level of the gamma rows ('' to skip them)")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--no-inductor", action="store_true",
+                   help="run the fq:: ops (GPU kernels included) without Inductor around them: same integer "
+                        "arithmetic, minutes less compiling per row")
     p.add_argument("--no-fp", action="store_true", help="skip the floating-point row (when splitting a run)")
     p.add_argument("--out", default=None, help="write the tables (markdown) here, and JSON beside it, after every row")
     args = p.parse_args(argv)
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
         Config(level=level, **kw)
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
-    header = (f"model: {lm.name}; dtype: {args.dtype}; date: {datetime.date.today()}; device: {dev}; "
+    header = (f"model: {lm.name}; dtype: {args.dtype}; {'eager (no Inductor)' if args.no_inductor else 'Inductor'}; date: {datetime.date.today()}; device: {dev}; "
               f"torch {torch.__version__}; git {_git_rev()}\n"
               f"command: python benchmarks/accuracy.py {shlex.join(sys.argv[1:] if argv is None else argv)}\n"
               f"calibration: {args.calib_batches} random windows of {args.calib_seqlen} tokens (seed 0), WikiText-2 validation\n")
@@ -175,7 +178,7 @@ def main(argv=None) -> int:
     for label, level, kw in specs:
         with torch.no_grad():
             r = evaluate_config(model, calib, ids, Config(level=level, **kw), args.ppl_seqlen, max_tokens,
-                                progress=False, device=device)
+                                progress=False, device=device, inductor=not args.no_inductor)
         r.pop("plan"), r.pop("compiled")
         r["command"] = cli_command(args, level, kw)
         runs[label] = r

@@ -76,10 +76,11 @@ def plan_summary(plan) -> dict:
 
 
 def evaluate_config(model, calib, token_ids, config, seqlen: int = 2048, max_tokens: int | None = None,
-                    progress: bool = True, device=None) -> dict:
+                    progress: bool = True, device=None, inductor: bool = True) -> dict:
     """Calibrate `config` on `calib`, compile with the flattenquant backend and measure perplexity:
     the one code path behind `fq-compile eval` and benchmarks/accuracy.py, so both give the same
-    figure for the same model, data, windows and Config."""
+    figure for the same model, data, windows and Config.  inductor=False runs the same fq:: ops
+    (and their GPU kernels) without compiling the float ops around them: faster to start."""
     import time
 
     from .calibrate import calibrate
@@ -87,7 +88,9 @@ def evaluate_config(model, calib, token_ids, config, seqlen: int = 2048, max_tok
     t = time.time()
     torch._dynamo.reset()
     plan = calibrate(model, calib, config, progress=progress)
-    fast = torch.compile(model, backend="flattenquant", options={"plan": plan})
+    fast = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": inductor,
+                                                                # the next row calibrates the same model again
+                                                                "free_weights": False})
     res = perplexity(fast, token_ids, seqlen, max_tokens, progress=progress, device=device)
     return dict(ppl=res.ppl, windows=res.windows, **plan_summary(plan), seconds=time.time() - t,
                 config=config.to_dict(), plan=plan, compiled=fast)

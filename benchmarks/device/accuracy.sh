@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Full-split WikiText-2 accuracy tables of issue 6 on one CUDA GPU (H100): all levels and ablations
 # over the whole test split (--ppl-tokens 0: 147 windows of 2048 tokens on SmolLM2-135M), the model
-# in float32 (its dequantized GGUF weights are the fp baseline; the quantized linears run our
-# Triton INT8/INT4 kernels, everything else stays fp32).  Each PART fits one <= 9-minute call:
+# in float32 (its dequantized GGUF weights are the fp baseline; the quantized linears run the fq::
+# INT8/INT4 ops on their GPU kernels, everything else stays fp32).  By default the rewritten graphs
+# run without Inductor around the fq:: ops (same integer arithmetic, no per-row compile time: every
+# row calibrates and compiles afresh); pass --inductor for the fused path.  Planning (MSE clips,
+# Eq. 8 KL, GPTQ's column loop) runs on the CPU.  Each PART is meant for one <= 9-minute call,
+# in this order of importance:
 #
-#   bash benchmarks/device/accuracy.sh levels    [--model M] [--data-dir D] [--dtype float32|bfloat16]
+#   bash benchmarks/device/accuracy.sh levels    [--model M] [--data-dir D] [--dtype float32|bfloat16] [--inductor]
+#                                                      # fp, w8a8, smoothquant, O1, O2, O3 (Tables 3/4)
+#   bash benchmarks/device/accuracy.sh gamma ...       # O3 at gamma 1.82, 1.84, 1.88, 1.90 (Table 10; 1.86 is O3)
 #   bash benchmarks/device/accuracy.sh ablations ...   # O1: smoothing none / smoothquant, outlier clip off, beta 1.1-1.5
-#   bash benchmarks/device/accuracy.sh gamma ...       # O3 at gamma 1.82-1.90 (Table 10 analog)
-#   bash benchmarks/device/accuracy.sh select ...      # candidate settings on 16 held-out *validation* windows
+#   bash benchmarks/device/accuracy.sh select ...      # the chosen defaults vs alternatives, 16 held-out *validation* windows
 #
 # Defaults: --model .gguf/SmolLM2-135M-Instruct.Q4_1.gguf --data-dir .data (WikiText-2 in the layout
 # of /work/shared/data).  Results go to $OUT/accuracy-<part>.md and .json, rewritten after every row,
@@ -20,12 +25,14 @@ shift || true
 MODEL=.gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 DATA=.data
 DTYPE=float32
+INDUCTOR=0
 LIMIT=${LIMIT:-530}           # seconds: stop before the 10-minute call limit, keeping the rows done
 while [[ $# -gt 0 ]]; do
   case $1 in
     --model) MODEL=$2; shift 2;;
     --data-dir) DATA=$2; shift 2;;
     --dtype) DTYPE=$2; shift 2;;
+    --inductor) INDUCTOR=1; shift;;
     *) echo "unknown argument $1" >&2; exit 2;;
   esac
 done
@@ -41,13 +48,14 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 [[ -f $DATA/wikitext-2-raw/wiki.test.raw && -f $DATA/wikitext-2/valid.txt ]] || { echo "WikiText-2 missing under $DATA" >&2; exit 2; }
 
 COMMON=(--model "$MODEL" --data-dir "$DATA" --dtype "$DTYPE" --device cuda)
+[[ $INDUCTOR == 1 ]] || COMMON+=(--no-inductor)
 case $PART in
   levels)    ARGS=(--ppl-tokens 0 --levels w8a8,smoothquant,O1,O2,O3 --no-ablations);;
   ablations) ARGS=(--ppl-tokens 0 --levels "" --ablation-base O1 --gamma-base "");;
   gamma)     ARGS=(--ppl-tokens 0 --levels "" --no-ablations
-                   --rows "O3 gamma=1.82; O3 gamma=1.84; O3 gamma=1.86; O3 gamma=1.88; O3 gamma=1.9");;
+                   --rows "O3 gamma=1.82; O3 gamma=1.84; O3 gamma=1.88; O3 gamma=1.9");;
   select)    ARGS=(--split select --select-windows 16 --levels O1,O3 --no-ablations
-                   --rows "O1 smoothing=none; O1 weight_clip=max; O1 flatten_weights=false; O1 smoothing=smoothquant; O3 kl_method=fixed");;
+                   --rows "O1 weight_clip=max; O1 smoothing=none; O1 smoothing=smoothquant; O1 flatten_weights=true; O3 weight_clip=max; O3 kl_method=fixed");;
   *) echo "unknown part $PART (levels, ablations, gamma, select)" >&2; exit 2;;
 esac
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
