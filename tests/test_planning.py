@@ -119,6 +119,15 @@ def test_mse_weight_scale_clips_a_lone_outlier():
     w[0, 0] = 40.0
     assert weight_scale(w, 7, "max") == pytest.approx(40.0 / 7)
     assert weight_scale(w, 7, "mse") < 40.0 / 7
+    # the coarse-to-fine search lands within 1% of a dense grid's best error, for INT4 and INT8
+
+    def err(s, q):
+        return float(((torch.round(w / s).clamp(-q, q) * s - w) ** 2).sum())
+
+    for q in (7, 127):
+        dense = min(err(40.0 * r / q, q) for r in torch.linspace(0.5, 1.0, 501).tolist())
+        assert err(weight_scale(w, q, "mse"), q) <= 1.01 * dense
+        assert err(weight_scale(w, q, "mse"), q) <= err(weight_scale(w, q, "max"), q)
 
 
 def test_gptq_beats_round_to_nearest_on_a_synthetic_layer():
