@@ -10,7 +10,8 @@
 #
 #   bash benchmarks/device/accuracy.sh levels    [--model M] [--data-dir D] [--dtype float32|bfloat16] [--inductor]
 #                                                      # fp, w8a8, smoothquant, O1, O2, O3 (Tables 3/4)
-#   bash benchmarks/device/accuracy.sh gamma ...       # O3 at gamma 1.82, 1.84, 1.88, 1.90 (Table 10; 1.86 is O3)
+#   bash benchmarks/device/accuracy.sh gamma-low ...   # O3 at gamma 1.82, 1.84 (Table 10; 1.86 is the O3 row)
+#   bash benchmarks/device/accuracy.sh gamma-high ...  # O3 at gamma 1.88, 1.90
 #   bash benchmarks/device/accuracy.sh ablations ...   # O1: smoothing none / smoothquant, outlier clip off, beta 1.1-1.5
 #   bash benchmarks/device/accuracy.sh select ...      # the chosen defaults vs alternatives, 16 held-out *validation* windows
 #
@@ -52,11 +53,11 @@ COMMON=(--model "$MODEL" --data-dir "$DATA" --dtype "$DTYPE" --device cuda)
 case $PART in
   levels)    ARGS=(--ppl-tokens 0 --levels w8a8,smoothquant,O1,O2,O3 --no-ablations);;
   ablations) ARGS=(--ppl-tokens 0 --levels "" --ablation-base O1 --gamma-base "");;
-  gamma)     ARGS=(--ppl-tokens 0 --levels "" --no-ablations
-                   --rows "O3 gamma=1.82; O3 gamma=1.84; O3 gamma=1.88; O3 gamma=1.9");;
+  gamma-low) ARGS=(--ppl-tokens 0 --levels "" --no-ablations --rows "O3 gamma=1.82; O3 gamma=1.84");;
+  gamma-high) ARGS=(--ppl-tokens 0 --levels "" --no-ablations --rows "O3 gamma=1.88; O3 gamma=1.9");;
   select)    ARGS=(--split select --select-windows 16 --levels O1,O3 --no-ablations
                    --rows "O1 weight_clip=max; O1 smoothing=none; O1 smoothing=smoothquant; O1 flatten_weights=true; O3 weight_clip=max; O3 kl_method=fixed");;
-  *) echo "unknown part $PART (levels, ablations, gamma, select)" >&2; exit 2;;
+  *) echo "unknown part $PART (levels, gamma-low, gamma-high, ablations, select)" >&2; exit 2;;
 esac
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 set +e
