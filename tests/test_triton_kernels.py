@@ -297,3 +297,17 @@ def test_gpu_inductor_inlines_kernels():
 
 if __name__ == "__main__":
     _interp_main(sys.argv[1])
+
+
+def test_traced_calls_avoid_host_tma_descriptors():
+    """Inductor traces the GEMM op's body with fake tensors; a host TMA descriptor would then hold
+    a fake tensor as a graph constant that Inductor's FX cache cannot hash (seen on the H100), so
+    traced calls must take the pointer kernel.  _traced() is what tells the two apart."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fq_compile.kernels.triton_gemm import _traced
+
+    assert not _traced(torch.ones(4, 4, dtype=torch.int8))
+    with FakeTensorMode():
+        assert _traced(torch.ones(4, 4, dtype=torch.int8))

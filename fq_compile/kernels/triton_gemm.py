@@ -254,6 +254,16 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.storage_offset() % 16 == 0
 
 
+def _traced(t: torch.Tensor) -> bool:
+    """True while Inductor traces this op's body (fake/functional tensors).  Host-side TMA
+    descriptors hold their tensor, and Inductor (torch 2.11) then keeps that fake tensor as a graph
+    constant, which its FX-graph cache cannot hash ("tolist() ... unallocated storage", seen on the
+    H100 at M > 256).  Traced calls therefore take the pointer kernel; eager calls keep TMA."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t) or torch._is_functional_tensor(t)
+
+
 def _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, cfg, has_bias, epilogue):
     from triton.tools.tensor_descriptor import TensorDescriptor
     bm, bn, bk, stages, warps = cfg
@@ -318,7 +328,7 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
 
     tma_cfg = TMA_CONFIG.get(bits)
     if (config is None and not fp8 and tma_cfg is not None and m >= TMA_MIN_M and _tma_ok(a) and _tma_ok(wq)
-            and kp >= 16):
+            and kp >= 16 and not _traced(a)):
         if _INTERPRET:
             tma_cfg = (32, 32, 64, 1, 4)
         _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, tma_cfg, has_bias, 0 if raw_int32 else 1)
