@@ -41,8 +41,10 @@ class Config:
     flatten_weights: also flatten weight columns whose max exceeds the weight threshold (paper 4.1,
         last paragraph) by splitting them into equal parts and repeating the activation channel.
     weight_beta: threshold coefficient for weight flattening (same Eq. 6-7 on column maxima).
-    weight_clip: per-tensor weight scale from the max ("max") or the MSE-optimal clip ("mse", the
-        default for every level: chosen on held-out validation windows, see benchmarks/results).
+    weight_clip: per-tensor weight scale from the max ("max") or the MSE-optimal clip ("mse"); None
+        keeps the level's: "mse" for O1-O3, "max" for w8a8/smoothquant, both chosen on held-out
+        validation windows (benchmarks/results/accuracy-smollm2-135m-select-cpu.md): without
+        flattening, a weight-MSE clip cuts the weights that meet the outlier activation channels.
     fold: fold smoothing scales into the producing norm / linear where exact (else applied in op).
     skip: substrings of layer names kept in floating point (the output head by default).
     gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal (O3), in (0, 1].
@@ -64,7 +66,7 @@ class Config:
     smoothing: str | None = None
     flatten_weights: bool = False
     weight_beta: float = 1.3
-    weight_clip: str = "mse"
+    weight_clip: str | None = None
     fold: bool = True
     skip: tuple[str, ...] = ("lm_head",)
     gptq_damp: float = 0.01
@@ -86,8 +88,8 @@ class Config:
             raise ConfigError(f"Config.pad_multiple={self.pad_multiple!r} must be an even integer >= 2 (INT4 packs two per byte)")
         if self.smoothing not in (None, "none", "smoothquant", "sigmoid"):
             raise ConfigError(f"Config.smoothing={self.smoothing!r} must be None, 'none', 'smoothquant' or 'sigmoid'")
-        if self.weight_clip not in ("max", "mse"):
-            raise ConfigError(f"Config.weight_clip={self.weight_clip!r} must be 'max' or 'mse'")
+        if self.weight_clip not in (None, "max", "mse"):
+            raise ConfigError(f"Config.weight_clip={self.weight_clip!r} must be None, 'max' or 'mse'")
         if self.kl_method not in ("fixed", "tensorrt"):
             raise ConfigError(f"Config.kl_method={self.kl_method!r} must be 'fixed' or 'tensorrt'")
         _check_range("gptq_damp", self.gptq_damp, 1e-8, 1.0)
@@ -103,6 +105,7 @@ class Config:
         spec = dict(LEVELS[self.level])
         if self.smoothing is not None:
             spec["smoothing"] = self.smoothing
+        spec["weight_clip"] = self.weight_clip or ("mse" if spec["flatten"] else "max")
         self._derived.update(spec)
 
     # what the level implies, with overrides applied
@@ -113,6 +116,10 @@ class Config:
     @property
     def smoothing_method(self) -> str:
         return self._derived["smoothing"]
+
+    @property
+    def weight_clip_method(self) -> str:
+        return self._derived["weight_clip"]
 
     @property
     def flatten(self) -> bool:

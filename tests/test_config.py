@@ -21,6 +21,9 @@ def test_levels_follow_table_2(level, smoothing, flatten, mixed):
 def test_overrides():
     c = Config(level="O1", smoothing="none", beta=1.1)
     assert c.smoothing_method == "none" and c.beta == 1.1
+    assert Config(level="w8a8").weight_clip_method == "max" and Config(level="O3").weight_clip_method == "mse"
+    assert Config(level="w8a8", weight_clip="mse").weight_clip_method == "mse"
+    assert Config(level="O1", weight_clip="max").weight_clip_method == "max"
 
 
 @pytest.mark.parametrize("kw,knob", [
