@@ -12,6 +12,7 @@ from .config import Config, ConfigError
 from .explain import explain
 from .passes.observe import CalibrationError
 from .plan import PlanFormatError, PlanMismatchError, QuantPlan
+from .resident import resident_bytes
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,4 @@ def _register_backend() -> None:
 _register_backend()
 
 __all__ = ["Config", "ConfigError", "calibrate", "QuantPlan", "explain", "flattenquant", "CalibrationError",
-           "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "__version__"]
+           "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "resident_bytes", "__version__"]
