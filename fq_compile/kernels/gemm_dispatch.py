@@ -173,6 +173,9 @@ def _device_name_cached(index: int) -> str:
 
 
 def _device_name(device: torch.device) -> str:
+    """The CUDA device's name ('' for any other device: no table applies there)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return ""
     return _device_name_cached(device.index if device.index is not None else torch.cuda.current_device())
 
 
