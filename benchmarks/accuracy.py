@@ -77,6 +77,12 @@ def cli_command(args, level: str, overrides: dict) -> str:
         cmd += ["--calib-batches", str(args.calib_batches), "--calib-seqlen", str(args.calib_seqlen)]
     if args.ppl_seqlen != 2048:
         cmd += ["--ppl-seqlen", str(args.ppl_seqlen)]
+    if args.device and args.device != "cpu":
+        cmd += ["--device", args.device]
+    if args.dtype != "float32":
+        cmd += ["--dtype", args.dtype]
+    if args.no_inductor:
+        cmd += ["--no-inductor"]
     cmd += ["--ppl-tokens", str(args.ppl_tokens), "--tasks", ""]
     return shlex.join(cmd)
 

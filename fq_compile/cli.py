@@ -143,11 +143,13 @@ def cmd_eval(args) -> int:
     from .models import load_model
 
     configs = {} if args.plan else {level: _config(args, level) for level in args.level.split(",")}   # typos fail first
-    lm = load_model(args.model)
+    import torch
+
+    lm = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device or "cpu")
     ids = _test_ids(lm.tokenizer, args)
     results = {"model": lm.name, "seqlen": args.ppl_seqlen, "max_tokens": args.ppl_tokens,
                "overrides": list(args.overrides), "levels": {}}
-    fp = perplexity(lm.model, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
+    fp = perplexity(lm.model, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress, device=args.device)
     results["levels"]["fp32"] = dict(ppl=fp.ppl, windows=fp.windows)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     zero_shot = {}
@@ -165,11 +167,11 @@ def cmd_eval(args) -> int:
         if args.plan:
             plan = QuantPlan.load(args.plan)
             fast = _compile(lm.model, plan)
-            p = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress)
+            p = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress, device=args.device)
             r = dict(ppl=p.ppl, windows=p.windows, **plan_summary(plan))
         else:
             r = evaluate_config(lm.model, calib, ids, configs[level], args.ppl_seqlen, args.ppl_tokens,
-                                not args.no_progress)
+                                not args.no_progress, device=args.device, inductor=not args.no_inductor)
             plan, fast = r.pop("plan"), r.pop("compiled")
         results["levels"][plan.config.level] = r
         if tasks:
@@ -216,6 +218,11 @@ def main(argv=None) -> int:
     e.add_argument("--tasks", default="openbookqa,lambada_openai,piqa,hellaswag,winogrande,arc_easy",
                    help="zero-shot tasks (lm-eval) read from <data-dir>/<task>/<split>.jsonl; comma-separated, empty: skip")
     e.add_argument("--zs-limit", type=int, default=0, help="score only the first N rows of each zero-shot task (0: all)")
+    e.add_argument("--device", default=None, help="run the model there (e.g. cuda); default: where it loads (CPU)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's floating-point dtype (the baseline and the non-GEMM ops)")
+    e.add_argument("--no-inductor", action="store_true",
+                   help="run the fq:: ops without Inductor around them (same integers; float ops unfused)")
     args = p.parse_args(argv)
     if getattr(args, "ppl_tokens", None) == 0:
         args.ppl_tokens = None
