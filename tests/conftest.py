@@ -41,6 +41,18 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, kv_heads: int =
     return m
 
 
+def break_graph_inside(module: torch.nn.Module) -> None:
+    """Make Dynamo break the graph at the start of `module`'s forward, so the module runs as its own
+    frame (whose parameters Dynamo names relative to the module)."""
+    orig = module.forward
+
+    def with_break(*a, **k):
+        torch._dynamo.graph_break()
+        return orig(*a, **k)
+
+    module.forward = with_break
+
+
 def batches(n: int = 4, batch: int = 2, seq: int = 32, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(n)]

@@ -8,7 +8,7 @@ import torch
 
 import fq_compile
 from fq_compile import CalibrationError, Config, PlanMismatchError
-from tests.conftest import VOCAB, batches, tiny_llama, tiny_opt
+from tests.conftest import VOCAB, batches, break_graph_inside, tiny_llama, tiny_opt
 
 LEVELS = ["fp16", "w8a8", "smoothquant", "O1", "O2", "O3"]
 
@@ -156,14 +156,7 @@ def test_dump_dir_from_environment(tmp_path, monkeypatch):
 
 def test_graph_breaks_make_several_graphs():
     model = tiny_opt(layers=2)
-    layer0 = model.model.decoder.layers[0]
-    orig = layer0.forward
-
-    def with_break(*a, **k):
-        torch._dynamo.graph_break()
-        return orig(*a, **k)
-
-    layer0.forward = with_break
+    break_graph_inside(model.model.decoder.layers[0])
     plan = fq_compile.calibrate(model, batches(n=2), Config(level="O1"), progress=False)
     assert plan.calibration["graphs"] >= 2
     assert len(plan.layers) == 12

@@ -7,7 +7,7 @@ import torch
 import fq_compile
 from fq_compile import Config
 from fq_compile.resident import device_tensor, is_released, release, released_name, resident_bytes
-from tests.conftest import VOCAB, batches, tiny_opt
+from tests.conftest import VOCAB, batches, break_graph_inside, tiny_opt
 
 SHAPES = [(2, 20), (1, 7), (3, 33), (1, 5)]       # batch 1 after batch 3, several lengths
 
@@ -112,14 +112,7 @@ def test_recompile_inside_a_submodule_frame_names_released_weights():
     with the weights released the frame's prefix comes from the release registry (their values,
     which the fingerprint search reads otherwise, are gone)."""
     model = tiny_opt(layers=2)
-    layer0 = model.model.decoder.layers[0]
-    orig = layer0.forward
-
-    def with_break(*a, **k):
-        torch._dynamo.graph_break()
-        return orig(*a, **k)
-
-    layer0.forward = with_break
+    break_graph_inside(model.model.decoder.layers[0])
     plan = fq_compile.calibrate(model, batches(n=1), Config(level="O1"), progress=False)
     torch._dynamo.reset()
     opts = {"plan": plan, "inductor": False}
