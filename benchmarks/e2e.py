@@ -520,10 +520,9 @@ def report(paths, results_dir: Path, stem: str) -> str:
     png = results_dir / f"{stem}.png"
     if plot(rows, png):
         lines += [f"![latency vs batch and sequence]({png.name})", ""]
-    md.write_text("\n".join(lines))
-    (results_dir / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md.write_text("\n".join(lines))          # the raw rows stay where the runs wrote them, out of the repo
     print("\n".join(lines))
-    print(f"wrote {md}, {png}, {results_dir / (stem + '.jsonl')}")
+    print(f"wrote {md}, {png}")
     return "\n".join(lines)
 
 
