@@ -68,14 +68,33 @@ def test_int4_pack_round_trip_all_values():
     assert int(p[0, 0]) == ((-7 & 0xF) << 4) | (-8 & 0xF)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 32, 7), (5, 96, 33), (64, 160, 48)])
+@pytest.mark.parametrize("m,k,n", [(1, 32, 7), (5, 96, 33), (64, 160, 48), (3, 1023, 5), (2, 1024, 9),
+                                   (7, 1025, 4), (4, 2049, 3), (1, 5000, 2), (0, 16, 4), (3, 0, 4)])
 def test_int_matmul_is_exact(m, k, n):
-    g = torch.Generator().manual_seed(m)
-    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
-    b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    got = int_matmul_reference(a, b)
-    assert got.dtype == torch.int32
-    assert torch.equal(got.long(), (a.long() @ b.long().T))
+    """The CPU path runs float32 GEMMs over K chunks: bit-identical to the int64 definition on fuzzed
+    shapes around the chunk boundary, with random values and with the worst case (every product
+    +16384, which overflows float32's exact range after 1024 terms)."""
+    g = torch.Generator().manual_seed(m * 7919 + k)
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    for x, y in ((a, b), (torch.full_like(a, -128), torch.full_like(b, -128))):
+        got = int_matmul_reference(x, y)
+        assert got.dtype == torch.int32 and got.shape == (m, n)
+        assert torch.equal(got.long(), x.long() @ y.long().T)
+
+
+def test_int_matmul_falls_back_to_float64_under_reduced_float32_precision():
+    from fq_compile.kernels.int_gemm import exact_float_chunk
+
+    assert exact_float_chunk(4096) == (torch.float32, 1024)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")      # a user allowing bf16/TF32 GEMMs
+        assert exact_float_chunk(4096) == (torch.float64, 4096)
+        a = torch.full((2, 3000), 127, dtype=torch.int8)
+        assert torch.equal(int_matmul_reference(a, a).long(), a.long() @ a.long().T)
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -18,15 +18,54 @@ from .packing import unpack_int4
 from .registry import define_op
 
 
-def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """Exact int32 a @ b_t.T for int8 a [M, K], b_t [N, K].
+F32_EXACT = 1 << 24      # float32 holds every integer of magnitude <= 2**24 exactly
+F64_EXACT = 1 << 53
+INT8_PRODUCT_MAX = 128 * 128   # |a * b| for int8 operands (-128 included)
 
-    torch._int_mm where the device supports the shape; otherwise float64, which is exact here since
-    every partial sum is an integer below 2**53 (|a*b| <= 16384, K < 2**39)."""
-    try:
-        return torch._int_mm(a.contiguous(), b_t.t().contiguous())
-    except RuntimeError:
-        return (a.double() @ b_t.double().t()).to(torch.int32)
+
+def exact_float_chunk(k: int, product_max: int = INT8_PRODUCT_MAX) -> tuple[torch.dtype, int]:
+    """How a float GEMM computes an exact integer product over K: (dtype, K per chunk).
+
+    Integer operands are exact in float32, and so is every partial sum of a chunk of c products as
+    long as c * product_max <= 2**24, whatever order the BLAS adds in (FMA included): each chunk's
+    float32 result is then the exact integer.  Chunks of 1024 (int8) are summed in int32.  Only past
+    2**53 / product_max chunks (never, for int8) would float64 be needed."""
+    chunk = F32_EXACT // product_max
+    if chunk >= 1 and _float32_matmul_is_ieee():
+        return torch.float32, max(1, min(k, chunk))
+    return torch.float64, k
+
+
+def _float32_matmul_is_ieee() -> bool:
+    """False when the user let float32 GEMMs run in reduced precision (TF32/bf16): then float64."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
+
+
+def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """Exact int32 a @ b_t.T for integer a [M, K], b_t [N, K] (int8, or unpacked int4 values).
+
+    On CUDA: torch._int_mm.  On the CPU, the same integers from float32 GEMMs over K chunks that
+    are exact by construction (`exact_float_chunk`): torch._int_mm has no fast CPU kernel without
+    VNNI/AMX (630 ms against 24 ms in float32 for 512x576 @ 576x1536 on a 2-core AVX2 machine,
+    benchmarks/results/cpu-*.md), while the float BLAS is what the CPU is built for."""
+    if a.is_cuda:
+        try:
+            return torch._int_mm(a.contiguous(), b_t.t().contiguous())
+        except RuntimeError:   # shapes _int_mm refuses (M <= 16, K or N not multiples of 8): float64,
+            return (a.double() @ b_t.double().t()).to(torch.int32)   # exact, never TF32
+    m, k = a.shape
+    if m == 0 or k == 0 or b_t.shape[0] == 0:
+        return torch.zeros((m, b_t.shape[0]), dtype=torch.int32, device=a.device)
+    dtype, chunk = exact_float_chunk(k)
+    af, bf = a.to(dtype), b_t.to(dtype)
+    out = None
+    for k0 in range(0, k, chunk):
+        part = (af[:, k0:k0 + chunk] @ bf[:, k0:k0 + chunk].t()).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def quant_linear_reference(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
