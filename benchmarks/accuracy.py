@@ -34,9 +34,9 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fq_compile import Config  # noqa: E402
-from fq_compile.data import calibration_batches, selection_tokens, wikitext_test  # noqa: E402
-from fq_compile.evaluate import evaluate_config, parse_overrides, perplexity  # noqa: E402
-from fq_compile.models import load_model  # noqa: E402
+from fq_compile.tools.data import calibration_batches, selection_tokens, wikitext_test  # noqa: E402
+from fq_compile.tools.evaluate import evaluate_config, parse_overrides, perplexity  # noqa: E402
+from fq_compile.tools.models import load_model  # noqa: E402
 
 BETAS = (1.1, 1.2, 1.4, 1.5)
 GAMMAS = (1.82, 1.84, 1.86, 1.88, 1.90)

@@ -46,9 +46,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fq_compile  # noqa: E402,F401  (registers backend='flattenquant')
-from fq_compile.models import opt_config  # noqa: E402
-from fq_compile.resident import resident_bytes  # noqa: E402
-from fq_compile.synthetic import PAPER_TABLE4, synthetic_plan  # noqa: E402
+from fq_compile.runtime.resident import resident_bytes  # noqa: E402
+from fq_compile.runtime.state import reports  # noqa: E402
+from fq_compile.tools.models import opt_config  # noqa: E402
+from fq_compile.tools.synthetic import PAPER_TABLE4, synthetic_plan  # noqa: E402
 
 METHODS = ["fp16-eager", "fp16-inductor", "fp8-naive", "smoothquant", "torchao-int8", "torchao-fp8", "fq-O1", "fq-O3"]
 FP16 = ("fp16-eager", "fp16-inductor")
@@ -123,8 +124,11 @@ def to_naive_fp8(model):
 
 def to_torchao(model, kind: str):
     try:
-        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
-                                          Int8DynamicActivationInt8WeightConfig, quantize_)
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            quantize_,
+        )
     except Exception as e:  # noqa: BLE001  (an ABI mismatch shows up as any kind of import error)
         raise Unavailable(f"torchao import failed on torch {torch.__version__}: {type(e).__name__}: {e}") from None
     config = Int8DynamicActivationInt8WeightConfig() if kind == "int8" else Float8DynamicActivationFloat8WeightConfig()
@@ -328,8 +332,8 @@ def run_method(method, size, device, dtype, args, rec):
                 ms=round(med, 3), tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2),
                 reps=[round(x, 3) for x in ms], warmup_s=round(warm_s, 1), peak_bytes=peak(device), **info)
     if plan is not None:
-        rec(kind="graphs", model=size, method=label(method, args), graphs=len(plan.reports),
-            released_bytes=sum(r.released_bytes for r in plan.reports))
+        rec(kind="graphs", model=size, method=label(method, args), graphs=len(reports(plan)),
+            released_bytes=sum(r.released_bytes for r in reports(plan)))
     model = plan = None                        # free the GPU before the next method
 
 

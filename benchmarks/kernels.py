@@ -42,10 +42,10 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fq_compile.kernels  # noqa: E402,F401  (registers fq:: ops and the Triton implementations)
-from fq_compile.kernels import cutlass_gemm as cg  # noqa: E402
-from fq_compile.kernels import gemm_dispatch as gd  # noqa: E402
-from fq_compile.kernels import triton_gemm as tg  # noqa: E402
+from fq_compile.kernels import dispatch as gd  # noqa: E402
+from fq_compile.kernels.cutlass import gemm as cg  # noqa: E402
 from fq_compile.kernels.packing import pack_int4  # noqa: E402
+from fq_compile.kernels.triton import gemm as tg  # noqa: E402
 
 L2_BYTES = 50 * 2**20
 MS = [1, 16, 256, 2048, 16384]

@@ -5,14 +5,14 @@
     print(fq_compile.explain(fast))
 """
 
-from . import kernels  # noqa: F401  (registers torch.ops.fq.*)
-from .backend import BackendOptionsError, flattenquant
-from .calibrate import calibrate
-from .config import Config, ConfigError
-from .explain import explain
-from .passes.observe import CalibrationError
-from .plan import PlanFormatError, PlanMismatchError, QuantPlan
-from .resident import resident_bytes
+from fq_compile import kernels  # noqa: F401  (registers torch.ops.fq.*)
+from fq_compile.backend import BackendOptionsError, flattenquant
+from fq_compile.config import Config, ConfigError
+from fq_compile.explain import explain
+from fq_compile.passes.observe import CalibrationError
+from fq_compile.plan import PlanFormatError, PlanMismatchError, QuantPlan
+from fq_compile.planning.calibrate import calibrate
+from fq_compile.runtime.resident import resident_bytes
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,5 @@
-from .cli import main
 import sys
+
+from fq_compile.tools.cli import main
+
 sys.exit(main())

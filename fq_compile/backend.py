@@ -10,11 +10,11 @@ kernels inline through torch.library.triton_op).  Options:
     dump_dir   write each rewritten graph's code and the explain() table there (env FQ_DUMP_DIR)
     inductor   False runs the rewritten graph eagerly through the reference ops (for debugging)
     gemm       "triton" | "cutlass" | "auto": the GEMM kernels while this graph compiles (over env
-               FQ_GEMM; see fq_compile/kernels/gemm_dispatch.py)
+               FQ_GEMM; see fq_compile/kernels/dispatch.py)
     free_weights  release the floating-point weights of quantized layers once their graph is
                compiled (default: True when they live on a CUDA device, False on the CPU, so that
                CPU users can still run the un-compiled model side by side).  Only the weights that
-               nothing but replaced linears reads are freed (see fq_compile/resident.py); the
+               nothing but replaced linears reads are freed (see fq_compile/runtime/resident.py); the
                compiled model keeps working for every later call and recompile, the un-compiled
                module no longer runs (PyTorch raises "... out of bounds for storage of size 0").
                While set, hitting Dynamo's recompile limit raises instead of silently running the
@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 
-from . import kernels  # noqa: F401  (registers torch.ops.fq.*)
-from .passes.lower import GraphReport, rewrite
-from .plan import QuantPlan
+from fq_compile import kernels  # noqa: F401  (registers torch.ops.fq.*)
+from fq_compile.kernels import dispatch
+from fq_compile.passes.lower import GraphReport, rewrite
+from fq_compile.plan import QuantPlan
+from fq_compile.runtime.state import reports
 
 _KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm"}
 
@@ -59,16 +61,17 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     if not isinstance(plan, QuantPlan):
         raise BackendOptionsError(f"options['plan'] must be a QuantPlan or a path to one, got {type(plan).__name__}")
 
-    index = len(plan.reports)
+    compiled_reports = reports(plan)
+    index = len(compiled_reports)
     if plan.config.quantize:
         report = rewrite(gm, example_inputs, plan, index)
     else:
         report = GraphReport(index, code=gm.code)
-    plan.reports.append(report)
+    compiled_reports.append(report)
 
     dump_dir = options.get("dump_dir") or os.environ.get("FQ_DUMP_DIR")
     if dump_dir:
-        from .explain import explain
+        from fq_compile.explain import explain
 
         d = Path(dump_dir)
         d.mkdir(parents=True, exist_ok=True)
@@ -80,7 +83,7 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     else:
         from torch._inductor.compile_fx import compile_fx
 
-        with kernels.gemm_dispatch.use(options.get("gemm")):  # Triton/CUTLASS choice, kernels/gemm_dispatch.py
+        with dispatch.use(options.get("gemm")):  # Triton/CUTLASS choice, kernels/gemm_dispatch.py
             compiled = compile_fx(gm, example_inputs)
     free = options.get("free_weights")
     if free is None:
@@ -93,8 +96,8 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
 def _release_replaced(gm: torch.fx.GraphModule, example_inputs, report: GraphReport, plan: QuantPlan) -> int:
     """Free the storage of parameters that only replaced linears read in this graph (never a
     skipped layer's, never one sharing storage with an input the graph still reads)."""
-    from .fx_utils import layer_name, placeholder_inputs
-    from .resident import is_released, release
+    from fq_compile.passes.match import layer_name, placeholder_inputs
+    from fq_compile.runtime.resident import is_released, release
 
     runtime = placeholder_inputs(gm, example_inputs)
     used = {t.untyped_storage().data_ptr() for n, t in runtime.items()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from .plan import QuantPlan
+from fq_compile.plan import QuantPlan
+from fq_compile.runtime.state import reports
 
 
 def _find_plan(obj) -> QuantPlan | None:
@@ -37,7 +38,7 @@ def explain(obj) -> str:
         raise TypeError("explain() takes a QuantPlan or a model compiled with torch.compile(..., "
                         "backend='flattenquant', options={'plan': plan})")
     used = {}
-    for rep in plan.reports:
+    for rep in reports(plan):
         for lr in rep.layers:
             used[lr.layer] = lr
     rows = []
@@ -67,6 +68,6 @@ def explain(obj) -> str:
         ["average flatten ratio", f"{100 * sum(ratios) / n:.1f}%" if n else "-"],
         ["weight bytes, fp16 -> quantized", f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
                                             + (f" ({before / after:.2f}x smaller)" if after else "")],
-        ["graphs compiled", len(plan.reports)],
+        ["graphs compiled", len(reports(plan))],
     ]
     return f"fq_compile plan for {plan.model_type}\n{table}\n\n{tabulate(totals, tablefmt='plain')}"

@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import Config
-from .kernels.flatten_quantize import QMAX
-from .passes.flatten import ChannelMap, channel_map
+from fq_compile.config import Config
 
 FORMAT_NAME = "fq_compile.plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the channel map is stored, not recomputed (its layout may change)
 
 
 class PlanFormatError(ValueError):
@@ -48,6 +46,22 @@ def weight_fingerprint(w: torch.Tensor) -> float:
 
 
 @dataclass
+class ChannelMap:
+    """Position p of the flattened tensor reads channel src[p], slice [lo[p], lo[p] + hi[p]) of |x|/T,
+    and its weight column is weight_factor[p] * W[:, src[p]] (0 for padding)."""
+
+    src: torch.Tensor            # int32 [K']
+    lo: torch.Tensor             # float32 [K'], units of T
+    hi: torch.Tensor             # float32 [K'], units of T (inf: unbounded remainder)
+    weight_factor: torch.Tensor  # float32 [K']: 1 for activation pieces, 1/(D+1) for weight splits, 0 for padding
+    active: torch.Tensor         # bool [K']: False on padding
+
+    @property
+    def size(self) -> int:
+        return int(self.src.numel())
+
+
+@dataclass
 class GroupPlan:
     """One activation tensor and the linear layers that read it (they share smoothing and T)."""
 
@@ -61,14 +75,8 @@ class GroupPlan:
     weight_dup: torch.Tensor      # int64 [C]  D_j (weight-column splits)
     act_max: torch.Tensor         # float32 [C] observed max |X_j| before smoothing
     pad_multiple: int
+    cmap: ChannelMap              # the K' layout the op and the weights share (planning/flatten.py)
     fold_note: str = ""           # why smoothing stays in the op, when it does
-    _cmap: ChannelMap | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def cmap(self) -> ChannelMap:
-        if self._cmap is None:
-            self._cmap = channel_map(self.extra, self.weight_dup, self.pad_multiple)
-        return self._cmap
 
     @property
     def flat_features(self) -> int:
@@ -78,20 +86,6 @@ class GroupPlan:
     def flatten_ratio(self) -> float:
         """Extra channels over original channels (paper Table 4), padding excluded."""
         return float(self.extra.sum() + self.weight_dup.sum()) / self.in_features
-
-    def op_constants(self, bits: int, smooth_in_op: bool, device=None) -> dict[str, torch.Tensor]:
-        """src/mult/lo/hi for fq::flatten_quantize at this bit width (see its docstring); the
-        smoothing scales go into mult unless they were folded into the producer."""
-        qmax = QMAX[bits]
-        cm = self.cmap
-        src = cm.src.to(torch.int64)
-        inv_s = 1.0 / self.smooth.double() if smooth_in_op else torch.ones(self.in_features, dtype=torch.float64)
-        mult = (inv_s.double()[src] * (qmax / self.threshold)).float()
-        mult = torch.where(cm.active, mult, torch.zeros_like(mult))
-        lo = cm.lo * qmax
-        hi = torch.where(cm.hi.isinf(), cm.hi, cm.hi * qmax)
-        out = dict(src=cm.src, mult=mult, lo=lo.float(), hi=hi.float())
-        return {k: v.to(device) if device is not None else v for k, v in out.items()}
 
 
 @dataclass
@@ -129,7 +123,6 @@ class QuantPlan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)   # layer -> why it stays in floating point
     calibration: dict = field(default_factory=dict)          # batches, tokens, ...
-    reports: list = field(default_factory=list, repr=False, compare=False)  # filled by the backend
 
     # -- lookup -----------------------------------------------------------------------------------
     def group_of(self, layer: str) -> GroupPlan:
@@ -154,6 +147,8 @@ class QuantPlan:
             gi = len(groups)
             for key in ("smooth", "extra", "weight_dup", "act_max"):
                 tensors[f"g{gi}.{key}"] = getattr(g, key).contiguous()
+            for key in ("src", "lo", "hi", "weight_factor", "active"):
+                tensors[f"g{gi}.cmap.{key}"] = getattr(g.cmap, key).contiguous()
             groups[gname] = dict(index=gi, layers=g.layers, in_features=g.in_features, threshold=g.threshold,
                                  fold=g.fold, fold_note=g.fold_note, pad_multiple=g.pad_multiple)
         for lname, lp in self.layers.items():
@@ -218,7 +213,8 @@ class QuantPlan:
                 name=gname, layers=list(g["layers"]), in_features=int(g["in_features"]),
                 threshold=float(g["threshold"]), smooth=tensors[f"g{gi}.smooth"], fold=g["fold"],
                 extra=tensors[f"g{gi}.extra"], weight_dup=tensors[f"g{gi}.weight_dup"],
-                act_max=tensors[f"g{gi}.act_max"], pad_multiple=int(g["pad_multiple"]), fold_note=g.get("fold_note", ""))
+                act_max=tensors[f"g{gi}.act_max"], pad_multiple=int(g["pad_multiple"]), fold_note=g.get("fold_note", ""),
+                cmap=ChannelMap(*(tensors[f"g{gi}.cmap.{k}"] for k in ("src", "lo", "hi", "weight_factor", "active"))))
         for lname, l in meta["layers"].items():
             li = l["index"]
             lp = LayerPlan(name=lname, group=l["group"], in_features=int(l["in_features"]),

@@ -43,7 +43,7 @@ def test_dict_round_trip_and_unknown_knob():
 
 
 def test_overrides_from_the_command_line():
-    from fq_compile.evaluate import parse_overrides
+    from fq_compile.tools.evaluate import parse_overrides
 
     kw = parse_overrides(["beta=1.1", "smoothing=none", "flatten_weights=true", "skip=[\"lm_head\", \"fc2\"]"])
     assert kw == {"beta": 1.1, "smoothing": "none", "flatten_weights": True, "skip": ["lm_head", "fc2"]}

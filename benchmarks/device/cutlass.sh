@@ -42,12 +42,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 nvcc --version | tail -1
 
 if [[ $PART == check ]]; then
-  time python3 -m fq_compile.kernels.cutlass_gemm --nvcc-check --jobs "$(nproc)"
+  time python3 -m fq_compile.kernels.cutlass.gemm --nvcc-check --jobs "$(nproc)"
   exit
 fi
 
 echo "== build"
-time python3 -m fq_compile.kernels.cutlass_gemm --build
+time python3 -m fq_compile.kernels.cutlass.gemm --build
 SO=$(ls "$FQ_CACHE_DIR"/cutlass-*/fq_cutlass_*.so 2>/dev/null | head -1 || true)
 if [[ -n $SO ]]; then
   cp "$SO" "$OUT/" && ls -la "$SO"

@@ -1,20 +1,38 @@
-"""Kernels: one family per file.  Importing this package registers the `fq::` ops.
+"""Kernels: the `fq::` ops, one family per file, and their GPU implementations.
 
-Each op has a CPU reference implementation that defines its integer semantics; GPU kernels plug
-into the same op names (see CUDA_IMPL in each module)."""
+    flatten_quantize.py   fq::flatten_quantize: the op schema and its CPU reference (integer semantics)
+    int_gemm.py           fq::int8_linear / fq::int4_linear: schemas and CPU references
+    packing.py            the INT4 storage format (two values per byte)
+    triton/               Triton kernels for both families (CUDA)
+    cutlass/              CUTLASS sm_90a GEMMs (fq::cutlass_int_linear), built on first use
+    dispatch.py           per-call choice between the Triton and CUTLASS GEMMs (FQ_GEMM, the table)
 
-from . import flatten_quantize, int_gemm, packing  # noqa: F401  (registers torch.ops.fq.*)
-from .flatten_quantize import flatten_quantize_reference
-from .int_gemm import int_matmul_reference, quant_linear_reference
-from .packing import pack_int4, unpack_int4
+Importing this package defines the ops and registers the GPU implementations explicitly (below):
+no module changes another's state on import.  Without Triton, the CPU references serve every device.
+"""
 
-try:  # Triton CUDA implementations fill the CUDA_IMPL registries; absent Triton, the references serve
-    from . import triton_flatten_quantize, triton_gemm  # noqa: F401
-except ImportError:  # pragma: no cover - CPU-only installs without triton
-    pass
+from fq_compile.kernels import flatten_quantize, int_gemm, packing  # noqa: F401  (defines torch.ops.fq.*)
+from fq_compile.kernels.cutlass import gemm as _cutlass_gemm  # noqa: F401  (defines fq::cutlass_int_linear)
+from fq_compile.kernels.flatten_quantize import flatten_quantize_reference
+from fq_compile.kernels.int_gemm import int_matmul_reference, quant_linear_reference
+from fq_compile.kernels.packing import pack_int4, unpack_int4
+from fq_compile.kernels.registry import HAS_TRITON
 
-# Per-shape choice between the Triton and CUTLASS GEMMs (FQ_GEMM, backend option "gemm"); defines
-# fq::cutlass_int_linear, whose extension is only built on first use on a Hopper GPU.
-from . import gemm_dispatch  # noqa: E402,F401
+
+def _register_gpu_implementations() -> None:
+    from fq_compile.kernels import dispatch
+
+    int_gemm.register_selector(dispatch.select)
+    if not HAS_TRITON:  # pragma: no cover - CPU-only installs without triton
+        return
+    from fq_compile.kernels.triton import flatten_quantize as triton_flatten_quantize
+    from fq_compile.kernels.triton import gemm as triton_gemm
+
+    flatten_quantize.register_cuda_impl(triton_flatten_quantize.flatten_quantize_cuda)
+    int_gemm.register_cuda_impl("int8_linear", triton_gemm.int8_linear_cuda)
+    int_gemm.register_cuda_impl("int4_linear", triton_gemm.int4_linear_cuda)
+
+
+_register_gpu_implementations()
 
 __all__ = ["flatten_quantize_reference", "int_matmul_reference", "quant_linear_reference", "pack_int4", "unpack_int4"]

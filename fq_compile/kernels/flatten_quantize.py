@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op
 
-from .packing import INT4_MAX, pack_int4
-from .registry import define_op
+from fq_compile.kernels.packing import INT4_MAX, pack_int4
+from fq_compile.kernels.registry import define_op
 
 QMAX = {8: 127, 4: INT4_MAX}
 
@@ -70,8 +70,13 @@ def _(x, src, mult, lo, hi, bits):
 
 
 # The GPU kernel registry: a callable (x, src, mult, lo, hi, bits) -> Tensor that launches the
-# CUDA implementation through torch.library.wrap_triton.  Filled in by the Triton kernel module.
+# CUDA implementation through torch.library.wrap_triton (register_cuda_impl, called by
+# fq_compile/kernels/__init__.py).
 CUDA_IMPL = {}
+
+
+def register_cuda_impl(fn) -> None:
+    CUDA_IMPL["flatten_quantize"] = fn
 
 
 @define_op("fq::flatten_quantize", mutates_args=())

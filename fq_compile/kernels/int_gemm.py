@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op
 
-from .packing import unpack_int4
-from .registry import define_op
-
+from fq_compile.kernels.packing import unpack_int4
+from fq_compile.kernels.registry import define_op
 
 F32_EXACT = 1 << 24      # float32 holds every integer of magnitude <= 2**24 exactly
 F64_EXACT = 1 << 53
@@ -105,11 +104,23 @@ def _int4_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.T
     return quant_linear_reference(xq, wq, scale, bias, 4, out_dtype)
 
 
-# GPU implementations, keyed "int8_linear" / "int4_linear"; filled in by the kernel modules.
+# GPU implementations, keyed "int8_linear" / "int4_linear" (register_cuda_impl, called by
+# fq_compile/kernels/__init__.py), and the per-call chooser between them and other implementations
+# (register_selector: kernels/dispatch.py's `select`): (name, xq, wq, out_dtype) -> an implementation
+# (the CUTLASS op) or None for the registered kernel.
 CUDA_IMPL = {}
-# Per-call chooser installed by gemm_dispatch.py: (name, xq, wq, out_dtype) -> an implementation
-# (the CUTLASS op) or None for the default below.
 SELECT = None
+
+
+def register_cuda_impl(name: str, fn) -> None:
+    if name not in ("int8_linear", "int4_linear"):
+        raise ValueError(f"unknown GEMM op {name!r}")
+    CUDA_IMPL[name] = fn
+
+
+def register_selector(fn) -> None:
+    global SELECT
+    SELECT = fn
 
 
 def _dispatch(name, xq, wq, scale, bias, out_dtype):

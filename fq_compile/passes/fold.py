@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..fx_utils import is_linear, layer_name, linear_args
+from fq_compile.passes.match import is_linear, layer_name, linear_args
 
 _MOVE_METHODS = {"view", "reshape", "contiguous", "transpose", "permute", "to", "float", "half", "bfloat16",
                  "clone", "flatten", "unflatten"}

@@ -10,7 +10,7 @@ treats as constants).  Norm folds are applied here, from the live norm parameter
 stores floating-point copies of model weights; row folds are already inside the plan's weights.
 Linears the plan does not cover stay as they are and are reported with the reason.
 
-Plan tensors reach each graph through `resident.device_tensor`, so every graph and recompile
+Plan tensors reach each graph through `runtime.state.device_tensor`, so every graph and recompile
 shares one device copy.  A weight whose storage was already released (resident.py) is named from
 the release registry and never read: its fingerprint is not checked, only its name and shape.
 """
@@ -22,10 +22,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..fx_utils import ParamNames, example_value, is_linear, layer_name, linear_args, param_fqn, placeholder_inputs
-from ..plan import PlanMismatchError, QuantPlan, weight_fingerprint
-from ..resident import device_tensor, is_released, released_name
-from .fold import find_fold_site
+from fq_compile.kernels.flatten_quantize import QMAX
+from fq_compile.passes.fold import find_fold_site
+from fq_compile.passes.match import (
+    ParamNames,
+    example_value,
+    is_linear,
+    layer_name,
+    linear_args,
+    param_fqn,
+    placeholder_inputs,
+)
+from fq_compile.plan import GroupPlan, PlanMismatchError, QuantPlan, weight_fingerprint
+from fq_compile.runtime.resident import is_released, released_name
+from fq_compile.runtime.state import device_tensor, state_of
 
 FINGERPRINT_RTOL = 1e-3
 
@@ -165,13 +175,27 @@ def _param_names(gm, example_inputs, runtime, plan) -> ParamNames:
     return ParamNames(gm, example_inputs, by_id=by_id)
 
 
+def op_constants(g: GroupPlan, bits: int, smooth_in_op: bool) -> dict[str, torch.Tensor]:
+    """src/mult/lo/hi for fq::flatten_quantize at this bit width (see its docstring); the
+    smoothing scales go into mult unless they were folded into the producer."""
+    qmax = QMAX[bits]
+    cm = g.cmap
+    src = cm.src.to(torch.int64)
+    inv_s = 1.0 / g.smooth.double() if smooth_in_op else torch.ones(g.in_features, dtype=torch.float64)
+    mult = (inv_s.double()[src] * (qmax / g.threshold)).float()
+    mult = torch.where(cm.active, mult, torch.zeros_like(mult))
+    lo = cm.lo * qmax
+    hi = torch.where(cm.hi.isinf(), cm.hi, cm.hi * qmax)
+    return dict(src=cm.src, mult=mult, lo=lo.float(), hi=hi.float())
+
+
 def _group_constants(plan, g, bits: int, smooth_in_op: bool, device) -> dict[str, torch.Tensor]:
     """The group's flatten_quantize constants on `device`, built and copied once per plan."""
     key = f"{g.name}.a{bits}.{'s' if smooth_in_op else 'f'}"
-    cache = plan.__dict__.setdefault("_group_constants", {})
-    ident = (g.threshold, id(g.smooth), id(g.extra), id(g.weight_dup), g.pad_multiple)
+    cache = state_of(plan).constants
+    ident = (g.threshold, id(g.smooth), id(g.cmap))
     if key not in cache or cache[key][0] != ident:
-        cache[key] = (ident, g.op_constants(bits, smooth_in_op=smooth_in_op))
+        cache[key] = (ident, op_constants(g, bits, smooth_in_op=smooth_in_op))
     return {k: device_tensor(plan, f"{key}.{k}", v, device) for k, v in cache[key][1].items()}
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..fx_utils import example_value, is_linear, layer_name, linear_args
+from fq_compile.passes.match import example_value, is_linear, layer_name, linear_args
 
 
 class CalibrationError(RuntimeError):

@@ -4,8 +4,13 @@ import pytest
 import torch
 
 import fq_compile  # noqa: F401  (registers the ops)
-from fq_compile.kernels import flatten_quantize_reference, int_matmul_reference, pack_int4, unpack_int4
-from fq_compile.passes.flatten import channel_map
+from fq_compile.kernels import (
+    flatten_quantize_reference,
+    int_matmul_reference,
+    pack_int4,
+    unpack_int4,
+)
+from fq_compile.planning.flatten import channel_map
 
 
 def _float64_flatten_quantize(x, e, smooth, t, qmax):

@@ -41,8 +41,6 @@ from pathlib import Path
 
 import torch
 
-from . import int_gemm
-
 CHOICES = ("triton", "cutlass", "auto")
 ENV = "FQ_GEMM"
 TABLE_PATH = Path(__file__).resolve().with_name("gemm_table.json")
@@ -216,7 +214,7 @@ def _rows_tma_ok(t: torch.Tensor) -> bool:
 
 def _cutlass_ready(device: torch.device) -> bool:
     """Build/load the CUTLASS extension (first call: minutes); False (warned once) if it cannot."""
-    from . import cutlass_gemm
+    from fq_compile.kernels.cutlass import gemm as cutlass_gemm
     try:
         reason = cutlass_gemm.unavailable_reason(device)
         if reason is not None:
@@ -243,7 +241,7 @@ def choose(bits: int, xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype
         return "triton", ""
     if bits == 4:
         k *= 2
-    from . import cutlass_gemm
+    from fq_compile.kernels.cutlass import gemm as cutlass_gemm
     if not cutlass_gemm.shape_supported(n, k, out_dtype):
         return "triton", ""
     if bits == 8 and not (_rows_tma_ok(xq) and _rows_tma_ok(wq)):
@@ -275,10 +273,3 @@ def select(name: str, xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype
 def _run_cutlass(xq, wq, scale, bias, out_dtype, *, bits, config):
     return torch.ops.fq.cutlass_int_linear(xq, wq, scale, bias, out_dtype, bits, config)
 
-
-def _install():
-    from . import cutlass_gemm  # noqa: F401  (defines fq::cutlass_int_linear; builds nothing)
-    int_gemm.SELECT = select
-
-
-_install()

@@ -17,7 +17,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from .config import LEVELS, Config
+from fq_compile.config import LEVELS, Config
 
 
 def _common(p: argparse.ArgumentParser):
@@ -32,26 +32,26 @@ def _common(p: argparse.ArgumentParser):
 
 
 def _config(args, level: str) -> Config:
-    from .evaluate import parse_overrides
+    from fq_compile.tools.evaluate import parse_overrides
 
     return Config.from_dict(dict(parse_overrides(args.overrides), level=level, seed=args.seed))
 
 
 def _calib(tokenizer, args):
-    from .data import calibration_batches
+    from fq_compile.tools.data import calibration_batches
 
     return calibration_batches(tokenizer, n=args.calib_batches, seqlen=args.calib_seqlen, seed=args.seed,
                                data_dir=args.data_dir)
 
 
 def _calibrate(model, tokenizer, args, level: str):
-    from . import calibrate
+    from fq_compile.planning import calibrate
 
     return calibrate(model, _calib(tokenizer, args), _config(args, level), progress=not args.no_progress)
 
 
 def _test_ids(tokenizer, args):
-    from .data import wikitext_test
+    from fq_compile.tools.data import wikitext_test
 
     return tokenizer(wikitext_test(args.data_dir), return_tensors="pt").input_ids[0]
 
@@ -83,9 +83,9 @@ def _compile(model, plan):
 
 @torch.no_grad()
 def cmd_demo(args) -> int:
-    from . import explain
-    from .evaluate import perplexity
-    from .models import load_model
+    from fq_compile import explain
+    from fq_compile.tools.evaluate import perplexity
+    from fq_compile.tools.models import load_model
 
     t0 = time.time()
     lm = load_model(args.model)
@@ -120,7 +120,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .models import load_model
+    from fq_compile.tools.models import load_model
 
     lm = load_model(args.model)
     plan = _calibrate(lm.model, lm.tokenizer, args, args.level)
@@ -130,7 +130,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_dump(args) -> int:
-    from . import QuantPlan, explain
+    from fq_compile import QuantPlan, explain
 
     print(explain(QuantPlan.load(args.plan)))
     return 0
@@ -138,9 +138,9 @@ def cmd_dump(args) -> int:
 
 @torch.no_grad()
 def cmd_eval(args) -> int:
-    from . import QuantPlan
-    from .evaluate import evaluate_config, perplexity, plan_summary
-    from .models import load_model
+    from fq_compile import QuantPlan
+    from fq_compile.tools.evaluate import evaluate_config, perplexity, plan_summary
+    from fq_compile.tools.models import load_model
 
     configs = {} if args.plan else {level: _config(args, level) for level in args.level.split(",")}   # typos fail first
     import torch
@@ -154,7 +154,7 @@ def cmd_eval(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     zero_shot = {}
     if tasks:
-        from .zeroshot import comparison_table, evaluate_zero_shot
+        from fq_compile.tools.zeroshot import comparison_table, evaluate_zero_shot
 
         def zs(level, call):
             zero_shot[level] = results["levels"][level]["zero_shot"] = evaluate_zero_shot(
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if getattr(args, "ppl_tokens", None) == 0:
         args.ppl_tokens = None
-    from . import ConfigError, PlanFormatError, PlanMismatchError
+    from fq_compile import ConfigError, PlanFormatError, PlanMismatchError
 
     try:
         return {"demo": cmd_demo, "quantize": cmd_quantize, "dump": cmd_dump, "eval": cmd_eval}[args.cmd](args)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -59,7 +59,7 @@ def check_gemm(device: str, shapes, bits: int, fp8: bool, seed: int = 0, configs
     configs: tile configs to force, one per shape in turn (None: the autotuner picks)."""
     from fq_compile.kernels import int_matmul_reference, quant_linear_reference
     from fq_compile.kernels.packing import pack_int4
-    from fq_compile.kernels import triton_gemm as tg
+    from fq_compile.kernels.triton import gemm as tg
 
     gen = torch.Generator().manual_seed(seed)
     qmax = 127 if bits == 8 else 7
@@ -122,7 +122,7 @@ def check_flatten_quantize(device: str, cases, seed: int = 0):
     """Bit-exact Triton activation kernel vs flatten_quantize_reference, incl. values beyond the
     calibrated range (saturation) and non-contiguous inputs."""
     from fq_compile.kernels import flatten_quantize_reference, unpack_int4
-    from fq_compile.kernels import triton_flatten_quantize as tf
+    from fq_compile.kernels.triton import flatten_quantize as tf
 
     gen = torch.Generator().manual_seed(seed)
     for (lead, c, bits, dtype, layout) in cases:
@@ -219,7 +219,7 @@ VARIANTS = [(8, False), (4, False), (4, True)]
 def _full_cases():
     """(bits, fp8, shape, forced config): every autotune candidate of the shape's regime is run on
     some full-size shape, without paying for autotuning each one (tests don't time)."""
-    from fq_compile.kernels import triton_gemm as tg
+    from fq_compile.kernels.triton import gemm as tg
     cases = []
     for bits, fp8 in VARIANTS:
         for i, shape in enumerate(FULL_GEMM):
@@ -266,6 +266,7 @@ def test_gpu_inductor_inlines_kernels():
     """torch.compile(inductor) of flatten_quantize + int8/int4_linear calls our Triton kernels from
     the generated code, with no fallback to the reference ops."""
     from torch._inductor.utils import run_and_get_code
+
     import fq_compile.kernels  # noqa: F401
     from fq_compile.kernels.packing import pack_int4
 
@@ -306,7 +307,7 @@ def test_traced_calls_avoid_host_tma_descriptors():
     pytest.importorskip("triton")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fq_compile.kernels.triton_gemm import _traced
+    from fq_compile.kernels.triton.gemm import _traced
 
     assert not _traced(torch.ones(4, 4, dtype=torch.int8))
     with FakeTensorMode():

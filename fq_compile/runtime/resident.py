@@ -15,7 +15,7 @@ Consequences a user sees (documented on the backend's `free_weights` option):
   * weights that any other op reads (tied weights, lm_head / embeddings, skipped layers) and norm
     weights (folds read them at every recompile) are never freed.
 
-Plan tensors are moved to a device once per (plan, device) (`device_tensor`) and shared by every
+Plan tensors are moved to a device once per (plan, device) (runtime/state.py) and shared by every
 graph and recompile, so a recompile costs no second copy of the quantized weights.
 """
 
@@ -24,6 +24,8 @@ from __future__ import annotations
 import weakref
 
 import torch
+
+from fq_compile.runtime.state import plan_tensors
 
 # id(tensor) -> (weakref to it, fully-qualified parameter name); entries die with their tensor
 _RELEASED: dict[int, tuple[weakref.ref, str]] = {}
@@ -58,29 +60,6 @@ def release(t: torch.Tensor, name: str) -> int:
 
     _RELEASED[key] = (weakref.ref(t, _forget), name)
     return freed
-
-
-def device_tensor(plan, key: str, t: torch.Tensor, device) -> torch.Tensor:
-    """`t` on `device`, copied at most once per (plan, key, device) and shared by all graphs."""
-    device = torch.device(device)
-    if t.device == device:
-        return t
-    cache = plan.__dict__.setdefault("_device_tensors", {})
-    k = (key, str(device))
-    hit = cache.get(k)
-    if hit is None or hit[0]() is not t:          # a plan tensor replaced since (GPTQ): copy anew
-        hit = cache[k] = (weakref.ref(t), t.to(device))
-    return hit[1]
-
-
-def plan_tensors(plan):
-    """Every tensor the compiled graphs read from the plan (device copies included)."""
-    out = [copy for _, copy in plan.__dict__.get("_device_tensors", {}).values()]
-    for lp in plan.layers.values():
-        out.append(lp.weight_q)
-        if lp.bias is not None:
-            out.append(lp.bias)
-    return out
 
 
 def _unique_storage_bytes(tensors, device) -> int:

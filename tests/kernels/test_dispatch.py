@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import fq_compile.kernels  # noqa: F401  (registers the ops and installs the dispatcher)
-from fq_compile.kernels import cutlass_gemm as cg
-from fq_compile.kernels import gemm_dispatch as gd
+from fq_compile.kernels import dispatch as gd
 from fq_compile.kernels import int_gemm
+from fq_compile.kernels.cutlass import gemm as cg
 from fq_compile.kernels.int_gemm import int_matmul_reference, quant_linear_reference
 from fq_compile.kernels.packing import pack_int4, unpack_int4
 
@@ -276,9 +276,10 @@ def test_inductor_compiles_either_choice(eligible, monkeypatch, tmp_path, mode):
 def test_backend_option_routes_the_gemms(eligible, monkeypatch):
     """options={'gemm': ...} decides while the flattenquant backend compiles, over FQ_GEMM; both
     choices give the same logits (the CUTLASS op's CPU kernel is the reference), a bad value fails."""
+    from torch._inductor.utils import run_and_get_code
+
     import fq_compile
     from tests.conftest import batches, tiny_opt
-    from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setenv("FQ_GEMM", "triton")
     model = tiny_opt().eval()

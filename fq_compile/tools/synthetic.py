@@ -34,16 +34,22 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-from .calibrate import _skipped_layers
-from .config import Config
-from .fx_utils import ParamNames
-from .kernels.flatten_quantize import QMAX
-from .kernels.packing import pack_int4
-from .passes.flatten import flatten_weight
-from .passes.fold import find_fold_site
-from .passes.observe import find_linears, group_name
-from .plan import GroupPlan, LayerPlan, QuantPlan, model_hash, weight_fingerprint
-from .resident import release
+from fq_compile.config import Config
+from fq_compile.kernels.flatten_quantize import QMAX
+from fq_compile.kernels.packing import pack_int4
+from fq_compile.passes.fold import find_fold_site
+from fq_compile.passes.match import ParamNames
+from fq_compile.passes.observe import find_linears, group_name
+from fq_compile.plan import (
+    GroupPlan,
+    LayerPlan,
+    QuantPlan,
+    model_hash,
+    weight_fingerprint,
+)
+from fq_compile.planning.calibrate import skipped_layers
+from fq_compile.planning.flatten import channel_map, flatten_weight
+from fq_compile.runtime.resident import release
 
 # paper Table 4: OPT size -> (share of INT4 layers, average flatten ratio)
 PAPER_TABLE4 = {
@@ -72,7 +78,7 @@ def block_structure(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)
     the blocks), found by the fold analysis on a one-block replica's Dynamo graph."""
     rep = _replica(model)
     by_id = {id(p): n for n, p in rep.named_parameters()}
-    skip = _skipped_layers(rep, skip)
+    skip = skipped_layers(rep, skip)
     found: list[tuple[list[str], str]] = []
 
     def capture(gm, example_inputs):
@@ -128,7 +134,7 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
     if int4_share and not config.mixed_bits:
         raise ValueError(f"level {level!r} is all INT8; int4_share must be 0")
     params = dict(model.named_parameters())
-    skipped = _skipped_layers(model, config.skip)
+    skipped = skipped_layers(model, config.skip)
     structure = block_structure(model, config.skip)
     n_blocks = model.config.num_hidden_layers
 
@@ -163,7 +169,7 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
         plan.groups[name] = GroupPlan(
             name=name, layers=layers, in_features=c, threshold=t, smooth=torch.ones(c), fold=fold,
             extra=extra, weight_dup=torch.zeros_like(extra), act_max=((extra + 1) * t).float(),
-            pad_multiple=config.pad_multiple, fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found")
+            pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple), fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found")
         if fold.startswith("rows:"):
             row_of[fold[len("rows:"):]] = name
     for (layers, fold, pos) in tqdm(groups, desc="fq_compile: synthetic plan", disable=not progress):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from fq_compile.cli import main
-from fq_compile.evaluate import perplexity
-from fq_compile.models import OPT_SHAPES, load_model, opt_config
+from fq_compile.tools.cli import main
+from fq_compile.tools.evaluate import perplexity
+from fq_compile.tools.models import OPT_SHAPES, load_model, opt_config
 from tests.conftest import tiny_llama
 
 WORDS = ("the cat sat on a mat while a dog ran to the park and the sun was warm over a quiet town "

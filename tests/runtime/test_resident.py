@@ -6,7 +6,13 @@ import torch
 
 import fq_compile
 from fq_compile import Config
-from fq_compile.resident import device_tensor, is_released, release, released_name, resident_bytes
+from fq_compile.runtime.resident import (
+    is_released,
+    release,
+    released_name,
+    resident_bytes,
+)
+from fq_compile.runtime.state import device_tensor, reports
 from tests.conftest import VOCAB, batches, break_graph_inside, tiny_opt
 
 SHAPES = [(2, 20), (1, 7), (3, 33), (1, 5)]       # batch 1 after batch 3, several lengths
@@ -54,7 +60,7 @@ def test_released_weights_hold_no_memory_and_outputs_do_not_change(make_model, i
     resident_kept = resident_bytes(model, plan)
 
     torch._dynamo.reset()
-    plan.reports.clear()
+    reports(plan).clear()
     model.compile(backend="flattenquant", options={"plan": plan, "free_weights": True, "inductor": inductor})
     with torch.no_grad():
         first = model(xs[0]).logits
@@ -67,7 +73,7 @@ def test_released_weights_hold_no_memory_and_outputs_do_not_change(make_model, i
         if not any(name.startswith(layer + ".") for layer in plan.layers):
             assert _storage(model, name) == b, name
     assert any("lm_head" in s or "embed" in s for s in plan.skipped)
-    released = sum(r.released_bytes for r in plan.reports)
+    released = sum(r.released_bytes for r in reports(plan))
     assert released == sum(b for n, b in before.items() if n.rsplit(".", 1)[0] in plan.layers)
     resident = resident_bytes(model, plan)
     assert resident["model"] == resident_kept["model"] - released
@@ -78,8 +84,8 @@ def test_released_weights_hold_no_memory_and_outputs_do_not_change(make_model, i
     for a, b in zip(freed_outs, kept):
         assert torch.equal(a, b)
     assert torch.equal(freed_gen, kept_gen)
-    assert len(plan.reports) >= 2                # recompiles happened after the release
-    assert all(r.released_bytes == 0 for r in plan.reports[1:])   # nothing left to free, nothing reread
+    assert len(reports(plan)) >= 2                # recompiles happened after the release
+    assert all(r.released_bytes == 0 for r in reports(plan)[1:])   # nothing left to free, nothing reread
 
 
 def test_uncompiled_module_refuses_to_run_after_release():
@@ -104,7 +110,7 @@ def test_cpu_default_keeps_weights():
         fast(x)
         model(x)                                 # the eager model still runs
     assert not any(is_released(p) for p in model.parameters())
-    assert plan.reports[0].released_bytes == 0
+    assert reports(plan)[0].released_bytes == 0
 
 
 def test_recompile_inside_a_submodule_frame_names_released_weights():
@@ -121,11 +127,11 @@ def test_recompile_inside_a_submodule_frame_names_released_weights():
     with torch.no_grad():
         expect = [ref(x).logits for x in xs]
         torch._dynamo.reset()
-        plan.reports.clear()
+        reports(plan).clear()
         fast = torch.compile(model, backend="flattenquant", options={**opts, "free_weights": True})
         got = [fast(x).logits for x in xs]
     assert all(is_released(dict(model.named_parameters())[n + ".weight"]) for n in plan.layers)
-    assert len(plan.reports) > 2
+    assert len(reports(plan)) > 2
     for a, b in zip(got, expect):
         assert torch.equal(a, b)
 
@@ -178,7 +184,7 @@ def test_cuda_default_releases_and_memory_drops():
 # -- synthetic plans (the end-to-end benchmark's plans for random-weight models) ----------------------
 
 def test_synthetic_plan_has_the_requested_shares_and_the_calibrated_structure(make_model):
-    from fq_compile.synthetic import PAPER_TABLE4, synthetic_plan
+    from fq_compile.tools.synthetic import PAPER_TABLE4, synthetic_plan
 
     share, ratio = PAPER_TABLE4["13b"]
     model = make_model(layers=40, hidden=64, outliers=False)
@@ -210,7 +216,7 @@ def test_synthetic_plan_with_released_weights_compiles_to_the_same_model():
     gives exactly what the same plan gives with the weights kept."""
     import copy
 
-    from fq_compile.synthetic import synthetic_plan
+    from fq_compile.tools.synthetic import synthetic_plan
 
     model = tiny_opt(layers=2, outliers=False)
     twin = copy.deepcopy(model)
@@ -228,12 +234,12 @@ def test_synthetic_plan_with_released_weights_compiles_to_the_same_model():
         b = torch.compile(twin, backend="flattenquant", options={"plan": freed})(x).logits
         ref = model(x).logits
     assert torch.equal(a, b) and torch.isfinite(a).all()
-    assert {lr.op for r in freed.reports for lr in r.layers} >= {"fq.int8_linear", "fq.int4_linear"}
+    assert {lr.op for r in reports(freed) for lr in r.layers} >= {"fq.int8_linear", "fq.int4_linear"}
     assert 0 < float((a - ref).norm() / ref.norm()) < 1.0
 
 
 def test_synthetic_plan_refuses_impossible_requests():
-    from fq_compile.synthetic import synthetic_plan
+    from fq_compile.tools.synthetic import synthetic_plan
 
     model = tiny_opt(layers=1)
     with pytest.raises(ValueError, match="does not flatten"):
@@ -251,7 +257,7 @@ def test_e2e_benchmark_smoke_and_report(tmp_path):
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e.py"
     spec = importlib.util.spec_from_file_location("fq_e2e_bench", path)
     e2e = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(e2e)

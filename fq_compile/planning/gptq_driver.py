@@ -14,12 +14,13 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-from .kernels.flatten_quantize import QMAX
-from .kernels.packing import pack_int4, unpack_int4
-from .passes.flatten import flatten_values
-from .passes.gptq import HessianAccumulator, gptq_quantize_flattened
-from .plan import QuantPlan
-from .planner import flattened_weight, quantize_weight
+from fq_compile.kernels.flatten_quantize import QMAX
+from fq_compile.kernels.packing import pack_int4, unpack_int4
+from fq_compile.plan import QuantPlan
+from fq_compile.planning.flatten import flatten_values
+from fq_compile.planning.gptq import HessianAccumulator, gptq_quantize_flattened
+from fq_compile.planning.planner import flattened_weight
+from fq_compile.planning.weights import quantize_weight
 
 _BLOCK = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -70,7 +71,7 @@ class _Session:
 
 def apply_gptq(model, plan: QuantPlan, batches, call, device, progress: bool = True) -> None:
     """Replace every planned layer's round-to-nearest weights by GPTQ's, block by block."""
-    from .passes.lower import rewrite
+    from fq_compile.passes.lower import rewrite
 
     for lp in plan.layers.values():      # on the model's device, so in-place updates reach the graph
         lp.weight_q = lp.weight_q.to(device)

@@ -93,7 +93,7 @@ class ParamNames:
 
     @staticmethod
     def _prefix(gm, rel, runtime, known) -> str:
-        from .plan import weight_fingerprint
+        from fq_compile.plan import weight_fingerprint
 
         weights = [linear_args(n)[1] for n in gm.graph.nodes if is_linear(n)]
         weights = [w for w in weights if w in rel]

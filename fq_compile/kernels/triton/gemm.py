@@ -31,8 +31,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import int_gemm as _ig
-
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 if _INTERPRET:
@@ -357,10 +355,3 @@ def int8_linear_cuda(xq, wq, scale, bias, out_dtype):
 def int4_linear_cuda(xq, wq, scale, bias, out_dtype):
     return int_linear_cuda(xq, wq, scale, bias, out_dtype, 4)
 
-
-def _register():
-    _ig.CUDA_IMPL["int8_linear"] = int8_linear_cuda
-    _ig.CUDA_IMPL["int4_linear"] = int4_linear_cuda
-
-
-_register()

@@ -19,9 +19,9 @@ then zero padding.  `lo` and `hi` are in units of T (the op multiplies them by q
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from fq_compile.plan import ChannelMap
 
 INF = float("inf")
 
@@ -29,22 +29,6 @@ INF = float("inf")
 def extra_channels(channel_max: torch.Tensor, threshold: float) -> torch.Tensor:
     """Eq. 2: E_j = floor(max|X_j| / T) (int64, [C])."""
     return torch.floor(channel_max.double() / threshold).clamp_min(0).to(torch.int64)
-
-
-@dataclass
-class ChannelMap:
-    """Position p of the flattened tensor reads channel src[p], slice [lo[p], lo[p] + hi[p]) of |x|/T,
-    and its weight column is weight_factor[p] * W[:, src[p]] (0 for padding)."""
-
-    src: torch.Tensor            # int32 [K']
-    lo: torch.Tensor             # float32 [K'], units of T
-    hi: torch.Tensor             # float32 [K'], units of T (inf: unbounded remainder)
-    weight_factor: torch.Tensor  # float32 [K']: 1 for activation pieces, 1/(D+1) for weight splits, 0 for padding
-    active: torch.Tensor         # bool [K']: False on padding
-
-    @property
-    def size(self) -> int:
-        return int(self.src.numel())
 
 
 def channel_map(extra: torch.Tensor, weight_dup: torch.Tensor | None, pad_multiple: int) -> ChannelMap:

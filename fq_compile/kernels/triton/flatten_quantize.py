@@ -25,8 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import flatten_quantize as _fq
-
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 if _INTERPRET:
@@ -171,9 +169,3 @@ def flatten_quantize_cuda(x, src, mult, lo, hi, bits):
         x3.stride(0), x3.stride(1), x3.stride(2), p, BITS=bits, X_CONTIG=x3.stride(2) == 1)
     return out
 
-
-def _register():
-    _fq.CUDA_IMPL["flatten_quantize"] = flatten_quantize_cuda
-
-
-_register()

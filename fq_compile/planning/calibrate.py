@@ -13,12 +13,18 @@ from collections.abc import Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config
-from .fx_utils import ParamNames
-from .passes.fold import find_fold_site
-from .passes.observe import CalibrationError, StatsStore, find_linears, group_name, insert_observers
-from .planner import build_plan
-from .plan import QuantPlan, model_hash
+from fq_compile.config import Config
+from fq_compile.passes.fold import find_fold_site
+from fq_compile.passes.match import ParamNames
+from fq_compile.passes.observe import (
+    CalibrationError,
+    StatsStore,
+    find_linears,
+    group_name,
+    insert_observers,
+)
+from fq_compile.plan import QuantPlan, model_hash
+from fq_compile.planning.planner import build_plan
 
 
 def _call(model, batch, device):
@@ -29,7 +35,7 @@ def _call(model, batch, device):
     raise TypeError(f"calibration batches must be input_ids tensors or dicts of model kwargs, got {type(batch).__name__}")
 
 
-def _skipped_layers(model: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, str]:
+def skipped_layers(model: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, str]:
     """Layer names (as the graphs will name them) kept in floating point, with why.
 
     A graph names a linear after the parameter it reads, which for tied weights is the first owner
@@ -63,7 +69,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     except StopIteration:
         raise ValueError("the model has no parameters to quantize") from None
 
-    skip = _skipped_layers(model, config.skip)
+    skip = skipped_layers(model, config.skip)
     if config.gptq:
         batches = list(batches)      # O3 runs them again, once per block
     store = StatsStore(sample_size=config.calib_samples, seed=config.seed)
@@ -101,7 +107,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     plan.calibration = dict(batches=seen, rows=max(st.rows for st in store.inputs.values()),
                             graphs=len(store.graphs))
     if config.gptq:
-        from .gptq_calibration import apply_gptq
+        from fq_compile.planning.gptq_driver import apply_gptq
 
         apply_gptq(model, plan, batches, _call, device, progress)
     return plan

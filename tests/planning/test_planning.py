@@ -5,11 +5,21 @@ import math
 import pytest
 import torch
 
-from fq_compile.passes.bits import choose_bits, kl_quantized, kl_ratio
-from fq_compile.passes.flatten import channel_map, extra_channels, flatten_values, flatten_weight, weight_splits
-from fq_compile.passes.smooth import sigmoid_smoothing, smoothing_scales, smoothquant_smoothing
-from fq_compile.passes.threshold import boxplot_clip, truncation_threshold
-from fq_compile.planner import weight_scale
+from fq_compile.planning.bits import choose_bits, kl_quantized, kl_ratio
+from fq_compile.planning.flatten import (
+    channel_map,
+    extra_channels,
+    flatten_values,
+    flatten_weight,
+    weight_splits,
+)
+from fq_compile.planning.smooth import (
+    sigmoid_smoothing,
+    smoothing_scales,
+    smoothquant_smoothing,
+)
+from fq_compile.planning.threshold import boxplot_clip, truncation_threshold
+from fq_compile.planning.weights import weight_scale
 
 INF = float("inf")
 
@@ -131,7 +141,7 @@ def test_mse_weight_scale_clips_a_lone_outlier():
 
 
 def test_gptq_beats_round_to_nearest_on_a_synthetic_layer():
-    from fq_compile.passes.gptq import HessianAccumulator, gptq_quantize
+    from fq_compile.planning.gptq import HessianAccumulator, gptq_quantize
 
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(48, 48, generator=g)
@@ -151,7 +161,7 @@ def test_gptq_beats_round_to_nearest_on_a_synthetic_layer():
 
 
 def test_kl_tensorrt_reading_by_hand_and_its_bounds():
-    from fq_compile.passes.bits import kl_ratio_tensorrt, kl_tensorrt
+    from fq_compile.planning.bits import kl_ratio_tensorrt, kl_tensorrt
 
     # 4 bins over [0, 1], one candidate threshold (all bins), 2 levels of 2 bins:
     # p = [.5, .25, 0, .25]; level 0 spreads .75 over 2 non-empty bins, level 1 .25 over 1
@@ -166,7 +176,7 @@ def test_kl_tensorrt_reading_by_hand_and_its_bounds():
 
 
 def test_heldout_windows_avoid_calibration_windows():
-    from fq_compile.data import _window_starts, heldout_windows
+    from fq_compile.tools.data import _window_starts, heldout_windows
 
     ids = torch.arange(50_000)                                 # token value = its position
     got = heldout_windows(ids, 5, 1000, calib_n=16, calib_seqlen=512, seed=3)

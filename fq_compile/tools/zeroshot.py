@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .data import find_data_dir
+from fq_compile.tools.data import find_data_dir
 
 DEFAULT_TASKS = ("openbookqa", "lambada_openai", "piqa", "hellaswag", "winogrande", "arc_easy")
 

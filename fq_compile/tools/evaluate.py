@@ -52,7 +52,7 @@ def parse_overrides(items) -> dict:
     so the command line and the benchmark name a configuration the same way."""
     import json
 
-    from .config import ConfigError
+    from fq_compile.config import ConfigError
 
     out = {}
     for item in items or ():
@@ -83,7 +83,7 @@ def evaluate_config(model, calib, token_ids, config, seqlen: int = 2048, max_tok
     (and their GPU kernels) without compiling the float ops around them: faster to start."""
     import time
 
-    from .calibrate import calibrate
+    from fq_compile.planning.calibrate import calibrate
 
     t = time.time()
     torch._dynamo.reset()
