@@ -98,7 +98,7 @@ class LayerPlan:
     out_features: int
     bits: int
     weight_q: torch.Tensor        # int8 [N, K'] or packed uint8 [N, K'/2]
-    weight_scale: float
+    weight_scale: torch.Tensor    # float32 [N]: per output channel (all equal for a per-tensor scale)
     act_scale: float              # T / qmax(bits)
     bias: torch.Tensor | None     # float32 [N] (rows already divided by a folded smoothing scale)
     fingerprint: float
@@ -106,8 +106,10 @@ class LayerPlan:
     rows_folded_from: str | None = None   # group whose smoothing is folded into this layer's rows
 
     @property
-    def scale(self) -> float:
-        return self.act_scale * self.weight_scale
+    def scale(self) -> torch.Tensor:
+        """The GEMM epilogue's float32 [N] vector: activation scale x each channel's weight scale
+        (the product taken in float64, rounded once)."""
+        return (self.weight_scale.double() * self.act_scale).float()
 
     @property
     def weight_bytes(self) -> int:
@@ -154,10 +156,11 @@ class QuantPlan:
         for lname, lp in self.layers.items():
             li = len(layers)
             tensors[f"l{li}.weight_q"] = lp.weight_q.contiguous()
+            tensors[f"l{li}.weight_scale"] = lp.weight_scale.contiguous()
             if lp.bias is not None:
                 tensors[f"l{li}.bias"] = lp.bias.contiguous()
             layers[lname] = dict(index=li, group=lp.group, in_features=lp.in_features, out_features=lp.out_features,
-                                 bits=lp.bits, weight_scale=lp.weight_scale, act_scale=lp.act_scale,
+                                 bits=lp.bits, act_scale=lp.act_scale,
                                  has_bias=lp.bias is not None, fingerprint=lp.fingerprint, kl_ratio=lp.kl_ratio,
                                  rows_folded_from=lp.rows_folded_from)
         meta = dict(config=self.config.to_dict(), model_type=self.model_type, model_hash=self.model_hash,
@@ -219,7 +222,7 @@ class QuantPlan:
             li = l["index"]
             lp = LayerPlan(name=lname, group=l["group"], in_features=int(l["in_features"]),
                            out_features=int(l["out_features"]), bits=int(l["bits"]),
-                           weight_q=tensors[f"l{li}.weight_q"], weight_scale=float(l["weight_scale"]),
+                           weight_q=tensors[f"l{li}.weight_q"], weight_scale=tensors[f"l{li}.weight_scale"],
                            act_scale=float(l["act_scale"]), bias=tensors[f"l{li}.bias"] if l["has_bias"] else None,
                            fingerprint=float(l["fingerprint"]), kl_ratio=l["kl_ratio"],
                            rows_folded_from=l["rows_folded_from"])

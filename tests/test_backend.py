@@ -250,7 +250,7 @@ def test_o3_gptq_runs_and_beats_o2_rounding(make_model):
         for level in ("O2", "O3"):
             out, plan = _quantized_logits(model, x, iter(batches(n=6)), Config(level=level, gamma=2.3))
             errs[level] = _rel(out, ref)
-            plans[level] = {n: (lp.bits, lp.weight_scale) for n, lp in plan.layers.items()}
+            plans[level] = {n: (lp.bits, tuple(lp.weight_scale.tolist())) for n, lp in plan.layers.items()}
     assert plans["O2"] == plans["O3"]
     assert errs["O3"] < errs["O2"], errs
 

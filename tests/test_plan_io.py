@@ -28,7 +28,7 @@ def test_round_trip_gives_the_same_model(saved):
     assert set(loaded.layers) == set(plan.layers) and loaded.skipped == plan.skipped
     for name, lp in plan.layers.items():
         lq = loaded.layers[name]
-        assert torch.equal(lq.weight_q, lp.weight_q) and lq.bits == lp.bits and lq.scale == lp.scale
+        assert torch.equal(lq.weight_q, lp.weight_q) and lq.bits == lp.bits and torch.equal(lq.scale, lp.scale)
     assert {lp.bits for lp in loaded.layers.values()} == {4, 8}      # both kinds survive the trip
     x = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_other_version_is_refused(saved, tmp_path):
     save_file(tensors, newer, metadata=meta)
     with pytest.raises(PlanFormatError, match="version 999"):
         QuantPlan.load(newer)
-    meta["format_version"] = "1"
+    meta["format_version"] = str(fq_compile.plan.FORMAT_VERSION)
     meta["plan"] = json.dumps({"config": {}})
     broken = tmp_path / "broken.fqplan"
     save_file(tensors, broken, metadata=meta)

@@ -136,8 +136,9 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
                 bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
                         if lp.bias is not None else None)
+                scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
                 op = torch.ops.fq.int4_linear.default if lp.bits == 4 else torch.ops.fq.int8_linear.default
-                new = gm.graph.call_function(op, (quantized[lp.bits], wq, lp.scale, bias, out_dtype))
+                new = gm.graph.call_function(op, (quantized[lp.bits], wq, scale, bias, out_dtype))
             new.meta.update(node.meta)
             _, w_node, b_node = linear_args(node)
             node.replace_all_uses_with(new)
@@ -187,6 +188,16 @@ def op_constants(g: GroupPlan, bits: int, smooth_in_op: bool) -> dict[str, torch
     lo = cm.lo * qmax
     hi = torch.where(cm.hi.isinf(), cm.hi, cm.hi * qmax)
     return dict(src=cm.src, mult=mult, lo=lo.float(), hi=hi.float())
+
+
+def _layer_scale(plan, lp, device) -> torch.Tensor:
+    """The layer's epilogue scale vector (LayerPlan.scale) on `device`, built and copied once per plan."""
+    key = f"{lp.name}.scale"
+    cache = state_of(plan).constants
+    ident = (id(lp.weight_scale), lp.act_scale)
+    if key not in cache or cache[key][0] != ident:
+        cache[key] = (ident, lp.scale)
+    return device_tensor(plan, key, cache[key][1], device)
 
 
 def _group_constants(plan, g, bits: int, smooth_in_op: bool, device) -> dict[str, torch.Tensor]:

@@ -81,7 +81,7 @@ def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.T
         ratio = max(act_ratio, w_ratio)
         nbits = bits_pass.choose_bits(act_ratio, w_ratio, config.gamma)
     qmax = QMAX[nbits]
-    ws = weight_scale(wf, qmax, config.weight_clip_method)
+    ws = weight_scale(wf, qmax, config.weight_clip_method, config.weight_scale)
     return LayerPlan(name=layer, group=group.name, in_features=weight.shape[1], out_features=weight.shape[0],
                      bits=nbits, weight_q=quantize_weight(wf, ws, nbits, group.cmap), weight_scale=ws,
                      act_scale=group.threshold / qmax, bias=b, fingerprint=weight_fingerprint(weight),
