@@ -64,7 +64,7 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     compiled_reports = reports(plan)
     index = len(compiled_reports)
     if plan.config.quantize:
-        report = rewrite(gm, example_inputs, plan, index)
+        report = rewrite(gm, example_inputs, plan, index, gemm_mode=options.get("gemm"))
     else:
         report = GraphReport(index, code=gm.code)
     compiled_reports.append(report)
@@ -83,7 +83,7 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     else:
         from torch._inductor.compile_fx import compile_fx
 
-        with dispatch.use(options.get("gemm")):  # Triton/CUTLASS choice, kernels/gemm_dispatch.py
+        with dispatch.use(options.get("gemm")), _eager_rounding():  # GEMM choice: kernels/dispatch.py
             compiled = compile_fx(gm, example_inputs)
     free = options.get("free_weights")
     if free is None:
@@ -91,6 +91,20 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     if free and plan.config.quantize:
         report.released_bytes = _release_replaced(gm, example_inputs, report, plan)
     return compiled
+
+
+def _eager_rounding():
+    """Inductor keeps a fused fp16/bf16 intermediate in float32 unless told to round it as eager
+    does; with the activation quantize fused into its producer (fq.flatten_quantize_fused) that
+    would quantize a different value than the op's input in eager mode (and than calibration saw),
+    so the graphs we compile round every intermediate to its dtype (a few instructions in
+    memory-bound kernels; GEMMs and attention are unaffected)."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config, "emulate_precision_casts"):
+        import contextlib
+        return contextlib.nullcontext()
+    return inductor_config.patch(emulate_precision_casts=True)
 
 
 def _release_replaced(gm: torch.fx.GraphModule, example_inputs, report: GraphReport, plan: QuantPlan) -> int:

@@ -14,6 +14,7 @@ unpack kernel, and the dispatch inside compiled code.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import warnings
 
@@ -492,7 +493,16 @@ FULL = [(2048, 4096, 5120, "c", "c"), (1, 4096, 5120, "c", "c"), (16, 5120, 2048
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=None)
+def _build_test_instances() -> None:
+    """Every instance the GPU tests call, built once, in parallel (one at a time would take ~30 min)."""
+    items = [(c, dt, "none") for c in cg.CONFIGS for dt in cg.OUT_TYPES]
+    items += [(c, dt, "relu") for c in cg.RULE_CONFIGS for dt in OUT_DTYPES]
+    cg.ensure(items)
+
+
 def check_cutlass(shape, bits, config, seed, out_dtypes=OUT_DTYPES):
+    _build_test_instances()
     gen = torch.Generator().manual_seed(seed)
     m, n, k, la, lw = shape
     qmax = 127 if bits == 8 else 7
@@ -590,3 +600,45 @@ def test_int_gemm_hook_installed():
         x, w = _ops(8, 16, 32, 8, gen)
         assert torch.equal(torch.ops.fq.int8_linear(x, w, channel_scale(0.5, w), None, torch.float32),
                            quant_linear_reference(x, w, 0.5, None, 8, torch.float32))
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("config", list(cg.RULE_CONFIGS))
+def test_gpu_relu_epilogue(config):
+    """The ReLU epilogue instances: ReLU of the plain epilogue's output, and fp32 exactly the
+    reference's act='relu'."""
+    _build_test_instances()
+    gen = torch.Generator().manual_seed(10)
+    m, n, k = 1000, 1288, 2320
+    a, w = _rand_q((m, k), 127, gen), _rand_q((n, k), 127, gen)
+    scale = torch.rand(n, generator=gen) * 1e-3 + 1e-4
+    bias = torch.randn(n, generator=gen) * 0.5
+    A, W, S, B = a.cuda(), w.cuda(), scale.cuda(), bias.cuda()
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        y = cg.cutlass_int_linear(A, W, S, B, dt, 8, config=config)
+        yr = cg.cutlass_int_linear(A, W, S, B, dt, 8, config=config, act="relu")
+        assert torch.equal(yr, torch.relu(y)) and (yr == 0).any() and (yr > 0).any(), dt
+    ref = quant_linear_reference(a, w, scale, bias, 8, torch.float32, act="relu")
+    assert torch.equal(cg.cutlass_int_linear(A, W, S, B, torch.float32, 8, config=config, act="relu").cpu(), ref)
+
+
+@gpu
+@needs_hopper
+def test_gpu_auto_picks_cutlass_for_prefill_without_env(monkeypatch):
+    """No FQ_GEMM: on this Hopper GPU (whatever its name) a prefill-sized INT8 GEMM compiles to the
+    CUTLASS op and a decode-sized one (M = 16) to Triton."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.delenv("FQ_GEMM", raising=False)
+    gen = torch.Generator().manual_seed(11)
+    w = _rand_q((1024, 2048), 127, gen).cuda()
+    s = channel_scale(1e-3, w)
+    for m, want in ((4096, "cutlass_int_linear"), (16, "int_gemm_kernel")):
+        a = _rand_q((m, 2048), 127, gen).cuda()
+        torch._dynamo.reset()
+        with gd.use(None):
+            out, codes = run_and_get_code(torch.compile(lambda x: torch.ops.fq.int8_linear(x, w, s, None,
+                                                                                           torch.bfloat16)), a)
+        assert want in "\n".join(codes), (m, gd.decide(8, m, 1024, 2048, torch.bfloat16, gd.device_info(a.device)))
+        assert torch.equal(out.cpu(), quant_linear_reference(a.cpu(), w.cpu(), 1e-3, None, 8, torch.bfloat16))
