@@ -671,7 +671,7 @@ def summary(paths) -> str:
             table.append([key[0], f"{key[1]}x{key[2]}", m, f"{at[m]:.1f}", f"{fp16 / at[m]:.2f}" if fp16 else "-",
                           f"{at[m] / fp8:.2f}" if fp8 else "-"])
     other = [f"{r.get('model')} {r.get('method')}: {r.get('kind')} {r.get('reason') or r.get('error')}"
-             for r in rows if r.get("kind") in ("unavailable", "error") or (r.get("error") and r.get("kind") != "error")]
+             for r in rows if r.get("kind") in ("unavailable", "error") or r.get("error")]
     dev = rows[0].get("device") if rows else "?"
     text = (f"device {dev}, {rows[0].get('date') if rows else ''}\n"
             + tabulate(table, ["model", "batch x seq", "method", "ms", "x faster fp16", "time / naive FP8"],

@@ -287,7 +287,8 @@ def write_table(path, device, entries, meta, arch: str, sm_count: int):
         if data.get("arch") == arch:
             old = data.get("entries", [])
         else:
-            print(f"  {p}: measured on {data.get('arch') or data.get('device')!r}, replacing it with {arch}", flush=True)
+            print(f"  {p}: measured on {data.get('arch') or data.get('device')!r}, replacing it with {arch}",
+                  flush=True)
     key = lambda e: (e["bits"], e["m"], e["n"], e["k"])  # noqa: E731
     merged = {key(e): e for e in old}
     merged.update({key(e): e for e in entries})
@@ -368,8 +369,8 @@ def activation_vs_inductor(dev, m=16384, k=4096):
     return rows
 
 
-FUSION_HEAD = ["bits", "producer", "producer alone", "producer + our kernel", "fused by Inductor", "x (>1: fused faster)",
-               "quantize cost, kernel", "quantize cost, fused", "bit-exact"]
+FUSION_HEAD = ["bits", "producer", "producer alone", "producer + our kernel", "fused by Inductor",
+               "x (>1: fused faster)", "quantize cost, kernel", "quantize cost, fused", "bit-exact"]
 
 
 def relu_epilogue(dev, m=16384, k=5120, n=20480):
@@ -500,7 +501,8 @@ def main():
     if args.out:
         text = f"# Kernel benchmark (issue 3)\n\n{meta}\n\n{table}\n"
         if act_table:
-            text += f"\n## Quantize: our kernel after the producer vs fused into it (M=16384, K=4096->5120)\n\n{act_table}\n"
+            text += ("\n## Quantize: our kernel after the producer vs fused into it (M=16384, K=4096->5120)\n\n"
+                     f"{act_table}\n")
         Path(args.out).write_text(text)
 
 

@@ -51,9 +51,12 @@ export PYTHONPATH=$PWD:$SITE:${PYTHONPATH:-}
 
 echo "== $(date -u +%F\ %T) part=$PART"
 nvidia-smi --query-gpu=name,compute_cap,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv,noheader || true
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+                                        'cuda', torch.version.cuda)"
 
-run() { timeout "$LIMIT" python3 benchmarks/e2e.py --out "$OUT" --time-limit $((LIMIT - 50)) "$@" || echo "e2e.py exited with $?"; }
+run() {
+  timeout "$LIMIT" python3 benchmarks/e2e.py --out "$OUT" --time-limit $((LIMIT - 50)) "$@" || echo "e2e.py exited with $?"
+}
 sweep() {  # $1 size, $2 methods
   run --models "$1" --methods "$2" --batches 8,32,1 --seqs 2048,1024,512 --dynamic true --budget 3 --reps 6
 }
@@ -72,7 +75,8 @@ case $PART in
       tests/kernels/test_dispatch.py tests/kernels/test_fused_quantize.py tests/kernels/test_triton.py \
       tests/test_backend.py 2>&1 | tail -30 || echo "gpu tests failed or timed out" ;;
   fusion)
-    timeout "$LIMIT" python3 benchmarks/kernels.py --fusion --cutlass --out "$OUT/fusion.md" || echo "kernels.py exited with $?"
+    timeout "$LIMIT" python3 benchmarks/kernels.py --fusion --cutlass --out "$OUT/fusion.md" \
+      || echo "kernels.py exited with $?"
     cat "$OUT/fusion.md" 2>/dev/null || true ;;
   headline-a) run --models 13b --methods fp16-eager,fp16-inductor,fp8-naive --batches 8 --seqs 2048 ;;
   headline-b) run --models 13b --methods fq-O3,fq-O1 --batches 8 --seqs 2048 ;;

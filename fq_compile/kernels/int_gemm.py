@@ -9,8 +9,8 @@ a float32 vector [N]: the activation's per-tensor scale times each output channe
 since it is applied in the epilogue, while the activation side stays per tensor (what flattening is
 for).  bias is float32 [N] or None.  The epilogue is one rounded float32 multiply, then the bias add
 (never fused into an FMA), then act ("none", or "relu" where the GEMM's only consumer is a ReLU:
-passes/epilogue.py folds it in, saving a pass over the output), then one cast.  The CPU reference defines the result: every GPU kernel is
-tested bit-exactly against it.
+passes/epilogue.py folds it in, saving a pass over the output), then one cast.  The CPU reference
+defines the result: every GPU kernel is tested bit-exactly against it.
 """
 
 from __future__ import annotations

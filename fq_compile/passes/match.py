@@ -120,8 +120,8 @@ MOVE_METHODS = {"view", "reshape", "contiguous", "transpose", "permute", "to", "
 MOVE_FUNCS = {torch.reshape, torch.transpose, torch.permute, torch.clone, torch.flatten}
 _COPYING = {"transpose", "permute", "contiguous", "clone", torch.transpose, torch.permute, torch.clone}
 # producers Inductor cannot fuse a consumer into: GEMMs, attention, our own ops, submodules
-_OPAQUE_FUNCS = {*LINEAR_TARGETS, torch.matmul, torch.bmm, operator.matmul, torch.nn.functional.scaled_dot_product_attention,
-                 torch._C._nn.scaled_dot_product_attention}
+_OPAQUE_FUNCS = {*LINEAR_TARGETS, torch.matmul, torch.bmm, operator.matmul,
+                 torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
 
 def is_move(n: fx.Node) -> bool:

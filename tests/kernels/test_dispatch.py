@@ -390,7 +390,8 @@ def test_sources_and_abi():
     assert ctypes.sizeof(cg._Params) == 104
     assert cg._Params.stream.offset == 96 and cg._Params.scale.offset == 72
     assert all((cg.CSRC / f).exists() for f in (*cg.HEADERS, cg.API_SOURCE))
-    assert cg.default_config(1, 4096, 4096) == cg.SMALL_CONFIG and cg.default_config(16384, 4096, 5120) == cg.LARGE_CONFIG
+    assert cg.default_config(1, 4096, 4096) == cg.SMALL_CONFIG
+    assert cg.default_config(16384, 4096, 5120) == cg.LARGE_CONFIG
 
 
 def test_cutlass_op_on_cpu_is_the_reference():
