@@ -82,13 +82,13 @@ def synthetic(size: str, seed: int = 0):
     return out, raw, ratio
 
 
-def smollm2(calib_batches: int, seqlen: int):
+def smollm2(calib_batches: int, seqlen: int, data_dir=None):
     import fq_compile
     from fq_compile.tools.data import calibration_batches
     from fq_compile.tools.models import load_model
 
     lm = load_model("smollm2-135m")
-    calib = calibration_batches(lm.tokenizer, n=calib_batches, seqlen=seqlen)
+    calib = calibration_batches(lm.tokenizer, n=calib_batches, seqlen=seqlen, data_dir=data_dir)
     plan = fq_compile.calibrate(lm.model, calib, fq_compile.Config(level="O1"), progress=True)
     out, raw = [], []
     for g in plan.groups.values():
@@ -107,6 +107,7 @@ def main(argv=None):
     ap.add_argument("--synthetic", default="", help="comma list of OPT sizes (6.7b,13b,30b) for the synthetic plans")
     ap.add_argument("--calib-batches", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--data-dir", default=None, help="WikiText-2 folder (default: $FQ_DATA_DIR or ../shared/data)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     lines = ["# Flatten ratio and K' overhead per layer (issue 13, part 3)", "",
@@ -115,7 +116,7 @@ def main(argv=None):
              "K tiles: the GEMM's 128-wide K steps over the original C and over K' (what GEMM time follows); "
              "bytes: activation and weight columns, K'/C.", ""]
     if args.smollm2:
-        out, raw, plan = smollm2(args.calib_batches, args.calib_seqlen)
+        out, raw, plan = smollm2(args.calib_batches, args.calib_seqlen, args.data_dir)
         mean = sum(g.flatten_ratio for g in plan.groups.values()) / len(plan.groups)
         lines += [f"## SmolLM2-135M, O1, calibrated on {args.calib_batches} x {args.calib_seqlen} WikiText-2 "
                   f"validation tokens (mean flatten ratio {100 * mean:.1f}%)", "",

@@ -153,12 +153,13 @@ def _cutlass_version() -> str:
 
 
 def _build_key() -> str:
-    """Hash of what every instance library depends on: the shared sources, flags, versions (an
-    instance's own generated source is part of its file name's identity: config x dtype x act)."""
+    """Hash of what the libraries depend on: the sources (every generated instance's too, so editing a
+    config's tiles never loads a stale library of that name), flags, versions."""
     h = hashlib.sha256()
     for name in (*HEADERS, API_SOURCE):
         h.update((CSRC / name).read_bytes())
-    h.update(instance_source(next(iter(CONFIGS)), torch.float32).encode())  # the generated form
+    for item in instances():
+        h.update(instance_source(*item).encode())
     h.update(" ".join(NVCC_FLAGS).encode())
     h.update(f"torch={torch.__version__} cuda={torch.version.cuda} cutlass={_cutlass_version()}".encode())
     return h.hexdigest()[:16]
