@@ -365,14 +365,22 @@ CATEGORIES = [
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("GEMM", ("int_gemm", "dequant", "int8_linear", "int4_linear", "cutlass", "gemm", "xmma", "nvjet", "cublas",
               "scaled_mm", "addmm", "aten::mm", "_int_mm", "wgmma", "triton_tem", "unpack_int4")),
-    # our fused quantize is an Inductor kernel named after its aten ops (round, minimum, _unsafe_index)
-    ("quantize", ("flatten_quantize", "amax", "float8", "e4m3", "quantize", "round", "minimum", "_unsafe_index")),
+    # fused quantizes are Inductor kernels named after their aten ops: ours (round, minimum, _unsafe_index),
+    # FP8's cast (clamp, then a cast to e4m3 that the name does not show)
+    ("quantize", ("flatten_quantize", "amax", "float8", "e4m3", "quantize", "round", "minimum", "_unsafe_index",
+                  "clamp")),
 ]
 
 
 def category(name: str) -> str:
+    """The kernel's category by name.  Inductor's pointwise / reduction kernels (triton_poi_, _red_,
+    _per_) are never GEMMs, whatever GEMM their origins name (FP8's input cast is called
+    "..._scaled_mm__to_copy_clamp..."): they count as quantize when they quantize, else other."""
     low = name.lower()
+    elementwise = low.startswith(("triton_poi_", "triton_red_", "triton_per_"))
     for cat, keys in CATEGORIES:
+        if cat == "GEMM" and elementwise:
+            continue
         if any(k in low for k in keys):
             return cat
     return "other"
