@@ -344,7 +344,7 @@ def cutlass_instances(out_dtype: torch.dtype, acts=("none",), info: DeviceInfo |
     return [(c, out_dtype, a) for c in sorted(configs) for a in dict.fromkeys(acts)]
 
 
-def _hint(v) -> int | None:
+def size_hint(v) -> int | None:
     """A size as an int; symbolic sizes (dynamic shapes) by their hint, without adding a guard (the
     choice only affects speed: both implementations compute the same result)."""
     if isinstance(v, int):
@@ -366,13 +366,13 @@ def _rows_tma_ok(t: torch.Tensor) -> bool:
     """Whether TMA can read t's rows (of int8) in place, without a copy: unit inner stride, 16-byte
     row stride and offset (PyTorch's allocations are at least 256-byte aligned, so the offset
     decides).  More than 2 dims: only contiguous tensors (their rows are K bytes apart)."""
-    s_last, off = _hint(t.stride(-1)), _hint(t.storage_offset())
-    if s_last is None or off is None or off % 16 or (s_last != 1 and _hint(t.shape[-1]) != 1):
+    s_last, off = size_hint(t.stride(-1)), size_hint(t.storage_offset())
+    if s_last is None or off is None or off % 16 or (s_last != 1 and size_hint(t.shape[-1]) != 1):
         return False
     if t.dim() == 2:
-        s0 = _hint(t.stride(0))
+        s0 = size_hint(t.stride(0))
         return s0 is not None and s0 % 16 == 0
-    return t.is_contiguous() and (_hint(t.shape[-1]) or 0) % 16 == 0
+    return t.is_contiguous() and (size_hint(t.shape[-1]) or 0) % 16 == 0
 
 
 def _cutlass_ready(device: torch.device, out_dtype: torch.dtype, act: str = "none") -> bool:
@@ -419,11 +419,11 @@ def choose(bits: int, xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype
     """The kernel for these operands (decide() on their shapes and device, then the build check)."""
     if current_mode() == "triton" or not _device_ok(xq):
         return Choice("triton", "", "forced" if current_mode() == "triton" else "not a CUDA tensor")
-    k = _hint(xq.shape[-1])
-    n = _hint(wq.shape[0])
+    k = size_hint(xq.shape[-1])
+    n = size_hint(wq.shape[0])
     m = 1
     for d in xq.shape[:-1]:
-        h = _hint(d)
+        h = size_hint(d)
         m = None if (m is None or h is None) else m * h
     if None in (m, n, k) or m == 0:
         return Choice("triton", "", "unknown or empty shape")

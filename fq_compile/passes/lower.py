@@ -201,7 +201,7 @@ def _rows(xv) -> int | None:
         return None
     m = 1
     for d in xv.shape[:-1]:
-        h = dispatch._hint(d)
+        h = dispatch.size_hint(d)
         if h is None:
             return None
         m *= h
