@@ -432,6 +432,9 @@ def choose(bits: int, xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype
     layout_ok = bits == 4 or (_rows_tma_ok(xq) and _rows_tma_ok(wq))
     info = device_info(xq.device)
     c = decide(bits, m, n, k, out_dtype, info, layout_ok=layout_ok)
+    if c.impl == "cutlass" and not all(isinstance(d, int) for d in xq.shape[:-1]):
+        # dynamic rows: the implementation is chosen at the hint, the tile config at every call
+        c = Choice("cutlass", "", c.why + f" (at the hint M={m}; tile config per call)")
     if current_mode() == "cutlass" and c.impl != "cutlass" and info.capability != (9, 0):
         _warn_once("cutlass-arch", f"{ENV}=cutlass ignored on {info.describe()}: {c.why}; using Triton")
     if c.impl == "cutlass" and not _cutlass_ready(xq.device, out_dtype, act):
@@ -447,6 +450,13 @@ def select(name: str, xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype
     if c.impl != "cutlass":
         return None
     return functools.partial(_run_cutlass, bits=bits, config=c.config, act=act)
+
+
+@functools.lru_cache(maxsize=4096)
+def runtime_config(bits: int, m: int, n: int, k: int, out_dtype: torch.dtype, index: int) -> str:
+    """The CUTLASS tile config for a call whose rows were not known when it was compiled (dynamic
+    shapes): the table's (or the rule's) config at this M."""
+    return decide(bits, m, n, k, out_dtype, _cuda_info(index), mode="cutlass").config
 
 
 def _run_cutlass(xq, wq, scale, bias, out_dtype, *, bits, config, act="none"):

@@ -643,3 +643,24 @@ def test_gpu_auto_picks_cutlass_for_prefill_without_env(monkeypatch):
                                                                                            torch.bfloat16)), a)
         assert want in "\n".join(codes), (m, gd.decide(8, m, 1024, 2048, torch.bfloat16, gd.device_info(a.device)))
         assert torch.equal(out.cpu(), quant_linear_reference(a.cpu(), w.cpu(), 1e-3, None, 8, torch.bfloat16))
+
+
+def test_dynamic_rows_leave_the_tile_config_to_each_call(eligible, monkeypatch):
+    """Compiled with symbolic rows, the implementation is chosen at the hint and the CUTLASS tile
+    config at every call (config ''), from the same table or rule."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    gen = torch.Generator().manual_seed(12)
+    x, w = _ops(8192, 256, 512, 8, gen)
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+        fx, fw = mode.from_tensor(x, symbolic_context=ctx), mode.from_tensor(w)
+        assert isinstance(fx.shape[0], torch.SymInt)
+        c = gd.choose(8, fx, fw, torch.bfloat16)
+    assert c.impl == "cutlass" and c.config == "" and "tile config per call" in c.why
+    monkeypatch.setattr(gd, "_cuda_info", lambda index: FAKE["H200"])
+    gd.runtime_config.cache_clear()
+    assert gd.runtime_config(8, 512, 5120, 6272, torch.bfloat16, 0) == cg.SMALL_CONFIG
+    assert gd.runtime_config(8, 65536, 5120, 6272, torch.bfloat16, 0) in cg.CONFIGS
+    gd.runtime_config.cache_clear()

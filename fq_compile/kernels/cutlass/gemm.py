@@ -509,9 +509,9 @@ def cutlass_int_linear(xq: torch.Tensor, wq: torch.Tensor, scale, bias: torch.Te
                        raw_int32: bool = False, act: str = "none") -> torch.Tensor:
     """Run the CUTLASS GEMM on CUDA tensors (scale: float32 [N], or a number for every channel).
     raw_int32=True returns the exact int32 accumulator; act "relu" applies ReLU in the epilogue;
-    config names a CONFIGS entry (None: default_config).  Operands that TMA cannot read in place are
-    copied first (the dispatcher only sends aligned ones); shapes the kernel cannot take (K % 16,
-    N not a multiple of a 16-byte output vector) raise ValueError."""
+    config names a CONFIGS entry (None: the dispatcher's choice for this shape, `runtime_config`).
+    Operands that TMA cannot read in place are copied first (the dispatcher only sends aligned ones);
+    shapes the kernel cannot take (K % 16, N not a multiple of a 16-byte output vector) raise ValueError."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if act not in ACTS:
@@ -549,7 +549,9 @@ def cutlass_int_linear(xq: torch.Tensor, wq: torch.Tensor, scale, bias: torch.Te
         raise ValueError(f"cutlass_int_linear: shape N={n}, K={k}, {dt} not supported (needs K % 16 == 0 and "
                          f"16-byte output rows)")
     dev = xq.device.index if xq.device.index is not None else torch.cuda.current_device()
-    config = config or default_config(m, n, k, _sm_count(dev))
+    if not config:
+        from fq_compile.kernels import dispatch
+        config = dispatch.runtime_config(bits, m, n, k, dt, dev)
     lib = _instance(config, dt, act)
     bias_arg = None
     if has_bias:
@@ -582,8 +584,9 @@ def _define_op():
     @custom_op("fq::cutlass_int_linear", mutates_args=())
     def cutlass_int_linear_op(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                               out_dtype: torch.dtype, bits: int, config: str, act: str = "none") -> torch.Tensor:
-        """The CUTLASS GEMM (config "" = default_config).  On other devices the op computes the same
-        result with the CPU reference (its semantics; used by the CPU tests of the dispatch path)."""
+        """The CUTLASS GEMM (config "": chosen per call, for graphs compiled with dynamic rows).  On
+        other devices the op computes the same result with the CPU reference (its semantics; used by
+        the CPU tests of the dispatch path)."""
         if not xq.is_cuda:
             from fq_compile.kernels.int_gemm import quant_linear_reference
             return quant_linear_reference(xq, wq, scale, bias, bits, out_dtype, act)
