@@ -192,3 +192,33 @@ def test_describe_producer_on_a_graph():
     assert describe_producer(nodes["relu"]) == ("relu", True)
     assert describe_producer(nodes["view"]) == ("linear", False)
     assert describe_producer(nodes["contiguous"]) == ("transpose copy of a graph input", True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_backend_fuses_and_picks_by_architecture(monkeypatch):
+    """A tiny OPT on the GPU with default settings: every activation quantize is fused into its
+    producer (no quantize kernel of ours in Inductor's code), every prefill-sized GEMM runs CUTLASS on
+    an sm_90 GPU and Triton elsewhere, as the reports say; logits within quantization noise of the eager
+    path (same integer ops; Inductor's float ops around them differ in rounding)."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.delenv("FQ_GEMM", raising=False)
+    monkeypatch.delenv("FQ_QUANTIZE", raising=False)
+    model = tiny_opt(hidden=256).to("cuda", torch.bfloat16)
+    plan = fq_compile.calibrate(model, [b.cuda() for b in batches(2)], fq_compile.Config(level="O1"), progress=False)
+    x = torch.randint(0, 256, (4, 128), device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, code = run_and_get_code(lambda: torch.compile(model, backend="flattenquant",
+                                                           options={"plan": plan})(x).logits)
+        torch._dynamo.reset()
+        eager = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x).logits
+    src = "\n".join(code)
+    layers = [lr for rep in reports(plan) for lr in rep.layers if lr.op.startswith("fq.")]
+    assert layers and all(lr.quantize == "fused by Inductor" for lr in layers)
+    assert "flatten_quantize_kernel" not in src and "_reference" not in src
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert all(lr.gemm.startswith("CUTLASS" if hopper else "Triton") for lr in layers), [lr.gemm for lr in layers]
+    assert ("cutlass_int_linear" in src) == hopper
+    assert float((out.float() - eager.float()).norm() / eager.float().norm()) < 0.05
