@@ -11,8 +11,9 @@
 # PARTs, in the order to run them (minutes are estimates until measured):
 #   build         time the CUTLASS first-use build a user gets (an fp16 model: 2 libraries + the API
 #                 library, cache emptied first); target <= 60 s on 16 cores                       ~1-2
-#   gpu-tests     the GPU tests of the files this issue touched (builds every CUTLASS instance the
-#                 tests use, ~2-3 min of the part)                                               ~6-8
+#   gpu-tests-a   GPU tests of the dispatcher, the CUTLASS kernels (builds the ~30 instances they use,
+#                 ~2-3 min of the part) and the fused quantize                                    ~6-8
+#   gpu-tests-b   GPU tests of the Triton kernels and whole models through the backend            ~5-8
 #   fusion        quantize fused into each producer vs our kernel after it, and the ReLU epilogue
 #                 (benchmarks/kernels.py --fusion --cutlass)                                      ~4-6
 #   headline-a    OPT-13B 8 x 2048: fp16 eager, fp16 Inductor, naive FP8                          ~4-5
@@ -55,7 +56,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
                                         'cuda', torch.version.cuda)"
 
 run() {
-  timeout "$LIMIT" python3 benchmarks/e2e.py --out "$OUT" --time-limit $((LIMIT - 50)) "$@" || echo "e2e.py exited with $?"
+  timeout "$LIMIT" python3 benchmarks/e2e.py --out "$OUT" --time-limit $((LIMIT - 50)) "$@" \
+    || echo "e2e.py exited with $?"
 }
 sweep() {  # $1 size, $2 methods
   run --models "$1" --methods "$2" --batches 8,32,1 --seqs 2048,1024,512 --dynamic true --budget 3 --reps 6
@@ -70,10 +72,14 @@ case $PART in
     echo "then a bf16 model:"
     python3 -m fq_compile.kernels.cutlass.gemm --build --dtypes bf16
     ls -la "$FQ_CACHE_DIR"/cutlass-*/ ;;
-  gpu-tests)
-    timeout "$LIMIT" python3 -m pytest -q -m gpu -p no:cacheprovider -x \
-      tests/kernels/test_dispatch.py tests/kernels/test_fused_quantize.py tests/kernels/test_triton.py \
-      tests/test_backend.py 2>&1 | tail -30 || echo "gpu tests failed or timed out" ;;
+  gpu-tests-a)
+    timeout "$LIMIT" python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs \
+      tests/kernels/test_dispatch.py tests/kernels/test_fused_quantize.py 2>&1 | tail -30 \
+      || echo "gpu tests: status $?" ;;
+  gpu-tests-b)
+    XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4" || true)
+    timeout "$LIMIT" python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs $XDIST \
+      tests/kernels/test_triton.py tests/test_backend.py 2>&1 | tail -30 || echo "gpu tests: status $?" ;;
   fusion)
     timeout "$LIMIT" python3 benchmarks/kernels.py --fusion --cutlass --out "$OUT/fusion.md" \
       || echo "kernels.py exited with $?"
@@ -108,5 +114,5 @@ EOF
     esac ;;
   *) echo "unknown PART $PART" >&2; exit 2 ;;
 esac
-[[ $PART == build || $PART == gpu-tests || $PART == fusion ]] || summary
+[[ $PART == build || $PART == gpu-tests-* || $PART == fusion ]] || summary
 echo "== done $(date -u +%T)"
