@@ -139,10 +139,9 @@ def flatten_quantize_decomposed(x: torch.Tensor, src: torch.Tensor, mult: torch.
         return _quantize_slice(g, mult[sl], lo[sl], cap[sl])
 
     bounds = [(0, direct), (direct, k)]
-    if bits == 8:
-        parts = [part(a, b, 1) for a, b in bounds if b > a]
-        q = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return q.to(torch.int8)
+    if bits == 8:   # each part cast before the cat: were the cat realized, it would hold int8, not float32
+        parts = [part(a, b, 1).to(torch.int8) for a, b in bounds if b > a]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     packed = []
     for a, b in bounds:
         if b > a:
