@@ -83,7 +83,7 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     else:
         from torch._inductor.compile_fx import compile_fx
 
-        with dispatch.use(options.get("gemm")), _eager_rounding():  # GEMM choice: kernels/dispatch.py
+        with dispatch.use(options.get("gemm")), _inductor_settings():  # GEMM choice: kernels/dispatch.py
             compiled = compile_fx(gm, example_inputs)
     free = options.get("free_weights")
     if free is None:
@@ -93,18 +93,20 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     return compiled
 
 
-def _eager_rounding():
-    """Inductor keeps a fused fp16/bf16 intermediate in float32 unless told to round it as eager
-    does; with the activation quantize fused into its producer (fq.flatten_quantize_fused) that
-    would quantize a different value than the op's input in eager mode (and than calibration saw),
-    so the graphs we compile round every intermediate to its dtype (a few instructions in
-    memory-bound kernels; GEMMs and attention are unaffected)."""
+def _inductor_settings():
+    """Inductor settings for the graphs we compile.
+      emulate_precision_casts: Inductor keeps a fused fp16/bf16 intermediate in float32 unless told to
+        round it as eager does; with the activation quantize fused into its producer
+        (fq.flatten_quantize_fused) that would quantize another value than eager mode (and calibration)
+        sees.  Costs a few instructions in memory-bound kernels; GEMMs and attention are unaffected.
+      realize_reads_threshold 4 -> 8: an INT4 quantize reads its input twice (the two nibbles of a byte),
+        and Inductor writes out a twice-read intermediate that reads more than the threshold's inputs,
+        such as a LayerNorm's output (x, mean, rstd, weight, bias): the round trip fusion removes.
+        Recomputing such an intermediate per reader reads the same inputs again, from cache."""
     import torch._inductor.config as inductor_config
 
-    if not hasattr(inductor_config, "emulate_precision_casts"):
-        import contextlib
-        return contextlib.nullcontext()
-    return inductor_config.patch(emulate_precision_casts=True)
+    wanted = {"emulate_precision_casts": True, "realize_reads_threshold": 8}
+    return inductor_config.patch({k: v for k, v in wanted.items() if hasattr(inductor_config, k)})
 
 
 def _release_replaced(gm: torch.fx.GraphModule, example_inputs, report: GraphReport, plan: QuantPlan) -> int:

@@ -99,11 +99,23 @@ def use(mode: str | None):
     m = parse_mode(mode, "options['gemm']") if mode is not None else None
     token = _override.set(m) if m is not None else None
     try:
-        with _cache_tag(f"fq_gemm={m or current_mode()}:{RULE_VERSION}:{table_digest()}"):
+        with _cache_tag(f"fq_gemm={m or current_mode()}:{RULE_VERSION}:{table_digest()}:{_traced_sources_digest()}"):
             yield m or current_mode()
     finally:
         if token is not None:
             _override.reset(token)
+
+
+@functools.lru_cache(maxsize=1)
+def _traced_sources_digest() -> str:
+    """The sources whose Python bodies torch.compile traces into our graphs (the fused quantize's
+    decomposition, the GEMM ops' dispatch): AOTAutograd's cache keys on the graph before they are
+    traced, so without this a changed fq_compile could reuse code compiled from the old bodies."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in ("flatten_quantize.py", "int_gemm.py", "dispatch.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:12]
 
 
 @contextlib.contextmanager
@@ -268,6 +280,8 @@ class Choice:
     def label(self) -> str:
         names = {"triton": "Triton", "cutlass": "CUTLASS", "reference": "reference",
                  "fused": "fused by Inductor", "kernel": "Triton kernel"}
+        if self.impl == "fused":
+            return names["fused"] + (", originals as a slice" if self.config == "slice" else "")
         return names.get(self.impl, self.impl) + (f" {self.config}" if self.config else "")
 
 
@@ -477,7 +491,17 @@ def decide_quantize(info: DeviceInfo, producer: str, fusable: bool, mode: str | 
     if mode == "kernel":
         return Choice(kernel, "", f"{QUANTIZE_ENV}=kernel")
     if mode == "fused":
-        return Choice("fused", "", f"{QUANTIZE_ENV}=fused, into {producer}")
+        return Choice("fused", gather_mode(producer), f"{QUANTIZE_ENV}=fused, into {producer}")
     if fusable:
-        return Choice("fused", "", f"into {producer}")
+        return Choice("fused", gather_mode(producer), f"into {producer}")
     return Choice(kernel, "", f"nothing to fuse with: {producer}")
+
+
+def gather_mode(producer: str) -> str:
+    """How the fused quantize reads its input (`flatten_quantize_decomposed`'s `direct`): "gather",
+    every position through the channel map, so the producer has one consumer and is never written
+    out, for every producer.  Measured on the CPU's Inductor code: reading the original channels as a
+    slice beside the gather makes two consumers, and Inductor then writes out a LayerNorm's output
+    (it reads more than `realize_reads_threshold` inputs) and concatenates the parts with a copy.
+    benchmarks/kernels.py --fusion times both forms on the GPU."""
+    return "gather"

@@ -30,11 +30,9 @@ Two forms of the op:
                               registered CompositeImplicitAutograd), so that torch.compile traces
                               through it and Inductor fuses it into the kernel of the op producing x
                               (a LayerNorm, a ReLU, SiLU(gate) * up, a residual add, a transpose copy):
-                              x is then never written and read back between the two.  It reads the
-                              first `direct` positions (src[p] = p: the original channels, which the
-                              channel map puts first) as a plain slice of x, and only the rest (the
-                              outlier slices, padding) through an indexed load, which Inductor emits as
-                              a gather inside the same kernel, never as a copy of x.
+                              x is then never written and read back between the two.  Every position,
+                              outlier slices included, is read from x where it lies, through an
+                              indexed load inside the same kernel: no copy of x is materialised.
 The dispatcher (kernels/dispatch.py `decide_quantize`) picks one per activation when a graph is
 rewritten (passes/lower.py).
 """
@@ -119,9 +117,15 @@ def _quantize_slice(g: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor, cap: 
 
 def flatten_quantize_decomposed(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor,
                                 hi: torch.Tensor, bits: int, direct: int) -> torch.Tensor:
-    """`flatten_quantize_reference`'s integers, written for Inductor to fuse (module docstring):
-    positions [0, direct) must have src[p] == p (`direct_prefix`); they are read as x[..., :direct].
-    INT4 packs each byte from the two positions it holds, pointwise (no int8 intermediate)."""
+    """`flatten_quantize_reference`'s integers, written for Inductor to fuse (module docstring).
+
+    direct = 0 (what the backend emits) reads every position through the channel map with one
+    indexed load, so x has one consumer and Inductor computes x's producer inside this kernel and
+    never writes x out (with two consumers it writes out a producer that reads more than four inputs,
+    such as a LayerNorm: `torch._inductor.config.realize_reads_threshold`).  direct > 0 reads the
+    positions [0, direct), which must have src[p] == p (`direct_prefix`), as a plain slice (vector
+    loads) and concatenates the gathered rest: a variant for benchmarks/kernels.py --fusion.
+    INT4 packs each byte from its positions 2j and 2j + 1, read separately (no int8 intermediate)."""
     qmax = QMAX[bits]
     k = src.shape[0]
     torch._check(0 <= direct <= k and (bits == 8 or (k % 2 == 0 and direct % 2 == 0)),
@@ -130,7 +134,7 @@ def flatten_quantize_decomposed(x: torch.Tensor, src: torch.Tensor, mult: torch.
     lead = (None,) * (x.dim() - 1)
 
     def part(first: int, stop: int, step: int) -> torch.Tensor:
-        """Quantized positions first, first + step, ... < stop."""
+        """Positions first, first + step, ... < stop, quantized (float32 integers)."""
         sl = slice(first, stop, step)
         if stop <= direct:
             g = x[..., sl]
@@ -138,17 +142,16 @@ def flatten_quantize_decomposed(x: torch.Tensor, src: torch.Tensor, mult: torch.
             g = torch.ops.aten._unsafe_index(x, [*lead, src[sl].to(torch.int64)])
         return _quantize_slice(g, mult[sl], lo[sl], cap[sl])
 
-    bounds = [(0, direct), (direct, k)]
-    if bits == 8:   # each part cast before the cat: were the cat realized, it would hold int8, not float32
-        parts = [part(a, b, 1).to(torch.int8) for a, b in bounds if b > a]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    packed = []
-    for a, b in bounds:
-        if b > a:
-            low = part(a, b, 2).to(torch.int32) & 0xF
-            high = part(a + 1, b, 2).to(torch.int32) & 0xF
-            packed.append((low | (high << 4)).to(torch.uint8))
-    return packed[0] if len(packed) == 1 else torch.cat(packed, dim=-1)
+    parts = []
+    for a, b in ((0, direct), (direct, k)):
+        if b > a:       # each part cast before any cat: a realized cat then holds int8, not float32
+            if bits == 8:
+                parts.append(part(a, b, 1).to(torch.int8))
+            else:
+                low = part(a, b, 2).to(torch.int32) & 0xF
+                high = part(a + 1, b, 2).to(torch.int32) & 0xF
+                parts.append((low | (high << 4)).to(torch.uint8))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 _lib = torch.library.Library("fq", "FRAGMENT")

@@ -158,9 +158,9 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                     c = _group_constants(plan, g, lp.bits, in_op, device)
                     args = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
                     if qchoice.impl == "fused":
+                        direct = direct_prefix(g.cmap.src, lp.bits) if qchoice.config == "slice" else 0
                         quantized[lp.bits] = gm.graph.call_function(
-                            torch.ops.fq.flatten_quantize_fused.default,
-                            (x, *args, lp.bits, direct_prefix(g.cmap.src, lp.bits)))
+                            torch.ops.fq.flatten_quantize_fused.default, (x, *args, lp.bits, direct))
                     else:
                         quantized[lp.bits] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
                                                                     (x, *args, lp.bits))
