@@ -327,7 +327,7 @@ def _producers(c: int, dev):
     return {
         "none (graph input)": lambda x, r, g: x,
         "LayerNorm": lambda x, r, g: ln(x),
-        "RMSNorm": rms,
+        "RMSNorm": lambda x, r, g: rms(x),
         "ReLU": lambda x, r, g: torch.relu(x),
         "SiLU(gate) * up": lambda x, r, g: torch.nn.functional.silu(g) * x,
         "residual add": lambda x, r, g: x + r,
@@ -337,11 +337,12 @@ def _producers(c: int, dev):
 
 def activation_vs_inductor(dev, m=16384, k=4096):
     """Part 2 of issue 13: for each producer, our Triton quantize kernel after the producer's own
-    (Inductor) kernel vs the quantize fused into the producer by Inductor (fq::flatten_quantize_fused),
-    compiled as the flattenquant backend compiles (eager rounding of fused bf16 intermediates).
-    Columns: the producer alone, each variant, the quantize's cost over the producer alone."""
-    import torch._inductor.config as inductor_config
-
+    (Inductor) kernel vs the quantize fused into the producer by Inductor (fq::flatten_quantize_fused,
+    every position gathered: what the backend emits; and the variant reading the original channels
+    as a slice), compiled as the flattenquant backend compiles.  Columns: the producer alone, each
+    variant, the quantize's cost over the producer alone, bit-exactness of the three."""
+    from fq_compile.backend import _inductor_settings
+    from fq_compile.kernels import dispatch
     from fq_compile.kernels.flatten_quantize import direct_prefix
     kp = flat_k(k)
     rows = []
@@ -353,24 +354,27 @@ def activation_vs_inductor(dev, m=16384, k=4096):
         sets = [tuple(torch.randn(b, m // b, k, device=dev, dtype=torch.bfloat16) for _ in range(3)) for _ in range(2)]
         for name, prod in _producers(k, dev).items():
             torch._dynamo.reset()
-            with inductor_config.patch(emulate_precision_casts=True):
-                alone = torch.compile(lambda x, r, g, p=prod: p(x, r, g), dynamic=False)
-                kern = torch.compile(lambda x, r, g, p=prod: torch.ops.fq.flatten_quantize(p(x, r, g), src, mult, lo,
-                                                                                            hi, bits), dynamic=False)
-                fused = torch.compile(lambda x, r, g, p=prod: torch.ops.fq.flatten_quantize_fused(
-                    p(x, r, g), src, mult, lo, hi, bits, direct), dynamic=False)
-                exact = all(torch.equal(kern(*xs), fused(*xs)) for xs in sets)
-                t = {n: try_time(lambda f=f: [lambda xs=xs: f(*xs) for xs in sets])
-                     for n, f in (("alone", alone), ("kernel", kern), ("fused", fused))}
-            over = {n: (t[n] - t["alone"]) if t[n] and t["alone"] else None for n in ("kernel", "fused")}
-            rows.append([f"INT{bits}", name, fmt(t["alone"]), fmt(t["kernel"]), fmt(t["fused"]),
-                         ratio(t["kernel"], t["fused"]), fmt(over["kernel"]), fmt(over["fused"]), exact])
+            with _inductor_settings(), dispatch.use(None):
+                fns = {"alone": lambda x, r, g, p=prod: p(x, r, g),
+                       "kernel": lambda x, r, g, p=prod: torch.ops.fq.flatten_quantize(p(x, r, g), src, mult, lo,
+                                                                                       hi, bits),
+                       "gather": lambda x, r, g, p=prod: torch.ops.fq.flatten_quantize_fused(
+                           p(x, r, g), src, mult, lo, hi, bits, 0),
+                       "slice": lambda x, r, g, p=prod: torch.ops.fq.flatten_quantize_fused(
+                           p(x, r, g), src, mult, lo, hi, bits, direct)}
+                fns = {n: torch.compile(f, dynamic=False) for n, f in fns.items()}
+                exact = all(torch.equal(fns["kernel"](*xs), fns[v](*xs)) for xs in sets for v in ("gather", "slice"))
+                t = {n: try_time(lambda f=f: [lambda xs=xs: f(*xs) for xs in sets]) for n, f in fns.items()}
+            over = {n: (t[n] - t["alone"]) if t[n] and t["alone"] else None for n in ("kernel", "gather", "slice")}
+            rows.append([f"INT{bits}", name, fmt(t["alone"]), fmt(t["kernel"]), fmt(t["gather"]), fmt(t["slice"]),
+                         ratio(t["kernel"], t["gather"]), fmt(over["kernel"]), fmt(over["gather"]), exact])
             print("   ", rows[-1], flush=True)
     return rows
 
 
-FUSION_HEAD = ["bits", "producer", "producer alone", "producer + our kernel", "fused by Inductor",
-               "x (>1: fused faster)", "quantize cost, kernel", "quantize cost, fused", "bit-exact"]
+FUSION_HEAD = ["bits", "producer", "producer alone", "producer + our kernel", "fused (gather, default)",
+               "fused (slice + gather)", "x (>1: fused faster)", "quantize cost, kernel", "quantize cost, fused",
+               "bit-exact"]
 
 
 def relu_epilogue(dev, m=16384, k=5120, n=20480):
