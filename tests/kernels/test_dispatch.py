@@ -342,6 +342,36 @@ def test_lazy_parallel_build(monkeypatch, tmp_path, capsys):
     assert len(state["built"]) == 6                                         # the failure is remembered
 
 
+def test_concurrent_builders_compile_an_instance_once(monkeypatch, tmp_path):
+    """Two builders of the same instance at once (as two processes, e.g. pytest-xdist workers: each
+    its own open file, so the flock is contended as between processes) compile it once; the second
+    waits and loads the library the first wrote."""
+    import threading
+    import time
+
+    monkeypatch.setenv("FQ_CACHE_DIR", str(tmp_path))
+    d = cg.build_dir()
+    item = (cg.SMALL_CONFIG, torch.bfloat16, "none")
+    cg.write_sources(d / "src", [item])
+    key, built = cg.instance_key(*item), []
+
+    def fake_compile(name, src, so, split):
+        built.append(name)
+        time.sleep(0.5)
+        so.write_text(name)
+        return so
+
+    monkeypatch.setattr(cg, "_compile", fake_compile)
+    monkeypatch.setattr(cg, "_load_instance", lambda so, k: so.read_text())
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(cg._build_one(key, d, 1))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built == [key] and got == [key, key]
+
+
 def test_fallback_warns_once_and_matches_reference(monkeypatch):
     """FQ_GEMM=cutlass where CUTLASS cannot run: one warning, Triton/reference results."""
     monkeypatch.setenv("FQ_GEMM", "cutlass")

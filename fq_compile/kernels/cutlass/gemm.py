@@ -38,6 +38,7 @@ Which implementation runs is decided by kernels/dispatch.py; this module only bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -290,18 +291,38 @@ def _load_api(so: Path) -> ctypes.CDLL:
     return lib
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on `path` shared by every process (fcntl.flock), so that processes needing
+    the same instance at once (pytest-xdist workers, one process per GPU) build it once: the others
+    wait, then load the library the first one wrote.  No lock where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _build_one(key: str, d: Path, split: int) -> ctypes.CDLL:
     global _jobs_running
     so = _so_path(d, key)
     if not so.exists():
-        src = d / "src" / (API_SOURCE if key == "api" else _instance_filename(*_parse_key(key)))
-        with _lock:
-            _jobs_running += 1
-        try:
-            _compile(key, src, so, split)
-        finally:
-            with _lock:
-                _jobs_running -= 1
+        with _file_lock(so.with_name(so.name + ".lock")):
+            if not so.exists():       # another process may have built it while we waited
+                src = d / "src" / (API_SOURCE if key == "api" else _instance_filename(*_parse_key(key)))
+                with _lock:
+                    _jobs_running += 1
+                try:
+                    _compile(key, src, so, split)
+                finally:
+                    with _lock:
+                        _jobs_running -= 1
     return _load_api(so) if key == "api" else _load_instance(so, key)
 
 
