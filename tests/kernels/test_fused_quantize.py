@@ -130,8 +130,7 @@ def test_fused_into_producers_under_inductor_cpu(dtype, bits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, 8), (torch.float16, 4), (torch.float16, 8),
-                                        (torch.bfloat16, 4)])
+@pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, 8), (torch.float16, 4)])   # each dtype, each width
 def test_gpu_fused_into_producers(dtype, bits):
     _check_compiled("cuda", dtype, bits, seed=21 + bits)
 
