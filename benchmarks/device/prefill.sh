@@ -11,8 +11,12 @@
 # PARTs, in the order to run them (minutes are estimates until measured):
 #   build         time the CUTLASS first-use build a user gets (an fp16 model: 2 libraries + the API
 #                 library, cache emptied first); target <= 60 s on 16 cores                       ~1-2
-#   gpu-tests-a   GPU tests of the dispatcher, the CUTLASS kernels (builds the ~30 instances they use,
-#                 ~2-3 min of the part) and the fused quantize                                    ~6-8
+#   headline      OPT-13B 8 x 2048 in one call: fp16 eager, naive FP8, O1, O3 (default settings), fp16
+#                 Inductor last (the slower fp16 at 13B on the H100; lost first if time runs out);
+#                 fewer reps (warm-up 1, <= 5 timed, 3 s budget per point)                        ~7-9
+#   gpu-tests-a   GPU tests of the dispatcher, the CUTLASS kernels (the 14 instances they use, one
+#                 parallel round of ~1-1.5 min shared by xdist workers, none after `build`: the same
+#                 FQ_CACHE_DIR) and the fused quantize                                              ~2-4
 #   gpu-tests-b   GPU tests of the Triton kernels and whole models through the backend            ~5-8
 #   fusion        quantize fused into each producer vs our kernel after it, and the ReLU epilogue
 #                 (benchmarks/kernels.py --fusion --cutlass)                                      ~4-6
@@ -84,6 +88,8 @@ case $PART in
     timeout "$LIMIT" python3 benchmarks/kernels.py --fusion --cutlass --out "$OUT/fusion.md" \
       || echo "kernels.py exited with $?"
     cat "$OUT/fusion.md" 2>/dev/null || true ;;
+  headline) run --models 13b --methods fp16-eager,fp8-naive,fq-O1,fq-O3,fp16-inductor --batches 8 --seqs 2048 \
+              --warmup 1 --reps 5 --budget 3 ;;
   headline-a) run --models 13b --methods fp16-eager,fp16-inductor,fp8-naive --batches 8 --seqs 2048 ;;
   headline-b) run --models 13b --methods fq-O3,fq-O1 --batches 8 --seqs 2048 ;;
   headline-c) run --models 13b --methods fq-O3 --batches 8 --seqs 2048 --gemm cutlass
