@@ -214,11 +214,11 @@ def test_gpu_backend_fuses_and_picks_by_architecture(monkeypatch):
     plan = fq_compile.calibrate(model, [b.cuda() for b in batches(2)], fq_compile.Config(level="O1"), progress=False)
     x = torch.randint(0, 256, (4, 128), device="cuda")
     torch._dynamo.reset()
+    keep = {"plan": plan, "free_weights": False}    # else CUDA releases the weights the 2nd compile reads
     with torch.no_grad():
-        out, code = run_and_get_code(lambda: torch.compile(model, backend="flattenquant",
-                                                           options={"plan": plan})(x).logits)
+        out, code = run_and_get_code(lambda: torch.compile(model, backend="flattenquant", options=keep)(x).logits)
         torch._dynamo.reset()
-        eager = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x).logits
+        eager = torch.compile(model, backend="flattenquant", options={**keep, "inductor": False})(x).logits
     src = "\n".join(code)
     layers = [lr for rep in reports(plan) for lr in rep.layers if lr.op.startswith("fq.")]
     assert layers and all(lr.quantize.startswith("fused by Inductor") for lr in layers)
