@@ -188,7 +188,7 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
                     name=layer, group=g.name, in_features=w.shape[1], out_features=w.shape[0], bits=bits,
                     weight_q=pack_int4(q) if bits == 4 else q, weight_scale=scale, act_scale=t / QMAX[bits],
                     bias=None if b is None else b.detach().float().clone(), fingerprint=weight_fingerprint(w),
-                    rows_folded_from=row_of.get(layer))
+                    rows_folded_from=row_of.get(layer), bias_fingerprint=None if b is None else weight_fingerprint(b))
                 del q
             if release_weights:
                 release(w, layer + ".weight")

@@ -1,0 +1,220 @@
+"""Run-time checks that keep a compiled model from silently computing something else than its plan.
+
+    fingerprint      plan.weight_fingerprint, cached per (tensor, version counter, storage)
+    WeightGuard      wraps each graph the backend compiles.  The rewrite consumed the values of some
+                     parameters at compile time (a quantized linear's weight and bias live on as the
+                     plan's integer copies; a folded norm's weight as a graph constant), so Dynamo's
+                     guards, which look only at shapes and dtypes, would let the graph run on after
+                     those parameters change in place (`mul_`, `zero_`, `load_state_dict`, an
+                     optimizer step).  Before every call the guard compares each such parameter's
+                     identity, version counter and data pointer with what it saw last (a few
+                     attribute reads per layer); on any difference it fingerprints the values again
+                     and raises PlanMismatchError naming the parameter unless they are unchanged.
+                     It reads no tensor values on the common path, so it adds no device work and is
+                     indifferent to CUDA graphs replaying the compiled code underneath.
+    eager guards     forward pre-hooks on the modules of quantized linears (installed by
+                     calibrate and by the backend).  Compiled code never runs them (Dynamo traces
+                     them to nothing).  When such a module runs as plain Python inside code that
+                     flattenquant compiles, its floating-point weight is about to be used instead
+                     of the plan: Dynamo is in run-only mode (a frame over its recompile limit runs
+                     eagerly, and so does every frame it calls; also set_stance
+                     ("eager_on_recompile")) while a function on the call stack has graphs compiled
+                     by flattenquant, or a graph break left the layer outside any graph under a
+                     flattenquant callback.  The hook raises RecompileLimitError then, saying what
+                     to do.  With the weights released (free_weights), it also makes the
+                     un-compiled module fail with a clear message.  Plain eager calls of the model,
+                     and models compiled with other backends, are not affected.
+
+Runtime state only: nothing here is stored on the plan.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import weakref
+
+import torch
+
+from fq_compile.plan import PlanMismatchError, stale_message, weight_fingerprint
+from fq_compile.runtime.resident import is_released
+
+
+class RecompileLimitError(RuntimeError):
+    """A layer of a model compiled with backend='flattenquant' was about to run un-quantized."""
+
+
+# -- fingerprints ---------------------------------------------------------------------------------------
+
+_FP_CACHE: dict[int, tuple[weakref.ref, tuple, str]] = {}
+
+
+def _state(t: torch.Tensor) -> tuple | None:
+    """What identifies the current values of `t` cheaply: version counter, data pointer, dtype,
+    shape, strides.  None where PyTorch keeps no version counter (inference tensors)."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return None
+    return version, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """weight_fingerprint(t), computed once per version of the tensor in this process."""
+    key, state = id(t), _state(t)
+    hit = _FP_CACHE.get(key)
+    if state is not None and hit is not None and hit[0]() is t and hit[1] == state:
+        return hit[2]
+    fp = weight_fingerprint(t)
+    if state is not None:
+        def _forget(ref, key=key):
+            if _FP_CACHE.get(key, (None,))[0] is ref:
+                del _FP_CACHE[key]
+
+        _FP_CACHE[key] = (weakref.ref(t, _forget), state, fp)
+    return fp
+
+
+# -- stale weights ------------------------------------------------------------------------------------
+
+class WeightGuard:
+    """Calls `compiled(*args)` after checking the watched arguments (see the module docstring).
+
+    watched: [(argument index, parameter name, expected fingerprint)]."""
+
+    def __init__(self, compiled, args, watched: list[tuple[int, str, str]]):
+        self.compiled = compiled
+        self.watched = [(i, name, expected) for i, name, expected in watched if isinstance(args[i], torch.Tensor)]
+        self.seen = [self._seen(args[i]) for i, _, _ in self.watched]
+        self.__name__ = getattr(compiled, "__name__", "flattenquant_graph")
+
+    @staticmethod
+    def _seen(t):
+        return id(t), _state(t)
+
+    def __call__(self, *args):
+        seen = self.seen
+        for k, (i, name, expected) in enumerate(self.watched):
+            t = args[i]
+            if seen[k][0] != id(t) or seen[k][1] != _state(t):
+                self._recheck(k, t, name, expected)
+        return self.compiled(*args)
+
+    def _recheck(self, k, t, name, expected):
+        if not is_released(t):
+            got = fingerprint(t)
+            if got != expected:
+                raise PlanMismatchError(stale_message(name, expected, got))
+        self.seen[k] = self._seen(t)
+
+
+# -- eager runs of quantized layers -------------------------------------------------------------------
+
+def _eval_frame_callback():
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    except ImportError:      # pragma: no cover - every torch this package supports has it
+        return None
+    return get_eval_frame_callback()
+
+
+def _is_flattenquant(callback) -> bool:
+    """True when a Dynamo callback compiles with the flattenquant backend."""
+    seen = 0
+    obj = callback
+    while obj is not None and seen < 16:
+        if getattr(obj, "_fq_backend", False) or getattr(getattr(obj, "compiler_fn", None), "_fq_backend", False):
+            return True
+        obj = getattr(obj, "_torchdynamo_orig_backend", None)
+        seen += 1
+    return False
+
+
+def _flattenquant_code_on_stack(frame, max_depth: int = 512) -> bool:
+    """True when a function on the Python stack above `frame` has graphs compiled by flattenquant
+    (Dynamo keeps compiled graphs per code object; a frame over its limit runs its original code)."""
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:      # pragma: no cover - cannot tell: assume it is ours
+        return True
+    seen = set()
+    depth = 0
+    while frame is not None and depth < max_depth:
+        code = frame.f_code
+        if code not in seen:
+            seen.add(code)
+            try:
+                entries = _debug_get_cache_entry_list(code)
+            except Exception:
+                entries = ()
+            if any(_is_flattenquant(getattr(e, "backend", None)) for e in entries):
+                return True
+        frame = frame.f_back
+        depth += 1
+    return False
+
+
+def _limit_hint() -> str:
+    cfg = torch._dynamo.config
+    limit = getattr(cfg, "recompile_limit", getattr(cfg, "cache_size_limit", "?"))
+    params = inspect.signature(torch.compile).parameters
+    per_compile = (" or torch.compile(..., recompile_limit=64" + (", isolate_recompiles=True" if
+                   "isolate_recompiles" in params else "") + ")") if "recompile_limit" in params else ""
+    return (f"Dynamo stopped compiling a frame of a model compiled with backend='flattenquant' (its recompile "
+            f"limit, torch._dynamo.config.recompile_limit = {limit} graphs per function, was reached, or "
+            "torch.compiler.set_stance('eager_on_recompile') is set) and ran it eagerly, in floating point. "
+            "Compile with dynamic=True so that batch size and length changes need no new graph; raise the limit "
+            f"(torch._dynamo.config.recompile_limit = 64{per_compile}); TORCH_LOGS=recompiles shows why each "
+            "graph was compiled")
+
+
+class EagerGuard:
+    """Forward pre-hook of a quantized linear's module (see the module docstring)."""
+
+    def __init__(self, layer: str):
+        self.layer = layer
+
+    def __call__(self, module, args):
+        if torch.compiler.is_compiling():
+            return None
+        callback = _eval_frame_callback()
+        if callback is False and _flattenquant_code_on_stack(sys._getframe(1)):
+            raise RecompileLimitError(f"fq_compile: layer {self.layer} was about to run un-quantized. "
+                                      + _limit_hint())
+        if callable(callback) and _is_flattenquant(callback):
+            raise RecompileLimitError(
+                f"fq_compile: layer {self.layer} was about to run outside any compiled graph (a graph break "
+                "inside the layer, e.g. from a hook Dynamo cannot trace), in floating point: remove the graph "
+                "break (TORCH_LOGS=graph_breaks lists them) or add the layer to Config.skip and recalibrate")
+        w = getattr(module, "weight", None)
+        if is_released(w):
+            raise RuntimeError(
+                f"fq_compile: the floating-point weight of {self.layer} was released once its graph was "
+                "compiled with backend='flattenquant' (free_weights, the default on CUDA), so the un-compiled "
+                "module cannot run: call the compiled model, or compile with options={'free_weights': False}")
+        return None
+
+
+_GUARDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def guard_eager_runs(modules: dict[str, torch.nn.Module]) -> int:
+    """Install an EagerGuard on each module (once per module); returns how many were new."""
+    new = 0
+    for layer, module in modules.items():
+        if module in _GUARDED:
+            continue
+        _GUARDED[module] = module.register_forward_pre_hook(EagerGuard(layer))
+        new += 1
+    return new
+
+
+def remove_eager_guards(model: torch.nn.Module) -> int:
+    """Remove the EagerGuard hooks from `model`'s modules; returns how many were removed."""
+    removed = 0
+    for module in model.modules():
+        handle = _GUARDED.pop(module, None)
+        if handle is not None:
+            handle.remove()
+            removed += 1
+    return removed
