@@ -146,6 +146,9 @@ class GroupPlan:
     pad_multiple: int
     cmap: ChannelMap              # the K' layout the op and the weights share (planning/flatten.py)
     fold_note: str = ""           # why smoothing stays in the op, when it does
+    # norm folds: weight_fingerprint of each norm parameter named in `fold` (the rewrite divides
+    # their live values by s, and s was chosen for these values)
+    fold_fingerprints: dict[str, str] = field(default_factory=dict)
 
     @property
     def flat_features(self) -> int:
@@ -238,7 +241,8 @@ class QuantPlan:
             for key in ("src", "lo", "hi", "weight_factor", "active"):
                 tensors[f"g{gi}.cmap.{key}"] = getattr(g.cmap, key).contiguous()
             groups[gname] = dict(index=gi, layers=g.layers, in_features=g.in_features, threshold=g.threshold,
-                                 fold=g.fold, fold_note=g.fold_note, pad_multiple=g.pad_multiple)
+                                 fold=g.fold, fold_note=g.fold_note, pad_multiple=g.pad_multiple,
+                                 fold_fingerprints=g.fold_fingerprints)
         for lname, lp in self.layers.items():
             li = len(layers)
             tensors[f"l{li}.weight_q"] = lp.weight_q.contiguous()
@@ -328,7 +332,7 @@ class QuantPlan:
                 name=gname, layers=list(g["layers"]), in_features=g["in_features"], threshold=g["threshold"],
                 smooth=tensor(f"g{gi}.smooth", where), fold=g["fold"], extra=tensor(f"g{gi}.extra", where),
                 weight_dup=tensor(f"g{gi}.weight_dup", where), act_max=tensor(f"g{gi}.act_max", where),
-                pad_multiple=g["pad_multiple"], fold_note=g.get("fold_note", ""),
+                pad_multiple=g["pad_multiple"], fold_note=g["fold_note"], fold_fingerprints=g["fold_fingerprints"],
                 cmap=ChannelMap(*(tensor(f"g{gi}.cmap.{k}", where) for k in ("src", "lo", "hi", "weight_factor",
                                                                             "active"))))
         for lname, l in meta["layers"].items():
@@ -503,8 +507,15 @@ class _Validator:
         kind, sep, target = self.string(f"{w}.fold", fold).partition(":")
         if kind not in _FOLD_KINDS or (kind == "op") == bool(sep) or (kind != "op" and not target):
             self.fail(f"{w}.fold", f"{fold!r} is not 'op', 'norm:<parameter>[,<parameter>]' or 'rows:<layer>'")
+        fps = self.plan.groups[name].fold_fingerprints
+        if not isinstance(fps, dict):
+            self.fail(f"{w}.fold_fingerprints", f"must be a dict, got {type(fps).__name__}")
         if kind == "norm" and not 1 <= len(target.split(",")) <= 2:
             self.fail(f"{w}.fold", f"{fold!r}: a norm fold names its weight and at most a bias")
+        if set(fps) != (set(target.split(",")) if kind == "norm" else set()):
+            self.fail(f"{w}.fold_fingerprints", f"keys {sorted(fps)} must be the norm parameters of fold {fold!r}")
+        for key, fp in fps.items():
+            self.string(f"{w}.fold_fingerprints[{key!r}]", fp, _FP_RE, "a weight_fingerprint string")
         if kind == "rows":
             producer = self.plan.layers.get(target)
             if producer is None or producer.rows_folded_from != name:

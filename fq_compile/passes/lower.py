@@ -273,7 +273,7 @@ def _apply_norm_fold(gm, site, g, runtime, name_of, report) -> bool:
     s = g.smooth.double()
     for fqn, t in live.items():
         ph = params[fqn]
-        report.watched[ph] = (fqn, fingerprint(t))
+        _check_values(fqn, ph, t, g.fold_fingerprints.get(fqn), report)
         folded = (t.detach().double() / s.to(t.device)).to(t.dtype)
         with gm.graph.inserting_before(node):
             c = _const(gm, f"fq_fold_{fqn}", folded)

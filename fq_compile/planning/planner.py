@@ -116,6 +116,9 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             fold, note = "op", "folding disabled (Config.fold=False)"
         weights = {l: weight_of(l) for l in st.layers}
         plan.groups[name] = plan_group(name, st, weights, fold, note, config)
+    for g in plan.groups.values():          # the norm values s was chosen for (checked at each compile)
+        if g.fold.startswith("norm:"):
+            g.fold_fingerprints = {fqn: weight_fingerprint(params[fqn]) for fqn in g.fold[len("norm:"):].split(",")}
     # rows folds: the producer layer's rows are divided by the consumer group's scales
     row_fold = {}
     for g in plan.groups.values():

@@ -18,9 +18,9 @@
                      flattenquant compiles, its floating-point weight is about to be used instead
                      of the plan: Dynamo is in run-only mode (a frame over its recompile limit runs
                      eagerly, and so does every frame it calls; also set_stance
-                     ("eager_on_recompile")) while a function on the call stack has graphs compiled
-                     by flattenquant, or a graph break left the layer outside any graph under a
-                     flattenquant callback.  The hook raises RecompileLimitError then, saying what
+                     ("eager_on_recompile")) inside a call of a model compiled with flattenquant,
+                     or a graph break left the layer outside any graph under a flattenquant
+                     callback.  The hook raises RecompileLimitError then, saying what
                      to do.  With the weights released (free_weights), it also makes the
                      un-compiled module fail with a clear message.  Plain eager calls of the model,
                      and models compiled with other backends, are not affected.
@@ -130,18 +130,24 @@ def _is_flattenquant(callback) -> bool:
     return False
 
 
-def _flattenquant_code_on_stack(frame, max_depth: int = 512) -> bool:
-    """True when a function on the Python stack above `frame` has graphs compiled by flattenquant
-    (Dynamo keeps compiled graphs per code object; a frame over its limit runs its original code)."""
+def _inside_flattenquant_call(frame, max_depth: int = 512) -> bool:
+    """True when the Python stack above `frame` runs code compiled with flattenquant: a call of a
+    torch.compile'd function or module whose Dynamo callback compiles with flattenquant (the
+    wrapper's frame in torch/_dynamo/eval_frame.py holds it), or a function that has graphs
+    compiled by flattenquant (Dynamo keeps them per code object; a frame over its limit runs its
+    original code).  Only consulted on the error path."""
     try:
         from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-    except ImportError:      # pragma: no cover - cannot tell: assume it is ours
-        return True
+    except ImportError:      # pragma: no cover
+        _debug_get_cache_entry_list = None
     seen = set()
     depth = 0
     while frame is not None and depth < max_depth:
         code = frame.f_code
-        if code not in seen:
+        if code.co_filename.replace("\\", "/").endswith("torch/_dynamo/eval_frame.py"):
+            if any(callable(v) and _is_flattenquant(v) for v in frame.f_locals.values()):
+                return True
+        elif code not in seen and _debug_get_cache_entry_list is not None:
             seen.add(code)
             try:
                 entries = _debug_get_cache_entry_list(code)
@@ -163,9 +169,10 @@ def _limit_hint() -> str:
     return (f"Dynamo stopped compiling a frame of a model compiled with backend='flattenquant' (its recompile "
             f"limit, torch._dynamo.config.recompile_limit = {limit} graphs per function, was reached, or "
             "torch.compiler.set_stance('eager_on_recompile') is set) and ran it eagerly, in floating point. "
-            "Compile with dynamic=True so that batch size and length changes need no new graph; raise the limit "
-            f"(torch._dynamo.config.recompile_limit = 64{per_compile}); TORCH_LOGS=recompiles shows why each "
-            "graph was compiled")
+            "Compile with dynamic=True so that changes of batch size and length need no new graph, or raise the "
+            f"limit before compiling (torch._dynamo.config.recompile_limit = 64{per_compile}); once the limit is "
+            "hit, Dynamo does not compile this function again until torch._dynamo.reset(). TORCH_LOGS=recompiles "
+            "shows why each graph was compiled")
 
 
 class EagerGuard:
@@ -178,7 +185,7 @@ class EagerGuard:
         if torch.compiler.is_compiling():
             return None
         callback = _eval_frame_callback()
-        if callback is False and _flattenquant_code_on_stack(sys._getframe(1)):
+        if callback is False and _inside_flattenquant_call(sys._getframe(1)):
             raise RecompileLimitError(f"fq_compile: layer {self.layer} was about to run un-quantized. "
                                       + _limit_hint())
         if callable(callback) and _is_flattenquant(callback):
@@ -195,26 +202,28 @@ class EagerGuard:
         return None
 
 
-_GUARDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def _has_guard(module: torch.nn.Module) -> bool:
+    return any(isinstance(h, EagerGuard) for h in module._forward_pre_hooks.values())
 
 
 def guard_eager_runs(modules: dict[str, torch.nn.Module]) -> int:
-    """Install an EagerGuard on each module (once per module); returns how many were new."""
+    """Install an EagerGuard on each module that has none yet (copies of a guarded module carry
+    theirs); returns how many were new."""
     new = 0
     for layer, module in modules.items():
-        if module in _GUARDED:
-            continue
-        _GUARDED[module] = module.register_forward_pre_hook(EagerGuard(layer))
-        new += 1
+        if not _has_guard(module):
+            module.register_forward_pre_hook(EagerGuard(layer))
+            new += 1
     return new
 
 
 def remove_eager_guards(model: torch.nn.Module) -> int:
-    """Remove the EagerGuard hooks from `model`'s modules; returns how many were removed."""
+    """Remove the EagerGuard hooks from `model`'s modules (e.g. to compile it with another backend
+    that is expected to fall back to eager); returns how many were removed."""
     removed = 0
     for module in model.modules():
-        handle = _GUARDED.pop(module, None)
-        if handle is not None:
-            handle.remove()
+        for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, EagerGuard)]:
+            del module._forward_pre_hooks[key]
+            getattr(module, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
             removed += 1
     return removed
