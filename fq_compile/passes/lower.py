@@ -130,13 +130,14 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
     # where each group's smoothing lives in *this* graph, decided before any node is replaced
     folds: dict[str, tuple[str, str, object]] = {}
     groups: dict[fx.Node, GroupPlan] = {}
+    here = {name for members in by_input.values() for name, _ in members}
     for x, members in by_input.items():
         names = {plan.layers[n].group for n, _ in members}
         if len(names) != 1:
             raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor here but belong to "
                                     f"different plan groups {sorted(names)}")
         g = groups[x] = plan.groups[names.pop()]
-        folds[g.name] = _fold_here(x, {node for _, node in members}, g, planned, name_of)
+        folds[g.name] = _fold_here(x, {node for _, node in members}, g, planned, name_of, here)
     realized_rows = {g.fold[len("rows:"):] for g in groups.values() if folds[g.name][0].startswith("rows:")}
 
     for x, members in by_input.items():
@@ -244,21 +245,21 @@ def _group_constants(plan, g, bits: int, smooth_in_op: bool, device) -> dict[str
     return {k: device_tensor(plan, f"{key}.{k}", v, device) for k, v in cache[key][1].items()}
 
 
-def _fold_here(x, group_nodes, g, planned, name_of) -> tuple[str, str, object]:
+def _fold_here(x, group_nodes, g, planned, name_of, here: set[str]) -> tuple[str, str, object]:
     """Where the group's smoothing lives in this graph: (g.fold, "", site) where the plan's fold
-    site is present and valid here, else ("op", why, None)."""
+    site is present and valid here, else ("op", why, None).  `here`: the planned layers of this graph."""
     if g.fold == "op":
         return "op", g.fold_note, None
     site = find_fold_site(x, group_nodes, planned, name_of)
     if site.encode() == g.fold:
         return g.fold, "", site
     kind, _, target = g.fold.partition(":")
-    if site.kind == "op" and site.note:
-        why = site.note
-    elif kind == "rows":
+    if kind == "rows" and target not in here:
         why = f"its producer {target} is not in this graph"
+    elif site.kind == "op" and site.note:
+        why = site.note
     else:
-        why = f"the norm {target} is not in this graph"
+        why = f"the fold site found here is {site.encode()}"
     return "op", f"planned fold {g.fold} does not hold in this graph: {why}", None
 
 
