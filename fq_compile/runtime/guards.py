@@ -7,9 +7,9 @@
                      guards, which look only at shapes and dtypes, would let the graph run on after
                      those parameters change in place (`mul_`, `zero_`, `load_state_dict`, an
                      optimizer step).  Before every call the guard compares each such parameter's
-                     identity, version counter and data pointer with what it saw last (a few
-                     attribute reads per layer); on any difference it fingerprints the values again
-                     and raises PlanMismatchError naming the parameter unless they are unchanged.
+                     identity and version counter with what it saw last (two attribute reads per
+                     parameter); on any difference it fingerprints the values again and raises
+                     PlanMismatchError naming the parameter unless they are unchanged.
                      It reads no tensor values on the common path, so it adds no device work and is
                      indifferent to CUDA graphs replaying the compiled code underneath.
     eager guards     forward pre-hooks on the modules of quantized linears (installed by
@@ -31,6 +31,7 @@ Runtime state only: nothing here is stored on the plan.
 from __future__ import annotations
 
 import inspect
+import operator
 import sys
 import weakref
 
@@ -80,32 +81,51 @@ def fingerprint(t: torch.Tensor) -> str:
 class WeightGuard:
     """Calls `compiled(*args)` after checking the watched arguments (see the module docstring).
 
-    watched: [(argument index, parameter name, expected fingerprint)]."""
+    watched: [(argument index, parameter name, expected fingerprint)].  Per call and watched
+    tensor: its identity and version counter (about 0.1-0.3 us each; shape, dtype, device and
+    strides are Dynamo's own guards).  Not seen: `param.data = other_tensor` of the same shape,
+    which PyTorch does not count as a new version."""
 
     def __init__(self, compiled, args, watched: list[tuple[int, str, str]]):
         self.compiled = compiled
         self.watched = [(i, name, expected) for i, name, expected in watched if isinstance(args[i], torch.Tensor)]
-        self.seen = [self._seen(args[i]) for i, _, _ in self.watched]
+        index = [i for i, _, _ in self.watched]
+        pick = operator.itemgetter(*index) if index else (lambda a: ())
+        self.pick = (lambda a: (pick(a),)) if len(index) == 1 else pick
+        ts = self.pick(args)
+        self.ids = list(map(id, ts))
+        self.versions = [self._version(t) for t in ts]
         self.__name__ = getattr(compiled, "__name__", "flattenquant_graph")
 
     @staticmethod
-    def _seen(t):
-        return id(t), _state(t)
+    def _version(t) -> int:
+        try:
+            return t._version
+        except RuntimeError:      # an inference tensor keeps no version counter: check its values every call
+            return -1
 
     def __call__(self, *args):
-        seen = self.seen
-        for k, (i, name, expected) in enumerate(self.watched):
-            t = args[i]
-            if seen[k][0] != id(t) or seen[k][1] != _state(t):
-                self._recheck(k, t, name, expected)
+        ts = self.pick(args)
+        try:
+            same = list(map(id, ts)) == self.ids and list(map(_VERSION, ts)) == self.versions
+        except RuntimeError:      # an inference tensor among them
+            same = False
+        if not same:
+            for k, t in enumerate(ts):
+                if self.versions[k] < 0 or id(t) != self.ids[k] or self._version(t) != self.versions[k]:
+                    self._recheck(k, t)
         return self.compiled(*args)
 
-    def _recheck(self, k, t, name, expected):
+    def _recheck(self, k, t):
+        _, name, expected = self.watched[k]
         if not is_released(t):
             got = fingerprint(t)
             if got != expected:
                 raise PlanMismatchError(stale_message(name, expected, got))
-        self.seen[k] = self._seen(t)
+        self.ids[k], self.versions[k] = id(t), self._version(t)
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 # -- eager runs of quantized layers -------------------------------------------------------------------
