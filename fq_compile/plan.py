@@ -348,8 +348,8 @@ class QuantPlan:
 
 def stale_message(param: str, expected: str, got: str) -> str:
     """The error for a parameter whose values are not those the plan was made from."""
-    return (f"{param}: the weights differ from those the plan was calibrated on ({fingerprint_difference(expected, got)}; "
-            f"fingerprint {got}, the plan's {expected}). The plan holds quantized copies of the values it was "
+    return (f"{param}: the weights differ from those the plan was calibrated on "
+            f"({fingerprint_difference(expected, got)}; fingerprint {got}, the plan's {expected}). The plan holds quantized copies of the values it was "
             "calibrated on and cannot follow a change of the floating-point weights: recalibrate "
             "(plan = fq_compile.calibrate(model, batches, config)) and compile again with the new plan")
 
@@ -519,7 +519,8 @@ class _Validator:
         if kind == "rows":
             producer = self.plan.layers.get(target)
             if producer is None or producer.rows_folded_from != name:
-                self.fail(f"{w}.fold", f"{fold!r}: the producer must be a plan layer whose rows_folded_from is {name!r}")
+                self.fail(f"{w}.fold", f"{fold!r}: the producer must be a plan layer whose rows_folded_from "
+                                       f"is {name!r}")
 
     def layer(self, name, lp):
         w = f"layers[{name!r}]"
@@ -560,7 +561,8 @@ class _Validator:
         if lp.rows_folded_from is not None:
             rg = self.plan.groups.get(lp.rows_folded_from)
             if rg is None or rg.fold != f"rows:{name}":
-                self.fail(f"{w}.rows_folded_from", f"{lp.rows_folded_from!r} is not a group whose fold is 'rows:{name}'")
+                self.fail(f"{w}.rows_folded_from",
+                          f"{lp.rows_folded_from!r} is not a group whose fold is 'rows:{name}'")
             if rg.in_features != n:
                 self.fail(f"{w}.rows_folded_from", f"group {lp.rows_folded_from!r} has {rg.in_features} channels, "
                                                    f"this layer {n} outputs")

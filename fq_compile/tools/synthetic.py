@@ -169,7 +169,8 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
         plan.groups[name] = GroupPlan(
             name=name, layers=layers, in_features=c, threshold=t, smooth=torch.ones(c), fold=fold,
             extra=extra, weight_dup=torch.zeros_like(extra), act_max=((extra + 1) * t).float(),
-            pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple), fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found",
+            pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple),
+            fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found",
             fold_fingerprints={f: weight_fingerprint(params[f]) for f in fold[len("norm:"):].split(",")}
             if fold.startswith("norm:") else {})
         if fold.startswith("rows:"):
