@@ -23,9 +23,9 @@ What keeps a compiled model from silently running something else than its plan (
     the rewrite consumed (quantized weights and biases, folded norm weights) must be unchanged, or
     the call raises PlanMismatchError saying to recalibrate (in-place updates, load_state_dict);
   * the module of every quantized linear gets a forward pre-hook that compiled code never runs: if
-    Dynamo runs such a layer eagerly (a frame over its recompile limit, set_stance
-    ("eager_on_recompile"), a graph break inside the layer), it raises RecompileLimitError naming
-    the remedies, instead of computing in floating point.  Per module, so no process-wide flag.
+    Dynamo runs such a layer eagerly inside flattenquant-compiled code (a frame over its recompile
+    limit, set_stance("eager_on_recompile")), it raises RecompileLimitError naming the remedies,
+    instead of computing in floating point.  Per module, so no process-wide flag.
 Use dynamic=True (torch.compile(model, backend="flattenquant", dynamic=True, options=...)) so that
 changes of batch size and length need no new graph.
 """

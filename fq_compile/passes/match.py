@@ -157,6 +157,9 @@ class ParamNames:
 
     @staticmethod
     def _prefix(gm, rel, runtime, known) -> str:
+        """The frame's prefix: from a linear weight whose relative name (e.g. 'mlp.fc1.weight', or
+        just 'weight' when the frame is the linear's own forward) ends exactly one planned layer's
+        weight name, or several of which only one has this weight's fingerprint."""
         from fq_compile.runtime.guards import fingerprint
 
         weights = [linear_args(n)[1] for n in gm.graph.nodes if is_linear(n)]
@@ -164,14 +167,15 @@ class ParamNames:
         if any(layer_name(rel[w]) in known for w in weights):
             return ""
         for w in weights:
-            tail = "." + layer_name(rel[w])
-            cands = [k for k in known if k.endswith(tail)]
+            r = rel[w]
+            cands = [k for k in known if (k + ".weight").endswith("." + r)]
             t = runtime.get(w)
             if isinstance(t, torch.Tensor) and len(cands) > 1:
                 fp = fingerprint(t)
                 cands = [k for k in cands if known[k] == fp]
             if len(cands) == 1:
-                return cands[0][: -len(tail) + 1]
+                full = cands[0] + ".weight"
+                return full[: len(full) - len(r)]
         return ""
 
     def __call__(self, node) -> str | None:

@@ -15,15 +15,15 @@
     eager guards     forward pre-hooks on the modules of quantized linears (installed by
                      calibrate and by the backend).  Compiled code never runs them (Dynamo traces
                      them to nothing).  When such a module runs as plain Python inside code that
-                     flattenquant compiles, its floating-point weight is about to be used instead
-                     of the plan: Dynamo is in run-only mode (a frame over its recompile limit runs
-                     eagerly, and so does every frame it calls; also set_stance
-                     ("eager_on_recompile")) inside a call of a model compiled with flattenquant,
-                     or a graph break left the layer outside any graph under a flattenquant
-                     callback.  The hook raises RecompileLimitError then, saying what
-                     to do.  With the weights released (free_weights), it also makes the
-                     un-compiled module fail with a clear message.  Plain eager calls of the model,
-                     and models compiled with other backends, are not affected.
+                     flattenquant compiles while Dynamo is in run-only mode (a frame over its
+                     recompile limit runs eagerly, and so does every frame it calls; also set_stance
+                     ("eager_on_recompile")), its floating-point weight is about to be used instead
+                     of the plan: the hook raises RecompileLimitError, saying what to do.  (Under
+                     an active callback, e.g. after a graph break inside the layer's hooks, the
+                     layer's forward is compiled as a frame of its own: nothing to do.)  With the
+                     weights released (free_weights), it also makes the un-compiled module fail
+                     with a clear message.  Plain eager calls of the model, and models compiled
+                     with other backends, are not affected.
 
 Runtime state only: nothing here is stored on the plan.
 """
@@ -82,8 +82,8 @@ class WeightGuard:
     """Calls `compiled(*args)` after checking the watched arguments (see the module docstring).
 
     watched: [(argument index, parameter name, expected fingerprint)].  Per call and watched
-    tensor: its identity and version counter (about 0.1-0.3 us each; shape, dtype, device and
-    strides are Dynamo's own guards).  Not seen: `param.data = other_tensor` of the same shape,
+    tensor: its identity and version counter (shape, dtype, device and strides are Dynamo's own
+    guards).  Not seen: `param.data = other_tensor` of the same shape,
     which PyTorch does not count as a new version."""
 
     def __init__(self, compiled, args, watched: list[tuple[int, str, str]]):
@@ -208,11 +208,6 @@ class EagerGuard:
         if callback is False and _inside_flattenquant_call(sys._getframe(1)):
             raise RecompileLimitError(f"fq_compile: layer {self.layer} was about to run un-quantized. "
                                       + _limit_hint())
-        if callable(callback) and _is_flattenquant(callback):
-            raise RecompileLimitError(
-                f"fq_compile: layer {self.layer} was about to run outside any compiled graph (a graph break "
-                "inside the layer, e.g. from a hook Dynamo cannot trace), in floating point: remove the graph "
-                "break (TORCH_LOGS=graph_breaks lists them) or add the layer to Config.skip and recalibrate")
         w = getattr(module, "weight", None)
         if is_released(w):
             raise RuntimeError(

@@ -160,3 +160,30 @@ def test_bias_is_the_one_the_call_reads():
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"shift: the weights differ"):
         torch.compile(OddBias("shift"), backend="flattenquant", options={"plan": plans["own"], "inductor": False})(x)
+
+
+def test_graph_break_inside_a_quantized_layer():
+    """A hook Dynamo cannot trace on fc1 splits the frame at the layer: fc1 compiles as a frame of
+    its own (its weight named just 'weight', found by fingerprint), its norm fold and fc2's row fold
+    fall back to the op, and the result equals the unbroken compile up to rounding."""
+    from tests.conftest import VOCAB, batches, tiny_opt
+
+    model = tiny_opt(layers=1)
+    plan = fq_compile.calibrate(model, batches(n=1), Config(level="O1"), progress=False)
+    x = torch.randint(0, VOCAB, (1, 7))
+    opts = {"plan": plan, "inductor": False}
+    with torch.no_grad():
+        torch._dynamo.reset()
+        whole = torch.compile(model, backend="flattenquant", options=opts)(x).logits
+        torch._dynamo.reset()
+        reports(plan).clear()
+        fc1 = model.model.decoder.layers[0].fc1
+        handle = fc1.register_forward_pre_hook(lambda mod, args: torch._dynamo.graph_break())
+        try:
+            split = torch.compile(model, backend="flattenquant", options=opts)(x).logits
+        finally:
+            handle.remove()
+        ref = model(x).logits
+    ops = {lr.layer: lr for r in reports(plan) for lr in r.layers}
+    assert ops["model.decoder.layers.0.fc1"].op == "fq.int8_linear" and len(reports(plan)) >= 2
+    assert _rel(split, whole) < 1e-2 < _rel(whole, ref)
