@@ -41,8 +41,12 @@ def model_hash(model: torch.nn.Module) -> str:
 
 def weight_fingerprint(w: torch.Tensor) -> float:
     """Cheap identity of a weight's values (sum of |w| in float64): catches a plan calibrated on
-    other weights of the same shape (e.g. a random-init model instead of the checkpoint)."""
-    return float(w.detach().double().abs().sum())
+    other weights of the same shape (e.g. a random-init model instead of the checkpoint).  A DTensor
+    (tensor parallelism) gives its whole tensor's sum: each rank sums its shard, one all-reduce adds them."""
+    total = w.detach().double().abs().sum()
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    return float(total)
 
 
 @dataclass

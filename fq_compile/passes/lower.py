@@ -33,8 +33,10 @@ from fq_compile.passes.match import (
     param_fqn,
     placeholder_inputs,
 )
+from fq_compile.passes.shard import local_input, tp_linear, wrap_output
 from fq_compile.plan import GroupPlan, PlanMismatchError, QuantPlan, weight_fingerprint
 from fq_compile.runtime.resident import is_released, released_name
+from fq_compile.runtime.tensor_parallel import check_unsharded
 from fq_compile.runtime.state import device_tensor, state_of
 
 FINGERPRINT_RTOL = 1e-3
@@ -46,6 +48,7 @@ class LayerReport:
     op: str                 # "fq.int8_linear", "fq.int4_linear" or "linear (floating point)"
     smoothing: str          # where s lives: "norm:<param>", "rows:<layer>", "op", or "-"
     reason: str = ""
+    shard: str = ""         # tensor parallelism: this rank's part, e.g. "rowwise 1/2: 64x32->64" (passes/shard.py)
 
 
 @dataclass
@@ -82,6 +85,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
     linears = [n for n in gm.graph.nodes if is_linear(n)]
     # group this graph's linears by input, as calibration did
     by_input: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
+    tp, readers, to_local = {}, {}, {}      # DTensor linears: layer -> TPLinear; node -> what reads x for it
     for node in linears:
         x, w, _ = linear_args(node)
         fqn = name_of(w)
@@ -99,10 +103,16 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 f"({plan.model_type}, {len(plan.layers)} layers); calibrate this model with fq_compile.calibrate")
         lp = plan.layers[name]
         wt = runtime.get(w)
-        shape = tuple(wt.shape) if isinstance(wt, torch.Tensor) else tuple(example_value(w).shape)
-        if shape != (lp.out_features, lp.in_features):
-            raise PlanMismatchError(f"layer {name!r}: the plan was made for weight shape "
-                                    f"{(lp.out_features, lp.in_features)}, this model has {shape}")
+        tp[name] = tp_linear(plan, name, node, x, wt)    # a DTensor weight: this rank's part (passes/shard.py)
+        if tp[name] is not None:
+            x, readers[node] = local_input(gm, x, to_local)
+        else:
+            del tp[name]
+            check_unsharded(plan, name)
+            shape = tuple(wt.shape) if isinstance(wt, torch.Tensor) else tuple(example_value(w).shape)
+            if shape != (lp.out_features, lp.in_features):
+                raise PlanMismatchError(f"layer {name!r}: the plan was made for weight shape "
+                                        f"{(lp.out_features, lp.in_features)}, this model has {shape}")
         if isinstance(wt, torch.Tensor) and not is_released(wt):
             fp = weight_fingerprint(wt)
             if abs(fp - lp.fingerprint) > FINGERPRINT_RTOL * max(abs(lp.fingerprint), 1e-12):
@@ -117,13 +127,17 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor here but belong to "
                                     f"different plan groups {sorted(groups)}")
         g = plan.groups[groups.pop()]
-        smoothing = _apply_fold(gm, x, {node for _, node in members}, g, planned, runtime, name_of)
+        smoothing = _apply_fold(gm, x, {readers.get(node, node) for _, node in members}, g, planned, runtime, name_of)
+        sharded = [tp[n] for n, _ in members if n in tp]
+        if sharded and (len(sharded) != len(members) or len({id(t.group) for t in sharded}) != 1):
+            raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor but are not parallelised alike")
+        g = sharded[0].group if sharded else g       # a row-parallel group: this rank's channel map
         if group_hook is not None:
             group_hook(gm, g, x, smoothing, members[0][1])
         device = example_value(x).device if example_value(x) is not None else torch.device("cpu")
         quantized: dict[int, fx.Node] = {}
         for name, node in members:
-            lp = plan.layers[name]
+            lp = tp[name].layer if name in tp else plan.layers[name]
             out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
             with gm.graph.inserting_before(node):
                 if lp.bits not in quantized:
@@ -139,6 +153,8 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
                 op = torch.ops.fq.int4_linear.default if lp.bits == 4 else torch.ops.fq.int8_linear.default
                 new = gm.graph.call_function(op, (quantized[lp.bits], wq, scale, bias, out_dtype))
+            if name in tp:
+                new = wrap_output(gm, new, tp[name])    # back to the DTensor the graph expects
             new.meta.update(node.meta)
             _, w_node, b_node = linear_args(node)
             node.replace_all_uses_with(new)
@@ -149,7 +165,8 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                     report.replaced_params[fqn] = p_node
             report.layers.append(LayerReport(name, f"fq.int{lp.bits}_linear",
                                              g.fold if smoothing != "op" else "op",
-                                             "" if smoothing != "op" else g.fold_note))
+                                             "" if smoothing != "op" else g.fold_note,
+                                             tp[name].describe() if name in tp else ""))
     gm.graph.lint()
     gm.recompile()
     report.code = gm.code
