@@ -6,6 +6,7 @@ from tabulate import tabulate
 
 from fq_compile.plan import QuantPlan
 from fq_compile.runtime.state import reports
+from fq_compile.runtime.tensor_parallel import local_views
 
 
 def _find_plan(obj) -> QuantPlan | None:
@@ -41,9 +42,13 @@ def explain(obj) -> str:
     for rep in reports(plan):
         for lr in rep.layers:
             used[lr.layer] = lr
+    views = local_views(plan)     # tensor parallelism: the shapes this rank runs (runtime/tensor_parallel.py)
     rows = []
     for name, lp in plan.layers.items():
         g = plan.groups[lp.group]
+        shard = None
+        if name in views:
+            shard, lp, g = views[name]
         lr = used.get(name)
         op = lr.op if lr else "(not compiled yet)"
         where = lr.smoothing if lr else g.fold
@@ -51,11 +56,12 @@ def explain(obj) -> str:
             where += f"; rows carry s of {lp.rows_folded_from.rsplit('.', 1)[-1]}"
         rows.append([name, f"{lp.out_features}x{lp.in_features}->{g.flat_features}", lp.bits,
                      f"{g.threshold:.4g}", int(g.extra.sum() + g.weight_dup.sum()), f"{100 * g.flatten_ratio:.1f}%",
-                     "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op])
+                     "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op]
+                    + ([f"{shard.describe()} of {shard.full[0]}x{shard.full[1]}" if shard else "-"] if views else []))
     for name, why in plan.skipped.items():
-        rows.append([name, "-", "fp", "-", "-", "-", "-", "-", f"linear (floating point): {why}"])
-    table = tabulate(rows, headers=["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "KL4/KL8",
-                                    "smoothing folded into", "op"], tablefmt="simple")
+        rows.append([name, "-", "fp", "-", "-", "-", "-", "-", f"linear (floating point): {why}"] + (["-"] if views else []))
+    headers = ["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "KL4/KL8", "smoothing folded into", "op"]
+    table = tabulate(rows, headers=headers + (["tensor-parallel shard (rank/ranks)"] if views else []), tablefmt="simple")
     n = len(plan.layers)
     n4 = sum(lp.bits == 4 for lp in plan.layers.values())
     ratios = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()]
@@ -71,4 +77,10 @@ def explain(obj) -> str:
                                             + (f" ({before / after:.2f}x smaller)" if after else "")],
         ["graphs compiled", len(reports(plan))],
     ]
+    if views:
+        here = sum(lp.weight_bytes for lp in plan.layers.values() if lp.name not in views)
+        here += sum(v[1].weight_bytes for v in views.values())
+        ranks = sorted({(s.index, s.count) for s, _, _ in views.values() if s.dim is not None})
+        totals.append(["tensor parallel (this rank)", f"{len(views)} layers sharded, rank {'/'.join(f'{i}/{n}' for i, n in ranks)}"
+                       f"; quantized weight bytes here {here / 2**20:.2f} MiB (shapes above are this rank's)"])
     return f"fq_compile plan for {plan.model_type}\n{table}\n\n{tabulate(totals, tablefmt='plain')}"

@@ -48,7 +48,6 @@ class LayerReport:
     op: str                 # "fq.int8_linear", "fq.int4_linear" or "linear (floating point)"
     smoothing: str          # where s lives: "norm:<param>", "rows:<layer>", "op", or "-"
     reason: str = ""
-    shard: str = ""         # tensor parallelism: this rank's part, e.g. "rowwise 1/2: 64x32->64" (passes/shard.py)
 
 
 @dataclass
@@ -165,8 +164,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                     report.replaced_params[fqn] = p_node
             report.layers.append(LayerReport(name, f"fq.int{lp.bits}_linear",
                                              g.fold if smoothing != "op" else "op",
-                                             "" if smoothing != "op" else g.fold_note,
-                                             tp[name].describe() if name in tp else ""))
+                                             "" if smoothing != "op" else g.fold_note))
     gm.graph.lint()
     gm.recompile()
     report.code = gm.code

@@ -45,11 +45,6 @@ class TPLinear:
     mesh: object              # the weight's DeviceMesh
     out_placements: tuple     # what Dynamo recorded for the linear's output
 
-    def describe(self) -> str:
-        """e.g. 'rowwise 1/2: 64x32->64' (this rank's N x C -> K')."""
-        lp, g = self.layer, self.group
-        return f"{self.shard.describe()}: {lp.out_features}x{lp.in_features}->{g.flat_features}"
-
 
 def tp_linear(plan: QuantPlan, name: str, node: fx.Node, x: fx.Node, weight) -> TPLinear | None:
     """The rank's view of linear `node` (layer `name`, input node `x`, weight value `weight`), or None

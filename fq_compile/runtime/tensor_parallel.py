@@ -221,6 +221,17 @@ def local_layer(plan: QuantPlan, name: str, shard: LayerShard) -> tuple[LayerPla
     return cache[key][1]
 
 
+def local_views(plan: QuantPlan) -> dict[str, tuple[LayerShard, LayerPlan, GroupPlan]]:
+    """Every layer this process runs as a tensor-parallel shard: name -> (its shard, the layer and
+    the group as this rank holds them); what explain() shows."""
+    out = {name: (shard, plan.layers[name], plan.groups[plan.layers[name].group])
+           for name, shard in rank_local_layers(plan).items()}
+    for key, (src, view) in state_of(plan).constants.items():
+        if isinstance(key, tuple) and key[0] == "tp" and plan.layers.get(key[1]) is src:
+            out[key[1]] = (key[2], *view)
+    return out
+
+
 def check_unsharded(plan: QuantPlan, name: str) -> None:
     """Refuse a rank-local plan's layer on a plain (not DTensor) weight."""
     held = plan.calibration.get(TP_KEY, {}).get(name)
