@@ -124,6 +124,21 @@ def layer_shard(weight) -> LayerShard | None:
                       int(mesh.size(mesh_dim)))
 
 
+def max_over_shards(t: torch.Tensor, weight) -> torch.Tensor:
+    """Element-wise max of `t` over the ranks that hold the other shards of DTensor `weight` (one
+    all-reduce over the sharded mesh dimension); `t` itself when `weight` is not sharded."""
+    if not is_dtensor(weight):
+        return t
+    from torch.distributed.tensor import Shard
+
+    dims = [i for i, p in enumerate(weight.placements) if isinstance(p, Shard)]
+    if not dims:
+        return t
+    out = t.contiguous().clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX, group=weight.device_mesh.get_group(dims[0]))
+    return out
+
+
 # -- the rank's part of a plan (pure functions of the plan's tensors) -----------------------------------
 
 def owned_positions(cmap: ChannelMap, offset: int, size: int) -> torch.Tensor:
