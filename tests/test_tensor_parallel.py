@@ -27,7 +27,7 @@ def _generate(model, x):
                           pad_token_id=0)
 
 
-def _worker(rank: int, root: str, port: int) -> None:
+def _worker(rank: int, root: str, port: int, device_type: str, inductor: bool) -> None:
     """One rank: parallelize each tiny model, compile it with the full plan, then with this rank's
     saved and reloaded plan (weights freed), and a synthetic plan made on the parallel model; save
     what the parent checks."""
@@ -41,33 +41,37 @@ def _worker(rank: int, root: str, port: int) -> None:
     from fq_compile.tools.synthetic import synthetic_plan
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=WORLD)
     try:
-        mesh = init_device_mesh("cpu", (WORLD,))
+        mesh = init_device_mesh(device.type, (WORLD,))
         out = {}
         for kind, (make, _) in MODELS.items():
             ref = torch.load(f"{root}/{kind}.ref")
             plan = QuantPlan.load(f"{root}/{kind}.fqplan")
-            model = parallelize(make(), mesh)
+            model = parallelize(make().to(device), mesh)
             torch._dynamo.reset()
-            model.compile(backend="flattenquant", options={"plan": plan, "inductor": False})
+            model.compile(backend="flattenquant", options={"plan": plan, "inductor": inductor, "free_weights": False})
             with torch.no_grad():
-                res = dict(logits=model(ref["x"]).logits, tokens=_generate(model, ref["prompt"]))
+                res = dict(logits=model(ref["x"].to(device)).logits.cpu(), tokens=_generate(model, ref["prompt"].to(device)).cpu())
             res["explain"] = fq_compile.explain(plan)
             local = fq_compile.shard_plan(plan, model)
             local.save(f"{root}/{kind}.rank{rank}.fqplan")
             local = QuantPlan.load(f"{root}/{kind}.rank{rank}.fqplan")
             torch._dynamo.reset()
             before = resident_bytes(model)["model"]
-            model.compile(backend="flattenquant", options={"plan": local, "inductor": False, "free_weights": True})
+            model.compile(backend="flattenquant", options={"plan": local, "inductor": inductor, "free_weights": True})
             with torch.no_grad():
-                res["local_logits"] = model(ref["x"]).logits
+                res["local_logits"] = model(ref["x"].to(device)).logits.cpu()
             res["freed"] = before - resident_bytes(model)["model"]
             res["released"] = sum(r.released_bytes for r in reports(local))
             res["local_explain"] = fq_compile.explain(local)
             out[kind] = res
         # a synthetic plan made on the parallel model is the full model's synthetic plan, sharded
-        model = parallelize(tiny_opt(), mesh)
+        model = parallelize(tiny_opt().to(device), mesh)
         mine = synthetic_plan(model, "O3", flatten_ratio=0.25, int4_share=0.5, progress=False)
         want = fq_compile.shard_plan(QuantPlan.load(f"{root}/synthetic.fqplan"), model)
         out["synthetic_equal"] = all(
@@ -91,34 +95,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_tp2_equals_the_single_process_quantized_model(tmp_path):
+def _run(root, device_type: str, inductor: bool, tolerance: float) -> None:
+    """Single-process references (plans calibrated on the full model, its quantized logits and
+    tokens), then WORLD ranks; check what they saved."""
     from fq_compile.tools.synthetic import synthetic_plan
 
+    device = torch.device(device_type)
     gen = torch.Generator().manual_seed(3)
     for kind, (make, config) in MODELS.items():
-        model = make()
-        plan = fq_compile.calibrate(model, batches(n=2), config, progress=False)
+        model = make().to(device)
+        plan = fq_compile.calibrate(model, [b.to(device) for b in batches(n=2)], config, progress=False)
         assert {lp.bits for lp in plan.layers.values()} == {4, 8}
-        plan.save(tmp_path / f"{kind}.fqplan")
+        plan.save(root / f"{kind}.fqplan")
         x, prompt = torch.randint(0, VOCAB, (2, 11), generator=gen), torch.randint(0, VOCAB, (1, 5), generator=gen)
         torch._dynamo.reset()
-        model.compile(backend="flattenquant", options={"plan": plan, "inductor": False})
+        model.compile(backend="flattenquant", options={"plan": plan, "inductor": inductor, "free_weights": False})
         with torch.no_grad():
-            torch.save(dict(x=x, prompt=prompt, logits=model(x).logits, tokens=_generate(model, prompt)),
-                       tmp_path / f"{kind}.ref")
+            torch.save(dict(x=x, prompt=prompt, logits=model(x.to(device)).logits.cpu(),
+                            tokens=_generate(model, prompt.to(device)).cpu()), root / f"{kind}.ref")
     torch._dynamo.reset()
-    synthetic_plan(tiny_opt(), "O3", flatten_ratio=0.25, int4_share=0.5, progress=False).save(tmp_path / "synthetic.fqplan")
+    synthetic_plan(tiny_opt().to(device), "O3", flatten_ratio=0.25, int4_share=0.5,
+                   progress=False).save(root / "synthetic.fqplan")
     torch._dynamo.reset()
 
-    mp.spawn(_worker, args=(str(tmp_path), _free_port()), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(root), _free_port(), device_type, inductor), nprocs=WORLD, join=True)
 
     for rank in range(WORLD):
-        out = torch.load(tmp_path / f"rank{rank}.pt")
+        out = torch.load(root / f"rank{rank}.pt")
         for kind in MODELS:
-            ref, res = torch.load(tmp_path / f"{kind}.ref"), out[kind]
+            ref, res = torch.load(root / f"{kind}.ref"), out[kind]
             err = float((res["logits"] - ref["logits"]).abs().max())
-            assert err <= 1e-5 * float(ref["logits"].abs().max()), (kind, rank, err)
+            assert err <= tolerance * float(ref["logits"].abs().max()), (kind, rank, err)
             assert torch.equal(res["tokens"], ref["tokens"]), (kind, rank)
             assert torch.equal(res["local_logits"], res["logits"])        # the rank-local plan runs the same ops
             assert res["released"] > 0 and res["freed"] == res["released"]
@@ -129,3 +136,20 @@ def test_tp2_equals_the_single_process_quantized_model(tmp_path):
         assert "self_attn.q_proj  32x64->" in out["llama"]["explain"]
         assert out["synthetic_equal"]
         assert "Partial" in out["partial_refused"]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_tp2_equals_the_single_process_quantized_model(tmp_path):
+    """CPU, reference ops run eagerly on both sides: every float op but the all-reduce is the same,
+    so the logits agree to float32 rounding and the integers are identical."""
+    _run(tmp_path, "cpu", inductor=False, tolerance=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_tp2_nccl_under_inductor_on_two_gpus(tmp_path):
+    """2 GPUs, NCCL, Inductor with our GPU kernels, against the single-GPU compiled model.  Inductor
+    generates each side's float kernels (norms, attention, the all-reduced residual) for its own
+    shapes, so a value may cross a rounding boundary of the next quantizer: the bound is that of a
+    few flipped integers, while a wrong shard would be off by the order of the logits themselves."""
+    _run(tmp_path, "cuda", inductor=True, tolerance=1e-3)
