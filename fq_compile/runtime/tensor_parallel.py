@@ -177,8 +177,8 @@ def gather_columns(weight_q: torch.Tensor, bits: int, positions: torch.Tensor, w
     """Integer weight columns at `positions` of the plan's layout, zero-padded to `width` columns
     (packed again for INT4): the same integers, laid out for the rank's channel map."""
     q = unpack_int4(weight_q) if bits == 4 else weight_q
-    out = torch.zeros((q.shape[0], width), dtype=torch.int8)
-    out[:, : positions.numel()] = q.index_select(1, positions.to(q.device)).cpu()
+    out = torch.zeros((q.shape[0], width), dtype=torch.int8, device=q.device)
+    out[:, : positions.numel()] = q.index_select(1, positions.to(q.device))
     return pack_int4(out) if bits == 4 else out
 
 
