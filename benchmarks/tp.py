@@ -337,9 +337,15 @@ def tables(rows: list[dict]) -> str:
                     cells.append(f"{v:.1f}" + (f" ({ratio:.2f}x)" if ratio else ""))
                 body.append(list(p) + cells)
             unit = "ms (x faster than the faster fp16 TP=2)" if kind == "prefill" else "tokens/s (x fp16 TP=2)"
+            heads = (["batch", "seq"] if kind == "prefill" else ["batch"]) + cols
             out.append(f"## OPT-{size}: {kind}, {unit}\n")
-            out.append(tabulate(body, headers=(["batch", "seq"] if kind == "prefill" else ["batch"]) + cols,
-                                tablefmt="github") + "\n")
+            out.append(tabulate(body, headers=heads, tablefmt="github") + "\n")
+            if any("peak_gb" in r for r in pts):
+                peaks = [list(p) + [next((r.get("peak_gb", "-") for r in pts if point(r) == p and col(r) == c), "-")
+                                    for c in cols] for p in sorted({point(r) for r in pts})]
+                what = "activations, no KV cache" if kind == "prefill" else "KV cache included"
+                out.append(f"### OPT-{size}: {kind}, peak GB per GPU (slowest rank; weights + {what})\n")
+                out.append(tabulate(peaks, headers=heads, tablefmt="github") + "\n")
         mem = {col(r): r for r in rows if r["model"] == size and r["kind"] == "memory"}
         if mem:
             body = [[c, r.get("allocated_gb", "-"), r.get("plan_gb", "-"), r.get("int4_share", "-"),
