@@ -1,10 +1,10 @@
 """Tensor-parallel benchmark (issue 16): OPT-30B / OPT-66B shapes over 2 GPUs against one GPU.
 
-    torchrun --nproc-per-node 2 benchmarks/tp.py --models 66b --methods fp16-eager,fq-O3 --batches 8 --seqs 2048 --out $OUT
+    torchrun --nproc-per-node 2 benchmarks/tp.py --models 66b --methods fp16-eager,fq-O3 --seqs 2048 --out $OUT
     torchrun --nproc-per-node 2 benchmarks/tp.py --models 66b --methods fq-O3 --batches '' --decode 1,16 --out $OUT
     python benchmarks/tp.py --models 66b --methods fq-O3 --batches 8 --seqs 2048 --out $OUT        # one GPU
     python benchmarks/tp.py --report a/tp.jsonl b/tp.jsonl --results-dir benchmarks/results          # tables
-    torchrun --nproc-per-node 2 benchmarks/tp.py --smoke --out /tmp/tp    # tiny OPT on the CPU (gloo): checks the script
+    torchrun --nproc-per-node 2 benchmarks/tp.py --smoke --out /tmp/tp    # tiny OPT, CPU (gloo): checks the script
 
 Launched by torchrun with N processes, every method runs tensor-parallel over N ranks (NCCL on GPUs,
 gloo on the CPU): the model is built on the meta device, parallelised with the standard column/row
@@ -221,7 +221,8 @@ def run_method(method, size, device, mesh, world, args, rec):
     tp = world
     t = time.monotonic()
     try:
-        model, plan, info = prepare(method, size, device, mesh, torch.float16 if device.type == "cuda" else torch.float32, args)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        model, plan, info = prepare(method, size, device, mesh, dtype, args)
     except Exception as e:  # noqa: BLE001  (an OOM while building is a result: the method does not fit)
         if not is_oom(e):
             raise
@@ -255,7 +256,8 @@ def run_method(method, size, device, mesh, world, args, rec):
                 except Exception as e:  # noqa: BLE001
                     if not is_oom(e):
                         raise
-                    rec(kind="prefill", model=size, method=method, tp=tp, batch=b, seq=s, error=f"out of memory: {str(e)[:160]}")
+                    rec(kind="prefill", model=size, method=method, tp=tp, batch=b, seq=s,
+                        error=f"out of memory: {str(e)[:160]}")
                     torch.cuda.empty_cache()
                     continue
                 rec(kind="prefill", model=size, method=method, tp=tp, batch=b, seq=s,
@@ -265,8 +267,9 @@ def run_method(method, size, device, mesh, world, args, rec):
             if out_of_time(args, world):
                 return
             ids = torch.randint(0, vocab, (b, args.prompt), generator=gen).to(device)
-            kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                      do_sample=False, use_cache=True, pad_token_id=1, cache_implementation=args.cache,
+            kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                      min_new_tokens=args.new_tokens, do_sample=False, use_cache=True, pad_token_id=1,
+                      cache_implementation=args.cache,
                       disable_compile=True)   # our compiled forward, not generate()'s own torch.compile
             try:
                 t = time.monotonic()
@@ -287,9 +290,10 @@ def run_method(method, size, device, mesh, world, args, rec):
                 torch.cuda.empty_cache()
                 continue
             med = slowest(statistics.median(ms), world)
-            rec(kind="decode", model=size, method=method, tp=tp, batch=b, prompt=args.prompt, new_tokens=args.new_tokens,
-                cache=args.cache, ms=round(med, 3), tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2),
-                warmup_s=warm_s, reps=[round(x, 3) for x in ms], **memory(device, world), **info)
+            rec(kind="decode", model=size, method=method, tp=tp, batch=b, prompt=args.prompt,
+                new_tokens=args.new_tokens, cache=args.cache, ms=round(med, 3),
+                tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2), warmup_s=warm_s,
+                reps=[round(x, 3) for x in ms], **memory(device, world), **info)
     if plan is not None:
         rec(kind="graphs", model=size, method=method, tp=tp, graphs=len(reports(plan)),
             released_gb=round(sum(r.released_bytes for r in reports(plan)) / 1e9, 2))
@@ -355,8 +359,9 @@ def tables(rows: list[dict]) -> str:
                                                "setup s", "first call s (compile)"], tablefmt="github") + "\n")
     if errors:
         out.append("## Did not run\n")
-        out.append(tabulate([[r["model"], r["method"], r["tp"], r["kind"], r.get("batch", ""), r["error"]] for r in errors],
-                            headers=["model", "method", "TP", "part", "batch", "error"], tablefmt="github") + "\n")
+        body = [[r["model"], r["method"], r["tp"], r["kind"], r.get("batch", ""), r["error"]] for r in errors]
+        heads = ["model", "method", "TP", "part", "batch", "error"]
+        out.append(tabulate(body, headers=heads, tablefmt="github") + "\n")
     devices = sorted({f"{r.get('device')} x{r.get('world')}, torch {r.get('torch')}" for r in rows})
     dates = sorted({r["time"][:10] for r in rows})
     commands = sorted({r.get("command", "") for r in rows})
@@ -386,7 +391,7 @@ def main(argv=None):
     ap.add_argument("--time-limit", type=float, default=0.0, help="stop starting new points after this many seconds")
     ap.add_argument("--gemm", default=None, help="the backend's GEMM choice: triton | cutlass | auto")
     ap.add_argument("--out", default="tp-out")
-    ap.add_argument("--smoke", action="store_true", help="tiny OPT on the CPU: checks the script, measures nothing useful")
+    ap.add_argument("--smoke", action="store_true", help="tiny OPT on the CPU: checks the script, measures nothing")
     ap.add_argument("--report", nargs="*", help="merge tp.jsonl files into markdown tables")
     ap.add_argument("--results-dir", default=None)
     args = ap.parse_args(argv)
@@ -406,9 +411,9 @@ def main(argv=None):
         args.new_tokens, args.reps, args.warmup, args.decode_reps = 4, 2, 1, 1
     device, mesh, rank, world = setup(args)
     methods = METHODS if args.methods == "all" else args.methods.split(",")
+    launcher = f"torchrun --nproc-per-node {world}" if world > 1 else "python"
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                world=world, torch=torch.__version__, command=" ".join(["torchrun --nproc-per-node", str(world)]
-                                                                        if world > 1 else ["python"]) + " " + " ".join(sys.argv))
+                world=world, torch=torch.__version__, command=f"{launcher} {' '.join(sys.argv)}")
     rec = Recorder(Path(args.out), meta, rank)
     for size in args.models.split(","):
         for method in methods:

@@ -59,9 +59,11 @@ def explain(obj) -> str:
                      "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op]
                     + ([f"{shard.describe()} of {shard.full[0]}x{shard.full[1]}" if shard else "-"] if views else []))
     for name, why in plan.skipped.items():
-        rows.append([name, "-", "fp", "-", "-", "-", "-", "-", f"linear (floating point): {why}"] + (["-"] if views else []))
+        rows.append([name, "-", "fp", "-", "-", "-", "-", "-", f"linear (floating point): {why}"]
+                    + (["-"] if views else []))
     headers = ["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "KL4/KL8", "smoothing folded into", "op"]
-    table = tabulate(rows, headers=headers + (["tensor-parallel shard (rank/ranks)"] if views else []), tablefmt="simple")
+    headers += ["tensor-parallel shard (rank/ranks)"] if views else []
+    table = tabulate(rows, headers=headers, tablefmt="simple")
     n = len(plan.layers)
     n4 = sum(lp.bits == 4 for lp in plan.layers.values())
     ratios = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()]
@@ -81,6 +83,7 @@ def explain(obj) -> str:
         here = sum(lp.weight_bytes for lp in plan.layers.values() if lp.name not in views)
         here += sum(v[1].weight_bytes for v in views.values())
         ranks = sorted({(s.index, s.count) for s, _, _ in views.values() if s.dim is not None})
-        totals.append(["tensor parallel (this rank)", f"{len(views)} layers sharded, rank {'/'.join(f'{i}/{n}' for i, n in ranks)}"
-                       f"; quantized weight bytes here {here / 2**20:.2f} MiB (shapes above are this rank's)"])
+        where = ", ".join(f"{i}/{n}" for i, n in ranks)
+        totals.append(["tensor parallel (this rank)", f"{len(views)} layers sharded, rank {where}; quantized weight "
+                       f"bytes here {here / 2**20:.2f} MiB (shapes above are this rank's)"])
     return f"fq_compile plan for {plan.model_type}\n{table}\n\n{tabulate(totals, tablefmt='plain')}"

@@ -56,7 +56,8 @@ def _worker(rank: int, root: str, port: int, device_type: str, inductor: bool) -
             torch._dynamo.reset()
             model.compile(backend="flattenquant", options={"plan": plan, "inductor": inductor, "free_weights": False})
             with torch.no_grad():
-                res = dict(logits=model(ref["x"].to(device)).logits.cpu(), tokens=_generate(model, ref["prompt"].to(device)).cpu())
+                res = dict(logits=model(ref["x"].to(device)).logits.cpu(),
+                           tokens=_generate(model, ref["prompt"].to(device)).cpu())
             res["explain"] = fq_compile.explain(plan)
             local = fq_compile.shard_plan(plan, model)
             local.save(f"{root}/{kind}.rank{rank}.fqplan")

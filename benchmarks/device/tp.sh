@@ -33,15 +33,18 @@ fi
 export PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-}
 LIMIT=${LIMIT:-540}                        # hard stop for one python run, seconds
 TP="torchrun --standalone --nproc-per-node 2"
-tp()  { timeout "$LIMIT" $TP benchmarks/tp.py --out "$OUT" --time-limit $((LIMIT - 90)) "$@" || echo "tp.py (TP=2) exited with $?"; }
-one() { timeout "$LIMIT" python3 benchmarks/tp.py --out "$OUT" --time-limit $((LIMIT - 90)) "$@" || echo "tp.py (1 GPU) exited with $?"; }
+tp()  { timeout "$LIMIT" $TP benchmarks/tp.py --out "$OUT" --time-limit $((LIMIT - 90)) "$@" \
+          || echo "tp.py (TP=2) exited with $?"; }
+one() { timeout "$LIMIT" python3 benchmarks/tp.py --out "$OUT" --time-limit $((LIMIT - 90)) "$@" \
+          || echo "tp.py (1 GPU) exited with $?"; }
 
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv | tee -a "$OUT/tp-$PART.log" || true
 case $PART in
   check)       LIMIT=240 timeout 240 python3 -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_tensor_parallel.py \
                  || echo "gpu test exited with $?"
                LIMIT=150 tp --models tiny --methods all --batches 2 --seqs 64 --decode 1 --new-tokens 8 --reps 3
-               LIMIT=120 one --models tiny --methods fp16-eager,fq-O3 --batches 2 --seqs 64 --decode 1 --new-tokens 8 --reps 3 ;;
+               LIMIT=120 one --models tiny --methods fp16-eager,fq-O3 --batches 2 --seqs 64 --decode 1 --new-tokens 8 \
+                 --reps 3 ;;
   66b-prefill) tp --models 66b --methods fp16-eager,fq-O3 --batches 8 --seqs 2048 ;;
   66b-decode)  tp --models 66b --methods fq-O3,fp16-inductor --batches '' --decode 1,16 ;;
   66b-1gpu)    one --models 66b --methods fq-O3,fp16-eager --batches 8 --seqs 2048 --decode 1 ;;

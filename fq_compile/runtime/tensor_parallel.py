@@ -187,8 +187,8 @@ def shard_layer(lp: LayerPlan, g: GroupPlan, shard: LayerShard, local_group: Gro
     """The layer and group as the rank holding `shard` runs them (see the module docstring).
     `local_group`: shard_group(g, ...) when the caller already made it (layers of one group share it)."""
     if shard.full != (lp.out_features, lp.in_features):
-        raise PlanMismatchError(f"layer {lp.name!r}: the plan was made for weight shape {(lp.out_features, lp.in_features)}, "
-                                f"this tensor-parallel model has {shard.full}")
+        raise PlanMismatchError(f"layer {lp.name!r}: the plan was made for weight shape "
+                                f"{(lp.out_features, lp.in_features)}, this tensor-parallel model has {shard.full}")
     if shard.dim == 0:
         rows = slice(shard.offset, shard.offset + shard.size)
         return dataclasses.replace(
@@ -220,7 +220,8 @@ def local_layer(plan: QuantPlan, name: str, shard: LayerShard) -> tuple[LayerPla
         if held != shard:
             raise PlanMismatchError(f"layer {name!r}: this rank-local plan holds {held.describe()} rows/channels "
                                     f"{held.offset}:{held.offset + held.size}, the model's weight is "
-                                    f"{shard.describe()} {shard.offset}:{shard.offset + shard.size}; load the plan of this rank")
+                                    f"{shard.describe()} {shard.offset}:{shard.offset + shard.size}; "
+                                    "load the plan of this rank")
         return lp, plan.groups[lp.group]
     cache = state_of(plan).constants
     key = ("tp", name, shard)
@@ -251,8 +252,9 @@ def check_unsharded(plan: QuantPlan, name: str) -> None:
     """Refuse a rank-local plan's layer on a plain (not DTensor) weight."""
     held = plan.calibration.get(TP_KEY, {}).get(name)
     if held is not None:
-        raise PlanMismatchError(f"layer {name!r}: the plan holds one rank's shard of it ({LayerShard.from_record(held).describe()}), "
-                                "the model's weight is not a DTensor; use the full plan, or parallelize the model first")
+        raise PlanMismatchError(f"layer {name!r}: the plan holds one rank's shard of it "
+                                f"({LayerShard.from_record(held).describe()}), the model's weight is not a DTensor; "
+                                "use the full plan, or parallelize the model first")
 
 
 def shard_plan(plan: QuantPlan, model: torch.nn.Module) -> QuantPlan:

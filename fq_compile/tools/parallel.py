@@ -36,7 +36,8 @@ def tp_plan(model: torch.nn.Module) -> dict[str, str]:
     prefix = f"{prefix}." if prefix and hasattr(model, prefix) else ""
     odd = {v for v in base.values() if v not in ("colwise", "rowwise")}
     if odd:
-        raise ValueError(f"{cfg.model_type}'s tp plan uses styles {sorted(odd)}; only 'colwise' and 'rowwise' are mapped here")
+        raise ValueError(f"{cfg.model_type}'s tp plan uses styles {sorted(odd)}; "
+                         "only 'colwise' and 'rowwise' are mapped here")
     return {prefix + k: v for k, v in base.items()}
 
 
