@@ -59,6 +59,7 @@ def _worker(rank: int, root: str, port: int, device_type: str, inductor: bool) -
                 res = dict(logits=model(ref["x"].to(device)).logits.cpu(),
                            tokens=_generate(model, ref["prompt"].to(device)).cpu())
             res["explain"] = fq_compile.explain(plan)
+            res["rewrite"] = _rewrite_summary(reports(plan)[0])
             local = fq_compile.shard_plan(plan, model)
             local.save(f"{root}/{kind}.rank{rank}.fqplan")
             local = QuantPlan.load(f"{root}/{kind}.rank{rank}.fqplan")
@@ -90,6 +91,12 @@ def _worker(rank: int, root: str, port: int, device_type: str, inductor: bool) -
         dist.destroy_process_group()
 
 
+def _rewrite_summary(report) -> tuple:
+    """What the first graph's rewrite did: how many activation quantize ops (q/k/v share one: the
+    rank reads the input through Dynamo's from_local calls) and where each layer's smoothing went."""
+    return report.code.count("fq.flatten_quantize"), sorted((lr.layer, lr.op, lr.smoothing) for lr in report.layers)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,6 +106,7 @@ def _free_port() -> int:
 def _run(root, device_type: str, inductor: bool, tolerance: float) -> None:
     """Single-process references (plans calibrated on the full model, its quantized logits and
     tokens), then WORLD ranks; check what they saved."""
+    from fq_compile.runtime.state import reports
     from fq_compile.tools.synthetic import synthetic_plan
 
     device = torch.device(device_type)
@@ -113,7 +121,8 @@ def _run(root, device_type: str, inductor: bool, tolerance: float) -> None:
         model.compile(backend="flattenquant", options={"plan": plan, "inductor": inductor, "free_weights": False})
         with torch.no_grad():
             torch.save(dict(x=x, prompt=prompt, logits=model(x.to(device)).logits.cpu(),
-                            tokens=_generate(model, prompt.to(device)).cpu()), root / f"{kind}.ref")
+                            tokens=_generate(model, prompt.to(device)).cpu(),
+                            rewrite=_rewrite_summary(reports(plan)[0])), root / f"{kind}.ref")
     torch._dynamo.reset()
     synthetic_plan(tiny_opt().to(device), "O3", flatten_ratio=0.25, int4_share=0.5,
                    progress=False).save(root / "synthetic.fqplan")
@@ -128,6 +137,7 @@ def _run(root, device_type: str, inductor: bool, tolerance: float) -> None:
             err = float((res["logits"] - ref["logits"]).abs().max())
             assert err <= tolerance * float(ref["logits"].abs().max()), (kind, rank, err)
             assert torch.equal(res["tokens"], ref["tokens"]), (kind, rank)
+            assert res["rewrite"] == ref["rewrite"]              # same quantize ops, same folds as one process
             assert torch.equal(res["local_logits"], res["logits"])        # the rank-local plan runs the same ops
             assert res["released"] > 0 and res["freed"] == res["released"]
             for text in (res["explain"], res["local_explain"]):

@@ -120,7 +120,7 @@ def from_local_input(node) -> fx.Node | None:
         return None
     DTensor = dtensor_class()
     target = node.target
-    if DTensor is None or not (target is DTensor.from_local or getattr(target, "__name__", "") == "prim from_local"):
+    if DTensor is None or not (target is DTensor.from_local or "from_local" in getattr(target, "__name__", "")):
         return None
     src = node.args[0]
     if not is_dtensor(example_value(node)) or not isinstance(src, fx.Node) or is_dtensor(example_value(src)):
