@@ -2,9 +2,13 @@
 # Tensor-parallel benchmark of issue 16 on the 2-GPU kind (nvidia-h200-x2), split into calls that each
 # fit the 10-minute limit: every python run is capped by `timeout` and --time-limit, and rows are
 # appended to $OUT/tp.jsonl as each point finishes, so a call cut short still returns what it measured.
-# Run from the repo root:
+# Run from the repo root, one device call per PART (each stays under the 10-minute cap):
 #
-#   PYTHONUNBUFFERED=1 OUT=$OUT bash benchmarks/device/tp.sh PART
+#   OUT=$OUT bash benchmarks/device/tp.sh PART
+#
+# or, where no per-call cap applies, every part in the order below (~45-60 min):
+#
+#   OUT=$OUT bash benchmarks/device/tp.sh all
 #
 # PARTs, in priority order (times are estimates until the first run; most of each is building the
 # model and compiling it once per method; `check` first, it catches a broken path in minutes):
@@ -21,7 +25,13 @@
 #   python benchmarks/tp.py --report <every tp.jsonl> --results-dir benchmarks/results
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PART=${1:?usage: tp.sh PART (see the header)}
+PART=${1:?usage: tp.sh PART|all (see the header)}
+if [ "$PART" = all ]; then
+  for p in check 66b-prefill 66b-decode 66b-1gpu 66b-more 30b 30b-more; do
+    bash benchmarks/device/tp.sh "$p" || echo "part $p exited with $?"
+  done
+  exit 0
+fi
 OUT=${OUT:-tp-out}
 mkdir -p "$OUT"
 # NVLink multicast stays off on this host (device docs, KINDS.md): NCCL, PyTorch symmetric memory, NVSHMEM

@@ -126,3 +126,20 @@ def from_local_input(node) -> fx.Node | None:
     if not is_dtensor(example_value(node)) or not isinstance(src, fx.Node) or is_dtensor(example_value(src)):
         return None
     return src
+
+
+_LAYOUT_NAMES = ("from_local", "to_local", "redistribute")
+
+
+def layout_change_input(node) -> fx.Node | None:
+    """For a node that only changes a tensor's DTensor view or layout (from_local, to_local,
+    redistribute, however Dynamo recorded them), the node of the tensor it reads; None for anything
+    else.  Per-channel scaling commutes with these (they move or add values, never mix channels),
+    so the fold analysis (passes/fold.py) looks through them."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_method" and node.target in ("to_local", "redistribute"):
+        return node.args[0]
+    if node.op == "call_function" and any(k in getattr(node.target, "__name__", "") for k in _LAYOUT_NAMES):
+        return node.args[0]
+    return None

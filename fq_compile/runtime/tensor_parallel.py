@@ -22,8 +22,9 @@ point) stays DTensor's.  What each rank holds of a layer:
     their weight splits), padded again to the group's pad_multiple, so that K' stays even for INT4
     packing and tile-aligned.  The integer weight columns are gathered from the same positions (the
     same integers, nothing requantized; INT4 is unpacked, gathered and repacked within the shard).
-    The per-channel weight scales are whole; the bias goes to the rank at coordinate 0 of the
-    sharded mesh dimension only, so that the all-reduce adds it once.  The ranks' int32
+    The per-channel weight scales are whole; the bias is added by the rank at coordinate 0 of the
+    sharded mesh dimension only, so that the all-reduce adds it once (every rank's plan keeps it:
+    the parameter is replicated on every rank and checked there).  The ranks' int32
     accumulators sum to the single-process accumulator exactly; each rank applies the float32
     epilogue to its own, and the all-reduce sums the results.
   * replicated (a DTensor weight sharded nowhere): the whole layer.
@@ -34,6 +35,13 @@ A plan's rank-local views are derived state: they are built on first use and kep
 runtime state (runtime/state.py), while the plan itself stays the full model's.  `shard_plan` turns
 a plan into the rank-local plan of one rank (each rank can save and load only its own); such a plan
 records its shards in `plan.calibration["tensor_parallel"]` and is used as it is.
+
+Fingerprints (plan.weight_fingerprint, checked at compile time and per call by runtime/guards.py):
+a full plan holds the whole tensors' fingerprints, a rank-local plan those of this rank's shards
+(`shard_fingerprint`).  A DTensor parameter is checked against whichever the plan holds
+(`check_dtensor`): the whole tensor's by gathering it once when the graph is compiled (a
+collective; every rank compiles the same graph), and from then on, per call, its local shard is
+watched with the shard's own fingerprint, so the per-call guard needs no collective.
 """
 
 from __future__ import annotations
@@ -44,7 +52,15 @@ from dataclasses import dataclass
 import torch
 
 from fq_compile.kernels.packing import pack_int4, unpack_int4
-from fq_compile.plan import ChannelMap, GroupPlan, LayerPlan, PlanMismatchError, QuantPlan
+from fq_compile.plan import (
+    ChannelMap,
+    GroupPlan,
+    LayerPlan,
+    PlanMismatchError,
+    QuantPlan,
+    stale_message,
+    weight_fingerprint,
+)
 from fq_compile.runtime.state import state_of
 
 TP_KEY = "tensor_parallel"     # plan.calibration key of a rank-local plan: layer -> LayerShard fields
@@ -197,8 +213,7 @@ def shard_layer(lp: LayerPlan, g: GroupPlan, shard: LayerShard, local_group: Gro
     if shard.dim == 1:
         gl = local_group or shard_group(g, shard.offset, shard.size)
         wq = gather_columns(lp.weight_q, lp.bits, owned_positions(g.cmap, shard.offset, shard.size), gl.flat_features)
-        return dataclasses.replace(lp, in_features=shard.size, weight_q=wq,
-                                   bias=lp.bias if shard.index == 0 else None), gl
+        return dataclasses.replace(lp, in_features=shard.size, weight_q=wq), gl
     return lp, g
 
 
@@ -222,7 +237,7 @@ def local_layer(plan: QuantPlan, name: str, shard: LayerShard) -> tuple[LayerPla
                                     f"{held.offset}:{held.offset + held.size}, the model's weight is "
                                     f"{shard.describe()} {shard.offset}:{shard.offset + shard.size}; "
                                     "load the plan of this rank")
-        return lp, plan.groups[lp.group]
+        return bias_once(lp, shard), plan.groups[lp.group]
     cache = state_of(plan).constants
     key = ("tp", name, shard)
     if key not in cache or cache[key][0] is not lp:
@@ -233,8 +248,37 @@ def local_layer(plan: QuantPlan, name: str, shard: LayerShard) -> tuple[LayerPla
             if gkey not in cache or cache[gkey][0] is not g:
                 cache[gkey] = (g, shard_group(g, shard.offset, shard.size))
             gl = cache[gkey][1]
-        cache[key] = (lp, shard_layer(lp, g, shard, gl))
+        lv, gv = shard_layer(lp, g, shard, gl)
+        cache[key] = (lp, (bias_once(lv, shard), gv))
     return cache[key][1]
+
+
+def bias_once(lp: LayerPlan, shard: LayerShard) -> LayerPlan:
+    """A row-parallel layer as its op runs on this rank: the bias only at coordinate 0 (the
+    all-reduce of the partial outputs adds it once)."""
+    if shard.dim == 1 and shard.index != 0 and lp.bias is not None:
+        return dataclasses.replace(lp, bias=None)
+    return lp
+
+
+def shard_fingerprint(t: torch.Tensor) -> str:
+    """weight_fingerprint of this rank's local part of `t` (a DTensor's shard; any other tensor whole)."""
+    return weight_fingerprint(local_tensor(t))
+
+
+def check_dtensor(name: str, t, expected: str | None) -> str:
+    """Check DTensor parameter `t` against the plan's fingerprint `expected` and return the
+    fingerprint of its local shard, which the per-call guard watches.  `expected` is either this
+    rank's shard's (a rank-local plan, or a replicated parameter) or, when its shape is the whole
+    tensor's, the whole tensor's: then the shards are gathered (a collective, see the module docstring)."""
+    local = shard_fingerprint(t)
+    if expected is not None and expected.partition(":")[0] != local.partition(":")[0]:
+        got = weight_fingerprint(t)
+    else:
+        got = local
+    if got != expected:
+        raise PlanMismatchError(stale_message(name, expected, got))
+    return local
 
 
 def local_views(plan: QuantPlan) -> dict[str, tuple[LayerShard, LayerPlan, GroupPlan]]:
@@ -257,11 +301,30 @@ def check_unsharded(plan: QuantPlan, name: str) -> None:
                                 "use the full plan, or parallelize the model first")
 
 
+def _local_fingerprints(name: str, lp: LayerPlan, w, b) -> dict:
+    """The rank-local plan's fingerprints of layer `name`: its weight's and bias's local shards',
+    after checking the whole tensors against the full plan's (gathered: every rank calls this)."""
+    out = {}
+    for key, t, expected in (("fingerprint", w, lp.fingerprint), ("bias_fingerprint", b, lp.bias_fingerprint)):
+        if t is None or expected is None:
+            if (t is None) != (expected is None):
+                raise PlanMismatchError(f"layer {name!r}: the plan was made {'with' if expected else 'without'} "
+                                        f"a bias, the model's layer has {'one' if t is not None else 'none'}")
+            continue
+        if local_tensor(t).untyped_storage().nbytes() == 0 and local_tensor(t).numel():
+            raise PlanMismatchError(f"layer {name!r}: its weights were released (free_weights); make the "
+                                    "rank-local plan before compiling with free_weights=True")
+        out[key] = check_dtensor(f"{name}.{'weight' if key == 'fingerprint' else 'bias'}", t, expected)
+    return out
+
+
 def shard_plan(plan: QuantPlan, model: torch.nn.Module) -> QuantPlan:
     """The rank-local plan of this rank for `model` after `parallelize_module`: every planned layer
     whose weight is a DTensor keeps only this rank's shard (see the module docstring), everything else
-    is shared with `plan`.  Save it per rank (`plan.save(f"model.rank{rank}.fqplan")`) to let each rank
-    load only its part; the backend uses it as it is."""
+    is shared with `plan`.  The model's sharded weights and biases are checked against the plan's
+    fingerprints (gathered, so every rank calls shard_plan, in the same order); the rank-local plan
+    holds their shards' fingerprints instead.  Save it per rank (`plan.save(f"model.rank{rank}.fqplan")`)
+    to let each rank load only its part; the backend uses it as it is."""
     if rank_local_layers(plan):
         raise ValueError("shard_plan() takes the full model's plan; this one already holds one rank's shards")
     params = dict(model.named_parameters())
@@ -282,7 +345,8 @@ def shard_plan(plan: QuantPlan, model: torch.nn.Module) -> QuantPlan:
         gl = None
         if key is not None:
             gl = local_groups.setdefault(lp.group, (key, shard_group(g, *key)))[1]
-        out.layers[name], g_local = shard_layer(lp, g, shard, gl)
+        lv, g_local = shard_layer(lp, g, shard, gl)
+        out.layers[name] = dataclasses.replace(lv, **_local_fingerprints(name, lp, w, params.get(name + ".bias")))
         if g_local is not g:
             out.groups[lp.group] = g_local
         record[name] = shard.record()

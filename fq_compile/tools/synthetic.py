@@ -62,6 +62,7 @@ from fq_compile.runtime.tensor_parallel import (
     layer_shard,
     local_tensor,
     max_over_shards,
+    shard_fingerprint,
     shard_group,
 )
 
@@ -184,7 +185,9 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
             name=name, layers=layers, in_features=c, threshold=t, smooth=torch.ones(c), fold=fold,
             extra=extra, weight_dup=torch.zeros_like(extra), act_max=((extra + 1) * t).float(),
             pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple),
-            fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found")
+            fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found",
+            fold_fingerprints={f: weight_fingerprint(params[f]) for f in fold[len("norm:"):].split(",")}
+            if fold.startswith("norm:") else {})
         if fold.startswith("rows:"):
             row_of[fold[len("rows:"):]] = name
     for (layers, fold, pos) in tqdm(groups, desc="fq_compile: synthetic plan", disable=not progress):
@@ -210,12 +213,12 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
                 scale = torch.where(top > 0, top / QMAX[bits], torch.ones_like(top)).float()
                 q = torch.round(wf / scale[:, None]).clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8)
                 del wf
-                keep_bias = b is not None and not (shard is not None and shard.dim == 1 and shard.index != 0)
                 plan.layers[layer] = LayerPlan(
                     name=layer, group=g.name, in_features=wl.shape[1], out_features=wl.shape[0], bits=bits,
                     weight_q=pack_int4(q) if bits == 4 else q, weight_scale=scale, act_scale=t / QMAX[bits],
-                    bias=local_tensor(b.detach()).float().clone() if keep_bias else None,
-                    fingerprint=weight_fingerprint(w), rows_folded_from=row_of.get(layer))
+                    bias=None if b is None else local_tensor(b.detach()).float().clone(),
+                    fingerprint=shard_fingerprint(w), rows_folded_from=row_of.get(layer),
+                    bias_fingerprint=None if b is None else shard_fingerprint(b))
                 del q
             if shard is not None and shard.dim is not None:
                 tp[layer] = shard.record()

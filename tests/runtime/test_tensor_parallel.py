@@ -13,7 +13,7 @@ from fq_compile.kernels.int_gemm import quant_linear_reference
 from fq_compile.passes.lower import op_constants
 from fq_compile.plan import GroupPlan, LayerPlan, PlanMismatchError
 from fq_compile.planning.flatten import channel_map
-from fq_compile.runtime.tensor_parallel import LayerShard, shard_channel_map, shard_group, shard_layer
+from fq_compile.runtime.tensor_parallel import LayerShard, bias_once, shard_channel_map, shard_group, shard_layer
 
 C, N, PAD = 70, 24, 32
 
@@ -76,7 +76,10 @@ def test_row_shards_add_up_to_the_single_process_integers(bits, ranks):
     y_full = quant_linear_reference(_quantize(x, g, bits), lp.weight_q, lp.scale, lp.bias, bits, torch.float32)
     total, y_sum, biased = torch.zeros_like(full), torch.zeros_like(y_full), 0
     for r, (off, size) in enumerate(_chunks(C, ranks)):
-        lpl, gl = shard_layer(lp, g, LayerShard(1, off, size, (N, C), r, ranks))
+        shard = LayerShard(1, off, size, (N, C), r, ranks)
+        lpl, gl = shard_layer(lp, g, shard)
+        assert torch.equal(lpl.bias, lp.bias)          # every rank's plan keeps the (replicated) bias...
+        lpl = bias_once(lpl, shard)                     # ...and its op adds it at coordinate 0 only
         assert gl.flat_features % PAD == 0 and lpl.in_features == size and gl.threshold == g.threshold
         assert torch.equal(lpl.weight_scale, lp.weight_scale)           # per-channel scales are whole
         xq = _quantize(x[:, off:off + size], gl, bits)                  # the rank quantizes its own channels
