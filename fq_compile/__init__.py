@@ -14,6 +14,7 @@ from fq_compile.plan import PlanFormatError, PlanMismatchError, QuantPlan
 from fq_compile.planning.calibrate import calibrate
 from fq_compile.runtime.guards import RecompileLimitError
 from fq_compile.runtime.resident import resident_bytes
+from fq_compile.runtime.tensor_parallel import shard_plan
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,4 @@ _register_backend()
 
 __all__ = ["Config", "ConfigError", "calibrate", "QuantPlan", "explain", "flattenquant", "CalibrationError",
            "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "RecompileLimitError", "resident_bytes",
-           "__version__"]
+           "shard_plan", "__version__"]

@@ -149,16 +149,16 @@ def _release_replaced(gm: torch.fx.GraphModule, example_inputs, report: GraphRep
     """Free the storage of parameters that only replaced linears read in this graph (never a
     skipped layer's, never one sharing storage with an input the graph still reads)."""
     from fq_compile.passes.match import layer_name, placeholder_inputs
-    from fq_compile.runtime.resident import is_released, release
+    from fq_compile.runtime.resident import is_released, release, storage_of
 
     runtime = placeholder_inputs(gm, example_inputs)
-    used = {t.untyped_storage().data_ptr() for n, t in runtime.items()
-            if n.users and isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()}
+    used = {storage_of(t).data_ptr() for n, t in runtime.items()
+            if n.users and isinstance(t, torch.Tensor) and storage_of(t).nbytes()}
     freed = 0
     for fqn, node in report.replaced_params.items():
         t = runtime.get(node)
         if (not isinstance(t, torch.Tensor) or node.users or layer_name(fqn) in plan.skipped or is_released(t)
-                or t.untyped_storage().data_ptr() in used):
+                or storage_of(t).data_ptr() in used):
             continue
         freed += release(t, fqn)
     return freed

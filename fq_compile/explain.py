@@ -6,6 +6,7 @@ from tabulate import tabulate
 
 from fq_compile.plan import QuantPlan
 from fq_compile.runtime.state import reports
+from fq_compile.runtime.tensor_parallel import local_views
 
 
 def _find_plan(obj) -> QuantPlan | None:
@@ -51,9 +52,13 @@ def explain(obj) -> str:
     for rep in reports(plan):
         for lr in rep.layers:
             used[lr.layer] = lr
+    views = local_views(plan)     # tensor parallelism: the shapes this rank runs (runtime/tensor_parallel.py)
     rows = []
     for name, lp in plan.layers.items():
         g = plan.groups[lp.group]
+        shard = None
+        if name in views:
+            shard, lp, g = views[name]
         lr = used.get(name)
         op = lr.op if lr else "(not compiled yet)"
         where = lr.smoothing if lr else g.fold
@@ -66,12 +71,15 @@ def explain(obj) -> str:
         rows.append([name, f"{lp.out_features}x{lp.in_features}->{g.flat_features}", lp.bits,
                      f"{g.threshold:.4g}", int(g.extra.sum() + g.weight_dup.sum()), f"{100 * g.flatten_ratio:.1f}%",
                      _k_overhead(lp.in_features, g.flat_features),
-                     "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op, quantize, gemm])
+                     "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op, quantize, gemm]
+                    + ([f"{shard.describe()} of {shard.full[0]}x{shard.full[1]}" if shard else "-"] if views else []))
     for name, why in plan.skipped.items():
-        rows.append([name, "-", "fp", "-", "-", "-", "-", "-", "-", f"linear (floating point): {why}", "-", "-"])
-    table = tabulate(rows, headers=["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "K' overhead",
-                                    "KL4/KL8", "smoothing folded into", "op", "activation quantize", "GEMM kernel"],
-                     tablefmt="simple")
+        rows.append([name, "-", "fp", "-", "-", "-", "-", "-", "-", f"linear (floating point): {why}", "-", "-"]
+                    + (["-"] if views else []))
+    headers = ["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "K' overhead", "KL4/KL8",
+               "smoothing folded into", "op", "activation quantize", "GEMM kernel"]
+    headers += ["tensor-parallel shard (rank/ranks)"] if views else []
+    table = tabulate(rows, headers=headers, tablefmt="simple")
     n = len(plan.layers)
     n4 = sum(lp.bits == 4 for lp in plan.layers.values())
     ratios = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()]
@@ -90,4 +98,11 @@ def explain(obj) -> str:
                                             + (f" ({before / after:.2f}x smaller)" if after else "")],
         ["graphs compiled", len(reports(plan))],
     ]
+    if views:
+        here = sum(lp.weight_bytes for lp in plan.layers.values() if lp.name not in views)
+        here += sum(v[1].weight_bytes for v in views.values())
+        ranks = sorted({(s.index, s.count) for s, _, _ in views.values() if s.dim is not None})
+        where = ", ".join(f"{i}/{n}" for i, n in ranks)
+        totals.append(["tensor parallel (this rank)", f"{len(views)} layers sharded, rank {where}; quantized weight "
+                       f"bytes here {here / 2**20:.2f} MiB (shapes above are this rank's)"])
     return f"fq_compile plan for {plan.model_type}\n{table}\n\n{tabulate(totals, tablefmt='plain')}"

@@ -75,7 +75,12 @@ def weight_fingerprint(w: torch.Tensor) -> str:
     position.  Changing any one element changes it (negating entries included); two different
     tensors share it with probability ~2**-64; it does not depend on the device.  A change of
     dtype changes it too: a plan belongs to the weights it was calibrated on, as stored.
-    Computed on the tensor's device in chunks (no full-size temporary)."""
+    Computed on the tensor's device in chunks (no full-size temporary).  A DTensor (tensor
+    parallelism) gives the whole tensor's fingerprint: its shards are gathered first, a collective
+    that every rank of its mesh must call (runtime/tensor_parallel.py: shard_fingerprint is the
+    rank-local one)."""
+    if hasattr(w, "full_tensor") and hasattr(w, "device_mesh"):
+        w = w.full_tensor()
     t = w.detach()
     if t.is_complex() or t.element_size() not in _FP_INT:
         raise TypeError(f"weight_fingerprint: unsupported dtype {t.dtype}")

@@ -30,7 +30,9 @@ included); the report lists every parameter whose values the rewrite consumed, w
 fingerprint, for the backend's per-call check (runtime/guards.py).  Plan tensors reach each graph
 through `runtime.state.device_tensor`, so every graph and recompile shares one device copy.  A
 weight whose storage was already released (resident.py) is named from the release registry and
-never read: its fingerprint is not checked, only its name and shape.
+never read: its fingerprint is not checked, only its name and shape.  A DTensor parameter (tensor
+parallelism, passes/shard.py) is checked against the plan's whole-tensor or rank-local fingerprint
+and watched by its local shard's (runtime/tensor_parallel.check_dtensor).
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ from fq_compile.passes.match import (
     param_fqn,
     placeholder_inputs,
 )
+from fq_compile.passes.shard import local_input, tp_linear, wrap_output
 from fq_compile.plan import GroupPlan, PlanMismatchError, QuantPlan, stale_message
 from fq_compile.runtime.guards import fingerprint
 from fq_compile.runtime.resident import is_released, released_name
+from fq_compile.runtime.tensor_parallel import check_dtensor, check_unsharded, is_dtensor
 from fq_compile.runtime.state import device_tensor, state_of
 
 
@@ -114,6 +118,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
     linears = [n for n in gm.graph.nodes if is_linear(n)]
     # group this graph's linears by input, as calibration did
     by_input: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
+    tp, readers, to_local = {}, {}, {}      # DTensor linears: layer -> TPLinear; node -> what reads x for it
     for node in linears:
         x, w, b = linear_args(node)
         fqn = name_of(w)
@@ -131,10 +136,16 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 f"({plan.model_type}, {len(plan.layers)} layers); calibrate this model with fq_compile.calibrate")
         lp = plan.layers[name]
         wt = runtime.get(w)
-        shape = tuple(wt.shape) if isinstance(wt, torch.Tensor) else tuple(example_value(w).shape)
-        if shape != (lp.out_features, lp.in_features):
-            raise PlanMismatchError(f"layer {name!r}: the plan was made for weight shape "
-                                    f"{(lp.out_features, lp.in_features)}, this model has {shape}")
+        tp[name] = tp_linear(plan, name, node, x, wt)    # a DTensor weight: this rank's part (passes/shard.py)
+        if tp[name] is not None:
+            x, readers[node] = local_input(gm, x, to_local)
+        else:
+            del tp[name]
+            check_unsharded(plan, name)
+            shape = tuple(wt.shape) if isinstance(wt, torch.Tensor) else tuple(example_value(w).shape)
+            if shape != (lp.out_features, lp.in_features):
+                raise PlanMismatchError(f"layer {name!r}: the plan was made for weight shape "
+                                        f"{(lp.out_features, lp.in_features)}, this model has {shape}")
         _check_values(fqn, w, wt, lp.fingerprint, report)
         report.layer_weights[w] = name
         bias_fqn = name_of(b) if isinstance(b, fx.Node) else None
@@ -158,7 +169,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor here but belong to "
                                     f"different plan groups {sorted(names)}")
         g = groups[x] = plan.groups[names.pop()]
-        folds[g.name] = _fold_here(x, {node for _, node in members}, g, planned, name_of, here)
+        folds[g.name] = _fold_here(x, {readers.get(node, node) for _, node in members}, g, planned, name_of, here)
     realized_rows = {g.fold[len("rows:"):] for g in groups.values() if folds[g.name][0].startswith("rows:")}
 
     for x, members in by_input.items():
@@ -166,6 +177,10 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
         smoothing, note, site = folds[g.name]
         if smoothing.startswith("norm:") and not _apply_norm_fold(gm, site, g, runtime, name_of, report):
             smoothing, note = "op", "the norm's parameters are not tensors in this graph"
+        sharded = [tp[n] for n, _ in members if n in tp]
+        if sharded and (len(sharded) != len(members) or len({id(t.group) for t in sharded}) != 1):
+            raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor but are not parallelised alike")
+        g = sharded[0].group if sharded else g       # a row-parallel group: this rank's channel map
         if group_hook is not None:
             group_hook(gm, g, x, smoothing, members[0][1])
         xv = example_value(x)
@@ -176,7 +191,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
         qchoice = dispatch.decide_quantize(info, producer, fusable)
         quantized: dict[int, fx.Node] = {}
         for name, node in members:
-            lp = plan.layers[name]
+            lp = tp[name].layer if name in tp else plan.layers[name]
             out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
             reason = "" if smoothing != "op" else note
             with gm.graph.inserting_before(node):
@@ -200,12 +215,19 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 new = gemm = gm.graph.call_function(op, (quantized[lp.bits], wq, scale, bias, out_dtype))
                 if lp.rows_folded_from and name not in realized_rows:
                     # the plan's rows carry 1/s of a group whose input is not folded in this graph: undo it
-                    s = device_tensor(plan, f"{lp.rows_folded_from}.smooth", plan.groups[lp.rows_folded_from].smooth,
-                                      device)
+                    s = plan.groups[lp.rows_folded_from].smooth
+                    key = f"{lp.rows_folded_from}.smooth"
+                    if name in tp and tp[name].shard.dim == 0 and s.numel() != lp.out_features:
+                        # column-parallel with the full plan: this rank's rows of s (a rank-local plan holds them)
+                        sh = tp[name].shard
+                        s, key = s[sh.offset: sh.offset + sh.size], f"{key}[{sh.offset}:{sh.offset + sh.size}]"
                     new = gm.graph.call_method("to", (gm.graph.call_function(
-                        torch.mul, (new, _const(gm, f"fq_{name}_unfold", s))), out_dtype))
+                        torch.mul, (new, _const(gm, f"fq_{name}_unfold", device_tensor(plan, key, s, device)))),
+                        out_dtype))
                     reason = (reason + "; " if reason else "") + (
                         f"output multiplied by the smoothing of {lp.rows_folded_from} (not folded in this graph)")
+            if name in tp:
+                new = wrap_output(gm, new, tp[name])    # back to the DTensor the graph expects
             new.meta.update(node.meta)
             _, w_node, b_node = linear_args(node)
             node.replace_all_uses_with(new)
@@ -255,6 +277,9 @@ def _check_values(fqn: str, node: fx.Node, t, expected: str | None, report: Grap
     """The parameter `t` (placeholder `node`) must hold the values the plan was made from; it is
     watched from now on.  Released storage cannot be read: it was checked before it was released."""
     if not isinstance(t, torch.Tensor):
+        return
+    if is_dtensor(t):           # tensor parallelism: the guard watches the local shard (runtime/tensor_parallel.py)
+        report.watched[node] = (fqn, expected if is_released(t) else check_dtensor(fqn, t, expected))
         return
     if not is_released(t):
         got = fingerprint(t)

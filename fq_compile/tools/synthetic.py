@@ -24,6 +24,12 @@ backend compiles exactly the ops a calibrated plan of those shares would give:
 `release_weights=True` frees each floating-point weight right after its quantized copy exists,
 so a model plus its plan never need both copies at once (OPT-30B: 60 GB fp16 + 36 GB INT8 would
 not fit an 80 GB GPU); the backend then names those weights from the release registry.
+
+Tensor parallelism: on a model parallelised with ColwiseParallel / RowwiseParallel (DTensor weights,
+e.g. built on the meta device, parallelised, then materialised per rank) each rank quantizes only
+its own shards and gets its rank-local plan (fq_compile/runtime/tensor_parallel.py): the same
+structure and channel maps on every rank, the weight scales taken over all shards (one all-reduce
+of maxima per layer), so it equals `shard_plan(synthetic_plan(full model), parallel model)`.
 """
 
 from __future__ import annotations
@@ -51,6 +57,14 @@ from fq_compile.plan import (
 from fq_compile.planning.calibrate import skipped_layers
 from fq_compile.planning.flatten import channel_map, flatten_weight
 from fq_compile.runtime.resident import release
+from fq_compile.runtime.tensor_parallel import (
+    TP_KEY,
+    layer_shard,
+    local_tensor,
+    max_over_shards,
+    shard_fingerprint,
+    shard_group,
+)
 
 # paper Table 4: OPT size -> (share of INT4 layers, average flatten ratio)
 PAPER_TABLE4 = {
@@ -162,7 +176,7 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
                      calibration={"synthetic": source, "flatten_ratio": flatten_ratio, "int4_share": int4_share})
     gen = torch.Generator().manual_seed(seed)
     t = SYNTHETIC_THRESHOLD
-    row_of = {}
+    row_of, tp, row_groups = {}, {}, {}
     for layers, fold, pos in groups:
         c = params[layers[0] + ".weight"].shape[1]
         extra = _extra_counts(c, round(flatten_ratio * c), gen)
@@ -183,22 +197,35 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
         for layer in layers:
             w = params[layer + ".weight"]
             b = params.get(layer + ".bias")
+            shard = layer_shard(w)                 # tensor parallelism: this rank's shard only
+            gl = g
+            if shard is not None and shard.dim == 1:
+                gl = row_groups.setdefault(g.name, shard_group(g, shard.offset, shard.size))
+                plan.groups[g.name] = gl
             with torch.no_grad():
-                wf = flatten_weight(w.detach().float(), g.cmap)   # smoothing 1: no column or row scaling
+                wl = local_tensor(w.detach())
+                wf = flatten_weight(wl.float(), gl.cmap)   # smoothing 1: no column or row scaling
                 top = wf.abs().amax(dim=1)
                 if config.weight_scale == "tensor":
                     top = top.amax().expand(wf.shape[0])
+                if shard is not None and (shard.dim == 1 or config.weight_scale == "tensor"):
+                    top = max_over_shards(top, w)
                 scale = torch.where(top > 0, top / QMAX[bits], torch.ones_like(top)).float()
                 q = torch.round(wf / scale[:, None]).clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8)
                 del wf
                 plan.layers[layer] = LayerPlan(
-                    name=layer, group=g.name, in_features=w.shape[1], out_features=w.shape[0], bits=bits,
+                    name=layer, group=g.name, in_features=wl.shape[1], out_features=wl.shape[0], bits=bits,
                     weight_q=pack_int4(q) if bits == 4 else q, weight_scale=scale, act_scale=t / QMAX[bits],
-                    bias=None if b is None else b.detach().float().clone(), fingerprint=weight_fingerprint(w),
-                    rows_folded_from=row_of.get(layer), bias_fingerprint=None if b is None else weight_fingerprint(b))
+                    bias=None if b is None else local_tensor(b.detach()).float().clone(),
+                    fingerprint=shard_fingerprint(w), rows_folded_from=row_of.get(layer),
+                    bias_fingerprint=None if b is None else shard_fingerprint(b))
                 del q
+            if shard is not None and shard.dim is not None:
+                tp[layer] = shard.record()
             if release_weights:
                 release(w, layer + ".weight")
                 if b is not None:
                     release(b, layer + ".bias")
+    if tp:
+        plan.calibration[TP_KEY] = tp
     return plan
