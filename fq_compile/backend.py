@@ -30,6 +30,7 @@ import torch
 
 from fq_compile import kernels  # noqa: F401  (registers torch.ops.fq.*)
 from fq_compile.kernels import dispatch
+from fq_compile.passes.attention import rewrite_attention
 from fq_compile.passes.lower import GraphReport, rewrite
 from fq_compile.plan import QuantPlan
 from fq_compile.runtime.state import reports
@@ -63,10 +64,12 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
 
     compiled_reports = reports(plan)
     index = len(compiled_reports)
+    attention = rewrite_attention(gm, example_inputs, plan)     # first: it names sites by their linears
     if plan.config.quantize:
         report = rewrite(gm, example_inputs, plan, index)
     else:
         report = GraphReport(index, code=gm.code)
+    report.attention = attention
     compiled_reports.append(report)
 
     dump_dir = options.get("dump_dir") or os.environ.get("FQ_DUMP_DIR")

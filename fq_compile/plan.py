@@ -2,7 +2,8 @@
 
 A plan holds, per activation group (the linears that read one tensor, e.g. q/k/v) the smoothing
 scales, where they are folded, the threshold T and the flatten counts; per layer the bits, the
-quantized (flattened) weights, scales and bias.  On disk it is one safetensors file: the tensors,
+quantized (flattened) weights, scales and bias; per attention site (when Config.attention quantizes
+it) the static Q/K/V scales and the formats of its two products.  On disk it is one safetensors file: the tensors,
 plus JSON metadata in the header (format name and version, the config, a hash of the model's
 parameter names and shapes, a sha256 of the tensor bytes).  No pickle anywhere, so loading a plan
 cannot run code; a truncated, corrupted or foreign file is refused with a `PlanFormatError`.
@@ -115,6 +116,32 @@ class LayerPlan:
 
 
 @dataclass
+class AttentionPlan:
+    """One attention site (fq::attention, passes/attention.py): static scales of its quantized Q, K, V.
+
+    The observed maxima are kept per head and channel, so the scales can be re-planned for another
+    format or granularity without calibrating again (planning/attention.py)."""
+
+    name: str                     # the attention module, e.g. model.layers.0.self_attn
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    qk_format: str                # "int8" | "fp8": Q and K
+    pv_format: str                # "int8" | "fp8": P and V
+    q_scale: torch.Tensor         # float32 [Hq]
+    k_scale: torch.Tensor         # float32 [Hkv]
+    v_scale: torch.Tensor         # float32 [Hkv]
+    q_absmax: torch.Tensor        # float32 [Hq, D]   observed max |Q|
+    k_absmax: torch.Tensor        # float32 [Hkv, D]
+    v_absmax: torch.Tensor        # float32 [Hkv, Dv] as the quantized model produces V (row folds applied)
+    kv_block: int                 # the online softmax's key block: part of the op's semantics
+    layer_idx: int | None = None  # the model's KV-cache index of this layer (runtime/kv_cache.py)
+
+    TENSORS = ("q_scale", "k_scale", "v_scale", "q_absmax", "k_absmax", "v_absmax")
+
+
+@dataclass
 class QuantPlan:
     config: Config
     model_type: str
@@ -123,6 +150,8 @@ class QuantPlan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)   # layer -> why it stays in floating point
     calibration: dict = field(default_factory=dict)          # batches, tokens, ...
+    attention: dict[str, AttentionPlan] = field(default_factory=dict)
+    attention_skipped: dict[str, str] = field(default_factory=dict)   # site -> why it stays in floating point
 
     # -- lookup -----------------------------------------------------------------------------------
     def group_of(self, layer: str) -> GroupPlan:
@@ -160,8 +189,18 @@ class QuantPlan:
                                  bits=lp.bits, weight_scale=lp.weight_scale, act_scale=lp.act_scale,
                                  has_bias=lp.bias is not None, fingerprint=lp.fingerprint, kl_ratio=lp.kl_ratio,
                                  rows_folded_from=lp.rows_folded_from)
+        attention = {}
+        for aname, ap in self.attention.items():
+            ai = len(attention)
+            for key in AttentionPlan.TENSORS:
+                tensors[f"a{ai}.{key}"] = getattr(ap, key).contiguous()
+            attention[aname] = dict(index=ai, num_heads=ap.num_heads, num_kv_heads=ap.num_kv_heads,
+                                    head_dim=ap.head_dim, v_head_dim=ap.v_head_dim, qk_format=ap.qk_format,
+                                    pv_format=ap.pv_format, kv_block=ap.kv_block, layer_idx=ap.layer_idx)
         meta = dict(config=self.config.to_dict(), model_type=self.model_type, model_hash=self.model_hash,
                     groups=groups, layers=layers, skipped=self.skipped, calibration=self.calibration)
+        if attention or self.attention_skipped:     # absent keys read as none (plans written before)
+            meta.update(attention=attention, attention_skipped=self.attention_skipped)
         return {k: v.detach().cpu() for k, v in tensors.items()}, meta
 
     def save(self, path: str | os.PathLike) -> None:
@@ -228,6 +267,14 @@ class QuantPlan:
             if tuple(lp.weight_q.shape) != (lp.out_features, k):
                 raise ValueError(f"layer {lname}: weight_q has shape {tuple(lp.weight_q.shape)}, expected {(lp.out_features, k)}")
             plan.layers[lname] = lp
+        plan.attention_skipped = dict(meta.get("attention_skipped", {}))
+        for aname, a in meta.get("attention", {}).items():
+            ai = a["index"]
+            plan.attention[aname] = AttentionPlan(
+                name=aname, num_heads=int(a["num_heads"]), num_kv_heads=int(a["num_kv_heads"]),
+                head_dim=int(a["head_dim"]), v_head_dim=int(a["v_head_dim"]), qk_format=a["qk_format"],
+                pv_format=a["pv_format"], kv_block=int(a["kv_block"]), layer_idx=a["layer_idx"],
+                **{key: tensors[f"a{ai}.{key}"] for key in AttentionPlan.TENSORS})
         return plan
 
 

@@ -56,6 +56,7 @@ class GraphReport:
     # parameters (fqn -> placeholder) that only replaced linears read: what free_weights may release
     replaced_params: dict = field(default_factory=dict, repr=False, compare=False)
     released_bytes: int = 0     # what free_weights freed after this graph was compiled
+    attention: list = field(default_factory=list)   # passes/attention.py: one AttentionReport per site
 
 
 def _const(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
