@@ -175,31 +175,37 @@ def attention_reference(q, k, v, q_scale, k_scale, v_scale, mask, causal: bool, 
     log2e = torch.tensor(LOG2E, dtype=torch.float32, device=dev)
     for j0 in range(0, n, kv_block):
         j1 = min(n, j0 + kv_block)
-        s = _exact_products(qf, kf[:, :, j0:j1].transpose(-1, -2), qk_int)
+        # causal: rows before j0 see none of this block, which leaves them exactly as they are
+        # (max unchanged, alpha = exp2q(0) = 1, nothing added): skip them
+        r0 = min(j0, m) if causal else 0
+        if r0 == m:
+            break
+        s = _exact_products(qf[:, :, r0:], kf[:, :, j0:j1].transpose(-1, -2), qk_int)
         t = s * c
         visible = None
         if mask is not None:
-            mb = mask[..., j0:j1]
+            mb = mask[:, :, r0:, j0:j1]
             if mb.dtype == torch.bool:
                 visible = mb
             else:
                 t = t + mb.float() * log2e
         if causal:
-            cv = torch.arange(j0, j1, device=dev)[None, :] <= rows
+            cv = torch.arange(j0, j1, device=dev)[None, :] <= rows[r0:]
             visible = cv if visible is None else visible & cv
         if visible is not None:
             t = torch.where(visible, t, neg_inf)
-        m_new = torch.maximum(mx, t.amax(-1))
+        m_old = mx[:, :, r0:]
+        m_new = torch.maximum(m_old, t.amax(-1))
         u = torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)
-        alpha = exp2q(mx - u)
+        alpha = exp2q(m_old - u)
         p = exp2q(t - u[..., None])
         if pv_int:
             pq = torch.round(p * torch.tensor(P_QMAX, dtype=torch.float32))
         else:
             pq = p.to(torch.float8_e4m3fn).float()
-        den = den * alpha + pq.sum(-1)
-        acc = acc * alpha[..., None] + _exact_products(pq, vf[:, :, j0:j1], pv_int)
-        mx = m_new
+        den[:, :, r0:] = den[:, :, r0:] * alpha + pq.sum(-1)
+        acc[:, :, r0:] = acc[:, :, r0:] * alpha[..., None] + _exact_products(pq, vf[:, :, j0:j1], pv_int)
+        mx[:, :, r0:] = m_new
     r = vs / torch.where(den > 0, den, torch.ones_like(den))
     out = torch.where(den[..., None] > 0, acc * r[..., None], torch.zeros_like(acc))
     return out.to(out_dtype)

@@ -7,6 +7,8 @@ read the 8-bit tensors directly (no dequantize + quantize round trip)."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -15,7 +17,7 @@ import fq_compile
 from fq_compile import Config
 from fq_compile.runtime.kv_cache import QuantizedDynamicLayer, QuantizedStaticLayer
 from fq_compile.runtime.state import reports
-from tests.conftest import VOCAB, batches, tiny_llama, tiny_opt
+from tests.conftest import VOCAB, batches, run_guarded, tiny_llama, tiny_opt
 
 GEN = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True,
            pad_token_id=0)
@@ -83,3 +85,43 @@ def test_cache_errors_are_clear():
         fq_compile.kv_cache(plan, model, kind="static")
     with pytest.raises(ValueError, match="'dynamic' or 'static'"):
         fq_compile.kv_cache(plan, model, kind="paged")
+
+
+def _gpu_main(fmt: str):
+    """On the GPU, through Inductor: the Triton attention kernel in the compiled code (no reference
+    op), and the 8-bit caches give the float cache's tokens and logits."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_llama(layers=2).cuda().half()
+    plan = fq_compile.calibrate(model, [b.cuda() for b in batches(n=2)], Config(level="O1", attention=fmt),
+                                progress=False)
+    torch._dynamo.reset()
+    model.compile(backend="flattenquant", options={"plan": plan})
+    ids = torch.randint(1, VOCAB, (4, 9), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad():
+        print("generate: float cache (the reference path)", flush=True)
+        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **GEN)
+        print("generate: 8-bit dynamic cache", flush=True)
+        out_d, codes = run_and_get_code(lambda: model.generate(ids, past_key_values=fq_compile.kv_cache(plan, model),
+                                                               **GEN))
+        print("generate: 8-bit static cache", flush=True)
+        out_s = model.generate(ids, past_key_values=fq_compile.kv_cache(plan, model, kind="static", max_cache_len=32),
+                               **GEN)
+    for out in (out_d, out_s):
+        assert torch.equal(out.sequences, ref.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    code = "\n".join(codes)
+    assert "attention_kernel" in code and "attention_reference" not in code
+    print(f"kv cache gpu {fmt}: ok")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_gpu_generate_with_8bit_cache_through_inductor(fmt):
+    """_gpu_main in a child process under a time limit (a hung kernel or compile fails the test)."""
+    run_guarded([__file__, fmt], 300)
+
+
+if __name__ == "__main__":
+    _gpu_main(sys.argv[1])

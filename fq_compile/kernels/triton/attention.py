@@ -231,8 +231,10 @@ def _cfg(bm, warps, stages):
 
 
 # Prefill candidates (BLOCK_N is the plan's kv_block, part of the semantics, never tuned); decode
-# (<= 16 packed rows) runs one 16-row tile per (batch, kv head) and streams K/V.
-PREFILL_CONFIGS = [_cfg(128, 8, 3), _cfg(128, 4, 3), _cfg(64, 4, 3), _cfg(128, 8, 4), _cfg(64, 4, 4), _cfg(128, 8, 2)]
+# (<= 16 packed rows) runs one 16-row tile per (batch, kv head) and streams K/V.  Few candidates on
+# purpose: each is a separate Triton compile for every new set of compile-time constants (head dim,
+# formats, mask kind), paid at the first prefill of a model.
+PREFILL_CONFIGS = [_cfg(128, 8, 3), _cfg(128, 4, 3), _cfg(64, 4, 3), _cfg(128, 8, 2)]
 DECODE_CONFIG = _cfg(16, 4, 3)
 INTERPRET_CONFIG = _cfg(16, 4, 1)
 
@@ -245,6 +247,16 @@ def _tuned():
 
 def _pow2(x: int, lo: int = 32) -> int:
     return max(lo, triton.next_power_of_2(x))
+
+
+def _hint(x) -> int:
+    """A concrete size for a tuning decision (regime, autotune bucket).  Under Inductor a dynamic size
+    is a SymInt: take its example value without a guard (power-of-two arithmetic on it would build a
+    symbolic expression and a guard per bucket); the choice only picks a tiling, never the result."""
+    if isinstance(x, torch.SymInt):
+        hint = x.node.hint
+        return int(hint) if hint is not None else 4096
+    return int(x)
 
 
 def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, kv_block, out_dtype, *,
@@ -271,8 +283,9 @@ def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, k
     common = dict(D=d, DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_N=kv_block, CAUSAL=bool(causal),
                   MASK_KIND=mask_kind, QK_INT8=q.dtype == torch.int8, PV_INT8=v.dtype == torch.int8, EXP_HW=exp_hw)
     args = (q, k, v, c, vs, mask_arg, out, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-            hkv, m, n, rep, min(triton.next_power_of_2(rows), 16384), min(triton.next_power_of_2(max(n, 1)), 16384))
-    if config is None and (_INTERPRET or rows <= 16):
+            hkv, m, n, rep, min(triton.next_power_of_2(_hint(rows)), 16384),
+            min(triton.next_power_of_2(max(_hint(n), 1)), 16384))
+    if config is None and (_INTERPRET or _hint(rows) <= 16):
         config = INTERPRET_CONFIG if _INTERPRET else DECODE_CONFIG
     if config is not None:
         bm = config.kwargs["BLOCK_M"]
