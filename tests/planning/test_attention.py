@@ -94,8 +94,10 @@ def test_head_scales_edge_cases():
 
 def test_v_is_planned_after_the_row_fold():
     """OPT (one kv head per head): o_proj's smoothing is folded into v_proj's rows, so the model makes
-    V / s.  The planned V maxima are the float model's V divided by s, channel by channel."""
+    V / s.  The planned V maxima are the float model's V divided by s, channel by channel.  Without a
+    KV cache: a cache reads V too, and then the fold analysis keeps the smoothing in the op instead."""
     model = tiny_opt(layers=1)
+    model.config.use_cache = False
     data = batches(n=2)
     plan = fq_compile.calibrate(model, data, Config(level="O1", attention="int8"), progress=False)
     name = "model.decoder.layers.0.self_attn"
@@ -135,3 +137,21 @@ def test_attention_knobs_are_checked():
             Config(**kw)
     assert Config(attention="int8", attention_pv="fp8").attention_formats == ("int8", "fp8")
     assert Config().attention_formats is None
+
+
+def test_validate_names_a_bad_attention_field():
+    """QuantPlan.validate (run by save and load) checks the attention sites too, naming the field."""
+    import dataclasses
+
+    from fq_compile.plan import PlanFormatError
+
+    plan = fq_compile.calibrate(_Wrap(kv=1).eval(), _hand_made(), Config(level="fp16", attention="int8"), progress=False)
+    plan.validate()
+    ap = plan.attention["attn"]
+    for field, value, match in (("k_scale", torch.tensor([0.0]), r"attention\['attn'\]\.k_scale"),
+                                ("kv_block", 48, r"attention\['attn'\]\.kv_block"),
+                                ("pv_format", "int4", r"attention\['attn'\]\.pv_format"),
+                                ("num_kv_heads", 3, r"attention\['attn'\]\.num_kv_heads")):
+        plan.attention["attn"] = dataclasses.replace(ap, **{field: value})
+        with pytest.raises(PlanFormatError, match=match):
+            plan.validate()
