@@ -19,6 +19,15 @@ from fq_compile.runtime.tensor_parallel import shard_plan
 __version__ = "0.1.0"
 
 
+def __getattr__(name):
+    """kv_cache / kv_cache_bytes (runtime/kv_cache.py) import transformers' cache classes: on first use."""
+    if name in ("kv_cache", "kv_cache_bytes"):
+        from fq_compile.runtime import kv_cache as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'fq_compile' has no attribute {name!r}")
+
+
 def _register_backend() -> None:
     """The entry point makes backend="flattenquant" resolve after `pip install`; importing the
     package also registers it, for source checkouts on PYTHONPATH.  Never twice."""
@@ -32,4 +41,4 @@ _register_backend()
 
 __all__ = ["Config", "ConfigError", "calibrate", "QuantPlan", "explain", "flattenquant", "CalibrationError",
            "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "RecompileLimitError", "resident_bytes",
-           "shard_plan", "__version__"]
+           "shard_plan", "kv_cache", "kv_cache_bytes", "__version__"]

@@ -39,6 +39,7 @@ import torch
 
 from fq_compile import kernels  # noqa: F401  (registers torch.ops.fq.*)
 from fq_compile.kernels import dispatch
+from fq_compile.passes.attention import rewrite_attention
 from fq_compile.passes.lower import GraphReport, rewrite
 from fq_compile.passes.match import owner_modules
 from fq_compile.plan import QuantPlan
@@ -74,10 +75,12 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
 
     compiled_reports = reports(plan)
     index = len(compiled_reports)
+    attention = rewrite_attention(gm, example_inputs, plan)     # first: it names sites by their linears
     if plan.config.quantize:
         report = rewrite(gm, example_inputs, plan, index, gemm_mode=options.get("gemm"))
     else:
         report = GraphReport(index, code=gm.code)
+    report.attention = attention
     compiled_reports.append(report)
     index_of = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     watched = [(index_of[n], fqn, fp) for n, (fqn, fp) in report.watched.items() if n in index_of]

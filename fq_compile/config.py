@@ -61,6 +61,12 @@ class Config:
     calib_samples: activation rows kept per linear input for the Eq. 8 KL estimate.
     kl_bins: histogram bins for the Eq. 8 KL estimate.
     seed: seeds the row sampling during calibration.
+    attention: attention's two batched products (fq::attention, passes/attention.py): "fp" leaves them
+        in floating point; "int8" / "fp8" quantizes Q and K (static scales) for Q.K^T on the INT8 / FP8
+        e4m3 tensor cores, and P and V for P.V in the same format unless attention_pv says otherwise.
+        Works at every level, fp16 included (attention alone).
+    attention_pv: "int8" or "fp8" for P and V; None follows `attention`.
+    attention_scales: "tensor" (one static scale per tensor, as the paper) or "head" (one per head).
     """
 
     level: str = "O1"
@@ -82,6 +88,9 @@ class Config:
     calib_samples: int = 512
     kl_bins: int = 2048
     seed: int = 0
+    attention: str = "fp"
+    attention_pv: str | None = None
+    attention_scales: str = "tensor"
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -111,6 +120,14 @@ class Config:
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise ConfigError(f"Config.skip={self.skip!r} must be a tuple of name substrings")
         object.__setattr__(self, "skip", tuple(self.skip))
+        if self.attention not in ("fp", "int8", "fp8"):
+            raise ConfigError(f"Config.attention={self.attention!r} must be 'fp', 'int8' or 'fp8'")
+        if self.attention_pv not in (None, "int8", "fp8"):
+            raise ConfigError(f"Config.attention_pv={self.attention_pv!r} must be None, 'int8' or 'fp8'")
+        if self.attention_pv is not None and self.attention == "fp":
+            raise ConfigError(f"Config.attention_pv={self.attention_pv!r} needs Config.attention='int8' or 'fp8'")
+        if self.attention_scales not in ("tensor", "head"):
+            raise ConfigError(f"Config.attention_scales={self.attention_scales!r} must be 'tensor' or 'head'")
         spec = dict(LEVELS[self.level])
         if self.smoothing is not None:
             spec["smoothing"] = self.smoothing
@@ -146,6 +163,13 @@ class Config:
     @property
     def gptq(self) -> bool:
         return self._derived["gptq"]
+
+    @property
+    def attention_formats(self) -> tuple[str, str] | None:
+        """(Q.K^T format, P.V format), or None when attention stays in floating point."""
+        if self.attention == "fp":
+            return None
+        return self.attention, self.attention_pv or self.attention
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}

@@ -105,4 +105,30 @@ def explain(obj) -> str:
         where = ", ".join(f"{i}/{n}" for i, n in ranks)
         totals.append(["tensor parallel (this rank)", f"{len(views)} layers sharded, rank {where}; quantized weight "
                        f"bytes here {here / 2**20:.2f} MiB (shapes above are this rank's)"])
-    return f"fq_compile plan for {plan.model_type}\n{table}\n\n{tabulate(totals, tablefmt='plain')}"
+    text = f"fq_compile plan for {plan.model_type}\n{table}\n\n{tabulate(totals, tablefmt='plain')}"
+    att = _attention_table(plan)
+    return text + ("\n\n" + att if att else "")
+
+
+def _attention_table(plan: QuantPlan) -> str:
+    """Attention sites (passes/attention.py): formats, scales, and the op or why it stays in float."""
+    seen = {}
+    for rep in reports(plan):
+        for ar in getattr(rep, "attention", ()):
+            seen[ar.site] = ar
+    rows = []
+    for name, ap in plan.attention.items():
+        ar = seen.get(name)
+        op = (ar.op + (f": {ar.reason}" if ar.reason else "")) if ar else "(not compiled yet)"
+        rows.append([name, f"{ap.num_heads}/{ap.num_kv_heads} x {ap.head_dim}", ap.qk_format, ap.pv_format,
+                     " / ".join(f"{float(getattr(ap, w + '_scale').max()):.3g}" for w in "qkv"), op])
+    for name, ar in seen.items():
+        if name not in plan.attention:
+            rows.append([name, "-", "fp", "fp", "-", f"{ar.op}: {ar.reason}"])
+    for name, why in plan.attention_skipped.items():
+        if name not in seen:
+            rows.append([name, "-", "fp", "fp", "-", f"attention (floating point): {why}"])
+    if not rows:
+        return ""
+    return tabulate(rows, headers=["attention", "heads/kv x dim", "Q.K^T", "P.V", "max scale q / k / v", "op"],
+                    tablefmt="simple")

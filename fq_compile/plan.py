@@ -3,12 +3,14 @@
 A plan holds, per activation group (the linears that read one tensor, e.g. q/k/v) the smoothing
 scales, where they are folded, the threshold T and the flatten counts; per layer the bits, the
 quantized (flattened) weights, scales and bias, and fingerprints of the floating-point weight and
-bias it was made from.  On disk it is one safetensors file: the tensors, plus JSON metadata in the
-header (format name and version, the config, a hash of the model's parameter names and shapes, a
-sha256 of the tensor bytes, and a sha256 over all of these, so that no byte of the file can change
-unnoticed).  No pickle anywhere, so loading a plan cannot run code.  A truncated, corrupted or
-foreign file is refused with a `PlanFormatError`; so is a file whose checksum holds but whose
-fields are out of range or inconsistent (`QuantPlan.validate`, which names the field).
+bias it was made from; per attention site (when Config.attention quantizes it) the static Q/K/V
+scales and the formats of its two products.  On disk it is one safetensors file: the tensors, plus
+JSON metadata in the header (format name and version, the config, a hash of the model's parameter
+names and shapes, a sha256 of the tensor bytes, and a sha256 over all of these, so that no byte of
+the file can change unnoticed).  No pickle anywhere, so loading a plan cannot run code.  A
+truncated, corrupted or foreign file is refused with a `PlanFormatError`; so is a file whose
+checksum holds but whose fields are out of range or inconsistent (`QuantPlan.validate`, which
+names the field).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fq_compile.config import Config
+from fq_compile.kernels.attention import KV_BLOCKS
 
 FORMAT_NAME = "fq_compile.plan"
 FORMAT_VERSION = 3   # 2: the channel map is stored, not recomputed (its layout may change); weight scales
@@ -196,6 +199,32 @@ class LayerPlan:
 
 
 @dataclass
+class AttentionPlan:
+    """One attention site (fq::attention, passes/attention.py): static scales of its quantized Q, K, V.
+
+    The observed maxima are kept per head and channel, so the scales can be re-planned for another
+    format or granularity without calibrating again (planning/attention.py)."""
+
+    name: str                     # the attention module, e.g. model.layers.0.self_attn
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    qk_format: str                # "int8" | "fp8": Q and K
+    pv_format: str                # "int8" | "fp8": P and V
+    q_scale: torch.Tensor         # float32 [Hq]
+    k_scale: torch.Tensor         # float32 [Hkv]
+    v_scale: torch.Tensor         # float32 [Hkv]
+    q_absmax: torch.Tensor        # float32 [Hq, D]   observed max |Q|
+    k_absmax: torch.Tensor        # float32 [Hkv, D]
+    v_absmax: torch.Tensor        # float32 [Hkv, Dv] as the quantized model produces V (row folds applied)
+    kv_block: int                 # the online softmax's key block: part of the op's semantics
+    layer_idx: int | None = None  # the model's KV-cache index of this layer (runtime/kv_cache.py)
+
+    TENSORS = ("q_scale", "k_scale", "v_scale", "q_absmax", "k_absmax", "v_absmax")
+
+
+@dataclass
 class QuantPlan:
     config: Config
     model_type: str
@@ -204,6 +233,8 @@ class QuantPlan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)   # layer -> why it stays in floating point
     calibration: dict = field(default_factory=dict)          # batches, tokens, ...
+    attention: dict[str, AttentionPlan] = field(default_factory=dict)
+    attention_skipped: dict[str, str] = field(default_factory=dict)   # site -> why it stays in floating point
 
     # -- lookup -----------------------------------------------------------------------------------
     def group_of(self, layer: str) -> GroupPlan:
@@ -262,8 +293,18 @@ class QuantPlan:
                                  has_bias=lp.bias is not None, fingerprint=lp.fingerprint,
                                  bias_fingerprint=lp.bias_fingerprint, kl_ratio=lp.kl_ratio,
                                  rows_folded_from=lp.rows_folded_from)
+        attention = {}
+        for aname, ap in self.attention.items():
+            ai = len(attention)
+            for key in AttentionPlan.TENSORS:
+                tensors[f"a{ai}.{key}"] = getattr(ap, key).contiguous()
+            attention[aname] = dict(index=ai, num_heads=ap.num_heads, num_kv_heads=ap.num_kv_heads,
+                                    head_dim=ap.head_dim, v_head_dim=ap.v_head_dim, qk_format=ap.qk_format,
+                                    pv_format=ap.pv_format, kv_block=ap.kv_block, layer_idx=ap.layer_idx)
         meta = dict(config=self.config.to_dict(), model_type=self.model_type, model_hash=self.model_hash,
                     groups=groups, layers=layers, skipped=self.skipped, calibration=self.calibration)
+        if attention or self.attention_skipped:     # absent keys read as none (plans written before)
+            meta.update(attention=attention, attention_skipped=self.attention_skipped)
         return {k: v.detach().cpu() for k, v in tensors.items()}, meta
 
     def save(self, path: str | os.PathLike) -> None:
@@ -353,6 +394,14 @@ class QuantPlan:
                 act_scale=l["act_scale"], bias=tensor(f"l{li}.bias", where) if l["has_bias"] else None,
                 fingerprint=l["fingerprint"], kl_ratio=l["kl_ratio"], rows_folded_from=l["rows_folded_from"],
                 bias_fingerprint=l["bias_fingerprint"])
+        plan.attention_skipped = dict(meta.get("attention_skipped", {}))
+        for aname, a in meta.get("attention", {}).items():
+            ai, where = a["index"], f"attention[{aname!r}]"
+            plan.attention[aname] = AttentionPlan(
+                name=aname, num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
+                v_head_dim=a["v_head_dim"], qk_format=a["qk_format"], pv_format=a["pv_format"],
+                kv_block=a["kv_block"], layer_idx=a["layer_idx"],
+                **{key: tensor(f"a{ai}.{key}", where) for key in AttentionPlan.TENSORS})
         return plan
 
 
@@ -459,6 +508,38 @@ class _Validator:
             self.group(name, g)
         for name, lp in p.layers.items():
             self.layer(name, lp)
+        for key, obj in (("attention", p.attention), ("attention_skipped", p.attention_skipped)):
+            if not isinstance(obj, dict):
+                self.fail(key, f"must be a dict, got {type(obj).__name__}")
+        for name, why in p.attention_skipped.items():
+            self.string(f"attention_skipped[{name!r}]", why)
+            if name in p.attention:
+                self.fail(f"attention_skipped[{name!r}]", "the site is both skipped and quantized")
+        for name, ap in p.attention.items():
+            self.attention(name, ap)
+
+    def attention(self, name, ap):
+        w = f"attention[{name!r}]"
+        if not isinstance(ap, AttentionPlan) or ap.name != name:
+            self.fail(f"{w}.name", f"{getattr(ap, 'name', ap)!r} does not match its key")
+        hq = self.integer(f"{w}.num_heads", ap.num_heads, lo=1)
+        hkv = self.integer(f"{w}.num_kv_heads", ap.num_kv_heads, lo=1)
+        if hq % hkv:
+            self.fail(f"{w}.num_kv_heads", f"{hkv} does not divide num_heads {hq}")
+        d = self.integer(f"{w}.head_dim", ap.head_dim, lo=1)
+        dv = self.integer(f"{w}.v_head_dim", ap.v_head_dim, lo=1)
+        for key in ("qk_format", "pv_format"):
+            if getattr(ap, key) not in ("int8", "fp8"):
+                self.fail(f"{w}.{key}", f"{getattr(ap, key)!r} must be 'int8' or 'fp8'")
+        if self.integer(f"{w}.kv_block", ap.kv_block) not in KV_BLOCKS:
+            self.fail(f"{w}.kv_block", f"{ap.kv_block} must be one of {KV_BLOCKS}")
+        if ap.layer_idx is not None:
+            self.integer(f"{w}.layer_idx", ap.layer_idx, lo=0)
+        for key, n in (("q_scale", hq), ("k_scale", hkv), ("v_scale", hkv)):
+            self.scale(f"{w}.{key}", getattr(ap, key), n)
+        for key, shape in (("q_absmax", (hq, d)), ("k_absmax", (hkv, d)), ("v_absmax", (hkv, dv))):
+            t = self.tensor(f"{w}.{key}", getattr(ap, key), (torch.float32,), shape)
+            self.values(f"{w}.{key}", (torch.isfinite(t) & (t >= 0)).flatten(), "every entry must be finite and >= 0")
 
     def group(self, name, g):
         w = f"groups[{name!r}]"

@@ -2,6 +2,7 @@
 
     flatten_quantize.py   fq::flatten_quantize: the op schema and its CPU reference (integer semantics),
                           and fq::flatten_quantize_fused, the same integers as aten ops Inductor fuses
+    attention.py          fq::attention (INT8/FP8 flash attention) and fq::quantize_heads / dequantize_heads
     int_gemm.py           fq::int8_linear / fq::int4_linear: schemas and CPU references
     packing.py            the INT4 storage format (two values per byte)
     triton/               Triton kernels for both families (CUDA)
@@ -13,7 +14,7 @@ Importing this package defines the ops and registers the GPU implementations exp
 no module changes another's state on import.  Without Triton, the CPU references serve every device.
 """
 
-from fq_compile.kernels import flatten_quantize, int_gemm, packing  # noqa: F401  (defines torch.ops.fq.*)
+from fq_compile.kernels import attention, flatten_quantize, int_gemm, packing  # noqa: F401  (defines torch.ops.fq.*)
 from fq_compile.kernels.cutlass import gemm as _cutlass_gemm  # noqa: F401  (defines fq::cutlass_int_linear)
 from fq_compile.kernels.flatten_quantize import flatten_quantize_reference
 from fq_compile.kernels.int_gemm import int_matmul_reference, quant_linear_reference
@@ -31,8 +32,15 @@ def _register_gpu_implementations() -> None:
     from fq_compile.kernels.triton import gemm as triton_gemm
 
     flatten_quantize.register_cuda_impl(triton_flatten_quantize.flatten_quantize_cuda)
+    _register_attention()
     int_gemm.register_cuda_impl("int8_linear", triton_gemm.int8_linear_cuda)
     int_gemm.register_cuda_impl("int4_linear", triton_gemm.int4_linear_cuda)
+
+
+def _register_attention() -> None:
+    from fq_compile.kernels.triton import attention as triton_attention
+
+    attention.register_cuda_impl(triton_attention.attention_cuda)
 
 
 _register_gpu_implementations()

@@ -89,6 +89,7 @@ class GraphReport:
     watched: dict = field(default_factory=dict, repr=False, compare=False)
     # placeholder -> layer name of each replaced linear's weight (to find its module)
     layer_weights: dict = field(default_factory=dict, repr=False, compare=False)
+    attention: list = field(default_factory=list)   # passes/attention.py: one AttentionReport per site
 
 
 def _const(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
