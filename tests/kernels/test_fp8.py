@@ -1,0 +1,189 @@
+"""The FP8 family (fq::fp8_quantize, fq::fp8_linear, fq::w4a8_linear) against a float64 fake-quant
+oracle written independently of the ops (e4m3 rounding from frexp, exact sums in float64), and the
+Triton kernels against the references through the interpreter (fresh subprocess, as test_triton.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fq_compile  # noqa: F401  (registers the ops)
+from fq_compile.kernels.fp8 import FP8_DTYPE, fp8_linear_reference, fp8_quantize_reference
+from fq_compile.kernels.packing import pack_int4, unpack_int4
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+HAS_CUDA = torch.cuda.is_available()
+
+
+def oracle_e4m3(a64: torch.Tensor) -> torch.Tensor:
+    """e4m3fn rounding in float64 from first principles: clamp to 448, quantum 2**(e-3) for a value
+    in [2**e, 2**(e+1)) (e >= -6), 2**-9 below 2**-6, nearest with ties to even."""
+    a = a64.double().clamp(-448.0, 448.0)
+    _, e = torch.frexp(a.abs())                       # |a| = m * 2**e, m in [0.5, 1)
+    quantum = torch.pow(2.0, (e - 1 - 3).clamp_min(-9).double())
+    return torch.round(a / quantum) * quantum         # torch.round: half to even
+
+
+def oracle_linear(x, mult, w_values, scale, bias):
+    """float64 fake quant: activation e4m3(fl32(x * mult)), exact float64 sums, float32 epilogue."""
+    a = (x.double() * mult.double()).float().double()   # the op's one float32 multiply, exactly
+    xq = oracle_e4m3(a)
+    acc = (xq.reshape(-1, xq.shape[-1]) @ w_values.double().t()).float()
+    y = acc * scale
+    return xq, (y + bias if bias is not None else y)
+
+
+def _inputs(gen, m, k, n, *, wide=False):
+    x = torch.randn(m, k, generator=gen) * torch.linspace(0.05, 3.0, k)
+    x[torch.rand(m, k, generator=gen) < 0.02] *= 40.0          # beyond the calibrated range: saturates
+    x[0, :4] = torch.tensor([0.0, -0.0, 1e-6, -1e-6])          # zeros, signed, and underflow
+    mult = (torch.rand(k, generator=gen) + 0.5) * (448.0 / 6.0)
+    if wide:
+        mult *= 1e-3                                            # most values in the subnormal range
+    return x, mult.float()
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_fp8_quantize_matches_the_float64_oracle_bit_for_bit(wide):
+    gen = torch.Generator().manual_seed(int(wide))
+    x, mult = _inputs(gen, 64, 96, 8, wide=wide)
+    q = fp8_quantize_reference(x, mult)
+    assert q.dtype == FP8_DTYPE and q.shape == x.shape
+    want = oracle_e4m3((x.double() * mult.double()).float().double())
+    assert torch.equal(q.double(), want)
+    assert torch.equal(torch.signbit(q.float()), torch.signbit(want.float()))   # -0 stays -0
+    if wide:   # subnormals (below 2**-6) are there and are not all zero
+        assert bool(((q.float().abs() < 2.0**-6) & (q.float() != 0)).any())
+    else:      # saturation is reached
+        assert float(q.float().abs().max()) == 448.0 and bool((q.float() == 0).any())
+    # the exact halfway cases between e4m3 neighbours round to the even mantissa
+    ties = torch.tensor([17.0, 19.0, 1.0625, 1.1875, 2.0**-10, 3 * 2.0**-10, 464.0, -17.0])
+    assert fp8_quantize_reference(ties, torch.ones(8)).float().tolist() == [16.0, 20.0, 1.0, 1.25, 0.0,
+                                                                            2.0**-8, 448.0, -16.0]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "w4a8"])
+def test_fp8_linear_matches_the_float64_oracle(fmt):
+    gen = torch.Generator().manual_seed(7 if fmt == "fp8" else 8)
+    m, k, n = 37, 160, 48
+    x, mult = _inputs(gen, m, k, n)
+    if fmt == "fp8":
+        w = (torch.randn(n, k, generator=gen) * 40.0).clamp(-448, 448).to(FP8_DTYPE)
+        wq, w_values = w, w.double()
+        op = torch.ops.fq.fp8_linear
+    else:
+        q = torch.randint(-7, 8, (n, k), generator=gen, dtype=torch.int8)
+        wq, w_values = pack_int4(q), q.double()
+        op = torch.ops.fq.w4a8_linear
+    scale = (torch.rand(n, generator=gen) * 1e-3 + 1e-5).float()
+    bias = torch.randn(n, generator=gen).float()
+    xq = torch.ops.fq.fp8_quantize(x, mult)
+    y = op(xq, wq, scale, bias, torch.float32)
+    want_xq, want_y = oracle_linear(x, mult, w_values, scale, bias)
+    assert torch.equal(xq.double(), want_xq)
+    assert torch.equal(y, want_y), f"{fmt}: max diff {(y - want_y).abs().max()}"   # exact sums: bit for bit
+    # leading dims kept, other output dtypes are one cast of the float32 result
+    y3 = op(xq.reshape(1, m, k), wq, scale, None, torch.bfloat16)
+    assert y3.shape == (1, m, n) and torch.equal(y3[0], (want_y - bias).to(torch.bfloat16))
+    # against the unquantized product: fake quant is close, not equal (the test can see an error)
+    exact = (x.double() * mult.double()).clamp(-448, 448) @ w_values.t() * scale.double()
+    rel = float((y.double() - bias.double() - exact).norm() / exact.norm())
+    assert 1e-4 < rel < 0.2
+
+
+def test_fp8_linear_refuses_bad_operands():
+    x = torch.randn(4, 32).to(FP8_DTYPE)
+    w = torch.randn(8, 32).to(FP8_DTYPE)
+    s = torch.ones(8)
+    with pytest.raises(RuntimeError, match="float8_e4m3fn activations"):
+        torch.ops.fq.fp8_linear(x.float(), w, s, None, torch.float32)
+    with pytest.raises(RuntimeError, match="K mismatch"):
+        torch.ops.fq.fp8_linear(x, w[:, :16], s, None, torch.float32)
+    with pytest.raises(RuntimeError, match="scale must be float32"):
+        torch.ops.fq.fp8_linear(x, w, s[:4], None, torch.float32)
+    with pytest.raises(RuntimeError, match="torch.uint8 weights"):
+        torch.ops.fq.w4a8_linear(x, w, s, None, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU; real kernels under -m gpu)
+# ----------------------------------------------------------------------------------------------
+
+def check_triton(device: str, shapes, seed: int = 0, dot_fp8=None):
+    """fp8_quantize bit for bit; both GEMMs against the reference within the float32 accumulation
+    bound (products are exact on every path; the order of the float32 sums is the kernel's)."""
+    from fq_compile.kernels.fp8 import fp8_linear_reference
+    from fq_compile.kernels.triton import fp8 as tf
+
+    gen = torch.Generator().manual_seed(seed)
+    for m, n, k in shapes:
+        x, mult = _inputs(gen, m, k, n, wide=(m % 2 == 1))
+        xs = x[:, :k] if m % 3 else torch.cat([x, x], 1)[:, ::2]     # a strided input too
+        ref_q = fp8_quantize_reference(xs, mult)
+        q = tf.fp8_quantize_cuda(xs.to(device), mult.to(device))
+        assert q.dtype == FP8_DTYPE and torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8)), \
+            f"fp8_quantize {(m, k)}: {(q.cpu().view(torch.uint8) != ref_q.view(torch.uint8)).sum()} mismatches"
+        xq = ref_q.to(device)
+        scale = (torch.rand(n, generator=gen) * 1e-3 + 1e-5).to(device)
+        bias = torch.randn(n, generator=gen).to(device)
+        w8 = (torch.randn(n, k, generator=gen) * 30).to(FP8_DTYPE).to(device)
+        w4 = pack_int4(torch.randint(-7, 8, (n, k), generator=gen, dtype=torch.int8)).to(device)
+        for int4_w, w in ((False, w8), (True, w4)):
+            ref = fp8_linear_reference(xq.cpu(), w.cpu(), scale.cpu(), bias.cpu(), torch.float32)
+            y = tf.fp8_gemm_triton(xq, w, scale, bias, torch.float32, int4_w=int4_w, dot_fp8=dot_fp8).cpu()
+            wv = unpack_int4(w.cpu()).double() if int4_w else w.cpu().double()
+            absprod = xq.cpu().double().abs() @ wv.abs().t()
+            # float32 accumulation (K * u * sum|p|), the reference's own rounding and the epilogue's
+            bound = (k * 2.0**-24 + 2.0**-23) * absprod * scale.cpu().double() + 1e-6
+            err = (y.double() - ref.double()).abs()
+            assert bool((err <= bound).all()), f"fp8 gemm int4_w={int4_w} {(m, n, k)}: beyond the float32 bound"
+            assert float(err.max()) < 1e-3 * float(ref.abs().max())
+        if device == "cuda":
+            y = tf.fp8_linear_cuda(xq, w8, scale, bias, torch.bfloat16)
+            ref = fp8_linear_reference(xq.cpu(), w8.cpu(), scale.cpu(), bias.cpu(), torch.float32)
+            assert float((y.cpu().double() - ref.double()).norm() / ref.double().norm()) < 1e-2
+
+
+SMALL = [(1, 40, 64), (5, 70, 96), (33, 50, 128), (18, 64, 30)]
+
+
+def _interp_main(which: str):
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    if which == "fp8":
+        check_triton("cpu", SMALL, seed=1, dot_fp8=True)
+        check_triton("cpu", SMALL[:2], seed=2, dot_fp8=False)
+    else:
+        raise SystemExit(f"unknown check {which}")
+    print(f"{which}: ok")
+
+
+def test_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, __file__, "fp8"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+def test_import_registers_fp8_kernels():
+    pytest.importorskip("triton")
+    from fq_compile.kernels import fp8
+    assert {"fp8_quantize", "fp8_linear", "w4a8_linear"} <= set(fp8.CUDA_IMPL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_fp8_kernels():
+    check_triton("cuda", [(1, 4096, 4096), (16, 5120, 1024), (300, 1000, 4128), (2048, 4096, 5120), (7, 2900, 3000)],
+                 seed=3)
+
+
+if __name__ == "__main__":
+    _interp_main(sys.argv[1])
