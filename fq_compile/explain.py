@@ -31,8 +31,9 @@ def _find_plan(obj) -> QuantPlan | None:
 
 
 def explain(obj) -> str:
-    """A table of every layer (bits, T, extra channels, flatten ratio, where smoothing went, the op
-    used) and the totals.  `obj` is a QuantPlan or a module compiled with backend='flattenquant'."""
+    """A table of every layer (format, bits, T, extra channels, flatten ratio, output error, where
+    smoothing went, the op used), the totals, and for level auto why each layer got its format.
+    `obj` is a QuantPlan or a module compiled with backend='flattenquant'."""
     plan = obj if isinstance(obj, QuantPlan) else _find_plan(obj)
     if plan is None:
         raise TypeError("explain() takes a QuantPlan or a model compiled with torch.compile(..., "
@@ -49,26 +50,47 @@ def explain(obj) -> str:
         where = lr.smoothing if lr else g.fold
         if lp.rows_folded_from:
             where += f"; rows carry s of {lp.rows_folded_from.rsplit('.', 1)[-1]}"
-        rows.append([name, f"{lp.out_features}x{lp.in_features}->{g.flat_features}", lp.bits,
-                     f"{g.threshold:.4g}", int(g.extra.sum() + g.weight_dup.sum()), f"{100 * g.flatten_ratio:.1f}%",
-                     "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op])
+        k = f"{g.flat_features}" if lp.flattened else f"{lp.in_features} (not flattened)"
+        rows.append([name, lp.format, f"{lp.out_features}x{lp.in_features}->{k}", lp.bits,
+                     f"{g.threshold:.4g}" if lp.flattened else "-",
+                     int(g.extra.sum() + g.weight_dup.sum()) if lp.flattened else "-",
+                     f"{100 * g.flatten_ratio:.1f}%" if lp.flattened else "-",
+                     "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}",
+                     "-" if lp.error is None else f"{lp.error:.2e}", where, op])
     for name, why in plan.skipped.items():
-        rows.append([name, "-", "fp", "-", "-", "-", "-", "-", f"linear (floating point): {why}"])
-    table = tabulate(rows, headers=["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "KL4/KL8",
-                                    "smoothing folded into", "op"], tablefmt="simple")
+        rows.append([name, "fp", "-", "-", "-", "-", "-", "-", "-", "-", f"linear (floating point): {why}"])
+    table = tabulate(rows, headers=["layer", "format", "NxC->K'", "bits", "T", "extra ch", "flatten", "KL4/KL8",
+                                    "out err", "smoothing folded into", "op"], tablefmt="simple")
     n = len(plan.layers)
     n4 = sum(lp.bits == 4 for lp in plan.layers.values())
-    ratios = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()]
+    flat = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values() if lp.flattened]
     before = sum(lp.in_features * lp.out_features * 2 for lp in plan.layers.values())
     after = sum(lp.weight_bytes for lp in plan.layers.values())
+    params4 = sum(lp.in_features * lp.out_features for lp in plan.layers.values() if lp.bits == 4)
+    counts = {}
+    for lp in plan.layers.values():
+        counts[lp.format] = counts.get(lp.format, 0) + 1
     totals = [
         ["level", plan.config.level],
-        ["weight scales", f"per {'output channel' if plan.config.weight_scale == 'channel' else 'tensor'}"],
+        ["weight scales", f"per {'output channel' if plan.config.weight_granularity == 'channel' else 'tensor'}"],
         ["quantized linear layers", f"{n} ({len(plan.skipped)} kept in floating point)"],
-        ["INT4 share of layers", f"{100 * n4 / n:.1f}%" if n else "-"],
-        ["average flatten ratio", f"{100 * sum(ratios) / n:.1f}%" if n else "-"],
+        ["formats", ", ".join(f"{f} {c}" for f, c in sorted(counts.items())) or "-"],
+        ["INT4 share of layers / of weights", f"{100 * n4 / n:.1f}% / {100 * params4 / (before / 2):.1f}%" if n else "-"],
+        ["average flatten ratio (flattened layers)", f"{100 * sum(flat) / len(flat):.1f}%" if flat else "-"],
         ["weight bytes, fp16 -> quantized", f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
-                                            + (f" ({before / after:.2f}x smaller)" if after else "")],
+                                            + (f" ({after / before:.3f}x fp16)" if before else "")],
         ["graphs compiled", len(reports(plan))],
     ]
-    return f"fq_compile plan for {plan.model_type}\n{table}\n\n{tabulate(totals, tablefmt='plain')}"
+    auto = plan.calibration.get("auto")
+    if auto:
+        budget = (f"memory budget {plan.config.memory_budget:g}x fp16 bytes" if auto["mode"] == "memory" else
+                  f"error budget {plan.config.error_budget:g}x naive FP8 ({auto['budget']:.3g} summed)")
+        totals += [["auto", f"target {auto['target']}, {budget}; summed output error {auto['error']:.3g} "
+                            f"(naive FP8 {auto['naive_fp8_error']:.3g}); linear time x{auto['time']:.3f} of bf16"]]
+    text = f"fq_compile plan for {plan.model_type}\n{table}\n\n{tabulate(totals, tablefmt='plain')}"
+    whys = [[name, lp.why, ", ".join(f"{f} {e:.2e}" for f, e in (lp.errors or {}).items())]
+            for name, lp in plan.layers.items() if lp.why]
+    if whys:
+        text += "\n\nwhy each format (candidates' output errors on calibration rows):\n"
+        text += tabulate(whys, headers=["layer", "why", "errors"], tablefmt="simple")
+    return text

@@ -20,7 +20,15 @@ import torch
 from fq_compile.config import Config
 
 FORMAT_NAME = "fq_compile.plan"
-FORMAT_VERSION = 2   # 2: the channel map is stored, not recomputed (its layout may change)
+FORMAT_VERSION = 3   # 2: the channel map is stored, not recomputed (its layout may change); 3: per-layer format
+
+# Per-layer formats: the weight operand and the activation each one reads.
+#   int8  flattened INT8 activation x INT8 weight [N, K']          (fq.int8_linear; O1-O3, the baselines)
+#   int4  flattened INT4 activation x packed INT4 weight [N, K'/2] (fq.int4_linear; Eq. 8 at O2/O3)
+#   fp8   per-tensor e4m3 activation (not flattened) x e4m3 weight [N, K]       (fq.fp8_linear)
+#   w4a8  per-tensor e4m3 activation (not flattened) x packed INT4 weight [N, K/2] (fq.w4a8_linear)
+FORMAT_BITS = {"int8": 8, "int4": 4, "fp8": 8, "w4a8": 4}
+FLATTENED_FORMATS = ("int8", "int4")
 
 
 class PlanFormatError(ValueError):
@@ -104,6 +112,29 @@ class LayerPlan:
     fingerprint: float
     kl_ratio: float | None = None
     rows_folded_from: str | None = None   # group whose smoothing is folded into this layer's rows
+    format: str | None = None     # see FORMAT_BITS; None: "int4" or "int8" from bits
+    error: float | None = None    # the chosen format's output error on calibration rows (relative MSE)
+    errors: dict | None = None    # format -> output error of every candidate measured (level auto)
+    why: str = ""                 # why this format (level auto)
+
+    def __post_init__(self):
+        if self.format is None:
+            self.format = "int4" if self.bits == 4 else "int8"
+        if self.format not in FORMAT_BITS:
+            raise ValueError(f"layer {self.name}: unknown format {self.format!r} (one of {', '.join(FORMAT_BITS)})")
+        if FORMAT_BITS[self.format] != self.bits:
+            raise ValueError(f"layer {self.name}: format {self.format} has {FORMAT_BITS[self.format]}-bit weights, "
+                             f"not {self.bits}")
+
+    @property
+    def flattened(self) -> bool:
+        """True when the layer reads the group's flattened activation (K' columns), False for FP8 ones (K)."""
+        return self.format in FLATTENED_FORMATS
+
+    def weight_shape(self, group: "GroupPlan") -> tuple[int, int]:
+        """The stored weight's shape: [N, K' or K], halved along K for packed INT4."""
+        k = group.flat_features if self.flattened else self.in_features
+        return (self.out_features, k // 2 if self.bits == 4 else k)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -162,7 +193,8 @@ class QuantPlan:
             layers[lname] = dict(index=li, group=lp.group, in_features=lp.in_features, out_features=lp.out_features,
                                  bits=lp.bits, act_scale=lp.act_scale,
                                  has_bias=lp.bias is not None, fingerprint=lp.fingerprint, kl_ratio=lp.kl_ratio,
-                                 rows_folded_from=lp.rows_folded_from)
+                                 rows_folded_from=lp.rows_folded_from, format=lp.format, error=lp.error,
+                                 errors=lp.errors, why=lp.why)
         meta = dict(config=self.config.to_dict(), model_type=self.model_type, model_hash=self.model_hash,
                     groups=groups, layers=layers, skipped=self.skipped, calibration=self.calibration)
         return {k: v.detach().cpu() for k, v in tensors.items()}, meta
@@ -194,6 +226,11 @@ class QuantPlan:
             raise PlanFormatError(f"{path} is a safetensors file but not an fq_compile plan "
                                   f"(format={header.get('format')!r})")
         version = header.get("format_version")
+        if version in ("1", "2"):
+            raise PlanFormatError(f"{path} has plan format version {version}, from before per-layer formats "
+                                  f"(FP8, W4A8; version {FORMAT_VERSION}); this fq_compile does not read it: "
+                                  f"recalibrate (fq_compile.calibrate / fq-compile quantize), or use the fq_compile "
+                                  f"that wrote it")
         if version != str(FORMAT_VERSION):
             raise PlanFormatError(f"{path} has plan format version {version}; this fq_compile reads version "
                                   f"{FORMAT_VERSION}: recalibrate, or use the fq_compile that wrote it")
@@ -225,11 +262,11 @@ class QuantPlan:
                            weight_q=tensors[f"l{li}.weight_q"], weight_scale=tensors[f"l{li}.weight_scale"],
                            act_scale=float(l["act_scale"]), bias=tensors[f"l{li}.bias"] if l["has_bias"] else None,
                            fingerprint=float(l["fingerprint"]), kl_ratio=l["kl_ratio"],
-                           rows_folded_from=l["rows_folded_from"])
-            g = plan.groups[lp.group]
-            k = g.flat_features // 2 if lp.bits == 4 else g.flat_features
-            if tuple(lp.weight_q.shape) != (lp.out_features, k):
-                raise ValueError(f"layer {lname}: weight_q has shape {tuple(lp.weight_q.shape)}, expected {(lp.out_features, k)}")
+                           rows_folded_from=l["rows_folded_from"], format=l["format"], error=l["error"],
+                           errors=l["errors"], why=l["why"])
+            want = lp.weight_shape(plan.groups[lp.group])
+            if tuple(lp.weight_q.shape) != want:
+                raise ValueError(f"layer {lname}: weight_q has shape {tuple(lp.weight_q.shape)}, expected {want}")
             plan.layers[lname] = lp
         return plan
 

@@ -95,3 +95,41 @@ def test_loaded_plan_refuses_another_model(saved):
     _, _, path = saved
     with pytest.raises(fq_compile.PlanMismatchError, match="another model"):
         QuantPlan.load(path).check_model(tiny_opt(layers=1))
+
+
+def test_formats_and_choices_survive_the_round_trip(tmp_path):
+    """Per-layer formats (fp8 weights as e4m3, w4a8 packed), errors and reasons are in the file."""
+    torch._dynamo.reset()
+    model = tiny_llama(layers=1)
+    plan = fq_compile.calibrate(model, batches(n=2), Config(level="auto", error_budget=50.0), progress=False)
+    formats = {lp.format for lp in plan.layers.values()}
+    assert formats & {"fp8", "w4a8"}, formats
+    path = tmp_path / "auto.fqplan"
+    plan.save(path)
+    loaded = QuantPlan.load(path)
+    for name, lp in plan.layers.items():
+        lq = loaded.layers[name]
+        assert (lq.format, lq.bits, lq.error, lq.errors, lq.why) == (lp.format, lp.bits, lp.error, lp.errors, lp.why)
+        assert lq.weight_q.dtype == lp.weight_q.dtype and torch.equal(lq.weight_q.view(torch.uint8),
+                                                                     lp.weight_q.view(torch.uint8))
+    assert loaded.calibration["auto"] == plan.calibration["auto"]
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        a = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x).logits
+        torch._dynamo.reset()
+        b = torch.compile(model, backend="flattenquant", options={"plan": str(path), "inductor": False})(x).logits
+    assert torch.equal(a, b)
+
+
+def test_plans_from_before_per_layer_formats_are_refused_clearly(saved, tmp_path):
+    _, _, path = saved
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["format_version"] = "2"
+    old = tmp_path / "old.fqplan"
+    save_file(tensors, old, metadata=meta)
+    with pytest.raises(PlanFormatError, match="version 2, from before per-layer formats.*recalibrate"):
+        QuantPlan.load(old)

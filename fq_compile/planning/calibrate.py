@@ -104,7 +104,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     skipped = dict(skip)
     skipped.update(store.unsupported)
     plan = build_plan(model, store.inputs, folds, skipped, config, progress=progress)
-    plan.calibration = dict(batches=seen, rows=max(st.rows for st in store.inputs.values()),
+    plan.calibration.update(batches=seen, rows=max(st.rows for st in store.inputs.values()),
                             graphs=len(store.graphs))
     if config.gptq:
         from fq_compile.planning.gptq_driver import apply_gptq

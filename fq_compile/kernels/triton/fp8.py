@@ -6,9 +6,10 @@ float32, ties to even, on the bits; below 2**-6: rint to multiples of 2**-9), so
 for bit the reference's on any device, the Triton interpreter included (whose own float32 -> fp8
 cast neither rounds ties to even nor rounds subnormals; an exact e4m3 value converts exactly).
 
-fp8_linear: `torch._scaled_mm` (cuBLAS FP8, float32 accumulation with use_fast_accum=False) where the
-GPU has FP8 tensor cores (compute capability >= 8.9) and the shape suits it (K, N multiples of 16);
-else the Triton GEMM below.  w4a8_linear: the Triton GEMM, whose weight tiles arrive packed two int4
+fp8_linear: `torch._scaled_mm` (cuBLAS FP8) where the GPU has FP8 tensor cores (compute capability
+>= 8.9), the shape suits it (K, N multiples of 16) and its epilogue can apply the per-channel scale
+(row-wise scaling, bfloat16 output); else the Triton GEMM below, whose epilogue is the integer GEMMs'
+(FQ_FP8_GEMM overrides the choice: fp8_gemm_choice; which is faster is for the device to measure).  w4a8_linear: the Triton GEMM, whose weight tiles arrive packed two int4
 per byte and are unpacked in registers onto the FP8 tensor cores (int4 values are exact in e4m3):
 the weight bytes are halved again, the multiply rate is FP8's.  Packed byte j holds K elements 2j and
 2j+1, so the activation tile is read as its even and its odd columns, multiplied with the low and
@@ -193,20 +194,40 @@ def _scaled_mm_ok(xq, wq) -> bool:
     return hasattr(torch, "_scaled_mm") and has_fp8_cores(xq.device) and k % 16 == 0 and n % 16 == 0
 
 
+def fp8_gemm_choice(out_dtype: torch.dtype) -> str:
+    """FQ_FP8_GEMM = auto (default) | scaled_mm | triton.  auto: cuBLAS with row-wise scales for a
+    bfloat16 output (the per-channel scale fused in its epilogue), else the Triton GEMM (its epilogue
+    fused too); scaled_mm: cuBLAS into float32, then scale and bias as one element-wise pass."""
+    choice = os.environ.get("FQ_FP8_GEMM", "auto")
+    if choice not in ("auto", "scaled_mm", "triton"):
+        raise ValueError(f"FQ_FP8_GEMM={choice!r} must be auto, scaled_mm or triton")
+    if choice == "auto":
+        return "scaled_mm_rowwise" if out_dtype == torch.bfloat16 else "triton"
+    return choice
+
+
 def fp8_linear_cuda(xq, wq, scale, bias, out_dtype):
-    """cuBLAS FP8 where it applies (see the module docstring), else the Triton GEMM."""
-    if not _scaled_mm_ok(xq, wq):
+    """cuBLAS FP8 or the Triton GEMM (fp8_gemm_choice; the Triton GEMM wherever cuBLAS does not apply)."""
+    choice = fp8_gemm_choice(out_dtype)
+    if choice == "triton" or not _scaled_mm_ok(xq, wq):
         return fp8_gemm_triton(xq, wq, scale, bias, out_dtype, int4_w=False)
     lead = xq.shape[:-1]
     a = xq.reshape(-1, xq.shape[-1])
     if not a.is_contiguous():
         a = a.contiguous()
+    n = wq.shape[0]
+    if choice == "scaled_mm_rowwise":
+        ones = torch.ones((a.shape[0], 1), dtype=torch.float32, device=xq.device)
+        y = torch._scaled_mm(a, wq.t(), scale_a=ones, scale_b=scale.float().reshape(1, n), out_dtype=out_dtype)
+        if bias is not None:
+            y = y + bias.to(out_dtype)
+        return y.reshape(*lead, n)
     one = torch.ones((), dtype=torch.float32, device=xq.device)
     acc = torch._scaled_mm(a, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=False)
     y = acc * scale.float()
     if bias is not None:
         y = y + bias.float()
-    return y.to(out_dtype).reshape(*lead, wq.shape[0])
+    return y.to(out_dtype).reshape(*lead, n)
 
 
 def w4a8_linear_cuda(xq, wq, scale, bias, out_dtype):
