@@ -158,11 +158,14 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-tokens", type=int, default=4 * 2048, help="--split test: limit the tokens (0: the whole split)")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity (a zero-shot-only table)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a Config knob for every level row (as fq-compile eval --set), e.g. weight_scale=channel")
+                   help="override a Config knob for every level row (as fq-compile eval --set), "
+                        "e.g. weight_scale=channel")
     p.add_argument("--levels", default=LEVELS, help="level rows (comma-separated)")
     p.add_argument("--rows", default=ROWS, help="more rows, ';'-separated: 'LEVEL key=value ...'")
-    p.add_argument("--peers", default=",".join(PEERS), help=f"fake-quant peer rows (comma-separated: {', '.join(PEERS)})")
-    p.add_argument("--tasks", default="", help="zero-shot tasks (comma-separated), e.g. piqa,arc_easy,openbookqa,hellaswag")
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help=f"fake-quant peer rows (comma-separated: {', '.join(PEERS)})")
+    p.add_argument("--tasks", default="",
+                   help="zero-shot tasks (comma-separated), e.g. piqa,arc_easy,openbookqa,hellaswag")
     p.add_argument("--zs-limit", type=int, default=0, help="score only the first N rows of each task (0: all)")
     p.add_argument("--ablation-base", default="O1")
     p.add_argument("--gamma-base", default="O2", help="level of the gamma rows ('' to skip them)")
@@ -253,13 +256,15 @@ def main(argv=None) -> int:
             zrows = []
             for k, r in zs.items():
                 avg = r["average"].get("acc")
-                zrows.append([label(k)] + [f"{100 * r['tasks'][t]['acc']:.2f}" if t in r["tasks"] else "-" for t in tasks]
-                             + [f"{100 * r['average']['acc_norm']:.2f}" if r["average"].get("acc_norm") is not None else "-",
-                                "-" if avg is None else f"{100 * avg:.2f}",
-                                "-" if avg is None or fp_avg is None or k == "fp" else f"{100 * (avg - fp_avg):+.2f}"])
+                norm = r["average"].get("acc_norm")
+                accs = [f"{100 * r['tasks'][t]['acc']:.2f}" if t in r["tasks"] else "-" for t in tasks]
+                zrows.append([label(k), *accs, "-" if norm is None else f"{100 * norm:.2f}",
+                              "-" if avg is None else f"{100 * avg:.2f}",
+                              "-" if avg is None or fp_avg is None or k == "fp" else f"{100 * (avg - fp_avg):+.2f}"])
             missing = sorted({t for r in zs.values() for t in r["missing"]})
             limit = next(iter(zs.values())).get("limit")
-            text += (f"\n\n## Zero-shot accuracy (%, lm-eval, acc per task; {'first ' + str(limit) + ' rows per task' if limit else 'full sets'})\n\n"
+            scope_zs = f"first {limit} rows per task" if limit else "full sets"
+            text += (f"\n\n## Zero-shot accuracy (%, lm-eval, acc per task; {scope_zs})\n\n"
                      + tabulate(zrows, ["row", *tasks, "avg acc_norm", "avg acc", "avg acc vs fp (points)"],
                                 tablefmt="github"))
             if missing:

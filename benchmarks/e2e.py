@@ -642,7 +642,8 @@ def main(argv=None):
     ap.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
                     help="torch.compile dynamic: auto = static for one prefill shape without decode, else dynamic")
     ap.add_argument("--max-autotune", action="store_true", help="fp16-inductor in mode='max-autotune'")
-    ap.add_argument("--auto-formats", default="", help="fq-auto: format shares of the layers, e.g. fp8=0.3,w4a8=0.5,int8=0.2")
+    ap.add_argument("--auto-formats", default="",
+                    help="fq-auto: format shares of the layers, e.g. fp8=0.3,w4a8=0.5,int8=0.2")
     ap.add_argument("--gemm", default=None, help="our backend's 'gemm' option (triton, cutlass, auto); default: its own")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)

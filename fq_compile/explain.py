@@ -75,7 +75,8 @@ def explain(obj) -> str:
         ["weight scales", f"per {'output channel' if plan.config.weight_granularity == 'channel' else 'tensor'}"],
         ["quantized linear layers", f"{n} ({len(plan.skipped)} kept in floating point)"],
         ["formats", ", ".join(f"{f} {c}" for f, c in sorted(counts.items())) or "-"],
-        ["INT4 share of layers / of weights", f"{100 * n4 / n:.1f}% / {100 * params4 / (before / 2):.1f}%" if n else "-"],
+        ["INT4 share of layers / of weights",
+         f"{100 * n4 / n:.1f}% / {100 * params4 / (before / 2):.1f}%" if n else "-"],
         ["average flatten ratio (flattened layers)", f"{100 * sum(flat) / len(flat):.1f}%" if flat else "-"],
         ["weight bytes, fp16 -> quantized", f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
                                             + (f" ({after / before:.3f}x fp16)" if before else "")],

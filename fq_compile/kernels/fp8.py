@@ -86,7 +86,8 @@ def _check_linear(xq, wq, scale, fmt):
                  lambda: f"{fmt}_linear: K mismatch, x {tuple(xq.shape)} vs w {tuple(wq.shape)}")
     torch._check(k <= MAX_K, lambda: f"{fmt}_linear: K={k} exceeds {MAX_K}, where the exact reference sum holds")
     torch._check(scale.dtype == torch.float32 and scale.dim() == 1 and scale.shape[0] == wq.shape[0],
-                 lambda: f"{fmt}_linear: scale must be float32 [N={wq.shape[0]}], got {scale.dtype} {tuple(scale.shape)}")
+                 lambda: f"{fmt}_linear: scale must be float32 [N={wq.shape[0]}], "
+                         f"got {scale.dtype} {tuple(scale.shape)}")
 
 
 def _check_quantize(x, mult):

@@ -130,7 +130,7 @@ def test_auto_picks_the_format_each_layer_was_built_for(synthetic):
     model, batches = synthetic
     plan = _plan(model, batches, error_budget=0.5)
     got = {n: lp.format for n, lp in plan.layers.items()}
-    assert got == {"w4": "w4a8", "fp8": "fp8", "int8": "int8"}, {n: (lp.errors, lp.why) for n, lp in plan.layers.items()}
+    assert got == {"w4": "w4a8", "fp8": "fp8", "int8": "int8"}, {n: lp.why for n, lp in plan.layers.items()}
     e = {n: lp.errors for n, lp in plan.layers.items()}
     assert e["w4"]["w4a8"] < 1e-12 and e["w4"]["fp8"] < 1e-12 < e["w4"]["int8"]
     assert e["fp8"]["fp8"] < 1e-12 < 1e-3 < min(e["fp8"][f] for f in ("int8", "int4", "w4a8"))

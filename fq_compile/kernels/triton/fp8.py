@@ -9,9 +9,10 @@ cast neither rounds ties to even nor rounds subnormals; an exact e4m3 value conv
 fp8_linear: `torch._scaled_mm` (cuBLAS FP8) where the GPU has FP8 tensor cores (compute capability
 >= 8.9), the shape suits it (K, N multiples of 16) and its epilogue can apply the per-channel scale
 (row-wise scaling, bfloat16 output); else the Triton GEMM below, whose epilogue is the integer GEMMs'
-(FQ_FP8_GEMM overrides the choice: fp8_gemm_choice; which is faster is for the device to measure).  w4a8_linear: the Triton GEMM, whose weight tiles arrive packed two int4
-per byte and are unpacked in registers onto the FP8 tensor cores (int4 values are exact in e4m3):
-the weight bytes are halved again, the multiply rate is FP8's.  Packed byte j holds K elements 2j and
+(FQ_FP8_GEMM overrides the choice: fp8_gemm_choice; which is faster is for the device to measure).
+
+w4a8_linear: the Triton GEMM, whose weight tiles arrive packed two int4 per byte and are unpacked in
+registers onto the FP8 tensor cores (int4 values are exact in e4m3): the weight bytes are halved again, the multiply rate is FP8's.  Packed byte j holds K elements 2j and
 2j+1, so the activation tile is read as its even and its odd columns, multiplied with the low and
 the high nibbles.  Without FP8 tensor cores both operands go through float16 (every e4m3 and int4
 value is exact there, products too), same float32 accumulation.
