@@ -145,10 +145,18 @@ def check_triton(device: str, shapes, seed: int = 0, dot_fp8=None):
             err = (y.double() - ref.double()).abs()
             assert bool((err <= bound).all()), f"fp8 gemm int4_w={int4_w} {(m, n, k)}: beyond the float32 bound"
             assert float(err.max()) < 1e-3 * float(ref.abs().max())
-        if device == "cuda":
-            y = tf.fp8_linear_cuda(xq, w8, scale, bias, torch.bfloat16)
+        if device == "cuda":      # every FQ_FP8_GEMM choice (cuBLAS row-wise / float32 + epilogue, Triton)
             ref = fp8_linear_reference(xq.cpu(), w8.cpu(), scale.cpu(), bias.cpu(), torch.float32)
-            assert float((y.cpu().double() - ref.double()).norm() / ref.double().norm()) < 1e-2
+            for choice in ("auto", "scaled_mm", "triton"):
+                os.environ["FQ_FP8_GEMM"] = choice
+                try:
+                    for out_dtype, tol in ((torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-5)):
+                        y = tf.fp8_linear_cuda(xq, w8, scale, bias, out_dtype)
+                        assert y.dtype == out_dtype and y.shape == (m, n)
+                        err = float((y.cpu().double() - ref.double()).norm() / ref.double().norm())
+                        assert err < tol, f"fp8_linear {choice} {out_dtype} {(m, n, k)}: rel err {err}"
+                finally:
+                    os.environ.pop("FQ_FP8_GEMM", None)
 
 
 SMALL = [(1, 40, 64), (5, 70, 96), (33, 50, 128), (18, 64, 30)]
