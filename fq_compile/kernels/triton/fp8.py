@@ -4,7 +4,8 @@ fp8_quantize: one Triton pass over x: a = x * mult[c] (one rounded multiply), th
 written out in float32/integer arithmetic (clamp to +-448; normal range: keep 3 mantissa bits of the
 float32, ties to even, on the bits; below 2**-6: rint to multiples of 2**-9), so the result is bit
 for bit the reference's on any device, the Triton interpreter included (whose own float32 -> fp8
-cast neither rounds ties to even nor rounds subnormals; an exact e4m3 value converts exactly).
+cast neither rounds ties to even nor rounds subnormals); the byte is then assembled from the float32
+bits (_e4m3_byte), so no e4m3 type is needed and the kernel compiles below sm_89 too.
 
 fp8_linear: `torch._scaled_mm` (cuBLAS FP8) where the GPU has FP8 tensor cores (compute capability
 >= 8.9), the shape suits it (K, N multiples of 16) and its epilogue can apply the per-channel scale
@@ -12,10 +13,12 @@ fp8_linear: `torch._scaled_mm` (cuBLAS FP8) where the GPU has FP8 tensor cores (
 (FQ_FP8_GEMM overrides the choice: fp8_gemm_choice; which is faster is for the device to measure).
 
 w4a8_linear: the Triton GEMM, whose weight tiles arrive packed two int4 per byte and are unpacked in
-registers onto the FP8 tensor cores (int4 values are exact in e4m3): the weight bytes are halved again, the multiply rate is FP8's.  Packed byte j holds K elements 2j and
-2j+1, so the activation tile is read as its even and its odd columns, multiplied with the low and
-the high nibbles.  Without FP8 tensor cores both operands go through float16 (every e4m3 and int4
-value is exact there, products too), same float32 accumulation.
+registers onto the FP8 tensor cores (int4 values are exact in e4m3): the weight bytes are halved
+again, the multiply rate is FP8's.  Packed byte j holds K elements 2j and 2j+1, so the activation
+tile is read as its even and its odd columns, multiplied with the low and the high nibbles.  Without
+FP8 tensor cores (below sm_89, where Triton has no e4m3 type at all) both operands go through float16
+built from the bits (every e4m3 and int4 value is exact there, products too), same float32
+accumulation.  On FP8 tensor cores the sums are not float32 ones: see PROMOTE_K.
 """
 
 from __future__ import annotations
@@ -59,6 +62,18 @@ def _round_e4m3(a):
 
 
 @triton.jit
+def _e4m3_byte(r):
+    """An exact e4m3 value (float32) -> its byte, from the float32 bits (no e4m3 type needed, so it
+    compiles below sm_89 too): exponent rebiased 127 -> 7 and the top 3 mantissa bits; below 2**-6
+    the byte is the multiple of 2**-9."""
+    bits = r.to(tl.int32, bitcast=True)
+    m = tl.abs(r)
+    normal = ((((bits >> 23) & 0xFF) - 120) << 3) | ((bits >> 20) & 7)
+    mag = tl.where(m < 0.015625, (m * 512.0).to(tl.int32), normal)
+    return (((bits >> 24) & 0x80) | mag).to(tl.uint8)
+
+
+@triton.jit
 def fp8_quantize_kernel(x_ptr, mult_ptr, out_ptr, M, C, stride_xm, stride_xc,
                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """x [M, C] (any strides) -> out [M, C] e4m3 bytes (contiguous)."""
@@ -68,8 +83,7 @@ def fp8_quantize_kernel(x_ptr, mult_ptr, out_ptr, M, C, stride_xm, stride_xc,
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
     mult = tl.load(mult_ptr + cols, mask=cols < C, other=0.0)
     r = _round_e4m3(_mul_rn(x.to(tl.float32), mult[None, :]))
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * C + cols[None, :],
-             r.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], _e4m3_byte(r), mask=mask)
 
 
 def fp8_quantize_cuda(x: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
@@ -87,9 +101,23 @@ def fp8_quantize_cuda(x: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _e4m3_operand(u8, DOT_FP8: tl.constexpr):
+    """e4m3 bytes -> the dot operand: float8e4nv on FP8 tensor cores; else float16 built from the bits
+    (Triton has no e4m3 type below sm_89): the sign and the 7 other bits moved up by 7 give a float16
+    of value x * 2**-8 for every e4m3 x, subnormals included; times 256 is exact."""
+    if DOT_FP8:
+        v = u8.to(tl.float8e4nv, bitcast=True)
+    else:
+        b = u8.to(tl.int16)
+        h = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+        v = (h.to(tl.float16, bitcast=True) * 256.0).to(tl.float16)
+    return v
+
+
+@triton.jit
 def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, M, N, K, M_BUCKET,
                     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
-                    HAS_BIAS: tl.constexpr, INT4_W: tl.constexpr, DOT_FP8: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, INT4_W: tl.constexpr, DOT_FP8: tl.constexpr, PROMOTE_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C[M, N] = A[M, K] @ B[N, K].T, A e4m3 bytes, B e4m3 bytes or packed int4 ([N, K/2], strides in
     bytes); float32 accumulation; epilogue scale[n] (+ bias[n]) as the integer GEMMs."""
@@ -109,6 +137,7 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, M, N, K, M_BUCKET,
     DT: tl.constexpr = tl.float8e4nv if DOT_FP8 else tl.float16
     if INT4_W:
         KB: tl.constexpr = BLOCK_K // 2
+        NC_I4: tl.constexpr = KB if KB < PROMOTE_K else PROMOTE_K
         kk = tl.arange(0, KB)
         for k in range(0, K, BLOCK_K):
             kp = k // 2 + kk
@@ -119,21 +148,31 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, M, N, K, M_BUCKET,
                             mask=kmask[None, :], other=0)
             pb = tl.load(b_ptr + cols[None, :] * stride_bn + kp[:, None] * stride_bk, mask=kmask[:, None], other=0)
             b_lo, b_hi = _nibbles(pb)
-            a_even = a_even.to(tl.float8e4nv, bitcast=True).to(DT)
-            a_odd = a_odd.to(tl.float8e4nv, bitcast=True).to(DT)
-            acc = tl.dot(a_even, b_lo.to(tl.float16).to(DT), acc, out_dtype=tl.float32)
-            acc = tl.dot(a_odd, b_hi.to(tl.float16).to(DT), acc, out_dtype=tl.float32)
+            a_even = _e4m3_operand(a_even, DOT_FP8)
+            a_odd = _e4m3_operand(a_odd, DOT_FP8)
+            acc = tl.dot(a_even, b_lo.to(tl.float16).to(DT), acc, out_dtype=tl.float32, max_num_imprecise_acc=NC_I4)
+            acc = tl.dot(a_odd, b_hi.to(tl.float16).to(DT), acc, out_dtype=tl.float32, max_num_imprecise_acc=NC_I4)
     else:
+        NC: tl.constexpr = BLOCK_K if BLOCK_K < PROMOTE_K else PROMOTE_K
         kk = tl.arange(0, BLOCK_K)
         for k in range(0, K, BLOCK_K):
             ko = k + kk
             kmask = ko < K
             a = tl.load(a_ptr + rows[:, None] * stride_am + ko[None, :] * stride_ak, mask=kmask[None, :], other=0)
             b = tl.load(b_ptr + cols[None, :] * stride_bn + ko[:, None] * stride_bk, mask=kmask[:, None], other=0)
-            a = a.to(tl.float8e4nv, bitcast=True).to(DT)
-            b = b.to(tl.float8e4nv, bitcast=True).to(DT)
-            acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+            a = _e4m3_operand(a, DOT_FP8)
+            b = _e4m3_operand(b, DOT_FP8)
+            acc = tl.dot(a, b, acc, out_dtype=tl.float32, max_num_imprecise_acc=NC)
     _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, 1)
+
+
+# Hopper's FP8 MMA adds into its accumulator with reduced precision (about 14 bits kept: DeepSeek-V3
+# report, section 3.3.2), and Triton on sm_90 leaves the whole K loop there by default
+# (max_num_imprecise_acc = 2**30).  Every tl.dot above hands its partial sum to the float32
+# accumulator after at most PROMOTE_K products, as cuBLAS does with use_fast_accum=False and as the
+# report recommends (128).  Only wgmma (sm_90, BLOCK_M >= 64) is affected; smaller tiles go through
+# float16 mma.sync with float32 accumulation.
+PROMOTE_K = 128
 
 
 def _cfg(bm, bn, bk, stages, warps, group=8):
@@ -186,7 +225,7 @@ def fp8_gemm_triton(xq, wq, scale, bias, out_dtype, *, int4_w: bool, dot_fp8: bo
     torch.library.wrap_triton(_tuned())[grid](
         a, b, out, bias_arg, scale, m, n, k, min(triton.next_power_of_2(m), 8192),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=has_bias, INT4_W=int4_w, DOT_FP8=dot_fp8)
+        HAS_BIAS=has_bias, INT4_W=int4_w, DOT_FP8=dot_fp8, PROMOTE_K=PROMOTE_K)
     return out.reshape(*lead, n)
 
 
