@@ -64,8 +64,12 @@ def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], f
 
 def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,
                row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None,
-               fmt: str | None = None) -> LayerPlan:
-    """One layer's plan in format `fmt`; None: the level's (fp8, or INT8 / INT4 by Eq. 8 at O2/O3)."""
+               fmt: str | None = None, fingerprints: tuple[str, str | None] | None = None) -> LayerPlan:
+    """One layer's plan in format `fmt`; None: the level's (fp8, or INT8 / INT4 by Eq. 8 at O2/O3).
+    fingerprints: (weight, bias) fingerprints of the model's own tensors, as stored (dtype included);
+    computed from `weight` / `bias` when not given."""
+    if fingerprints is None:
+        fingerprints = (weight_fingerprint(weight), None if bias is None else weight_fingerprint(bias))
     b = None if bias is None else bias.float().clone()
     if row_scale is not None and b is not None:
         b = b / row_scale
@@ -80,13 +84,15 @@ def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.T
     q = quantize_layer(fmt, weight, group, row_scale, config)
     return LayerPlan(name=layer, group=group.name, in_features=weight.shape[1], out_features=weight.shape[0],
                      bits=FORMAT_BITS[fmt], format=fmt, weight_q=q.weight_q, weight_scale=q.weight_scale,
-                     act_scale=q.act_scale, bias=b, fingerprint=weight_fingerprint(weight),
-                     kl_ratio=ratio, rows_folded_from=row_group)
+                     act_scale=q.act_scale, bias=b, fingerprint=fingerprints[0],
+                     kl_ratio=ratio, rows_folded_from=row_group, bias_fingerprint=fingerprints[1])
 
 
 def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dict[str, tuple[str, str]],
-               skipped: dict[str, str], config: Config, progress: bool = True) -> QuantPlan:
-    """folds: group -> (encoded fold site, note) from the fold analysis."""
+               skipped: dict[str, str], config: Config, progress: bool = True,
+               biases: dict[str, str | None] | None = None) -> QuantPlan:
+    """folds: group -> (encoded fold site, note) from the fold analysis; biases: layer -> the bias
+    parameter its graph's linear call reads (None: no bias), as the observers found it."""
     plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model),
                      skipped=dict(skipped))
     params = dict(model.named_parameters())
@@ -96,8 +102,13 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
         return params[layer + ".weight"].detach().float().cpu()
 
     def bias_of(layer):
-        b = params.get(layer + ".bias")
-        return None if b is None else b.detach().float().cpu()
+        name = (biases or {}).get(layer)
+        return None if name is None else params[name].detach().float().cpu()
+
+    def fingerprints_of(layer):
+        name = (biases or {}).get(layer)
+        bias_fp = None if name is None else weight_fingerprint(params[name])
+        return weight_fingerprint(params[layer + ".weight"]), bias_fp
 
     for name, st in tqdm(list(inputs.items()), desc="fq_compile: planning groups", disable=not progress):
         if st.absmax is None:
@@ -109,6 +120,9 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             fold, note = "op", "folding disabled (Config.fold=False)"
         weights = {l: weight_of(l) for l in st.layers}
         plan.groups[name] = plan_group(name, st, weights, fold, note, config)
+    for g in plan.groups.values():          # the norm values s was chosen for (checked at each compile)
+        if g.fold.startswith("norm:"):
+            g.fold_fingerprints = {fqn: weight_fingerprint(params[fqn]) for fqn in g.fold[len("norm:"):].split(",")}
     # rows folds: the producer layer's rows are divided by the consumer group's scales
     row_fold = {}
     for g in plan.groups.values():
@@ -119,7 +133,7 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
                 continue
             row_fold[producer] = g
     if config.format == "auto":
-        _plan_auto(plan, inputs, row_fold, weight_of, bias_of, config, progress)
+        _plan_auto(plan, inputs, row_fold, weight_of, bias_of, fingerprints_of, config, progress)
         return plan
     for name, g in tqdm(list(plan.groups.items()), desc="fq_compile: quantizing layers", disable=not progress):
         st = inputs[name]
@@ -131,12 +145,12 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             rg = row_fold.get(layer)
             plan.layers[layer] = plan_layer(layer, g, weight_of(layer), bias_of(layer),
                                             None if rg is None else rg.smooth, None if rg is None else rg.name,
-                                            config, act_ratio)
+                                            config, act_ratio, fingerprints=fingerprints_of(layer))
     return plan
 
 
-def _plan_auto(plan: QuantPlan, inputs: dict[str, InputStats], row_fold: dict, weight_of, bias_of, config: Config,
-               progress: bool) -> None:
+def _plan_auto(plan: QuantPlan, inputs: dict[str, InputStats], row_fold: dict, weight_of, bias_of, fingerprints_of,
+               config: Config, progress: bool) -> None:
     """Level auto: measure every candidate format of every layer on the calibration rows, choose under
     the budget (planning/formats.py), then quantize each layer in its format."""
     device = formats.DEVICES[config.target]
@@ -155,7 +169,8 @@ def _plan_auto(plan: QuantPlan, inputs: dict[str, InputStats], row_fold: dict, w
         for layer in g.layers:
             rg = row_fold.get(layer)
             lp = plan_layer(layer, g, weight_of(layer), bias_of(layer), None if rg is None else rg.smooth,
-                            None if rg is None else rg.name, config, None, fmt=choice[layer])
+                            None if rg is None else rg.name, config, None, fmt=choice[layer],
+                            fingerprints=fingerprints_of(layer))
             lp.error, lp.errors, lp.why = errors[layer][choice[layer]], errors[layer], why[layer]
             plan.layers[layer] = lp
     plan.calibration["auto"] = summary
