@@ -19,7 +19,10 @@ the GPU (speed does not depend on values).  Methods, each on a fresh model:
   torchao-fp8     torchao Float8DynamicActivationFloat8WeightConfig (its defaults: per tensor)
   fq-O1, fq-O3    FlattenQuant through our backend (default settings: the GEMM and quantize kernels
                   kernels/dispatch.py picks; --gemm or FQ_GEMM / FQ_QUANTIZE force one, and label the rows)
-  fq-auto         Config(level="auto"), where this fq_compile has that level (else reported unavailable)
+  fq-fp8          our static per-tensor FP8 level (fq.fp8_quantize + fq.fp8_linear) through our backend
+  fq-auto         level auto: the per-layer formats in the shares --auto-formats gives (e.g. those a
+                  calibrated auto plan chose: benchmarks/accuracy.py prints them), flattened layers at the
+                  paper's flatten ratio
 Our plans are synthetic (fq_compile/synthetic.py): the flatten ratio and INT4 share of the paper's
 Table 4 for that size ("paper Table 4 figures"), INT4 in the same share of blocks at every layer
 position; the output head stays fp16 for every method.  Our backend releases the fp16 weights.
@@ -55,8 +58,8 @@ from fq_compile.tools.models import opt_config  # noqa: E402
 from fq_compile.tools.synthetic import PAPER_TABLE4, synthetic_plan  # noqa: E402
 
 METHODS = ["fp16-eager", "fp16-inductor", "fp8-naive", "smoothquant", "torchao-int8", "torchao-fp8", "fq-O1", "fq-O3",
-           "fq-auto"]
-OURS = ("smoothquant", "fq-O1", "fq-O3", "fq-auto")
+           "fq-fp8", "fq-auto"]
+OURS = ("smoothquant", "fq-O1", "fq-O3", "fq-fp8", "fq-auto")
 FP16 = ("fp16-eager", "fp16-inductor")
 MODELS = ("1.3b", "6.7b", "13b", "30b")
 TABLE4_LABEL = "paper Table 4 figures"
@@ -84,6 +87,18 @@ def build_model(size: str, device, dtype, layers: int | None = None, seed: int =
     with torch.device(device):
         model = OPTForCausalLM._from_config(cfg, dtype=dtype)
     return model.eval()
+
+
+def parse_shares(text: str) -> dict[str, float]:
+    """"fp8=0.3,w4a8=0.5,int8=0.2" -> {"fp8": 0.3, ...} (normalised to sum 1)."""
+    if not text:
+        raise ValueError("fq-auto needs --auto-formats, e.g. fp8=0.3,w4a8=0.5,int8=0.2")
+    out = {}
+    for item in text.split(","):
+        k, _, v = item.partition("=")
+        out[k.strip()] = float(v)
+    total = sum(out.values())
+    return {k: v / total for k, v in out.items()}
 
 
 def table4(size: str) -> tuple[float, float]:
@@ -164,15 +179,12 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
         info["torchao"] = torchao.__version__
     elif method in OURS:
         share, ratio = table4(size)
-        level = {"smoothquant": "smoothquant", "fq-O1": "O1", "fq-O3": "O3", "fq-auto": "auto"}[method]
-        from fq_compile.config import LEVELS
-
-        if level not in LEVELS:
-            raise Unavailable(f"this fq_compile has no Config(level={level!r}) yet")
-        if level == "auto":
-            level = "O3"  # a synthetic plan has no calibration to choose from: the level auto picks for speed
-        plan = synthetic_plan(model, level, flatten_ratio=0.0 if level == "smoothquant" else ratio,
-                              int4_share=share if level == "O3" else 0.0, source=TABLE4_LABEL,
+        level = {"smoothquant": "smoothquant", "fq-O1": "O1", "fq-O3": "O3", "fq-fp8": "fp8", "fq-auto": "auto"}[method]
+        shares = parse_shares(args.auto_formats) if level == "auto" else None
+        if shares is not None:
+            info["format_shares"] = shares
+        plan = synthetic_plan(model, level, flatten_ratio=0.0 if level in ("smoothquant", "fp8") else ratio,
+                              int4_share=share if level == "O3" else 0.0, format_shares=shares, source=TABLE4_LABEL,
                               release_weights=True, progress=False)
         torch._dynamo.reset()                    # drop the replica's capture graphs (synthetic.py)
         n4 = sum(lp.bits == 4 for lp in plan.layers.values())
@@ -705,6 +717,8 @@ def main(argv=None):
     ap.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
                     help="torch.compile dynamic: auto = static for one prefill shape without decode, else dynamic")
     ap.add_argument("--max-autotune", action="store_true", help="fp16-inductor in mode='max-autotune'")
+    ap.add_argument("--auto-formats", default="",
+                    help="fq-auto: format shares of the layers, e.g. fp8=0.3,w4a8=0.5,int8=0.2")
     ap.add_argument("--gemm", default=None, help="our backend's 'gemm' option (triton, cutlass, auto); default: its own")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)

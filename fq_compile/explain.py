@@ -41,9 +41,10 @@ def _k_overhead(c: int, kp: int) -> str:
 
 
 def explain(obj) -> str:
-    """A table of every layer (bits, T, extra channels, flatten ratio, K' overhead, where smoothing
-    went, the op used, and once compiled how its activation is quantized and which GEMM kernel runs,
-    and why) and the totals.  `obj` is a QuantPlan or a module compiled with backend='flattenquant'."""
+    """A table of every layer (format, bits, T, extra channels, flatten ratio, K' overhead, output error,
+    where smoothing went, the op used, and once compiled how its activation is quantized and which GEMM
+    kernel runs, and why), the totals, and for level auto why each layer got its format.
+    `obj` is a QuantPlan or a module compiled with backend='flattenquant'."""
     plan = obj if isinstance(obj, QuantPlan) else _find_plan(obj)
     if plan is None:
         raise TypeError("explain() takes a QuantPlan or a model compiled with torch.compile(..., "
@@ -68,34 +69,45 @@ def explain(obj) -> str:
             op += f" +{lr.act}"
         quantize = f"{lr.quantize} ({lr.quantize_why})" if lr and lr.quantize else "-"
         gemm = f"{lr.gemm} ({lr.gemm_why})" if lr and lr.gemm else "-"
-        rows.append([name, f"{lp.out_features}x{lp.in_features}->{g.flat_features}", lp.bits,
-                     f"{g.threshold:.4g}", int(g.extra.sum() + g.weight_dup.sum()), f"{100 * g.flatten_ratio:.1f}%",
-                     _k_overhead(lp.in_features, g.flat_features),
-                     "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op, quantize, gemm]
+        k = f"{g.flat_features}" if lp.flattened else f"{lp.in_features} (not flattened)"
+        rows.append([name, lp.format, f"{lp.out_features}x{lp.in_features}->{k}", lp.bits,
+                     f"{g.threshold:.4g}" if lp.flattened else "-",
+                     int(g.extra.sum() + g.weight_dup.sum()) if lp.flattened else "-",
+                     f"{100 * g.flatten_ratio:.1f}%" if lp.flattened else "-",
+                     _k_overhead(lp.in_features, g.flat_features) if lp.flattened else "-",
+                     "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}",
+                     "-" if lp.error is None else f"{lp.error:.2e}", where, op, quantize, gemm]
                     + ([f"{shard.describe()} of {shard.full[0]}x{shard.full[1]}" if shard else "-"] if views else []))
     for name, why in plan.skipped.items():
-        rows.append([name, "-", "fp", "-", "-", "-", "-", "-", "-", f"linear (floating point): {why}", "-", "-"]
-                    + (["-"] if views else []))
-    headers = ["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "K' overhead", "KL4/KL8",
+        rows.append([name, "fp", "-", "-", "-", "-", "-", "-", "-", "-", "-", f"linear (floating point): {why}",
+                     "-", "-"] + (["-"] if views else []))
+    headers = ["layer", "format", "NxC->K'", "bits", "T", "extra ch", "flatten", "K' overhead", "KL4/KL8", "out err",
                "smoothing folded into", "op", "activation quantize", "GEMM kernel"]
     headers += ["tensor-parallel shard (rank/ranks)"] if views else []
     table = tabulate(rows, headers=headers, tablefmt="simple")
     n = len(plan.layers)
     n4 = sum(lp.bits == 4 for lp in plan.layers.values())
-    ratios = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()]
+    flat = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values() if lp.flattened]
     macs = sum(lp.out_features * lp.in_features for lp in plan.layers.values())
-    macs_flat = sum(lp.out_features * plan.groups[lp.group].flat_features for lp in plan.layers.values())
+    macs_flat = sum(lp.out_features * (plan.groups[lp.group].flat_features if lp.flattened else lp.in_features)
+                    for lp in plan.layers.values())
     before = sum(lp.in_features * lp.out_features * 2 for lp in plan.layers.values())
     after = sum(lp.weight_bytes for lp in plan.layers.values())
+    params4 = sum(lp.in_features * lp.out_features for lp in plan.layers.values() if lp.bits == 4)
+    counts = {}
+    for lp in plan.layers.values():
+        counts[lp.format] = counts.get(lp.format, 0) + 1
     totals = [
         ["level", plan.config.level],
-        ["weight scales", f"per {'output channel' if plan.config.weight_scale == 'channel' else 'tensor'}"],
+        ["weight scales", f"per {'output channel' if plan.config.weight_granularity == 'channel' else 'tensor'}"],
         ["quantized linear layers", f"{n} ({len(plan.skipped)} kept in floating point)"],
-        ["INT4 share of layers", f"{100 * n4 / n:.1f}%" if n else "-"],
-        ["average flatten ratio", f"{100 * sum(ratios) / n:.1f}%" if n else "-"],
+        ["formats", ", ".join(f"{f} {c}" for f, c in sorted(counts.items())) or "-"],
+        ["INT4 share of layers / of weights",
+         f"{100 * n4 / n:.1f}% / {100 * params4 / (before / 2):.1f}%" if n else "-"],
+        ["average flatten ratio (flattened layers)", f"{100 * sum(flat) / len(flat):.1f}%" if flat else "-"],
         ["GEMM work added by K' (weighted by N*K)", f"+{100 * (macs_flat / macs - 1):.1f}%" if macs else "-"],
         ["weight bytes, fp16 -> quantized", f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
-                                            + (f" ({before / after:.2f}x smaller)" if after else "")],
+                                            + (f" ({after / before:.3f}x fp16)" if before else "")],
         ["graphs compiled", len(reports(plan))],
     ]
     if views:
@@ -105,7 +117,18 @@ def explain(obj) -> str:
         where = ", ".join(f"{i}/{n}" for i, n in ranks)
         totals.append(["tensor parallel (this rank)", f"{len(views)} layers sharded, rank {where}; quantized weight "
                        f"bytes here {here / 2**20:.2f} MiB (shapes above are this rank's)"])
+    auto = plan.calibration.get("auto")
+    if auto:
+        budget = (f"memory budget {plan.config.memory_budget:g}x fp16 bytes" if auto["mode"] == "memory" else
+                  f"error budget {plan.config.error_budget:g}x naive FP8 ({auto['budget']:.3g} summed)")
+        totals += [["auto", f"target {auto['target']}, {budget}; summed output error {auto['error']:.3g} "
+                            f"(naive FP8 {auto['naive_fp8_error']:.3g}); linear time x{auto['time']:.3f} of bf16"]]
     text = f"fq_compile plan for {plan.model_type}\n{table}\n\n{tabulate(totals, tablefmt='plain')}"
+    whys = [[name, lp.why, ", ".join(f"{f} {e:.2e}" for f, e in (lp.errors or {}).items())]
+            for name, lp in plan.layers.items() if lp.why]
+    if whys:
+        text += "\n\nwhy each format (candidates' output errors on calibration rows):\n"
+        text += tabulate(whys, headers=["layer", "why", "errors"], tablefmt="simple")
     att = _attention_table(plan)
     return text + ("\n\n" + att if att else "")
 

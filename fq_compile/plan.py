@@ -28,9 +28,21 @@ from fq_compile.config import Config
 from fq_compile.kernels.attention import KV_BLOCKS
 
 FORMAT_NAME = "fq_compile.plan"
-FORMAT_VERSION = 3   # 2: the channel map is stored, not recomputed (its layout may change); weight scales
+FORMAT_VERSION = 4   # 2: the channel map is stored, not recomputed (its layout may change); weight scales
 #                         per output channel (a float32 [N] tensor)
 #                      3: exact weight fingerprints (a string), bias fingerprints, a checksum over the whole file
+#                      4: per-layer format (int8, int4, fp8, w4a8) with its measured error and why
+_OLDER = {"1": "weight fingerprints that cannot tell weights apart reliably, no per-layer formats",
+          "2": "weight fingerprints that cannot tell weights apart reliably, no per-layer formats",
+          "3": "no per-layer formats (FP8, W4A8)"}
+
+# Per-layer formats: the weight operand and the activation each one reads.
+#   int8  flattened INT8 activation x INT8 weight [N, K']          (fq.int8_linear; O1-O3, the baselines)
+#   int4  flattened INT4 activation x packed INT4 weight [N, K'/2] (fq.int4_linear; Eq. 8 at O2/O3)
+#   fp8   per-tensor e4m3 activation (not flattened) x e4m3 weight [N, K]       (fq.fp8_linear)
+#   w4a8  per-tensor e4m3 activation (not flattened) x packed INT4 weight [N, K/2] (fq.w4a8_linear)
+FORMAT_BITS = {"int8": 8, "int4": 4, "fp8": 8, "w4a8": 4}
+FLATTENED_FORMATS = ("int8", "int4")
 
 
 class PlanFormatError(ValueError):
@@ -186,6 +198,24 @@ class LayerPlan:
     kl_ratio: float | None = None
     rows_folded_from: str | None = None   # group whose smoothing is folded into this layer's rows
     bias_fingerprint: str | None = None   # weight_fingerprint of the floating-point bias (None: no bias)
+    format: str | None = None     # see FORMAT_BITS; None: "int4" or "int8" from bits
+    error: float | None = None    # the chosen format's output error on calibration rows (relative MSE)
+    errors: dict | None = None    # format -> output error of every candidate measured (level auto)
+    why: str = ""                 # why this format (level auto)
+
+    def __post_init__(self):
+        if self.format is None:      # checked with every other field by QuantPlan.validate
+            self.format = "int4" if self.bits == 4 else "int8"
+
+    @property
+    def flattened(self) -> bool:
+        """True when the layer reads the group's flattened activation (K' columns), False for FP8 ones (K)."""
+        return self.format in FLATTENED_FORMATS
+
+    def weight_shape(self, group: "GroupPlan") -> tuple[int, int]:
+        """The stored weight's shape: [N, K' or K], halved along K for packed INT4."""
+        k = group.flat_features if self.flattened else self.in_features
+        return (self.out_features, k // 2 if self.bits == 4 else k)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -292,7 +322,8 @@ class QuantPlan:
                                  bits=lp.bits, act_scale=lp.act_scale,
                                  has_bias=lp.bias is not None, fingerprint=lp.fingerprint,
                                  bias_fingerprint=lp.bias_fingerprint, kl_ratio=lp.kl_ratio,
-                                 rows_folded_from=lp.rows_folded_from)
+                                 rows_folded_from=lp.rows_folded_from, format=lp.format, error=lp.error,
+                                 errors=lp.errors, why=lp.why)
         attention = {}
         for aname, ap in self.attention.items():
             ai = len(attention)
@@ -323,7 +354,7 @@ class QuantPlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "QuantPlan":
         """Read and check a plan file (format, version, checksum over the whole file, every field)."""
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -340,12 +371,13 @@ class QuantPlan:
                                   f"(format={header.get('format')!r})")
         version = header.get("format_version")
         if version != str(FORMAT_VERSION):
-            older = isinstance(version, str) and version.isdigit() and int(version) < FORMAT_VERSION
-            raise PlanFormatError(
-                f"{path} has plan format version {version}; this fq_compile reads version {FORMAT_VERSION}"
-                + (" (older plans hold weight fingerprints that cannot tell weights apart reliably): "
-                   "recalibrate with fq_compile.calibrate and save the plan again" if older else
-                   ": use the fq_compile that wrote it, or recalibrate"))
+            if version in _OLDER:
+                raise PlanFormatError(
+                    f"{path} has plan format version {version}; this fq_compile reads version {FORMAT_VERSION} "
+                    f"(older plans hold {_OLDER[version]}): recalibrate with fq_compile.calibrate (or fq-compile "
+                    "quantize) and save the plan again, or use the fq_compile that wrote it")
+            raise PlanFormatError(f"{path} has plan format version {version}; this fq_compile reads version "
+                                  f"{FORMAT_VERSION}: use the fq_compile that wrote it, or recalibrate")
         if header.get("checksum") != _header_checksum(header):
             raise PlanFormatError(f"{path}: the metadata does not match its checksum (the file is corrupt)")
         if header.get("tensor_sha256") != _tensor_digest(tensors):
@@ -393,7 +425,8 @@ class QuantPlan:
                 weight_scale=tensor(f"l{li}.weight_scale", where),
                 act_scale=l["act_scale"], bias=tensor(f"l{li}.bias", where) if l["has_bias"] else None,
                 fingerprint=l["fingerprint"], kl_ratio=l["kl_ratio"], rows_folded_from=l["rows_folded_from"],
-                bias_fingerprint=l["bias_fingerprint"])
+                bias_fingerprint=l["bias_fingerprint"], format=l["format"], error=l["error"], errors=l["errors"],
+                why=l["why"])
         plan.attention_skipped = dict(meta.get("attention_skipped", {}))
         for aname, a in meta.get("attention", {}).items():
             ai, where = a["index"], f"attention[{aname!r}]"
@@ -622,8 +655,17 @@ class _Validator:
         n = self.integer(f"{w}.out_features", lp.out_features, lo=1)
         if lp.bits not in (4, 8) or isinstance(lp.bits, bool):
             self.fail(f"{w}.bits", f"{lp.bits!r} must be 4 or 8")
-        k = g.cmap.src.numel()
-        if lp.bits == 8:
+        if lp.format not in FORMAT_BITS:
+            self.fail(f"{w}.format", f"{lp.format!r} must be one of {', '.join(FORMAT_BITS)}")
+        if FORMAT_BITS[lp.format] != lp.bits:
+            self.fail(f"{w}.bits", f"{lp.bits} but format {lp.format} has {FORMAT_BITS[lp.format]}-bit weights")
+        k = g.cmap.src.numel() if lp.flattened else lp.in_features
+        if lp.bits == 4 and k % 2:
+            self.fail(f"{w}.in_features", f"{k} columns cannot be packed two per byte ({lp.format})")
+        if lp.format == "fp8":
+            q = self.tensor(f"{w}.weight_q", lp.weight_q, (torch.float8_e4m3fn,), (n, k))
+            self.values(f"{w}.weight_q", torch.isfinite(q.float()).flatten(), "e4m3 weights must not be NaN")
+        elif lp.bits == 8:
             q = self.tensor(f"{w}.weight_q", lp.weight_q, (torch.int8,), (n, k))
             self.values(f"{w}.weight_q", (q != -128).flatten(), "INT8 weights lie in [-127, 127]")
         else:
@@ -633,8 +675,15 @@ class _Validator:
         self.scale(f"{w}.weight_scale", lp.weight_scale, n)
         act = self.positive(f"{w}.act_scale", lp.act_scale)
         qmax = 127 if lp.bits == 8 else 7
-        if not math.isclose(act, g.threshold / qmax, rel_tol=1e-6):
+        if lp.flattened and not math.isclose(act, g.threshold / qmax, rel_tol=1e-6):
             self.fail(f"{w}.act_scale", f"{act!r} != the group's threshold / {qmax} = {g.threshold / qmax!r}")
+        if lp.errors is not None and not (isinstance(lp.errors, dict) and set(lp.errors) <= set(FORMAT_BITS)):
+            self.fail(f"{w}.errors", f"{lp.errors!r} must be None or a dict keyed by formats")
+        for key, v in ([("error", lp.error)] + [(f"errors[{f!r}]", e) for f, e in (lp.errors or {}).items()]):
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                                  or v < 0):
+                self.fail(f"{w}.{key}", f"{v!r} must be None or a finite number >= 0")
+        self.string(f"{w}.why", lp.why)
         self.string(f"{w}.fingerprint", lp.fingerprint, _FP_RE, "a weight_fingerprint string")
         if lp.bias is None:
             if lp.bias_fingerprint is not None:

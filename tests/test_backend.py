@@ -11,7 +11,7 @@ from fq_compile import CalibrationError, Config, PlanMismatchError
 from fq_compile.runtime.state import reports
 from tests.conftest import VOCAB, batches, break_graph_inside, tiny_llama, tiny_opt
 
-LEVELS = ["fp16", "w8a8", "smoothquant", "O1", "O2", "O3"]
+LEVELS = ["fp16", "w8a8", "smoothquant", "O1", "O2", "O3", "fp8", "auto"]
 
 
 def _rel(a, b):
@@ -44,6 +44,35 @@ def test_every_level_compiles_and_matches_the_reference_path(make_model, level):
     else:
         assert 0 < _rel(out, ref32) < 0.5
         assert len(plan.layers) > 0
+
+
+def test_fp8_level_matches_a_float64_fake_quant_oracle(make_model):
+    """The whole compiled model at level fp8 against the model run in float64 with every planned
+    linear replaced by fake quant written here from first principles (e4m3 by frexp, exact sums):
+    the difference is what float32 vs float64 outside the linears makes, orders below the FP8 error."""
+    import copy
+
+    from tests.kernels.test_fp8 import oracle_e4m3
+
+    model = make_model()
+    plan = fq_compile.calibrate(model, batches(n=3), Config(level="fp8"), progress=False)
+    oracle = copy.deepcopy(model).double()
+    for name, lp in plan.layers.items():
+        lin = oracle.get_submodule(name)
+        w_scale = float(lp.weight_scale[0])
+        wq = oracle_e4m3(lin.weight.detach().double() / w_scale) * w_scale
+
+        def fake(x, lin=lin, wq=wq, a=lp.act_scale):
+            y = (oracle_e4m3(x / a) * a) @ wq.t()
+            return y if lin.bias is None else y + lin.bias
+        lin.forward = fake
+    x = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        out = torch.compile(model, backend="flattenquant", options={"plan": plan})(x).logits
+        want = oracle(x).logits
+        ref = model(x).logits
+    assert _rel(out, want) < 2e-3 * _rel(want, ref), (_rel(out, want), _rel(want, ref))
+    assert {lp.format for lp in plan.layers.values()} == {"fp8"}
 
 
 def test_flattening_beats_naive_w8a8_on_planted_outliers(make_model):

@@ -14,6 +14,11 @@ GEMM) and why, for explain(); the GEMM choice is the one the dispatcher will mak
 the op at this shape (M from the graph's example input; a dynamic M by its hint), and the CUTLASS
 kernels it needs start building in the background here, while Inductor compiles.
 
+For a layer in an FP8 format (plan.py: fp8, w4a8; no flattening) the pair is
+
+    xq = fq.fp8_quantize(x, mult)                             # once per input
+    y  = fq.fp8_linear(xq, Wq, scale, bias, dtype)            # or fq.w4a8_linear (packed INT4 weights)
+
 with the plan's tensors attached to the GraphModule as buffers (get_attr nodes, which Inductor
 treats as constants).  Norm folds are applied here, from the live norm parameters, so a plan never
 stores floating-point copies of model weights; row folds are already inside the plan's weights.
@@ -62,6 +67,9 @@ from fq_compile.runtime.guards import fingerprint
 from fq_compile.runtime.resident import is_released, released_name
 from fq_compile.runtime.tensor_parallel import check_dtensor, check_unsharded, is_dtensor
 from fq_compile.runtime.state import device_tensor, state_of
+
+# the activation each layer format reads: flattened INT8 / INT4, or per-tensor e4m3 (plan.py)
+_ACTIVATION = {"int8": "a8", "int4": "a4", "fp8": "f8", "w4a8": "f8"}
 
 
 @dataclass
@@ -190,30 +198,35 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
         m = _rows(xv)
         producer, fusable = describe_producer(x)
         qchoice = dispatch.decide_quantize(info, producer, fusable)
-        quantized: dict[int, fx.Node] = {}
+        quantized: dict[str, fx.Node] = {}      # one activation quantize per kind: a8, a4 (flattened), f8
         for name, node in members:
             lp = tp[name].layer if name in tp else plan.layers[name]
             out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
+            act = _ACTIVATION[lp.format]
             reason = "" if smoothing != "op" else note
             with gm.graph.inserting_before(node):
-                if lp.bits not in quantized:
-                    base = f"fq_{g.name}_a{lp.bits}"
+                if act not in quantized:
                     in_op = smoothing == "op"
-                    c = _group_constants(plan, g, lp.bits, in_op, device)
-                    args = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
-                    if qchoice.impl == "fused":
-                        direct = direct_prefix(g.cmap.src, lp.bits) if qchoice.config == "slice" else 0
-                        quantized[lp.bits] = gm.graph.call_function(
-                            torch.ops.fq.flatten_quantize_fused.default, (x, *args, lp.bits, direct))
-                    else:
-                        quantized[lp.bits] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
+                    if act == "f8":          # per-tensor e4m3, not flattened (fp8, w4a8)
+                        mult = _const(gm, f"fq_{g.name}_f8_mult", _fp8_constants(plan, g, lp, in_op, device))
+                        quantized[act] = gm.graph.call_function(torch.ops.fq.fp8_quantize.default, (x, mult))
+                    else:                    # flattened INT8 / INT4 (int8, int4)
+                        base = f"fq_{g.name}_a{lp.bits}"
+                        c = _group_constants(plan, g, lp.bits, in_op, device)
+                        args = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
+                        if qchoice.impl == "fused":
+                            direct = direct_prefix(g.cmap.src, lp.bits) if qchoice.config == "slice" else 0
+                            quantized[act] = gm.graph.call_function(
+                                torch.ops.fq.flatten_quantize_fused.default, (x, *args, lp.bits, direct))
+                        else:
+                            quantized[act] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
                                                                     (x, *args, lp.bits))
                 wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
                 bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
                         if lp.bias is not None else None)
                 scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
-                op = torch.ops.fq.int4_linear.default if lp.bits == 4 else torch.ops.fq.int8_linear.default
-                new = gemm = gm.graph.call_function(op, (quantized[lp.bits], wq, scale, bias, out_dtype))
+                op = getattr(torch.ops.fq, f"{lp.format}_linear").default
+                new = gemm = gm.graph.call_function(op, (quantized[act], wq, scale, bias, out_dtype))
                 if lp.rows_folded_from and name not in realized_rows:
                     # the plan's rows carry 1/s of a group whose input is not folded in this graph: undo it
                     s = plan.groups[lp.rows_folded_from].smooth
@@ -237,9 +250,16 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 fqn = name_of(p_node)
                 if fqn is not None and not p_node.users:
                     report.replaced_params[fqn] = p_node
+            if act == "f8":
+                lr = LayerReport(name, f"fq.{lp.format}_linear", smoothing, reason, quantize="fp8_quantize",
+                                 quantize_why="per-tensor e4m3, not flattened",
+                                 gemm="fp8 GEMM",
+                                 gemm_why="on CUDA cuBLAS _scaled_mm or Triton (FQ_FP8_GEMM); the reference elsewhere")
+                report.layers.append(lr)
+                continue
             gchoice = dispatch.decide(lp.bits, m, lp.out_features, g.flat_features, out_dtype, info, mode=mode) \
                 if m is not None else dispatch.Choice("triton", "", "rows unknown at compile time")
-            lr = LayerReport(name, f"fq.int{lp.bits}_linear", smoothing, reason, quantize=qchoice.label(),
+            lr = LayerReport(name, f"fq.{lp.format}_linear", smoothing, reason, quantize=qchoice.label(),
                              quantize_why=qchoice.why, gemm=gchoice.label(), gemm_why=gchoice.why)
             report.layers.append(lr)
             gemm_nodes[gemm] = (lr, gchoice, out_dtype)
@@ -321,6 +341,27 @@ def op_constants(g: GroupPlan, bits: int, smooth_in_op: bool) -> dict[str, torch
     lo = cm.lo * qmax
     hi = torch.where(cm.hi.isinf(), cm.hi, cm.hi * qmax)
     return dict(src=cm.src, mult=mult, lo=lo.float(), hi=hi.float())
+
+
+def fp8_constants(g: GroupPlan, act_scale: float, smooth_in_op: bool) -> torch.Tensor:
+    """mult for fq::fp8_quantize: 1 / (smoothing scale * activation scale) per input channel (the
+    smoothing scales only where they stay in the op)."""
+    inv_s = 1.0 / g.smooth.double() if smooth_in_op else torch.ones(g.in_features, dtype=torch.float64)
+    return (inv_s / act_scale).float()
+
+
+def _fp8_constants(plan, g, lp, smooth_in_op: bool, device) -> torch.Tensor:
+    """The group's fp8_quantize mult on `device`, built and copied once per plan.  Every e4m3 layer
+    of a group reads one activation, so they share one activation scale (the planner makes them so)."""
+    scales = {plan.layers[n].act_scale for n in g.layers if _ACTIVATION[plan.layers[n].format] == "f8"}
+    if len(scales) != 1:
+        raise PlanMismatchError(f"group {g.name}: its e4m3 layers disagree on the activation scale {sorted(scales)}")
+    key = f"{g.name}.f8.{'s' if smooth_in_op else 'f'}"
+    cache = state_of(plan).constants
+    ident = (lp.act_scale, id(g.smooth))
+    if key not in cache or cache[key][0] != ident:
+        cache[key] = (ident, fp8_constants(g, lp.act_scale, smooth_in_op))
+    return device_tensor(plan, key, cache[key][1], device)
 
 
 def _layer_scale(plan, lp, device) -> torch.Tensor:

@@ -132,7 +132,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
         plan = build_plan(model, store.inputs, folds, skipped, config, progress=progress, biases=store.biases)
     else:
         plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model))
-    plan.calibration = dict(batches=seen, rows=max((st.rows for st in store.inputs.values()), default=0),
+    plan.calibration.update(batches=seen, rows=max((st.rows for st in store.inputs.values()), default=0),
                             graphs=len(store.graphs))
     if config.attention_formats is not None:
         if not store.attention and not store.attention_unsupported:

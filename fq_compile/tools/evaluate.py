@@ -67,12 +67,22 @@ def parse_overrides(items) -> dict:
 
 
 def plan_summary(plan) -> dict:
-    """Table 4's figures for a plan: INT4 share of the quantized layers and average flatten ratio."""
-    n = len(plan.layers)
+    """A plan's figures for the tables: INT4 share of the quantized layers (int4 + w4a8) and of their
+    weights, average flatten ratio of the flattened layers, weight bytes (quantized and fp16), and the
+    layer count per format."""
+    layers = list(plan.layers.values())
+    n = len(layers)
     if n == 0:
-        return dict(int4=0.0, flatten=0.0, layers=0)
-    return dict(int4=sum(lp.bits == 4 for lp in plan.layers.values()) / n,
-                flatten=sum(plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()) / n, layers=n)
+        return dict(int4=0.0, int4_weights=0.0, flatten=0.0, layers=0, weight_bytes=0, fp16_bytes=0, formats={})
+    params = sum(lp.in_features * lp.out_features for lp in layers)
+    flat = [plan.groups[lp.group].flatten_ratio for lp in layers if lp.flattened]
+    formats = {}
+    for lp in layers:
+        formats[lp.format] = formats.get(lp.format, 0) + 1
+    return dict(int4=sum(lp.bits == 4 for lp in layers) / n,
+                int4_weights=sum(lp.in_features * lp.out_features for lp in layers if lp.bits == 4) / params,
+                flatten=sum(flat) / len(flat) if flat else 0.0, layers=n,
+                weight_bytes=sum(lp.weight_bytes for lp in layers), fp16_bytes=2 * params, formats=formats)
 
 
 def evaluate_config(model, calib, token_ids, config, seqlen: int = 2048, max_tokens: int | None = None,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fq_compile
-from fq_compile import Config, PlanMismatchError
+from fq_compile import Config
 from fq_compile.runtime.guards import fingerprint
 from fq_compile.runtime.state import reports
 
