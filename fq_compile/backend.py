@@ -19,6 +19,12 @@ kernels inline through torch.library.triton_op).  Options:
                module no longer runs (PyTorch raises "... out of bounds for storage of size 0").
                While set, hitting Dynamo's recompile limit raises instead of silently running the
                frame eagerly on freed weights.
+    cudagraphs "auto" (default) | True | False: Inductor's CUDA graphs (cudagraph trees) for graphs on
+               CUDA; "auto" applies them where a graph updates a static KV cache in place (decode with
+               cache_implementation="static"), True everywhere, as mode="reduce-overhead" would (see
+               fq_compile/generation.py for why "auto").  torch.compile refuses `mode=` together with
+               `options=`, so mode="reduce-overhead" reaches us only without a plan; options={"mode":
+               "reduce-overhead"} is accepted and means cudagraphs=True.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ from pathlib import Path
 import torch
 
 from fq_compile import kernels  # noqa: F401  (registers torch.ops.fq.*)
+from fq_compile.generation import cudagraph_patches, parse_cudagraphs
 from fq_compile.kernels import dispatch
 from fq_compile.passes.lower import GraphReport, rewrite
 from fq_compile.plan import QuantPlan
 from fq_compile.runtime.state import reports
 
-_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm"}
+_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm", "cudagraphs", "mode"}
 
 
 class BackendOptionsError(ValueError):
@@ -44,18 +51,26 @@ class BackendOptionsError(ValueError):
 def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Dynamo backend entry point (registered as 'flattenquant' through the torch_dynamo_backends
     entry-point group, so users need no import)."""
-    if kwargs.get("mode") not in (None, "default"):
-        raise BackendOptionsError(f"backend='flattenquant' does not take mode={kwargs['mode']!r}")
     options = dict(options or {})
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
         raise BackendOptionsError(f"unknown flattenquant option(s) {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
+    mode = options.get("mode", kwargs.get("mode"))
+    if mode not in (None, "default", "reduce-overhead"):
+        raise BackendOptionsError(f"backend='flattenquant' takes no mode={mode!r}; its knobs are options "
+                                  f"(known: {sorted(_KNOWN_OPTIONS)})")
+    try:
+        cudagraphs = parse_cudagraphs(options.get("cudagraphs"), mode)
+    except ValueError as e:
+        raise BackendOptionsError(str(e)) from None
     plan = options.get("plan")
     if plan is None:
+        cg = " with CUDA graphs: options={'plan': plan, 'cudagraphs': True}" if mode == "reduce-overhead" else ""
         raise BackendOptionsError(
             "backend='flattenquant' needs a plan: plan = fq_compile.calibrate(model, batches, "
             "fq_compile.Config(level='O1')) (or fq_compile.QuantPlan.load(path)), then "
-            "torch.compile(model, backend='flattenquant', options={'plan': plan})")
+            "torch.compile(model, backend='flattenquant', options={'plan': plan})"
+            + (f"; torch.compile refuses mode= together with options=, so ask{cg}" if cg else ""))
     if isinstance(plan, (str, os.PathLike)):
         plan = QuantPlan.load(plan)
     if not isinstance(plan, QuantPlan):
@@ -83,8 +98,9 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     else:
         from torch._inductor.compile_fx import compile_fx
 
+        patches = cudagraph_patches(cudagraphs, gm, example_inputs, index)
         with dispatch.use(options.get("gemm")):  # Triton/CUTLASS choice, kernels/gemm_dispatch.py
-            compiled = compile_fx(gm, example_inputs)
+            compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
     free = options.get("free_weights")
     if free is None:
         free = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
