@@ -27,8 +27,8 @@ What we do: importing fq_compile (which `backend="flattenquant"` does through it
 the latest when torch.compile resolves the name) installs two narrow hooks.  The first wraps
 `OptimizedModule.__getattr__` once, for one name: `generate` on a module compiled with this
 backend returns the original module's `generate` with, for the duration of that call only, the
-original module's calls routed through the compiled module's Dynamo context -- exactly what `model.compile()` installs permanently
-(`Module._compiled_call_impl`), so both forms share one mechanism and one set of compiled graphs.
+original module's calls routed through the compiled module's Dynamo context -- exactly what
+`model.compile()` installs permanently (`Module._compiled_call_impl`), so both forms share one mechanism and one set of compiled graphs.
 Every other attribute, and every OptimizedModule of another backend, is untouched.  Routing is per
 call and per object: a thread running the original module while `fast.generate` runs would be
 routed too.
