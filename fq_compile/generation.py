@@ -28,10 +28,10 @@ the latest when torch.compile resolves the name) installs two narrow hooks.  The
 `OptimizedModule.__getattr__` once, for one name: `generate` on a module compiled with this
 backend returns the original module's `generate` with, for the duration of that call only, the
 original module's calls routed through the compiled module's Dynamo context -- exactly what
-`model.compile()` installs permanently (`Module._compiled_call_impl`), so both forms share one mechanism and one set of compiled graphs.
-Every other attribute, and every OptimizedModule of another backend, is untouched.  Routing is per
-call and per object: a thread running the original module while `fast.generate` runs would be
-routed too.
+`model.compile()` installs permanently (`Module._compiled_call_impl`), so both forms share one
+mechanism and one set of compiled graphs.  Every other attribute, and every OptimizedModule of
+another backend, is untouched.  Routing is per call and per object: a thread running the original
+module while `fast.generate` runs would be routed too.
 
 The second form compiles every call of the module (`model.compile()`), the prefill and each decode
 step included.  One thing breaks both forms: for static caches on CUDA, Hugging Face's generate()
