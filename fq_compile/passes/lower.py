@@ -5,6 +5,14 @@ Each planned `linear(x, W, b)` becomes
     xq = fq.flatten_quantize(x, src, mult, lo, hi, bits)      # once per (input, bits): q/k/v share it
     y  = fq.int8_linear(xq, Wq, scale, bias, dtype)           # or fq.int4_linear
 
+or, where x has at most `decode_max_m()` rows (64: decode steps), the fused op
+
+    y  = fq.flat_linear(x, src, mult, lo, hi, bits, Wq, scale, bias, dtype)
+
+whose GPU kernel quantizes x in its prologue while it streams the weight (kernels/flat_linear.py).
+With symbolic shapes the row count is compared with a guard, so a graph made for decode is not
+reused for a long prefill (the op would still be right there, only slower).
+
 with the plan's tensors attached to the GraphModule as buffers (get_attr nodes, which Inductor
 treats as constants).  Norm folds are applied here, from the live norm parameters, so a plan never
 stores floating-point copies of model weights; row folds are already inside the plan's weights.
@@ -22,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from fq_compile.kernels import flat_linear as flat_linear_op
 from fq_compile.kernels.flatten_quantize import QMAX
 from fq_compile.passes.fold import find_fold_site
 from fq_compile.passes.match import (
@@ -43,7 +52,8 @@ FINGERPRINT_RTOL = 1e-3
 @dataclass
 class LayerReport:
     layer: str
-    op: str                 # "fq.int8_linear", "fq.int4_linear" or "linear (floating point)"
+    op: str                 # "fq.int8_linear", "fq.int4_linear", "fq.flat_linear (int8|int4)" (decode-sized
+                            # graphs) or "linear (floating point)"
     smoothing: str          # where s lives: "norm:<param>", "rows:<layer>", "op", or "-"
     reason: str = ""
 
@@ -121,24 +131,32 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
         if group_hook is not None:
             group_hook(gm, g, x, smoothing, members[0][1])
         device = example_value(x).device if example_value(x) is not None else torch.device("cpu")
+        fused = _decode_sized(x)
+        consts: dict[int, list[fx.Node]] = {}
         quantized: dict[int, fx.Node] = {}
         for name, node in members:
             lp = plan.layers[name]
             out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
             with gm.graph.inserting_before(node):
-                if lp.bits not in quantized:
+                if lp.bits not in consts:
                     base = f"fq_{g.name}_a{lp.bits}"
                     in_op = smoothing == "op"
                     c = _group_constants(plan, g, lp.bits, in_op, device)
-                    args = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
-                    quantized[lp.bits] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
-                                                                (x, *args, lp.bits))
+                    consts[lp.bits] = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
+                    if not fused:
+                        quantized[lp.bits] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
+                                                                    (x, *consts[lp.bits], lp.bits))
                 wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
                 bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
                         if lp.bias is not None else None)
                 scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
-                op = torch.ops.fq.int4_linear.default if lp.bits == 4 else torch.ops.fq.int8_linear.default
-                new = gm.graph.call_function(op, (quantized[lp.bits], wq, scale, bias, out_dtype))
+                if fused:
+                    flat_linear_op.reserve(device, lp.out_features)   # its workspace, before any CUDA graph
+                    new = gm.graph.call_function(torch.ops.fq.flat_linear.default,
+                                                 (x, *consts[lp.bits], lp.bits, wq, scale, bias, out_dtype))
+                else:
+                    op = torch.ops.fq.int4_linear.default if lp.bits == 4 else torch.ops.fq.int8_linear.default
+                    new = gm.graph.call_function(op, (quantized[lp.bits], wq, scale, bias, out_dtype))
             new.meta.update(node.meta)
             _, w_node, b_node = linear_args(node)
             node.replace_all_uses_with(new)
@@ -147,13 +165,26 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 fqn = name_of(p_node)
                 if fqn is not None and not p_node.users:
                     report.replaced_params[fqn] = p_node
-            report.layers.append(LayerReport(name, f"fq.int{lp.bits}_linear",
+            op_name = f"fq.flat_linear (int{lp.bits})" if fused else f"fq.int{lp.bits}_linear"
+            report.layers.append(LayerReport(name, op_name,
                                              g.fold if smoothing != "op" else "op",
                                              "" if smoothing != "op" else g.fold_note))
     gm.graph.lint()
     gm.recompile()
     report.code = gm.code
     return report
+
+
+def _decode_sized(x: fx.Node) -> bool:
+    """Whether the linears reading x see at most decode_max_m() rows (a guard when symbolic)."""
+    limit = flat_linear_op.decode_max_m()
+    v = example_value(x)
+    if limit == 0 or v is None or v.dim() == 0:
+        return False
+    rows = 1
+    for d in v.shape[:-1]:
+        rows = rows * d
+    return bool(rows <= limit)
 
 
 def _param_names(gm, example_inputs, runtime, plan) -> ParamNames:
