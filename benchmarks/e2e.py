@@ -296,8 +296,9 @@ def out_of_time(args) -> bool:
 
 def label(method: str, args) -> str:
     """The method's name in the results: ours carry a non-default --gemm choice, so runs with
-    different GEMM kernels land in different columns."""
-    return f"{method}+{args.gemm}" if args.gemm and method in ("smoothquant", "fq-O1", "fq-O3") else method
+    different GEMM kernels land in different columns; --label adds a suffix (e.g. warm-cache)."""
+    name = f"{method}+{args.gemm}" if args.gemm and method in OURS else method
+    return f"{name}@{args.label}" if getattr(args, "label", None) else name
 
 
 def weight_bytes(model, plan, device) -> dict:
@@ -793,6 +794,7 @@ def main(argv=None):
                     help="KV cache of the decode runs (fp16-eager always uses the dynamic one)")
     ap.add_argument("--cudagraphs", choices=["auto", "true", "false"], default="auto",
                     help="our backend's cudagraphs option (fq_compile/generation.py)")
+    ap.add_argument("--label", default=None, help="suffix for the method names of this run's rows (e.g. warm-cache)")
     ap.add_argument("--decode-profile", action="store_true",
                     help="profile one short generate per method: per-token wall, GPU busy by category, idle")
     ap.add_argument("--budget", type=float, default=8.0, help="seconds of timed runs per point (after 3 reps)")
@@ -802,10 +804,19 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "e2e-out"))
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU (checks the script, not speed)")
     ap.add_argument("--report", nargs="+", metavar="JSONL", help="merge result files into tables + PNG")
+    ap.add_argument("--brief", nargs="+", metavar="JSONL", help="print the decode table of these files (no files written)")
     ap.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--stem", default=None, help="report file name stem (default e2e-<date>-<device>)")
     args = ap.parse_args(argv)
 
+    if args.brief:
+        rows = load_rows(args.brief)
+        for size in [m for m in MODELS + ("tiny",) if any(r.get("model") == m for r in rows)]:
+            print("\n".join(decode_tables(rows, size)))
+        for r in rows:
+            if r.get("kind") in ("unavailable", "error") or (r.get("error") and r.get("kind") != "error"):
+                print(f"- {r.get('method')} {r.get('kind')} {r.get('batch', '')}: {r.get('reason') or r.get('error')}")
+        return None
     if args.report:
         first = json.loads(Path(args.report[0]).read_text().splitlines()[0])
         name = str(first.get("device", ""))
