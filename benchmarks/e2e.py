@@ -546,7 +546,7 @@ def report(paths, results_dir: Path, stem: str) -> str:
     first = rows[0]
     lines = ["# End-to-end benchmark (issue 5)", "",
              f"device: {first.get('device')}, torch {first.get('torch')}, date {first.get('date')}; "
-             f"command lines in benchmarks/device/e2e.sh; rows merged from {len(paths)} file(s).",
+             f"command lines in benchmarks/device/e2e.sh and decode.sh; rows merged from {len(paths)} file(s).",
              "Random fp16 OPT weights; our plans are synthetic with the flatten ratio and INT4 share of the "
              f"{TABLE4_LABEL} (INT4 in the same share of blocks at every layer position); lm_head fp16 for all methods.",
              "Ratios: the faster of fp16 eager / fp16 Inductor at that point divided by the method's time (>1: faster).", ""]
