@@ -10,10 +10,13 @@
 #   PYTHONUNBUFFERED=1 bash benchmarks/device/decode.sh PART
 #
 # PARTs, in priority order (times are estimates until the first run):
+#   headline   batch 1 only: fp16 eager, fq-O3, fp16-static (HF static cache, HF compiles), each row with
+#              its tokens/s and first generate() call seconds; fq-O3 before fp16-static so that a cut
+#              run keeps the figure that matters (--time-limit then skips what cannot finish)    ~6-9 min
 #   o3         fq-O3, batch 1/16/64, static cache + CUDA graphs, decode profile, cold caches      ~7-9 min
 #   fp16       fp16 eager (dynamic cache) and fp16-static (HF static cache, HF compiles), 1/16/64 ~6-8 min
 #   kernels    benchmarks/kernels.py --decode: fused vs unfused vs fp16 linear, GB/s vs copy BW   ~3-5 min
-#   tests      the GPU tests of this issue (decode kernel at OPT-13B shapes, generate on CUDA)    ~3-5 min
+#   tests      the GPU tests of this issue (decode kernel at OPT-13B shapes, generate on CUDA)    ~1-2 min
 #   o1         fq-O1, batch 1/16/64                                                                ~6-8 min
 #   torchao    torchao int8 and int4 weight-only, 1/16/64                                          ~7-9 min
 #   fp8        naive FP8 (static cache, HF compiles), 1/16/64                                      ~5-7 min
@@ -37,6 +40,8 @@ brief() { python3 benchmarks/e2e.py --brief "$OUT/e2e.jsonl" || true; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv | tee -a "$OUT/decode-$PART.log" || true
 {
 case $PART in
+  headline) run --models 13b --batches '' --decode 1 --decode-reps 2 --budget 6 \
+                --methods fp16-eager,fq-O3,fp16-static ;;
   o3)       run "${COMMON[@]}" --methods fq-O3 --decode-profile ;;
   o1)       run "${COMMON[@]}" --methods fq-O1 --decode-profile ;;
   fp16)     run "${COMMON[@]}" --methods fp16-eager,fp16-static --decode-profile ;;

@@ -4,7 +4,8 @@
 CPU: through the Triton interpreter in a fresh subprocess (TRITON_INTERPRET is read at import), at
 M in {1, 3, 16} (and 40: the 64-row bucket; 70: the fallback to flatten_quantize + GEMM), odd K,
 INT8 and INT4, random per-channel scales, with and without bias, split and unsplit K.
-GPU (`-m gpu`): the OPT-13B layer shapes at M in {1, 16, 64}, every tile candidate.
+GPU (`-m gpu`): the OPT-13B layer shapes at M = 1 (tuned tiling), every tiling candidate on small
+shapes at M in {1, 3, 16, 64}, a CUDA graph replay.
 """
 
 from __future__ import annotations
@@ -56,9 +57,13 @@ def _case(m, c, n, bits, pad, gen, device, x_dtype=torch.float32, bias=True, lay
                                                           to(scale.float()), to(b))
 
 
-def check_decode(device: str, cases, seed: int, configs=(None,)):
-    """Each case: (M, C, N, bits, pad, x dtype, bias, x layout); every output dtype compared exactly
-    with the reference; the workspace is all zeros after every call (the kernel cleans up)."""
+ALL_OUT = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None):
+    """Each case: (M, C, N, bits, pad, x dtype, bias, x layout), compared exactly with the reference
+    in every output dtype (out_dtypes None), or in out_dtypes[i % len] for case i (on the GPU every
+    dtype is a kernel compile); the workspace is all zeros after every call (the kernel cleans up)."""
     from fq_compile.kernels import flat_linear_reference
     from fq_compile.kernels.triton import decode as td
 
@@ -67,7 +72,8 @@ def check_decode(device: str, cases, seed: int, configs=(None,)):
         cfg = configs[i % len(configs)]
         ref_args, dev_args = _case(m, c, n, bits, pad, gen, device, x_dtype, bias, layout)
         k = ref_args[1].numel()
-        for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        dtypes = ALL_OUT if out_dtypes is None else (out_dtypes[i % len(out_dtypes)],)
+        for out_dtype in dtypes:
             y = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg)
             ref = flat_linear_reference(*ref_args[:5], bits, *ref_args[5:], out_dtype)
             assert y.shape == ref.shape and y.dtype == out_dtype
@@ -80,12 +86,14 @@ def check_decode(device: str, cases, seed: int, configs=(None,)):
             assert bad == 0, f"M={m} C={c} K'={k} N={n} int{bits} {x_dtype} {out_dtype} bias={bias}: {bad} mismatches"
             assert ref.abs().max() > 0
         dev = torch.device(device)
-        if m <= td.DECODE_MAX_M and dev in td._WORKSPACE:
+        if dev.type == "cuda" and dev.index is None:      # the workspace is keyed by an indexed device
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if m <= td.DECODE_MAX_M:
             _, sums, counters = td._WORKSPACE[dev]
             assert not sums.any() and not counters.any(), "the workspace must be left all zeros"
         # leading dims are kept
         x3 = dev_args[0].reshape(1, m, c)
-        y3 = td.flat_linear_cuda(x3, *dev_args[1:5], bits, *dev_args[5:], torch.float32, config=cfg)
+        y3 = td.flat_linear_cuda(x3, *dev_args[1:5], bits, *dev_args[5:], dtypes[-1], config=cfg)
         assert y3.shape == (1, m, n)
 
 
@@ -131,6 +139,9 @@ def test_op_reference_is_the_two_references_composed():
 
 
 # -- GPU ---------------------------------------------------------------------------------------------
+# Few and quick (each distinct tiling, row bucket, dtype or bias flag is a Triton compile, and the
+# reference runs on the CPU): the OPT-13B shapes once, at M = 1, with the tuned tiling; every tiling
+# candidate on small shapes.
 
 # OPT-13B: hidden 5120, ffn 20480; K' = K * 1.25 rounded to 32 (the paper's flatten share)
 OPT13B = [(5120, 5120), (5120, 20480), (20480, 5120)]
@@ -139,14 +150,28 @@ OPT13B = [(5120, 5120), (5120, 20480), (20480, 5120)]
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("m", [1, 16, 64])
-def test_gpu_opt13b_shapes(bits, m):
+def test_gpu_opt13b_shapes(bits):
+    """Batch-1 decode on the OPT-13B layer shapes, fp16 in and out, the tiling the tuner picks."""
+    cases = [(1, c, n, bits, 32, torch.float16, True, "c") for c, n in OPT13B]
+    check_decode("cuda", cases, seed=20 + bits, out_dtypes=(torch.float16,))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_every_tiling(bits):
+    """Each candidate tiling once, on small shapes (N = 200: a partial last N tile): K' ~ 3300 splits
+    K under every candidate, K' ~ 250 does not; rows 3 / 16 / 64 / 1, every input and output dtype,
+    with and without bias, a column-major input."""
     from fq_compile.kernels.triton import decode as td
 
-    cases = [(m, c, n, bits, 32, torch.float16, i != 1, "c") for i, (c, n) in enumerate(OPT13B)]
-    check_decode("cuda", cases, seed=20 + bits + m)                       # autotuned
     configs = td.CONFIGS[bits]
-    check_decode("cuda", [cases[0]] * len(configs), seed=30 + bits + m, configs=configs)   # every candidate
+    pad = 1 if bits == 8 else 2
+    cases = [(3, 2600, 200, bits, pad, torch.float16, True, "c"), (16, 200, 200, bits, pad, torch.bfloat16, False, "t"),
+             (64, 2600, 200, bits, pad, torch.float32, True, "c"), (1, 200, 200, bits, pad, torch.float16, True, "c")]
+    assert len(cases) == len(configs)
+    check_decode("cuda", cases, seed=30 + bits, configs=configs,
+                 out_dtypes=(torch.float16, torch.float32, torch.bfloat16, torch.float16))
 
 
 @pytest.mark.gpu
@@ -159,7 +184,7 @@ def test_gpu_cuda_graph_replays(bits):
     from fq_compile.kernels import flat_linear_reference
 
     gen = torch.Generator().manual_seed(40 + bits)
-    ref_args, dev_args = _case(4, 5120, 5120, bits, 32, gen, "cuda", torch.float16)
+    ref_args, dev_args = _case(1, 2048, 256, bits, 32, gen, "cuda", torch.float16)
     x, rest = dev_args[0].clone(), dev_args[1:]
     op = torch.ops.fq.flat_linear
     op(x, *rest[:4], bits, *rest[4:], torch.float16)            # tunes and reserves outside the capture
