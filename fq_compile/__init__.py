@@ -13,6 +13,7 @@ from fq_compile.explain import explain
 from fq_compile.passes.observe import CalibrationError
 from fq_compile.plan import PlanFormatError, PlanMismatchError, QuantPlan
 from fq_compile.planning.calibrate import calibrate
+from fq_compile.runtime.guards import RecompileLimitError
 from fq_compile.runtime.resident import resident_bytes
 
 __version__ = "0.1.0"
@@ -34,4 +35,5 @@ from fq_compile import generation as _generation  # noqa: E402
 _generation.install()   # fast = torch.compile(model, backend="flattenquant"); fast.generate(...) (generation.py)
 
 __all__ = ["Config", "ConfigError", "calibrate", "QuantPlan", "explain", "flattenquant", "CalibrationError",
-           "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "resident_bytes", "__version__"]
+           "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "RecompileLimitError", "resident_bytes",
+           "__version__"]

@@ -46,19 +46,42 @@ def _float32_matmul_is_ieee() -> bool:
     return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
 
 
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI / AVX-VNNI / AMX), with which
+    oneDNN's int8 GEMM behind torch._int_mm beats float32 GEMMs."""
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_vnni_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, p, lambda: False)()) for p in probes)
+
+
+_INT8_DOT = cpu_has_int8_dot()
+
+
+def cpu_gemm_path(k: int) -> str:
+    """The CPU's exact integer GEMM: "int_mm" (torch._int_mm, oneDNN int8) where the CPU has int8 dot
+    instructions, else "float" (float32 GEMMs over exact K chunks, `exact_float_chunk`).  Measured
+    (512x576 @ 576x1536): on a 2-core AVX2 machine torch._int_mm took 345 ms and the float chunks
+    8 ms; on the 16-core AMX/VNNI host of the H200, 1.5 ms and 3.1 ms."""
+    return "int_mm" if _INT8_DOT and k % 8 == 0 else "float"
+
+
 def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """Exact int32 a @ b_t.T for integer a [M, K], b_t [N, K] (int8, or unpacked int4 values).
 
-    On CUDA: torch._int_mm.  On the CPU, the same integers from float32 GEMMs over K chunks that
-    are exact by construction (`exact_float_chunk`): torch._int_mm has no fast CPU kernel without
-    VNNI/AMX (630 ms against 24 ms in float32 for 512x576 @ 576x1536 on a 2-core AVX2 machine,
-    benchmarks/results/cpu-*.md), while the float BLAS is what the CPU is built for."""
+    On CUDA: torch._int_mm.  On the CPU: `cpu_gemm_path` picks torch._int_mm where the CPU has int8
+    dot instructions, otherwise float32 GEMMs over K chunks that are exact by construction: without
+    VNNI/AMX, torch._int_mm has no fast kernel while the float BLAS is what the CPU is built for."""
     if a.is_cuda:
         try:
             return torch._int_mm(a.contiguous(), b_t.t().contiguous())
         except RuntimeError:   # shapes _int_mm refuses (M <= 16, K or N not multiples of 8): float64,
             return (a.double() @ b_t.double().t()).to(torch.int32)   # exact, never TF32
     m, k = a.shape
+    if a.dtype == torch.int8 and b_t.dtype == torch.int8 and m and cpu_gemm_path(k) == "int_mm":
+        try:
+            return torch._int_mm(a.contiguous(), b_t.t().contiguous())
+        except RuntimeError:
+            pass
     if m == 0 or k == 0 or b_t.shape[0] == 0:
         return torch.zeros((m, b_t.shape[0]), dtype=torch.int32, device=a.device)
     dtype, chunk = exact_float_chunk(k)

@@ -171,7 +171,9 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
             name=name, layers=layers, in_features=c, threshold=t, smooth=torch.ones(c), fold=fold,
             extra=extra, weight_dup=torch.zeros_like(extra), act_max=((extra + 1) * t).float(),
             pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple),
-            fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found")
+            fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found",
+            fold_fingerprints={f: weight_fingerprint(params[f]) for f in fold[len("norm:"):].split(",")}
+            if fold.startswith("norm:") else {})
         if fold.startswith("rows:"):
             row_of[fold[len("rows:"):]] = name
     for (layers, fold, pos) in tqdm(groups, desc="fq_compile: synthetic plan", disable=not progress):
@@ -193,7 +195,7 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
                     name=layer, group=g.name, in_features=w.shape[1], out_features=w.shape[0], bits=bits,
                     weight_q=pack_int4(q) if bits == 4 else q, weight_scale=scale, act_scale=t / QMAX[bits],
                     bias=None if b is None else b.detach().float().clone(), fingerprint=weight_fingerprint(w),
-                    rows_folded_from=row_of.get(layer))
+                    rows_folded_from=row_of.get(layer), bias_fingerprint=None if b is None else weight_fingerprint(b))
                 del q
             if release_weights:
                 release(w, layer + ".weight")

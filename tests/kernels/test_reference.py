@@ -142,3 +142,19 @@ def test_flatten_quantize_rounds_once_then_slices():
         want = min(round(a), 3 * qmax)                 # Python rounds half to even too
         assert int(q[0].sum()) == want and int(q[1].sum()) == -want, (a, q.tolist())
         assert bool((q[0] >= 0).all() and (q[0] <= qmax).all())
+
+
+def test_cpu_int8_path_is_exact_where_chosen(monkeypatch):
+    """Both CPU paths (oneDNN int8 where the CPU has VNNI/AMX, float32 chunks elsewhere) give the
+    int64 definition's integers; the choice follows the CPU's int8 dot instructions."""
+    from fq_compile.kernels import int_gemm
+
+    g = torch.Generator().manual_seed(11)
+    a = torch.randint(-128, 128, (9, 1040), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (17, 1040), generator=g, dtype=torch.int8)
+    want = a.long() @ b.long().T
+    for has_dot in (False, True):
+        monkeypatch.setattr(int_gemm, "_INT8_DOT", has_dot)
+        assert int_gemm.cpu_gemm_path(1040) == ("int_mm" if has_dot else "float")
+        assert torch.equal(int_matmul_reference(a, b).long(), want)
+    assert int_gemm.cpu_gemm_path(1041) == "float"          # K not a multiple of 8: float chunks
