@@ -2,6 +2,7 @@
 
     plan = fq_compile.calibrate(model, batches, fq_compile.Config(level="O1"))
     fast = torch.compile(model, backend="flattenquant", options={"plan": plan})
+    fast.generate(input_ids, max_new_tokens=128, cache_implementation="static")   # CUDA graphs on CUDA
     print(fq_compile.explain(fast))
 """
 
@@ -38,6 +39,10 @@ def _register_backend() -> None:
 
 
 _register_backend()
+
+from fq_compile import generation as _generation  # noqa: E402
+
+_generation.install()   # fast = torch.compile(model, backend="flattenquant"); fast.generate(...) (generation.py)
 
 __all__ = ["Config", "ConfigError", "calibrate", "QuantPlan", "explain", "flattenquant", "CalibrationError",
            "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "RecompileLimitError", "resident_bytes",

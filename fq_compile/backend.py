@@ -17,6 +17,12 @@ kernels inline through torch.library.triton_op).  Options:
                nothing but replaced linears reads are freed (see fq_compile/runtime/resident.py); the
                compiled model keeps working for every later call and recompile, the un-compiled
                module no longer runs (it raises, saying so).
+    cudagraphs "auto" (default) | True | False: Inductor's CUDA graphs (cudagraph trees) for graphs on
+               CUDA; "auto" applies them where a graph updates a static KV cache in place (decode with
+               cache_implementation="static"), True everywhere, as mode="reduce-overhead" would (see
+               fq_compile/generation.py for why "auto").  torch.compile refuses `mode=` together with
+               `options=`, so mode="reduce-overhead" reaches us only without a plan; options={"mode":
+               "reduce-overhead"} is accepted and means cudagraphs=True.
 
 What keeps a compiled model from silently running something else than its plan (runtime/guards.py):
   * each compiled graph is wrapped in a WeightGuard: before every call, the parameters whose values
@@ -38,6 +44,7 @@ from pathlib import Path
 import torch
 
 from fq_compile import kernels  # noqa: F401  (registers torch.ops.fq.*)
+from fq_compile.generation import cudagraph_patches, parse_cudagraphs
 from fq_compile.kernels import dispatch
 from fq_compile.passes.attention import rewrite_attention
 from fq_compile.passes.lower import GraphReport, rewrite
@@ -46,7 +53,7 @@ from fq_compile.plan import QuantPlan
 from fq_compile.runtime.guards import WeightGuard, guard_eager_runs
 from fq_compile.runtime.state import reports
 
-_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm"}
+_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm", "cudagraphs", "mode"}
 
 
 class BackendOptionsError(ValueError):
@@ -56,18 +63,26 @@ class BackendOptionsError(ValueError):
 def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Dynamo backend entry point (registered as 'flattenquant' through the torch_dynamo_backends
     entry-point group, so users need no import)."""
-    if kwargs.get("mode") not in (None, "default"):
-        raise BackendOptionsError(f"backend='flattenquant' does not take mode={kwargs['mode']!r}")
     options = dict(options or {})
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
         raise BackendOptionsError(f"unknown flattenquant option(s) {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
+    mode = options.get("mode", kwargs.get("mode"))
+    if mode not in (None, "default", "reduce-overhead"):
+        raise BackendOptionsError(f"backend='flattenquant' takes no mode={mode!r}; its knobs are options "
+                                  f"(known: {sorted(_KNOWN_OPTIONS)})")
+    try:
+        cudagraphs = parse_cudagraphs(options.get("cudagraphs"), mode)
+    except ValueError as e:
+        raise BackendOptionsError(str(e)) from None
     plan = options.get("plan")
     if plan is None:
+        cg = " with CUDA graphs: options={'plan': plan, 'cudagraphs': True}" if mode == "reduce-overhead" else ""
         raise BackendOptionsError(
             "backend='flattenquant' needs a plan: plan = fq_compile.calibrate(model, batches, "
             "fq_compile.Config(level='O1')) (or fq_compile.QuantPlan.load(path)), then "
-            "torch.compile(model, backend='flattenquant', options={'plan': plan})")
+            "torch.compile(model, backend='flattenquant', options={'plan': plan})"
+            + (f"; torch.compile refuses mode= together with options=, so ask{cg}" if cg else ""))
     if isinstance(plan, (str, os.PathLike)):
         plan = QuantPlan.load(plan)
     if not isinstance(plan, QuantPlan):
@@ -99,8 +114,9 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     else:
         from torch._inductor.compile_fx import compile_fx
 
+        patches = cudagraph_patches(cudagraphs, gm, example_inputs, index)
         with dispatch.use(options.get("gemm")), _inductor_settings():  # GEMM choice: kernels/dispatch.py
-            compiled = compile_fx(gm, example_inputs)
+            compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
     if not plan.config.quantize:
         return compiled
     _guard_layers(gm, example_inputs, report)

@@ -49,10 +49,11 @@ def explain(obj) -> str:
     if plan is None:
         raise TypeError("explain() takes a QuantPlan or a model compiled with torch.compile(..., "
                         "backend='flattenquant', options={'plan': plan})")
-    used = {}
+    used, ops = {}, {}
     for rep in reports(plan):
         for lr in rep.layers:
             used[lr.layer] = lr
+            ops.setdefault(lr.layer, {})[lr.op] = None     # every form the layer was compiled to, in order
     views = local_views(plan)     # tensor parallelism: the shapes this rank runs (runtime/tensor_parallel.py)
     rows = []
     for name, lp in plan.layers.items():
@@ -61,7 +62,7 @@ def explain(obj) -> str:
         if name in views:
             shard, lp, g = views[name]
         lr = used.get(name)
-        op = lr.op if lr else "(not compiled yet)"
+        op = " + ".join(ops[name]) if lr else "(not compiled yet)"
         where = lr.smoothing if lr else g.fold
         if lp.rows_folded_from:
             where += f"; rows carry s of {lp.rows_folded_from.rsplit('.', 1)[-1]}"

@@ -14,6 +14,14 @@ GEMM) and why, for explain(); the GEMM choice is the one the dispatcher will mak
 the op at this shape (M from the graph's example input; a dynamic M by its hint), and the CUTLASS
 kernels it needs start building in the background here, while Inductor compiles.
 
+Where x has at most `decode_max_m()` rows (64: decode steps), the pair is one fused op
+
+    y  = fq.flat_linear(x, src, mult, lo, hi, bits, Wq, scale, bias, dtype)
+
+whose GPU kernel quantizes x in its prologue while it streams the weight (kernels/flat_linear.py).
+With symbolic shapes the row count is compared with a guard, so a graph made for decode is not
+reused for a long prefill (the op would still be right there, only slower).
+
 For a layer in an FP8 format (plan.py: fp8, w4a8; no flattening) the pair is
 
     xq = fq.fp8_quantize(x, mult)                             # once per input
@@ -48,6 +56,7 @@ import torch
 import torch.fx as fx
 
 from fq_compile.kernels import dispatch
+from fq_compile.kernels import flat_linear as flat_linear_op
 from fq_compile.kernels.flatten_quantize import QMAX, direct_prefix
 from fq_compile.passes.epilogue import fuse_relu_epilogues
 from fq_compile.passes.fold import find_fold_site
@@ -75,7 +84,8 @@ _ACTIVATION = {"int8": "a8", "int4": "a4", "fp8": "f8", "w4a8": "f8"}
 @dataclass
 class LayerReport:
     layer: str
-    op: str                 # "fq.int8_linear", "fq.int4_linear" or "linear (floating point)"
+    op: str                 # "fq.int8_linear", "fq.int4_linear", "fq.flat_linear (int8|int4)" (decode-sized
+                            # graphs) or "linear (floating point)"
     smoothing: str          # where s lives: "norm:<param>", "rows:<layer>", "op", or "-"
     reason: str = ""
     quantize: str = ""      # how the activation is quantized: "fused by Inductor", "Triton kernel", ...
@@ -198,6 +208,8 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
         m = _rows(xv)
         producer, fusable = describe_producer(x)
         qchoice = dispatch.decide_quantize(info, producer, fusable)
+        decode = _decode_sized(x)               # flattened formats: quantize inside the GEMM (fq.flat_linear)
+        consts: dict[int, list[fx.Node]] = {}   # the flattening constants per bit width
         quantized: dict[str, fx.Node] = {}      # one activation quantize per kind: a8, a4 (flattened), f8
         for name, node in members:
             lp = tp[name].layer if name in tp else plan.layers[name]
@@ -205,15 +217,19 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             act = _ACTIVATION[lp.format]
             reason = "" if smoothing != "op" else note
             with gm.graph.inserting_before(node):
-                if act not in quantized:
-                    in_op = smoothing == "op"
-                    if act == "f8":          # per-tensor e4m3, not flattened (fp8, w4a8)
+                in_op = smoothing == "op"
+                fused = decode and act != "f8"
+                if act == "f8":
+                    if act not in quantized:     # per-tensor e4m3, not flattened (fp8, w4a8)
                         mult = _const(gm, f"fq_{g.name}_f8_mult", _fp8_constants(plan, g, lp, in_op, device))
                         quantized[act] = gm.graph.call_function(torch.ops.fq.fp8_quantize.default, (x, mult))
-                    else:                    # flattened INT8 / INT4 (int8, int4)
+                else:                            # flattened INT8 / INT4 (int8, int4)
+                    if lp.bits not in consts:
                         base = f"fq_{g.name}_a{lp.bits}"
                         c = _group_constants(plan, g, lp.bits, in_op, device)
-                        args = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
+                        consts[lp.bits] = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
+                    if not fused and act not in quantized:
+                        args = consts[lp.bits]
                         if qchoice.impl == "fused":
                             direct = direct_prefix(g.cmap.src, lp.bits) if qchoice.config == "slice" else 0
                             quantized[act] = gm.graph.call_function(
@@ -225,8 +241,13 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
                         if lp.bias is not None else None)
                 scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
-                op = getattr(torch.ops.fq, f"{lp.format}_linear").default
-                new = gemm = gm.graph.call_function(op, (quantized[act], wq, scale, bias, out_dtype))
+                if fused:
+                    flat_linear_op.reserve(device, lp.out_features)   # its workspace, before any CUDA graph
+                    new = gemm = gm.graph.call_function(torch.ops.fq.flat_linear.default,
+                                                        (x, *consts[lp.bits], lp.bits, wq, scale, bias, out_dtype))
+                else:
+                    op = getattr(torch.ops.fq, f"{lp.format}_linear").default
+                    new = gemm = gm.graph.call_function(op, (quantized[act], wq, scale, bias, out_dtype))
                 if lp.rows_folded_from and name not in realized_rows:
                     # the plan's rows carry 1/s of a group whose input is not folded in this graph: undo it
                     s = plan.groups[lp.rows_folded_from].smooth
@@ -251,11 +272,16 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 if fqn is not None and not p_node.users:
                     report.replaced_params[fqn] = p_node
             if act == "f8":
-                lr = LayerReport(name, f"fq.{lp.format}_linear", smoothing, reason, quantize="fp8_quantize",
-                                 quantize_why="per-tensor e4m3, not flattened",
-                                 gemm="fp8 GEMM",
-                                 gemm_why="on CUDA cuBLAS _scaled_mm or Triton (FQ_FP8_GEMM); the reference elsewhere")
-                report.layers.append(lr)
+                report.layers.append(LayerReport(
+                    name, f"fq.{lp.format}_linear", smoothing, reason, quantize="fp8_quantize",
+                    quantize_why="per-tensor e4m3, not flattened", gemm="fp8 GEMM",
+                    gemm_why="on CUDA cuBLAS _scaled_mm or Triton (FQ_FP8_GEMM); the reference elsewhere"))
+                continue
+            if fused:
+                report.layers.append(LayerReport(
+                    name, f"fq.flat_linear (int{lp.bits})", smoothing, reason, quantize="in the GEMM's prologue",
+                    quantize_why=f"decode-sized input (<= {flat_linear_op.decode_max_m()} rows)",
+                    gemm="Triton weight-streaming (kernels/triton/decode.py)", gemm_why="M <= decode_max_m()"))
                 continue
             gchoice = dispatch.decide(lp.bits, m, lp.out_features, g.flat_features, out_dtype, info, mode=mode) \
                 if m is not None else dispatch.Choice("triton", "", "rows unknown at compile time")
@@ -292,6 +318,18 @@ def _prefetch(chosen, example_inputs) -> None:
     devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.is_cuda}
     if pairs and devices:
         dispatch.prefetch_cutlass(next(iter(devices)), pairs)
+
+
+def _decode_sized(x: fx.Node) -> bool:
+    """Whether the linears reading x see at most decode_max_m() rows (a guard when symbolic)."""
+    limit = flat_linear_op.decode_max_m()
+    v = example_value(x)
+    if limit == 0 or v is None or v.dim() == 0:
+        return False
+    rows = 1
+    for d in v.shape[:-1]:
+        rows = rows * d
+    return bool(rows <= limit)
 
 
 def _check_values(fqn: str, node: fx.Node, t, expected: str | None, report: GraphReport) -> None:
