@@ -25,7 +25,9 @@ class Perplexity:
 
 @torch.no_grad()
 def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_tokens: int | None = None,
-               progress: bool = True, device=None) -> Perplexity:
+               progress: bool = True, device=None, on_window=None) -> Perplexity:
+    """Perplexity of `model` (the module or a compiled one) over `token_ids`; on_window(i, logits), when
+    given, sees each window's logits [1, seqlen, vocab] (e.g. to compare two models without a second pass)."""
     ids = token_ids.reshape(-1)
     limited = max_tokens is not None and max_tokens < ids.numel()
     if limited:
@@ -38,7 +40,9 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_tokens: i
         x = ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0)
         if device is not None:
             x = x.to(device)
-        logits = model(x).logits.float()
+        logits = model(x, use_cache=False).logits.float()
+        if on_window is not None:
+            on_window(i, logits)
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
         nll += float(loss)
         count += seqlen - 1
@@ -80,13 +84,16 @@ def evaluate_config(model, calib, token_ids, config, seqlen: int = 2048, max_tok
     """Calibrate `config` on `calib`, compile with the flattenquant backend and measure perplexity:
     the one code path behind `fq-compile eval` and benchmarks/accuracy.py, so both give the same
     figure for the same model, data, windows and Config.  inductor=False runs the same fq:: ops
-    (and their GPU kernels) without compiling the float ops around them: faster to start."""
+    (and their GPU kernels) without compiling the float ops around them: faster to start.
+
+    Each call adds two entries to the Dynamo cache of the model's forward (calibration's graph and the
+    compiled one); a caller evaluating many configurations in one process raises Dynamo's recompile
+    limit for that scope (as `fq-compile eval` does) or starts each from empty caches."""
     import time
 
     from fq_compile.planning.calibrate import calibrate
 
     t = time.time()
-    torch._dynamo.reset()
     plan = calibrate(model, calib, config, progress=progress)
     fast = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": inductor,
                                                                 # the next row calibrates the same model again

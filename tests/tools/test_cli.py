@@ -103,3 +103,29 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["dump", str(tmp_path / "junk.fqplan")]) == 2
     err = capsys.readouterr().err
     assert err.count("fq-compile: error:") == 2 and "Traceback" not in err
+
+
+def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, monkeypatch):
+    """The main job end to end on the tiny model: tables, graph dump, continuations; each level's plan is
+    compiled once (calibration ran the model at another length, so the graph is dynamic in the length
+    and also serves the greedy steps), and no Dynamo cache is reset on the way."""
+    from fq_compile.runtime.state import reports
+
+    def no_reset():
+        raise AssertionError("library code reset Dynamo")
+
+    plans = []
+    import fq_compile.tools.cli as cli
+
+    real = cli._compile
+    monkeypatch.setattr(cli, "_compile", lambda model, plan, **kw: plans.append(plan) or real(model, plan, **kw))
+    monkeypatch.setattr(torch._dynamo, "reset", no_reset)
+    assert main(["demo", "--model", str(model_dir / "model"), "--data-dir", str(model_dir / "data"),
+                 "--calib-batches", "2", "--calib-seqlen", "24", "--ppl-seqlen", "32", "--ppl-tokens", "96",
+                 "--max-new-tokens", "3", "--compare", "w8a8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for text in ("fp32", "O1", "w8a8", "logits rel. error", "graph dump (O1)", "greedy continuation", "done in"):
+        assert text in out
+    assert [p.config.level for p in plans] == ["O1", "w8a8"]
+    o1, w8a8 = (len(reports(p)) for p in plans)
+    assert (o1, w8a8) == (1, 1)
