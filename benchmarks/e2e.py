@@ -17,13 +17,13 @@ the GPU (speed does not depend on values).  Methods, each on a fresh model:
   torchao-int8    torchao Int8DynamicActivationInt8WeightConfig (its defaults), then torch.compile
   torchao-fp8     torchao Float8DynamicActivationFloat8WeightConfig (its defaults: per tensor)
   fq-O1, fq-O3    FlattenQuant through our backend
-Our plans are synthetic (fq_compile/synthetic.py): the flatten ratio and INT4 share of the paper's
+Our plans are synthetic (fq_compile/tools/synthetic.py): the flatten ratio and INT4 share of the paper's
 Table 4 for that size ("paper Table 4 figures"), INT4 in the same share of blocks at every layer
 position; the output head stays fp16 for every method.  Our backend releases the fp16 weights.
 
-Prefill: model(input_ids, use_cache=False) (lm_head included, no KV cache), median of repeated runs
-timed with CUDA events after warm-up.  Decode: generate() with KV cache, 128-token prompt, 128 new
-tokens, greedy, tokens/s over the whole call.  Memory: GPU bytes allocated after the first call
+Prefill: model(input_ids, use_cache=False) (lm_head included, no KV cache), median of
+triton.testing.do_bench's calls (--budget seconds).  Decode: generate() with KV cache, 128-token
+prompt, 128 new tokens, greedy, tokens/s over the whole call, median of torch.utils.benchmark's.  Memory: GPU bytes allocated after the first call
 (weights, plan, anything the compiled model keeps), peak allocated per prefill point (activations,
 no KV cache) and per decode point (KV cache included).  Results: one JSON object per line appended
 to $OUT/e2e.jsonl as each point finishes; --report merges such files into markdown tables (ratios
@@ -186,28 +186,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, warmup: int, reps: int, budget_s: float) -> list[float]:
-    """ms per call: `warmup` untimed calls, then up to `reps` timed ones (at least 3, stopping
-    once `budget_s` is spent)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    out = []
-    for i in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append(1e3 * (time.perf_counter() - t))
-        if i >= 2 and sum(out) / 1e3 > budget_s:
-            break
-    return out
+def timed(fn, device, budget_s: float, long_calls: bool = False) -> list[float]:
+    """ms per call, after fn has run once (compiled).  Prefill on CUDA: triton.testing.do_bench (its own
+    warm-up and runtime estimate, the L2 cache flushed before each call, as many calls as fit in
+    budget_s).  generate() (seconds a call, host work included: long_calls) and the CPU (--smoke):
+    torch.utils.benchmark's blocked_autorange over budget_s (it synchronizes CUDA itself)."""
+    if device.type == "cuda" and not long_calls:
+        import triton.testing
+
+        return list(triton.testing.do_bench(fn, warmup=25, rep=1e3 * budget_s, return_mode="all"))
+    from torch.utils.benchmark import Timer
+
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=budget_s)
+    return [1e3 * t for t in m.times]
 
 
 def reset_peak(device):
@@ -296,14 +288,17 @@ def run_method(method, size, device, dtype, args, rec):
                             first_call_s=round(first_s, 1), first_shape=[b, s], **weight_bytes(model, plan, device), **info)
                         first = False
                     reset_peak(device)
-                    ms = timed(call, device, args.warmup, args.reps, args.budget)
+                    call()                      # the peak of one call (do_bench adds its L2-flush buffer)
+                    sync(device)
+                    pk = peak(device)
+                    ms = timed(call, device, args.budget)
                 except torch.cuda.OutOfMemoryError as e:
                     rec(kind="prefill", model=size, method=label(method, args), batch=b, seq=s, error=f"out of memory: {str(e)[:120]}")
                     gc.collect()
                     torch.cuda.empty_cache()
                     continue
                 rec(kind="prefill", model=size, method=label(method, args), batch=b, seq=s, ms=round(statistics.median(ms), 3),
-                    reps=[round(x, 3) for x in ms], peak_bytes=peak(device), **info)
+                    reps=[round(x, 3) for x in ms], peak_bytes=pk, **info)
         for b in args.decode:
             if out_of_time(args):
                 return
@@ -321,7 +316,7 @@ def run_method(method, size, device, dtype, args, rec):
                         **weight_bytes(model, plan, device), **info)
                     first = False
                 reset_peak(device)
-                ms = timed(lambda: model.generate(ids, **kw), device, 0, args.decode_reps, args.budget)
+                ms = timed(lambda: model.generate(ids, **kw), device, args.budget, long_calls=True)
             except torch.cuda.OutOfMemoryError as e:
                 rec(kind="decode", model=size, method=label(method, args), batch=b, error=f"out of memory: {str(e)[:120]}")
                 gc.collect()
@@ -623,10 +618,7 @@ def main(argv=None):
                     help="torch.compile dynamic: auto = static for one prefill shape without decode, else dynamic")
     ap.add_argument("--max-autotune", action="store_true", help="fp16-inductor in mode='max-autotune'")
     ap.add_argument("--gemm", default=None, help="our backend's 'gemm' option (triton, cutlass, auto); default: its own")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--decode-reps", type=int, default=3)
-    ap.add_argument("--budget", type=float, default=8.0, help="seconds of timed runs per point (after 3 reps)")
+    ap.add_argument("--budget", type=float, default=8.0, help="seconds of timed calls per point")
     ap.add_argument("--time-limit", type=float, default=0, help="stop starting new points after this many seconds")
     ap.add_argument("--profile", action="store_true", help="per-layer profile instead of the sweep")
     ap.add_argument("--profile-layers", type=int, default=4, help="blocks in the profiled model")
@@ -650,7 +642,7 @@ def main(argv=None):
         if args.batches == [8]:
             args.batches = [2]
         args.prompt, args.new_tokens = min(args.prompt, 8), min(args.new_tokens, 4)
-        args.reps, args.warmup, args.decode_reps = 2, 1, 1
+        args.budget = min(args.budget, 0.2)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("e2e.py measures on a CUDA GPU; use --smoke to check it on the CPU")
