@@ -4,13 +4,13 @@
     python benchmarks/accuracy.py --split select --rows "O1; O1 weight_clip=mse" --no-ablations
 
 Every row is calibrated on the same WikiText-2 validation windows and evaluated on the same tokens,
-side by side in one run, through `fq_compile.evaluate.evaluate_config`: the code path of
+side by side in one run, through `fq_compile.tools.evaluate.evaluate_config`: the code path of
 `fq-compile eval`, whose command for each row is listed in the output so that a row can be
 reproduced alone.
 
 --split test (default) measures the test split (--ppl-tokens limits it, and the output says so;
 0 is the whole split).  --split select measures held-out *validation* windows that overlap none of
-the calibration windows (`fq_compile.data.heldout_windows`): settings are chosen there, never on
+the calibration windows (`fq_compile.tools.data.heldout_windows`): settings are chosen there, never on
 the test split.  Ablations vary one knob of --ablation-base (default O1: O3's GPTQ makes a row
 minutes long on a CPU); the gamma rows need mixed bits and vary --gamma-base (default O2).
 Results are rewritten after every row (markdown + JSON), so a killed run keeps what it measured.

@@ -171,7 +171,7 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
                                                         for lp in plan.layers.values()), 4))
         options = {"plan": plan, "free_weights": True}
         if args.gemm:
-            options["gemm"] = args.gemm               # the backend's GEMM choice (kernels/gemm_dispatch.py)
+            options["gemm"] = args.gemm               # the backend's GEMM choice (fq_compile/kernels/dispatch.py)
             info["gemm"] = args.gemm
         model.compile(backend="flattenquant", options=options, **compile_kw)
     else:

@@ -20,7 +20,7 @@ measured in the same run on the same inputs:
   C8 / C4  the CUTLASS GEMM alone (bias, bf16 out), best of every tile config (which one: cfg)
   xT       Triton GEMM time / CUTLASS GEMM time (>1: CUTLASS faster)
   best lin flatten_quantize + the faster of the two GEMMs, as ratio to bf16 cuBLAS
---write-table turns these measurements into the dispatch table gemm_dispatch.py reads (per bits,
+--write-table turns these measurements into the dispatch table fq_compile/kernels/dispatch.py reads (per bits,
 N, K', M: the faster implementation, CUTLASS only when >= 2% faster, and its best config), merged
 into the file when it exists for the same GPU, rewritten after every case.
 """
@@ -250,7 +250,7 @@ def write_table(path, device, entries, meta):
             "entries": [merged[k] for k in sorted(merged)]}
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(body, indent=1) + "\n")
-    gd.Table.from_json(body)  # what we write, gemm_dispatch can read
+    gd.Table.from_json(body)  # what we write, the dispatcher can read
 
 
 def merge_tables(paths, out):

@@ -213,7 +213,8 @@ class QuantPlan:
                 name=gname, layers=list(g["layers"]), in_features=int(g["in_features"]),
                 threshold=float(g["threshold"]), smooth=tensors[f"g{gi}.smooth"], fold=g["fold"],
                 extra=tensors[f"g{gi}.extra"], weight_dup=tensors[f"g{gi}.weight_dup"],
-                act_max=tensors[f"g{gi}.act_max"], pad_multiple=int(g["pad_multiple"]), fold_note=g.get("fold_note", ""),
+                act_max=tensors[f"g{gi}.act_max"], pad_multiple=int(g["pad_multiple"]),
+                fold_note=g.get("fold_note", ""),
                 cmap=ChannelMap(*(tensors[f"g{gi}.cmap.{k}"] for k in ("src", "lo", "hi", "weight_factor", "active"))))
         for lname, l in meta["layers"].items():
             li = l["index"]
@@ -226,7 +227,8 @@ class QuantPlan:
             g = plan.groups[lp.group]
             k = g.flat_features // 2 if lp.bits == 4 else g.flat_features
             if tuple(lp.weight_q.shape) != (lp.out_features, k):
-                raise ValueError(f"layer {lname}: weight_q has shape {tuple(lp.weight_q.shape)}, expected {(lp.out_features, k)}")
+                raise ValueError(f"layer {lname}: weight_q has shape {tuple(lp.weight_q.shape)}, "
+                                 f"expected {(lp.out_features, k)}")
             plan.layers[lname] = lp
         return plan
 

@@ -10,11 +10,11 @@ effective choice and the table's digest are added to torch.compiler's cache_key_
 backend compiles, so compiled artifacts cached under one choice are not reused under another.
 (A plain `torch.compile(backend="inductor")` of code calling the fq ops gets no such tag: its
 AOTAutograd cache keys on the graph before the ops' bodies are traced, so wrap the compile in
-`gemm_dispatch.use(None)` or clear the cache when switching FQ_GEMM between processes.)
+`dispatch.use(None)` or clear the cache when switching FQ_GEMM between processes.)
 
-  triton   always the Triton kernels (triton_gemm.py).
-  cutlass  the CUTLASS kernels (cutlass_gemm.py) wherever they can take the shape; the tile config
-           comes from the table when it has the shape, else cutlass_gemm.default_config.
+  triton   always the Triton kernels (kernels/triton/gemm.py).
+  cutlass  the CUTLASS kernels (kernels/cutlass/gemm.py) wherever they can take the shape; the tile config
+           comes from the table when it has the shape, else cutlass.gemm.default_config.
   auto     the committed table `gemm_table.json`, measured on the device by
            `benchmarks/kernels.py --cutlass --write-table`: per bits, N, K and M, the faster
            implementation and the best CUTLASS tile config; an unmeasured shape takes the nearest

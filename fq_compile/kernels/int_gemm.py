@@ -48,8 +48,7 @@ def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
 
     On CUDA: torch._int_mm.  On the CPU, the same integers from float32 GEMMs over K chunks that
     are exact by construction (`exact_float_chunk`): torch._int_mm has no fast CPU kernel without
-    VNNI/AMX (630 ms against 24 ms in float32 for 512x576 @ 576x1536 on a 2-core AVX2 machine,
-    benchmarks/results/cpu-*.md), while the float BLAS is what the CPU is built for."""
+    VNNI/AMX, while the float BLAS is what the CPU is built for (benchmarks/results/cpu-*.md)."""
     if a.is_cuda:
         try:
             return torch._int_mm(a.contiguous(), b_t.t().contiguous())
@@ -81,7 +80,8 @@ def quant_linear_reference(xq: torch.Tensor, wq: torch.Tensor, scale: float, bia
 
 def _check(xq, wq, bits):
     dt = torch.uint8 if bits == 4 else torch.int8
-    torch._check(xq.dtype == dt and wq.dtype == dt, lambda: f"int{bits}_linear expects {dt} operands, got {xq.dtype} and {wq.dtype}")
+    torch._check(xq.dtype == dt and wq.dtype == dt,
+                 lambda: f"int{bits}_linear expects {dt} operands, got {xq.dtype} and {wq.dtype}")
     torch._check(wq.dim() == 2 and xq.shape[-1] == wq.shape[1],
                  lambda: f"int{bits}_linear: K mismatch, x {tuple(xq.shape)} vs w {tuple(wq.shape)}")
 

@@ -69,7 +69,8 @@ def flattened_weight(weight: torch.Tensor, group: GroupPlan, row_scale: torch.Te
 
 
 def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,
-               row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None) -> LayerPlan:
+               row_scale: torch.Tensor | None, row_group: str | None, config: Config,
+               act_ratio: float | None) -> LayerPlan:
     b = None if bias is None else bias.float().clone()
     if row_scale is not None and b is not None:
         b = b / row_scale
@@ -127,7 +128,8 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
         for layer in g.layers:
             rg = row_fold.get(layer)
             bias = params.get(layer + ".bias")
-            plan.layers[layer] = plan_layer(layer, g, weight_of(layer), None if bias is None else bias.detach().float().cpu(),
+            bias = None if bias is None else bias.detach().float().cpu()
+            plan.layers[layer] = plan_layer(layer, g, weight_of(layer), bias,
                                             None if rg is None else rg.smooth, None if rg is None else rg.name,
                                             config, act_ratio)
     return plan

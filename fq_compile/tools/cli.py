@@ -22,8 +22,10 @@ from fq_compile.config import LEVELS, Config
 
 
 def _common(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m, opt-125m...), .gguf file, local dir or hub id")
-    p.add_argument("--data-dir", default=None, help="WikiText-2 directory (default: $FQ_DATA_DIR, ../shared/data, else the hub)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="alias (smollm2-135m, opt-125m...), .gguf file, local dir or hub id")
+    p.add_argument("--data-dir", default=None,
+                   help="WikiText-2 directory (default: $FQ_DATA_DIR, ../shared/data, else the hub)")
     p.add_argument("--calib-batches", type=int, default=16, help="calibration windows from the validation split")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0)
@@ -218,7 +220,8 @@ def cmd_eval(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fq-compile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fq-compile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="the main job: calibrate, compile, evaluate and dump SmolLM2-135M")
     _common(d)
@@ -242,8 +245,10 @@ def main(argv=None) -> int:
     e.add_argument("--ppl-tokens", type=int, default=0, help="limit the test tokens (0: the whole split)")
     e.add_argument("--json", default=None, help="also write the results here")
     e.add_argument("--tasks", default="openbookqa,lambada_openai,piqa,hellaswag,winogrande,arc_easy",
-                   help="zero-shot tasks (lm-eval) read from <data-dir>/<task>/<split>.jsonl; comma-separated, empty: skip")
-    e.add_argument("--zs-limit", type=int, default=0, help="score only the first N rows of each zero-shot task (0: all)")
+                   help="zero-shot tasks (lm-eval) read from <data-dir>/<task>/<split>.jsonl; comma-separated, "
+                        "empty: skip")
+    e.add_argument("--zs-limit", type=int, default=0,
+                   help="score only the first N rows of each zero-shot task (0: all)")
     e.add_argument("--device", default=None, help="run the model there (e.g. cuda); default: where it loads (CPU)")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the model's floating-point dtype (the baseline and the non-GEMM ops)")

@@ -128,7 +128,8 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
     if not config.quantize:
         raise ValueError("synthetic_plan makes quantized plans; level 'fp16' needs none")
     if not 0 <= flatten_ratio < 4 or not 0 <= int4_share <= 1:
-        raise ValueError(f"flatten_ratio must lie in [0, 4) and int4_share in [0, 1], got {flatten_ratio}, {int4_share}")
+        raise ValueError(f"flatten_ratio must lie in [0, 4) and int4_share in [0, 1], "
+                         f"got {flatten_ratio}, {int4_share}")
     if flatten_ratio and not config.flatten:
         raise ValueError(f"level {level!r} does not flatten; flatten_ratio must be 0")
     if int4_share and not config.mixed_bits:
@@ -169,7 +170,8 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
         plan.groups[name] = GroupPlan(
             name=name, layers=layers, in_features=c, threshold=t, smooth=torch.ones(c), fold=fold,
             extra=extra, weight_dup=torch.zeros_like(extra), act_max=((extra + 1) * t).float(),
-            pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple), fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found")
+            pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple),
+            fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found")
         if fold.startswith("rows:"):
             row_of[fold[len("rows:"):]] = name
     for (layers, fold, pos) in tqdm(groups, desc="fq_compile: synthetic plan", disable=not progress):

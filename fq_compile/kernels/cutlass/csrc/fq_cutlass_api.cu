@@ -1,4 +1,4 @@
-// The C entry points the Python side calls through ctypes (cutlass_gemm.py), the registry the kernel
+// The C entry points the Python side calls through ctypes (kernels/cutlass/gemm.py), the registry the kernel
 // instances add themselves to, and the INT4 -> INT8 unpack kernel.
 #include <cstdio>
 #include <cstring>
