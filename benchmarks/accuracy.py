@@ -182,6 +182,7 @@ def main(argv=None) -> int:
         print(f"{'fp (' + args.dtype + ')':32s} ppl {fp.ppl:8.3f}", flush=True)
         write()
     for label, level, kw in specs:
+        torch._dynamo.reset()          # each row starts from empty Dynamo caches (a script may; the library never does)
         with torch.no_grad():
             r = evaluate_config(model, calib, ids, Config(level=level, **kw), args.ppl_seqlen, max_tokens,
                                 progress=False, device=device, inductor=not args.no_inductor)

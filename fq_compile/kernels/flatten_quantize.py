@@ -33,13 +33,16 @@ QMAX = {8: 127, 4: INT4_MAX}
 def flatten_quantize_reference(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor,
                                hi: torch.Tensor, bits: int) -> torch.Tensor:
     """The integer semantics every kernel reproduces: [..., C] float -> [..., K'] int8 (bits=8) or
-    [..., K'/2] packed uint8 (bits=4)."""
+    [..., K'/2] packed uint8 (bits=4).
+
+    The module docstring's formula, one float32 operation at a time (each rounded, no FMA), written
+    in place on one buffer: it is also the CPU implementation, and allocating a tensor per step
+    costs the CPU more than the arithmetic."""
     qmax = QMAX[bits]
     g = x.index_select(-1, src.to(torch.int64)).float()
-    a = g.abs() * mult
-    v = torch.minimum((a - lo).clamp_min(0.0), hi)
-    q = torch.round(v).clamp_max(float(qmax))
-    q = torch.where(g < 0, -q, q).to(torch.int8)
+    a = g.abs().mul_(mult).sub_(lo).clamp_min_(0.0)
+    torch.minimum(a, hi, out=a)
+    q = a.round_().clamp_max_(float(qmax)).copysign_(g).to(torch.int8)     # sign(x) * level; -0 -> 0
     return pack_int4(q) if bits == 4 else q
 
 

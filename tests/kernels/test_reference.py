@@ -55,6 +55,30 @@ def test_flatten_quantize_matches_float64_eq3(bits, dtype):
     assert bool((q != 0).any())
 
 
+@pytest.mark.parametrize("bits,dtype", [(8, torch.float32), (8, torch.bfloat16), (4, torch.float16)])
+def test_flatten_quantize_is_the_formula_step_by_step(bits, dtype):
+    """The in-place CPU implementation gives the integers of the formula written one tensor per step
+    (the module docstring's definition), on fuzzed tables: level edges, signs, zeros, beyond-range values."""
+    g = torch.Generator().manual_seed(bits + 3)
+    qmax = 127 if bits == 8 else 7
+    for _ in range(20):
+        c, kp = int(torch.randint(1, 40, (1,), generator=g)), 2 * int(torch.randint(1, 40, (1,), generator=g))
+        x = (torch.randn(2, 33, c, generator=g) * 4).to(dtype)
+        x[0, :3] = 0.0
+        x[0, 3] = -0.0
+        src = torch.randint(0, c, (kp,), generator=g).to(torch.int32)
+        mult = torch.rand(kp, generator=g) * 60 * (torch.rand(kp, generator=g) > 0.1)
+        lo = qmax * torch.randint(0, 3, (kp,), generator=g).float()
+        hi = torch.where(torch.rand(kp, generator=g) > 0.5, torch.tensor(float("inf")), torch.tensor(float(qmax)))
+        gx = x.index_select(-1, src.long()).float()
+        a = gx.abs() * mult
+        v = torch.minimum((a - lo).clamp_min(0.0), hi)
+        q = torch.round(v).clamp_max(float(qmax))
+        want = torch.where(gx < 0, -q, q).to(torch.int8)
+        got = flatten_quantize_reference(x, src, mult, lo, hi, bits)
+        assert torch.equal(unpack_int4(got) if bits == 4 else got, want)
+
+
 def test_values_beyond_calibrated_range_saturate_not_wrap():
     cm = channel_map(torch.tensor([2]), None, pad_multiple=4)   # T = 1, qmax 127
     mult = torch.where(cm.active, torch.full((4,), 127.0), torch.zeros(4))
