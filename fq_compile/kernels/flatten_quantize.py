@@ -39,10 +39,12 @@ def flatten_quantize_reference(x: torch.Tensor, src: torch.Tensor, mult: torch.T
     in place on one buffer: it is also the CPU implementation, and allocating a tensor per step
     costs the CPU more than the arithmetic."""
     qmax = QMAX[bits]
-    g = x.index_select(-1, src.to(torch.int64)).float()
+    rows = x.reshape(-1, x.shape[-1])                  # a 2-D gather is the fast one
+    g = rows.index_select(1, src.to(torch.int64)).float()
     a = g.abs().mul_(mult).sub_(lo).clamp_min_(0.0)
     torch.minimum(a, hi, out=a)
     q = a.round_().clamp_max_(float(qmax)).copysign_(g).to(torch.int8)     # sign(x) * level; -0 -> 0
+    q = q.view(*x.shape[:-1], q.shape[-1])
     return pack_int4(q) if bits == 4 else q
 
 

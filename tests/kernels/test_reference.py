@@ -146,3 +146,24 @@ def test_quant_linear_ops_against_float64(bits):
         assert float((y.double() - want).norm() / want.norm()) < tol
     y3 = op(xin.reshape(4, 10, -1), win, scale, None, torch.float32)
     assert y3.shape == (4, 10, 24)
+
+
+@pytest.mark.parametrize("k", [96, 1024, 1040, 2100])
+def test_quant_linear_epilogue_is_the_int32_definition(k):
+    """The CPU epilogue, which skips the int32 round trip when one float32 GEMM is exact, gives the
+    definition's bits: (int32 acc -> float32) * scale + bias, cast once, on both sides of the chunk size."""
+    from fq_compile.kernels.int_gemm import quant_linear_reference
+
+    g = torch.Generator().manual_seed(k)
+    for bits, qmax in ((8, 127), (4, 7)):
+        xq = torch.randint(-qmax - 1, qmax + 1, (3, 7, k), generator=g, dtype=torch.int8)
+        wq = torch.randint(-qmax - 1, qmax + 1, (33, k), generator=g, dtype=torch.int8)
+        bias = torch.randn(33, generator=g)
+        scale = 1.7e-4
+        acc = (xq.reshape(-1, k).long() @ wq.long().T).to(torch.int32)
+        xin, win = (pack_int4(xq), pack_int4(wq)) if bits == 4 else (xq, wq)
+        for dtype in (torch.float32, torch.bfloat16):
+            for b in (bias, None):
+                want = acc.float() * scale
+                want = (want + b if b is not None else want).to(dtype).reshape(3, 7, 33)
+                assert torch.equal(quant_linear_reference(xin, win, scale, b, bits, dtype), want)
