@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         Config(level=level, **kw)
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
-    header = (f"model: {lm.name}; dtype: {args.dtype}; {'eager (no Inductor)' if args.no_inductor else 'Inductor'}; date: {datetime.date.today()}; device: {dev}; "
+    header = (f"model: {lm.name}; dtype: {args.dtype}; {'no Inductor' if args.no_inductor else 'Inductor on a GPU, none on the CPU'}; date: {datetime.date.today()}; device: {dev}; "
               f"torch {torch.__version__}; git {_git_rev()}\n"
               f"command: python benchmarks/accuracy.py {shlex.join(sys.argv[1:] if argv is None else argv)}\n"
               f"calibration: {args.calib_batches} random windows of {args.calib_seqlen} tokens (seed 0), WikiText-2 validation\n")
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         torch._dynamo.reset()          # each row starts from empty Dynamo caches (a script may; the library never does)
         with torch.no_grad():
             r = evaluate_config(model, calib, ids, Config(level=level, **kw), args.ppl_seqlen, max_tokens,
-                                progress=False, device=device, inductor=not args.no_inductor)
+                                progress=False, device=device, inductor=False if args.no_inductor else None)
         r.pop("plan"), r.pop("compiled")
         r["command"] = cli_command(args, level, kw)
         runs[label] = r

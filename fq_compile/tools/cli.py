@@ -80,7 +80,9 @@ def greedy(model_call, tokenizer, prompt: str, new_tokens: int) -> str:
 
 
 def _compile(model, plan, **options):
-    return torch.compile(model, backend="flattenquant", options={"plan": plan, **options})
+    from fq_compile.tools.evaluate import compile_quantized
+
+    return compile_quantized(model, plan, **options)
 
 
 @contextmanager
@@ -194,12 +196,13 @@ def cmd_eval(args) -> int:
         for level in args.level.split(","):
             if args.plan:
                 plan = QuantPlan.load(args.plan)
-                fast = _compile(lm.model, plan)
+                fast = _compile(lm.model, plan, inductor=False if args.no_inductor else None)
                 p = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress, device=args.device)
                 r = dict(ppl=p.ppl, windows=p.windows, **plan_summary(plan))
             else:
                 r = evaluate_config(lm.model, calib, ids, configs[level], args.ppl_seqlen, args.ppl_tokens,
-                                    not args.no_progress, device=args.device, inductor=not args.no_inductor)
+                                    not args.no_progress, device=args.device,
+                                    inductor=False if args.no_inductor else None)
                 plan, fast = r.pop("plan"), r.pop("compiled")
             results["levels"][plan.config.level] = r
             if tasks:
@@ -253,7 +256,8 @@ def main(argv=None) -> int:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the model's floating-point dtype (the baseline and the non-GEMM ops)")
     e.add_argument("--no-inductor", action="store_true",
-                   help="run the fq:: ops without Inductor around them (same integers; float ops unfused)")
+                   help="no Inductor around the fq:: ops on a GPU either (on the CPU it is the default; "
+                        "same integers, float ops unfused)")
     args = p.parse_args(argv)
     if getattr(args, "ppl_tokens", None) == 0:
         args.ppl_tokens = None

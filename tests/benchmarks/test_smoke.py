@@ -44,9 +44,9 @@ def test_e2e_smoke_and_report(tmp_path):
 
 def test_cpu_smoke(tmp_path):
     out = tmp_path / "cpu.md"
-    assert _script("cpu").main(["--smoke", "--methods", "fp32-eager,fp32-inductor,O1,O1-no-inductor", "--no-warm",
+    assert _script("cpu").main(["--smoke", "--methods", "fp32-eager,fp32-inductor,O1,O1-inductor", "--no-warm",
                                 "--out", str(out)]) == 0
     text = out.read_text()
-    for method in ("fp32-eager", "fp32-inductor", "O1", "O1-no-inductor"):
+    for method in ("fp32-eager", "fp32-inductor", "O1", "O1-inductor"):
         assert f"| {method} " in text
     assert "load average" in text and "Where the cold first call goes" in text and "Targets (issue 17)" in text

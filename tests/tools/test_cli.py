@@ -129,3 +129,17 @@ def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, mon
     assert [p.config.level for p in plans] == ["O1", "w8a8"]
     o1, w8a8 = (len(reports(p)) for p in plans)
     assert (o1, w8a8) == (1, 1)
+
+
+def test_tools_compile_without_inductor_on_the_cpu_only(monkeypatch):
+    from fq_compile.tools.evaluate import compile_quantized
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    cpu_model = tiny_llama(layers=1)
+    compile_quantized(cpu_model, "plan")
+    compile_quantized(cpu_model, "plan", inductor=True, free_weights=False)
+    compile_quantized(tiny_llama(layers=1).to("meta"), "plan")          # any other device: Inductor
+    assert [c["options"]["inductor"] for c in calls] == [False, True, True]
+    assert all(c["backend"] == "flattenquant" and c["options"]["plan"] == "plan" for c in calls)
+    assert calls[1]["options"]["free_weights"] is False

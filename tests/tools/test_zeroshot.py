@@ -168,5 +168,6 @@ def test_task_is_lm_eval_builtin_with_the_local_file(tmp_path, task):
     for key in ("doc_to_text", "doc_to_target", "doc_to_choice", "process_docs", "output_type"):
         assert getattr(cfg, key, None) == builtin.get(key), key
     assert [m["metric"] for m in cfg.metric_list] == [m["metric"] for m in builtin["metric_list"]]
-    assert cfg.dataset_path == "json" and cfg.dataset_kwargs["data_files"] == {TASKS[task][1]: str(task_file(tmp_path, task))}
+    assert cfg.dataset_path == "json"
+    assert cfg.dataset_kwargs["data_files"] == {TASKS[task][1]: str(task_file(tmp_path, task))}
     assert len(list(loaded.eval_docs)) == len(ROWS[task]) and cfg.training_split is None
