@@ -98,16 +98,53 @@ def _room_for_levels(levels: int):
         yield
 
 
+class _Stopwatch:
+    """Where the demo's time goes: seconds per stage, and for a perplexity pass the part of its first
+    window beyond a typical window (the compile, for a compiled model)."""
+
+    def __init__(self):
+        self.rows, self.mark = [], time.perf_counter()
+
+    def lap(self, stage: str):
+        now = time.perf_counter()
+        self.rows.append([stage, now - self.mark])
+        self.mark = now
+
+    def windows(self):
+        """An on_window hook that timestamps each window; `lap_windows` turns them into rows."""
+        self.stamps = [time.perf_counter()]
+        return lambda i, logits: self.stamps.append(time.perf_counter())
+
+    def lap_windows(self, stage: str, compiled: bool = False):
+        took = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        rest = sorted(took[1:])
+        extra = max(took[0] - rest[len(rest) // 2], 0.0) if compiled and rest else 0.0
+        self.lap(f"{stage}: {len(took)} windows")
+        if extra:
+            self.rows[-1][1] -= extra
+            self.rows.insert(-1, [f"{stage}: first call beyond a window (compile)", extra])
+
+    def table(self) -> str:
+        total = sum(t for _, t in self.rows)
+        return tabulate([[k, f"{t:.0f}"] for k, t in self.rows] + [["total", f"{total:.0f}"]],
+                        headers=["stage", "seconds"])
+
+
+def _chain(*hooks):
+    return lambda i, logits: [h(i, logits) for h in hooks]
+
+
 @torch.no_grad()
 def cmd_demo(args) -> int:
     from fq_compile import explain
     from fq_compile.tools.evaluate import perplexity
     from fq_compile.tools.models import load_model
 
-    t0 = time.time()
+    clock = _Stopwatch()
     lm = load_model(args.model)
     model, tok = lm.model, lm.tokenizer
     ids = _test_ids(tok, args)
+    clock.lap("load the model and the test split")
     levels = [args.level] + [c for c in args.compare.split(",") if c and c != args.level]
     progress = not args.no_progress
     first = {}          # the first window's fp32 logits, kept from the perplexity pass (no extra forward)
@@ -123,13 +160,18 @@ def cmd_demo(args) -> int:
         return on_window
 
     with _room_for_levels(len(levels)):
-        fp = perplexity(model, ids, args.ppl_seqlen, args.ppl_tokens, progress, on_window=keep_first)
+        fp = perplexity(model, ids, args.ppl_seqlen, args.ppl_tokens, progress,
+                        on_window=_chain(keep_first, clock.windows()))
+        clock.lap_windows("fp32 perplexity")
         rows = [["fp32", f"{fp.ppl:.3f}", "-", "-"]]
         plans, compiled = {}, {}
         for level in levels:
             plan = _calibrate(model, tok, args, level)
+            clock.lap(f"{level} calibration")
             fast = _compile(model, plan)
-            ppl = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, progress, on_window=error_of(level))
+            ppl = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, progress,
+                             on_window=_chain(error_of(level), clock.windows()))
+            clock.lap_windows(f"{level} perplexity", compiled=True)
             n4 = sum(lp.bits == 4 for lp in plan.layers.values())
             rows.append([level, f"{ppl.ppl:.3f}", f"{100 * (ppl.ppl / fp.ppl - 1):+.2f}%", f"{first[level]:.4f}"
                          + (f"  ({n4} INT4 layers)" if n4 else "")])
@@ -144,9 +186,11 @@ def cmd_demo(args) -> int:
         print(f"\n== greedy continuation, {args.max_new_tokens} tokens ==")
         fp_text = greedy(model, tok, args.prompt, args.max_new_tokens)
         q_text = greedy(compiled[args.level], tok, args.prompt, args.max_new_tokens)
+        clock.lap("greedy continuations (fp32 and quantized)")
     print(tabulate([["prompt", args.prompt], ["fp32", fp_text], [args.level, q_text]], tablefmt="grid",
                    maxcolwidths=[8, 90]))
-    print(f"\ndone in {time.time() - t0:.0f} s")
+    print("\n== where the time went ==")
+    print(clock.table())
     return 0
 
 

@@ -124,7 +124,8 @@ def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, mon
                  "--calib-batches", "2", "--calib-seqlen", "24", "--ppl-seqlen", "32", "--ppl-tokens", "96",
                  "--max-new-tokens", "3", "--compare", "w8a8", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    for text in ("fp32", "O1", "w8a8", "logits rel. error", "graph dump (O1)", "greedy continuation", "done in"):
+    for text in ("fp32", "O1", "w8a8", "logits rel. error", "graph dump (O1)", "greedy continuation",
+                 "O1 calibration", "O1 perplexity: first call beyond a window (compile)", "total"):
         assert text in out
     assert [p.config.level for p in plans] == ["O1", "w8a8"]
     o1, w8a8 = (len(reports(p)) for p in plans)
