@@ -64,6 +64,7 @@ class ObservedLinear:
     layer: str
     node: fx.Node
     in_features: int
+    bias: str | None = None      # the bias parameter the graph's linear call reads (None: no bias)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class StatsStore:
     seed: int = 0
     inputs: dict[str, InputStats] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)   # layer -> reason
+    biases: dict[str, str | None] = field(default_factory=dict)  # layer -> bias parameter read by its linear call
     graphs: list[fx.GraphModule] = field(default_factory=list)
 
     def stats_for(self, group: str, layers: list[str], in_features: int) -> InputStats:
@@ -104,18 +106,23 @@ def group_name(layers: list[str]) -> str:
 
 
 def find_linears(gm: fx.GraphModule, name_of) -> tuple[dict[fx.Node, list[ObservedLinear]], dict[str, str]]:
-    """Group the graph's linear calls by input node; list those we cannot quantize, with why."""
+    """Group the graph's linear calls by input node; list those we cannot quantize, with why.
+    The bias is the one the call reads (a parameter, whatever its name), never looked up by name."""
     groups: dict[fx.Node, list[ObservedLinear]] = {}
     unsupported: dict[str, str] = {}
     for node in gm.graph.nodes:
         if not is_linear(node):
             continue
-        x, w, _ = linear_args(node)
+        x, w, b = linear_args(node)
         fqn = name_of(w)
         if fqn is None:
             unsupported[f"<linear {node.name}>"] = "weight is not a model parameter"
             continue
-        groups.setdefault(x, []).append(ObservedLinear(layer_name(fqn), node, int(example_value(w).shape[1])))
+        bias = name_of(b) if isinstance(b, fx.Node) else None
+        if isinstance(b, fx.Node) and bias is None:
+            unsupported[layer_name(fqn)] = "bias is not a model parameter (computed in the graph)"
+            continue
+        groups.setdefault(x, []).append(ObservedLinear(layer_name(fqn), node, int(example_value(w).shape[1]), bias))
     return groups, unsupported
 
 
@@ -128,6 +135,8 @@ def insert_observers(gm: fx.GraphModule, store: StatsStore, groups, unsupported,
         if not lins:
             continue
         layers = [l.layer for l in lins]
+        for l in lins:
+            store.biases.setdefault(l.layer, l.bias)
         stats = store.stats_for(group_name(layers), layers, lins[0].in_features)
         mod_name = f"fq_observer_{i}"
         gm.add_submodule(mod_name, ActivationObserver(stats))

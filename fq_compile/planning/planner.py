@@ -69,8 +69,12 @@ def flattened_weight(weight: torch.Tensor, group: GroupPlan, row_scale: torch.Te
 
 
 def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,
-               row_scale: torch.Tensor | None, row_group: str | None, config: Config,
-               act_ratio: float | None) -> LayerPlan:
+               row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None,
+               fingerprints: tuple[str, str | None] | None = None) -> LayerPlan:
+    """fingerprints: (weight, bias) fingerprints of the model's own tensors, as stored (dtype
+    included); computed from `weight` / `bias` when not given."""
+    if fingerprints is None:
+        fingerprints = (weight_fingerprint(weight), None if bias is None else weight_fingerprint(bias))
     b = None if bias is None else bias.float().clone()
     if row_scale is not None and b is not None:
         b = b / row_scale
@@ -82,16 +86,18 @@ def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.T
         ratio = max(act_ratio, w_ratio)
         nbits = bits_pass.choose_bits(act_ratio, w_ratio, config.gamma)
     qmax = QMAX[nbits]
-    ws = weight_scale(wf, qmax, config.weight_clip_method)
+    ws = weight_scale(wf, qmax, config.weight_clip_method, config.weight_scale)
     return LayerPlan(name=layer, group=group.name, in_features=weight.shape[1], out_features=weight.shape[0],
                      bits=nbits, weight_q=quantize_weight(wf, ws, nbits, group.cmap), weight_scale=ws,
-                     act_scale=group.threshold / qmax, bias=b, fingerprint=weight_fingerprint(weight),
-                     kl_ratio=ratio, rows_folded_from=row_group)
+                     act_scale=group.threshold / qmax, bias=b, fingerprint=fingerprints[0],
+                     kl_ratio=ratio, rows_folded_from=row_group, bias_fingerprint=fingerprints[1])
 
 
 def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dict[str, tuple[str, str]],
-               skipped: dict[str, str], config: Config, progress: bool = True) -> QuantPlan:
-    """folds: group -> (encoded fold site, note) from the fold analysis."""
+               skipped: dict[str, str], config: Config, progress: bool = True,
+               biases: dict[str, str | None] | None = None) -> QuantPlan:
+    """folds: group -> (encoded fold site, note) from the fold analysis; biases: layer -> the bias
+    parameter its graph's linear call reads (None: no bias), as the observers found it."""
     plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model),
                      skipped=dict(skipped))
     params = dict(model.named_parameters())
@@ -110,6 +116,9 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             fold, note = "op", "folding disabled (Config.fold=False)"
         weights = {l: weight_of(l) for l in st.layers}
         plan.groups[name] = plan_group(name, st, weights, fold, note, config)
+    for g in plan.groups.values():          # the norm values s was chosen for (checked at each compile)
+        if g.fold.startswith("norm:"):
+            g.fold_fingerprints = {fqn: weight_fingerprint(params[fqn]) for fqn in g.fold[len("norm:"):].split(",")}
     # rows folds: the producer layer's rows are divided by the consumer group's scales
     row_fold = {}
     for g in plan.groups.values():
@@ -127,9 +136,11 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             act_ratio = bits_pass.tensor_ratio(sample, g.threshold, config.kl_bins, config.kl_method)
         for layer in g.layers:
             rg = row_fold.get(layer)
-            bias = params.get(layer + ".bias")
-            bias = None if bias is None else bias.detach().float().cpu()
-            plan.layers[layer] = plan_layer(layer, g, weight_of(layer), bias,
+            bias_name = (biases or {}).get(layer)
+            bias = None if bias_name is None else params[bias_name]
+            fps = (weight_fingerprint(params[layer + ".weight"]), None if bias is None else weight_fingerprint(bias))
+            bias_f32 = None if bias is None else bias.detach().float().cpu()
+            plan.layers[layer] = plan_layer(layer, g, weight_of(layer), bias_f32,
                                             None if rg is None else rg.smooth, None if rg is None else rg.name,
-                                            config, act_ratio)
+                                            config, act_ratio, fingerprints=fps)
     return plan
