@@ -32,8 +32,10 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    special = ["<pad>", "<unk>", "<s>", "</s>"]
+    tk.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=special))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>")
     tiny_llama(layers=1).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     data = root / "data"
@@ -80,7 +82,8 @@ def test_quantize_dump_eval(model_dir, tmp_path, capsys):
     assert "fq_compile plan for LlamaForCausalLM" in out and "INT4 share of layers" in out
     js = tmp_path / "eval.json"
     torch._dynamo.reset()
-    assert main(["eval", *common, "--level", "w8a8,O1", "--ppl-seqlen", "32", "--tasks", "piqa", "--json", str(js)]) == 0
+    assert main(["eval", *common, "--level", "w8a8,O1", "--ppl-seqlen", "32", "--tasks", "piqa",
+                 "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert set(res["levels"]) == {"fp32", "w8a8", "O1"}
     assert all(v["ppl"] > 1 and v["windows"] >= 3 for v in res["levels"].values())
@@ -88,8 +91,8 @@ def test_quantize_dump_eval(model_dir, tmp_path, capsys):
     assert "WikiText-2 PPL" in capsys.readouterr().out
     # a Config override reaches every level, and is recorded
     torch._dynamo.reset()
-    assert main(["eval", *common, "--level", "O1", "--set", "beta=1.4", "--set", "weight_clip=mse", "--ppl-seqlen", "32",
-                 "--tasks", "", "--json", str(js)]) == 0
+    assert main(["eval", *common, "--level", "O1", "--set", "beta=1.4", "--set", "weight_clip=mse",
+                 "--ppl-seqlen", "32", "--tasks", "", "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert res["overrides"] == ["beta=1.4", "weight_clip=mse"]
     assert res["levels"]["O1"]["config"]["beta"] == 1.4 and res["levels"]["O1"]["config"]["weight_clip"] == "mse"
