@@ -14,13 +14,13 @@ under the table): the column is left for that run.  --tasks adds a zero-shot tab
 `fq_compile.tools.zeroshot`, the code path of `fq-compile eval --tasks`); --no-ppl skips perplexity.
 
 Every row is calibrated on the same WikiText-2 validation windows and evaluated on the same tokens,
-side by side in one run, through `fq_compile.evaluate.evaluate_config`: the code path of
+side by side in one run, through `fq_compile.tools.evaluate.evaluate_config`: the code path of
 `fq-compile eval`, whose command for each row is listed in the output so that a row can be
 reproduced alone.
 
 --split test (default) measures the test split (--ppl-tokens limits it, and the output says so;
 0 is the whole split).  --split select measures held-out *validation* windows that overlap none of
-the calibration windows (`fq_compile.data.heldout_windows`): settings are chosen there, never on
+the calibration windows (`fq_compile.tools.data.heldout_windows`): settings are chosen there, never on
 the test split.  Ablations vary one knob of --ablation-base (default O1: O3's GPTQ makes a row
 minutes long on a CPU); the gamma rows need mixed bits and vary --gamma-base (default O2).
 Results are rewritten after every row (markdown + JSON), so a killed run keeps what it measured.
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     main_rows = set(levels) | set(ROWS.split(";")) | set(peers) | {"fp"}
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
-    header = (f"model: {lm.name}; dtype: {args.dtype}; {'eager (no Inductor)' if args.no_inductor else 'Inductor'}; date: {datetime.date.today()}; device: {dev}; "
+    header = (f"model: {lm.name}; dtype: {args.dtype}; {'no Inductor' if args.no_inductor else 'Inductor on a GPU, none on the CPU'}; date: {datetime.date.today()}; device: {dev}; "
               f"torch {torch.__version__}; git {_git_rev()}\n"
               f"command: python benchmarks/accuracy.py {shlex.join(sys.argv[1:] if argv is None else argv)}\n"
               f"calibration: {args.calib_batches} random windows of {args.calib_seqlen} tokens (seed 0), WikiText-2 validation\n")
@@ -313,9 +313,10 @@ def main(argv=None) -> int:
         del peer
     for key, level, kw in specs:
         t = time.time()
+        torch._dynamo.reset()          # each row starts from empty Dynamo caches (a script may; the library never does)
         with torch.no_grad():
             r = evaluate_config(model, calib, ids, Config(level=level, **kw), args.ppl_seqlen, max_tokens,
-                                progress=False, device=device, inductor=not args.no_inductor)
+                                progress=False, device=device, inductor=False if args.no_inductor else None)
         plan, fast = r.pop("plan"), r.pop("compiled")
         if args.no_ppl:
             r.pop("ppl", None), r.pop("windows", None)

@@ -7,7 +7,7 @@
     python benchmarks/kernels.py --decode [--ms 1,16,64] [--out decode.md]     # issue 10: weight streaming
 
 For each linear shape (the paper's Table 5 case and OPT-13B/30B/66B layers) and M in
-{1, 16, 256, 2048, 16384} it times, with CUDA-graph replays (no CPU launch gaps) and inputs rotated
+{1, 16, 256, 2048, 16384} it times, with CUDA-graph replays (triton.testing.do_bench_cudagraph) and inputs rotated
 so that the working set exceeds L2:
   bf16     torch.nn.functional.linear on the ORIGINAL K (the layer being replaced)
   int_mm   torch._int_mm on the flattened K' (int32 out, no quantize, no epilogue)
@@ -45,13 +45,13 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import triton
+import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fq_compile.kernels  # noqa: E402,F401  (registers fq:: ops and the Triton implementations)
@@ -96,56 +96,24 @@ def n_sets(bytes_per_set: int) -> int:
     return max(1, min(16, math.ceil(2 * L2_BYTES / max(bytes_per_set, 1))))
 
 
-def time_graph(calls, reps: int = 20) -> float:
-    """Median ms per call: capture `calls` (a list of closures, one per input set) once into a CUDA
-    graph, replay it, divide by the number of calls."""
-    for c in calls:  # warm-up: compilation, autotuning, allocator
-        c()
-    torch.cuda.synchronize()
-    per_graph = max(1, math.ceil(8 / len(calls)))
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+def _run_all(calls):
+    def run():
         for c in calls:
             c()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g, stream=s):
-            for _ in range(per_graph):
-                for c in calls:
-                    c()
-    torch.cuda.current_stream().wait_stream(s)
-    g.replay()
-    torch.cuda.synchronize()
-    # replay count: aim for ~150 ms of measurement
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0.record(); g.replay(); t1.record(); torch.cuda.synchronize()
-    one = max(t0.elapsed_time(t1), 1e-3)
-    n = max(5, min(200, int(150 / one)))
-    times = []
-    for _ in range(n):
-        t0.record(); g.replay(); t1.record()
-        t1.synchronize()
-        times.append(t0.elapsed_time(t1))
-    return statistics.median(times) / (per_graph * len(calls))
+    return run
 
 
-def time_events(calls, reps: int = 20) -> float:
-    """Median ms per call without a CUDA graph (host launch gaps included): the fallback where
-    capture fails."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        t0.record()
-        for c in calls:
-            c()
-        t1.record()
-        t1.synchronize()
-        times.append(t0.elapsed_time(t1) / len(calls))
-    return statistics.median(times)
+def time_graph(calls) -> float:
+    """Median ms per call: `calls` (closures, one per input set, rotated so that the working set exceeds
+    L2) replayed from a CUDA graph by triton.testing.do_bench_cudagraph (no host launch gaps), divided
+    by their number.  Its first, uncaptured call compiles and autotunes."""
+    return triton.testing.do_bench_cudagraph(_run_all(calls), rep=150, return_mode="median") / len(calls)
+
+
+def time_events(calls) -> float:
+    """Median ms per call without a CUDA graph (triton.testing.do_bench: host launch gaps included):
+    the fallback where capture fails."""
+    return triton.testing.do_bench(_run_all(calls), warmup=25, rep=150, return_mode="median") / len(calls)
 
 
 def try_time(make_calls, eager_fallback=False):
@@ -303,7 +271,7 @@ def write_table(path, device, entries, meta, arch: str, sm_count: int):
             "entries": [merged[k] for k in sorted(merged)]}
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(body, indent=1) + "\n")
-    gd.Table.from_json(body)  # what we write, gemm_dispatch can read
+    gd.Table.from_json(body)  # what we write, the dispatcher can read
 
 
 def merge_tables(paths, out):

@@ -121,7 +121,8 @@ class Config:
         _check_positive("gamma", self.gamma)
         _check_positive("weight_beta", self.weight_beta)
         if not isinstance(self.pad_multiple, int) or self.pad_multiple < 2 or self.pad_multiple % 2:
-            raise ConfigError(f"Config.pad_multiple={self.pad_multiple!r} must be an even integer >= 2 (INT4 packs two per byte)")
+            raise ConfigError(f"Config.pad_multiple={self.pad_multiple!r} must be an even integer >= 2 "
+                              "(INT4 packs two per byte)")
         if self.smoothing not in (None, "none", "smoothquant", "sigmoid"):
             raise ConfigError(f"Config.smoothing={self.smoothing!r} must be None, 'none', 'smoothquant' or 'sigmoid'")
         if self.weight_scale not in ("tensor", "channel"):

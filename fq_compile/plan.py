@@ -441,7 +441,8 @@ class QuantPlan:
 def stale_message(param: str, expected: str, got: str) -> str:
     """The error for a parameter whose values are not those the plan was made from."""
     return (f"{param}: the weights differ from those the plan was calibrated on "
-            f"({fingerprint_difference(expected, got)}; fingerprint {got}, the plan's {expected}). The plan holds quantized copies of the values it was "
+            f"({fingerprint_difference(expected, got)}; fingerprint {got}, the plan's {expected}). "
+            "The plan holds quantized copies of the values it was "
             "calibrated on and cannot follow a change of the floating-point weights: recalibrate "
             "(plan = fq_compile.calibrate(model, batches, config)) and compile again with the new plan")
 

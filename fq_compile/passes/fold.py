@@ -153,7 +153,8 @@ def find_fold_site(x: fx.Node, group_nodes: set[fx.Node], planned: set[str], nam
         else:
             v = p.args[1]
         return _value_producer(v, planned, name_of)
-    return FoldSite("op", (), f"producer {p.op} {getattr(p.target, '__name__', p.target)} does not commute with scaling")
+    what = getattr(p.target, "__name__", p.target)
+    return FoldSite("op", (), f"producer {p.op} {what} does not commute with scaling")
 
 
 def _value_producer(v, planned: set[str], name_of) -> FoldSite:
@@ -164,8 +165,8 @@ def _value_producer(v, planned: set[str], name_of) -> FoldSite:
         if len(_real_users(n)) != 1:
             return FoldSite("op", (), "the attention values are also read elsewhere (e.g. a KV cache returned "
                                       "to the caller)")
-        if _method(n, "expand") or _fn(n, {torch.repeat_interleave}) or (
-                _fn(n, {operator.getitem}) and any(a is None for a in (n.args[1] if isinstance(n.args[1], tuple) else ()))):
+        index = n.args[1] if _fn(n, {operator.getitem}) and isinstance(n.args[1], tuple) else ()
+        if _method(n, "expand") or _fn(n, {torch.repeat_interleave}) or any(a is None for a in index):
             return FoldSite("op", (), "grouped-query attention (one V head serves several heads)")
         if _is_move(n):
             n = n.args[0]

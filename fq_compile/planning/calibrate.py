@@ -37,7 +37,8 @@ def _call(model, batch, device):
         return model(batch.to(device))
     if isinstance(batch, Mapping):
         return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-    raise TypeError(f"calibration batches must be input_ids tensors or dicts of model kwargs, got {type(batch).__name__}")
+    raise TypeError("calibration batches must be input_ids tensors or dicts of model kwargs, "
+                    f"got {type(batch).__name__}")
 
 
 def skipped_layers(model: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, str]:

@@ -106,7 +106,8 @@ def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, cmap: Chann
         start = torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), 0).values
         before = torch.where(start > 0, csum[:, (start - 1).clamp_min(0)], torch.zeros_like(csum))
         prefix = torch.round(csum - before)
-        prev = torch.where(first, torch.zeros_like(prefix), torch.cat([torch.zeros_like(prefix[:, :1]), prefix[:, :-1]], 1))
+        shifted = torch.cat([torch.zeros_like(prefix[:, :1]), prefix[:, :-1]], 1)
+        prev = torch.where(first, torch.zeros_like(prefix), shifted)
         qs = prefix - prev
         q = torch.empty_like(qs)
         q[:, perm] = qs

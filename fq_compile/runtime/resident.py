@@ -95,4 +95,5 @@ def resident_bytes(model: torch.nn.Module, plan=None, device=None) -> dict[str, 
         device = torch.device("cuda", torch.cuda.current_device())
     m = _unique_storage_bytes(params, device)
     p = _unique_storage_bytes(plan_tensors(plan), device) if plan is not None else 0
-    return {"model": m, "plan": p, "total": _unique_storage_bytes(params + (plan_tensors(plan) if plan else []), device)}
+    total = _unique_storage_bytes(params + (plan_tensors(plan) if plan else []), device)
+    return {"model": m, "plan": p, "total": total}

@@ -169,7 +169,8 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
     if not config.quantize:
         raise ValueError("synthetic_plan makes quantized plans; level 'fp16' needs none")
     if not 0 <= flatten_ratio < 4 or not 0 <= int4_share <= 1:
-        raise ValueError(f"flatten_ratio must lie in [0, 4) and int4_share in [0, 1], got {flatten_ratio}, {int4_share}")
+        raise ValueError(f"flatten_ratio must lie in [0, 4) and int4_share in [0, 1], "
+                         f"got {flatten_ratio}, {int4_share}")
     if flatten_ratio and not config.flatten:
         raise ValueError(f"level {level!r} does not flatten; flatten_ratio must be 0")
     if int4_share and not config.mixed_bits:

@@ -272,34 +272,3 @@ def test_synthetic_plan_refuses_impossible_requests():
         synthetic_plan(model, "O1", int4_share=0.4, progress=False)
     with pytest.raises(ValueError, match="fp16"):
         synthetic_plan(model, "fp16", progress=False)
-
-
-# -- the end-to-end benchmark script (benchmarks/e2e.py), smoke-tested on a tiny config --------------
-
-def test_e2e_benchmark_smoke_and_report(tmp_path):
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e.py"
-    spec = importlib.util.spec_from_file_location("fq_e2e_bench", path)
-    e2e = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(e2e)
-    cfg = torch._dynamo.config
-    saved = {k: getattr(cfg, k) for k in ("recompile_limit", "cache_size_limit") if hasattr(cfg, k)}
-    try:
-        e2e.main(["--smoke", "--methods", "fp16-eager,fp8-naive,fq-O3,fq-auto", "--batches", "2", "--seqs", "12",
-                  "--auto-formats", "fp8=0.5,w4a8=0.25,int8=0.25", "--out", str(tmp_path)])
-    finally:
-        for k, v in saved.items():
-            setattr(cfg, k, v)
-    rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
-    kinds = {(r["kind"], r["method"]) for r in rows}
-    assert {("prefill", "fp16-eager"), ("prefill", "fq-O3"), ("memory", "fq-O3"), ("unavailable", "fp8-naive"),
-            ("prefill", "fq-auto")} <= kinds
-    o3 = next(r for r in rows if r["kind"] == "memory" and r["method"] == "fq-O3")
-    assert o3["plan_source"] == "paper Table 4 figures" and 0 < o3["flatten_ratio"] < 0.3
-    assert next(r for r in rows if r["kind"] == "graphs")["graphs"] >= 1
-    text = e2e.report([tmp_path / "e2e.jsonl"], tmp_path / "res", "smoke")
-    assert "prefill latency" in text and "fq-O3" in text and "Targets" in text
-    assert (tmp_path / "res" / "smoke.png").stat().st_size > 1000
