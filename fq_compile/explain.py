@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from tabulate import tabulate
 
 from fq_compile.plan import QuantPlan
@@ -30,6 +32,38 @@ def _find_plan(obj) -> QuantPlan | None:
     return None
 
 
+def _byte_rows(plan: QuantPlan) -> list[list[str]]:
+    """Weight bytes before and after, over every parameter of the model (at 2 bytes per value in
+    floating point): what the quantized layers became, and what stayed in floating point (layers
+    kept, MoE experts, embeddings, norms).  Plans without the model's parameter list (synthetic or
+    older files) report the quantized layers only, and say so."""
+    mib = 2 ** 20
+    quantized = sum(lp.weight_bytes + (0 if lp.bias is None else lp.bias.numel() * 4) for lp in plan.layers.values())
+    if not plan.parameters:
+        before = sum(lp.in_features * lp.out_features * 2 for lp in plan.layers.values())
+        after = sum(lp.weight_bytes for lp in plan.layers.values())
+        return [["weight bytes, fp16 -> quantized (quantized layers only)", f"{before / mib:.2f} MiB -> "
+                 f"{after / mib:.2f} MiB" + (f" ({before / after:.2f}x smaller)" if after else "")]]
+    replaced = set()
+    for name, lp in plan.layers.items():
+        replaced.add(name + ".weight" if name + ".weight" in plan.parameters else name)
+        if lp.bias is not None:
+            replaced.add(name + ".bias")
+    numel = {k: math.prod(v) for k, v in plan.parameters.items()}
+    before = 2 * sum(numel.values())
+    kept = 2 * sum(v for k, v in numel.items() if k not in replaced)
+    kept_linear = 2 * sum(numel.get(s + ".weight", numel.get(s, 0)) for s in plan.skipped)
+    after = quantized + kept
+    return [
+        ["model weight bytes, fp16 -> after", f"{before / mib:.2f} MiB -> {after / mib:.2f} MiB"
+                                              + (f" ({before / after:.2f}x smaller)" if after else "")],
+        ["after: quantized layers", f"{quantized / mib:.2f} MiB"],
+        ["after: kept in floating point", f"{kept / mib:.2f} MiB ({100 * kept / before:.1f}% of the model's weights: "
+                                          f"{kept_linear / mib:.2f} MiB in the layers listed 'fp' above, the rest in "
+                                          "embeddings, norms and other parameters)" if before else "-"],
+    ]
+
+
 def explain(obj) -> str:
     """A table of every layer (bits, T, extra channels, flatten ratio, where smoothing went, the op
     used) and the totals.  `obj` is a QuantPlan or a module compiled with backend='flattenquant'."""
@@ -53,21 +87,20 @@ def explain(obj) -> str:
                      f"{g.threshold:.4g}", int(g.extra.sum() + g.weight_dup.sum()), f"{100 * g.flatten_ratio:.1f}%",
                      "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op])
     for name, why in plan.skipped.items():
-        rows.append([name, "-", "fp", "-", "-", "-", "-", "-", f"linear (floating point): {why}"])
+        shape = plan.parameters.get(name + ".weight", plan.parameters.get(name))
+        rows.append([name, "x".join(map(str, shape)) if shape else "-", "fp", "-", "-", "-", "-", "-",
+                     f"linear (floating point): {why}"])
     table = tabulate(rows, headers=["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "KL4/KL8",
                                     "smoothing folded into", "op"], tablefmt="simple")
     n = len(plan.layers)
     n4 = sum(lp.bits == 4 for lp in plan.layers.values())
     ratios = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()]
-    before = sum(lp.in_features * lp.out_features * 2 for lp in plan.layers.values())
-    after = sum(lp.weight_bytes for lp in plan.layers.values())
     totals = [
         ["level", plan.config.level],
-        ["quantized linear layers", f"{n} ({len(plan.skipped)} kept in floating point)"],
+        ["quantized linear layers", f"{n} of {n + len(plan.skipped)} ({len(plan.skipped)} kept in floating point)"],
         ["INT4 share of layers", f"{100 * n4 / n:.1f}%" if n else "-"],
         ["average flatten ratio", f"{100 * sum(ratios) / n:.1f}%" if n else "-"],
-        ["weight bytes, fp16 -> quantized", f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
-                                            + (f" ({before / after:.2f}x smaller)" if after else "")],
+        *_byte_rows(plan),
         ["graphs compiled", len(reports(plan))],
     ]
     return f"fq_compile plan for {plan.model_type}\n{table}\n\n{tabulate(totals, tablefmt='plain')}"

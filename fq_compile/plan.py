@@ -31,6 +31,11 @@ class PlanMismatchError(ValueError):
     """The plan does not belong to the model or graph it is applied to."""
 
 
+def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Every parameter's shape by name (tied weights once, under their first name)."""
+    return {name: list(p.shape) for name, p in model.named_parameters()}
+
+
 def model_hash(model: torch.nn.Module) -> str:
     """sha256 over the sorted (parameter name, shape) pairs: identifies an architecture + size."""
     h = hashlib.sha256()
@@ -104,6 +109,12 @@ class LayerPlan:
     fingerprint: float
     kl_ratio: float | None = None
     rows_folded_from: str | None = None   # group whose smoothing is folded into this layer's rows
+    transposed: bool = False      # the model stores the weight [K, N] (GPT-2's Conv1D); weight_q is [N, K'] anyway
+
+    @property
+    def model_weight_shape(self) -> tuple[int, int]:
+        """The shape of the model's parameter this layer quantizes, as the model stores it."""
+        return (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
 
     @property
     def scale(self) -> float:
@@ -123,6 +134,7 @@ class QuantPlan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)   # layer -> why it stays in floating point
     calibration: dict = field(default_factory=dict)          # batches, tokens, ...
+    parameters: dict[str, list[int]] = field(default_factory=dict)   # every model parameter's shape (explain's bytes)
 
     # -- lookup -----------------------------------------------------------------------------------
     def group_of(self, layer: str) -> GroupPlan:
@@ -132,13 +144,13 @@ class QuantPlan:
         """Raise PlanMismatchError naming the first layer that does not match `model`."""
         params = dict(model.named_parameters())
         for name, lp in self.layers.items():
-            w = params.get(name + ".weight")
+            w = params.get(name + ".weight", params.get(name))
             if w is None:
                 raise PlanMismatchError(f"plan layer {name!r} does not exist in this {type(model).__name__}: "
                                         f"the plan was made for another model ({self.model_type})")
-            if tuple(w.shape) != (lp.out_features, lp.in_features):
+            if tuple(w.shape) != lp.model_weight_shape:
                 raise PlanMismatchError(f"layer {name!r}: the plan expects weight shape "
-                                        f"{(lp.out_features, lp.in_features)}, the model has {tuple(w.shape)}")
+                                        f"{lp.model_weight_shape}, the model has {tuple(w.shape)}")
 
     # -- persistence -------------------------------------------------------------------------------
     def _tensors_and_meta(self):
@@ -159,9 +171,10 @@ class QuantPlan:
             layers[lname] = dict(index=li, group=lp.group, in_features=lp.in_features, out_features=lp.out_features,
                                  bits=lp.bits, weight_scale=lp.weight_scale, act_scale=lp.act_scale,
                                  has_bias=lp.bias is not None, fingerprint=lp.fingerprint, kl_ratio=lp.kl_ratio,
-                                 rows_folded_from=lp.rows_folded_from)
+                                 rows_folded_from=lp.rows_folded_from, transposed=lp.transposed)
         meta = dict(config=self.config.to_dict(), model_type=self.model_type, model_hash=self.model_hash,
-                    groups=groups, layers=layers, skipped=self.skipped, calibration=self.calibration)
+                    groups=groups, layers=layers, skipped=self.skipped, calibration=self.calibration,
+                    parameters=self.parameters)
         return {k: v.detach().cpu() for k, v in tensors.items()}, meta
 
     def save(self, path: str | os.PathLike) -> None:
@@ -206,7 +219,8 @@ class QuantPlan:
     def _from_meta(cls, meta: dict, tensors: dict) -> "QuantPlan":
         plan = cls(config=Config.from_dict(meta["config"]), model_type=meta["model_type"],
                    model_hash=meta["model_hash"], skipped=dict(meta["skipped"]),
-                   calibration=dict(meta.get("calibration", {})))
+                   calibration=dict(meta.get("calibration", {})),
+                   parameters={k: [int(d) for d in v] for k, v in meta.get("parameters", {}).items()})
         for gname, g in meta["groups"].items():
             gi = g["index"]
             plan.groups[gname] = GroupPlan(
@@ -222,7 +236,7 @@ class QuantPlan:
                            weight_q=tensors[f"l{li}.weight_q"], weight_scale=float(l["weight_scale"]),
                            act_scale=float(l["act_scale"]), bias=tensors[f"l{li}.bias"] if l["has_bias"] else None,
                            fingerprint=float(l["fingerprint"]), kl_ratio=l["kl_ratio"],
-                           rows_folded_from=l["rows_folded_from"])
+                           rows_folded_from=l["rows_folded_from"], transposed=bool(l.get("transposed", False)))
             g = plan.groups[lp.group]
             k = g.flat_features // 2 if lp.bits == 4 else g.flat_features
             if tuple(lp.weight_q.shape) != (lp.out_features, k):

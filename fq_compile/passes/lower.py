@@ -1,6 +1,7 @@
 """Rewrite a Dynamo graph with a QuantPlan: fold smoothing into norms, replace planned linears.
 
-Each planned `linear(x, W, b)` becomes
+Each planned linear layer (any form passes/match.py finds: `linear(x, W, b)`, Conv1D's
+`addmm(b, x, W)`, `x @ W.T + b`) becomes
 
     xq = fq.flatten_quantize(x, src, mult, lo, hi, bits)      # once per (input, bits): q/k/v share it
     y  = fq.int8_linear(xq, Wq, scale, bias, dtype)           # or fq.int4_linear
@@ -25,11 +26,12 @@ import torch.fx as fx
 from fq_compile.kernels.flatten_quantize import QMAX
 from fq_compile.passes.fold import find_fold_site
 from fq_compile.passes.match import (
+    LinearForm,
     ParamNames,
     example_value,
-    is_linear,
     layer_name,
-    linear_args,
+    linear_forms,
+    other_weight_reads,
     param_fqn,
     placeholder_inputs,
 )
@@ -79,14 +81,14 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
     report = GraphReport(index)
     runtime = placeholder_inputs(gm, example_inputs)
     name_of = _param_names(gm, example_inputs, runtime, plan)
-    linears = [n for n in gm.graph.nodes if is_linear(n)]
+    forms = linear_forms(gm, name_of)
     # group this graph's linears by input, as calibration did
-    by_input: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
-    for node in linears:
-        x, w, _ = linear_args(node)
+    by_input: dict[fx.Node, list[tuple[str, LinearForm]]] = {}
+    for form in forms:
+        x, w = form.x, form.weight
         fqn = name_of(w)
         if fqn is None:
-            report.layers.append(LayerReport(f"<linear {node.name}>", "linear (floating point)", "-",
+            report.layers.append(LayerReport(f"<linear {form.node.name}>", "linear (floating point)", "-",
                                              "weight is not a model parameter"))
             continue
         name = layer_name(fqn)
@@ -100,15 +102,21 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
         lp = plan.layers[name]
         wt = runtime.get(w)
         shape = tuple(wt.shape) if isinstance(wt, torch.Tensor) else tuple(example_value(w).shape)
-        if shape != (lp.out_features, lp.in_features):
+        if shape != lp.model_weight_shape or form.transposed != lp.transposed:
             raise PlanMismatchError(f"layer {name!r}: the plan was made for weight shape "
-                                    f"{(lp.out_features, lp.in_features)}, this model has {shape}")
+                                    f"{lp.model_weight_shape}, this model has {shape}"
+                                    + (" (stored transposed)" if form.transposed != lp.transposed else ""))
         if isinstance(wt, torch.Tensor) and not is_released(wt):
             fp = weight_fingerprint(wt)
             if abs(fp - lp.fingerprint) > FINGERPRINT_RTOL * max(abs(lp.fingerprint), 1e-12):
                 raise PlanMismatchError(f"layer {name!r}: the weights differ from those the plan was calibrated on "
                                         f"(sum|W| {fp:.6g} vs {lp.fingerprint:.6g}); recalibrate for these weights")
-        by_input.setdefault(x, []).append((name, node))
+        if (form.bias is None) != (lp.bias is None):
+            raise PlanMismatchError(f"layer {name!r}: the plan {'has' if lp.bias is not None else 'has no'} bias, "
+                                    f"this graph's layer {'has none' if form.bias is None else 'has one'}")
+        by_input.setdefault(x, []).append((name, form))
+    for name, why in other_weight_reads(gm, forms, name_of).items():
+        report.layers.append(LayerReport(name, "floating point", "-", plan.skipped.get(name, why)))
 
     planned = set(plan.layers)
     for x, members in by_input.items():
@@ -117,15 +125,16 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor here but belong to "
                                     f"different plan groups {sorted(groups)}")
         g = plan.groups[groups.pop()]
-        smoothing = _apply_fold(gm, x, {node for _, node in members}, g, planned, runtime, name_of)
+        smoothing = _apply_fold(gm, x, {form.node for _, form in members}, g, planned, runtime, name_of)
         if group_hook is not None:
-            group_hook(gm, g, x, smoothing, members[0][1])
+            group_hook(gm, g, x, smoothing, members[0][1].node)
         device = example_value(x).device if example_value(x) is not None else torch.device("cpu")
         quantized: dict[int, fx.Node] = {}
-        for name, node in members:
+        for name, form in members:
             lp = plan.layers[name]
+            node = form.out
             out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
-            with gm.graph.inserting_before(node):
+            with gm.graph.inserting_before(form.node):
                 if lp.bits not in quantized:
                     base = f"fq_{g.name}_a{lp.bits}"
                     in_op = smoothing == "op"
@@ -139,10 +148,11 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 op = torch.ops.fq.int4_linear.default if lp.bits == 4 else torch.ops.fq.int8_linear.default
                 new = gm.graph.call_function(op, (quantized[lp.bits], wq, lp.scale, bias, out_dtype))
             new.meta.update(node.meta)
-            _, w_node, b_node = linear_args(node)
             node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            for p_node in (w_node, b_node):
+            for dead in dict.fromkeys((node, form.node, *form.views)):   # the bias add, the matmul, W.T
+                if not dead.users:
+                    gm.graph.erase_node(dead)
+            for p_node in (form.weight, form.bias):
                 fqn = name_of(p_node)
                 if fqn is not None and not p_node.users:
                     report.replaced_params[fqn] = p_node

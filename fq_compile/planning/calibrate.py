@@ -8,6 +8,7 @@ The fold analysis runs on the same graphs, so the plan records where each smooth
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -56,6 +57,34 @@ def skipped_layers(model: torch.nn.Module, patterns: tuple[str, ...]) -> dict[st
     return out
 
 
+def _kept_summary(kept: dict[str, str], by_config: dict[str, str], limit: int = 4) -> str:
+    names = [n for n in kept if n not in by_config]
+    if not kept:
+        return ""
+    shown = "; ".join(f"{n}: {kept[n]}" for n in (names or list(kept))[:limit])
+    more = len(names or kept) - limit
+    return f" (kept in floating point: {shown}{f'; and {more} more' if more > 0 else ''})"
+
+
+def _warn_kept(model: torch.nn.Module, plan, unsupported: dict[str, str]) -> None:
+    """Say so when weights that act as linear layers stay in floating point for a reason other than
+    Config.skip (MoE experts, weights read by ops we do not rewrite): explain() lists them too."""
+    if not unsupported:
+        return
+    params = dict(model.named_parameters())
+
+    def numel(name):
+        p = params.get(name + ".weight", params.get(name))
+        return 0 if p is None else p.numel()
+
+    kept = sum(numel(n) for n in unsupported)
+    done = sum(lp.in_features * lp.out_features for lp in plan.layers.values())
+    first = next(iter(unsupported))
+    warnings.warn(f"fq_compile: {len(unsupported)} weight(s) of {type(model).__name__} that act as linear layers stay "
+                  f"in floating point ({100 * kept / max(kept + done, 1):.0f}% of the linear-layer weights), e.g. "
+                  f"{first}: {unsupported[first]}; fq_compile.explain(plan) lists them all", UserWarning, stacklevel=3)
+
+
 def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None = None, *,
               progress: bool = True) -> QuantPlan:
     """Run `batches` through `model` with observers and return the QuantPlan for `config`."""
@@ -99,11 +128,16 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
             seen += 1
     if seen == 0:
         raise CalibrationError("calibrate() got no batches: pass an iterable of input_ids tensors")
-    if not store.inputs:
-        raise CalibrationError(f"no linear layers were found in the graphs of {type(model).__name__}")
     skipped = dict(skip)
     skipped.update(store.unsupported)
+    if not store.inputs:
+        raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer fq_compile can "
+                               "rewrite was found in its graphs" + _kept_summary(store.unsupported, skip))
     plan = build_plan(model, store.inputs, folds, skipped, config, progress=progress)
+    if not plan.layers:
+        raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer ran during "
+                               "calibration" + _kept_summary(plan.skipped, {}))
+    _warn_kept(model, plan, store.unsupported)
     plan.calibration = dict(batches=seen, rows=max(st.rows for st in store.inputs.values()),
                             graphs=len(store.graphs))
     if config.gptq:

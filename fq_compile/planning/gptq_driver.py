@@ -19,7 +19,7 @@ from fq_compile.kernels.packing import pack_int4, unpack_int4
 from fq_compile.plan import QuantPlan
 from fq_compile.planning.flatten import flatten_values
 from fq_compile.planning.gptq import HessianAccumulator, gptq_quantize_flattened
-from fq_compile.planning.planner import flattened_weight
+from fq_compile.planning.planner import flattened_weight, plan_weight
 from fq_compile.planning.weights import quantize_weight
 
 _BLOCK = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -105,7 +105,7 @@ def apply_gptq(model, plan: QuantPlan, batches, call, device, progress: bool = T
             for layer in g.layers:
                 lp = plan.layers[layer]
                 rows = plan.groups[lp.rows_folded_from].smooth if lp.rows_folded_from else None
-                wf = flattened_weight(params[layer + ".weight"].detach().float().cpu(), g, rows)
+                wf = flattened_weight(plan_weight(params, lp), g, rows)
                 rtn = quantize_weight(wf, lp.weight_scale, 8, g.cmap) if lp.bits == 8 else \
                     unpack_int4(quantize_weight(wf, lp.weight_scale, 4, g.cmap))
                 original = torch.zeros(g.flat_features, dtype=torch.bool)

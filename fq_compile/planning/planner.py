@@ -13,12 +13,14 @@ from tqdm.auto import tqdm
 
 from fq_compile.config import Config
 from fq_compile.kernels.flatten_quantize import QMAX
+from fq_compile.passes.match import LayerParams
 from fq_compile.passes.observe import CalibrationError, InputStats
 from fq_compile.plan import (
     GroupPlan,
     LayerPlan,
     QuantPlan,
     model_hash,
+    parameter_shapes,
     weight_fingerprint,
 )
 from fq_compile.planning import bits as bits_pass
@@ -32,6 +34,19 @@ from fq_compile.planning.flatten import (
 from fq_compile.planning.smooth import smoothing_scales
 from fq_compile.planning.threshold import truncation_threshold
 from fq_compile.planning.weights import quantize_weight, weight_scale
+
+
+def layer_weight(params: dict[str, torch.Tensor], ref: LayerParams) -> torch.Tensor:
+    """A layer's weight as nn.Linear stores it, [N, K], in float32 on the CPU (where planning runs,
+    whatever the model's device); a Conv1D weight ([K, N]) is transposed."""
+    w = params[ref.weight].detach()
+    return (w.t() if ref.transposed else w).float().cpu()
+
+
+def plan_weight(params: dict[str, torch.Tensor], lp: LayerPlan) -> torch.Tensor:
+    """`layer_weight` of a planned layer (its parameter is '<layer>.weight', or '<layer>' itself)."""
+    name = lp.name + ".weight" if lp.name + ".weight" in params else lp.name
+    return layer_weight(params, LayerParams(name, None, lp.transposed))
 
 
 def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], fold: str, fold_note: str,
@@ -69,7 +84,10 @@ def flattened_weight(weight: torch.Tensor, group: GroupPlan, row_scale: torch.Te
 
 
 def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,
-               row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None) -> LayerPlan:
+               row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None,
+               fingerprint: float | None = None, transposed: bool = False) -> LayerPlan:
+    """weight is [N, K] (transposed already where the model stores it [K, N]: `transposed`);
+    fingerprint is the model parameter's, as the backend will compute it (default: weight's)."""
     b = None if bias is None else bias.float().clone()
     if row_scale is not None and b is not None:
         b = b / row_scale
@@ -84,20 +102,24 @@ def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.T
     ws = weight_scale(wf, qmax, config.weight_clip_method)
     return LayerPlan(name=layer, group=group.name, in_features=weight.shape[1], out_features=weight.shape[0],
                      bits=nbits, weight_q=quantize_weight(wf, ws, nbits, group.cmap), weight_scale=ws,
-                     act_scale=group.threshold / qmax, bias=b, fingerprint=weight_fingerprint(weight),
-                     kl_ratio=ratio, rows_folded_from=row_group)
+                     act_scale=group.threshold / qmax, bias=b,
+                     fingerprint=weight_fingerprint(weight) if fingerprint is None else fingerprint,
+                     kl_ratio=ratio, rows_folded_from=row_group, transposed=transposed)
 
 
 def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dict[str, tuple[str, str]],
                skipped: dict[str, str], config: Config, progress: bool = True) -> QuantPlan:
     """folds: group -> (encoded fold site, note) from the fold analysis."""
     plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model),
-                     skipped=dict(skipped))
+                     skipped=dict(skipped), parameters=parameter_shapes(model))
     params = dict(model.named_parameters())
 
-    def weight_of(layer):
-        # planning runs on the CPU, where statistics and plan tensors live, whatever the model's device
-        return params[layer + ".weight"].detach().float().cpu()
+    def ref_of(st: InputStats, layer: str) -> LayerParams:
+        """The layer's parameters as its graph named them (bias from the graph node, not by name)."""
+        ref = st.params.get(layer)
+        if ref is None:      # stats made without graph names: nn.Linear's
+            ref = LayerParams(layer + ".weight", layer + ".bias" if layer + ".bias" in params else None)
+        return ref
 
     for name, st in tqdm(list(inputs.items()), desc="fq_compile: planning groups", disable=not progress):
         if st.absmax is None:
@@ -107,7 +129,7 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
         fold, note = folds.get(name, ("op", "no fold analysis"))
         if not config.fold:
             fold, note = "op", "folding disabled (Config.fold=False)"
-        weights = {l: weight_of(l) for l in st.layers}
+        weights = {l: layer_weight(params, ref_of(st, l)) for l in st.layers}
         plan.groups[name] = plan_group(name, st, weights, fold, note, config)
     # rows folds: the producer layer's rows are divided by the consumer group's scales
     row_fold = {}
@@ -126,8 +148,10 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             act_ratio = bits_pass.tensor_ratio(sample, g.threshold, config.kl_bins, config.kl_method)
         for layer in g.layers:
             rg = row_fold.get(layer)
-            bias = params.get(layer + ".bias")
-            plan.layers[layer] = plan_layer(layer, g, weight_of(layer), None if bias is None else bias.detach().float().cpu(),
+            ref = ref_of(st, layer)
+            bias = None if ref.bias is None else params[ref.bias].detach().float().cpu()
+            plan.layers[layer] = plan_layer(layer, g, layer_weight(params, ref), bias,
                                             None if rg is None else rg.smooth, None if rg is None else rg.name,
-                                            config, act_ratio)
+                                            config, act_ratio, fingerprint=weight_fingerprint(params[ref.weight]),
+                                            transposed=ref.transposed)
     return plan
