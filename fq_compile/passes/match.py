@@ -227,7 +227,8 @@ def _reader(node: fx.Node) -> str:
     return f"{node.op} {t}"
 
 
-_PASS_THROUGH = {"to", "contiguous", "view", "reshape", "float", "half", "bfloat16"}
+_PASS_THROUGH = {"to", "contiguous", "view", "reshape", "float", "half", "bfloat16", "expand", "unsqueeze", "squeeze",
+                 "permute", "transpose", "flatten", "unflatten"}
 
 
 def other_weight_reads(gm: fx.GraphModule, forms: list[LinearForm], name_of) -> dict[str, str]:

@@ -58,11 +58,12 @@ def skipped_layers(model: torch.nn.Module, patterns: tuple[str, ...]) -> dict[st
 
 
 def _kept_summary(kept: dict[str, str], by_config: dict[str, str], limit: int = 4) -> str:
-    names = [n for n in kept if n not in by_config]
+    """What stayed in floating point and why, for an error message: other reasons before Config.skip."""
     if not kept:
         return ""
-    shown = "; ".join(f"{n}: {kept[n]}" for n in (names or list(kept))[:limit])
-    more = len(names or kept) - limit
+    names = sorted(kept, key=lambda n: n in by_config)
+    shown = "; ".join(f"{n}: {kept[n]}" for n in names[:limit])
+    more = len(names) - limit
     return f" (kept in floating point: {shown}{f'; and {more} more' if more > 0 else ''})"
 
 
@@ -132,11 +133,11 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     skipped.update(store.unsupported)
     if not store.inputs:
         raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer fq_compile can "
-                               "rewrite was found in its graphs" + _kept_summary(store.unsupported, skip))
+                               "rewrite was found in its graphs" + _kept_summary(skipped, skip))
     plan = build_plan(model, store.inputs, folds, skipped, config, progress=progress)
     if not plan.layers:
         raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer ran during "
-                               "calibration" + _kept_summary(plan.skipped, {}))
+                               "calibration" + _kept_summary(plan.skipped, skip))
     _warn_kept(model, plan, store.unsupported)
     plan.calibration = dict(batches=seen, rows=max(st.rows for st in store.inputs.values()),
                             graphs=len(store.graphs))
