@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import fq_compile
 from fq_compile import Config, PlanFormatError, QuantPlan
-from tests.conftest import VOCAB, batches, tiny_llama, tiny_opt
+from tests.conftest import VOCAB, batches, tiny_gpt2, tiny_llama, tiny_opt
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,28 @@ def test_round_trip_gives_the_same_model(saved):
         b = torch.compile(model, backend="flattenquant", options={"plan": str(path), "inductor": False})(x).logits
     assert torch.equal(a, b)
     loaded.check_model(model)
+
+
+def test_round_trip_keeps_transposed_layers_and_the_parameter_list(tmp_path):
+    """GPT-2's Conv1D layers (weights stored [K, N]) survive the trip, and so does the list of the
+    model's parameters that explain() counts its bytes from."""
+    torch._dynamo.reset()
+    model = tiny_gpt2(layers=1)
+    plan = fq_compile.calibrate(model, batches(n=1), Config(level="O1"), progress=False)
+    assert all(lp.transposed for lp in plan.layers.values())
+    plan.save(tmp_path / "gpt2.fqplan")
+    loaded = QuantPlan.load(tmp_path / "gpt2.fqplan")
+    assert {n: lp.transposed for n, lp in loaded.layers.items()} == {n: True for n in plan.layers}
+    assert loaded.parameters == plan.parameters == {n: list(p.shape) for n, p in model.named_parameters()}
+    assert fq_compile.explain(loaded) == fq_compile.explain(plan)
+    loaded.check_model(model)
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch._dynamo.reset()
+        a = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x).logits
+        torch._dynamo.reset()
+        b = torch.compile(model, backend="flattenquant", options={"plan": loaded, "inductor": False})(x).logits
+    assert torch.equal(a, b)
 
 
 def test_truncated_file_is_refused(saved, tmp_path):

@@ -84,6 +84,10 @@ def block_structure(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)
     def capture(gm, example_inputs):
         name_of = ParamNames(gm, example_inputs, by_id=by_id)
         groups, _ = find_linears(gm, name_of)
+        stored_kn = [l.layer for lins in groups.values() for l in lins if l.params is not None and l.params.transposed]
+        if stored_kn:
+            raise ValueError(f"synthetic_plan supports nn.Linear's weight layout only; {type(model).__name__} stores "
+                             f"{stored_kn[0]} transposed (Conv1D): calibrate it with fq_compile.calibrate")
         planned = {l.layer for lins in groups.values() for l in lins if l.layer not in skip}
         for x, lins in groups.items():
             site = find_fold_site(x, {l.node for l in lins}, planned, name_of)
