@@ -45,6 +45,7 @@ from fq_compile.plan import (
     LayerPlan,
     QuantPlan,
     model_hash,
+    parameter_shapes,
     weight_fingerprint,
 )
 from fq_compile.planning.calibrate import skipped_layers
@@ -162,7 +163,8 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
     int4 = {pos: _int4_blocks(n_blocks, int4_share, phases[pos]) for pos in phases}
 
     plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model), skipped=skipped,
-                     calibration={"synthetic": source, "flatten_ratio": flatten_ratio, "int4_share": int4_share})
+                     calibration={"synthetic": source, "flatten_ratio": flatten_ratio, "int4_share": int4_share},
+                     parameters=parameter_shapes(model))
     gen = torch.Generator().manual_seed(seed)
     t = SYNTHETIC_THRESHOLD
     row_of = {}

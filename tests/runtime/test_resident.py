@@ -210,6 +210,7 @@ def test_synthetic_plan_has_the_requested_shares_and_the_calibrated_structure(ma
     synthetic = synthetic_plan(small, "O1", flatten_ratio=ratio, progress=False)
     assert {n: g.fold for n, g in synthetic.groups.items()} == {n: g.fold for n, g in calibrated.groups.items()}
     assert set(synthetic.skipped) == set(calibrated.skipped)
+    assert synthetic.parameters == calibrated.parameters  # explain() counts every parameter's bytes
 
 
 def test_synthetic_plan_with_released_weights_compiles_to_the_same_model():
