@@ -12,6 +12,7 @@ from fq_compile.explain import explain
 from fq_compile.passes.observe import CalibrationError
 from fq_compile.plan import PlanFormatError, PlanMismatchError, QuantPlan
 from fq_compile.planning.calibrate import calibrate
+from fq_compile.runtime.guards import RecompileLimitError
 from fq_compile.runtime.resident import resident_bytes
 
 __version__ = "0.1.0"
@@ -29,4 +30,5 @@ def _register_backend() -> None:
 _register_backend()
 
 __all__ = ["Config", "ConfigError", "calibrate", "QuantPlan", "explain", "flattenquant", "CalibrationError",
-           "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "resident_bytes", "__version__"]
+           "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "RecompileLimitError", "resident_bytes",
+           "__version__"]

@@ -16,9 +16,18 @@ kernels inline through torch.library.triton_op).  Options:
                CPU users can still run the un-compiled model side by side).  Only the weights that
                nothing but replaced linears reads are freed (see fq_compile/runtime/resident.py); the
                compiled model keeps working for every later call and recompile, the un-compiled
-               module no longer runs (PyTorch raises "... out of bounds for storage of size 0").
-               While set, hitting Dynamo's recompile limit raises instead of silently running the
-               frame eagerly on freed weights.
+               module no longer runs (it raises, saying so).
+
+What keeps a compiled model from silently running something else than its plan (runtime/guards.py):
+  * each compiled graph is wrapped in a WeightGuard: before every call, the parameters whose values
+    the rewrite consumed (quantized weights and biases, folded norm weights) must be unchanged, or
+    the call raises PlanMismatchError saying to recalibrate (in-place updates, load_state_dict);
+  * the module of every quantized linear gets a forward pre-hook that compiled code never runs: if
+    Dynamo runs such a layer eagerly inside flattenquant-compiled code (a frame over its recompile
+    limit, set_stance("eager_on_recompile")), it raises RecompileLimitError naming the remedies,
+    instead of computing in floating point.  Per module, so no process-wide flag.
+Use dynamic=True (torch.compile(model, backend="flattenquant", dynamic=True, options=...)) so that
+changes of batch size and length need no new graph.
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ import torch
 from fq_compile import kernels  # noqa: F401  (registers torch.ops.fq.*)
 from fq_compile.kernels import dispatch
 from fq_compile.passes.lower import GraphReport, rewrite
+from fq_compile.passes.match import owner_modules
 from fq_compile.plan import QuantPlan
+from fq_compile.runtime.guards import WeightGuard, guard_eager_runs
 from fq_compile.runtime.state import reports
 
 _KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm"}
@@ -68,6 +79,8 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     else:
         report = GraphReport(index, code=gm.code)
     compiled_reports.append(report)
+    index_of = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    watched = [(index_of[n], fqn, fp) for n, (fqn, fp) in report.watched.items() if n in index_of]
 
     dump_dir = options.get("dump_dir") or os.environ.get("FQ_DUMP_DIR")
     if dump_dir:
@@ -85,12 +98,35 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
 
         with dispatch.use(options.get("gemm")):  # Triton/CUTLASS choice, kernels/gemm_dispatch.py
             compiled = compile_fx(gm, example_inputs)
+    if not plan.config.quantize:
+        return compiled
+    _guard_layers(gm, example_inputs, report)
     free = options.get("free_weights")
     if free is None:
         free = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-    if free and plan.config.quantize:
+    if free:
         report.released_bytes = _release_replaced(gm, example_inputs, report, plan)
-    return compiled
+    return WeightGuard(compiled, example_inputs, watched) if watched else compiled
+
+
+flattenquant._fq_backend = True     # how runtime/guards.py recognises Dynamo callbacks that compile with us
+
+
+_warned_unguarded: set[str] = set()
+
+
+def _guard_layers(gm, example_inputs, report: GraphReport) -> None:
+    """Hook the module of every replaced linear so that an eager run of it raises (runtime/guards.py)."""
+    import warnings
+
+    modules = owner_modules(gm, example_inputs, report.layer_weights)
+    guard_eager_runs(modules)
+    missing = sorted(set(report.layer_weights.values()) - set(modules))
+    if missing and missing[0] not in _warned_unguarded:
+        _warned_unguarded.add(missing[0])
+        warnings.warn(f"fq_compile: could not find the module of {len(missing)} quantized layer(s) (e.g. {missing[0]}) "
+                      "in the frame Dynamo traced; if Dynamo ever runs them eagerly (recompile limit), they would "
+                      "compute in floating point without an error", RuntimeWarning, stacklevel=2)
 
 
 def _release_replaced(gm: torch.fx.GraphModule, example_inputs, report: GraphReport, plan: QuantPlan) -> int:
@@ -109,8 +145,4 @@ def _release_replaced(gm: torch.fx.GraphModule, example_inputs, report: GraphRep
                 or t.untyped_storage().data_ptr() in used):
             continue
         freed += release(t, fqn)
-    if freed:
-        # a frame over the recompile limit would run eagerly and read freed weights: make it raise
-        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
-            torch._dynamo.config.fail_on_recompile_limit_hit = True
     return freed

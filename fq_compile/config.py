@@ -41,7 +41,9 @@ class Config:
     flatten_weights: also flatten weight columns whose max exceeds the weight threshold (paper 4.1,
         last paragraph) by splitting them into equal parts and repeating the activation channel.
     weight_beta: threshold coefficient for weight flattening (same Eq. 6-7 on column maxima).
-    weight_clip: per-tensor weight scale from the max ("max") or the MSE-optimal clip ("mse"); None
+    weight_scale: weight scale granularity: "tensor" (one per layer, the paper's) or "channel" (one per
+        output channel, applied in the GEMM epilogue at no cost; the activation side stays per tensor).
+    weight_clip: weight scales from the max ("max") or the MSE-optimal clip ("mse"); None
         keeps the level's: "mse" for O1-O3, "max" for w8a8/smoothquant, both chosen on held-out
         validation windows (benchmarks/results/accuracy-smollm2-135m-select-cpu.md): without
         flattening, a weight-MSE clip cuts the weights that meet the outlier activation channels.
@@ -66,6 +68,7 @@ class Config:
     smoothing: str | None = None
     flatten_weights: bool = False
     weight_beta: float = 1.3
+    weight_scale: str = "tensor"
     weight_clip: str | None = None
     fold: bool = True
     skip: tuple[str, ...] = ("lm_head",)
@@ -88,6 +91,8 @@ class Config:
             raise ConfigError(f"Config.pad_multiple={self.pad_multiple!r} must be an even integer >= 2 (INT4 packs two per byte)")
         if self.smoothing not in (None, "none", "smoothquant", "sigmoid"):
             raise ConfigError(f"Config.smoothing={self.smoothing!r} must be None, 'none', 'smoothquant' or 'sigmoid'")
+        if self.weight_scale not in ("tensor", "channel"):
+            raise ConfigError(f"Config.weight_scale={self.weight_scale!r} must be 'tensor' or 'channel'")
         if self.weight_clip not in (None, "max", "mse"):
             raise ConfigError(f"Config.weight_clip={self.weight_clip!r} must be None, 'max' or 'mse'")
         if self.kl_method not in ("fixed", "tensorrt"):

@@ -97,6 +97,7 @@ def explain(obj) -> str:
     ratios = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()]
     totals = [
         ["level", plan.config.level],
+        ["weight scales", f"per {'output channel' if plan.config.weight_scale == 'channel' else 'tensor'}"],
         ["quantized linear layers", f"{n} of {n + len(plan.skipped)} ({len(plan.skipped)} kept in floating point)"],
         ["INT4 share of layers", f"{100 * n4 / n:.1f}%" if n else "-"],
         ["average flatten ratio", f"{100 * sum(ratios) / n:.1f}%" if n else "-"],

@@ -159,16 +159,33 @@ def test_folding_stays_within_quantization_error(make_model):
     assert _rel(outs[True], outs[False]) < _rel(outs[False], ref)
 
 
+def _fold_kinds(plan):
+    return {name.rsplit(".", 1)[-1].split("+")[0]: g.fold.split(":")[0] for name, g in plan.groups.items()}
+
+
+def _no_cache(data):
+    return [{"input_ids": b, "use_cache": False} for b in data]
+
+
 def test_fold_sites_per_architecture():
-    opt = fq_compile.calibrate(tiny_opt(), batches(n=1), Config(level="O1"), progress=False)
-    folds = {name.rsplit(".", 1)[-1].split("+")[0]: g.fold.split(":")[0] for name, g in opt.groups.items()}
-    assert folds == {"q_proj": "norm", "out_proj": "rows", "fc1": "norm", "fc2": "rows"}
+    opt = fq_compile.calibrate(tiny_opt(), _no_cache(batches(n=1)), Config(level="O1"), progress=False)
+    assert _fold_kinds(opt) == {"q_proj": "norm", "out_proj": "rows", "fc1": "norm", "fc2": "rows"}
     torch._dynamo.reset()
     for kv_heads, attn_fold in ((2, "op"), (4, "rows")):   # GQA cannot fold into v_proj; MHA can
-        llama = fq_compile.calibrate(tiny_llama(kv_heads=kv_heads), batches(n=1), Config(level="O1"), progress=False)
-        folds = {name.rsplit(".", 1)[-1].split("+")[0]: g.fold.split(":")[0] for name, g in llama.groups.items()}
+        llama = fq_compile.calibrate(tiny_llama(kv_heads=kv_heads), _no_cache(batches(n=1)), Config(level="O1"),
+                                     progress=False)
+        folds = _fold_kinds(llama)
         assert folds == {"q_proj": "norm", "o_proj": attn_fold, "gate_proj": "norm", "down_proj": "rows"}, folds
         torch._dynamo.reset()
+
+
+def test_kv_cache_returned_to_the_caller_keeps_the_attention_smoothing_in_the_op():
+    """With use_cache=True the values V go into past_key_values: folding s into v_proj would hand
+    the caller V / s, so the graphs calibration sees keep s in o_proj's quantize op."""
+    plan = fq_compile.calibrate(tiny_llama(kv_heads=4), batches(n=1), Config(level="O1"), progress=False)
+    attn = next(g for name, g in plan.groups.items() if name.endswith("o_proj"))
+    assert attn.fold == "op" and "KV cache" in attn.fold_note, (attn.fold, attn.fold_note)
+    assert _fold_kinds(plan)["down_proj"] == "rows"
 
 
 def test_dynamic_sequence_lengths_do_not_recompile_per_length(make_model):
@@ -365,7 +382,7 @@ def test_o3_gptq_runs_and_beats_o2_rounding(make_model):
         for level in ("O2", "O3"):
             out, plan = _quantized_logits(model, x, iter(batches(n=6)), Config(level=level, gamma=2.3))
             errs[level] = _rel(out, ref)
-            plans[level] = {n: (lp.bits, lp.weight_scale) for n, lp in plan.layers.items()}
+            plans[level] = {n: (lp.bits, tuple(lp.weight_scale.tolist())) for n, lp in plan.layers.items()}
     assert plans["O2"] == plans["O3"]
     assert errs["O3"] < errs["O2"], errs
 

@@ -28,7 +28,7 @@ def test_round_trip_gives_the_same_model(saved):
     assert set(loaded.layers) == set(plan.layers) and loaded.skipped == plan.skipped
     for name, lp in plan.layers.items():
         lq = loaded.layers[name]
-        assert torch.equal(lq.weight_q, lp.weight_q) and lq.bits == lp.bits and lq.scale == lp.scale
+        assert torch.equal(lq.weight_q, lp.weight_q) and lq.bits == lp.bits and torch.equal(lq.scale, lp.scale)
     assert {lp.bits for lp in loaded.layers.values()} == {4, 8}      # both kinds survive the trip
     x = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
@@ -93,27 +93,186 @@ def test_foreign_and_garbage_files_are_refused(tmp_path):
         QuantPlan.load(tmp_path / "missing.fqplan")
 
 
-def test_other_version_is_refused(saved, tmp_path):
-    _, _, path = saved
+def _read(path):
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["format_version"] = "999"
-    newer = tmp_path / "newer.fqplan"
-    save_file(tensors, newer, metadata=meta)
-    with pytest.raises(PlanFormatError, match="version 999"):
-        QuantPlan.load(newer)
-    meta["format_version"] = "1"
-    meta["plan"] = json.dumps({"config": {}})
-    broken = tmp_path / "broken.fqplan"
-    save_file(tensors, broken, metadata=meta)
+        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _write(path, header, tensors, meta=None, reseal=True):
+    """Write a plan file with `meta` as its plan JSON; reseal: recompute the checksums, as a
+    hand-edited or buggy writer would, so that only QuantPlan.validate can refuse the file."""
+    from fq_compile.plan import _header_checksum, _tensor_digest
+
+    header = dict(header)
+    if meta is not None:
+        header["plan"] = json.dumps(meta)
+    if reseal:
+        header["tensor_sha256"] = _tensor_digest(tensors)
+        header["checksum"] = _header_checksum(header)
+    save_file(tensors, path, metadata=header)
+    return path
+
+
+def test_other_versions_are_refused_with_what_to_do(saved, tmp_path):
+    _, _, path = saved
+    header, tensors = _read(path)
+    for version, words in (("999", "use the fq_compile that wrote it"), ("3", "transposed.*recalibrate"), ("2", "recalibrate"),
+                           ("1", "recalibrate")):
+        bad = _write(tmp_path / f"v{version}.fqplan", {**header, "format_version": version}, tensors)
+        with pytest.raises(PlanFormatError, match=f"version {version}.*{words}"):
+            QuantPlan.load(bad)
+
+
+def test_metadata_change_breaks_the_checksum(saved, tmp_path):
+    """The JSON header is covered: one scale changed by a digit, checksums left alone, is refused."""
+    _, plan, path = saved
+    header, tensors = _read(path)
+    meta = json.loads(header["plan"])
+    layer = next(iter(meta["layers"]))
+    meta["layers"][layer]["act_scale"] *= 2.77
+    bad = _write(tmp_path / "edited.fqplan", header, tensors, meta, reseal=False)
+    with pytest.raises(PlanFormatError, match="metadata does not match its checksum"):
+        QuantPlan.load(bad)
+
+
+def test_random_bit_flips_in_the_header_are_all_refused(saved, tmp_path):
+    """The issue found 38 of 150 single-bit flips in the JSON header loading (10 silently changed
+    scales, thresholds or bits); every one must now be refused with PlanFormatError."""
+    import random
+    import struct
+
+    _, _, path = saved
+    data = path.read_bytes()
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    rng = random.Random(12)
+    bad = tmp_path / "flip.fqplan"
+    positions = [rng.randrange(header_end * 8) for _ in range(150)] + [rng.randrange(header_end * 8, len(data) * 8)
+                                                                      for _ in range(20)]
+    for bit in positions:
+        flipped = bytearray(data)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(PlanFormatError):
+            QuantPlan.load(bad)
+
+
+def test_malformed_metadata_is_refused(saved, tmp_path):
+    _, _, path = saved
+    header, tensors = _read(path)
+    bad = _write(tmp_path / "broken.fqplan", header, tensors, {"config": {}})
     with pytest.raises(PlanFormatError, match="malformed"):
-        QuantPlan.load(broken)
+        QuantPlan.load(bad)
+    meta = json.loads(header["plan"])
+    meta["config"]["alpha"] = 7.0
+    bad = _write(tmp_path / "config.fqplan", header, tensors, meta)
+    with pytest.raises(PlanFormatError, match="config: Config.alpha=7.0"):
+        QuantPlan.load(bad)
+
+
+def _layer(plan, bits=None):
+    return next(lp for lp in plan.layers.values() if bits is None or lp.bits == bits)
+
+
+def _oblong(plan):
+    return next(lp for lp in plan.layers.values() if lp.in_features != lp.out_features)
+
+
+# each edit makes one field wrong in a plan whose checksums are then recomputed; the error names the field
+FIELD_EDITS = {
+    "bits": (lambda p: setattr(_layer(p, 8), "bits", 9), r"\.bits: 9 must be 4 or 8"),
+    "bits-4-as-8": (lambda p: setattr(_layer(p, 4), "bits", 8), r"\.weight_q: dtype torch.uint8"),
+    "act_scale": (lambda p: setattr(_layer(p), "act_scale", _layer(p).act_scale * 2.77),
+                  r"\.act_scale: .* != the group's threshold"),
+    "act_scale-negative": (lambda p: setattr(_layer(p), "act_scale", -1.0), r"\.act_scale: -1.0 must be a finite"),
+    "weight_scale-nan": (lambda p: _layer(p).weight_scale.__setitem__(0, float("nan")),
+                         r"\.weight_scale: every entry must be finite and > 0"),
+    "weight_scale-zero": (lambda p: _layer(p).weight_scale.__setitem__(-1, 0.0),
+                          r"\.weight_scale: every entry must be finite and > 0"),
+    "weight_scale-number": (lambda p: setattr(_layer(p), "weight_scale", 0.01), r"\.weight_scale: must be a tensor"),
+    "weight_scale-per-channel-negative": (
+        lambda p: setattr(_layer(p), "weight_scale", -torch.ones(_layer(p).out_features)),
+        r"\.weight_scale: every entry must be finite and > 0"),
+    "weight_scale-per-channel-shape": (lambda p: setattr(_layer(p), "weight_scale", torch.ones(3)),
+                                       r"\.weight_scale: shape \(3,\)"),
+    "threshold": (lambda p: setattr(next(iter(p.groups.values())), "threshold", float("inf")), r"\.threshold: inf"),
+    "smooth": (lambda p: next(iter(p.groups.values())).smooth.__setitem__(0, -1.0), r"\.smooth: every entry"),
+    "cmap-src": (lambda p: next(iter(p.groups.values())).cmap.src.__setitem__(-1, 10**6), r"\.cmap\.src: every index"),
+    "cmap-active": (lambda p: next(iter(p.groups.values())).cmap.active.fill_(True), r"\.cmap\.active"),
+    "fold-kind": (lambda p: setattr(next(iter(p.groups.values())), "fold", "blend:x"), r"\.fold: 'blend:x' is not"),
+    "fold-rows-producer": (lambda p: setattr(next(g for g in p.groups.values() if g.fold.startswith("rows:")),
+                                             "fold", "rows:nowhere"), r"\.fold: 'rows:nowhere': the producer"),
+    "weight_q-int8-range": (lambda p: _layer(p, 8).weight_q.view(-1).__setitem__(0, -128), r"\.weight_q: INT8"),
+    "weight_q-shape": (lambda p: setattr(_layer(p, 8), "weight_q", _layer(p, 8).weight_q[:, :-2].contiguous()),
+                       r"\.weight_q: shape"),
+    "in_features": (lambda p: setattr(_layer(p), "in_features", 3), r"\.in_features: 3 != its group"),
+    "group": (lambda p: setattr(_layer(p), "group", "nowhere"), r"\.layers: '.*' is not a plan layer of this group"),
+    "fingerprint": (lambda p: setattr(_layer(p), "fingerprint", 12.5), r"\.fingerprint: 12.5 must be"),
+    "skipped-and-quantized": (lambda p: p.skipped.__setitem__(next(iter(p.layers)), "why"),
+                              r"skipped\[.*\]: the layer is both skipped and quantized"),
+    "model_hash": (lambda p: setattr(p, "model_hash", "abc"), r"model_hash: 'abc' must be 64 hexadecimal"),
+    "transposed-type": (lambda p: setattr(_layer(p), "transposed", 1), r"\.transposed: 1 must be true or false"),
+    "transposed-layout": (lambda p: p.parameters.__setitem__(_oblong(p).name + ".weight", [_oblong(p).in_features,
+                                                                                           _oblong(p).out_features]),
+                          r"\.transposed: the model's weight is"),
+    "parameters": (lambda p: p.parameters.__setitem__("x.weight", [2, -1]), r"parameters\['x.weight'\]: .* sizes"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(FIELD_EDITS))
+def test_every_field_is_validated_naming_it(saved, tmp_path, edit):
+    import copy
+
+    _, plan, path = saved
+    change, message = FIELD_EDITS[edit]
+    bad_plan = copy.deepcopy(plan)
+    change(bad_plan)
+    with pytest.raises(PlanFormatError, match=message):
+        bad_plan.validate()
+    with pytest.raises(PlanFormatError, match=message):
+        bad_plan.save(tmp_path / "never.fqplan")             # save refuses to write it
+    assert not (tmp_path / "never.fqplan").exists()
+    if edit == "weight_scale-number":
+        return                          # a number cannot even be written as the file's tensor
+    # a file holding the bad field with valid checksums (a foreign writer) is refused on load
+    tensors, meta = bad_plan._tensors_and_meta()
+    header, _ = _read(path)
+    bad = _write(tmp_path / "bad.fqplan", header, tensors, meta)
+    with pytest.raises(PlanFormatError, match=message):
+        QuantPlan.load(bad)
+
+
+def test_per_channel_weight_scales_round_trip(saved, tmp_path):
+    """Distinct per-output-channel scales survive save/load exactly and validate."""
+    import copy
+
+    _, plan, _ = saved
+    p = copy.deepcopy(plan)
+    lp = _layer(p)
+    lp.weight_scale = lp.weight_scale * torch.linspace(0.5, 1.5, lp.out_features)
+    p.validate()
+    p.save(tmp_path / "pc.fqplan")
+    q = QuantPlan.load(tmp_path / "pc.fqplan")
+    assert torch.equal(q.layers[lp.name].weight_scale, lp.weight_scale)
 
 
 def test_loaded_plan_refuses_another_model(saved):
     _, _, path = saved
     with pytest.raises(fq_compile.PlanMismatchError, match="another model"):
         QuantPlan.load(path).check_model(tiny_opt(layers=1))
+
+
+def test_check_model_compares_the_values(saved):
+    import copy
+
+    model, _, path = saved
+    plan = QuantPlan.load(path)
+    plan.check_model(model)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight[5:9] *= -1             # same sum of |W|, other weights
+    with pytest.raises(fq_compile.PlanMismatchError, match=r"up_proj\.weight: the weights differ.*other values"):
+        plan.check_model(other)
+    with pytest.raises(fq_compile.PlanMismatchError, match=r"dtype bfloat16 instead of float32"):
+        plan.check_model(copy.deepcopy(model).to(torch.bfloat16))

@@ -1,22 +1,28 @@
 """Activation smooth + flatten (Eq. 3) + per-tensor quantize, as one op: `fq::flatten_quantize`.
 
 The flattened activation is described per output position p by four constants computed at plan
-time (see `fq_compile.passes.flatten.channel_map`):
+time (the plan's channel map, see `fq_compile.planning.flatten.channel_map`):
 
     src[p]  which input channel feeds position p (extra channels repeat their source channel)
     mult[p] 1 / (smoothing scale of src[p] * activation scale): moves x into quantized units
-    lo[p], hi[p]  the slice of |x| this position carries, in quantized units
+    lo[p], hi[p]  the slice of |x| this position carries, in quantized units (lo an integer)
 
-and the integer result is, with a = |x[..., src[p]]| * mult[p] computed in float32:
+and the integer result is, with a = |x[..., src[p]]| * mult[p] (one float32 multiply):
 
-    q[p] = sign(x[src[p]]) * min(rint(min(max(a - lo[p], 0), hi[p])), qmax)
+    n    = rint(min(a, lo[p] + min(hi[p], qmax)))          the value rounded once, to an integer
+    q[p] = sign(x[src[p]]) * max(n - lo[p], 0)             the integer's slice [lo, lo + qmax]
 
-For a channel flattened into E extra channels, the extra positions carry [i*qmax, (i+1)*qmax)
+For a channel flattened into E extra channels, the extra positions carry slices [i*qmax, (i+1)*qmax]
 (lo = i*qmax, hi = qmax: the paper's T, ..., T) and the original position carries the remainder
-(lo = E*qmax, hi = inf: Eq. 3's X mod T).  A value beyond the calibrated range therefore saturates
-the remainder at qmax (never wraps).  Unflattened channels have lo = 0, hi = inf; padding
-positions have mult = 0.  Rounding is half-to-even (torch.round, CUDA rint); GPU kernels must
-compute `a - lo` without contracting it into an FMA so that their integers match bit for bit.
+(lo = E*qmax, hi = inf: Eq. 3's X mod T), so the slices of a value add up to exactly its rounded
+integer rint(a) (up to the saturation below): flattening adds no rounding of its own.  A value beyond
+the calibrated range saturates the remainder at qmax (never wraps).  Unflattened channels have lo = 0,
+hi = inf; padding positions have mult = 0.  Rounding is half-to-even (torch.round, CUDA rint).
+
+Why round first, then slice: after the one multiply every step is integer arithmetic, so a kernel
+(ours, or code Inductor generates when it fuses this op into the op producing x) cannot change the
+result by contracting a multiply and a subtraction into an FMA: only a = |x| * mult must be
+rounded as float32, and an absolute value sits between it and anything before it.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ def flatten_quantize_reference(x: torch.Tensor, src: torch.Tensor, mult: torch.T
     qmax = QMAX[bits]
     g = x.index_select(-1, src.to(torch.int64)).float()
     a = g.abs() * mult
-    v = torch.minimum((a - lo).clamp_min(0.0), hi)
-    q = torch.round(v).clamp_max(float(qmax))
+    n = torch.round(torch.minimum(a, lo + hi.clamp_max(float(qmax))))
+    q = (n - lo).clamp_min(0.0)
     q = torch.where(g < 0, -q, q).to(torch.int8)
     return pack_int4(q) if bits == 4 else q
 

@@ -1,12 +1,15 @@
-"""Per-tensor INT8 and packed-INT4 linear layers: `fq::int8_linear`, `fq::int4_linear`.
+"""INT8 and packed-INT4 linear layers: `fq::int8_linear`, `fq::int4_linear`.
 
-    y = (xq @ wq.T  accumulated exactly in int32) * scale + bias      -> out_dtype
+    y[m, n] = float32(acc[m, n]) * scale[n] + bias[n]  -> out_dtype,   acc = xq @ wq.T exactly in int32
 
 xq is [..., K] (int8, or uint8 packed two per byte for INT4), wq is [N, K] in the same format
-(nn.Linear's layout, K-major, which is what the INT8 tensor cores want for both operands), scale is
-the product of the activation and weight per-tensor scales, bias is float32 [N] or None.  The
-epilogue runs in float32 and casts once at the end.  The CPU reference defines the integer
-result: every GPU kernel is tested bit-exactly against `int_matmul_reference` before the epilogue.
+(nn.Linear's layout, K-major, which is what the INT8 tensor cores want for both operands).  scale is
+a float32 vector [N]: the activation's per-tensor scale times each output channel's weight scale
+(all equal for a per-tensor weight scale); a per-channel scale costs nothing in an integer GEMM,
+since it is applied in the epilogue, while the activation side stays per tensor (what flattening is
+for).  bias is float32 [N] or None.  The epilogue is one rounded float32 multiply, then the bias add
+(never fused into an FMA), then one cast.  The CPU reference defines the result: every GPU kernel is
+tested bit-exactly against it.
 """
 
 from __future__ import annotations
@@ -43,19 +46,42 @@ def _float32_matmul_is_ieee() -> bool:
     return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
 
 
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI / AVX-VNNI / AMX), with which
+    oneDNN's int8 GEMM behind torch._int_mm beats float32 GEMMs."""
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_vnni_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, p, lambda: False)()) for p in probes)
+
+
+_INT8_DOT = cpu_has_int8_dot()
+
+
+def cpu_gemm_path(k: int) -> str:
+    """The CPU's exact integer GEMM: "int_mm" (torch._int_mm, oneDNN int8) where the CPU has int8 dot
+    instructions, else "float" (float32 GEMMs over exact K chunks, `exact_float_chunk`).  Measured
+    (512x576 @ 576x1536): on a 2-core AVX2 machine torch._int_mm took 345 ms and the float chunks
+    8 ms; on the 16-core AMX/VNNI host of the H200, 1.5 ms and 3.1 ms."""
+    return "int_mm" if _INT8_DOT and k % 8 == 0 else "float"
+
+
 def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """Exact int32 a @ b_t.T for integer a [M, K], b_t [N, K] (int8, or unpacked int4 values).
 
-    On CUDA: torch._int_mm.  On the CPU, the same integers from float32 GEMMs over K chunks that
-    are exact by construction (`exact_float_chunk`): torch._int_mm has no fast CPU kernel without
-    VNNI/AMX (630 ms against 24 ms in float32 for 512x576 @ 576x1536 on a 2-core AVX2 machine,
-    benchmarks/results/cpu-*.md), while the float BLAS is what the CPU is built for."""
+    On CUDA: torch._int_mm.  On the CPU: `cpu_gemm_path` picks torch._int_mm where the CPU has int8
+    dot instructions, otherwise float32 GEMMs over K chunks that are exact by construction: without
+    VNNI/AMX, torch._int_mm has no fast kernel while the float BLAS is what the CPU is built for."""
     if a.is_cuda:
         try:
             return torch._int_mm(a.contiguous(), b_t.t().contiguous())
         except RuntimeError:   # shapes _int_mm refuses (M <= 16, K or N not multiples of 8): float64,
             return (a.double() @ b_t.double().t()).to(torch.int32)   # exact, never TF32
     m, k = a.shape
+    if a.dtype == torch.int8 and b_t.dtype == torch.int8 and m and cpu_gemm_path(k) == "int_mm":
+        try:
+            return torch._int_mm(a.contiguous(), b_t.t().contiguous())
+        except RuntimeError:
+            pass
     if m == 0 or k == 0 or b_t.shape[0] == 0:
         return torch.zeros((m, b_t.shape[0]), dtype=torch.int32, device=a.device)
     dtype, chunk = exact_float_chunk(k)
@@ -67,23 +93,34 @@ def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def quant_linear_reference(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+def quant_linear_reference(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                            bits: int, out_dtype: torch.dtype) -> torch.Tensor:
     if bits == 4:
         xq, wq = unpack_int4(xq), unpack_int4(wq)
     lead = xq.shape[:-1]
     acc = int_matmul_reference(xq.reshape(-1, xq.shape[-1]), wq)
-    y = acc.float() * scale
+    y = acc.float() * (scale.float() if isinstance(scale, torch.Tensor) else scale)
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype).reshape(*lead, wq.shape[0])
 
 
-def _check(xq, wq, bits):
+def _check(xq, wq, scale, bits):
     dt = torch.uint8 if bits == 4 else torch.int8
-    torch._check(xq.dtype == dt and wq.dtype == dt, lambda: f"int{bits}_linear expects {dt} operands, got {xq.dtype} and {wq.dtype}")
+    torch._check(xq.dtype == dt and wq.dtype == dt,
+                 lambda: f"int{bits}_linear expects {dt} operands, got {xq.dtype} and {wq.dtype}")
     torch._check(wq.dim() == 2 and xq.shape[-1] == wq.shape[1],
                  lambda: f"int{bits}_linear: K mismatch, x {tuple(xq.shape)} vs w {tuple(wq.shape)}")
+    torch._check(scale.dtype == torch.float32 and scale.dim() == 1 and scale.shape[0] == wq.shape[0],
+                 lambda: f"int{bits}_linear: scale must be float32 [N={wq.shape[0]}], got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+
+
+def per_channel(scale, n: int, device=None) -> torch.Tensor:
+    """A float32 [n] scale vector from a number (every channel the same) or a vector."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=device if device is not None else scale.device, dtype=torch.float32).reshape(-1)
+    return torch.full((n,), float(scale), dtype=torch.float32, device=device)
 
 
 def _fake(xq, wq, bias, out_dtype):
@@ -91,16 +128,16 @@ def _fake(xq, wq, bias, out_dtype):
 
 
 @custom_op("fq::int8_linear_reference", mutates_args=())
-def _int8_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+def _int8_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype) -> torch.Tensor:
-    _check(xq, wq, 8)
+    _check(xq, wq, scale, 8)
     return quant_linear_reference(xq, wq, scale, bias, 8, out_dtype)
 
 
 @custom_op("fq::int4_linear_reference", mutates_args=())
-def _int4_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+def _int4_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype) -> torch.Tensor:
-    _check(xq, wq, 4)
+    _check(xq, wq, scale, 4)
     return quant_linear_reference(xq, wq, scale, bias, 4, out_dtype)
 
 
@@ -135,16 +172,16 @@ def _dispatch(name, xq, wq, scale, bias, out_dtype):
 
 
 @define_op("fq::int8_linear", mutates_args=())
-def int8_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+def int8_linear(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 out_dtype: torch.dtype) -> torch.Tensor:
-    """Per-tensor INT8 GEMM with dequantize(+bias) epilogue."""
+    """INT8 GEMM with the per-channel dequantize(+bias) epilogue (module docstring)."""
     return _dispatch("int8_linear", xq, wq, scale, bias, out_dtype)
 
 
 @define_op("fq::int4_linear", mutates_args=())
-def int4_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+def int4_linear(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 out_dtype: torch.dtype) -> torch.Tensor:
-    """Per-tensor packed-INT4 GEMM (unpacked onto INT8/FP8 tensor cores on Hopper)."""
+    """Packed-INT4 GEMM (unpacked onto INT8/FP8 tensor cores on Hopper), same epilogue."""
     return _dispatch("int4_linear", xq, wq, scale, bias, out_dtype)
 
 
@@ -152,6 +189,6 @@ for _op, _bits in ((_int8_ref_op, 8), (_int4_ref_op, 4), (int8_linear, 8), (int4
     def _register(op=_op, bits=_bits):
         @op.register_fake
         def _(xq, wq, scale, bias, out_dtype):
-            _check(xq, wq, bits)
+            _check(xq, wq, scale, bits)
             return _fake(xq, wq, bias, out_dtype)
     _register()

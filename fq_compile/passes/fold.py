@@ -10,8 +10,14 @@ X diag(s)^-1 costs nothing at run time if the producer already emits X / s:
 Everything else keeps s inside the activation quantize op (exact as well, just not free).
 
 The analysis walks the graph backwards from the group's input through ops that only move data
-(view, reshape, transpose, contiguous, dtype casts, eval-mode dropout) and requires that nothing
-else reads the tensors in between, so that scaling the producer changes nothing but this group.
+(view, reshape, transpose, contiguous, dtype casts, eval-mode dropout) and requires that every
+tensor on the way, from the producer's output to the group's input, has exactly one reader (the
+graph's output counts as one), so that scaling the producer changes nothing but this group: a KV
+cache that keeps V / s and is returned to the caller, for instance, keeps s in the op.  The values
+reach the attention through a concatenation only when every part comes from the same producer
+(the past of a KV cache does not).  A row fold needs the producer and the group's input in the
+same graph; calibration finds sites on its graphs, and the rewrite (passes/lower.py) checks them
+again on each graph it compiles.
 """
 
 from __future__ import annotations
@@ -66,27 +72,24 @@ def _is_move(n: fx.Node) -> bool:
     return False
 
 
-def _walk_back(n, single_user=True):
-    """Follow data-moving ops upstream; each node passed must feed only the next one."""
+def _walk_back(n):
+    """Follow data-moving ops upstream from `n`; each node passed must feed only the next one.
+    Returns the first node that is not a data move, or None when a tensor on the way (not `n`
+    itself) has another reader."""
     while isinstance(n, fx.Node) and _is_move(n):
         src = n.args[0]
-        if not isinstance(src, fx.Node) or (single_user and len(_real_users(src)) != 1):
-            return src if isinstance(src, fx.Node) else None
+        if not isinstance(src, fx.Node) or len(_real_users(src)) != 1:
+            return None
         n = src
-    return n
+    return n if isinstance(n, fx.Node) else None
 
 
-def _chain_ok(start: fx.Node, end: fx.Node) -> bool:
-    """True when every node from `end` down to (not incl.) `start` has exactly one real user."""
-    n = start
-    while n is not end:
-        if not isinstance(n, fx.Node) or not _is_move(n):
-            return False
-        src = n.args[0]
-        if len(_real_users(src)) != 1:
-            return False
-        n = src
-    return True
+def _sole_chain(n):
+    """Like _walk_back, but `n` itself must have exactly one reader too (it is an operand of the
+    op that consumes it, not the group's input)."""
+    if not isinstance(n, fx.Node) or len(_real_users(n)) != 1:
+        return None
+    return _walk_back(n)
 
 
 def _fn(n, targets) -> bool:
@@ -111,7 +114,7 @@ def find_fold_site(x: fx.Node, group_nodes: set[fx.Node], planned: set[str], nam
     if set(_real_users(x)) - group_nodes:
         return FoldSite("op", (), "the input is also read by other ops")
     p = _walk_back(x)
-    if p is None or not _chain_ok(x, p) and p is not x:
+    if p is None:
         return FoldSite("op", (), "the input passes through ops that are read elsewhere")
     # norms ---------------------------------------------------------------------------------------
     if _fn(p, _LAYER_NORM):
@@ -136,19 +139,17 @@ def find_fold_site(x: fx.Node, group_nodes: set[fx.Node], planned: set[str], nam
                 return FoldSite("norm", (wf,), node=p)           # RMSNorm: weight * normalized(x)
         # SiLU(gate) * up  ->  fold into up's rows
         for act, up in ((a, b), (b, a)):
-            act_src = _walk_back(act)
-            if (_fn(act_src, _SILU) or _method(act_src, "silu")) and isinstance(up, fx.Node):
-                u = _walk_back(up)
-                name = _planned_linear(u, planned, name_of)
-                if name and len(_real_users(u)) == 1 and (u is up or _chain_ok(up, u)):
+            act_src = _walk_back(act) if isinstance(act, fx.Node) else None
+            if _fn(act_src, _SILU) or _method(act_src, "silu"):
+                name = _planned_linear(_sole_chain(up), planned, name_of)
+                if name:
                     return FoldSite("rows", (name,))
+                return FoldSite("op", (), "the gated product's other factor is not a planned linear read only by it")
         return FoldSite("op", (), "product that is not a norm or a gated activation")
     # ReLU(fc1) -> fc2 ------------------------------------------------------------------------------
     if _fn(p, _RELU) or _method(p, "relu"):
-        z = p.args[0]
-        u = _walk_back(z)
-        name = _planned_linear(u, planned, name_of)
-        if name and len(_real_users(u)) == 1 and (u is z or _chain_ok(z, u)):
+        name = _planned_linear(_sole_chain(p.args[0]), planned, name_of)
+        if name:
             return FoldSite("rows", (name,))
         return FoldSite("op", (), "ReLU input is not a planned linear read only by it")
     # attention -> out_proj: fold into v_proj ------------------------------------------------------
@@ -164,9 +165,13 @@ def find_fold_site(x: fx.Node, group_nodes: set[fx.Node], planned: set[str], nam
 
 
 def _value_producer(v, planned: set[str], name_of) -> FoldSite:
-    """Walk the V operand back to v_proj, through the KV-cache concat; refuse repeat_kv (GQA)."""
+    """Walk the V operand back to v_proj; every tensor on the way must be read by nothing else (a
+    KV cache holding V / s and returned to the caller would leak the fold); refuse repeat_kv (GQA)."""
     n = v
     while isinstance(n, fx.Node):
+        if len(_real_users(n)) != 1:
+            return FoldSite("op", (), "the attention values are also read elsewhere (e.g. a KV cache returned "
+                                      "to the caller)")
         if _method(n, "expand") or _fn(n, {torch.repeat_interleave}) or (
                 _fn(n, {operator.getitem}) and any(a is None for a in (n.args[1] if isinstance(n.args[1], tuple) else ()))):
             return FoldSite("op", (), "grouped-query attention (one V head serves several heads)")
@@ -174,11 +179,14 @@ def _value_producer(v, planned: set[str], name_of) -> FoldSite:
             n = n.args[0]
             continue
         if _fn(n, {torch.cat}):
-            parts = n.args[0]
-            n = parts[-1]           # the new tokens; earlier parts are the cache, produced the same way
-            continue
+            parts = n.args[0] if n.args else n.kwargs.get("tensors", ())
+            found = {_value_producer(part, planned, name_of) for part in parts}
+            if len(found) == 1 and next(iter(found)).kind == "rows":
+                return found.pop()          # every part from the same producer (never a KV cache's past)
+            return FoldSite("op", (), "the attention values are concatenated with tensors from elsewhere "
+                                      "(a KV cache)")
         name = _planned_linear(n, planned, name_of)
-        if name and len(_real_users(n)) == 1:
+        if name:
             return FoldSite("rows", (name,))
         break
     return FoldSite("op", (), "attention values are not produced by a planned linear")

@@ -11,9 +11,18 @@ treats as constants).  Norm folds are applied here, from the live norm parameter
 stores floating-point copies of model weights; row folds are already inside the plan's weights.
 Linears the plan does not cover stay as they are and are reported with the reason.
 
-Plan tensors reach each graph through `runtime.state.device_tensor`, so every graph and recompile
-shares one device copy.  A weight whose storage was already released (resident.py) is named from
-the release registry and never read: its fingerprint is not checked, only its name and shape.
+Every fold the plan records is checked again on this graph before anything is replaced: a norm
+fold needs the norm in this graph, a row fold needs its producer and the group's input in this
+graph with nothing else reading the tensors in between (passes/fold.py).  Where a fold does not
+hold here, the smoothing goes into the quantize op instead, and a producer whose plan rows carry
+1/s multiplies its output by s again, so each graph is exact on its own.
+
+The weight (and bias) the graph's linear call reads must have the plan's fingerprint (exact, dtype
+included); the report lists every parameter whose values the rewrite consumed, with its
+fingerprint, for the backend's per-call check (runtime/guards.py).  Plan tensors reach each graph
+through `runtime.state.device_tensor`, so every graph and recompile shares one device copy.  A
+weight whose storage was already released (resident.py) is named from the release registry and
+never read: its fingerprint is not checked, only its name and shape.
 """
 
 from __future__ import annotations
@@ -35,11 +44,10 @@ from fq_compile.passes.match import (
     param_fqn,
     placeholder_inputs,
 )
-from fq_compile.plan import GroupPlan, PlanMismatchError, QuantPlan, weight_fingerprint
+from fq_compile.plan import GroupPlan, PlanMismatchError, QuantPlan, stale_message
+from fq_compile.runtime.guards import fingerprint
 from fq_compile.runtime.resident import is_released, released_name
 from fq_compile.runtime.state import device_tensor, state_of
-
-FINGERPRINT_RTOL = 1e-3
 
 
 @dataclass
@@ -58,6 +66,10 @@ class GraphReport:
     # parameters (fqn -> placeholder) that only replaced linears read: what free_weights may release
     replaced_params: dict = field(default_factory=dict, repr=False, compare=False)
     released_bytes: int = 0     # what free_weights freed after this graph was compiled
+    # placeholder -> (fqn, fingerprint) of every parameter whose values the rewrite consumed
+    watched: dict = field(default_factory=dict, repr=False, compare=False)
+    # placeholder -> layer name of each replaced linear's weight (to find its module)
+    layer_weights: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def _const(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
@@ -85,7 +97,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
     # group this graph's linears by input, as calibration did
     by_input: dict[fx.Node, list[tuple[str, LinearForm]]] = {}
     for form in forms:
-        x, w = form.x, form.weight
+        x, w, b = form.x, form.weight, form.bias
         fqn = name_of(w)
         if fqn is None:
             report.layers.append(LayerReport(f"<linear {form.node.name}>", "linear (floating point)", "-",
@@ -106,26 +118,38 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             raise PlanMismatchError(f"layer {name!r}: the plan was made for weight shape "
                                     f"{lp.model_weight_shape}, this model has {shape}"
                                     + (" (stored transposed)" if form.transposed != lp.transposed else ""))
-        if isinstance(wt, torch.Tensor) and not is_released(wt):
-            fp = weight_fingerprint(wt)
-            if abs(fp - lp.fingerprint) > FINGERPRINT_RTOL * max(abs(lp.fingerprint), 1e-12):
-                raise PlanMismatchError(f"layer {name!r}: the weights differ from those the plan was calibrated on "
-                                        f"(sum|W| {fp:.6g} vs {lp.fingerprint:.6g}); recalibrate for these weights")
-        if (form.bias is None) != (lp.bias is None):
-            raise PlanMismatchError(f"layer {name!r}: the plan {'has' if lp.bias is not None else 'has no'} bias, "
-                                    f"this graph's layer {'has none' if form.bias is None else 'has one'}")
+        _check_values(fqn, w, wt, lp.fingerprint, report)
+        report.layer_weights[w] = name
+        bias_fqn = name_of(b) if isinstance(b, fx.Node) else None
+        if (b is None) != (lp.bias is None) or (b is not None and bias_fqn is None):
+            what = "no bias" if b is None else "a bias parameter" if bias_fqn else "a bias computed in the graph"
+            raise PlanMismatchError(f"layer {name!r}: the plan was made {'with' if lp.bias is not None else 'without'} "
+                                    f"a bias, this graph's linear call reads {what}; recalibrate for this model")
+        if b is not None:
+            _check_values(bias_fqn, b, runtime.get(b), lp.bias_fingerprint, report)
         by_input.setdefault(x, []).append((name, form))
     for name, why in other_weight_reads(gm, forms, name_of).items():
         report.layers.append(LayerReport(name, "floating point", "-", plan.skipped.get(name, why)))
 
     planned = set(plan.layers)
+    # where each group's smoothing lives in *this* graph, decided before any node is replaced
+    folds: dict[str, tuple[str, str, object]] = {}
+    groups: dict[fx.Node, GroupPlan] = {}
+    here = {name for members in by_input.values() for name, _ in members}
     for x, members in by_input.items():
-        groups = {plan.layers[n].group for n, _ in members}
-        if len(groups) != 1:
+        names = {plan.layers[n].group for n, _ in members}
+        if len(names) != 1:
             raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor here but belong to "
-                                    f"different plan groups {sorted(groups)}")
-        g = plan.groups[groups.pop()]
-        smoothing = _apply_fold(gm, x, {form.node for _, form in members}, g, planned, runtime, name_of)
+                                    f"different plan groups {sorted(names)}")
+        g = groups[x] = plan.groups[names.pop()]
+        folds[g.name] = _fold_here(x, {form.node for _, form in members}, g, planned, name_of, here)
+    realized_rows = {g.fold[len("rows:"):] for g in groups.values() if folds[g.name][0].startswith("rows:")}
+
+    for x, members in by_input.items():
+        g = groups[x]
+        smoothing, note, site = folds[g.name]
+        if smoothing.startswith("norm:") and not _apply_norm_fold(gm, site, g, runtime, name_of, report):
+            smoothing, note = "op", "the norm's parameters are not tensors in this graph"
         if group_hook is not None:
             group_hook(gm, g, x, smoothing, members[0][1].node)
         device = example_value(x).device if example_value(x) is not None else torch.device("cpu")
@@ -134,6 +158,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             lp = plan.layers[name]
             node = form.out
             out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
+            reason = "" if smoothing != "op" else note
             with gm.graph.inserting_before(form.node):
                 if lp.bits not in quantized:
                     base = f"fq_{g.name}_a{lp.bits}"
@@ -145,8 +170,17 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
                 bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
                         if lp.bias is not None else None)
+                scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
                 op = torch.ops.fq.int4_linear.default if lp.bits == 4 else torch.ops.fq.int8_linear.default
-                new = gm.graph.call_function(op, (quantized[lp.bits], wq, lp.scale, bias, out_dtype))
+                new = gm.graph.call_function(op, (quantized[lp.bits], wq, scale, bias, out_dtype))
+                if lp.rows_folded_from and name not in realized_rows:
+                    # the plan's rows carry 1/s of a group whose input is not folded in this graph: undo it
+                    s = device_tensor(plan, f"{lp.rows_folded_from}.smooth", plan.groups[lp.rows_folded_from].smooth,
+                                      device)
+                    new = gm.graph.call_method("to", (gm.graph.call_function(
+                        torch.mul, (new, _const(gm, f"fq_{name}_unfold", s))), out_dtype))
+                    reason = (reason + "; " if reason else "") + (
+                        f"output multiplied by the smoothing of {lp.rows_folded_from} (not folded in this graph)")
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             for dead in dict.fromkeys((node, form.node, *form.views)):   # the bias add, the matmul, W.T
@@ -156,13 +190,23 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 fqn = name_of(p_node)
                 if fqn is not None and not p_node.users:
                     report.replaced_params[fqn] = p_node
-            report.layers.append(LayerReport(name, f"fq.int{lp.bits}_linear",
-                                             g.fold if smoothing != "op" else "op",
-                                             "" if smoothing != "op" else g.fold_note))
+            report.layers.append(LayerReport(name, f"fq.int{lp.bits}_linear", smoothing, reason))
     gm.graph.lint()
     gm.recompile()
     report.code = gm.code
     return report
+
+
+def _check_values(fqn: str, node: fx.Node, t, expected: str | None, report: GraphReport) -> None:
+    """The parameter `t` (placeholder `node`) must hold the values the plan was made from; it is
+    watched from now on.  Released storage cannot be read: it was checked before it was released."""
+    if not isinstance(t, torch.Tensor):
+        return
+    if not is_released(t):
+        got = fingerprint(t)
+        if got != expected:
+            raise PlanMismatchError(stale_message(fqn, expected, got))
+    report.watched[node] = (fqn, expected)
 
 
 def _param_names(gm, example_inputs, runtime, plan) -> ParamNames:
@@ -199,6 +243,16 @@ def op_constants(g: GroupPlan, bits: int, smooth_in_op: bool) -> dict[str, torch
     return dict(src=cm.src, mult=mult, lo=lo.float(), hi=hi.float())
 
 
+def _layer_scale(plan, lp, device) -> torch.Tensor:
+    """The layer's epilogue scale vector (LayerPlan.scale) on `device`, built and copied once per plan."""
+    key = f"{lp.name}.scale"
+    cache = state_of(plan).constants
+    ident = (id(lp.weight_scale), lp.act_scale)
+    if key not in cache or cache[key][0] != ident:
+        cache[key] = (ident, lp.scale)
+    return device_tensor(plan, key, cache[key][1], device)
+
+
 def _group_constants(plan, g, bits: int, smooth_in_op: bool, device) -> dict[str, torch.Tensor]:
     """The group's flatten_quantize constants on `device`, built and copied once per plan."""
     key = f"{g.name}.a{bits}.{'s' if smooth_in_op else 'f'}"
@@ -209,26 +263,38 @@ def _group_constants(plan, g, bits: int, smooth_in_op: bool, device) -> dict[str
     return {k: device_tensor(plan, f"{key}.{k}", v, device) for k, v in cache[key][1].items()}
 
 
-def _apply_fold(gm, x, group_nodes, g, planned, runtime, name_of) -> str:
-    """Fold the group's smoothing into its producing norm where the plan says so and this graph
-    still has that norm; returns where s ended up ("norm:...", "rows:...", or "op")."""
-    if g.fold.startswith("rows:"):
-        return g.fold                       # inside the producer's quantized weights already
-    if not g.fold.startswith("norm:"):
-        return "op"
+def _fold_here(x, group_nodes, g, planned, name_of, here: set[str]) -> tuple[str, str, object]:
+    """Where the group's smoothing lives in this graph: (g.fold, "", site) where the plan's fold
+    site is present and valid here, else ("op", why, None).  `here`: the planned layers of this graph."""
+    if g.fold == "op":
+        return "op", g.fold_note, None
     site = find_fold_site(x, group_nodes, planned, name_of)
-    if site.kind != "norm" or site.encode() != g.fold:
-        return "op"                         # the norm is not in this graph: s stays in the op (exact)
+    if site.encode() == g.fold:
+        return g.fold, "", site
+    kind, _, target = g.fold.partition(":")
+    if kind == "rows" and target not in here:
+        why = f"its producer {target} is not in this graph"
+    elif site.kind == "op" and site.note:
+        why = site.note
+    else:
+        why = f"the fold site found here is {site.encode()}"
+    return "op", f"planned fold {g.fold} does not hold in this graph: {why}", None
+
+
+def _apply_norm_fold(gm, site, g, runtime, name_of, report) -> bool:
+    """Fold the group's smoothing into its producing norm `site.node` (a graph constant from the
+    live norm parameters, watched for in-place changes); False when a parameter is not a tensor."""
     node = site.node
     params = {name_of(a): a for a in node.all_input_nodes if name_of(a) is not None}
+    live = {fqn: runtime.get(params[fqn]) for fqn in site.target}
+    if not all(isinstance(t, torch.Tensor) for t in live.values()):
+        return False
     s = g.smooth.double()
-    for fqn in site.target:
+    for fqn, t in live.items():
         ph = params[fqn]
-        live = runtime.get(ph)
-        if not isinstance(live, torch.Tensor):
-            return "op"
-        folded = (live.detach().double() / s.to(live.device)).to(live.dtype)
+        _check_values(fqn, ph, t, g.fold_fingerprints.get(fqn), report)
+        folded = (t.detach().double() / s.to(t.device)).to(t.dtype)
         with gm.graph.inserting_before(node):
             c = _const(gm, f"fq_fold_{fqn}", folded)
         node.replace_input_with(ph, c)
-    return g.fold
+    return True

@@ -109,8 +109,9 @@ def group_name(layers: list[str]) -> str:
 
 def find_linears(gm: fx.GraphModule, name_of) -> tuple[dict[fx.Node, list[ObservedLinear]], dict[str, str]]:
     """Group the graph's linear layers (every form match.py knows) by input node; list what we
-    cannot quantize, with why: linears whose weight is no parameter, and weights read otherwise
-    (MoE experts, ...)."""
+    cannot quantize, with why: linears whose weight is no parameter or whose bias is computed in the
+    graph, and weights read otherwise (MoE experts, ...).  The bias is the one the call reads (a
+    parameter, whatever its name), never looked up by name."""
     groups: dict[fx.Node, list[ObservedLinear]] = {}
     forms = linear_forms(gm, name_of)
     unsupported: dict[str, str] = other_weight_reads(gm, forms, name_of)
@@ -119,6 +120,9 @@ def find_linears(gm: fx.GraphModule, name_of) -> tuple[dict[fx.Node, list[Observ
         shape = form.weight_shape()
         if params is None or shape is None:
             unsupported[f"<linear {form.node.name}>"] = "weight is not a 2-D model parameter"
+            continue
+        if params.bias is None and form.bias is not None:
+            unsupported[layer_name(params.weight)] = "bias is not a model parameter (computed in the graph)"
             continue
         groups.setdefault(form.x, []).append(ObservedLinear(layer_name(params.weight), form.node, shape[1], form,
                                                             params))

@@ -26,6 +26,7 @@ from fq_compile.passes.observe import (
 )
 from fq_compile.plan import QuantPlan, model_hash
 from fq_compile.planning.planner import build_plan
+from fq_compile.runtime.guards import guard_eager_runs
 
 
 def _call(model, batch, device):
@@ -88,10 +89,19 @@ def _warn_kept(model: torch.nn.Module, plan, unsupported: dict[str, str]) -> Non
 
 def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None = None, *,
               progress: bool = True) -> QuantPlan:
-    """Run `batches` through `model` with observers and return the QuantPlan for `config`."""
+    """Run `batches` through `model` with observers and return the QuantPlan for `config`.
+
+    The model must be in eval mode (dropout would inflate the statistics).  The modules of the
+    planned layers get fq_compile's eager-run guard (runtime/guards.py): a compiled copy that
+    Dynamo runs eagerly later raises instead of computing in floating point."""
     config = config or Config()
     if not isinstance(config, Config):
         raise TypeError(f"config must be an fq_compile.Config, got {type(config).__name__}")
+    training = sorted(n or type(model).__name__ for n, m in model.named_modules() if m.training)
+    if training:
+        raise CalibrationError(
+            f"{type(model).__name__} is in training mode ({len(training)} module(s), e.g. {training[0]!r}): "
+            "dropout would inflate the activation statistics. Call model.eval() before fq_compile.calibrate")
     if not config.quantize:
         return QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model))
     try:
@@ -125,7 +135,14 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     seen = 0
     with torch.no_grad():
         for batch in tqdm(batches, total=n_batches, desc="fq_compile: calibrating", disable=not progress):
+            rows = sum(st.rows for st in store.inputs.values())
             _call(compiled, batch, device)
+            if store.inputs and sum(st.rows for st in store.inputs.values()) == rows:
+                raise CalibrationError(
+                    f"calibration batch {seen} ran without reaching any observer: Dynamo ran the model without "
+                    "compiling it (its recompile limit was reached, e.g. by earlier compiles of this model class "
+                    "in this process; TORCH_LOGS=recompiles). Start from fresh Dynamo caches "
+                    "(torch._dynamo.reset()) or raise torch._dynamo.config.recompile_limit")
             seen += 1
     if seen == 0:
         raise CalibrationError("calibrate() got no batches: pass an iterable of input_ids tensors")
@@ -145,4 +162,6 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
         from fq_compile.planning.gptq_driver import apply_gptq
 
         apply_gptq(model, plan, batches, _call, device, progress)
+    modules = dict(model.named_modules())
+    guard_eager_runs({name: modules[name] for name in plan.layers if name in modules})
     return plan

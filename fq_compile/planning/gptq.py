@@ -1,7 +1,8 @@
-"""GPTQ (Frantar et al., 2022) with one per-tensor scale, on the flattened weights (paper 5.1, O3).
+"""GPTQ (Frantar et al., 2022) with fixed weight scales, on the flattened weights (paper 5.1, O3).
 
 The columns of the flattened weight W' [N, K'] are quantized one at a time, in blocks, with the
-fixed per-tensor scale of the layer; each column's rounding error is spread over the columns not
+fixed scales of the layer (one per tensor, as the paper, or one per output channel: each row keeps its
+own scale, which GPTQ's column-by-column update does not care about); each column's rounding error is spread over the columns not
 yet quantized through the inverse Hessian of the layer's input, H = 2 X'^T X' / n, where X' is the
 *flattened, smoothed* activation the integer GEMM really sees.  Repeated columns of a flattened
 channel have almost identical activations, so GPTQ compensates one copy's error in the next: it
@@ -37,7 +38,7 @@ class HessianAccumulator:
 
 
 @torch.no_grad()
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: float, qmax: int, block_size: int = 128,
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale, qmax: int, block_size: int = 128,
                   damp: float = 0.01, fixed: torch.Tensor | None = None) -> torch.Tensor:
     """Integer weights [N, K'] (int8 values in [-qmax, qmax]) for W' [N, K'] under Hessian H [K', K'].
 
@@ -46,7 +47,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: float, qmax: int, blo
     return _gptq(w, h, scale, qmax, block_size, damp, fixed, None)
 
 
-def gptq_quantize_flattened(w: torch.Tensor, h: torch.Tensor, scale: float, qmax: int, rtn: torch.Tensor,
+def gptq_quantize_flattened(w: torch.Tensor, h: torch.Tensor, scale, qmax: int, rtn: torch.Tensor,
                             original: torch.Tensor, block_size: int = 128, damp: float = 0.01) -> torch.Tensor:
     """GPTQ on a flattened weight: columns where `original` is False (extra slices, weight splits,
     padding) keep `rtn` (the joint rounding) and are taken first; GPTQ runs on the rest."""
@@ -59,7 +60,10 @@ def gptq_quantize_flattened(w: torch.Tensor, h: torch.Tensor, scale: float, qmax
 
 
 def _gptq(w, h, scale, qmax, block_size, damp, fixed, n_fixed):
+    """scale: a number or a float tensor [N] (per output row)."""
     w = w.detach().to(torch.float64).clone()
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(device=w.device, dtype=torch.float64).reshape(-1)
     h = h.detach().to(torch.float64).clone()
     k = w.shape[1]
     n_fixed = 0 if fixed is None else (k if n_fixed is None else n_fixed)

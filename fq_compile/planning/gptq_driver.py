@@ -3,7 +3,7 @@
 For block b, the calibration batches run through the model compiled with the current plan (blocks
 before b already GPTQ-quantized, so their errors reach block b's inputs), with Hessian observers on
 the inputs of block b's layer groups; each forward stops as soon as those have all been seen.  The
-layers of block b are then quantized by GPTQ with their planned per-tensor scale and bit width, and
+layers of block b are then quantized by GPTQ with their planned weight scales and bit width, and
 their integer weights are replaced in place, so the compiled model sees them on the next pass.
 """
 

@@ -85,9 +85,12 @@ def flattened_weight(weight: torch.Tensor, group: GroupPlan, row_scale: torch.Te
 
 def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,
                row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None,
-               fingerprint: float | None = None, transposed: bool = False) -> LayerPlan:
+               fingerprints: tuple[str, str | None] | None = None, transposed: bool = False) -> LayerPlan:
     """weight is [N, K] (transposed already where the model stores it [K, N]: `transposed`);
-    fingerprint is the model parameter's, as the backend will compute it (default: weight's)."""
+    fingerprints: (weight, bias) fingerprints of the model's own tensors, as stored (layout and dtype
+    included), as the backend will compute them; computed from `weight` / `bias` when not given."""
+    if fingerprints is None:
+        fingerprints = (weight_fingerprint(weight), None if bias is None else weight_fingerprint(bias))
     b = None if bias is None else bias.float().clone()
     if row_scale is not None and b is not None:
         b = b / row_scale
@@ -99,17 +102,18 @@ def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.T
         ratio = max(act_ratio, w_ratio)
         nbits = bits_pass.choose_bits(act_ratio, w_ratio, config.gamma)
     qmax = QMAX[nbits]
-    ws = weight_scale(wf, qmax, config.weight_clip_method)
+    ws = weight_scale(wf, qmax, config.weight_clip_method, config.weight_scale)
     return LayerPlan(name=layer, group=group.name, in_features=weight.shape[1], out_features=weight.shape[0],
                      bits=nbits, weight_q=quantize_weight(wf, ws, nbits, group.cmap), weight_scale=ws,
-                     act_scale=group.threshold / qmax, bias=b,
-                     fingerprint=weight_fingerprint(weight) if fingerprint is None else fingerprint,
-                     kl_ratio=ratio, rows_folded_from=row_group, transposed=transposed)
+                     act_scale=group.threshold / qmax, bias=b, fingerprint=fingerprints[0],
+                     kl_ratio=ratio, rows_folded_from=row_group, bias_fingerprint=fingerprints[1],
+                     transposed=transposed)
 
 
 def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dict[str, tuple[str, str]],
                skipped: dict[str, str], config: Config, progress: bool = True) -> QuantPlan:
-    """folds: group -> (encoded fold site, note) from the fold analysis."""
+    """folds: group -> (encoded fold site, note) from the fold analysis.  Each layer's weight and
+    bias are the parameters its graph's call reads (InputStats.params), never looked up by name."""
     plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model),
                      skipped=dict(skipped), parameters=parameter_shapes(model))
     params = dict(model.named_parameters())
@@ -131,6 +135,9 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             fold, note = "op", "folding disabled (Config.fold=False)"
         weights = {l: layer_weight(params, ref_of(st, l)) for l in st.layers}
         plan.groups[name] = plan_group(name, st, weights, fold, note, config)
+    for g in plan.groups.values():          # the norm values s was chosen for (checked at each compile)
+        if g.fold.startswith("norm:"):
+            g.fold_fingerprints = {fqn: weight_fingerprint(params[fqn]) for fqn in g.fold[len("norm:"):].split(",")}
     # rows folds: the producer layer's rows are divided by the consumer group's scales
     row_fold = {}
     for g in plan.groups.values():
@@ -149,9 +156,10 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
         for layer in g.layers:
             rg = row_fold.get(layer)
             ref = ref_of(st, layer)
-            bias = None if ref.bias is None else params[ref.bias].detach().float().cpu()
-            plan.layers[layer] = plan_layer(layer, g, layer_weight(params, ref), bias,
+            bias = None if ref.bias is None else params[ref.bias]
+            fps = (weight_fingerprint(params[ref.weight]), None if bias is None else weight_fingerprint(bias))
+            plan.layers[layer] = plan_layer(layer, g, layer_weight(params, ref),
+                                            None if bias is None else bias.detach().float().cpu(),
                                             None if rg is None else rg.smooth, None if rg is None else rg.name,
-                                            config, act_ratio, fingerprint=weight_fingerprint(params[ref.weight]),
-                                            transposed=ref.transposed)
+                                            config, act_ratio, fingerprints=fps, transposed=ref.transposed)
     return plan

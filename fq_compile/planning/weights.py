@@ -1,4 +1,5 @@
-"""Weight quantization of a flattened layer: the per-tensor scale (max or MSE clip) and the joint
+"""Weight quantization of a flattened layer: the scales (per tensor or per output channel; max or MSE
+clip) and the joint
 rounding of the copies of a flattened channel (our one change beyond the paper, see quantize_weight)."""
 
 from __future__ import annotations
@@ -10,27 +11,48 @@ from fq_compile.kernels.packing import pack_int4
 from fq_compile.plan import ChannelMap
 
 
-def weight_scale(w: torch.Tensor, qmax: int, method: str) -> float:
-    """Per-tensor weight scale: max/qmax, or the clip ratio r in [0.5, 1] (scale r*max/qmax) that
-    minimises ||W - Q(W)||^2: a grid of step 0.05, then step 0.01 around its best."""
-    top = float(w.abs().max())
-    if top == 0:
-        return 1.0
+def weight_scale(w: torch.Tensor, qmax: int, method: str, granularity: str = "tensor") -> torch.Tensor:
+    """Weight scales, float32 [N] (one per output channel; all equal when granularity="tensor").
+
+    method "max": max|W| / qmax over the tensor or each row.  "mse": the clip ratio r in [0.5, 1]
+    (scale r * max / qmax) that minimises ||W - Q(W)||^2 over the tensor or each row: a grid of step
+    0.05, then step 0.01 around the best.  A per-channel scale costs nothing in the integer GEMM (the
+    epilogue multiplies by a vector instead of a number) and fits each row's own range, while the
+    activation side stays per tensor."""
+    a = w.detach().abs().float()
+    rows = a.shape[0]
+    if granularity == "tensor":
+        a = a.reshape(1, -1)
+    elif granularity != "channel":
+        raise ValueError(f"weight scale granularity must be 'tensor' or 'channel', got {granularity!r}")
+    top = a.amax(dim=1)                                          # [1] or [N]
     if method == "max":
-        return top / qmax
-    a = w.detach().abs().flatten().float()
-
-    def err(r):
-        s = top * r / qmax
-        return float(torch.round(a / s).clamp_(max=qmax).mul_(s).sub_(a).pow_(2).sum())
-
-    coarse = min(torch.linspace(1.0, 0.5, 11).tolist(), key=err)
-    fine = [r for r in torch.linspace(coarse - 0.04, coarse + 0.04, 9).tolist() if 0.5 - 1e-9 <= r <= 1.0 + 1e-9]
-    return top * min(fine, key=err) / qmax
+        best = torch.ones_like(top)
+    elif method == "mse":
+        best = _mse_ratio(a, top, qmax)
+    else:
+        raise ValueError(f"weight clip method must be 'max' or 'mse', got {method!r}")
+    scale = torch.where(top > 0, top.double() * best.double() / qmax, torch.ones_like(top, dtype=torch.float64))
+    return scale.float().expand(rows).contiguous() if granularity == "tensor" else scale.float()
 
 
-def quantize_weight(w: torch.Tensor, scale: float, bits: int, cmap: ChannelMap | None = None) -> torch.Tensor:
-    """Round the flattened weight W' [N, K'] to integers at the per-tensor scale.
+def _mse_ratio(a: torch.Tensor, top: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per row of |W| (a [R, K], row maxima top [R]): the clip ratio with the least squared error."""
+    def err(r: torch.Tensor) -> torch.Tensor:                      # r [R] -> squared error [R]
+        s = (top * r / qmax).clamp_min(1e-30)[:, None]
+        return torch.round(a / s).clamp_(max=qmax).mul_(s).sub_(a).pow_(2).sum(dim=1)
+
+    def search(grid: torch.Tensor) -> torch.Tensor:                # grid [G, R] -> best ratio [R]
+        errs = torch.stack([err(g) for g in grid])
+        return grid.gather(0, errs.argmin(dim=0, keepdim=True))[0]
+
+    coarse = search(torch.linspace(1.0, 0.5, 11)[:, None].expand(11, a.shape[0]))
+    fine = (coarse[None, :] + torch.linspace(-0.04, 0.04, 9)[:, None]).clamp(0.5, 1.0)
+    return search(fine)
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, cmap: ChannelMap | None = None) -> torch.Tensor:
+    """Round the flattened weight W' [N, K'] to integers at the weight scales (float [N], or a number).
 
     Positions that read the same input channel (the E_j copies of Eq. 4, weight splits) are
     rounded jointly: along the order in which the activation fills them (slice 0, 1, ..., then the
@@ -40,7 +62,7 @@ def quantize_weight(w: torch.Tensor, scale: float, bits: int, cmap: ChannelMap |
     rounding error of its weight no longer gets multiplied by its activation.  Plain rounding is the
     special case of a channel with one position."""
     qmax = QMAX[bits]
-    v = w.double() / scale
+    v = w.double() / (scale.double().reshape(-1, 1) if isinstance(scale, torch.Tensor) else scale)
     if cmap is None:
         q = torch.round(v)
     else:

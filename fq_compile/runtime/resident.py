@@ -10,8 +10,9 @@ and name it through the registry below, since its values -- which the plan's fin
 and the frame-prefix search would read -- are gone.
 
 Consequences a user sees (documented on the backend's `free_weights` option):
-  * the *un-compiled* module can no longer run: its linears raise PyTorch's "... out of bounds for
-    storage of size 0"; `state_dict()` of those weights is meaningless;
+  * the *un-compiled* module can no longer run: its quantized linears raise (the eager-run guard
+    of runtime/guards.py says why; without it PyTorch's "... out of bounds for storage of size 0");
+    `state_dict()` of those weights is meaningless;
   * weights that any other op reads (tied weights, lm_head / embeddings, skipped layers) and norm
     weights (folds read them at every recompile) are never freed.
 

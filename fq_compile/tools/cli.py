@@ -45,7 +45,7 @@ def _calib(tokenizer, args):
 
 
 def _calibrate(model, tokenizer, args, level: str):
-    from fq_compile.planning import calibrate
+    from fq_compile import calibrate
 
     return calibrate(model, _calib(tokenizer, args), _config(args, level), progress=not args.no_progress)
 

@@ -17,7 +17,8 @@ backend compiles exactly the ops a calibrated plan of those shares would give:
     share of layers and of weight bytes both equal the requested share, and q/k/v never mix bits
     (one activation quantize per group, as calibrated plans mostly give);
   * values: smoothing scales 1, threshold T fixed (4.0: random-init activations are ~N(0, 1)),
-    weights flattened and rounded per tensor (max scale, plain rounding: numerics are not the
+    weights flattened and rounded at max scales, per tensor or per channel as the level's Config says
+    (plain rounding: numerics are not the
     point here).
 
 `release_weights=True` frees each floating-point weight right after its quantized copy exists,
@@ -175,7 +176,10 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
         plan.groups[name] = GroupPlan(
             name=name, layers=layers, in_features=c, threshold=t, smooth=torch.ones(c), fold=fold,
             extra=extra, weight_dup=torch.zeros_like(extra), act_max=((extra + 1) * t).float(),
-            pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple), fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found")
+            pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple),
+            fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found",
+            fold_fingerprints={f: weight_fingerprint(params[f]) for f in fold[len("norm:"):].split(",")}
+            if fold.startswith("norm:") else {})
         if fold.startswith("rows:"):
             row_of[fold[len("rows:"):]] = name
     for (layers, fold, pos) in tqdm(groups, desc="fq_compile: synthetic plan", disable=not progress):
@@ -187,14 +191,17 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
             b = params.get(layer + ".bias")
             with torch.no_grad():
                 wf = flatten_weight(w.detach().float(), g.cmap)   # smoothing 1: no column or row scaling
-                scale = float(wf.abs().amax()) / QMAX[bits] or 1.0
-                q = torch.round(wf / scale).clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8)
+                top = wf.abs().amax(dim=1)
+                if config.weight_scale == "tensor":
+                    top = top.amax().expand(wf.shape[0])
+                scale = torch.where(top > 0, top / QMAX[bits], torch.ones_like(top)).float()
+                q = torch.round(wf / scale[:, None]).clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8)
                 del wf
                 plan.layers[layer] = LayerPlan(
                     name=layer, group=g.name, in_features=w.shape[1], out_features=w.shape[0], bits=bits,
                     weight_q=pack_int4(q) if bits == 4 else q, weight_scale=scale, act_scale=t / QMAX[bits],
                     bias=None if b is None else b.detach().float().clone(), fingerprint=weight_fingerprint(w),
-                    rows_folded_from=row_of.get(layer))
+                    rows_folded_from=row_of.get(layer), bias_fingerprint=None if b is None else weight_fingerprint(b))
                 del q
             if release_weights:
                 release(w, layer + ".weight")

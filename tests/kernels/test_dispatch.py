@@ -33,6 +33,11 @@ gpu = pytest.mark.gpu
 needs_hopper = pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper (sm_90) GPU")
 
 
+def channel_scale(value: float, w: torch.Tensor) -> torch.Tensor:
+    """The GEMM ops' scale argument: float32 [N] (here every output channel the same)."""
+    return torch.full((w.shape[0],), value, dtype=torch.float32, device=w.device)
+
+
 @pytest.fixture(autouse=True)
 def _clean(monkeypatch):
     monkeypatch.delenv("FQ_GEMM", raising=False)
@@ -215,8 +220,8 @@ def test_fallback_warns_once_and_matches_reference(monkeypatch):
     x, w = _ops(32, 64, 128, 8, gen)
     bias = torch.randn(64, generator=gen)
     with pytest.warns(RuntimeWarning, match="CUTLASS GEMMs unavailable, using Triton: no CUDA device") as rec:
-        y1 = torch.ops.fq.int8_linear(x, w, 0.01, bias, torch.float32)
-        y2 = torch.ops.fq.int8_linear(x, w, 0.01, bias, torch.float32)
+        y1 = torch.ops.fq.int8_linear(x, w, channel_scale(0.01, w), bias, torch.float32)
+        y2 = torch.ops.fq.int8_linear(x, w, channel_scale(0.01, w), bias, torch.float32)
     assert sum("CUTLASS" in str(r.message) for r in rec) == 1
     ref = _expected(x, w, 0.01, bias, 8, torch.float32)
     assert torch.equal(y1, ref) and torch.equal(y2, ref)
@@ -242,13 +247,14 @@ def test_missing_cutlass_package(monkeypatch):
 
 def test_sources_and_abi():
     """One generated instance per (config, output dtype), all registered under distinct names; the
-    ctypes struct matches the C layout (4 pointers, 3 int64, 6 x 4 bytes, 2 pointers)."""
+    ctypes struct matches the C layout (4 pointers, 3 int64, 3 x 4 bytes, the scale pointer, 2 x 4 bytes,
+    2 pointers)."""
     srcs = {(c, dt): cg.instance_source(c, dt) for c, dt in cg.instances()}
     assert len(srcs) == len(cg.CONFIGS) * 4
     for (c, dt), s in srcs.items():
         assert f'FQ_SM90_INSTANCE("{c}"' in s and cg.OUT_TYPES[dt][0] in s
-    assert ctypes.sizeof(cg._Params) == 96
-    assert cg._Params.stream.offset == 88 and cg._Params.scale.offset == 68
+    assert ctypes.sizeof(cg._Params) == 104
+    assert cg._Params.stream.offset == 96 and cg._Params.scale.offset == 72
     assert all((cg.CSRC / f).exists() for f in (*cg.HEADERS, cg.API_SOURCE))
     assert cg.default_config(1, 4096, 4096) in cg.CONFIGS and cg.default_config(16384, 4096, 5120) in cg.CONFIGS
 
@@ -258,7 +264,8 @@ def test_cutlass_op_on_cpu_is_the_reference():
     for bits in (8, 4):
         x, w = _ops(9, 48, 96, bits, gen)
         bias = torch.randn(48, generator=gen)
-        y = torch.ops.fq.cutlass_int_linear(x.reshape(3, 3, -1), w, 0.02, bias, torch.bfloat16, bits, "")
+        y = torch.ops.fq.cutlass_int_linear(x.reshape(3, 3, -1), w, channel_scale(0.02, w), bias, torch.bfloat16,
+                                            bits, "")
         assert y.shape == (3, 3, 48)
         assert torch.equal(y.reshape(9, 48), _expected(x, w, 0.02, bias, bits, torch.bfloat16))
 
@@ -280,8 +287,8 @@ def test_inductor_compiles_either_choice(eligible, monkeypatch, tmp_path, mode):
     bias = torch.randn(96, generator=gen)
 
     def f(a8, a4):
-        y8 = torch.ops.fq.int8_linear(a8, w8, 0.003, bias, torch.float32)
-        y4 = torch.ops.fq.int4_linear(a4, w4, 0.05, None, torch.float32)
+        y8 = torch.ops.fq.int8_linear(a8, w8, channel_scale(0.003, w8), bias, torch.float32)
+        y4 = torch.ops.fq.int4_linear(a4, w4, channel_scale(0.05, w4), None, torch.float32)
         return torch.relu(y8) + y4
 
     torch._dynamo.reset()
@@ -367,15 +374,16 @@ def check_cutlass(shape, bits, config, seed, out_dtypes=OUT_DTYPES):
     assert acc.dtype == torch.int32 and acc.shape == (m, n)
     bad = (acc.cpu() != acc_ref).sum().item()
     assert bad == 0, f"int{bits} {config} {shape}: {bad} int32 mismatches"
-    scale = float(torch.rand((), generator=gen)) * 1e-3 + 1e-4
+    scale = (torch.rand(n, generator=gen) * 1e-3 + 1e-4) * (1 + 9 * (torch.rand(n, generator=gen) < 0.1))
     bias = torch.randn(n, generator=gen) * 0.5
     for dt in out_dtypes:
-        y = cg.cutlass_int_linear(A, W, scale, bias.cuda(), dt, bits, config=config)
+        y = cg.cutlass_int_linear(A, W, scale.cuda(), bias.cuda(), dt, bits, config=config)
         ref = quant_linear_reference(A.cpu(), W.cpu(), scale, bias, bits, dt)
         assert y.dtype == dt and torch.isfinite(y).all()
         diff = (y.cpu() != ref).sum().item()
         assert diff == 0, f"int{bits} {config} {shape} {dt}: {diff} outputs differ from the reference"
-    y0 = cg.cutlass_int_linear(A.contiguous().reshape(1, m, -1), W, scale, None, torch.float32, bits, config=config)
+    y0 = cg.cutlass_int_linear(A.contiguous().reshape(1, m, -1), W, scale.cuda(), None, torch.float32, bits,
+                               config=config)
     assert y0.shape == (1, m, n) and torch.equal(y0[0].cpu(), acc_ref.float() * scale)
 
 
@@ -430,8 +438,8 @@ def test_gpu_compiled_dispatch(monkeypatch):
     bias = torch.randn(384, generator=gen).cuda()
 
     def f(a, b):
-        return (torch.ops.fq.int8_linear(a, w8, 1e-3, bias, torch.bfloat16).float()
-                + torch.ops.fq.int8_linear(b, w_odd, 1e-3, None, torch.bfloat16).float())
+        return (torch.ops.fq.int8_linear(a, w8, channel_scale(1e-3, w8), bias, torch.bfloat16).float()
+                + torch.ops.fq.int8_linear(b, w_odd, channel_scale(1e-3, w_odd), None, torch.bfloat16).float())
 
     a, b = _rand_q((256, 512), 127, gen).cuda(), _rand_q((256, 200), 127, gen).cuda()
     torch._dynamo.reset()
@@ -450,5 +458,5 @@ def test_int_gemm_hook_installed():
         warnings.simplefilter("error")
         gen = torch.Generator().manual_seed(4)
         x, w = _ops(8, 16, 32, 8, gen)
-        assert torch.equal(torch.ops.fq.int8_linear(x, w, 0.5, None, torch.float32),
+        assert torch.equal(torch.ops.fq.int8_linear(x, w, channel_scale(0.5, w), None, torch.float32),
                            _expected(x, w, 0.5, None, 8, torch.float32))

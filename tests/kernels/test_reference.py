@@ -110,8 +110,8 @@ def test_quant_linear_ops_against_float64(bits):
     xq_t = xq.T.contiguous().T                       # non-contiguous view of the same values
     wq = torch.randint(-qmax, qmax + 1, (24, 64), generator=g, dtype=torch.int8)
     bias = torch.randn(24, generator=g)
-    scale = 0.0123
-    want = (xq.double() @ wq.double().T) * scale + bias.double()
+    scale = torch.rand(24, generator=g) * 0.02 + 1e-3             # one per output channel
+    want = (xq.double() @ wq.double().T) * scale.double() + bias.double()
     if bits == 4:
         xin, win, op = pack_int4(xq), pack_int4(wq), torch.ops.fq.int4_linear
     else:
@@ -122,3 +122,39 @@ def test_quant_linear_ops_against_float64(bits):
         assert float((y.double() - want).norm() / want.norm()) < tol
     y3 = op(xin.reshape(4, 10, -1), win, scale, None, torch.float32)
     assert y3.shape == (4, 10, 24)
+    with pytest.raises(Exception, match="scale must be float32"):
+        op(xin, win, scale[:5], bias, torch.float32)
+
+
+def test_flatten_quantize_rounds_once_then_slices():
+    """The op rounds the value once and slices the integer: a value's slices add up to rint(a)
+    exactly (ties included: half to even on the whole value, not per slice), saturating at the
+    calibrated range."""
+    qmax = 127
+    # one channel flattened into 2 extra slices: positions [remainder (lo=2q), slice 0 (lo=0), slice 1 (lo=q)]
+    src = torch.tensor([0, 0, 0], dtype=torch.int32)
+    lo = torch.tensor([2.0 * qmax, 0.0, float(qmax)])
+    hi = torch.tensor([float("inf"), float(qmax), float(qmax)])
+    mult = torch.ones(3)
+    for a in (0.0, 0.5, 1.5, 126.5, 127.5, 128.5, 253.5, 254.5, 300.25, 380.5, 381.0, 381.5, 1e9):
+        x = torch.tensor([[a], [-a]])
+        q = flatten_quantize_reference(x, src, mult, lo, hi, 8).long()
+        want = min(round(a), 3 * qmax)                 # Python rounds half to even too
+        assert int(q[0].sum()) == want and int(q[1].sum()) == -want, (a, q.tolist())
+        assert bool((q[0] >= 0).all() and (q[0] <= qmax).all())
+
+
+def test_cpu_int8_path_is_exact_where_chosen(monkeypatch):
+    """Both CPU paths (oneDNN int8 where the CPU has VNNI/AMX, float32 chunks elsewhere) give the
+    int64 definition's integers; the choice follows the CPU's int8 dot instructions."""
+    from fq_compile.kernels import int_gemm
+
+    g = torch.Generator().manual_seed(11)
+    a = torch.randint(-128, 128, (9, 1040), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (17, 1040), generator=g, dtype=torch.int8)
+    want = a.long() @ b.long().T
+    for has_dot in (False, True):
+        monkeypatch.setattr(int_gemm, "_INT8_DOT", has_dot)
+        assert int_gemm.cpu_gemm_path(1040) == ("int_mm" if has_dot else "float")
+        assert torch.equal(int_matmul_reference(a, b).long(), want)
+    assert int_gemm.cpu_gemm_path(1041) == "float"          # K not a multiple of 8: float chunks

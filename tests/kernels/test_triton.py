@@ -32,6 +32,11 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 # shared checks (run in the interpreter subprocess on CPU, in process on CUDA)
 # ----------------------------------------------------------------------------------------------
 
+def channel_scale(value: float, w: torch.Tensor) -> torch.Tensor:
+    """The GEMM ops' scale argument: float32 [N] (here every output channel the same)."""
+    return torch.full((w.shape[0],), value, dtype=torch.float32, device=w.device)
+
+
 def _rand_q(shape, qmax, gen, device):
     """Random int8 in [-qmax, qmax] with no all-zero rows (zeros hide unwritten outputs)."""
     q = torch.randint(-qmax, qmax + 1, shape, generator=gen, dtype=torch.int8)
@@ -74,9 +79,11 @@ def check_gemm(device: str, shapes, bits: int, fp8: bool, seed: int = 0, configs
         assert acc.dtype == torch.int32 and acc.shape == (m, n)
         bad = (acc != acc_ref).sum().item()
         assert bad == 0, f"int{bits} fp8={fp8} {(m, n, k, la, lw)}: {bad} int32 mismatches"
-        scale = float(torch.rand((), generator=gen)) * 1e-3 + 1e-4
+        # per output channel scales (a per-tensor plan passes equal values): fresh random values
+        scale = (torch.rand(n, generator=gen) * 1e-3 + 1e-4) * (1 + 9 * (torch.rand(n, generator=gen) < 0.1))
+        scale = scale.to(device)
         bias = (torch.randn(n, generator=gen) * 0.5).to(device)
-        y64 = acc_ref.double() * scale + bias.double()
+        y64 = acc_ref.double() * scale.double() + bias.double()
         tols = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
         for out_dtype in out_dtypes:
             tol = tols[out_dtype]
@@ -91,6 +98,9 @@ def check_gemm(device: str, shapes, bits: int, fp8: bool, seed: int = 0, configs
         A3 = A.contiguous().reshape(1, m, -1)
         y3 = tg.int_linear_cuda(A3, W, scale, None, torch.float32, bits, **cfg)
         assert y3.shape == (1, m, n) and torch.equal(y3[0], (acc_ref.float() * scale))
+        # a number is every channel the same
+        y1 = tg.int_linear_cuda(A, W, 0.00123, None, torch.float32, bits, **cfg)
+        assert torch.equal(y1, acc_ref.float() * 0.00123)
 
 
 def _make_map(c: int, extras: torch.Tensor, pad_multiple: int, qmax: int, gen, mult_scale: float):
@@ -279,9 +289,11 @@ def test_gpu_inductor_inlines_kernels():
     mult4 = mult * (7 / 127)
 
     def f(x):
-        y8 = torch.ops.fq.int8_linear(torch.ops.fq.flatten_quantize(x, src, mult, lo, hi, 8), w8, 1e-3, bias,
+        y8 = torch.ops.fq.int8_linear(torch.ops.fq.flatten_quantize(x, src, mult, lo, hi, 8), w8,
+                                      channel_scale(1e-3, w8), bias,
                                       torch.bfloat16)
-        y4 = torch.ops.fq.int4_linear(torch.ops.fq.flatten_quantize(x, src, mult4, lo * 7 / 127, hi, 4), w4, 1e-2,
+        y4 = torch.ops.fq.int4_linear(torch.ops.fq.flatten_quantize(x, src, mult4, lo * 7 / 127, hi, 4), w4,
+                                      channel_scale(1e-2, w4),
                                       None, torch.bfloat16)
         return torch.relu(y8) + y4
 

@@ -1,6 +1,6 @@
 """CUTLASS sm_90a GEMMs for `fq::int8_linear` / `fq::int4_linear`, as the op `fq::cutlass_int_linear`.
 
-    y = (xq @ wq.T, exact int32) * scale + bias  -> out_dtype        (same semantics as int_gemm.py)
+    y = float32(xq @ wq.T, exact int32) * scale[n] + bias[n]  -> out_dtype   (same semantics as int_gemm.py)
 
 Why this form:
   * CUTLASS as users get it: the C++ headers of the `nvidia-cutlass` pip package (optional extra
@@ -16,7 +16,7 @@ Why this form:
   * The .cu files include no torch header (a C ABI called through ctypes: raw pointers, sizes, the
     current cudaStream_t), so they compile with nvcc alone; `python -m fq_compile.kernels.cutlass.gemm
     --nvcc-check` compiles them without a GPU (about 1 CPU-minute per instance).
-  * Epilogue: D = cast(__fadd_rn(__fmul_rn(float(acc), scale), bias[col])): mul then add, each rounded
+  * Epilogue: D = cast(__fadd_rn(__fmul_rn(float(acc), scale[col]), bias[col])): mul then add, each rounded
     (no FMA), so float32 outputs equal `quant_linear_reference` bit for bit and bf16/fp16 outputs are
     that float32 value rounded to nearest even, as the reference's final cast.
   * INT4 (packed two per byte, low nibble first): Hopper has no INT4 tensor cores, so a small CUDA
@@ -260,7 +260,7 @@ class _Params(ctypes.Structure):
     """Mirror of FqGemmParams in csrc/fq_cutlass.h (same order, natural C alignment)."""
     _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("d", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("lda", ctypes.c_int64), ("ldb", ctypes.c_int64), ("ldd", ctypes.c_int64),
-                ("m", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int), ("scale", ctypes.c_float),
+                ("m", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int), ("scale", ctypes.c_void_p),
                 ("out_dtype", ctypes.c_int), ("sm_count", ctypes.c_int),
                 ("workspace", ctypes.c_void_p), ("stream", ctypes.c_void_p)]
 
@@ -357,10 +357,11 @@ def unpack_int4_cuda(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def cutlass_int_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+def cutlass_int_linear(xq: torch.Tensor, wq: torch.Tensor, scale, bias: torch.Tensor | None,
                        out_dtype: torch.dtype, bits: int, *, config: str | None = None,
                        raw_int32: bool = False) -> torch.Tensor:
-    """Run the CUTLASS GEMM on CUDA tensors.  raw_int32=True returns the exact int32 accumulator;
+    """Run the CUTLASS GEMM on CUDA tensors (scale: float32 [N], or a number for every channel).
+    raw_int32=True returns the exact int32 accumulator;
     config names a CONFIGS entry (None: default_config).  Operands that TMA cannot read in place are
     copied first (the dispatcher only sends aligned ones); shapes the kernel cannot take (K % 16,
     N not a multiple of a 16-byte output vector) raise ValueError."""
@@ -382,6 +383,11 @@ def cutlass_int_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: t
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
     has_bias = bias is not None and not raw_int32
+    from fq_compile.kernels.int_gemm import per_channel
+
+    scale = per_channel(scale, n, xq.device).contiguous()
+    if scale.data_ptr() % MIN_ALIGN:
+        scale = scale.clone()
     if k == 0:  # empty reduction: the result is the bias (or zero)
         y = torch.zeros((m, n), dtype=torch.float32, device=xq.device)
         if has_bias:
@@ -400,7 +406,7 @@ def cutlass_int_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: t
             bias_arg = bias_arg.clone()
     dev = xq.device.index if xq.device.index is not None else torch.cuda.current_device()
     p = _Params(a=a8.data_ptr(), b=b8.data_ptr(), d=out.data_ptr(), bias=bias_arg.data_ptr() if has_bias else None,
-                lda=a8.stride(0), ldb=b8.stride(0), ldd=out.stride(0), m=m, n=n, k=k, scale=float(scale),
+                lda=a8.stride(0), ldb=b8.stride(0), ldd=out.stride(0), m=m, n=n, k=k, scale=scale.data_ptr(),
                 out_dtype=OUT_TYPES[dt][1], sm_count=_sm_count(dev), workspace=None, stream=None)
     cfg = config.encode()
     err = ctypes.create_string_buffer(1024)
@@ -425,7 +431,7 @@ def cutlass_int_linear(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: t
 
 def _define_op():
     @custom_op("fq::cutlass_int_linear", mutates_args=())
-    def cutlass_int_linear_op(xq: torch.Tensor, wq: torch.Tensor, scale: float, bias: torch.Tensor | None,
+    def cutlass_int_linear_op(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                               out_dtype: torch.dtype, bits: int, config: str) -> torch.Tensor:
         """The CUTLASS GEMM (config "" = default_config).  On other devices the op computes the same
         result with the CPU reference (its semantics; used by the CPU tests of the dispatch path)."""

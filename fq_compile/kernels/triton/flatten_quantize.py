@@ -10,11 +10,11 @@ as [B, T, C], so transposed or sliced activations need no copy.  On the H100, 16
 ~110 us (1.9 TB/s of a 2.86 TB/s copy), 1.4x (INT8) / 3.3x (INT4) faster than Inductor compiling
 the reference's aten ops (benchmarks/NOTES-kernels.md).
 
-Bit-exactness with `flatten_quantize_reference`: |g| * mult uses an explicitly rounded multiply
-(mul_rn, never contracted into an FMA with the following `- lo`), and rounding is libdevice rint
-(half to even).  The Triton interpreter has no libdevice, so under TRITON_INTERPRET=1 the same
-operations are written with plain numpy-backed float32 arithmetic (which never contracts) and the
-2**23 add/subtract trick, exact for the clamped range [0, qmax].
+Bit-exactness with `flatten_quantize_reference`: |g| * mult is one explicitly rounded multiply
+(mul_rn), rounding is libdevice rint (half to even), and everything after it is integer arithmetic
+(the op's semantics round first, then slice).  The Triton interpreter has no libdevice, so under
+TRITON_INTERPRET=1 the same operations are written with plain numpy-backed float32 arithmetic and
+the 2**23 add/subtract trick, exact for the clamped range [0, 2**22).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ if _INTERPRET:
 
     @triton.jit
     def _rint_small(v):
-        # v in [0, 127]: adding 2**23 leaves no fraction bits, so the FPU rounds half to even
+        # v in [0, 2**22): adding 2**23 leaves no fraction bits, so the FPU rounds half to even
         return (v + 8388608.0) - 8388608.0
 else:
     from triton.language.extra import libdevice
@@ -51,11 +51,12 @@ else:
 @triton.jit
 def _quantize_vals(g, mult, lo, hi_q):
     """g float32 gathered activations (any shape), per-position constants broadcast to it; hi_q is
-    min(hi, qmax): min(rint(min(v, hi)), qmax) == rint(min(v, hi, qmax)) for an integer qmax, and
-    clamping first keeps v finite for the 2**23 trick."""
+    min(hi, qmax).  n = rint(min(a, lo + hi_q)) then q = max(n - lo, 0), as the reference: clamping
+    before rounding keeps the value finite and below 2**22 for the 2**23 trick, and the integer
+    subtraction after it is exact."""
     a = _mul_rn(tl.abs(g), mult)
-    v = tl.minimum(tl.maximum(a - lo, 0.0), hi_q)
-    q = _rint_small(v).to(tl.int32)
+    n = _rint_small(tl.minimum(a, lo + hi_q))
+    q = tl.maximum(n - lo, 0.0).to(tl.int32)
     return tl.where(g < 0, -q, q)
 
 

@@ -1,6 +1,6 @@
 """Triton GEMMs for `fq::int8_linear` and `fq::int4_linear`, registered as their CUDA implementations.
 
-    y = (xq @ wq.T, exact int32) * scale + bias  -> out_dtype
+    y = float32(xq @ wq.T, exact int32) * scale[n] + bias[n]  -> out_dtype   (scale: float32 [N])
 
 One kernel body serves both formats.  INT4 operands arrive packed two per byte (see packing.py) and
 are unpacked in registers right after the load, so global memory and L2 only ever carry the packed
@@ -30,6 +30,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from fq_compile.kernels.int_gemm import per_channel
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -65,13 +67,14 @@ else:
 
 
 @triton.jit
-def _epilogue(acc, c_ptr, bias_ptr, scale, offs_m, offs_n, M, N, stride_cm, stride_cn,
+def _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
               HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr):
-    """EPILOGUE 0: store the int32 accumulator; 1: scale (+bias) and store c's dtype; 2: atomic add."""
+    """EPILOGUE 0: store the int32 accumulator; 1: scale[n] (+bias[n]) and store c's dtype; 2: atomic add."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     if EPILOGUE == 1:
-        y = _mul_rn(acc.to(tl.float32), tl.cast(scale, tl.float32))  # Inductor passes scale as fp64
+        scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        y = _mul_rn(acc.to(tl.float32), scale[None, :])
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
             y = y + bias[None, :]
@@ -83,7 +86,7 @@ def _epilogue(acc, c_ptr, bias_ptr, scale, offs_m, offs_n, M, N, stride_cm, stri
 
 
 @triton.jit
-def int_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale, M, N, K, M_BUCKET, K_PER_SPLIT,
+def int_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, M, N, K, M_BUCKET, K_PER_SPLIT,
                     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                     HAS_BIAS: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr, EPILOGUE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -136,11 +139,11 @@ def int_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale, M, N, K, M_BUCKET, K_P
             a = tl.load(a_ptr + rows[:, None] * stride_am + ko[None, :] * stride_ak, mask=kmask[None, :], other=0)
             b = tl.load(b_ptr + cols[None, :] * stride_bn + ko[:, None] * stride_bk, mask=kmask[:, None], other=0)
             acc = tl.dot(a, b, acc, out_dtype=ACC)
-    _epilogue(acc, c_ptr, bias_ptr, scale, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, EPILOGUE)
+    _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, EPILOGUE)
 
 
 @triton.jit
-def int_gemm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, scale, M, N, K, NUM_PROGS, stride_cm, stride_cn,
+def int_gemm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, scale_ptr, M, N, K, NUM_PROGS, stride_cm, stride_cn,
                         HAS_BIAS: tl.constexpr, INT4: tl.constexpr, EPILOGUE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Large-M GEMM: persistent programs walk the output tiles (grouped order) and stream A and B
@@ -170,16 +173,16 @@ def int_gemm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, scale, M, N, K, NUM_PRO
                 acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _epilogue(acc, c_ptr, bias_ptr, scale, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, EPILOGUE)
+        _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, EPILOGUE)
 
 
 @triton.jit
-def dequant_kernel(acc_ptr, bias_ptr, out_ptr, scale, M, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """Split-K epilogue: out = int32 workspace * scale (+ bias), both [M, N] contiguous."""
+def dequant_kernel(acc_ptr, bias_ptr, out_ptr, scale_ptr, M, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """Split-K epilogue: out = int32 workspace * scale[n] (+ bias[n]), both [M, N] contiguous."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.load(acc_ptr + offs, mask=mask, other=0)
-    y = _mul_rn(acc.to(tl.float32), tl.cast(scale, tl.float32))
+    y = _mul_rn(acc.to(tl.float32), tl.load(scale_ptr + offs % N, mask=mask, other=0.0))
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs % N, mask=mask, other=0.0)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -279,9 +282,9 @@ def _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, cfg, has_bias, epilo
 
 
 def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32=False, config=None):
-    """Launch the GEMM; raw_int32=True returns the exact int32 accumulator (for tests); config (a
-    triton.Config) forces the pointer kernel with that tiling for M > 16 (tests cover each candidate
-    without timing it)."""
+    """Launch the GEMM; scale is a float32 [N] vector (or a number: every channel the same);
+    raw_int32=True returns the exact int32 accumulator (for tests); config (a triton.Config) forces the
+    pointer kernel with that tiling for M > 16 (tests cover each candidate without timing it)."""
     fp8 = FP8_INT4 if fp8 is None else fp8
     fp8 = bool(fp8) and bits == 4
     lead = xq.shape[:-1]
@@ -294,6 +297,7 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
         return out.reshape(*lead, n)
     has_bias = bias is not None and not raw_int32
     bias_arg = bias.float().contiguous() if has_bias else out
+    scale = per_channel(scale, n, xq.device).contiguous()
     m_bucket = min(triton.next_power_of_2(m), 8192)
     common = dict(HAS_BIAS=has_bias, INT4=bits == 4, FP8=fp8)
     if k == 0:  # empty reduction: the result is the bias (or zero)

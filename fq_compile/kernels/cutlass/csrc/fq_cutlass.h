@@ -15,7 +15,7 @@ struct FqGemmParams {
   const float* bias;     // [n] float32 or nullptr
   int64_t lda, ldb, ldd;
   int m, n, k;
-  float scale;
+  const float* scale;    // [n] float32 (activation scale x each output channel's weight scale)
   int out_dtype;         // FqOutDtype
   int sm_count;          // 0: query the device
   void* workspace;       // device memory of at least fq_gemm_workspace() bytes (may be null if 0)

@@ -1,10 +1,11 @@
 // INT8 x INT8 -> INT32 GEMM for Hopper (sm_90a): TMA + wgmma, warp-specialised, built with CUTLASS 3.x's
 // CollectiveBuilder, and an epilogue visitor tree that computes
 //
-//     D = cast<ElementD>( __fadd_rn( __fmul_rn( float(acc), scale ), bias[col] ) )
+//     D = cast<ElementD>( __fadd_rn( __fmul_rn( float(acc), scale[col] ), bias[col] ) )
 //
 // with explicitly rounded fp32 ops (no FMA contraction), so fp32 outputs equal the CPU reference
-// (`acc.float() * scale + bias`) bit for bit, and bf16/fp16 outputs are that value rounded to nearest.
+// (`acc.float() * scale + bias`, scale and bias float32 vectors over the output columns) bit for bit,
+// and bf16/fp16 outputs are that value rounded to nearest.
 // The kRaw instance stores the int32 accumulator unchanged (tests compare it exactly).
 //
 // A = xq [M, K] row-major; B = wq [N, K] row-major, which is K x N column-major: both K-major, as the
@@ -99,12 +100,13 @@ struct Sm90IntGemm {
   using LayoutB = cutlass::layout::ColumnMajor;
   using LayoutD = cutlass::layout::RowMajor;
 
-  // bias[col] broadcast along the rows (CUTLASS calls a length-N vector a "row" broadcast)
-  using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>, 4>;
+  // scale[col] and bias[col] broadcast along the rows (CUTLASS calls a length-N vector a "row" broadcast)
+  using ColumnVector = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>, 4>;
+  using Bias = ColumnVector;
   using Scaled = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<MulRn, float, float, Round>,
       cutlass::epilogue::fusion::Sm90AccFetch,
-      cutlass::epilogue::fusion::Sm90ScalarBroadcast<float>>;
+      ColumnVector>;
   using Dequant = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<AddRn, ElementD, float, Round>, Scaled, Bias>;
   using Raw = cutlass::epilogue::fusion::Sm90EVT<
@@ -173,7 +175,7 @@ struct Sm90IntGemm {
       args.epilogue.thread = {{}, {}};
     } else {
       args.epilogue.thread = {
-          {{}, {{p.scale}}, {}},                      // Scaled: acc, scale, mul args
+          {{}, {p.scale, 0.0f, {_0{}, _1{}, int64_t(0)}}, {}},   // Scaled: acc, scale[col], mul args
           {p.bias, 0.0f, {_0{}, _1{}, int64_t(0)}},   // Bias: pointer (null: 0), default, stride
           {}};                                        // add args
     }
