@@ -41,12 +41,16 @@ class Config:
     flatten_weights: also flatten weight columns whose max exceeds the weight threshold (paper 4.1,
         last paragraph) by splitting them into equal parts and repeating the activation channel.
     weight_beta: threshold coefficient for weight flattening (same Eq. 6-7 on column maxima).
-    weight_scale: weight scale granularity: "tensor" (one per layer, the paper's) or "channel" (one per
-        output channel, applied in the GEMM epilogue at no cost; the activation side stays per tensor).
-    weight_clip: weight scales from the max ("max") or the MSE-optimal clip ("mse"); None
-        keeps the level's: "mse" for O1-O3, "max" for w8a8/smoothquant, both chosen on held-out
-        validation windows (benchmarks/results/accuracy-smollm2-135m-select-cpu.md): without
-        flattening, a weight-MSE clip cuts the weights that meet the outlier activation channels.
+    weight_scale: weight scale granularity: "channel" (default: one per output channel, applied in the
+        GEMM epilogue at no cost; the activation side stays per tensor) or "tensor" (one per layer, the
+        paper's). Chosen on held-out validation windows
+        (benchmarks/results/accuracy-smollm2-135m-weight-scale-select-cpu.md).
+    weight_clip: weight scales from the max ("max") or the MSE-optimal clip ("mse"); None keeps the
+        level's: per-channel scales at 8 bits only (O1, w8a8, smoothquant) take the row max (measured
+        better than the row MSE clip on the same windows); levels with INT4 layers (O2, O3) keep the MSE
+        clip; per-tensor scales take "mse" for O1-O3 and "max" for w8a8/smoothquant
+        (benchmarks/results/accuracy-smollm2-135m-select-cpu.md): without flattening, a weight-MSE clip
+        cuts the weights that meet the outlier activation channels.
     fold: fold smoothing scales into the producing norm / linear where exact (else applied in op).
     skip: substrings of layer names kept in floating point (the output head by default).
     gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal (O3), in (0, 1].
@@ -68,7 +72,7 @@ class Config:
     smoothing: str | None = None
     flatten_weights: bool = False
     weight_beta: float = 1.3
-    weight_scale: str = "tensor"
+    weight_scale: str = "channel"
     weight_clip: str | None = None
     fold: bool = True
     skip: tuple[str, ...] = ("lm_head",)
@@ -110,7 +114,12 @@ class Config:
         spec = dict(LEVELS[self.level])
         if self.smoothing is not None:
             spec["smoothing"] = self.smoothing
-        spec["weight_clip"] = self.weight_clip or ("mse" if spec["flatten"] else "max")
+        if self.weight_clip is not None:
+            spec["weight_clip"] = self.weight_clip
+        elif self.weight_scale == "channel":
+            spec["weight_clip"] = "mse" if spec["mixed_bits"] else "max"
+        else:
+            spec["weight_clip"] = "mse" if spec["flatten"] else "max"
         self._derived.update(spec)
 
     # what the level implies, with overrides applied

@@ -24,6 +24,11 @@ def test_overrides():
     assert Config(level="w8a8").weight_clip_method == "max" and Config(level="O3").weight_clip_method == "mse"
     assert Config(level="w8a8", weight_clip="mse").weight_clip_method == "mse"
     assert Config(level="O1", weight_clip="max").weight_clip_method == "max"
+    # per-channel scales (the default): the row max at 8 bits, the MSE clip where INT4 layers exist
+    assert Config().weight_scale == "channel" and Config(level="O1").weight_clip_method == "max"
+    assert Config(level="O2").weight_clip_method == "mse" and Config(level="O3").weight_clip_method == "mse"
+    assert Config(level="O1", weight_scale="tensor").weight_clip_method == "mse"
+    assert Config(level="smoothquant", weight_scale="tensor").weight_clip_method == "max"
 
 
 @pytest.mark.parametrize("kw,knob", [
