@@ -1,10 +1,11 @@
-"""End-to-end benchmark (issue 5): whole OPT models, compiled, called the way inference code calls
+"""End-to-end benchmark (issues 5 and 13): whole OPT models, compiled, called the way inference code calls
 them; prefill latency (Figure 4 analog), decode tokens/s, resident and peak memory (Table 6 analog).
 
     python benchmarks/e2e.py --models 13b --methods all --batches 8 --seqs 2048 --out $OUT
     python benchmarks/e2e.py --models 13b --methods fp16-eager,fq-O3 --decode 1,16,64 --out $OUT
     python benchmarks/e2e.py --profile --models 13b --methods fp16-inductor,fp8-naive,fq-O1,fq-O3 --out $OUT
     python benchmarks/e2e.py --report run1/e2e.jsonl run2/e2e.jsonl --results-dir benchmarks/results
+    python benchmarks/e2e.py --summary $OUT/e2e.jsonl                  # a short table of what a run measured
     python benchmarks/e2e.py --smoke --out /tmp/e2e          # tiny config on the CPU: checks the script
 
 Models: OPT shapes from OPTConfig at real sizes (1.3b, 6.7b, 13b, 30b), random fp16 weights made on
@@ -16,7 +17,9 @@ the GPU (speed does not depend on values).  Methods, each on a fresh model:
   smoothquant     SmoothQuant-W8A8 through our backend (per-tensor INT8, no flattening)
   torchao-int8    torchao Int8DynamicActivationInt8WeightConfig (its defaults), then torch.compile
   torchao-fp8     torchao Float8DynamicActivationFloat8WeightConfig (its defaults: per tensor)
-  fq-O1, fq-O3    FlattenQuant through our backend
+  fq-O1, fq-O3    FlattenQuant through our backend (default settings: the GEMM and quantize kernels
+                  kernels/dispatch.py picks; --gemm or FQ_GEMM / FQ_QUANTIZE force one, and label the rows)
+  fq-auto         Config(level="auto"), where this fq_compile has that level (else reported unavailable)
 Our plans are synthetic (fq_compile/synthetic.py): the flatten ratio and INT4 share of the paper's
 Table 4 for that size ("paper Table 4 figures"), INT4 in the same share of blocks at every layer
 position; the output head stays fp16 for every method.  Our backend releases the fp16 weights.
@@ -51,7 +54,9 @@ from fq_compile.runtime.state import reports  # noqa: E402
 from fq_compile.tools.models import opt_config  # noqa: E402
 from fq_compile.tools.synthetic import PAPER_TABLE4, synthetic_plan  # noqa: E402
 
-METHODS = ["fp16-eager", "fp16-inductor", "fp8-naive", "smoothquant", "torchao-int8", "torchao-fp8", "fq-O1", "fq-O3"]
+METHODS = ["fp16-eager", "fp16-inductor", "fp8-naive", "smoothquant", "torchao-int8", "torchao-fp8", "fq-O1", "fq-O3",
+           "fq-auto"]
+OURS = ("smoothquant", "fq-O1", "fq-O3", "fq-auto")
 FP16 = ("fp16-eager", "fp16-inductor")
 MODELS = ("1.3b", "6.7b", "13b", "30b")
 TABLE4_LABEL = "paper Table 4 figures"
@@ -157,9 +162,15 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
         import torchao
 
         info["torchao"] = torchao.__version__
-    elif method in ("smoothquant", "fq-O1", "fq-O3"):
+    elif method in OURS:
         share, ratio = table4(size)
-        level = {"smoothquant": "smoothquant", "fq-O1": "O1", "fq-O3": "O3"}[method]
+        level = {"smoothquant": "smoothquant", "fq-O1": "O1", "fq-O3": "O3", "fq-auto": "auto"}[method]
+        from fq_compile.config import LEVELS
+
+        if level not in LEVELS:
+            raise Unavailable(f"this fq_compile has no Config(level={level!r}) yet")
+        if level == "auto":
+            level = "O3"  # a synthetic plan has no calibration to choose from: the level auto picks for speed
         plan = synthetic_plan(model, level, flatten_ratio=0.0 if level == "smoothquant" else ratio,
                               int4_share=share if level == "O3" else 0.0, source=TABLE4_LABEL,
                               release_weights=True, progress=False)
@@ -251,7 +262,16 @@ def out_of_time(args) -> bool:
 def label(method: str, args) -> str:
     """The method's name in the results: ours carry a non-default --gemm choice, so runs with
     different GEMM kernels land in different columns."""
-    return f"{method}+{args.gemm}" if args.gemm and method in ("smoothquant", "fq-O1", "fq-O3") else method
+    if method not in OURS:
+        return method
+    tags = [args.gemm] if args.gemm else []
+    q = os.environ.get("FQ_QUANTIZE", "").strip().lower()
+    if q in ("kernel", "fused"):
+        tags.append(f"q{q}")
+    g = os.environ.get("FQ_GEMM", "").strip().lower()
+    if g in ("triton", "cutlass") and not args.gemm:
+        tags.append(g)
+    return "+".join([method] + tags)
 
 
 def weight_bytes(model, plan, device) -> dict:
@@ -344,14 +364,23 @@ def run_method(method, size, device, dtype, args, rec):
 CATEGORIES = [
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("GEMM", ("int_gemm", "dequant", "int8_linear", "int4_linear", "cutlass", "gemm", "xmma", "nvjet", "cublas",
-              "scaled_mm", "addmm", "aten::mm", "_int_mm", "wgmma", "triton_tem")),
-    ("quantize", ("flatten_quantize", "amax", "float8", "e4m3", "quantize")),
+              "scaled_mm", "addmm", "aten::mm", "_int_mm", "wgmma", "triton_tem", "unpack_int4")),
+    # fused quantizes are Inductor kernels named after their aten ops: ours (round, minimum, _unsafe_index),
+    # FP8's cast (clamp, then a cast to e4m3 that the name does not show)
+    ("quantize", ("flatten_quantize", "amax", "float8", "e4m3", "quantize", "round", "minimum", "_unsafe_index",
+                  "clamp")),
 ]
 
 
 def category(name: str) -> str:
+    """The kernel's category by name.  Inductor's pointwise / reduction kernels (triton_poi_, _red_,
+    _per_) are never GEMMs, whatever GEMM their origins name (FP8's input cast is called
+    "..._scaled_mm__to_copy_clamp..."): they count as quantize when they quantize, else other."""
     low = name.lower()
+    elementwise = low.startswith(("triton_poi_", "triton_red_", "triton_per_"))
     for cat, keys in CATEGORIES:
+        if cat == "GEMM" and elementwise:
+            continue
         if any(k in low for k in keys):
             return cat
     return "other"
@@ -438,12 +467,16 @@ def report(paths, results_dir: Path, stem: str) -> str:
     if not rows:
         raise SystemExit("no rows in " + ", ".join(map(str, paths)))
     first = rows[0]
-    lines = ["# End-to-end benchmark (issue 5)", "",
+    lines = ["# End-to-end benchmark (issues 5 and 13)", "",
              f"device: {first.get('device')}, torch {first.get('torch')}, date {first.get('date')}; "
-             f"command lines in benchmarks/device/e2e.sh; rows merged from {len(paths)} file(s).",
+             f"rows merged from {len(paths)} file(s); the commands that measured them are listed below.",
              "Random fp16 OPT weights; our plans are synthetic with the flatten ratio and INT4 share of the "
              f"{TABLE4_LABEL} (INT4 in the same share of blocks at every layer position); lm_head fp16 for all methods.",
              "Ratios: the faster of fp16 eager / fp16 Inductor at that point divided by the method's time (>1: faster).", ""]
+    cmds = sorted({(" ".join(f"{k}={v}" for k, v in (r.get("env") or {}).items()) + " " + r["command"]).strip()
+                   for r in rows if r.get("command")})
+    if cmds:
+        lines += ["Commands (benchmarks/device/prefill.sh runs them):", ""] + [f"    {c}" for c in cmds] + [""]
     models = [m for m in MODELS + ("tiny",) if any(r.get("model") == m for r in rows)]
     unavailable = [r for r in rows if r.get("kind") == "unavailable"]
     for size in models:
@@ -546,11 +579,13 @@ def targets(rows) -> list[str]:
 
     fp16 = min([x for x in (ms("fp16-eager"), ms("fp16-inductor")) if x], default=None)
     fp16_tps = max([x for x in (tps("fp16-eager"), tps("fp16-inductor")) if x], default=None)
-    checks = [
-        ("O3 prefill vs faster fp16", ms("fq-O3"), fp16, 1.6, "speed"),
-        ("O3 prefill vs naive FP8", ms("fq-O3"), ms("fp8-naive"), 1.08, "speed"),
-        ("O3 prefill vs SmoothQuant-W8A8", ms("fq-O3"), ms("smoothquant"), 1.25, "speed"),
-        ("O1 prefill vs faster fp16", ms("fq-O1"), fp16, 1.45, "speed"),
+    forced = [x for x in (ms("fq-O3+cutlass"), ms("fq-O3+triton")) if x]
+    checks = [   # issue 13 (default settings, no environment variable), then issue 5's resident/decode targets
+        ("O1 prefill time / naive FP8's", ms("fq-O1"), ms("fp8-naive"), 1.05, "time"),
+        ("O3 prefill time / naive FP8's", ms("fq-O3"), ms("fp8-naive"), 1.05, "time"),
+        ("O1 prefill vs faster fp16", ms("fq-O1"), fp16, 1.4, "speed"),
+        ("O3 prefill vs faster fp16", ms("fq-O3"), fp16, 1.4, "speed"),
+        ("O3 default time / best forced FQ_GEMM's", ms("fq-O3"), min(forced) if forced else None, 1.05, "time"),
         ("O3 resident memory / fp16", res("fq-O3"), res("fp16-eager") or res("fp16-inductor"), 0.45, "memory"),
         ("O3 decode batch 1 tokens/s vs faster fp16", tps("fq-O3"), fp16_tps, 2.0, "tps"),
     ]
@@ -560,12 +595,24 @@ def targets(rows) -> list[str]:
             table.append([name, "not measured", f"{target}", "-"])
             continue
         ratio = base / ours if kind == "speed" else ours / base
-        ok = ratio <= target if kind == "memory" else ratio >= target
-        table.append([name, f"{ratio:.2f}", f"{'<=' if kind == 'memory' else '>='} {target}",
+        ok = ratio <= target if kind in ("memory", "time") else ratio >= target
+        table.append([name, f"{ratio:.2f}", f"{'<=' if kind in ('memory', 'time') else '>='} {target}",
                       "met" if ok else f"missed by {abs(ratio / target - 1) * 100:.0f}%"])
+    # every sweep point: O3 faster than the faster fp16
+    pre = [r for r in rows if r.get("kind") == "prefill" and "ms" in r]
+    pts = {(r["model"], r["batch"], r["seq"]) for r in pre if r["method"] == "fq-O3"}
+    won, seen = 0, 0
+    for pt in pts:
+        at = {r["method"]: r["ms"] for r in pre if (r["model"], r["batch"], r["seq"]) == pt}
+        base = min((at[m] for m in FP16 if m in at), default=None)
+        if base:
+            seen += 1
+            won += at["fq-O3"] < base
+    table.append(["sweep points where O3 beats the faster fp16", f"{won} of {seen}" if seen else "not measured",
+                  "all", "-" if not seen else ("met" if won == seen else f"missed at {seen - won}")])
     from tabulate import tabulate
 
-    return ["## Targets (OPT-13B shape, prefill batch 8 x 2048; decode batch 1)", "",
+    return ["## Targets (OPT-13B shape, prefill batch 8 x 2048 unless stated; decode batch 1)", "",
             tabulate(table, headers=["target", "measured", "wanted", "verdict"], tablefmt="github", disable_numparse=True), ""]
 
 
@@ -606,6 +653,42 @@ def plot(rows, png: Path) -> bool:
 
 # -- main --------------------------------------------------------------------------------------------
 
+def device_slug(name: str) -> str:
+    """'h100', 'h200', 'gh200', 'a100', ... from a device name (file names only), 'cpu' or 'gpu'."""
+    import re
+
+    if "cpu" in name.lower():
+        return "cpu"
+    m = re.search(r"\b(GH|H|A|L|B)(\d{2,3})\b", name)
+    return (m.group(1) + m.group(2)).lower() if m else "gpu"
+
+
+def summary(paths) -> str:
+    """A short table of prefill rows: ms, x the faster fp16 and x naive FP8 at the same point."""
+    from tabulate import tabulate
+
+    rows = load_rows(paths)
+    pre = [r for r in rows if r.get("kind") == "prefill" and "ms" in r]
+    table = []
+    for key in sorted({(r["model"], r["batch"], r["seq"]) for r in pre}, key=lambda k: (MODELS + ("tiny",)).index(k[0])
+                      if k[0] in MODELS + ("tiny",) else 99):
+        at = {r["method"]: r["ms"] for r in pre if (r["model"], r["batch"], r["seq"]) == key}
+        fp16 = min((at[m] for m in FP16 if m in at), default=None)
+        fp8 = at.get("fp8-naive")
+        for m in _order(at):
+            table.append([key[0], f"{key[1]}x{key[2]}", m, f"{at[m]:.1f}", f"{fp16 / at[m]:.2f}" if fp16 else "-",
+                          f"{at[m] / fp8:.2f}" if fp8 else "-"])
+    other = [f"{r.get('model')} {r.get('method')}: {r.get('kind')} {r.get('reason') or r.get('error')}"
+             for r in rows if r.get("kind") in ("unavailable", "error") or r.get("error")]
+    dev = rows[0].get("device") if rows else "?"
+    text = (f"device {dev}, {rows[0].get('date') if rows else ''}\n"
+            + tabulate(table, ["model", "batch x seq", "method", "ms", "x faster fp16", "time / naive FP8"],
+                       tablefmt="github", disable_numparse=True))
+    if other:
+        text += "\n" + "\n".join(other)
+    return text
+
+
 def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
@@ -633,13 +716,17 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "e2e-out"))
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU (checks the script, not speed)")
     ap.add_argument("--report", nargs="+", metavar="JSONL", help="merge result files into tables + PNG")
+    ap.add_argument("--summary", nargs="+", metavar="JSONL", help="print a short table of the prefill rows")
     ap.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--stem", default=None, help="report file name stem (default e2e-<date>-<device>)")
     args = ap.parse_args(argv)
 
+    if args.summary:
+        print(summary([p for p in args.summary if Path(p).exists()]))
+        return
     if args.report:
         first = json.loads(Path(args.report[0]).read_text().splitlines()[0])
-        dev = "cpu" if "cpu" in str(first.get("device", "")).lower() else "h100" if "H100" in str(first.get("device")) else "gpu"
+        dev = device_slug(str(first.get("device", "")))
         return report(args.report, Path(args.results_dir), args.stem or f"e2e-{first.get('date', 'undated')}-{dev}")
 
     if args.smoke:
@@ -671,6 +758,11 @@ def main(argv=None):
 
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                 date=datetime.date.today().isoformat(), dynamic=args.dynamic_flag)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta.update(arch=f"sm_{props.major}{props.minor}", sm_count=props.multi_processor_count)
+    meta["command"] = "python benchmarks/e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta["env"] = {k: os.environ[k] for k in ("FQ_GEMM", "FQ_QUANTIZE") if os.environ.get(k)}
     try:
         import triton
 

@@ -3,6 +3,7 @@
     python benchmarks/kernels.py [--quick] [--out results.md]
     python benchmarks/kernels.py --cutlass [--write-table gemm_table.json] [--shapes ...] [--ms ...]
     python benchmarks/kernels.py --merge-tables a.json b.json --write-table fq_compile/kernels/gemm_table.json
+    python benchmarks/kernels.py --fusion [--fusion-shape 16384,4096] [--out fusion.md]
 
 For each linear shape (the paper's Table 5 case and OPT-13B/30B/66B layers) and M in
 {1, 16, 256, 2048, 16384} it times, with CUDA-graph replays (no CPU launch gaps) and inputs rotated
@@ -14,15 +15,21 @@ so that the working set exceeds L2:
   INT4     the same with packed INT4 (weights and activations), GEMM on INT8 tensor cores
   act      the activation kernel alone (INT8 variant), as % of the INT8 GEMM alone
 and prints one table.  K' = K + K/4 extended channels rounded to 32 (Table 5: 4096 -> 5120).
-A second table compares the activation kernel with Inductor compiling the same aten code.
+A second table (also alone with --fusion) compares, for every producer of a quantized activation in
+OPT / Llama blocks (none, LayerNorm, RMSNorm, ReLU, SiLU(gate) * up, residual add, transpose copy),
+our Triton quantize kernel after the producer's own kernel against `fq::flatten_quantize_fused`
+fused into the producer by Inductor (the two choices of kernels/dispatch.py `decide_quantize`), both
+compiled the way the flattenquant backend compiles, checked bit-exact against each other, plus the
+ReLU GEMM epilogue against GEMM + ReLU (CUTLASS, when --cutlass).
 The INT8/INT4 columns above are the Triton kernels (FQ_GEMM=triton is forced).  --cutlass adds,
 measured in the same run on the same inputs:
   C8 / C4  the CUTLASS GEMM alone (bias, bf16 out), best of every tile config (which one: cfg)
   xT       Triton GEMM time / CUTLASS GEMM time (>1: CUTLASS faster)
   best lin flatten_quantize + the faster of the two GEMMs, as ratio to bf16 cuBLAS
---write-table turns these measurements into the dispatch table gemm_dispatch.py reads (per bits,
-N, K', M: the faster implementation, CUTLASS only when >= 2% faster, and its best config), merged
-into the file when it exists for the same GPU, rewritten after every case.
+--write-table turns these measurements into the dispatch table kernels/dispatch.py reads (per bits,
+N, K', M: the faster implementation, CUTLASS only when >= 2% faster, and its best config; keyed by the
+GPU's architecture, so it serves every GPU of that architecture), merged into the file when it exists
+for the same architecture, rewritten after every case.
 """
 
 from __future__ import annotations
@@ -265,20 +272,28 @@ def table_entries(r, m, n, kp):
     return out
 
 
-def write_table(path, device, entries, meta):
-    """Merge entries into the JSON table at path (same GPU) keyed by (bits, m, n, k), and rewrite it."""
+def device_arch(index: int = 0) -> tuple[str, int]:
+    props = torch.cuda.get_device_properties(index)
+    return f"sm_{props.major}{props.minor}", props.multi_processor_count
+
+
+def write_table(path, device, entries, meta, arch: str, sm_count: int):
+    """Merge entries into the JSON table at path (same architecture) keyed by (bits, m, n, k), and
+    rewrite it."""
     p = Path(path)
     old = []
     if p.exists():
         data = json.loads(p.read_text())
-        if data.get("device") == device:
+        if data.get("arch") == arch:
             old = data.get("entries", [])
         else:
-            print(f"  {p}: measured on {data.get('device')!r}, replacing it with {device!r}", flush=True)
+            print(f"  {p}: measured on {data.get('arch') or data.get('device')!r}, replacing it with {arch}",
+                  flush=True)
     key = lambda e: (e["bits"], e["m"], e["n"], e["k"])  # noqa: E731
     merged = {key(e): e for e in old}
     merged.update({key(e): e for e in entries})
-    body = {"format": gd.TABLE_FORMAT, "device": device, **meta,
+    meta = {k: v for k, v in meta.items() if k not in ("arch", "sm_count", "device", "format")}
+    body = {"format": gd.TABLE_FORMAT, "arch": arch, "sm_count": sm_count, "device": device, **meta,
             "entries": [merged[k] for k in sorted(merged)]}
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(body, indent=1) + "\n")
@@ -287,41 +302,97 @@ def write_table(path, device, entries, meta):
 
 def merge_tables(paths, out):
     datas = [json.loads(Path(p).read_text()) for p in paths]
-    devices = {d.get("device") for d in datas}
-    if len(devices) != 1:
-        raise SystemExit(f"tables measured on different GPUs: {sorted(map(str, devices))}")
-    device = devices.pop()
-    meta = {k: v for k, v in datas[-1].items() if k not in ("entries", "device", "format")}
+    archs = {d.get("arch") for d in datas}
+    if len(archs) != 1 or None in archs:
+        raise SystemExit(f"tables of different (or unnamed) architectures: {sorted(map(str, archs))}")
+    arch = archs.pop()
+    meta = {k: v for k, v in datas[-1].items() if k not in ("entries", "format")}
     meta["merged_from"] = [str(p) for p in paths]
-    if Path(out).exists() and json.loads(Path(out).read_text()).get("device") != device:
+    if Path(out).exists() and json.loads(Path(out).read_text()).get("arch") != arch:
         Path(out).unlink()
     for d in datas:
-        write_table(out, device, d.get("entries", []), meta)
-    print(f"wrote {out}: {len(json.loads(Path(out).read_text())['entries'])} entries for {device}")
+        write_table(out, d.get("device"), d.get("entries", []), meta, arch, d.get("sm_count") or meta.get("sm_count"))
+    print(f"wrote {out}: {len(json.loads(Path(out).read_text())['entries'])} entries for {arch}")
+
+
+def _producers(c: int, dev):
+    """The producers of quantized activations in OPT / Llama blocks, as (x, r, g) -> activation."""
+    ln = torch.nn.LayerNorm(c, device=dev, dtype=torch.bfloat16)
+    rms_w = torch.rand(c, device=dev, dtype=torch.bfloat16) + 0.5
+
+    def rms(x):
+        h = x.float()
+        return rms_w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    return {
+        "none (graph input)": lambda x, r, g: x,
+        "LayerNorm": lambda x, r, g: ln(x),
+        "RMSNorm": lambda x, r, g: rms(x),
+        "ReLU": lambda x, r, g: torch.relu(x),
+        "SiLU(gate) * up": lambda x, r, g: torch.nn.functional.silu(g) * x,
+        "residual add": lambda x, r, g: x + r,
+        "transpose copy": lambda x, r, g: x.transpose(0, 1).reshape(x.shape),
+    }
 
 
 def activation_vs_inductor(dev, m=16384, k=4096):
-    """Part 1 of the issue: our kernel vs Inductor compiling the reference's aten ops, alone and
-    fused into the producing LayerNorm (Inductor's best case: no bf16 round trip of the norm)."""
-    from fq_compile.kernels import flatten_quantize_reference
+    """Part 2 of issue 13: for each producer, our Triton quantize kernel after the producer's own
+    (Inductor) kernel vs the quantize fused into the producer by Inductor (fq::flatten_quantize_fused,
+    every position gathered: what the backend emits; and the variant reading the original channels
+    as a slice), compiled as the flattenquant backend compiles.  Columns: the producer alone, each
+    variant, the quantize's cost over the producer alone, bit-exactness of the three."""
+    from fq_compile.backend import _inductor_settings
+    from fq_compile.kernels import dispatch
+    from fq_compile.kernels.flatten_quantize import direct_prefix
     kp = flat_k(k)
     rows = []
-    ln = torch.nn.LayerNorm(k, device=dev, dtype=torch.bfloat16)
+    b = 8
     for bits in (8, 4):
         qmax = 127 if bits == 8 else 7
         src, mult, lo, hi = channel_tables(k, kp, qmax, dev)
-        xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(2)]
-        ref_c = torch.compile(lambda x: flatten_quantize_reference(x, src, mult, lo, hi, bits), dynamic=False)
-        ln_ref_c = torch.compile(lambda x: flatten_quantize_reference(ln(x), src, mult, lo, hi, bits), dynamic=False)
-        ln_ours_c = torch.compile(lambda x: torch.ops.fq.flatten_quantize(ln(x), src, mult, lo, hi, bits), dynamic=False)
-        ours = lambda x: torch.ops.fq.flatten_quantize(x, src, mult, lo, hi, bits)  # noqa: E731
-        exact = all(torch.equal(ref_c(x), ours(x)) for x in xs)
-        exact_ln = all(torch.equal(ln_ref_c(x), ln_ours_c(x)) for x in xs)
-        t = {name: try_time(lambda f=f: [lambda x=x: f(x) for x in xs])
-             for name, f in (("ours", ours), ("inductor", ref_c), ("ln+ours", ln_ours_c), ("ln+inductor", ln_ref_c))}
-        rows.append([f"INT{bits} {m}x{k}->{kp}", fmt(t["ours"]), fmt(t["inductor"]), ratio(t["inductor"], t["ours"]),
-                     fmt(t["ln+ours"]), fmt(t["ln+inductor"]), ratio(t["ln+inductor"], t["ln+ours"]),
-                     f"{exact}/{exact_ln}"])
+        direct = direct_prefix(src, bits)
+        sets = [tuple(torch.randn(b, m // b, k, device=dev, dtype=torch.bfloat16) for _ in range(3)) for _ in range(2)]
+        for name, prod in _producers(k, dev).items():
+            torch._dynamo.reset()
+            with _inductor_settings(), dispatch.use(None):
+                fns = {"alone": lambda x, r, g, p=prod: p(x, r, g),
+                       "kernel": lambda x, r, g, p=prod: torch.ops.fq.flatten_quantize(p(x, r, g), src, mult, lo,
+                                                                                       hi, bits),
+                       "gather": lambda x, r, g, p=prod: torch.ops.fq.flatten_quantize_fused(
+                           p(x, r, g), src, mult, lo, hi, bits, 0),
+                       "slice": lambda x, r, g, p=prod: torch.ops.fq.flatten_quantize_fused(
+                           p(x, r, g), src, mult, lo, hi, bits, direct)}
+                fns = {n: torch.compile(f, dynamic=False) for n, f in fns.items()}
+                exact = all(torch.equal(fns["kernel"](*xs), fns[v](*xs)) for xs in sets for v in ("gather", "slice"))
+                t = {n: try_time(lambda f=f: [lambda xs=xs: f(*xs) for xs in sets]) for n, f in fns.items()}
+            over = {n: (t[n] - t["alone"]) if t[n] and t["alone"] else None for n in ("kernel", "gather", "slice")}
+            rows.append([f"INT{bits}", name, fmt(t["alone"]), fmt(t["kernel"]), fmt(t["gather"]), fmt(t["slice"]),
+                         ratio(t["kernel"], t["gather"]), fmt(over["kernel"]), fmt(over["gather"]), exact])
+            print("   ", rows[-1], flush=True)
+    return rows
+
+
+FUSION_HEAD = ["bits", "producer", "producer alone", "producer + our kernel", "fused (gather, default)",
+               "fused (slice + gather)", "x (>1: fused faster)", "quantize cost, kernel", "quantize cost, fused",
+               "bit-exact"]
+
+
+def relu_epilogue(dev, m=16384, k=5120, n=20480):
+    """The ReLU GEMM epilogue (OPT fc1 -> ReLU) against the GEMM then a ReLU kernel, CUTLASS and Triton."""
+    kp = flat_k(k)
+    xq = [torch.randint(-127, 128, (m, kp), device=dev, dtype=torch.int8) for _ in range(2)]
+    wq = torch.randint(-127, 128, (n, kp), device=dev, dtype=torch.int8)
+    bias = torch.randn(n, device=dev)
+    bf = torch.bfloat16
+    rows = []
+    cfg = cg.default_config(m, n, kp, torch.cuda.get_device_properties(0).multi_processor_count)
+    impls = {"CUTLASS " + cfg: lambda a, act: cg.cutlass_int_linear(a, wq, 1e-3, bias, bf, 8, config=cfg, act=act),
+             "Triton": lambda a, act: tg.int_linear_cuda(a, wq, 1e-3, bias, bf, 8, act=act)}
+    for name, f in impls.items():
+        sep = try_time(lambda f=f: [lambda a=a: torch.relu(f(a, "none")) for a in xq])
+        epi = try_time(lambda f=f: [lambda a=a: f(a, "relu") for a in xq])
+        exact = all(torch.equal(torch.relu(f(a, "none")), f(a, "relu")) for a in xq)
+        rows.append([name, f"{m}x{n}x{kp}", fmt(sep), fmt(epi), ratio(sep, epi), exact])
     return rows
 
 
@@ -339,6 +410,9 @@ def main():
                     help="with --cutlass: skip the int_mm / fp8 / INT4-on-FP8 / act4 / Inductor baselines")
     ap.add_argument("--write-table", default=None, help="write/merge the dispatch table JSON here")
     ap.add_argument("--merge-tables", nargs="+", default=None, help="merge these table JSONs into --write-table")
+    ap.add_argument("--fusion", action="store_true",
+                    help="only the quantize-fusion table (and the ReLU epilogue with --cutlass)")
+    ap.add_argument("--fusion-shape", default="16384,4096", help="M,C of the fusion table")
     args = ap.parse_args()
     from tabulate import tabulate
 
@@ -347,6 +421,9 @@ def main():
             raise SystemExit("--merge-tables needs --write-table")
         merge_tables(args.merge_tables, args.write_table)
         return
+    if args.fusion:
+        torch.manual_seed(0)
+        return fusion_main(args, "cuda")
     os.environ["FQ_GEMM"] = "triton"  # the INT8/INT4 columns time the Triton kernels
     cutlass_configs = ()
     if args.cutlass:
@@ -355,8 +432,8 @@ def main():
         if bad:
             raise SystemExit(f"unknown CUTLASS configs {bad}; known: {sorted(cg.CONFIGS)}")
         t0 = time.time()
-        cg.load_library()  # build (or load from the cache) before any timing
-        print(f"CUTLASS extension ready in {time.time() - t0:.0f}s ({cg.build_dir()})", flush=True)
+        cg.ensure([(c, torch.bfloat16, "none") for c in cutlass_configs])  # build (or load) before any timing
+        print(f"CUTLASS kernels ready in {time.time() - t0:.0f}s ({cg.build_dir()})", flush=True)
     elif args.write_table:
         raise SystemExit("--write-table needs --cutlass")
 
@@ -376,6 +453,7 @@ def main():
     rows = []
     entries = []
     device = torch.cuda.get_device_name(0)
+    arch, sm_count = device_arch(0)
     table_meta = {"created": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
                   "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                   "command": "python " + " ".join(sys.argv), "margin": CUTLASS_MARGIN,
@@ -401,7 +479,7 @@ def main():
                              ratio(r["bf16"], best_of(r["lin4"], r.get("clin4")))]
                 entries += table_entries(r, m, n, kp)
                 if args.write_table:
-                    write_table(args.write_table, device, table_entries(r, m, n, kp), table_meta)
+                    write_table(args.write_table, device, table_entries(r, m, n, kp), table_meta, arch, sm_count)
             print("   ", rows[-1], flush=True)
             if args.out:  # partial results survive a cut-off run
                 Path(args.out).write_text("partial\n\n" + tabulate(rows, head, tablefmt="github") + "\n")
@@ -409,8 +487,7 @@ def main():
     act_table = None
     if not args.no_inductor and not (args.cutlass_only and cutlass_configs):
         act_rows = activation_vs_inductor(dev)
-        act_table = tabulate(act_rows, ["activation", "ours", "inductor(aten)", "x", "LN+ours", "LN+inductor fused",
-                                        "x", "bit-exact alone/LN"], tablefmt="github")
+        act_table = tabulate(act_rows, FUSION_HEAD, tablefmt="github")
     props = torch.cuda.get_device_properties(0)
     meta = (f"device: {props.name} ({props.multi_processor_count} SMs), "
             f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
@@ -428,7 +505,29 @@ def main():
     if args.out:
         text = f"# Kernel benchmark (issue 3)\n\n{meta}\n\n{table}\n"
         if act_table:
-            text += f"\n## Activation kernel vs Inductor-generated aten (M=16384, K=4096->5120)\n\n{act_table}\n"
+            text += ("\n## Quantize: our kernel after the producer vs fused into it (M=16384, K=4096->5120)\n\n"
+                     f"{act_table}\n")
+        Path(args.out).write_text(text)
+
+
+def fusion_main(args, dev):
+    """--fusion: the quantize-fusion table (and the ReLU epilogue with --cutlass) alone."""
+    from tabulate import tabulate
+
+    m, c = (int(v) for v in args.fusion_shape.split(","))
+    props = torch.cuda.get_device_properties(0)
+    meta = (f"device: {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs), "
+            f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, torch {torch.__version__}, "
+            f"triton {triton.__version__}\ncommand: python {' '.join(sys.argv)}\n"
+            f"times: median of CUDA-graph replays of compiled code (bf16 input [8, {m // 8}, {c}], K' = {flat_k(c)})")
+    text = f"# Quantize fusion (issue 13, part 2)\n\n{meta}\n\n"
+    text += tabulate(activation_vs_inductor(dev, m, c), FUSION_HEAD, tablefmt="github") + "\n"
+    if args.cutlass:
+        text += "\n## ReLU in the GEMM epilogue vs GEMM + ReLU kernel (INT8, bf16 out)\n\n"
+        text += tabulate(relu_epilogue(dev), ["GEMM", "M x N x K'", "GEMM + ReLU", "ReLU epilogue", "x", "bit-exact"],
+                         tablefmt="github") + "\n"
+    print(text)
+    if args.out:
         Path(args.out).write_text(text)
 
 

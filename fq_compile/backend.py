@@ -75,7 +75,7 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     compiled_reports = reports(plan)
     index = len(compiled_reports)
     if plan.config.quantize:
-        report = rewrite(gm, example_inputs, plan, index)
+        report = rewrite(gm, example_inputs, plan, index, gemm_mode=options.get("gemm"))
     else:
         report = GraphReport(index, code=gm.code)
     compiled_reports.append(report)
@@ -96,7 +96,7 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     else:
         from torch._inductor.compile_fx import compile_fx
 
-        with dispatch.use(options.get("gemm")):  # Triton/CUTLASS choice, kernels/gemm_dispatch.py
+        with dispatch.use(options.get("gemm")), _inductor_settings():  # GEMM choice: kernels/dispatch.py
             compiled = compile_fx(gm, example_inputs)
     if not plan.config.quantize:
         return compiled
@@ -127,6 +127,22 @@ def _guard_layers(gm, example_inputs, report: GraphReport) -> None:
         warnings.warn(f"fq_compile: could not find the module of {len(missing)} quantized layer(s) (e.g. {missing[0]}) "
                       "in the frame Dynamo traced; if Dynamo ever runs them eagerly (recompile limit), they would "
                       "compute in floating point without an error", RuntimeWarning, stacklevel=2)
+
+
+def _inductor_settings():
+    """Inductor settings for the graphs we compile.
+      emulate_precision_casts: Inductor keeps a fused fp16/bf16 intermediate in float32 unless told to
+        round it as eager does; with the activation quantize fused into its producer
+        (fq.flatten_quantize_fused) that would quantize another value than eager mode (and calibration)
+        sees.  Costs a few instructions in memory-bound kernels; GEMMs and attention are unaffected.
+      realize_reads_threshold 4 -> 8: an INT4 quantize reads its input twice (the two nibbles of a byte),
+        and Inductor writes out a twice-read intermediate that reads more than the threshold's inputs,
+        such as a LayerNorm's output (x, mean, rstd, weight, bias): the round trip fusion removes.
+        Recomputing such an intermediate per reader reads the same inputs again, from cache."""
+    import torch._inductor.config as inductor_config
+
+    wanted = {"emulate_precision_casts": True, "realize_reads_threshold": 8}
+    return inductor_config.patch({k: v for k, v in wanted.items() if hasattr(inductor_config, k)})
 
 
 def _release_replaced(gm: torch.fx.GraphModule, example_inputs, report: GraphReport, plan: QuantPlan) -> int:

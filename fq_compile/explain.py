@@ -64,9 +64,19 @@ def _byte_rows(plan: QuantPlan) -> list[list[str]]:
     ]
 
 
+K_TILE = 128   # the GEMM kernels' K tile (int8 elements): what flattening costs the GEMM is counted in these
+
+
+def _k_overhead(c: int, kp: int) -> str:
+    """K' over the original K, in elements and in GEMM K tiles (what the GEMM time follows)."""
+    tiles, base = -(-kp // K_TILE), -(-c // K_TILE)
+    return f"+{100 * (kp / c - 1):.1f}% ({tiles}/{base} tiles)"
+
+
 def explain(obj) -> str:
-    """A table of every layer (bits, T, extra channels, flatten ratio, where smoothing went, the op
-    used) and the totals.  `obj` is a QuantPlan or a module compiled with backend='flattenquant'."""
+    """A table of every layer (bits, T, extra channels, flatten ratio, K' overhead, where smoothing
+    went, the op used, and once compiled how its activation is quantized and which GEMM kernel runs,
+    and why) and the totals.  `obj` is a QuantPlan or a module compiled with backend='flattenquant'."""
     plan = obj if isinstance(obj, QuantPlan) else _find_plan(obj)
     if plan is None:
         raise TypeError("explain() takes a QuantPlan or a model compiled with torch.compile(..., "
@@ -83,24 +93,33 @@ def explain(obj) -> str:
         where = lr.smoothing if lr else g.fold
         if lp.rows_folded_from:
             where += f"; rows carry s of {lp.rows_folded_from.rsplit('.', 1)[-1]}"
+        if lr is not None and lr.act != "none":
+            op += f" +{lr.act}"
+        quantize = f"{lr.quantize} ({lr.quantize_why})" if lr and lr.quantize else "-"
+        gemm = f"{lr.gemm} ({lr.gemm_why})" if lr and lr.gemm else "-"
         rows.append([name, f"{lp.out_features}x{lp.in_features}->{g.flat_features}", lp.bits,
                      f"{g.threshold:.4g}", int(g.extra.sum() + g.weight_dup.sum()), f"{100 * g.flatten_ratio:.1f}%",
-                     "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op])
+                     _k_overhead(lp.in_features, g.flat_features),
+                     "-" if lp.kl_ratio is None else f"{lp.kl_ratio:.3g}", where, op, quantize, gemm])
     for name, why in plan.skipped.items():
         shape = plan.parameters.get(name + ".weight", plan.parameters.get(name))
-        rows.append([name, "x".join(map(str, shape)) if shape else "-", "fp", "-", "-", "-", "-", "-",
-                     f"linear (floating point): {why}"])
-    table = tabulate(rows, headers=["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "KL4/KL8",
-                                    "smoothing folded into", "op"], tablefmt="simple")
+        rows.append([name, "x".join(map(str, shape)) if shape else "-", "fp", "-", "-", "-", "-", "-", "-",
+                     f"linear (floating point): {why}", "-", "-"])
+    table = tabulate(rows, headers=["layer", "NxC->K'", "bits", "T", "extra ch", "flatten", "K' overhead",
+                                    "KL4/KL8", "smoothing folded into", "op", "activation quantize", "GEMM kernel"],
+                     tablefmt="simple")
     n = len(plan.layers)
     n4 = sum(lp.bits == 4 for lp in plan.layers.values())
     ratios = [plan.groups[lp.group].flatten_ratio for lp in plan.layers.values()]
+    macs = sum(lp.out_features * lp.in_features for lp in plan.layers.values())
+    macs_flat = sum(lp.out_features * plan.groups[lp.group].flat_features for lp in plan.layers.values())
     totals = [
         ["level", plan.config.level],
         ["weight scales", f"per {'output channel' if plan.config.weight_scale == 'channel' else 'tensor'}"],
         ["quantized linear layers", f"{n} of {n + len(plan.skipped)} ({len(plan.skipped)} kept in floating point)"],
         ["INT4 share of layers", f"{100 * n4 / n:.1f}%" if n else "-"],
         ["average flatten ratio", f"{100 * sum(ratios) / n:.1f}%" if n else "-"],
+        ["GEMM work added by K' (weighted by N*K)", f"+{100 * (macs_flat / macs - 1):.1f}%" if macs else "-"],
         *_byte_rows(plan),
         ["graphs compiled", len(reports(plan))],
     ]

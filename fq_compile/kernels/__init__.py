@@ -1,11 +1,13 @@
 """Kernels: the `fq::` ops, one family per file, and their GPU implementations.
 
-    flatten_quantize.py   fq::flatten_quantize: the op schema and its CPU reference (integer semantics)
+    flatten_quantize.py   fq::flatten_quantize: the op schema and its CPU reference (integer semantics),
+                          and fq::flatten_quantize_fused, the same integers as aten ops Inductor fuses
     int_gemm.py           fq::int8_linear / fq::int4_linear: schemas and CPU references
     packing.py            the INT4 storage format (two values per byte)
     triton/               Triton kernels for both families (CUDA)
     cutlass/              CUTLASS sm_90a GEMMs (fq::cutlass_int_linear), built on first use
-    dispatch.py           per-call choice between the Triton and CUTLASS GEMMs (FQ_GEMM, the table)
+    dispatch.py           the kernel choices, by architecture and shape: Triton or CUTLASS GEMMs
+                          (FQ_GEMM, the table, the sm_90 rule), fused or opaque quantize (FQ_QUANTIZE)
 
 Importing this package defines the ops and registers the GPU implementations explicitly (below):
 no module changes another's state on import.  Without Triton, the CPU references serve every device.

@@ -23,6 +23,18 @@ Why round first, then slice: after the one multiply every step is integer arithm
 (ours, or code Inductor generates when it fuses this op into the op producing x) cannot change the
 result by contracting a multiply and a subtraction into an FMA: only a = |x| * mult must be
 rounded as float32, and an absolute value sits between it and anything before it.
+
+Two forms of the op:
+  fq::flatten_quantize        opaque: our Triton kernel on CUDA, the reference on the CPU.
+  fq::flatten_quantize_fused  the same integers as plain aten ops (`flatten_quantize_decomposed`,
+                              registered CompositeImplicitAutograd), so that torch.compile traces
+                              through it and Inductor fuses it into the kernel of the op producing x
+                              (a LayerNorm, a ReLU, SiLU(gate) * up, a residual add, a transpose copy):
+                              x is then never written and read back between the two.  Every position,
+                              outlier slices included, is read from x where it lies, through an
+                              indexed load inside the same kernel: no copy of x is materialised.
+The dispatcher (kernels/dispatch.py `decide_quantize`) picks one per activation when a graph is
+rewritten (passes/lower.py).
 """
 
 from __future__ import annotations
@@ -83,6 +95,69 @@ CUDA_IMPL = {}
 
 def register_cuda_impl(fn) -> None:
     CUDA_IMPL["flatten_quantize"] = fn
+
+
+def direct_prefix(src: torch.Tensor, bits: int) -> int:
+    """How many leading positions read their own channel (src[p] == p), even for INT4 (whose bytes
+    pair positions 2j, 2j+1): the slice `flatten_quantize_decomposed` reads without a gather."""
+    s = src.to(torch.int64).cpu()
+    same = s == torch.arange(s.numel())
+    bad = torch.nonzero(~same)
+    n = int(bad[0]) if bad.numel() else s.numel()
+    return n - n % 2 if bits == 4 else n
+
+
+def _quantize_slice(g: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """The op's integer semantics on gathered values g (any float dtype) as float32 integers."""
+    g = g.float()
+    n = torch.round(torch.minimum(g.abs() * mult, cap))
+    q = (n - lo).clamp_min(0.0)
+    return torch.where(g < 0, -q, q)
+
+
+def flatten_quantize_decomposed(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor,
+                                hi: torch.Tensor, bits: int, direct: int) -> torch.Tensor:
+    """`flatten_quantize_reference`'s integers, written for Inductor to fuse (module docstring).
+
+    direct = 0 (what the backend emits) reads every position through the channel map with one
+    indexed load, so x has one consumer and Inductor computes x's producer inside this kernel and
+    never writes x out (with two consumers it writes out a producer that reads more than four inputs,
+    such as a LayerNorm: `torch._inductor.config.realize_reads_threshold`).  direct > 0 reads the
+    positions [0, direct), which must have src[p] == p (`direct_prefix`), as a plain slice (vector
+    loads) and concatenates the gathered rest: a variant for benchmarks/kernels.py --fusion.
+    INT4 packs each byte from its positions 2j and 2j + 1, read separately (no int8 intermediate)."""
+    qmax = QMAX[bits]
+    k = src.shape[0]
+    torch._check(0 <= direct <= k and (bits == 8 or (k % 2 == 0 and direct % 2 == 0)),
+                 lambda: f"flatten_quantize_fused: bad direct={direct} for {k} positions, INT{bits}")
+    cap = lo + hi.clamp_max(float(qmax))
+    lead = (None,) * (x.dim() - 1)
+
+    def part(first: int, stop: int, step: int) -> torch.Tensor:
+        """Positions first, first + step, ... < stop, quantized (float32 integers)."""
+        sl = slice(first, stop, step)
+        if stop <= direct:
+            g = x[..., sl]
+        else:
+            g = torch.ops.aten._unsafe_index(x, [*lead, src[sl].to(torch.int64)])
+        return _quantize_slice(g, mult[sl], lo[sl], cap[sl])
+
+    parts = []
+    for a, b in ((0, direct), (direct, k)):
+        if b > a:       # each part cast before any cat: a realized cat then holds int8, not float32
+            if bits == 8:
+                parts.append(part(a, b, 1).to(torch.int8))
+            else:
+                low = part(a, b, 2).to(torch.int32) & 0xF
+                high = part(a + 1, b, 2).to(torch.int32) & 0xF
+                parts.append((low | (high << 4)).to(torch.uint8))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+_lib = torch.library.Library("fq", "FRAGMENT")
+_lib.define("flatten_quantize_fused(Tensor x, Tensor src, Tensor mult, Tensor lo, Tensor hi, int bits, int direct) "
+            "-> Tensor")
+_lib.impl("flatten_quantize_fused", flatten_quantize_decomposed, "CompositeImplicitAutograd")
 
 
 @define_op("fq::flatten_quantize", mutates_args=())

@@ -1,6 +1,6 @@
 """INT8 and packed-INT4 linear layers: `fq::int8_linear`, `fq::int4_linear`.
 
-    y[m, n] = float32(acc[m, n]) * scale[n] + bias[n]  -> out_dtype,   acc = xq @ wq.T exactly in int32
+    y[m, n] = act(float32(acc[m, n]) * scale[n] + bias[n])  -> out_dtype,   acc = xq @ wq.T exactly in int32
 
 xq is [..., K] (int8, or uint8 packed two per byte for INT4), wq is [N, K] in the same format
 (nn.Linear's layout, K-major, which is what the INT8 tensor cores want for both operands).  scale is
@@ -8,8 +8,9 @@ a float32 vector [N]: the activation's per-tensor scale times each output channe
 (all equal for a per-tensor weight scale); a per-channel scale costs nothing in an integer GEMM,
 since it is applied in the epilogue, while the activation side stays per tensor (what flattening is
 for).  bias is float32 [N] or None.  The epilogue is one rounded float32 multiply, then the bias add
-(never fused into an FMA), then one cast.  The CPU reference defines the result: every GPU kernel is
-tested bit-exactly against it.
+(never fused into an FMA), then act ("none", or "relu" where the GEMM's only consumer is a ReLU:
+passes/epilogue.py folds it in, saving a pass over the output), then one cast.  The CPU reference
+defines the result: every GPU kernel is tested bit-exactly against it.
 """
 
 from __future__ import annotations
@@ -93,8 +94,11 @@ def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+ACTS = ("none", "relu")
+
+
 def quant_linear_reference(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                           bits: int, out_dtype: torch.dtype) -> torch.Tensor:
+                           bits: int, out_dtype: torch.dtype, act: str = "none") -> torch.Tensor:
     if bits == 4:
         xq, wq = unpack_int4(xq), unpack_int4(wq)
     lead = xq.shape[:-1]
@@ -102,10 +106,13 @@ def quant_linear_reference(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tens
     y = acc.float() * (scale.float() if isinstance(scale, torch.Tensor) else scale)
     if bias is not None:
         y = y + bias.float()
+    if act == "relu":
+        y = torch.relu(y)
     return y.to(out_dtype).reshape(*lead, wq.shape[0])
 
 
-def _check(xq, wq, scale, bits):
+def _check(xq, wq, scale, bits, act="none"):
+    torch._check(act in ACTS, lambda: f"int{bits}_linear: act must be one of {ACTS}, got {act!r}")
     dt = torch.uint8 if bits == 4 else torch.int8
     torch._check(xq.dtype == dt and wq.dtype == dt,
                  lambda: f"int{bits}_linear expects {dt} operands, got {xq.dtype} and {wq.dtype}")
@@ -129,22 +136,23 @@ def _fake(xq, wq, bias, out_dtype):
 
 @custom_op("fq::int8_linear_reference", mutates_args=())
 def _int8_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    _check(xq, wq, scale, 8)
-    return quant_linear_reference(xq, wq, scale, bias, 8, out_dtype)
+                 out_dtype: torch.dtype, act: str = "none") -> torch.Tensor:
+    _check(xq, wq, scale, 8, act)
+    return quant_linear_reference(xq, wq, scale, bias, 8, out_dtype, act)
 
 
 @custom_op("fq::int4_linear_reference", mutates_args=())
 def _int4_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    _check(xq, wq, scale, 4)
-    return quant_linear_reference(xq, wq, scale, bias, 4, out_dtype)
+                 out_dtype: torch.dtype, act: str = "none") -> torch.Tensor:
+    _check(xq, wq, scale, 4, act)
+    return quant_linear_reference(xq, wq, scale, bias, 4, out_dtype, act)
 
 
 # GPU implementations, keyed "int8_linear" / "int4_linear" (register_cuda_impl, called by
 # fq_compile/kernels/__init__.py), and the per-call chooser between them and other implementations
-# (register_selector: kernels/dispatch.py's `select`): (name, xq, wq, out_dtype) -> an implementation
-# (the CUTLASS op) or None for the registered kernel.
+# (register_selector: kernels/dispatch.py's `select`): (name, xq, wq, out_dtype, act) -> an
+# implementation (the CUTLASS op) or None for the registered kernel.  Implementations are called as
+# impl(xq, wq, scale, bias, out_dtype, act=act).
 CUDA_IMPL = {}
 SELECT = None
 
@@ -160,35 +168,35 @@ def register_selector(fn) -> None:
     SELECT = fn
 
 
-def _dispatch(name, xq, wq, scale, bias, out_dtype):
+def _dispatch(name, xq, wq, scale, bias, out_dtype, act):
     """The implementation SELECT picks, else the registered GPU kernel on CUDA tensors, else the
     opaque reference op."""
-    impl = SELECT(name, xq, wq, out_dtype) if SELECT is not None else None
+    impl = SELECT(name, xq, wq, out_dtype, act) if SELECT is not None else None
     if impl is None and xq.is_cuda:
         impl = CUDA_IMPL.get(name)
     if impl is not None:
-        return impl(xq, wq, scale, bias, out_dtype)
-    return getattr(torch.ops.fq, name + "_reference")(xq, wq, scale, bias, out_dtype)
+        return impl(xq, wq, scale, bias, out_dtype, act=act)
+    return getattr(torch.ops.fq, name + "_reference")(xq, wq, scale, bias, out_dtype, act)
 
 
 @define_op("fq::int8_linear", mutates_args=())
 def int8_linear(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                out_dtype: torch.dtype) -> torch.Tensor:
-    """INT8 GEMM with the per-channel dequantize(+bias) epilogue (module docstring)."""
-    return _dispatch("int8_linear", xq, wq, scale, bias, out_dtype)
+                out_dtype: torch.dtype, act: str = "none") -> torch.Tensor:
+    """INT8 GEMM with the per-channel dequantize(+bias)(+ReLU) epilogue (module docstring)."""
+    return _dispatch("int8_linear", xq, wq, scale, bias, out_dtype, act)
 
 
 @define_op("fq::int4_linear", mutates_args=())
 def int4_linear(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, act: str = "none") -> torch.Tensor:
     """Packed-INT4 GEMM (unpacked onto INT8/FP8 tensor cores on Hopper), same epilogue."""
-    return _dispatch("int4_linear", xq, wq, scale, bias, out_dtype)
+    return _dispatch("int4_linear", xq, wq, scale, bias, out_dtype, act)
 
 
 for _op, _bits in ((_int8_ref_op, 8), (_int4_ref_op, 4), (int8_linear, 8), (int4_linear, 4)):
     def _register(op=_op, bits=_bits):
         @op.register_fake
-        def _(xq, wq, scale, bias, out_dtype):
-            _check(xq, wq, scale, bits)
+        def _(xq, wq, scale, bias, out_dtype, act="none"):
+            _check(xq, wq, scale, bits, act)
             return _fake(xq, wq, bias, out_dtype)
     _register()

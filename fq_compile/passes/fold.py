@@ -28,11 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fq_compile.passes.match import form_producing, layer_name
+from fq_compile.passes.match import form_producing, is_move, layer_name
 
-_MOVE_METHODS = {"view", "reshape", "contiguous", "transpose", "permute", "to", "float", "half", "bfloat16",
-                 "clone", "flatten", "unflatten"}
-_MOVE_FUNCS = {torch.reshape, torch.transpose, torch.permute, torch.clone, torch.flatten}
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _MATMUL = {torch.matmul, torch.bmm, operator.matmul}
 _RELU = {torch.nn.functional.relu, torch.relu}
@@ -61,22 +58,11 @@ def _real_users(n: fx.Node) -> list[fx.Node]:
     return [u for u in n.users if not _is_observer(u)]
 
 
-def _is_move(n: fx.Node) -> bool:
-    if n.op == "call_method":
-        return n.target in _MOVE_METHODS
-    if n.op == "call_function":
-        if n.target in _MOVE_FUNCS:
-            return True
-        if n.target is torch.nn.functional.dropout:
-            return n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True) is False
-    return False
-
-
 def _walk_back(n):
     """Follow data-moving ops upstream from `n`; each node passed must feed only the next one.
     Returns the first node that is not a data move, or None when a tensor on the way (not `n`
     itself) has another reader."""
-    while isinstance(n, fx.Node) and _is_move(n):
+    while isinstance(n, fx.Node) and is_move(n):
         src = n.args[0]
         if not isinstance(src, fx.Node) or len(_real_users(src)) != 1:
             return None
@@ -175,7 +161,7 @@ def _value_producer(v, planned: set[str], name_of) -> FoldSite:
         if _method(n, "expand") or _fn(n, {torch.repeat_interleave}) or (
                 _fn(n, {operator.getitem}) and any(a is None for a in (n.args[1] if isinstance(n.args[1], tuple) else ()))):
             return FoldSite("op", (), "grouped-query attention (one V head serves several heads)")
-        if _is_move(n):
+        if is_move(n):
             n = n.args[0]
             continue
         if _fn(n, {torch.cat}):

@@ -6,6 +6,15 @@ Each planned linear layer (any form passes/match.py finds: `linear(x, W, b)`, Co
     xq = fq.flatten_quantize(x, src, mult, lo, hi, bits)      # once per (input, bits): q/k/v share it
     y  = fq.int8_linear(xq, Wq, scale, bias, dtype)           # or fq.int4_linear
 
+where x has a producer Inductor can fuse with (a norm, ReLU, SiLU * up, a residual add, a transpose
+copy), the quantize is `fq.flatten_quantize_fused(x, ..., bits, direct)` instead: the same integers as
+aten ops that Inductor fuses into that producer (kernels/flatten_quantize.py, kernels/dispatch.py
+`decide_quantize`).  A ReLU that is a GEMM's only consumer moves into its epilogue (passes/epilogue.py)
+unless it already fuses into a quantize.  Each layer's report records both kernel choices (quantize,
+GEMM) and why, for explain(); the GEMM choice is the one the dispatcher will make when Inductor traces
+the op at this shape (M from the graph's example input; a dynamic M by its hint), and the CUTLASS
+kernels it needs start building in the background here, while Inductor compiles.
+
 with the plan's tensors attached to the GraphModule as buffers (get_attr nodes, which Inductor
 treats as constants).  Norm folds are applied here, from the live norm parameters, so a plan never
 stores floating-point copies of model weights; row folds are already inside the plan's weights.
@@ -32,11 +41,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from fq_compile.kernels.flatten_quantize import QMAX
+from fq_compile.kernels import dispatch
+from fq_compile.kernels.flatten_quantize import QMAX, direct_prefix
+from fq_compile.passes.epilogue import fuse_relu_epilogues
 from fq_compile.passes.fold import find_fold_site
 from fq_compile.passes.match import (
     LinearForm,
     ParamNames,
+    describe_producer,
     example_value,
     layer_name,
     linear_forms,
@@ -56,6 +68,11 @@ class LayerReport:
     op: str                 # "fq.int8_linear", "fq.int4_linear" or "linear (floating point)"
     smoothing: str          # where s lives: "norm:<param>", "rows:<layer>", "op", or "-"
     reason: str = ""
+    quantize: str = ""      # how the activation is quantized: "fused by Inductor", "Triton kernel", ...
+    quantize_why: str = ""
+    gemm: str = ""          # the GEMM kernel at this graph's shape: "CUTLASS <config>", "Triton", ...
+    gemm_why: str = ""
+    act: str = "none"       # epilogue activation folded into the GEMM ("relu")
 
 
 @dataclass
@@ -85,11 +102,14 @@ def _const(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
     return gm.graph.get_attr(name)
 
 
-def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0, group_hook=None) -> GraphReport:
+def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0, group_hook=None,
+            gemm_mode: str | None = None) -> GraphReport:
     """Replace the plan's linears in `gm` (see the module docstring); returns what was done.
 
     group_hook(gm, group_plan, x_node, smoothing, first_linear_node) runs before each group is
-    rewritten: calibration uses it to observe the inputs of the partially quantized model (GPTQ)."""
+    rewritten: calibration uses it to observe the inputs of the partially quantized model (GPTQ).
+    gemm_mode: the backend's options['gemm'] (None: FQ_GEMM), for the recorded GEMM choices."""
+    mode = dispatch.parse_mode(gemm_mode, "options['gemm']") if gemm_mode is not None else None
     report = GraphReport(index)
     runtime = placeholder_inputs(gm, example_inputs)
     name_of = _param_names(gm, example_inputs, runtime, plan)
@@ -132,6 +152,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
         report.layers.append(LayerReport(name, "floating point", "-", plan.skipped.get(name, why)))
 
     planned = set(plan.layers)
+    gemm_nodes: dict[fx.Node, tuple[LayerReport, dispatch.Choice, torch.dtype]] = {}
     # where each group's smoothing lives in *this* graph, decided before any node is replaced
     folds: dict[str, tuple[str, str, object]] = {}
     groups: dict[fx.Node, GroupPlan] = {}
@@ -152,7 +173,12 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             smoothing, note = "op", "the norm's parameters are not tensors in this graph"
         if group_hook is not None:
             group_hook(gm, g, x, smoothing, members[0][1].node)
-        device = example_value(x).device if example_value(x) is not None else torch.device("cpu")
+        xv = example_value(x)
+        device = xv.device if xv is not None else torch.device("cpu")
+        info = dispatch.device_info(device)
+        m = _rows(xv)
+        producer, fusable = describe_producer(x)
+        qchoice = dispatch.decide_quantize(info, producer, fusable)
         quantized: dict[int, fx.Node] = {}
         for name, form in members:
             lp = plan.layers[name]
@@ -165,14 +191,19 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                     in_op = smoothing == "op"
                     c = _group_constants(plan, g, lp.bits, in_op, device)
                     args = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
-                    quantized[lp.bits] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
-                                                                (x, *args, lp.bits))
+                    if qchoice.impl == "fused":
+                        direct = direct_prefix(g.cmap.src, lp.bits) if qchoice.config == "slice" else 0
+                        quantized[lp.bits] = gm.graph.call_function(
+                            torch.ops.fq.flatten_quantize_fused.default, (x, *args, lp.bits, direct))
+                    else:
+                        quantized[lp.bits] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
+                                                                    (x, *args, lp.bits))
                 wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
                 bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
                         if lp.bias is not None else None)
                 scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
                 op = torch.ops.fq.int4_linear.default if lp.bits == 4 else torch.ops.fq.int8_linear.default
-                new = gm.graph.call_function(op, (quantized[lp.bits], wq, scale, bias, out_dtype))
+                new = gemm = gm.graph.call_function(op, (quantized[lp.bits], wq, scale, bias, out_dtype))
                 if lp.rows_folded_from and name not in realized_rows:
                     # the plan's rows carry 1/s of a group whose input is not folded in this graph: undo it
                     s = device_tensor(plan, f"{lp.rows_folded_from}.smooth", plan.groups[lp.rows_folded_from].smooth,
@@ -190,11 +221,41 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 fqn = name_of(p_node)
                 if fqn is not None and not p_node.users:
                     report.replaced_params[fqn] = p_node
-            report.layers.append(LayerReport(name, f"fq.int{lp.bits}_linear", smoothing, reason))
+            gchoice = dispatch.decide(lp.bits, m, lp.out_features, g.flat_features, out_dtype, info, mode=mode) \
+                if m is not None else dispatch.Choice("triton", "", "rows unknown at compile time")
+            lr = LayerReport(name, f"fq.int{lp.bits}_linear", smoothing, reason, quantize=qchoice.label(),
+                             quantize_why=qchoice.why, gemm=gchoice.label(), gemm_why=gchoice.why)
+            report.layers.append(lr)
+            gemm_nodes[gemm] = (lr, gchoice, out_dtype)
+    for node in fuse_relu_epilogues(gm):
+        if node in gemm_nodes:
+            gemm_nodes[node][0].act = "relu"
+    _prefetch(gemm_nodes.values(), example_inputs)
     gm.graph.lint()
     gm.recompile()
     report.code = gm.code
     return report
+
+
+def _rows(xv) -> int | None:
+    """The GEMM's M: the product of the activation's leading sizes (dynamic ones by their hint)."""
+    if xv is None:
+        return None
+    m = 1
+    for d in xv.shape[:-1]:
+        h = dispatch.size_hint(d)
+        if h is None:
+            return None
+        m *= h
+    return m
+
+
+def _prefetch(chosen, example_inputs) -> None:
+    """Start building the CUTLASS kernels the chosen layers need (no-op where none are chosen)."""
+    pairs = [(dtype, lr.act) for lr, choice, dtype in chosen if choice.impl == "cutlass"]
+    devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.is_cuda}
+    if pairs and devices:
+        dispatch.prefetch_cutlass(next(iter(devices)), pairs)
 
 
 def _check_values(fqn: str, node: fx.Node, t, expected: str | None, report: GraphReport) -> None:

@@ -400,3 +400,57 @@ class ParamNames:
 
     def __call__(self, node) -> str | None:
         return self.names.get(node) if isinstance(node, fx.Node) else None
+
+
+# ops that only move data (fold analysis and producer description walk through them)
+MOVE_METHODS = {"view", "reshape", "contiguous", "transpose", "permute", "to", "float", "half", "bfloat16",
+                "clone", "flatten", "unflatten"}
+MOVE_FUNCS = {torch.reshape, torch.transpose, torch.permute, torch.clone, torch.flatten}
+_COPYING = {"transpose", "permute", "contiguous", "clone", torch.transpose, torch.permute, torch.clone}
+# producers Inductor cannot fuse a consumer into: GEMMs, attention, our own ops, submodules
+_OPAQUE_FUNCS = {*LINEAR_TARGETS, torch.matmul, torch.bmm, operator.matmul,
+                 torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+def is_move(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target in MOVE_METHODS
+    if n.op == "call_function":
+        if n.target in MOVE_FUNCS:
+            return True
+        if n.target is torch.nn.functional.dropout:
+            return n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True) is False
+    return False
+
+
+def _target_name(n: fx.Node) -> str:
+    t = n.target
+    if isinstance(t, str):
+        return t
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t.overloadpacket).replace("torch.ops.", "").replace("::", ".")
+    return getattr(t, "__name__", str(t))
+
+
+def describe_producer(x: fx.Node) -> tuple[str, bool]:
+    """(what computes x, whether Inductor can fuse a consumer into it), walking back through ops
+    that only move data.  Fusable: pointwise and normalization ops (their output is recomputed
+    inside the consumer's kernel), and any transpose copy (e.g. of attention's output), which the
+    consumer can read through instead.  Not fusable: graph inputs, GEMMs, attention, our fq ops."""
+    n, copies = x, False
+    while isinstance(n, fx.Node) and is_move(n):
+        copies = copies or n.target in _COPYING
+        n = n.args[0]
+    if not isinstance(n, fx.Node) or n.op in ("placeholder", "get_attr"):
+        what = "a graph input"
+    elif n.op == "call_module":
+        what = f"module {n.target}"
+    else:
+        what = _target_name(n)
+        opaque = n.target in _OPAQUE_FUNCS or (isinstance(n.target, torch._ops.OpOverload)
+                                                 and n.target.namespace == "fq")
+        if not opaque:
+            return what, True
+    if copies:
+        return f"transpose copy of {what}", True
+    return what, False

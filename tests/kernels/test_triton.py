@@ -94,6 +94,12 @@ def check_gemm(device: str, shapes, bits: int, fp8: bool, seed: int = 0, configs
             if out_dtype == torch.float32:  # the epilogue matches the reference's float32 ops
                 ref = quant_linear_reference(A, W, scale, bias, bits, out_dtype)
                 assert torch.equal(y, ref), f"int{bits} {(m, n, k)}: fp32 epilogue differs from reference"
+            # the ReLU epilogue (ReLU before the cast = after it: rounding is monotone, keeps 0)
+            yr = tg.int_linear_cuda(A, W, scale, bias, out_dtype, bits, act="relu", **cfg)
+            assert torch.equal(yr, torch.relu(y)) and (yr == 0).any() and (yr > 0).any(), \
+                f"int{bits} {(m, n, k)} {out_dtype}: ReLU epilogue differs"
+            if out_dtype == torch.float32:
+                assert torch.equal(yr, quant_linear_reference(A, W, scale, bias, bits, out_dtype, act="relu"))
         # leading dims of x are kept
         A3 = A.contiguous().reshape(1, m, -1)
         y3 = tg.int_linear_cuda(A3, W, scale, None, torch.float32, bits, **cfg)

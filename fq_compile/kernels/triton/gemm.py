@@ -1,6 +1,6 @@
 """Triton GEMMs for `fq::int8_linear` and `fq::int4_linear`, registered as their CUDA implementations.
 
-    y = float32(xq @ wq.T, exact int32) * scale[n] + bias[n]  -> out_dtype   (scale: float32 [N])
+    y = act(float32(xq @ wq.T, exact int32) * scale[n] + bias[n])  -> out_dtype   (scale: float32 [N])
 
 One kernel body serves both formats.  INT4 operands arrive packed two per byte (see packing.py) and
 are unpacked in registers right after the load, so global memory and L2 only ever carry the packed
@@ -19,7 +19,9 @@ Regimes, chosen on the host by M:
     the operands have unit inner stride and 16-byte aligned rows; otherwise the autotuned pointer
     kernel (any strides).
 The epilogue multiplies with an explicitly rounded mul (no FMA with the bias add), so float32
-outputs match `quant_linear_reference` bit for bit.
+outputs match `quant_linear_reference` bit for bit; act "relu" (ACT=1) clamps at 0 before the cast
+(OPT's fc1, whose only consumer is a ReLU).  When K is a multiple of 256 (every candidate BLOCK_K
+divides it), the pointer kernel's loads need no K mask (EVEN_K).
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ else:
 
 @triton.jit
 def _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
-              HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr):
-    """EPILOGUE 0: store the int32 accumulator; 1: scale[n] (+bias[n]) and store c's dtype; 2: atomic add."""
+              HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, ACT: tl.constexpr):
+    """EPILOGUE 0: store the int32 accumulator; 1: scale[n] (+bias[n]) (ReLU if ACT) and store c's
+    dtype; 2: atomic add."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     if EPILOGUE == 1:
@@ -78,6 +81,8 @@ def _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, 
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
             y = y + bias[None, :]
+        if ACT == 1:
+            y = tl.where(y < 0, 0.0, y)   # torch.relu: NaN stays NaN
         tl.store(ptrs, y.to(c_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == 2:
         tl.atomic_add(ptrs, acc.to(tl.int32), mask=mask, sem="relaxed")
@@ -89,6 +94,7 @@ def _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, 
 def int_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, M, N, K, M_BUCKET, K_PER_SPLIT,
                     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                     HAS_BIAS: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr, EPILOGUE: tl.constexpr,
+                    ACT: tl.constexpr, EVEN_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C[M, N] = A[M, K] @ B[N, K].T on the tensor cores.  K counts unpacked elements; for INT4 the
     strides are in packed bytes.  Grid: (tiles of C, K splits); split s covers K_PER_SPLIT elements."""
@@ -119,9 +125,15 @@ def int_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, M, N, K, M_BUCKET,
         kk = tl.arange(0, KB)
         for k in range(k_lo, k_hi, BLOCK_K):
             kp = k // 2 + kk
-            kmask = kp < K // 2
-            pa = tl.load(a_ptr + rows[:, None] * stride_am + kp[None, :] * stride_ak, mask=kmask[None, :], other=0)
-            pb = tl.load(b_ptr + cols[None, :] * stride_bn + kp[:, None] * stride_bk, mask=kmask[:, None], other=0)
+            if EVEN_K:
+                pa = tl.load(a_ptr + rows[:, None] * stride_am + kp[None, :] * stride_ak)
+                pb = tl.load(b_ptr + cols[None, :] * stride_bn + kp[:, None] * stride_bk)
+            else:
+                kmask = kp < K // 2
+                pa = tl.load(a_ptr + rows[:, None] * stride_am + kp[None, :] * stride_ak, mask=kmask[None, :],
+                             other=0)
+                pb = tl.load(b_ptr + cols[None, :] * stride_bn + kp[:, None] * stride_bk, mask=kmask[:, None],
+                             other=0)
             a_lo, a_hi = _nibbles(pa)
             b_lo, b_hi = _nibbles(pb)
             if FP8:
@@ -135,16 +147,20 @@ def int_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, M, N, K, M_BUCKET,
         kk = tl.arange(0, BLOCK_K)
         for k in range(k_lo, k_hi, BLOCK_K):
             ko = k + kk
-            kmask = ko < K
-            a = tl.load(a_ptr + rows[:, None] * stride_am + ko[None, :] * stride_ak, mask=kmask[None, :], other=0)
-            b = tl.load(b_ptr + cols[None, :] * stride_bn + ko[:, None] * stride_bk, mask=kmask[:, None], other=0)
+            if EVEN_K:
+                a = tl.load(a_ptr + rows[:, None] * stride_am + ko[None, :] * stride_ak)
+                b = tl.load(b_ptr + cols[None, :] * stride_bn + ko[:, None] * stride_bk)
+            else:
+                kmask = ko < K
+                a = tl.load(a_ptr + rows[:, None] * stride_am + ko[None, :] * stride_ak, mask=kmask[None, :], other=0)
+                b = tl.load(b_ptr + cols[None, :] * stride_bn + ko[:, None] * stride_bk, mask=kmask[:, None], other=0)
             acc = tl.dot(a, b, acc, out_dtype=ACC)
-    _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, EPILOGUE)
+    _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, EPILOGUE, ACT)
 
 
 @triton.jit
 def int_gemm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, scale_ptr, M, N, K, NUM_PROGS, stride_cm, stride_cn,
-                        HAS_BIAS: tl.constexpr, INT4: tl.constexpr, EPILOGUE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, INT4: tl.constexpr, EPILOGUE: tl.constexpr, ACT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Large-M GEMM: persistent programs walk the output tiles (grouped order) and stream A and B
     through the TMA engine (a_desc [M, K or K/2], b_desc [N, K or K/2], block [BLOCK_*, KB]); the
@@ -173,18 +189,22 @@ def int_gemm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, scale_ptr, M, N, K, NUM
                 acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, EPILOGUE)
+        _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, EPILOGUE,
+                  ACT)
 
 
 @triton.jit
-def dequant_kernel(acc_ptr, bias_ptr, out_ptr, scale_ptr, M, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """Split-K epilogue: out = int32 workspace * scale[n] (+ bias[n]), both [M, N] contiguous."""
+def dequant_kernel(acc_ptr, bias_ptr, out_ptr, scale_ptr, M, N, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Split-K epilogue: out = int32 workspace * scale[n] (+ bias[n]) (ReLU if ACT), both [M, N] contiguous."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.load(acc_ptr + offs, mask=mask, other=0)
     y = _mul_rn(acc.to(tl.float32), tl.load(scale_ptr + offs % N, mask=mask, other=0.0))
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs % N, mask=mask, other=0.0)
+    if ACT == 1:
+        y = tl.where(y < 0, 0.0, y)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -208,6 +228,11 @@ MID_CONFIGS = {
         _cfg(64, 64, 256, 4, 4), _cfg(128, 64, 256, 4, 4)],
 }
 INTERPRET_CONFIG = [_cfg(16, 32, 64, 1, 4, group=2)]
+
+
+# EVEN_K for the autotuned launches is decided on the host for every candidate at once: K a multiple
+# of the largest candidate BLOCK_K (a multiple of every other), so no config reads past K unmasked.
+MAX_BLOCK_K = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,7 +290,7 @@ def _traced(t: torch.Tensor) -> bool:
     return is_fake(t) or torch._is_functional_tensor(t)
 
 
-def _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, cfg, has_bias, epilogue):
+def _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, cfg, has_bias, epilogue, act):
     from triton.tools.tensor_descriptor import TensorDescriptor
     bm, bn, bk, stages, warps = cfg
     if out.element_size() > 2 and bits == 8:
@@ -277,14 +302,17 @@ def _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, cfg, has_bias, epilo
     progs = min(tiles, _sm_count(a.device.index or 0) if a.is_cuda else 4)
     torch.library.wrap_triton(int_gemm_tma_kernel)[(progs,)](
         a_desc, b_desc, out, bias_arg, scale, m, n, k, progs, out.stride(0), out.stride(1),
-        HAS_BIAS=has_bias, INT4=bits == 4, EPILOGUE=epilogue, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        HAS_BIAS=has_bias, INT4=bits == 4, EPILOGUE=epilogue, ACT=act, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         num_warps=warps, num_stages=stages)
 
 
-def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32=False, config=None):
+def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32=False, config=None, act="none"):
     """Launch the GEMM; scale is a float32 [N] vector (or a number: every channel the same);
     raw_int32=True returns the exact int32 accumulator (for tests); config (a triton.Config) forces the
-    pointer kernel with that tiling for M > 16 (tests cover each candidate without timing it)."""
+    pointer kernel with that tiling for M > 16 (tests cover each candidate without timing it);
+    act "relu" applies ReLU in the epilogue."""
+    if act not in ("none", "relu"):
+        raise ValueError(f"unknown epilogue activation {act!r}")
     fp8 = FP8_INT4 if fp8 is None else fp8
     fp8 = bool(fp8) and bits == 4
     lead = xq.shape[:-1]
@@ -299,11 +327,13 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
     bias_arg = bias.float().contiguous() if has_bias else out
     scale = per_channel(scale, n, xq.device).contiguous()
     m_bucket = min(triton.next_power_of_2(m), 8192)
-    common = dict(HAS_BIAS=has_bias, INT4=bits == 4, FP8=fp8)
+    relu = 1 if act == "relu" and not raw_int32 else 0
+    common = dict(HAS_BIAS=has_bias, INT4=bits == 4, FP8=fp8, ACT=relu)
     if k == 0:  # empty reduction: the result is the bias (or zero)
         out.fill_(0)
         if has_bias:
-            out.copy_((out.float() * scale + bias_arg).to(out.dtype))
+            y = out.float() * scale + bias_arg
+            out.copy_((torch.relu(y) if relu else y).to(out.dtype))
         return out.reshape(*lead, n)
 
     if m <= 16:
@@ -318,14 +348,14 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
         torch.library.wrap_triton(int_gemm_kernel)[grid](
             a, wq, target, bias_arg, scale, m, n, k, 16, k_per,
             a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), target.stride(0), target.stride(1),
-            EPILOGUE=epi, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1,
+            EPILOGUE=epi, EVEN_K=k % bk == 0 and k_per % bk == 0, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1,
             num_warps=warps, num_stages=stages, **common)
         if split > 1:
             if raw_int32:
                 return ws.reshape(*lead, n)
             block = 1024
             torch.library.wrap_triton(dequant_kernel)[(triton.cdiv(m * n, block),)](
-                ws, bias_arg, out, scale, m, n, HAS_BIAS=has_bias, BLOCK=block)
+                ws, bias_arg, out, scale, m, n, HAS_BIAS=has_bias, ACT=relu, BLOCK=block)
         return out.reshape(*lead, n)
 
     tma_cfg = TMA_CONFIG.get(bits)
@@ -333,14 +363,16 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
             and kp >= 16 and not _traced(a)):
         if _INTERPRET:
             tma_cfg = (32, 32, 64, 1, 4)
-        _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, tma_cfg, has_bias, 0 if raw_int32 else 1)
+        _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, tma_cfg, has_bias, 0 if raw_int32 else 1, relu)
         return out.reshape(*lead, n)
 
     kernel = _tuned("mid" if m <= 256 else "large", bits)
     launch_meta = {}
+    even_k = k % (INTERPRET_CONFIG[0].kwargs["BLOCK_K"] if _INTERPRET else MAX_BLOCK_K) == 0
     if config is not None:
         kernel, launch_meta = int_gemm_kernel, dict(config.kwargs, num_warps=config.num_warps,
                                                     num_stages=config.num_stages)
+        even_k = k % config.kwargs["BLOCK_K"] == 0
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)
@@ -348,14 +380,14 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
     torch.library.wrap_triton(kernel)[grid](
         a, wq, out, bias_arg, scale, m, n, k, m_bucket, k,
         a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-        EPILOGUE=0 if raw_int32 else 1, **common, **launch_meta)
+        EPILOGUE=0 if raw_int32 else 1, EVEN_K=even_k, **common, **launch_meta)
     return out.reshape(*lead, n)
 
 
-def int8_linear_cuda(xq, wq, scale, bias, out_dtype):
-    return int_linear_cuda(xq, wq, scale, bias, out_dtype, 8)
+def int8_linear_cuda(xq, wq, scale, bias, out_dtype, act="none"):
+    return int_linear_cuda(xq, wq, scale, bias, out_dtype, 8, act=act)
 
 
-def int4_linear_cuda(xq, wq, scale, bias, out_dtype):
-    return int_linear_cuda(xq, wq, scale, bias, out_dtype, 4)
+def int4_linear_cuda(xq, wq, scale, bias, out_dtype, act="none"):
+    return int_linear_cuda(xq, wq, scale, bias, out_dtype, 4, act=act)
 

@@ -18,13 +18,13 @@ struct FqGemmParams {
   const float* scale;    // [n] float32 (activation scale x each output channel's weight scale)
   int out_dtype;         // FqOutDtype
   int sm_count;          // 0: query the device
-  void* workspace;       // device memory of at least fq_gemm_workspace() bytes (may be null if 0)
+  void* workspace;       // device memory of at least fq_instance_workspace() bytes (may be null if 0)
   cudaStream_t stream;
 };
 
-// One kernel instance: a tile configuration and an output dtype.
-typedef size_t (*FqWorkspaceFn)(const FqGemmParams*);
-typedef int (*FqRunFn)(const FqGemmParams*, char* err, int err_len);  // 0 = ok
-
-// Instances register themselves at load time (static initialisers in each .cu).
-void fq_register_instance(const char* config, int out_dtype, FqWorkspaceFn ws, FqRunFn run);
+// Every kernel instance is its own shared library (one tile config x output dtype x epilogue, built
+// on first use) exporting:
+//   const char* fq_instance_name();                       "config:out_dtype:act"
+//   long long   fq_instance_workspace(const FqGemmParams*);
+//   int         fq_instance_run(const FqGemmParams*, char* err, int err_len);   0 = ok
+// The API library (fq_cutlass_api.cu) holds the INT4 -> INT8 unpack kernel.

@@ -1,31 +1,11 @@
-// The C entry points the Python side calls through ctypes (cutlass_gemm.py), the registry the kernel
-// instances add themselves to, and the INT4 -> INT8 unpack kernel.
+// The INT4 -> INT8 unpack kernel the CUTLASS INT4 path runs before the INT8 GEMM, as a C entry point
+// the Python side calls through ctypes (cutlass/gemm.py).  The GEMM instances are separate libraries.
 #include <cstdio>
 #include <cstring>
-#include <string>
-#include <vector>
 
 #include "fq_cutlass.h"
 
 namespace {
-
-struct Instance {
-  std::string config;
-  int out_dtype;
-  FqWorkspaceFn workspace;
-  FqRunFn run;
-};
-
-std::vector<Instance>& registry() {
-  static std::vector<Instance> r;  // function-local: safe whatever the static-initialisation order
-  return r;
-}
-
-const Instance* find(const char* config, int out_dtype) {
-  for (const Instance& i : registry())
-    if (i.out_dtype == out_dtype && i.config == config) return &i;
-  return nullptr;
-}
 
 // Packed signed INT4 (two per byte, low nibble = even element) -> int8.  One thread handles 4 packed
 // bytes of a row when rows are 4-byte aligned (one 32-bit load, two 32-bit stores), else 1 byte.
@@ -64,36 +44,7 @@ void set_err(char* err, int len, const char* msg) {
 
 }  // namespace
 
-void fq_register_instance(const char* config, int out_dtype, FqWorkspaceFn ws, FqRunFn run) {
-  registry().push_back(Instance{config, out_dtype, ws, run});
-}
-
 extern "C" {
-
-int fq_num_instances() { return static_cast<int>(registry().size()); }
-
-// "config:out_dtype" of instance i (for the Python side to list what was built)
-const char* fq_instance_name(int i) {
-  static thread_local std::string s;
-  if (i < 0 || i >= fq_num_instances()) return "";
-  s = registry()[i].config + ":" + std::to_string(registry()[i].out_dtype);
-  return s.c_str();
-}
-
-// Returns the workspace size in bytes, or -1 if no such instance.
-long long fq_gemm_workspace(const char* config, const FqGemmParams* p) {
-  const Instance* i = find(config, p->out_dtype);
-  return i ? static_cast<long long>(i->workspace(p)) : -1;
-}
-
-int fq_gemm(const char* config, const FqGemmParams* p, char* err, int err_len) {
-  const Instance* i = find(config, p->out_dtype);
-  if (!i) {
-    snprintf(err, err_len, "no CUTLASS instance %s for out_dtype %d", config, p->out_dtype);
-    return 10;
-  }
-  return i->run(p, err, err_len);
-}
 
 // dst [rows, 2*kb] int8 contiguous  <-  src [rows, kb] packed bytes with row stride lds.
 int fq_unpack_int4(const uint8_t* src, int64_t lds, int8_t* dst, int64_t rows, int64_t kb, cudaStream_t stream,

@@ -1,11 +1,12 @@
 // INT8 x INT8 -> INT32 GEMM for Hopper (sm_90a): TMA + wgmma, warp-specialised, built with CUTLASS 3.x's
 // CollectiveBuilder, and an epilogue visitor tree that computes
 //
-//     D = cast<ElementD>( __fadd_rn( __fmul_rn( float(acc), scale[col] ), bias[col] ) )
+//     D = cast<ElementD>( act( __fadd_rn( __fmul_rn( float(acc), scale[col] ), bias[col] ) ) )
 //
 // with explicitly rounded fp32 ops (no FMA contraction), so fp32 outputs equal the CPU reference
 // (`acc.float() * scale + bias`, scale and bias float32 vectors over the output columns) bit for bit,
-// and bf16/fp16 outputs are that value rounded to nearest.
+// and bf16/fp16 outputs are that value rounded to nearest.  act is the identity or ReLU (x < 0 ? 0 : x,
+// NaN kept), for a GEMM whose only consumer is a ReLU (OPT's fc1): one pass over the output saved.
 // The kRaw instance stores the int32 accumulator unchanged (tests compare it exactly).
 //
 // A = xq [M, K] row-major; B = wq [N, K] row-major, which is K x N column-major: both K-major, as the
@@ -67,6 +68,16 @@ template <int N> struct AddRn<cutlass::Array<float, N>> {
   }
 };
 
+template <class T> struct ReluFn;
+template <int N> struct ReluFn<cutlass::Array<float, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a) const {
+    cutlass::Array<float, N> r;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) r[i] = a[i] < 0.f ? 0.f : a[i];   // torch.relu: NaN stays NaN
+    return r;
+  }
+};
+
 template <class T> struct PassThrough {
   CUTLASS_HOST_DEVICE T operator()(T const& a) const { return a; }
 };
@@ -89,7 +100,7 @@ template <> struct OutTag<cutlass::half_t> { static constexpr int value = kF16; 
 
 constexpr int kMaxDevices = 64;
 
-template <class TileShape, class ClusterShape, class Schedule, class ElementD>
+template <class TileShape, class ClusterShape, class Schedule, class ElementD, bool kRelu>
 struct Sm90IntGemm {
   static constexpr auto Round = cutlass::FloatRoundStyle::round_to_nearest;
   static constexpr bool kRawOut = std::is_same_v<ElementD, int32_t>;
@@ -109,10 +120,14 @@ struct Sm90IntGemm {
       ColumnVector>;
   using Dequant = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<AddRn, ElementD, float, Round>, Scaled, Bias>;
+  using Biased = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<AddRn, float, float, Round>, Scaled, Bias>;
+  using DequantRelu = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<ReluFn, ElementD, float, Round>, Biased>;
   using Raw = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<PassThrough, int32_t, int32_t, Round>,
       cutlass::epilogue::fusion::Sm90AccFetch>;
-  using Fusion = std::conditional_t<kRawOut, Raw, Dequant>;
+  using Fusion = std::conditional_t<kRawOut, Raw, std::conditional_t<kRelu, DequantRelu, Dequant>>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -173,6 +188,12 @@ struct Sm90IntGemm {
         hw};
     if constexpr (kRawOut) {
       args.epilogue.thread = {{}, {}};
+    } else if constexpr (kRelu) {
+      args.epilogue.thread = {
+          {{{}, {p.scale, 0.0f, {_0{}, _1{}, int64_t(0)}}, {}},   // Scaled: acc, scale[col], mul args
+           {p.bias, 0.0f, {_0{}, _1{}, int64_t(0)}},              // Bias: pointer (null: 0), default, stride
+           {}},                                                   // add args
+          {}};                                                    // relu args
     } else {
       args.epilogue.thread = {
           {{}, {p.scale, 0.0f, {_0{}, _1{}, int64_t(0)}}, {}},   // Scaled: acc, scale[col], mul args
@@ -187,6 +208,10 @@ struct Sm90IntGemm {
   }
 
   static int run(const FqGemmParams* p, char* err, int err_len) {
+    if (p->out_dtype != OutTag<ElementD>::value) {
+      snprintf(err, err_len, "instance built for out_dtype %d called with %d", OutTag<ElementD>::value, p->out_dtype);
+      return 4;
+    }
     auto args = arguments(*p);
     cutlass::Status st = Gemm::can_implement(args);
     if (st != cutlass::Status::kSuccess) {
@@ -214,13 +239,14 @@ struct Sm90IntGemm {
 
 }  // namespace fq
 
-// One instance per translation unit:  FQ_SM90_INSTANCE("name", Shape<...>, Shape<...>, fq::Cooperative, float)
-#define FQ_SM90_INSTANCE(NAME, TILE, CLUSTER, SCHEDULE, ELEMENT_D)                                   \
-  namespace {                                                                                       \
-  using FqInstance = fq::Sm90IntGemm<TILE, CLUSTER, SCHEDULE, ELEMENT_D>;                           \
-  struct FqRegistrar {                                                                              \
-    FqRegistrar() {                                                                                 \
-      fq_register_instance(NAME, fq::OutTag<ELEMENT_D>::value, &FqInstance::workspace, &FqInstance::run); \
-    }                                                                                               \
-  } fq_registrar_instance;                                                                          \
+// One instance per translation unit, which is built as its own shared library (cutlass/gemm.py):
+//   FQ_SM90_INSTANCE(Shape<...>, Shape<...>, fq::Cooperative, float, false)
+// exports the C entry points declared in fq_cutlass.h (the name comes from the generated source).
+#define FQ_SM90_INSTANCE(TILE, CLUSTER, SCHEDULE, ELEMENT_D, RELU)                                    \
+  using FqInstance = fq::Sm90IntGemm<TILE, CLUSTER, SCHEDULE, ELEMENT_D, RELU>;                      \
+  extern "C" long long fq_instance_workspace(const FqGemmParams* p) {                                \
+    return static_cast<long long>(FqInstance::workspace(p));                                         \
+  }                                                                                                   \
+  extern "C" int fq_instance_run(const FqGemmParams* p, char* err, int err_len) {                     \
+    return FqInstance::run(p, err, err_len);                                                          \
   }
