@@ -3,6 +3,8 @@ them; prefill latency (Figure 4 analog), decode tokens/s, resident and peak memo
 
     python benchmarks/e2e.py --models 13b --methods all --batches 8 --seqs 2048 --out $OUT
     python benchmarks/e2e.py --models 13b --methods fp16-eager,fq-O3 --decode 1,16,64 --out $OUT
+    python benchmarks/e2e.py --models 13b --methods fp16-eager,fp16-static,fq-O3 --batches '' --decode 1,16,64 \
+        --decode-profile --out $OUT                      # the decode table of issue 10 (benchmarks/device/decode.sh)
     python benchmarks/e2e.py --profile --models 13b --methods fp16-inductor,fp8-naive,fq-O1,fq-O3 --out $OUT
     python benchmarks/e2e.py --report run1/e2e.jsonl run2/e2e.jsonl --results-dir benchmarks/results
     python benchmarks/e2e.py --summary $OUT/e2e.jsonl                  # a short table of what a run measured
@@ -12,21 +14,39 @@ Models: OPT shapes from OPTConfig at real sizes (1.3b, 6.7b, 13b, 30b), random f
 the GPU (speed does not depend on values).  Methods, each on a fresh model:
   fp16-eager      the Hugging Face model as is
   fp16-inductor   torch.compile, Inductor default mode (--max-autotune: mode="max-autotune")
+  fp16-static     decode only: the fp16 model with generate(cache_implementation="static"), which
+                  Hugging Face compiles itself (decode steps, Inductor, mode="reduce-overhead"):
+                  its fastest fp16 decode path
   fp8-naive       every decoder linear -> dynamic per-tensor activation scale + static per-tensor
                   FP8 e4m3 weight, torch._scaled_mm, under Inductor
   smoothquant     SmoothQuant-W8A8 through our backend (per-tensor INT8, no flattening)
   torchao-int8    torchao Int8DynamicActivationInt8WeightConfig (its defaults), then torch.compile
   torchao-fp8     torchao Float8DynamicActivationFloat8WeightConfig (its defaults: per tensor)
-  fq-O1, fq-O3    FlattenQuant through our backend (default settings: the GEMM and quantize kernels
-                  kernels/dispatch.py picks; --gemm or FQ_GEMM / FQ_QUANTIZE force one, and label the rows)
-  fq-auto         Config(level="auto"), where this fq_compile has that level (else reported unavailable)
+  torchao-int8wo  torchao Int8WeightOnlyConfig (its defaults): what users pick for decode
+  torchao-int4wo  torchao Int4WeightOnlyConfig(group_size=128, tinygemm tile packing), on a bf16 copy
+                  of the model (the tinygemm kernel takes bf16 activations)
+  fq-O1, fq-O3    FlattenQuant through our backend: fast = torch.compile(model, backend="flattenquant",
+                  options=...), prefill fast(...), decode fast.generate(...) (default settings: the GEMM and
+                  quantize kernels kernels/dispatch.py picks; --gemm or FQ_GEMM / FQ_QUANTIZE force one, and
+                  label the rows)
+  fq-fp8          our static per-tensor FP8 level (fq.fp8_quantize + fq.fp8_linear) through our backend
+  fq-auto         level auto: the per-layer formats in the shares --auto-formats gives (e.g. those a
+                  calibrated auto plan chose: benchmarks/accuracy.py prints them), flattened layers at the
+                  paper's flatten ratio
 Our plans are synthetic (fq_compile/synthetic.py): the flatten ratio and INT4 share of the paper's
 Table 4 for that size ("paper Table 4 figures"), INT4 in the same share of blocks at every layer
 position; the output head stays fp16 for every method.  Our backend releases the fp16 weights.
 
 Prefill: model(input_ids, use_cache=False) (lm_head included, no KV cache), median of repeated runs
 timed with CUDA events after warm-up.  Decode: generate() with KV cache, 128-token prompt, 128 new
-tokens, greedy, tokens/s over the whole call.  Memory: GPU bytes allocated after the first call
+tokens, greedy, tokens/s over the whole call; the first call (which compiles) is timed and reported
+as "first call s".  Cache: fp16-eager the default dynamic cache; every other method
+`--cache` (default static: CUDA graphs need it, see fq_compile/generation.py).  In a decode-only run
+(--batches ''), the compiled baselines are not compiled up front: generate() with a static cache
+compiles their decode steps (Hugging Face's own path); our methods compile every call.
+--decode-profile adds, per method, a torch.profiler trace of one short generate() at the first decode
+batch: per decode step, wall time, GPU busy time by kernel category, and the idle rest (launch gaps,
+Python, host syncs).  Memory: GPU bytes allocated after the first call
 (weights, plan, anything the compiled model keeps), peak allocated per prefill point (activations,
 no KV cache) and per decode point (KV cache included).  Results: one JSON object per line appended
 to $OUT/e2e.jsonl as each point finishes; --report merges such files into markdown tables (ratios
@@ -54,10 +74,10 @@ from fq_compile.runtime.state import reports  # noqa: E402
 from fq_compile.tools.models import opt_config  # noqa: E402
 from fq_compile.tools.synthetic import PAPER_TABLE4, synthetic_plan  # noqa: E402
 
-METHODS = ["fp16-eager", "fp16-inductor", "fp8-naive", "smoothquant", "torchao-int8", "torchao-fp8", "fq-O1", "fq-O3",
-           "fq-auto"]
-OURS = ("smoothquant", "fq-O1", "fq-O3", "fq-auto")
-FP16 = ("fp16-eager", "fp16-inductor")
+METHODS = ["fp16-eager", "fp16-inductor", "fp16-static", "fp8-naive", "smoothquant", "torchao-int8", "torchao-fp8",
+           "torchao-int8wo", "torchao-int4wo", "fq-O1", "fq-O3", "fq-fp8", "fq-auto"]
+OURS = ("smoothquant", "fq-O1", "fq-O3", "fq-fp8", "fq-auto")
+FP16 = ("fp16-eager", "fp16-inductor", "fp16-static")
 MODELS = ("1.3b", "6.7b", "13b", "30b")
 TABLE4_LABEL = "paper Table 4 figures"
 PROMPT, NEW_TOKENS = 128, 128
@@ -84,6 +104,18 @@ def build_model(size: str, device, dtype, layers: int | None = None, seed: int =
     with torch.device(device):
         model = OPTForCausalLM._from_config(cfg, dtype=dtype)
     return model.eval()
+
+
+def parse_shares(text: str) -> dict[str, float]:
+    """"fp8=0.3,w4a8=0.5,int8=0.2" -> {"fp8": 0.3, ...} (normalised to sum 1)."""
+    if not text:
+        raise ValueError("fq-auto needs --auto-formats, e.g. fp8=0.3,w4a8=0.5,int8=0.2")
+    out = {}
+    for item in text.split(","):
+        k, _, v = item.partition("=")
+        out[k.strip()] = float(v)
+    total = sum(out.values())
+    return {k: v / total for k, v in out.items()}
 
 
 def table4(size: str) -> tuple[float, float]:
@@ -129,15 +161,25 @@ def to_naive_fp8(model):
 
 def to_torchao(model, kind: str):
     try:
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            Int8DynamicActivationInt8WeightConfig,
-            quantize_,
-        )
+        import torchao.quantization as tq
     except Exception as e:  # noqa: BLE001  (an ABI mismatch shows up as any kind of import error)
         raise Unavailable(f"torchao import failed on torch {torch.__version__}: {type(e).__name__}: {e}") from None
-    config = Int8DynamicActivationInt8WeightConfig() if kind == "int8" else Float8DynamicActivationFloat8WeightConfig()
-    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+    if kind == "int8":
+        config = tq.Int8DynamicActivationInt8WeightConfig()
+    elif kind == "fp8":
+        config = tq.Float8DynamicActivationFloat8WeightConfig()
+    elif kind == "int8wo":
+        config = tq.Int8WeightOnlyConfig()
+    else:                                          # int4wo: tinygemm's packing, bf16 activations
+        model.to(torch.bfloat16)
+        try:
+            config = tq.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+        except TypeError:                          # an older torchao: its default layout is tinygemm's
+            config = tq.Int4WeightOnlyConfig(group_size=128)
+    try:
+        tq.quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+    except Exception as e:  # noqa: BLE001  (missing kernels for this GPU / torch show up as any error)
+        raise Unavailable(f"torchao {type(config).__name__} failed: {type(e).__name__}: {str(e)[:200]}") from None
     return model
 
 
@@ -146,7 +188,10 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
     model = build_model(size, device, dtype, layers=layers)
     info, plan = {}, None
     compile_kw = {"dynamic": args.dynamic_flag}
-    if method == "fp16-eager":
+    decode_only = not (args.batches and args.seqs) and not args.profile
+    if method in ("fp16-eager", "fp16-static"):
+        if method == "fp16-static" and not args.decode:
+            raise ValueError("fp16-static is a decode method (generate with a static cache); pass --decode")
         return model, None, info
     if method == "fp16-inductor":
         if args.max_autotune:
@@ -155,24 +200,23 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
         model.compile(**compile_kw)
     elif method == "fp8-naive":
         to_naive_fp8(model)
-        model.compile(**compile_kw)
-    elif method in ("torchao-int8", "torchao-fp8"):
+        if not decode_only:
+            model.compile(**compile_kw)
+    elif method.startswith("torchao-"):
         to_torchao(model, method.split("-")[1])
-        model.compile(**compile_kw)
+        if not decode_only:
+            model.compile(**compile_kw)
         import torchao
 
         info["torchao"] = torchao.__version__
     elif method in OURS:
         share, ratio = table4(size)
-        level = {"smoothquant": "smoothquant", "fq-O1": "O1", "fq-O3": "O3", "fq-auto": "auto"}[method]
-        from fq_compile.config import LEVELS
-
-        if level not in LEVELS:
-            raise Unavailable(f"this fq_compile has no Config(level={level!r}) yet")
-        if level == "auto":
-            level = "O3"  # a synthetic plan has no calibration to choose from: the level auto picks for speed
-        plan = synthetic_plan(model, level, flatten_ratio=0.0 if level == "smoothquant" else ratio,
-                              int4_share=share if level == "O3" else 0.0, source=TABLE4_LABEL,
+        level = {"smoothquant": "smoothquant", "fq-O1": "O1", "fq-O3": "O3", "fq-fp8": "fp8", "fq-auto": "auto"}[method]
+        shares = parse_shares(args.auto_formats) if level == "auto" else None
+        if shares is not None:
+            info["format_shares"] = shares
+        plan = synthetic_plan(model, level, flatten_ratio=0.0 if level in ("smoothquant", "fp8") else ratio,
+                              int4_share=share if level == "O3" else 0.0, format_shares=shares, source=TABLE4_LABEL,
                               release_weights=True, progress=False)
         torch._dynamo.reset()                    # drop the replica's capture graphs (synthetic.py)
         n4 = sum(lp.bits == 4 for lp in plan.layers.values())
@@ -184,7 +228,10 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
         if args.gemm:
             options["gemm"] = args.gemm               # the backend's GEMM choice (kernels/gemm_dispatch.py)
             info["gemm"] = args.gemm
-        model.compile(backend="flattenquant", options=options, **compile_kw)
+        if args.cudagraphs != "auto":
+            options["cudagraphs"] = args.cudagraphs == "true"
+            info["cudagraphs"] = args.cudagraphs
+        model = torch.compile(model, backend="flattenquant", options=options, **compile_kw)   # fast.generate works
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     return model, plan, info
@@ -219,6 +266,16 @@ def timed(fn, device, warmup: int, reps: int, budget_s: float) -> list[float]:
         if i >= 2 and sum(out) / 1e3 > budget_s:
             break
     return out
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """GB/s of a device-to-device copy, bytes read + written (median of 10 after 3 warm-ups)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = timed(lambda: b.copy_(a), torch.device("cuda"), 3, 10, 5.0)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (statistics.median(ms) * 1e-3) / 1e9
 
 
 def reset_peak(device):
@@ -261,17 +318,19 @@ def out_of_time(args) -> bool:
 
 def label(method: str, args) -> str:
     """The method's name in the results: ours carry a non-default --gemm choice, so runs with
-    different GEMM kernels land in different columns."""
+    different GEMM kernels land in different columns; --label adds a suffix (e.g. warm-cache)."""
     if method not in OURS:
-        return method
-    tags = [args.gemm] if args.gemm else []
-    q = os.environ.get("FQ_QUANTIZE", "").strip().lower()
-    if q in ("kernel", "fused"):
-        tags.append(f"q{q}")
-    g = os.environ.get("FQ_GEMM", "").strip().lower()
-    if g in ("triton", "cutlass") and not args.gemm:
-        tags.append(g)
-    return "+".join([method] + tags)
+        name = method
+    else:
+        tags = [args.gemm] if args.gemm else []
+        q = os.environ.get("FQ_QUANTIZE", "").strip().lower()
+        if q in ("kernel", "fused"):
+            tags.append(f"q{q}")
+        g = os.environ.get("FQ_GEMM", "").strip().lower()
+        if g in ("triton", "cutlass") and not args.gemm:
+            tags.append(g)
+        name = "+".join([method] + tags)
+    return f"{name}@{args.label}" if getattr(args, "label", None) else name
 
 
 def weight_bytes(model, plan, device) -> dict:
@@ -324,15 +383,19 @@ def run_method(method, size, device, dtype, args, rec):
                     continue
                 rec(kind="prefill", model=size, method=label(method, args), batch=b, seq=s, ms=round(statistics.median(ms), 3),
                     reps=[round(x, 3) for x in ms], peak_bytes=peak(device), **info)
-        for b in args.decode:
+        cache = "dynamic" if method == "fp16-eager" else args.cache
+        for i, b in enumerate(args.decode):
             if out_of_time(args):
                 return
             ids = torch.randint(0, vocab, (b, args.prompt), generator=gen).to(device)
             kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
                       min_new_tokens=args.new_tokens, do_sample=False, use_cache=True, pad_token_id=1)
+            if cache == "static":
+                kw["cache_implementation"] = "static"
             try:
+                before = compile_counts()
                 t = time.monotonic()
-                model.generate(ids, **kw)          # warm-up: compiles the decode graphs
+                model.generate(ids, **kw)          # first call: compiles the graphs of this batch size
                 sync(device)
                 warm_s = time.monotonic() - t
                 if first:
@@ -340,8 +403,11 @@ def run_method(method, size, device, dtype, args, rec):
                         setup_s=round(prep_s, 1), first_call_s=round(warm_s, 1), first_shape=["generate", b],
                         **weight_bytes(model, plan, device), **info)
                     first = False
+                compiled = compile_counts(before)
                 reset_peak(device)
+                before = compile_counts()
                 ms = timed(lambda: model.generate(ids, **kw), device, 0, args.decode_reps, args.budget)
+                again = compile_counts(before)
             except torch.cuda.OutOfMemoryError as e:
                 rec(kind="decode", model=size, method=label(method, args), batch=b, error=f"out of memory: {str(e)[:120]}")
                 gc.collect()
@@ -349,12 +415,64 @@ def run_method(method, size, device, dtype, args, rec):
                 continue
             med = statistics.median(ms)
             rec(kind="decode", model=size, method=label(method, args), batch=b, prompt=args.prompt, new_tokens=args.new_tokens,
-                ms=round(med, 3), tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2),
-                reps=[round(x, 3) for x in ms], warmup_s=round(warm_s, 1), peak_bytes=peak(device), **info)
+                cache=cache, ms=round(med, 3), tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2),
+                reps=[round(x, 3) for x in ms], first_call_s=round(warm_s, 1), peak_bytes=peak(device),
+                first_call_compiles=compiled, timed_compiles=again, **info)
+            if args.decode_profile and i == 0:
+                profile_decode(model, ids, kw, method, size, device, args, rec, info)
     if plan is not None:
         rec(kind="graphs", model=size, method=label(method, args), graphs=len(reports(plan)),
             released_bytes=sum(r.released_bytes for r in reports(plan)))
     model = plan = None                        # free the GPU before the next method
+
+
+def compile_counts(before: dict | None = None) -> dict:
+    """Dynamo graphs compiled, graph breaks and Inductor's CUDA-graph skips so far (or since `before`)."""
+    from torch._dynamo.utils import counters
+
+    now = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+           "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    return now if before is None else {k: now[k] - before.get(k, 0) for k in now}
+
+
+def profile_decode(model, ids, kw, method, size, device, args, rec, info, steps: int = 16):
+    """Where one decode step's time goes: a torch.profiler trace of generate() with `steps` new
+    tokens (after the timed runs, so nothing compiles); per step: wall ms, GPU busy ms (union of
+    kernel intervals) by kernel category, and the idle rest (launch gaps, Python, host syncs)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return
+    kw = dict(kw, max_new_tokens=steps, min_new_tokens=steps)
+    model.generate(ids, **kw)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t = time.monotonic()
+        model.generate(ids, **kw)
+        sync(device)
+        wall = (time.monotonic() - t) * 1e3
+    spans, cats = [], {}
+    for evt in prof.events():
+        if getattr(evt, "device_type", None) != DeviceType.CUDA or evt.time_range.elapsed_us() <= 0:
+            continue
+        spans.append((evt.time_range.start, evt.time_range.end))
+        c = category(evt.name)
+        cats[c] = cats.get(c, 0.0) + evt.time_range.elapsed_us() / 1e3
+    busy, end = 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    busy /= 1e3
+    n = steps                                        # prefill + steps - 1 decode forwards; per token
+    rec(kind="decode_profile", model=size, method=label(method, args), batch=int(ids.shape[0]), steps=steps,
+        wall_ms_per_token=round(wall / n, 3), busy_ms_per_token=round(busy / n, 3),
+        idle_ms_per_token=round((wall - busy) / n, 3), kernels=len(spans) // n,
+        **{f"{c}_ms_per_token": round(v / n, 3) for c, v in cats.items()}, **info)
 
 
 # -- per-layer profile --------------------------------------------------------------------------------
@@ -505,20 +623,7 @@ def report(paths, results_dir: Path, stem: str) -> str:
                 peaks.append([b, s] + [_gb(at[m].get("peak_bytes")) if m in at else "-" for m in methods])
             lines += [f"### OPT-{size}: peak GPU memory per prefill point, GB (weights + activations, no KV cache)", "",
                       tabulate(peaks, headers=["batch", "seq"] + methods, tablefmt="github", disable_numparse=True), ""]
-        dec = [r for r in rows if r.get("kind") == "decode" and r.get("model") == size and "tokens_per_s" in r]
-        if dec:
-            dmethods = _order({r["method"] for r in dec})
-            table = []
-            for b in sorted({r["batch"] for r in dec}):
-                at = {r["method"]: r for r in dec if r["batch"] == b}
-                base = max((at[m]["tokens_per_s"] for m in FP16 if m in at), default=None)
-                table.append([b] + [f"{at[m]['tokens_per_s']:.0f}" + (f" ({at[m]['tokens_per_s'] / base:.2f}x)" if base else "")
-                                    + f" / {_gb(at[m].get('peak_bytes'))} GB" if m in at else "-" for m in dmethods])
-            d0 = dec[0]
-            lines += [f"## OPT-{size}: decode, tokens/s (x faster fp16) / peak GB incl. KV cache",
-                      f"generate(): {d0.get('prompt')}-token prompt, {d0.get('new_tokens')} new tokens, greedy; "
-                      "tokens/s over the whole call (prompt prefill included)", "",
-                      tabulate(table, headers=["batch"] + dmethods, tablefmt="github", disable_numparse=True), ""]
+        lines += decode_tables(rows, size)
         mem = [r for r in rows if r.get("kind") == "memory" and r.get("model") == size]
         if mem:
             fp16 = next((r["resident_bytes"] for m in FP16 for r in mem if r["method"] == m and r.get("resident_bytes")), None)
@@ -563,6 +668,58 @@ def report(paths, results_dir: Path, stem: str) -> str:
     return "\n".join(lines)
 
 
+def _fastest_fp16(dec, b):
+    return max((r["tokens_per_s"] for r in dec if r["method"] in FP16 and r["batch"] == b), default=None)
+
+
+def decode_tables(rows, size) -> list[str]:
+    """Issue 10's decode table (one row per method and batch) and, where profiled, where a decode
+    step's time goes."""
+    from tabulate import tabulate
+
+    dec = [r for r in rows if r.get("kind") == "decode" and r.get("model") == size and "tokens_per_s" in r]
+    if not dec:
+        return []
+    copy = next((r["gb_per_s"] for r in rows if r.get("kind") == "copy"), None)
+    wbytes = {r["method"]: (r.get("weight_bytes_model") or 0) + (r.get("weight_bytes_plan") or 0)
+              for r in rows if r.get("kind") == "memory" and r.get("model") == size}
+    table = []
+    for r in sorted(dec, key=lambda r: (_order([r["method"]] + METHODS).index(r["method"]), r["batch"])):
+        base = _fastest_fp16(dec, r["batch"])
+        bound = copy * 1e9 / wbytes[r["method"]] * r["batch"] if copy and wbytes.get(r["method"]) else None
+        c = r.get("first_call_compiles") or {}
+        table.append([r["method"], r["batch"], r.get("cache", "-"), f"{r['tokens_per_s']:.1f}",
+                      f"{r['tokens_per_s'] / base:.2f}" if base else "-",
+                      f"{100 * r['tokens_per_s'] / bound:.0f}%" if bound else "-",
+                      r.get("first_call_s", r.get("warmup_s", "-")), _gb(r.get("peak_bytes")),
+                      f"{c.get('graphs', '-')}/{c.get('graph_breaks', '-')}/{c.get('cudagraph_skips', '-')}",
+                      sum((r.get("timed_compiles") or {}).get(k, 0) for k in ("graphs",))])
+    d0 = dec[0]
+    lines = [f"## OPT-{size}: decode (issue 10)",
+             f"generate(): {d0.get('prompt')}-token prompt, {d0.get('new_tokens')} new tokens, greedy, batch as "
+             "listed; tokens/s over the whole call (prefill included), median of timed calls after the first. "
+             "x fp16: over the fastest fp16 method at that batch. % bound: of the weight-streaming bound "
+             "(copy bandwidth / resident weight bytes x batch)" + (f", copy bandwidth {copy:.0f} GB/s" if copy else "")
+             + ". first call: the first generate() at that batch, compiling included. compiles: Dynamo graphs / "
+             "graph breaks / CUDA-graph skips in the first call; recompiles: graphs compiled during the timed calls.",
+             "", tabulate(table, headers=["method", "batch", "cache", "tokens/s", "x fp16", "% bound", "first call s",
+                                          "peak GB (KV incl.)", "compiles", "recompiles"],
+                          tablefmt="github", disable_numparse=True), ""]
+    prof = [r for r in rows if r.get("kind") == "decode_profile" and r.get("model") == size]
+    if prof:
+        cats = ["quantize", "GEMM", "attention", "other"]
+        ptable = [[r["method"], r["batch"], r["wall_ms_per_token"], r["busy_ms_per_token"], r["idle_ms_per_token"],
+                   r.get("kernels", "-")] + [r.get(f"{c}_ms_per_token", 0.0) for c in cats]
+                  for r in sorted(prof, key=lambda r: _order([r["method"]] + METHODS).index(r["method"]))]
+        lines += [f"### OPT-{size}: one decode step, where the time goes (ms per token)",
+                  "torch.profiler over generate() with 16 new tokens after the timed runs; busy = union of GPU "
+                  "kernel intervals; idle = wall - busy (launch gaps, Python, host syncs); categories sum kernel "
+                  "time (may overlap)", "",
+                  tabulate(ptable, headers=["method", "batch", "wall", "GPU busy", "idle", "kernels/token"] + cats,
+                           tablefmt="github", disable_numparse=True), ""]
+    return lines
+
+
 def targets(rows) -> list[str]:
     """The issue's targets at the headline point (OPT-13B, batch 8 x 2048), where measured."""
     def ms(method, size="13b", b=8, s=2048):
@@ -577,22 +734,41 @@ def targets(rows) -> list[str]:
         return next((r.get("resident_bytes") for r in rows if r.get("kind") == "memory" and r.get("model") == size
                      and r.get("method") == method), None)
 
+    def first_call(method, size="13b", b=1):
+        return next((r.get("first_call_s") for r in rows if r.get("kind") == "decode" and r.get("model") == size
+                     and r.get("method") == method and r.get("batch") == b and "tokens_per_s" in r), None)
+
     fp16 = min([x for x in (ms("fp16-eager"), ms("fp16-inductor")) if x], default=None)
-    fp16_tps = max([x for x in (tps("fp16-eager"), tps("fp16-inductor")) if x], default=None)
+    fp16_tps = {b: max([x for x in (tps(m, b=b) for m in FP16) if x], default=None) for b in (1, 16, 64)}
     forced = [x for x in (ms("fq-O3+cutlass"), ms("fq-O3+triton")) if x]
-    checks = [   # issue 13 (default settings, no environment variable), then issue 5's resident/decode targets
+    copy = next((r["gb_per_s"] for r in rows if r.get("kind") == "copy"), None)
+    o3_bytes = next(((r.get("weight_bytes_model") or 0) + (r.get("weight_bytes_plan") or 0) for r in rows
+                     if r.get("kind") == "memory" and r.get("model") == "13b" and r.get("method") == "fq-O3"), None)
+    o3_bound = copy * 1e9 / o3_bytes if copy and o3_bytes else None
+    checks = [   # issue 13 (default settings, no environment variable), then resident memory and decode (issue 10)
         ("O1 prefill time / naive FP8's", ms("fq-O1"), ms("fp8-naive"), 1.05, "time"),
         ("O3 prefill time / naive FP8's", ms("fq-O3"), ms("fp8-naive"), 1.05, "time"),
         ("O1 prefill vs faster fp16", ms("fq-O1"), fp16, 1.4, "speed"),
         ("O3 prefill vs faster fp16", ms("fq-O3"), fp16, 1.4, "speed"),
         ("O3 default time / best forced FQ_GEMM's", ms("fq-O3"), min(forced) if forced else None, 1.05, "time"),
         ("O3 resident memory / fp16", res("fq-O3"), res("fp16-eager") or res("fp16-inductor"), 0.45, "memory"),
-        ("O3 decode batch 1 tokens/s vs faster fp16", tps("fq-O3"), fp16_tps, 2.0, "tps"),
-    ]
+        ("O3 decode batch 1 tokens/s vs fastest fp16", tps("fq-O3"), fp16_tps[1], 2.0, "tps"),
+        ("O3 decode batch 1 vs its weight-streaming bound", tps("fq-O3"), o3_bound, 0.6, "tps"),
+        ("O1 decode batch 1 vs fastest fp16", tps("fq-O1"), fp16_tps[1], 1.6, "tps"),
+        ("O3 decode batch 16 vs fastest fp16", tps("fq-O3", b=16), fp16_tps[16], 1.5, "tps"),
+        ("O3 decode batch 64 vs fastest fp16", tps("fq-O3", b=64), fp16_tps[64], 1.3, "tps"),
+    ] + [(f"O3 decode batch {b} vs torchao int8 weight-only", tps("fq-O3", b=b), tps("torchao-int8wo", b=b), 1.0,
+          "tps") for b in (1, 16, 64)] + [
+        (f"{m} first generate() call, s", first_call(m), 60.0, 60.0, "seconds") for m in ("fq-O1", "fq-O3")]
     table = []
     for name, ours, base, target, kind in checks:
         if not ours or not base:
             table.append([name, "not measured", f"{target}", "-"])
+            continue
+        if kind == "seconds":                      # ours in seconds, base the limit
+            ok = ours <= base
+            table.append([name, f"{ours:.1f}", f"<= {base:.0f}",
+                          "met" if ok else f"missed by {ours / base * 100 - 100:.0f}%"])
             continue
         ratio = base / ours if kind == "speed" else ours / base
         ok = ratio <= target if kind in ("memory", "time") else ratio >= target
@@ -705,10 +881,19 @@ def main(argv=None):
     ap.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
                     help="torch.compile dynamic: auto = static for one prefill shape without decode, else dynamic")
     ap.add_argument("--max-autotune", action="store_true", help="fp16-inductor in mode='max-autotune'")
+    ap.add_argument("--auto-formats", default="",
+                    help="fq-auto: format shares of the layers, e.g. fp8=0.3,w4a8=0.5,int8=0.2")
     ap.add_argument("--gemm", default=None, help="our backend's 'gemm' option (triton, cutlass, auto); default: its own")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--decode-reps", type=int, default=3)
+    ap.add_argument("--cache", choices=["static", "dynamic"], default="static",
+                    help="KV cache of the decode runs (fp16-eager always uses the dynamic one)")
+    ap.add_argument("--cudagraphs", choices=["auto", "true", "false"], default="auto",
+                    help="our backend's cudagraphs option (fq_compile/generation.py)")
+    ap.add_argument("--label", default=None, help="suffix for the method names of this run's rows (e.g. warm-cache)")
+    ap.add_argument("--decode-profile", action="store_true",
+                    help="profile one short generate per method: per-token wall, GPU busy by category, idle")
     ap.add_argument("--budget", type=float, default=8.0, help="seconds of timed runs per point (after 3 reps)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop starting new points after this many seconds")
     ap.add_argument("--profile", action="store_true", help="per-layer profile instead of the sweep")
@@ -717,6 +902,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU (checks the script, not speed)")
     ap.add_argument("--report", nargs="+", metavar="JSONL", help="merge result files into tables + PNG")
     ap.add_argument("--summary", nargs="+", metavar="JSONL", help="print a short table of the prefill rows")
+    ap.add_argument("--brief", nargs="+", metavar="JSONL", help="print the decode table of these files (no files written)")
     ap.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--stem", default=None, help="report file name stem (default e2e-<date>-<device>)")
     args = ap.parse_args(argv)
@@ -724,6 +910,14 @@ def main(argv=None):
     if args.summary:
         print(summary([p for p in args.summary if Path(p).exists()]))
         return
+    if args.brief:
+        rows = load_rows(args.brief)
+        for size in [m for m in MODELS + ("tiny",) if any(r.get("model") == m for r in rows)]:
+            print("\n".join(decode_tables(rows, size)))
+        for r in rows:
+            if r.get("kind") in ("unavailable", "error") or (r.get("error") and r.get("kind") != "error"):
+                print(f"- {r.get('method')} {r.get('kind')} {r.get('batch', '')}: {r.get('reason') or r.get('error')}")
+        return None
     if args.report:
         first = json.loads(Path(args.report[0]).read_text().splitlines()[0])
         dev = device_slug(str(first.get("device", "")))
@@ -756,8 +950,10 @@ def main(argv=None):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 32))
 
+    import transformers
+
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                date=datetime.date.today().isoformat(), dynamic=args.dynamic_flag)
+                transformers=transformers.__version__, date=datetime.date.today().isoformat(), dynamic=args.dynamic_flag)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         meta.update(arch=f"sm_{props.major}{props.minor}", sm_count=props.multi_processor_count)
@@ -770,6 +966,8 @@ def main(argv=None):
     except ImportError:
         pass
     rec = Recorder(Path(args.out), meta)
+    if device.type == "cuda" and args.decode:
+        rec(kind="copy", gb_per_s=round(copy_bandwidth(), 1))
     print(f"e2e: models {models}, methods {methods}, batches {args.batches}, seqs {args.seqs}, decode {args.decode}, "
           f"dynamic={args.dynamic_flag}, out {rec.path}", flush=True)
     import torch._inductor.config as inductor_config

@@ -4,9 +4,10 @@
     python benchmarks/kernels.py --cutlass [--write-table gemm_table.json] [--shapes ...] [--ms ...]
     python benchmarks/kernels.py --merge-tables a.json b.json --write-table fq_compile/kernels/gemm_table.json
     python benchmarks/kernels.py --fusion [--fusion-shape 16384,4096] [--out fusion.md]
+    python benchmarks/kernels.py --decode [--ms 1,16,64] [--out decode.md]     # issue 10: weight streaming
 
 For each linear shape (the paper's Table 5 case and OPT-13B/30B/66B layers) and M in
-{1, 16, 256, 2048, 16384} it times, with CUDA-graph replays (no CPU launch gaps) and inputs rotated
+{1, 16, 256, 2048, 16384} it times, with CUDA-graph replays (triton.testing.do_bench_cudagraph) and inputs rotated
 so that the working set exceeds L2:
   bf16     torch.nn.functional.linear on the ORIGINAL K (the layer being replaced)
   int_mm   torch._int_mm on the flattened K' (int32 out, no quantize, no epilogue)
@@ -30,6 +31,11 @@ measured in the same run on the same inputs:
 N, K', M: the faster implementation, CUTLASS only when >= 2% faster, and its best config; keyed by the
 GPU's architecture, so it serves every GPU of that architecture), merged into the file when it exists
 for the same architecture, rewritten after every case.
+
+--decode (issue 10) times the decode path on the OPT-13B layer shapes at M in {1, 16, 64}: the fused
+fq::flat_linear (activation quantize in the GEMM's prologue, kernels/triton/decode.py) against the
+unfused flatten_quantize + GEMM and fp16 F.linear, as GB/s of weight bytes read per call next to the
+device's copy bandwidth measured in the same run (a device-to-device copy, bytes read + written).
 """
 
 from __future__ import annotations
@@ -39,13 +45,13 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import triton
+import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fq_compile.kernels  # noqa: E402,F401  (registers fq:: ops and the Triton implementations)
@@ -90,56 +96,24 @@ def n_sets(bytes_per_set: int) -> int:
     return max(1, min(16, math.ceil(2 * L2_BYTES / max(bytes_per_set, 1))))
 
 
-def time_graph(calls, reps: int = 20) -> float:
-    """Median ms per call: capture `calls` (a list of closures, one per input set) once into a CUDA
-    graph, replay it, divide by the number of calls."""
-    for c in calls:  # warm-up: compilation, autotuning, allocator
-        c()
-    torch.cuda.synchronize()
-    per_graph = max(1, math.ceil(8 / len(calls)))
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+def _run_all(calls):
+    def run():
         for c in calls:
             c()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g, stream=s):
-            for _ in range(per_graph):
-                for c in calls:
-                    c()
-    torch.cuda.current_stream().wait_stream(s)
-    g.replay()
-    torch.cuda.synchronize()
-    # replay count: aim for ~150 ms of measurement
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0.record(); g.replay(); t1.record(); torch.cuda.synchronize()
-    one = max(t0.elapsed_time(t1), 1e-3)
-    n = max(5, min(200, int(150 / one)))
-    times = []
-    for _ in range(n):
-        t0.record(); g.replay(); t1.record()
-        t1.synchronize()
-        times.append(t0.elapsed_time(t1))
-    return statistics.median(times) / (per_graph * len(calls))
+    return run
 
 
-def time_events(calls, reps: int = 20) -> float:
-    """Median ms per call without a CUDA graph (host launch gaps included): the fallback where
-    capture fails."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        t0.record()
-        for c in calls:
-            c()
-        t1.record()
-        t1.synchronize()
-        times.append(t0.elapsed_time(t1) / len(calls))
-    return statistics.median(times)
+def time_graph(calls) -> float:
+    """Median ms per call: `calls` (closures, one per input set, rotated so that the working set exceeds
+    L2) replayed from a CUDA graph by triton.testing.do_bench_cudagraph (no host launch gaps), divided
+    by their number.  Its first, uncaptured call compiles and autotunes."""
+    return triton.testing.do_bench_cudagraph(_run_all(calls), rep=150, return_mode="median") / len(calls)
+
+
+def time_events(calls) -> float:
+    """Median ms per call without a CUDA graph (triton.testing.do_bench: host launch gaps included):
+    the fallback where capture fails."""
+    return triton.testing.do_bench(_run_all(calls), warmup=25, rep=150, return_mode="median") / len(calls)
 
 
 def try_time(make_calls, eager_fallback=False):
@@ -297,7 +271,7 @@ def write_table(path, device, entries, meta, arch: str, sm_count: int):
             "entries": [merged[k] for k in sorted(merged)]}
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(body, indent=1) + "\n")
-    gd.Table.from_json(body)  # what we write, gemm_dispatch can read
+    gd.Table.from_json(body)  # what we write, the dispatcher can read
 
 
 def merge_tables(paths, out):
@@ -396,6 +370,102 @@ def relu_epilogue(dev, m=16384, k=5120, n=20480):
     return rows
 
 
+DECODE_SHAPES = [("13B qkv/out", 5120, 5120), ("13B fc1", 5120, 20480), ("13B fc2", 20480, 5120)]
+DECODE_MS = [1, 16, 64]
+
+
+def copy_bandwidth(dev, nbytes: int = 2 << 30) -> float:
+    """GB/s of a device-to-device copy, counting the bytes read and written (median of replays)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    ms = time_graph([lambda: b.copy_(a)])
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def bench_decode(k, n, m, dev):
+    """ms per call of the fused op, the unfused pair and fp16 linear, weights rotated past L2."""
+    kp = flat_k(k)
+    r = {}
+    f16 = torch.float16
+    x = torch.randn(m, k, device=dev, dtype=f16)
+    bias = torch.randn(n, device=dev)
+    scale = torch.rand(n, device=dev) * 1e-3 + 1e-4
+    ws16 = [torch.randn(n, k, device=dev, dtype=f16) * 0.02 for _ in range(n_sets(n * k * 2))]
+    r["fp16"] = try_time(lambda: [lambda w=w: torch.nn.functional.linear(x, w) for w in ws16])
+    del ws16
+    fq = torch.ops.fq.flatten_quantize
+    for bits in (8, 4):
+        qmax = 127 if bits == 8 else 7
+        src, mult, lo, hi = channel_tables(k, kp, qmax, dev)
+        wb = n * kp // (2 if bits == 4 else 1)
+        ws = [torch.randint(-qmax, qmax + 1, (n, kp), device=dev, dtype=torch.int8) for _ in range(n_sets(wb))]
+        if bits == 4:
+            ws = [pack_int4(w) for w in ws]
+        gemm = torch.ops.fq.int4_linear if bits == 4 else torch.ops.fq.int8_linear
+        y_fused = torch.ops.fq.flat_linear(x, src, mult, lo, hi, bits, ws[0], scale, bias, f16)
+        y_two = gemm(fq(x, src, mult, lo, hi, bits), ws[0], scale, bias, f16)
+        r[f"exact{bits}"] = bool(torch.equal(y_fused, y_two))
+        r[f"fused{bits}"] = try_time(lambda: [lambda w=w: torch.ops.fq.flat_linear(x, src, mult, lo, hi, bits, w, scale,
+                                                                                  bias, f16) for w in ws])
+        r[f"two{bits}"] = try_time(lambda: [lambda w=w: gemm(fq(x, src, mult, lo, hi, bits), w, scale, bias, f16)
+                                            for w in ws])
+        r[f"bytes{bits}"] = wb
+        del ws
+        torch.cuda.empty_cache()
+    r["bytes16"] = n * k * 2
+    return r
+
+
+def decode_main(args):
+    from tabulate import tabulate
+
+    dev = "cuda"
+    torch.manual_seed(0)
+    copy = copy_bandwidth(dev)
+    print(f"copy bandwidth: {copy:.0f} GB/s (read + write)", flush=True)
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else DECODE_MS
+    shapes = [s for s in DECODE_SHAPES if not args.shapes or any(kk in s[0] for kk in args.shapes.split(","))]
+
+    def gbs(nbytes, t):
+        return nbytes / (t * 1e-3) / 1e9 if t else None
+
+    def cell(nbytes, t):
+        g = gbs(nbytes, t)
+        return "-" if g is None else f"{fmt(t)} {g:.0f} GB/s ({100 * g / copy:.0f}%)"
+
+    rows = []
+    for name, k, n in shapes:
+        for m in ms:
+            print(f"{name} M={m}", flush=True)
+            r = bench_decode(k, n, m, dev)
+            rows.append([f"{name} ({k}->{n}, K' {flat_k(k)})", m, cell(r["bytes16"], r["fp16"]),
+                         cell(r["bytes8"], r["fused8"]), cell(r["bytes8"], r["two8"]), ratio(r["two8"], r["fused8"]),
+                         cell(r["bytes4"], r["fused4"]), cell(r["bytes4"], r["two4"]), ratio(r["two4"], r["fused4"]),
+                         ratio(r["fp16"], r["fused8"]), ratio(r["fp16"], r["fused4"]),
+                         f"{r['exact8']}/{r['exact4']}"])
+            print("   ", rows[-1], flush=True)
+    head = ["layer", "M", "fp16 linear", "INT8 fused", "INT8 quantize+GEMM", "x", "INT4 fused", "INT4 quantize+GEMM",
+            "x", "INT8 fused x fp16", "INT4 fused x fp16", "fused == unfused (8/4)"]
+    props = torch.cuda.get_device_properties(0)
+    meta = (f"device: {props.name} ({props.multi_processor_count} SMs), "
+            f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
+            f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}\n"
+            f"command: python {' '.join(sys.argv)}\n"
+            f"copy bandwidth (device-to-device, read + written bytes): {copy:.0f} GB/s\n"
+            "cells: time per call, then GB/s of weight bytes read (fp16: N x K x 2; INT8: N x K'; INT4: N x K' / 2) "
+            "and that as % of the copy bandwidth; median of CUDA-graph replays, weights rotated past 2x L2; "
+            "x = unfused time / fused time; fp16 out, bias, random per-channel scales")
+    table = tabulate(rows, head, tablefmt="github")
+    print()
+    print(meta)
+    print()
+    print(table)
+    if args.out:
+        Path(args.out).write_text(f"# Decode kernels (issue 10)\n\n{meta}\n\n{table}\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="table5 + one 66B shape only")
@@ -413,8 +483,13 @@ def main():
     ap.add_argument("--fusion", action="store_true",
                     help="only the quantize-fusion table (and the ReLU epilogue with --cutlass)")
     ap.add_argument("--fusion-shape", default="16384,4096", help="M,C of the fusion table")
+    ap.add_argument("--decode", action="store_true", help="the decode kernels (issue 10): GB/s vs copy bandwidth")
     args = ap.parse_args()
     from tabulate import tabulate
+
+    if args.decode:
+        decode_main(args)
+        return
 
     if args.merge_tables:
         if not args.write_table:

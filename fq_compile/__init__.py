@@ -2,6 +2,7 @@
 
     plan = fq_compile.calibrate(model, batches, fq_compile.Config(level="O1"))
     fast = torch.compile(model, backend="flattenquant", options={"plan": plan})
+    fast.generate(input_ids, max_new_tokens=128, cache_implementation="static")   # CUDA graphs on CUDA
     print(fq_compile.explain(fast))
 """
 
@@ -14,8 +15,18 @@ from fq_compile.plan import PlanFormatError, PlanMismatchError, QuantPlan
 from fq_compile.planning.calibrate import calibrate
 from fq_compile.runtime.guards import RecompileLimitError
 from fq_compile.runtime.resident import resident_bytes
+from fq_compile.runtime.tensor_parallel import shard_plan
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """kv_cache / kv_cache_bytes (runtime/kv_cache.py) import transformers' cache classes: on first use."""
+    if name in ("kv_cache", "kv_cache_bytes"):
+        from fq_compile.runtime import kv_cache as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'fq_compile' has no attribute {name!r}")
 
 
 def _register_backend() -> None:
@@ -29,6 +40,10 @@ def _register_backend() -> None:
 
 _register_backend()
 
+from fq_compile import generation as _generation  # noqa: E402
+
+_generation.install()   # fast = torch.compile(model, backend="flattenquant"); fast.generate(...) (generation.py)
+
 __all__ = ["Config", "ConfigError", "calibrate", "QuantPlan", "explain", "flattenquant", "CalibrationError",
            "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "RecompileLimitError", "resident_bytes",
-           "__version__"]
+           "shard_plan", "kv_cache", "kv_cache_bytes", "__version__"]

@@ -17,6 +17,12 @@ kernels inline through torch.library.triton_op).  Options:
                nothing but replaced linears reads are freed (see fq_compile/runtime/resident.py); the
                compiled model keeps working for every later call and recompile, the un-compiled
                module no longer runs (it raises, saying so).
+    cudagraphs "auto" (default) | True | False: Inductor's CUDA graphs (cudagraph trees) for graphs on
+               CUDA; "auto" applies them where a graph updates a static KV cache in place (decode with
+               cache_implementation="static"), True everywhere, as mode="reduce-overhead" would (see
+               fq_compile/generation.py for why "auto").  torch.compile refuses `mode=` together with
+               `options=`, so mode="reduce-overhead" reaches us only without a plan; options={"mode":
+               "reduce-overhead"} is accepted and means cudagraphs=True.
 
 What keeps a compiled model from silently running something else than its plan (runtime/guards.py):
   * each compiled graph is wrapped in a WeightGuard: before every call, the parameters whose values
@@ -38,14 +44,16 @@ from pathlib import Path
 import torch
 
 from fq_compile import kernels  # noqa: F401  (registers torch.ops.fq.*)
+from fq_compile.generation import cudagraph_patches, parse_cudagraphs
 from fq_compile.kernels import dispatch
+from fq_compile.passes.attention import rewrite_attention
 from fq_compile.passes.lower import GraphReport, rewrite
 from fq_compile.passes.match import owner_modules
 from fq_compile.plan import QuantPlan
 from fq_compile.runtime.guards import WeightGuard, guard_eager_runs
 from fq_compile.runtime.state import reports
 
-_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm"}
+_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm", "cudagraphs", "mode"}
 
 
 class BackendOptionsError(ValueError):
@@ -55,18 +63,26 @@ class BackendOptionsError(ValueError):
 def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Dynamo backend entry point (registered as 'flattenquant' through the torch_dynamo_backends
     entry-point group, so users need no import)."""
-    if kwargs.get("mode") not in (None, "default"):
-        raise BackendOptionsError(f"backend='flattenquant' does not take mode={kwargs['mode']!r}")
     options = dict(options or {})
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
         raise BackendOptionsError(f"unknown flattenquant option(s) {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
+    mode = options.get("mode", kwargs.get("mode"))
+    if mode not in (None, "default", "reduce-overhead"):
+        raise BackendOptionsError(f"backend='flattenquant' takes no mode={mode!r}; its knobs are options "
+                                  f"(known: {sorted(_KNOWN_OPTIONS)})")
+    try:
+        cudagraphs = parse_cudagraphs(options.get("cudagraphs"), mode)
+    except ValueError as e:
+        raise BackendOptionsError(str(e)) from None
     plan = options.get("plan")
     if plan is None:
+        cg = " with CUDA graphs: options={'plan': plan, 'cudagraphs': True}" if mode == "reduce-overhead" else ""
         raise BackendOptionsError(
             "backend='flattenquant' needs a plan: plan = fq_compile.calibrate(model, batches, "
             "fq_compile.Config(level='O1')) (or fq_compile.QuantPlan.load(path)), then "
-            "torch.compile(model, backend='flattenquant', options={'plan': plan})")
+            "torch.compile(model, backend='flattenquant', options={'plan': plan})"
+            + (f"; torch.compile refuses mode= together with options=, so ask{cg}" if cg else ""))
     if isinstance(plan, (str, os.PathLike)):
         plan = QuantPlan.load(plan)
     if not isinstance(plan, QuantPlan):
@@ -74,10 +90,12 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
 
     compiled_reports = reports(plan)
     index = len(compiled_reports)
+    attention = rewrite_attention(gm, example_inputs, plan)     # first: it names sites by their linears
     if plan.config.quantize:
         report = rewrite(gm, example_inputs, plan, index, gemm_mode=options.get("gemm"))
     else:
         report = GraphReport(index, code=gm.code)
+    report.attention = attention
     compiled_reports.append(report)
     index_of = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     watched = [(index_of[n], fqn, fp) for n, (fqn, fp) in report.watched.items() if n in index_of]
@@ -96,8 +114,9 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     else:
         from torch._inductor.compile_fx import compile_fx
 
+        patches = cudagraph_patches(cudagraphs, gm, example_inputs, index)
         with dispatch.use(options.get("gemm")), _inductor_settings():  # GEMM choice: kernels/dispatch.py
-            compiled = compile_fx(gm, example_inputs)
+            compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
     if not plan.config.quantize:
         return compiled
     _guard_layers(gm, example_inputs, report)
@@ -149,16 +168,16 @@ def _release_replaced(gm: torch.fx.GraphModule, example_inputs, report: GraphRep
     """Free the storage of parameters that only replaced linears read in this graph (never a
     skipped layer's, never one sharing storage with an input the graph still reads)."""
     from fq_compile.passes.match import layer_name, placeholder_inputs
-    from fq_compile.runtime.resident import is_released, release
+    from fq_compile.runtime.resident import is_released, release, storage_of
 
     runtime = placeholder_inputs(gm, example_inputs)
-    used = {t.untyped_storage().data_ptr() for n, t in runtime.items()
-            if n.users and isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()}
+    used = {storage_of(t).data_ptr() for n, t in runtime.items()
+            if n.users and isinstance(t, torch.Tensor) and storage_of(t).nbytes()}
     freed = 0
     for fqn, node in report.replaced_params.items():
         t = runtime.get(node)
         if (not isinstance(t, torch.Tensor) or node.users or layer_name(fqn) in plan.skipped or is_released(t)
-                or t.untyped_storage().data_ptr() in used):
+                or storage_of(t).data_ptr() in used):
             continue
         freed += release(t, fqn)
     return freed

@@ -11,15 +11,23 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-# level -> (smoothing, flatten activations, mixed 4/8 bits, GPTQ)
+# level -> (smoothing, flatten activations, mixed 4/8 bits by Eq. 8, GPTQ, per-layer format choice)
 LEVELS = {
-    "fp16": dict(quantize=False, smoothing="none", flatten=False, mixed_bits=False, gptq=False),
-    "w8a8": dict(quantize=True, smoothing="none", flatten=False, mixed_bits=False, gptq=False),
-    "smoothquant": dict(quantize=True, smoothing="smoothquant", flatten=False, mixed_bits=False, gptq=False),
-    "O1": dict(quantize=True, smoothing="sigmoid", flatten=True, mixed_bits=False, gptq=False),
-    "O2": dict(quantize=True, smoothing="sigmoid", flatten=True, mixed_bits=True, gptq=False),
-    "O3": dict(quantize=True, smoothing="sigmoid", flatten=True, mixed_bits=True, gptq=True),
+    "fp16": dict(quantize=False, smoothing="none", flatten=False, mixed_bits=False, gptq=False, format="int8"),
+    "w8a8": dict(quantize=True, smoothing="none", flatten=False, mixed_bits=False, gptq=False, format="int8"),
+    "smoothquant": dict(quantize=True, smoothing="smoothquant", flatten=False, mixed_bits=False, gptq=False,
+                        format="int8"),
+    "O1": dict(quantize=True, smoothing="sigmoid", flatten=True, mixed_bits=False, gptq=False, format="int8"),
+    "O2": dict(quantize=True, smoothing="sigmoid", flatten=True, mixed_bits=True, gptq=False, format="int8"),
+    "O3": dict(quantize=True, smoothing="sigmoid", flatten=True, mixed_bits=True, gptq=True, format="int8"),
+    # naive per-tensor static FP8 (e4m3): what a Hopper user picks first; the baseline to beat
+    "fp8": dict(quantize=True, smoothing="none", flatten=False, mixed_bits=False, gptq=False, format="fp8"),
+    # per-layer format by measured output error and a device cost model (planning/formats.py)
+    "auto": dict(quantize=True, smoothing="sigmoid", flatten=True, mixed_bits=False, gptq=True, format="auto"),
 }
+# the per-layer formats (plan.py): INT8/INT4 flattened (the paper's), FP8 e4m3, INT4 weights x FP8 activations
+LAYER_FORMATS = ("int8", "int4", "fp8", "w4a8")
+TARGETS = ("hopper", "ampere", "cpu")
 
 class ConfigError(ValueError):
     """A Config knob holds a value outside its range."""
@@ -47,7 +55,7 @@ class Config:
         (benchmarks/results/accuracy-smollm2-135m-weight-scale-select-cpu.md).
     weight_clip: weight scales from the max ("max") or the MSE-optimal clip ("mse"); None keeps the
         level's: per-channel scales at 8 bits only (O1, w8a8, smoothquant) take the row max (measured
-        better than the row MSE clip on the same windows); levels with INT4 layers (O2, O3) keep the MSE
+        better than the row MSE clip on the same windows); levels with INT4 layers (O2, O3, auto) keep the MSE
         clip; per-tensor scales take "mse" for O1-O3 and "max" for w8a8/smoothquant
         (benchmarks/results/accuracy-smollm2-135m-select-cpu.md): without flattening, a weight-MSE clip
         cuts the weights that meet the outlier activation channels.
@@ -58,9 +66,23 @@ class Config:
     kl_method: Eq. 8's KL reading: "tensorrt" (default: each bit width at its own KL-optimal clip, as
         TensorRT's entropy calibration) or "fixed" (KL at the scale the layer really uses); see
         passes/bits.py.
-    calib_samples: activation rows kept per linear input for the Eq. 8 KL estimate.
+    error_budget: auto: the plan's summed layer-output error (relative MSE on calibration rows) may reach
+        this multiple of what naive per-tensor FP8 gives the same layers; the cheapest plan within it
+        wins.  1.0: never worse than naive FP8, by that measure.  > 0.
+    memory_budget: auto: when set, the weights may take this fraction of their fp16 bytes, and the plan
+        with the least summed error within it wins (error_budget is then ignored).  In (0, 1].
+    target: auto's cost model: "hopper" (FP8 = INT8 rate, no INT4 tensor cores), "ampere" (INT8 2x,
+        INT4 4x, no FP8) or "cpu"; see planning/formats.py.
+    formats: auto's candidate formats (subset of int8, int4, fp8, w4a8); None: all the target runs.
+    calib_samples: activation rows kept per linear input for the Eq. 8 KL estimate and auto's errors.
     kl_bins: histogram bins for the Eq. 8 KL estimate.
     seed: seeds the row sampling during calibration.
+    attention: attention's two batched products (fq::attention, passes/attention.py): "fp" leaves them
+        in floating point; "int8" / "fp8" quantizes Q and K (static scales) for Q.K^T on the INT8 / FP8
+        e4m3 tensor cores, and P and V for P.V in the same format unless attention_pv says otherwise.
+        Works at every level, fp16 included (attention alone).
+    attention_pv: "int8" or "fp8" for P and V; None follows `attention`.
+    attention_scales: "tensor" (one static scale per tensor, as the paper) or "head" (one per head).
     """
 
     level: str = "O1"
@@ -79,9 +101,16 @@ class Config:
     gptq_damp: float = 0.01
     gptq_block: int = 128
     kl_method: str = "tensorrt"
+    error_budget: float = 1.0
+    memory_budget: float | None = None
+    target: str = "hopper"
+    formats: tuple[str, ...] | None = None
     calib_samples: int = 512
     kl_bins: int = 2048
     seed: int = 0
+    attention: str = "fp"
+    attention_pv: str | None = None
+    attention_scales: str = "tensor"
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -92,7 +121,8 @@ class Config:
         _check_positive("gamma", self.gamma)
         _check_positive("weight_beta", self.weight_beta)
         if not isinstance(self.pad_multiple, int) or self.pad_multiple < 2 or self.pad_multiple % 2:
-            raise ConfigError(f"Config.pad_multiple={self.pad_multiple!r} must be an even integer >= 2 (INT4 packs two per byte)")
+            raise ConfigError(f"Config.pad_multiple={self.pad_multiple!r} must be an even integer >= 2 "
+                              "(INT4 packs two per byte)")
         if self.smoothing not in (None, "none", "smoothquant", "sigmoid"):
             raise ConfigError(f"Config.smoothing={self.smoothing!r} must be None, 'none', 'smoothquant' or 'sigmoid'")
         if self.weight_scale not in ("tensor", "channel"):
@@ -108,18 +138,37 @@ class Config:
             raise ConfigError(f"Config.calib_samples={self.calib_samples!r} must be an integer >= 16")
         if not isinstance(self.kl_bins, int) or self.kl_bins < 64:
             raise ConfigError(f"Config.kl_bins={self.kl_bins!r} must be an integer >= 64")
+        _check_positive("error_budget", self.error_budget)
+        if self.memory_budget is not None:
+            _check_range("memory_budget", self.memory_budget, 1e-6, 1.0)
+        if self.target not in TARGETS:
+            raise ConfigError(f"Config.target={self.target!r} must be one of {', '.join(TARGETS)}")
+        if self.formats is not None:
+            if isinstance(self.formats, str) or not self.formats or any(f not in LAYER_FORMATS for f in self.formats):
+                raise ConfigError(f"Config.formats={self.formats!r} must be None or a non-empty tuple of "
+                                  f"{', '.join(LAYER_FORMATS)}")
+            object.__setattr__(self, "formats", tuple(self.formats))
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise ConfigError(f"Config.skip={self.skip!r} must be a tuple of name substrings")
         object.__setattr__(self, "skip", tuple(self.skip))
+        if self.attention not in ("fp", "int8", "fp8"):
+            raise ConfigError(f"Config.attention={self.attention!r} must be 'fp', 'int8' or 'fp8'")
+        if self.attention_pv not in (None, "int8", "fp8"):
+            raise ConfigError(f"Config.attention_pv={self.attention_pv!r} must be None, 'int8' or 'fp8'")
+        if self.attention_pv is not None and self.attention == "fp":
+            raise ConfigError(f"Config.attention_pv={self.attention_pv!r} needs Config.attention='int8' or 'fp8'")
+        if self.attention_scales not in ("tensor", "head"):
+            raise ConfigError(f"Config.attention_scales={self.attention_scales!r} must be 'tensor' or 'head'")
         spec = dict(LEVELS[self.level])
         if self.smoothing is not None:
             spec["smoothing"] = self.smoothing
         if self.weight_clip is not None:
             spec["weight_clip"] = self.weight_clip
-        elif self.weight_scale == "channel":
-            spec["weight_clip"] = "mse" if spec["mixed_bits"] else "max"
+        elif self.weight_scale == "channel":    # auto may choose INT4 layers (int4, w4a8)
+            spec["weight_clip"] = "mse" if spec["mixed_bits"] or spec["format"] == "auto" else "max"
         else:
             spec["weight_clip"] = "mse" if spec["flatten"] else "max"
+        spec["weight_granularity"] = "tensor" if self.level == "fp8" else self.weight_scale
         self._derived.update(spec)
 
     # what the level implies, with overrides applied
@@ -140,12 +189,29 @@ class Config:
         return self._derived["flatten"]
 
     @property
+    def weight_granularity(self) -> str:
+        """The weight scales actually used: weight_scale, except per tensor for the naive fp8 level."""
+        return self._derived["weight_granularity"]
+
+    @property
+    def format(self) -> str:
+        """"int8" (O1-O3 and the baselines: INT8, INT4 where Eq. 8 says), "fp8", or "auto"."""
+        return self._derived["format"]
+
+    @property
     def mixed_bits(self) -> bool:
         return self._derived["mixed_bits"]
 
     @property
     def gptq(self) -> bool:
         return self._derived["gptq"]
+
+    @property
+    def attention_formats(self) -> tuple[str, str] | None:
+        """(Q.K^T format, P.V format), or None when attention stays in floating point."""
+        if self.attention == "fp":
+            return None
+        return self.attention, self.attention_pv or self.attention
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
@@ -159,6 +225,8 @@ class Config:
         d = dict(d)
         if "skip" in d:
             d["skip"] = tuple(d["skip"])
+        if d.get("formats") is not None:
+            d["formats"] = tuple(d["formats"])
         return cls(**d)
 
 

@@ -3,12 +3,14 @@
 A plan holds, per activation group (the linears that read one tensor, e.g. q/k/v) the smoothing
 scales, where they are folded, the threshold T and the flatten counts; per layer the bits, the
 quantized (flattened) weights, scales and bias, and fingerprints of the floating-point weight and
-bias it was made from.  On disk it is one safetensors file: the tensors, plus JSON metadata in the
-header (format name and version, the config, a hash of the model's parameter names and shapes, a
-sha256 of the tensor bytes, and a sha256 over all of these, so that no byte of the file can change
-unnoticed).  No pickle anywhere, so loading a plan cannot run code.  A truncated, corrupted or
-foreign file is refused with a `PlanFormatError`; so is a file whose checksum holds but whose
-fields are out of range or inconsistent (`QuantPlan.validate`, which names the field).
+bias it was made from; per attention site (when Config.attention quantizes it) the static Q/K/V
+scales and the formats of its two products.  On disk it is one safetensors file: the tensors, plus
+JSON metadata in the header (format name and version, the config, a hash of the model's parameter
+names and shapes, a sha256 of the tensor bytes, and a sha256 over all of these, so that no byte of
+the file can change unnoticed).  No pickle anywhere, so loading a plan cannot run code.  A
+truncated, corrupted or foreign file is refused with a `PlanFormatError`; so is a file whose
+checksum holds but whose fields are out of range or inconsistent (`QuantPlan.validate`, which
+names the field).
 """
 
 from __future__ import annotations
@@ -23,15 +25,31 @@ from dataclasses import dataclass, field
 import torch
 
 from fq_compile.config import Config
+from fq_compile.kernels.attention import KV_BLOCKS
 
 FORMAT_NAME = "fq_compile.plan"
-FORMAT_VERSION = 4   # 2: the channel map is stored, not recomputed (its layout may change); weight scales
+FORMAT_VERSION = 5   # 2: the channel map is stored, not recomputed (its layout may change); weight scales
 #                         per output channel (a float32 [N] tensor)
 #                      3: exact weight fingerprints (a string), bias fingerprints, a checksum over the whole file
-#                      4: layers over weights stored [K, N] (transposed: GPT-2's Conv1D), every parameter's shape
-# why plans of an older version are refused (the newest reason that applies is named)
-_OLDER = {2: "their weight fingerprints cannot tell weights apart reliably",
-          3: "they do not record which layers read their weight transposed (GPT-2's Conv1D)"}
+#                      4: per-layer format (int8, int4, fp8, w4a8) with its measured error and why
+#                      5: layers over weights stored [K, N] (transposed: GPT-2's Conv1D), every parameter's shape
+# what plans of an older version lack (why they are refused)
+_OLDER = {"1": "weight fingerprints that cannot tell weights apart reliably, no per-layer formats, "
+               "no transposed layers (GPT-2's Conv1D)",
+          "2": "weight fingerprints that cannot tell weights apart reliably, no per-layer formats, "
+               "no transposed layers (GPT-2's Conv1D)",
+          "3": "no per-layer formats (FP8, W4A8), no record of which layers read their weight transposed "
+               "(GPT-2's Conv1D)",
+          "4": "no record of which layers read their weight transposed (GPT-2's Conv1D) nor of the "
+               "model's parameter shapes"}
+
+# Per-layer formats: the weight operand and the activation each one reads.
+#   int8  flattened INT8 activation x INT8 weight [N, K']          (fq.int8_linear; O1-O3, the baselines)
+#   int4  flattened INT4 activation x packed INT4 weight [N, K'/2] (fq.int4_linear; Eq. 8 at O2/O3)
+#   fp8   per-tensor e4m3 activation (not flattened) x e4m3 weight [N, K]       (fq.fp8_linear)
+#   w4a8  per-tensor e4m3 activation (not flattened) x packed INT4 weight [N, K/2] (fq.w4a8_linear)
+FORMAT_BITS = {"int8": 8, "int4": 4, "fp8": 8, "w4a8": 4}
+FLATTENED_FORMATS = ("int8", "int4")
 
 
 class PlanFormatError(ValueError):
@@ -84,7 +102,12 @@ def weight_fingerprint(w: torch.Tensor) -> str:
     position.  Changing any one element changes it (negating entries included); two different
     tensors share it with probability ~2**-64; it does not depend on the device.  A change of
     dtype changes it too: a plan belongs to the weights it was calibrated on, as stored.
-    Computed on the tensor's device in chunks (no full-size temporary)."""
+    Computed on the tensor's device in chunks (no full-size temporary).  A DTensor (tensor
+    parallelism) gives the whole tensor's fingerprint: its shards are gathered first, a collective
+    that every rank of its mesh must call (runtime/tensor_parallel.py: shard_fingerprint is the
+    rank-local one)."""
+    if hasattr(w, "full_tensor") and hasattr(w, "device_mesh"):
+        w = w.full_tensor()
     t = w.detach()
     if t.is_complex() or t.element_size() not in _FP_INT:
         raise TypeError(f"weight_fingerprint: unsupported dtype {t.dtype}")
@@ -188,11 +211,29 @@ class LayerPlan:
     rows_folded_from: str | None = None   # group whose smoothing is folded into this layer's rows
     bias_fingerprint: str | None = None   # weight_fingerprint of the floating-point bias (None: no bias)
     transposed: bool = False      # the model stores the weight [K, N] (GPT-2's Conv1D); weight_q is [N, K'] anyway
+    format: str | None = None     # see FORMAT_BITS; None: "int4" or "int8" from bits
+    error: float | None = None    # the chosen format's output error on calibration rows (relative MSE)
+    errors: dict | None = None    # format -> output error of every candidate measured (level auto)
+    why: str = ""                 # why this format (level auto)
+
+    def __post_init__(self):
+        if self.format is None:      # checked with every other field by QuantPlan.validate
+            self.format = "int4" if self.bits == 4 else "int8"
 
     @property
     def model_weight_shape(self) -> tuple[int, int]:
         """The shape of the model's parameter this layer quantizes, as the model stores it."""
         return (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
+
+    @property
+    def flattened(self) -> bool:
+        """True when the layer reads the group's flattened activation (K' columns), False for FP8 ones (K)."""
+        return self.format in FLATTENED_FORMATS
+
+    def weight_shape(self, group: "GroupPlan") -> tuple[int, int]:
+        """The stored weight's shape: [N, K' or K], halved along K for packed INT4."""
+        k = group.flat_features if self.flattened else self.in_features
+        return (self.out_features, k // 2 if self.bits == 4 else k)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -206,6 +247,32 @@ class LayerPlan:
 
 
 @dataclass
+class AttentionPlan:
+    """One attention site (fq::attention, passes/attention.py): static scales of its quantized Q, K, V.
+
+    The observed maxima are kept per head and channel, so the scales can be re-planned for another
+    format or granularity without calibrating again (planning/attention.py)."""
+
+    name: str                     # the attention module, e.g. model.layers.0.self_attn
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    qk_format: str                # "int8" | "fp8": Q and K
+    pv_format: str                # "int8" | "fp8": P and V
+    q_scale: torch.Tensor         # float32 [Hq]
+    k_scale: torch.Tensor         # float32 [Hkv]
+    v_scale: torch.Tensor         # float32 [Hkv]
+    q_absmax: torch.Tensor        # float32 [Hq, D]   observed max |Q|
+    k_absmax: torch.Tensor        # float32 [Hkv, D]
+    v_absmax: torch.Tensor        # float32 [Hkv, Dv] as the quantized model produces V (row folds applied)
+    kv_block: int                 # the online softmax's key block: part of the op's semantics
+    layer_idx: int | None = None  # the model's KV-cache index of this layer (runtime/kv_cache.py)
+
+    TENSORS = ("q_scale", "k_scale", "v_scale", "q_absmax", "k_absmax", "v_absmax")
+
+
+@dataclass
 class QuantPlan:
     config: Config
     model_type: str
@@ -215,6 +282,8 @@ class QuantPlan:
     skipped: dict[str, str] = field(default_factory=dict)   # layer -> why it stays in floating point
     calibration: dict = field(default_factory=dict)          # batches, tokens, ...
     parameters: dict[str, list[int]] = field(default_factory=dict)   # every model parameter's shape (explain's bytes)
+    attention: dict[str, AttentionPlan] = field(default_factory=dict)
+    attention_skipped: dict[str, str] = field(default_factory=dict)   # site -> why it stays in floating point
 
     # -- lookup -----------------------------------------------------------------------------------
     def group_of(self, layer: str) -> GroupPlan:
@@ -272,10 +341,21 @@ class QuantPlan:
                                  bits=lp.bits, act_scale=lp.act_scale,
                                  has_bias=lp.bias is not None, fingerprint=lp.fingerprint,
                                  bias_fingerprint=lp.bias_fingerprint, kl_ratio=lp.kl_ratio,
-                                 rows_folded_from=lp.rows_folded_from, transposed=lp.transposed)
+                                 rows_folded_from=lp.rows_folded_from, transposed=lp.transposed, format=lp.format,
+                                 error=lp.error, errors=lp.errors, why=lp.why)
+        attention = {}
+        for aname, ap in self.attention.items():
+            ai = len(attention)
+            for key in AttentionPlan.TENSORS:
+                tensors[f"a{ai}.{key}"] = getattr(ap, key).contiguous()
+            attention[aname] = dict(index=ai, num_heads=ap.num_heads, num_kv_heads=ap.num_kv_heads,
+                                    head_dim=ap.head_dim, v_head_dim=ap.v_head_dim, qk_format=ap.qk_format,
+                                    pv_format=ap.pv_format, kv_block=ap.kv_block, layer_idx=ap.layer_idx)
         meta = dict(config=self.config.to_dict(), model_type=self.model_type, model_hash=self.model_hash,
                     groups=groups, layers=layers, skipped=self.skipped, calibration=self.calibration,
                     parameters=self.parameters)
+        if attention or self.attention_skipped:     # absent keys read as none (plans written before)
+            meta.update(attention=attention, attention_skipped=self.attention_skipped)
         return {k: v.detach().cpu() for k, v in tensors.items()}, meta
 
     def save(self, path: str | os.PathLike) -> None:
@@ -294,7 +374,7 @@ class QuantPlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "QuantPlan":
         """Read and check a plan file (format, version, checksum over the whole file, every field)."""
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -311,11 +391,13 @@ class QuantPlan:
                                   f"(format={header.get('format')!r})")
         version = header.get("format_version")
         if version != str(FORMAT_VERSION):
-            older = isinstance(version, str) and version.isdigit() and int(version) < FORMAT_VERSION
-            raise PlanFormatError(
-                f"{path} has plan format version {version}; this fq_compile reads version {FORMAT_VERSION}"
-                + (f" ({_OLDER[min(max(int(version), 2), max(_OLDER))]}): recalibrate with fq_compile.calibrate "
-                   "and save the plan again" if older else ": use the fq_compile that wrote it, or recalibrate"))
+            if version in _OLDER:
+                raise PlanFormatError(
+                    f"{path} has plan format version {version}; this fq_compile reads version {FORMAT_VERSION} "
+                    f"(older plans hold {_OLDER[version]}): recalibrate with fq_compile.calibrate (or fq-compile "
+                    "quantize) and save the plan again, or use the fq_compile that wrote it")
+            raise PlanFormatError(f"{path} has plan format version {version}; this fq_compile reads version "
+                                  f"{FORMAT_VERSION}: use the fq_compile that wrote it, or recalibrate")
         if header.get("checksum") != _header_checksum(header):
             raise PlanFormatError(f"{path}: the metadata does not match its checksum (the file is corrupt)")
         if header.get("tensor_sha256") != _tensor_digest(tensors):
@@ -364,14 +446,24 @@ class QuantPlan:
                 weight_scale=tensor(f"l{li}.weight_scale", where),
                 act_scale=l["act_scale"], bias=tensor(f"l{li}.bias", where) if l["has_bias"] else None,
                 fingerprint=l["fingerprint"], kl_ratio=l["kl_ratio"], rows_folded_from=l["rows_folded_from"],
-                bias_fingerprint=l["bias_fingerprint"], transposed=l["transposed"])
+                bias_fingerprint=l["bias_fingerprint"], transposed=l["transposed"], format=l["format"],
+                error=l["error"], errors=l["errors"], why=l["why"])
+        plan.attention_skipped = dict(meta.get("attention_skipped", {}))
+        for aname, a in meta.get("attention", {}).items():
+            ai, where = a["index"], f"attention[{aname!r}]"
+            plan.attention[aname] = AttentionPlan(
+                name=aname, num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
+                v_head_dim=a["v_head_dim"], qk_format=a["qk_format"], pv_format=a["pv_format"],
+                kv_block=a["kv_block"], layer_idx=a["layer_idx"],
+                **{key: tensor(f"a{ai}.{key}", where) for key in AttentionPlan.TENSORS})
         return plan
 
 
 def stale_message(param: str, expected: str, got: str) -> str:
     """The error for a parameter whose values are not those the plan was made from."""
     return (f"{param}: the weights differ from those the plan was calibrated on "
-            f"({fingerprint_difference(expected, got)}; fingerprint {got}, the plan's {expected}). The plan holds quantized copies of the values it was "
+            f"({fingerprint_difference(expected, got)}; fingerprint {got}, the plan's {expected}). "
+            "The plan holds quantized copies of the values it was "
             "calibrated on and cannot follow a change of the floating-point weights: recalibrate "
             "(plan = fq_compile.calibrate(model, batches, config)) and compile again with the new plan")
 
@@ -477,6 +569,38 @@ class _Validator:
             self.group(name, g)
         for name, lp in p.layers.items():
             self.layer(name, lp)
+        for key, obj in (("attention", p.attention), ("attention_skipped", p.attention_skipped)):
+            if not isinstance(obj, dict):
+                self.fail(key, f"must be a dict, got {type(obj).__name__}")
+        for name, why in p.attention_skipped.items():
+            self.string(f"attention_skipped[{name!r}]", why)
+            if name in p.attention:
+                self.fail(f"attention_skipped[{name!r}]", "the site is both skipped and quantized")
+        for name, ap in p.attention.items():
+            self.attention(name, ap)
+
+    def attention(self, name, ap):
+        w = f"attention[{name!r}]"
+        if not isinstance(ap, AttentionPlan) or ap.name != name:
+            self.fail(f"{w}.name", f"{getattr(ap, 'name', ap)!r} does not match its key")
+        hq = self.integer(f"{w}.num_heads", ap.num_heads, lo=1)
+        hkv = self.integer(f"{w}.num_kv_heads", ap.num_kv_heads, lo=1)
+        if hq % hkv:
+            self.fail(f"{w}.num_kv_heads", f"{hkv} does not divide num_heads {hq}")
+        d = self.integer(f"{w}.head_dim", ap.head_dim, lo=1)
+        dv = self.integer(f"{w}.v_head_dim", ap.v_head_dim, lo=1)
+        for key in ("qk_format", "pv_format"):
+            if getattr(ap, key) not in ("int8", "fp8"):
+                self.fail(f"{w}.{key}", f"{getattr(ap, key)!r} must be 'int8' or 'fp8'")
+        if self.integer(f"{w}.kv_block", ap.kv_block) not in KV_BLOCKS:
+            self.fail(f"{w}.kv_block", f"{ap.kv_block} must be one of {KV_BLOCKS}")
+        if ap.layer_idx is not None:
+            self.integer(f"{w}.layer_idx", ap.layer_idx, lo=0)
+        for key, n in (("q_scale", hq), ("k_scale", hkv), ("v_scale", hkv)):
+            self.scale(f"{w}.{key}", getattr(ap, key), n)
+        for key, shape in (("q_absmax", (hq, d)), ("k_absmax", (hkv, d)), ("v_absmax", (hkv, dv))):
+            t = self.tensor(f"{w}.{key}", getattr(ap, key), (torch.float32,), shape)
+            self.values(f"{w}.{key}", (torch.isfinite(t) & (t >= 0)).flatten(), "every entry must be finite and >= 0")
 
     def group(self, name, g):
         w = f"groups[{name!r}]"
@@ -565,8 +689,17 @@ class _Validator:
                       f"the model's weight is {shape}, the layer reads {list(lp.model_weight_shape)}")
         if lp.bits not in (4, 8) or isinstance(lp.bits, bool):
             self.fail(f"{w}.bits", f"{lp.bits!r} must be 4 or 8")
-        k = g.cmap.src.numel()
-        if lp.bits == 8:
+        if lp.format not in FORMAT_BITS:
+            self.fail(f"{w}.format", f"{lp.format!r} must be one of {', '.join(FORMAT_BITS)}")
+        if FORMAT_BITS[lp.format] != lp.bits:
+            self.fail(f"{w}.bits", f"{lp.bits} but format {lp.format} has {FORMAT_BITS[lp.format]}-bit weights")
+        k = g.cmap.src.numel() if lp.flattened else lp.in_features
+        if lp.bits == 4 and k % 2:
+            self.fail(f"{w}.in_features", f"{k} columns cannot be packed two per byte ({lp.format})")
+        if lp.format == "fp8":
+            q = self.tensor(f"{w}.weight_q", lp.weight_q, (torch.float8_e4m3fn,), (n, k))
+            self.values(f"{w}.weight_q", torch.isfinite(q.float()).flatten(), "e4m3 weights must not be NaN")
+        elif lp.bits == 8:
             q = self.tensor(f"{w}.weight_q", lp.weight_q, (torch.int8,), (n, k))
             self.values(f"{w}.weight_q", (q != -128).flatten(), "INT8 weights lie in [-127, 127]")
         else:
@@ -576,8 +709,15 @@ class _Validator:
         self.scale(f"{w}.weight_scale", lp.weight_scale, n)
         act = self.positive(f"{w}.act_scale", lp.act_scale)
         qmax = 127 if lp.bits == 8 else 7
-        if not math.isclose(act, g.threshold / qmax, rel_tol=1e-6):
+        if lp.flattened and not math.isclose(act, g.threshold / qmax, rel_tol=1e-6):
             self.fail(f"{w}.act_scale", f"{act!r} != the group's threshold / {qmax} = {g.threshold / qmax!r}")
+        if lp.errors is not None and not (isinstance(lp.errors, dict) and set(lp.errors) <= set(FORMAT_BITS)):
+            self.fail(f"{w}.errors", f"{lp.errors!r} must be None or a dict keyed by formats")
+        for key, v in ([("error", lp.error)] + [(f"errors[{f!r}]", e) for f, e in (lp.errors or {}).items()]):
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                                  or v < 0):
+                self.fail(f"{w}.{key}", f"{v!r} must be None or a finite number >= 0")
+        self.string(f"{w}.why", lp.why)
         self.string(f"{w}.fingerprint", lp.fingerprint, _FP_RE, "a weight_fingerprint string")
         if lp.bias is None:
             if lp.bias_fingerprint is not None:

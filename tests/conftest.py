@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,3 +54,26 @@ def model_kind(request):
 @pytest.fixture
 def make_model(model_kind):
     return tiny_opt if model_kind == "opt" else tiny_llama
+
+
+def run_guarded(argv: list[str], timeout: float, env: dict | None = None) -> str:
+    """Run a check in a fresh Python process (GPU checks, the Triton interpreter) and fail with its
+    output when it fails or runs past `timeout` seconds.  A hung GPU kernel cannot be interrupted
+    inside the test process; in a child it is killed, and the child's progress lines (printed and
+    flushed as it goes) say which step hung.  Returns the child's stdout."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    try:
+        r = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
+    except subprocess.TimeoutExpired as e:
+        def text(x):
+            return (x.decode(errors="replace") if isinstance(x, bytes) else x or "")
+        pytest.fail(f"{' '.join(argv)}: no result after {timeout:.0f} s (hung or far too slow); its output so far:\n"
+                    f"{text(e.stdout)[-3000:]}\n{text(e.stderr)[-3000:]}")
+    assert r.returncode == 0, f"{' '.join(argv)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r.stdout

@@ -118,7 +118,9 @@ def _write(path, header, tensors, meta=None, reseal=True):
 def test_other_versions_are_refused_with_what_to_do(saved, tmp_path):
     _, _, path = saved
     header, tensors = _read(path)
-    for version, words in (("999", "use the fq_compile that wrote it"), ("3", "transposed.*recalibrate"), ("2", "recalibrate"),
+    for version, words in (("999", "use the fq_compile that wrote it"),
+                           ("4", "transposed.*parameter shapes.*recalibrate"),
+                           ("3", "per-layer formats.*transposed.*recalibrate"), ("2", "recalibrate"),
                            ("1", "recalibrate")):
         bad = _write(tmp_path / f"v{version}.fqplan", {**header, "format_version": version}, tensors)
         with pytest.raises(PlanFormatError, match=f"version {version}.*{words}"):
@@ -182,7 +184,12 @@ def _oblong(plan):
 # each edit makes one field wrong in a plan whose checksums are then recomputed; the error names the field
 FIELD_EDITS = {
     "bits": (lambda p: setattr(_layer(p, 8), "bits", 9), r"\.bits: 9 must be 4 or 8"),
-    "bits-4-as-8": (lambda p: setattr(_layer(p, 4), "bits", 8), r"\.weight_q: dtype torch.uint8"),
+    "bits-4-as-8": (lambda p: setattr(_layer(p, 4), "bits", 8), r"\.bits: 8 but format int4 has 4-bit weights"),
+    "format-int4-as-int8": (lambda p: _layer(p, 4).__dict__.update(bits=8, format="int8"),
+                            r"\.weight_q: dtype torch.uint8"),
+    "format": (lambda p: setattr(_layer(p), "format", "nf4"), r"\.format: 'nf4' must be one of int8, int4, fp8"),
+    "format-fp8-as-int8": (lambda p: setattr(_layer(p, 8), "format", "fp8"), r"\.weight_q: dtype torch.int8"),
+    "errors": (lambda p: setattr(_layer(p), "errors", {"int8": -1.0}), r"\.errors\['int8'\]: -1.0 must be None"),
     "act_scale": (lambda p: setattr(_layer(p), "act_scale", _layer(p).act_scale * 2.77),
                   r"\.act_scale: .* != the group's threshold"),
     "act_scale-negative": (lambda p: setattr(_layer(p), "act_scale", -1.0), r"\.act_scale: -1.0 must be a finite"),
@@ -261,6 +268,47 @@ def test_loaded_plan_refuses_another_model(saved):
     _, _, path = saved
     with pytest.raises(fq_compile.PlanMismatchError, match="another model"):
         QuantPlan.load(path).check_model(tiny_opt(layers=1))
+
+
+def test_formats_and_choices_survive_the_round_trip(tmp_path):
+    """Per-layer formats (fp8 weights as e4m3, w4a8 packed), errors and reasons are in the file."""
+    torch._dynamo.reset()
+    model = tiny_llama(layers=1)
+    plan = fq_compile.calibrate(model, batches(n=2), Config(level="auto", error_budget=50.0), progress=False)
+    formats = {lp.format for lp in plan.layers.values()}
+    assert formats & {"fp8", "w4a8"}, formats
+    path = tmp_path / "auto.fqplan"
+    plan.save(path)
+    loaded = QuantPlan.load(path)
+    for name, lp in plan.layers.items():
+        lq = loaded.layers[name]
+        assert (lq.format, lq.bits, lq.error, lq.errors, lq.why) == (lp.format, lp.bits, lp.error, lp.errors, lp.why)
+        assert lq.weight_q.dtype == lp.weight_q.dtype and torch.equal(lq.weight_q.view(torch.uint8),
+                                                                     lp.weight_q.view(torch.uint8))
+    assert loaded.calibration["auto"] == plan.calibration["auto"]
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        a = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x).logits
+        torch._dynamo.reset()
+        b = torch.compile(model, backend="flattenquant", options={"plan": str(path), "inductor": False})(x).logits
+    assert torch.equal(a, b)
+
+
+def test_plans_from_before_per_layer_formats_are_refused_clearly(saved, tmp_path):
+    _, _, path = saved
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for version, why in (("2", "fingerprints that cannot tell weights apart"), ("3", "no per-layer formats"),
+                         ("4", "no record of which layers read their weight transposed")):
+        meta["format_version"] = version
+        old = tmp_path / f"old{version}.fqplan"
+        save_file(tensors, old, metadata=meta)
+        with pytest.raises(PlanFormatError, match=f"version {version}; this fq_compile reads version 5 "
+                                                  f"\\(older plans hold [^)]*{why}.*recalibrate"):
+            QuantPlan.load(old)
 
 
 def test_check_model_compares_the_values(saved):

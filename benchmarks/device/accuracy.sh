@@ -14,7 +14,12 @@
 #   bash benchmarks/device/accuracy.sh gamma-high ...  # O3 at gamma 1.88, 1.90
 #   bash benchmarks/device/accuracy.sh ablations ...   # O1: smoothing none / smoothquant, outlier clip off, beta 1.1-1.5
 #   bash benchmarks/device/accuracy.sh select ...      # the chosen defaults vs alternatives, 16 held-out *validation* windows
+#   bash benchmarks/device/accuracy.sh formats-a ...   # issue 11: fp, the two fake-quant peers, naive FP8, w8a8, smoothquant, O1
+#   bash benchmarks/device/accuracy.sh formats-b ...   # issue 11: O2, O3, auto (error budget 1.0), auto (memory budget 0.40)
+#   bash benchmarks/device/accuracy.sh zeroshot-a ...  # issue 11: zero-shot (piqa, arc_easy, openbookqa, hellaswag) of fp, peers, fp8, w8a8, smoothquant
+#   bash benchmarks/device/accuracy.sh zeroshot-b ...  # issue 11: zero-shot of O1, O2, O3, auto, auto (memory 0.40)
 #
+# SET="weight_scale=channel" (env) adds --set to the issue-11 parts (every level row).
 # Defaults: --model .gguf/SmolLM2-135M-Instruct.Q4_1.gguf --data-dir .data (WikiText-2 in the layout
 # of /work/shared/data).  Results go to $OUT/accuracy-<part>.md and .json, rewritten after every row,
 # so a call cut short still returns the rows it finished; the log is $OUT/accuracy-<part>.log.
@@ -51,14 +56,19 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 COMMON=(--model "$MODEL" --data-dir "$DATA" --dtype "$DTYPE" --device cuda)
 [[ $INDUCTOR == 1 ]] || COMMON+=(--no-inductor)
 case $PART in
-  levels)    ARGS=(--ppl-tokens 0 --levels w8a8,smoothquant,O1,O2,O3 --no-ablations);;
-  ablations) ARGS=(--ppl-tokens 0 --levels "" --ablation-base O1 --gamma-base "");;
-  gamma-low) ARGS=(--ppl-tokens 0 --levels "" --no-ablations --rows "O3 gamma=1.82; O3 gamma=1.84");;
-  gamma-high) ARGS=(--ppl-tokens 0 --levels "" --no-ablations --rows "O3 gamma=1.88; O3 gamma=1.9");;
-  select)    ARGS=(--split select --select-windows 16 --levels O1,O3 --no-ablations
+  levels)    ARGS=(--ppl-tokens 0 --levels w8a8,smoothquant,O1,O2,O3 --rows "" --peers "" --no-ablations);;
+  ablations) ARGS=(--ppl-tokens 0 --levels "" --rows "" --peers "" --ablation-base O1 --gamma-base "");;
+  gamma-low) ARGS=(--ppl-tokens 0 --levels "" --peers "" --no-ablations --rows "O3 gamma=1.82; O3 gamma=1.84");;
+  gamma-high) ARGS=(--ppl-tokens 0 --levels "" --peers "" --no-ablations --rows "O3 gamma=1.88; O3 gamma=1.9");;
+  select)    ARGS=(--split select --select-windows 16 --levels O1,O3 --peers "" --no-ablations
                    --rows "O1 weight_clip=max; O1 smoothing=none; O1 smoothing=smoothquant; O1 flatten_weights=true; O3 weight_clip=max; O3 kl_method=fixed");;
-  *) echo "unknown part $PART (levels, gamma-low, gamma-high, ablations, select)" >&2; exit 2;;
+  formats-a) ARGS=(--ppl-tokens 0 --levels fp8,w8a8,smoothquant,O1 --rows "" --no-ablations);;
+  formats-b) ARGS=(--ppl-tokens 0 --levels O2,O3,auto --no-fp --peers "" --no-ablations);;
+  zeroshot-a) ARGS=(--no-ppl --tasks piqa,arc_easy,openbookqa,hellaswag --levels fp8,w8a8,smoothquant --rows "" --no-ablations);;
+  zeroshot-b) ARGS=(--no-ppl --tasks piqa,arc_easy,openbookqa,hellaswag --levels O1,O2,O3,auto --no-fp --peers "" --no-ablations);;
+  *) echo "unknown part $PART (levels, gamma-low, gamma-high, ablations, select, formats-a, formats-b, zeroshot-a, zeroshot-b)" >&2; exit 2;;
 esac
+[[ -n ${SET:-} && $PART == formats-* || -n ${SET:-} && $PART == zeroshot-* ]] && ARGS+=(--set "$SET")
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 set +e
 timeout -s INT "$LIMIT" python3 benchmarks/accuracy.py "${COMMON[@]}" "${ARGS[@]}" --out "$OUT/accuracy-$PART.md" \

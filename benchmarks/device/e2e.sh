@@ -20,6 +20,10 @@
 #   sweep-13b-b  the same for fp16 eager, naive FP8, fq-O1                                         ~8-9 min
 #   sweep-30b    OPT-30B prefill, batch {1,8} x seq {512,2048}: fp16 eager, fq-O3                  ~8-9 min
 #   decode-more  OPT-13B decode batch 16 and 64: fp16 eager, fq-O3                                 ~6-8 min
+#   formats      issue 11: OPT-13B prefill 8 x 2048: our static FP8 level and auto (AUTO_FORMATS=
+#                "fp8=..,w4a8=..,int8=..,int4=..": the shares an auto plan chose; its accuracy table
+#                lists them), beside naive FP8                                                       ~6-8 min
+#   formats-decode  issue 11: OPT-13B decode batch 1: fq-fp8, fq-auto, naive FP8                       ~6-8 min
 # Afterwards, here or on any machine with tabulate + matplotlib:
 #   python benchmarks/e2e.py --report <every e2e.jsonl> --results-dir benchmarks/results
 set -euo pipefail
@@ -42,8 +46,13 @@ case $PART in
   sweep-13b-b) run --models 13b --methods fp16-eager,fp8-naive,fq-O1 --batches 8,32,1 --seqs 512,1024,2048 --budget 4 ;;
   sweep-30b)   run --models 30b --methods fp16-eager,fq-O3 --batches 8,1 --seqs 512,2048 --budget 4 ;;
   decode-more) run --models 13b --methods fp16-eager,fq-O3 --batches '' --decode 16,64 ;;
+  formats)     run --models 13b --methods fp8-naive,fq-fp8,fq-auto --auto-formats "${AUTO_FORMATS:?set AUTO_FORMATS}" \
+                   --batches 8 --seqs 2048 ;;
+  formats-decode) run --models 13b --methods fp8-naive,fq-fp8,fq-auto --auto-formats "${AUTO_FORMATS:?set AUTO_FORMATS}" \
+                   --batches '' --decode 1 ;;
   gpu-check)   python3 -m pytest -q -m gpu tests/test_resident.py -p no:cacheprovider || echo "gpu tests failed"
-               run --models tiny --methods all --batches 2,4 --seqs 64 --decode 1 --prompt 16 --new-tokens 8
+               run --models tiny --methods all --auto-formats fp8=0.4,w4a8=0.4,int8=0.2 --batches 2,4 --seqs 64 \
+                   --decode 1 --prompt 16 --new-tokens 8
                run --profile --models tiny --methods fp16-inductor,fp8-naive,fq-O3 --batches 2 --seqs 64 ;;
   smoke)       run --smoke --decode 1 ;;
   *) echo "unknown PART $PART" >&2; exit 2 ;;

@@ -51,13 +51,18 @@ QMAX = {8: 127, 4: INT4_MAX}
 def flatten_quantize_reference(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor,
                                hi: torch.Tensor, bits: int) -> torch.Tensor:
     """The integer semantics every kernel reproduces: [..., C] float -> [..., K'] int8 (bits=8) or
-    [..., K'/2] packed uint8 (bits=4)."""
+    [..., K'/2] packed uint8 (bits=4).
+
+    The module docstring's formula, one float32 operation at a time (each rounded, no FMA), written
+    in place on one buffer: it is also the CPU implementation, and allocating a tensor per step
+    costs the CPU more than the arithmetic."""
     qmax = QMAX[bits]
-    g = x.index_select(-1, src.to(torch.int64)).float()
-    a = g.abs() * mult
-    n = torch.round(torch.minimum(a, lo + hi.clamp_max(float(qmax))))
-    q = (n - lo).clamp_min(0.0)
-    q = torch.where(g < 0, -q, q).to(torch.int8)
+    rows = x.reshape(-1, x.shape[-1])                  # a 2-D gather is the fast one
+    g = rows.index_select(1, src.to(torch.int64)).float()
+    a = g.abs().mul_(mult)                             # the one float32 multiply
+    torch.minimum(a, lo + hi.clamp_max(float(qmax)), out=a)
+    q = a.round_().sub_(lo).clamp_min_(0.0).copysign_(g).to(torch.int8)   # sign(x) * slice; -0 -> 0
+    q = q.view(*x.shape[:-1], q.shape[-1])
     return pack_int4(q) if bits == 4 else q
 
 

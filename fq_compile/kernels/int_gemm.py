@@ -77,6 +77,12 @@ def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
             return torch._int_mm(a.contiguous(), b_t.t().contiguous())
         except RuntimeError:   # shapes _int_mm refuses (M <= 16, K or N not multiples of 8): float64,
             return (a.double() @ b_t.double().t()).to(torch.int32)   # exact, never TF32
+    return _cpu_int_matmul(a, b_t).to(torch.int32)
+
+
+def _cpu_int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """`int_matmul_reference` on the CPU, before the cast: a float32 tensor when K fits one exact
+    chunk (its values are the int32 result's, exactly), else the int32 sum of the chunks."""
     m, k = a.shape
     if a.dtype == torch.int8 and b_t.dtype == torch.int8 and m and cpu_gemm_path(k) == "int_mm":
         try:
@@ -87,6 +93,8 @@ def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
         return torch.zeros((m, b_t.shape[0]), dtype=torch.int32, device=a.device)
     dtype, chunk = exact_float_chunk(k)
     af, bf = a.to(dtype), b_t.to(dtype)
+    if dtype == torch.float32 and chunk >= k:
+        return af @ bf.t()
     out = None
     for k0 in range(0, k, chunk):
         part = (af[:, k0:k0 + chunk] @ bf[:, k0:k0 + chunk].t()).to(torch.int32)
@@ -102,12 +110,15 @@ def quant_linear_reference(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tens
     if bits == 4:
         xq, wq = unpack_int4(xq), unpack_int4(wq)
     lead = xq.shape[:-1]
-    acc = int_matmul_reference(xq.reshape(-1, xq.shape[-1]), wq)
-    y = acc.float() * (scale.float() if isinstance(scale, torch.Tensor) else scale)
+    x2 = xq.reshape(-1, xq.shape[-1])
+    # on the CPU a one-chunk float32 product already holds the exact int32 result's values: no round trip
+    acc = int_matmul_reference(x2, wq) if xq.is_cuda else _cpu_int_matmul(x2, wq)
+    y = acc if acc.dtype == torch.float32 else acc.float()
+    y = y.mul_(scale.float() if isinstance(scale, torch.Tensor) else scale)
     if bias is not None:
-        y = y + bias.float()
+        y = y.add_(bias.float())
     if act == "relu":
-        y = torch.relu(y)
+        y = torch.relu_(y)
     return y.to(out_dtype).reshape(*lead, wq.shape[0])
 
 

@@ -10,10 +10,11 @@ X diag(s)^-1 costs nothing at run time if the producer already emits X / s:
 Everything else keeps s inside the activation quantize op (exact as well, just not free).
 
 The analysis walks the graph backwards from the group's input through ops that only move data
-(view, reshape, transpose, contiguous, dtype casts, eval-mode dropout) and requires that every
-tensor on the way, from the producer's output to the group's input, has exactly one reader (the
-graph's output counts as one), so that scaling the producer changes nothing but this group: a KV
-cache that keeps V / s and is returned to the caller, for instance, keeps s in the op.  The values
+(view, reshape, transpose, contiguous, dtype casts, eval-mode dropout; under tensor parallelism
+DTensor's from_local / to_local / redistribute) and requires that every tensor on the way, from the
+producer's output to the group's input, has exactly one reader (the graph's output counts as one),
+so that scaling the producer changes nothing but this group: a KV cache that keeps V / s and is
+returned to the caller, for instance, keeps s in the op.  The values
 reach the attention through a concatenation only when every part comes from the same producer
 (the past of a KV cache does not).  A row fold needs the producer and the group's input in the
 same graph; calibration finds sites on its graphs, and the rewrite (passes/lower.py) checks them
@@ -29,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from fq_compile.passes.match import form_producing, is_move, layer_name
+from fq_compile.passes.shard import layout_change_input
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _MATMUL = {torch.matmul, torch.bmm, operator.matmul}
@@ -58,11 +60,16 @@ def _real_users(n: fx.Node) -> list[fx.Node]:
     return [u for u in n.users if not _is_observer(u)]
 
 
+def _is_move(n: fx.Node) -> bool:
+    """A data move (match.is_move), or a DTensor view/layout change under tensor parallelism (passes/shard.py)."""
+    return layout_change_input(n) is not None or is_move(n)
+
+
 def _walk_back(n):
     """Follow data-moving ops upstream from `n`; each node passed must feed only the next one.
     Returns the first node that is not a data move, or None when a tensor on the way (not `n`
     itself) has another reader."""
-    while isinstance(n, fx.Node) and is_move(n):
+    while isinstance(n, fx.Node) and _is_move(n):
         src = n.args[0]
         if not isinstance(src, fx.Node) or len(_real_users(src)) != 1:
             return None
@@ -147,7 +154,8 @@ def find_fold_site(x: fx.Node, group_nodes: set[fx.Node], planned: set[str], nam
         else:
             v = p.args[1]
         return _value_producer(v, planned, name_of)
-    return FoldSite("op", (), f"producer {p.op} {getattr(p.target, '__name__', p.target)} does not commute with scaling")
+    what = getattr(p.target, "__name__", p.target)
+    return FoldSite("op", (), f"producer {p.op} {what} does not commute with scaling")
 
 
 def _value_producer(v, planned: set[str], name_of) -> FoldSite:
@@ -158,10 +166,10 @@ def _value_producer(v, planned: set[str], name_of) -> FoldSite:
         if len(_real_users(n)) != 1:
             return FoldSite("op", (), "the attention values are also read elsewhere (e.g. a KV cache returned "
                                       "to the caller)")
-        if _method(n, "expand") or _fn(n, {torch.repeat_interleave}) or (
-                _fn(n, {operator.getitem}) and any(a is None for a in (n.args[1] if isinstance(n.args[1], tuple) else ()))):
+        index = n.args[1] if _fn(n, {operator.getitem}) and isinstance(n.args[1], tuple) else ()
+        if _method(n, "expand") or _fn(n, {torch.repeat_interleave}) or any(a is None for a in index):
             return FoldSite("op", (), "grouped-query attention (one V head serves several heads)")
-        if is_move(n):
+        if _is_move(n):
             n = n.args[0]
             continue
         if _fn(n, {torch.cat}):

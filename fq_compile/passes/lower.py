@@ -15,6 +15,19 @@ GEMM) and why, for explain(); the GEMM choice is the one the dispatcher will mak
 the op at this shape (M from the graph's example input; a dynamic M by its hint), and the CUTLASS
 kernels it needs start building in the background here, while Inductor compiles.
 
+Where x has at most `decode_max_m()` rows (64: decode steps), the pair is one fused op
+
+    y  = fq.flat_linear(x, src, mult, lo, hi, bits, Wq, scale, bias, dtype)
+
+whose GPU kernel quantizes x in its prologue while it streams the weight (kernels/flat_linear.py).
+With symbolic shapes the row count is compared with a guard, so a graph made for decode is not
+reused for a long prefill (the op would still be right there, only slower).
+
+For a layer in an FP8 format (plan.py: fp8, w4a8; no flattening) the pair is
+
+    xq = fq.fp8_quantize(x, mult)                             # once per input
+    y  = fq.fp8_linear(xq, Wq, scale, bias, dtype)            # or fq.w4a8_linear (packed INT4 weights)
+
 with the plan's tensors attached to the GraphModule as buffers (get_attr nodes, which Inductor
 treats as constants).  Norm folds are applied here, from the live norm parameters, so a plan never
 stores floating-point copies of model weights; row folds are already inside the plan's weights.
@@ -31,7 +44,9 @@ included); the report lists every parameter whose values the rewrite consumed, w
 fingerprint, for the backend's per-call check (runtime/guards.py).  Plan tensors reach each graph
 through `runtime.state.device_tensor`, so every graph and recompile shares one device copy.  A
 weight whose storage was already released (resident.py) is named from the release registry and
-never read: its fingerprint is not checked, only its name and shape.
+never read: its fingerprint is not checked, only its name and shape.  A DTensor parameter (tensor
+parallelism, passes/shard.py) is checked against the plan's whole-tensor or rank-local fingerprint
+and watched by its local shard's (runtime/tensor_parallel.check_dtensor).
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ import torch
 import torch.fx as fx
 
 from fq_compile.kernels import dispatch
+from fq_compile.kernels import flat_linear as flat_linear_op
 from fq_compile.kernels.flatten_quantize import QMAX, direct_prefix
 from fq_compile.passes.epilogue import fuse_relu_epilogues
 from fq_compile.passes.fold import find_fold_site
@@ -56,16 +72,22 @@ from fq_compile.passes.match import (
     param_fqn,
     placeholder_inputs,
 )
+from fq_compile.passes.shard import local_input, tp_linear, wrap_output
 from fq_compile.plan import GroupPlan, PlanMismatchError, QuantPlan, stale_message
 from fq_compile.runtime.guards import fingerprint
 from fq_compile.runtime.resident import is_released, released_name
+from fq_compile.runtime.tensor_parallel import check_dtensor, check_unsharded, is_dtensor
 from fq_compile.runtime.state import device_tensor, state_of
+
+# the activation each layer format reads: flattened INT8 / INT4, or per-tensor e4m3 (plan.py)
+_ACTIVATION = {"int8": "a8", "int4": "a4", "fp8": "f8", "w4a8": "f8"}
 
 
 @dataclass
 class LayerReport:
     layer: str
-    op: str                 # "fq.int8_linear", "fq.int4_linear" or "linear (floating point)"
+    op: str                 # "fq.int8_linear", "fq.int4_linear", "fq.flat_linear (int8|int4)" (decode-sized
+                            # graphs) or "linear (floating point)"
     smoothing: str          # where s lives: "norm:<param>", "rows:<layer>", "op", or "-"
     reason: str = ""
     quantize: str = ""      # how the activation is quantized: "fused by Inductor", "Triton kernel", ...
@@ -87,6 +109,7 @@ class GraphReport:
     watched: dict = field(default_factory=dict, repr=False, compare=False)
     # placeholder -> layer name of each replaced linear's weight (to find its module)
     layer_weights: dict = field(default_factory=dict, repr=False, compare=False)
+    attention: list = field(default_factory=list)   # passes/attention.py: one AttentionReport per site
 
 
 def _const(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
@@ -116,6 +139,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
     forms = linear_forms(gm, name_of)
     # group this graph's linears by input, as calibration did
     by_input: dict[fx.Node, list[tuple[str, LinearForm]]] = {}
+    tp, readers, to_local = {}, {}, {}      # DTensor linears: layer -> TPLinear; call node -> what reads x for it
     for form in forms:
         x, w, b = form.x, form.weight, form.bias
         fqn = name_of(w)
@@ -133,11 +157,20 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 f"({plan.model_type}, {len(plan.layers)} layers); calibrate this model with fq_compile.calibrate")
         lp = plan.layers[name]
         wt = runtime.get(w)
-        shape = tuple(wt.shape) if isinstance(wt, torch.Tensor) else tuple(example_value(w).shape)
-        if shape != lp.model_weight_shape or form.transposed != lp.transposed:
-            raise PlanMismatchError(f"layer {name!r}: the plan was made for weight shape "
-                                    f"{lp.model_weight_shape}, this model has {shape}"
-                                    + (" (stored transposed)" if form.transposed != lp.transposed else ""))
+        tp[name] = tp_linear(plan, name, form.out, x, wt)    # a DTensor weight: this rank's part (passes/shard.py)
+        if tp[name] is not None:
+            if form.transposed or lp.transposed:
+                raise PlanMismatchError(f"layer {name!r}: tensor parallelism over a weight stored [K, N] "
+                                        "(GPT-2's Conv1D) is not supported")
+            x, readers[form.node] = local_input(gm, x, to_local)
+        else:
+            del tp[name]
+            check_unsharded(plan, name)
+            shape = tuple(wt.shape) if isinstance(wt, torch.Tensor) else tuple(example_value(w).shape)
+            if shape != lp.model_weight_shape or form.transposed != lp.transposed:
+                raise PlanMismatchError(f"layer {name!r}: the plan was made for weight shape "
+                                        f"{lp.model_weight_shape}, this model has {shape}"
+                                        + (" (stored transposed)" if form.transposed != lp.transposed else ""))
         _check_values(fqn, w, wt, lp.fingerprint, report)
         report.layer_weights[w] = name
         bias_fqn = name_of(b) if isinstance(b, fx.Node) else None
@@ -163,7 +196,8 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor here but belong to "
                                     f"different plan groups {sorted(names)}")
         g = groups[x] = plan.groups[names.pop()]
-        folds[g.name] = _fold_here(x, {form.node for _, form in members}, g, planned, name_of, here)
+        folds[g.name] = _fold_here(x, {readers.get(form.node, form.node) for _, form in members}, g, planned,
+                                   name_of, here)
     realized_rows = {g.fold[len("rows:"):] for g in groups.values() if folds[g.name][0].startswith("rows:")}
 
     for x, members in by_input.items():
@@ -171,6 +205,10 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
         smoothing, note, site = folds[g.name]
         if smoothing.startswith("norm:") and not _apply_norm_fold(gm, site, g, runtime, name_of, report):
             smoothing, note = "op", "the norm's parameters are not tensors in this graph"
+        sharded = [tp[n] for n, _ in members if n in tp]
+        if sharded and (len(sharded) != len(members) or len({id(t.group) for t in sharded}) != 1):
+            raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor but are not parallelised alike")
+        g = sharded[0].group if sharded else g       # a row-parallel group: this rank's channel map
         if group_hook is not None:
             group_hook(gm, g, x, smoothing, members[0][1].node)
         xv = example_value(x)
@@ -179,39 +217,62 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
         m = _rows(xv)
         producer, fusable = describe_producer(x)
         qchoice = dispatch.decide_quantize(info, producer, fusable)
-        quantized: dict[int, fx.Node] = {}
+        decode = _decode_sized(x)               # flattened formats: quantize inside the GEMM (fq.flat_linear)
+        consts: dict[int, list[fx.Node]] = {}   # the flattening constants per bit width
+        quantized: dict[str, fx.Node] = {}      # one activation quantize per kind: a8, a4 (flattened), f8
         for name, form in members:
-            lp = plan.layers[name]
+            lp = tp[name].layer if name in tp else plan.layers[name]
             node = form.out
             out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
+            act = _ACTIVATION[lp.format]
             reason = "" if smoothing != "op" else note
             with gm.graph.inserting_before(form.node):
-                if lp.bits not in quantized:
-                    base = f"fq_{g.name}_a{lp.bits}"
-                    in_op = smoothing == "op"
-                    c = _group_constants(plan, g, lp.bits, in_op, device)
-                    args = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
-                    if qchoice.impl == "fused":
-                        direct = direct_prefix(g.cmap.src, lp.bits) if qchoice.config == "slice" else 0
-                        quantized[lp.bits] = gm.graph.call_function(
-                            torch.ops.fq.flatten_quantize_fused.default, (x, *args, lp.bits, direct))
-                    else:
-                        quantized[lp.bits] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
+                in_op = smoothing == "op"
+                fused = decode and act != "f8"
+                if act == "f8":
+                    if act not in quantized:     # per-tensor e4m3, not flattened (fp8, w4a8)
+                        mult = _const(gm, f"fq_{g.name}_f8_mult", _fp8_constants(plan, g, lp, in_op, device))
+                        quantized[act] = gm.graph.call_function(torch.ops.fq.fp8_quantize.default, (x, mult))
+                else:                            # flattened INT8 / INT4 (int8, int4)
+                    if lp.bits not in consts:
+                        base = f"fq_{g.name}_a{lp.bits}"
+                        c = _group_constants(plan, g, lp.bits, in_op, device)
+                        consts[lp.bits] = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
+                    if not fused and act not in quantized:
+                        args = consts[lp.bits]
+                        if qchoice.impl == "fused":
+                            direct = direct_prefix(g.cmap.src, lp.bits) if qchoice.config == "slice" else 0
+                            quantized[act] = gm.graph.call_function(
+                                torch.ops.fq.flatten_quantize_fused.default, (x, *args, lp.bits, direct))
+                        else:
+                            quantized[act] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
                                                                     (x, *args, lp.bits))
                 wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
                 bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
                         if lp.bias is not None else None)
                 scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
-                op = torch.ops.fq.int4_linear.default if lp.bits == 4 else torch.ops.fq.int8_linear.default
-                new = gemm = gm.graph.call_function(op, (quantized[lp.bits], wq, scale, bias, out_dtype))
+                if fused:
+                    flat_linear_op.reserve(device, lp.out_features)   # its workspace, before any CUDA graph
+                    new = gemm = gm.graph.call_function(torch.ops.fq.flat_linear.default,
+                                                        (x, *consts[lp.bits], lp.bits, wq, scale, bias, out_dtype))
+                else:
+                    op = getattr(torch.ops.fq, f"{lp.format}_linear").default
+                    new = gemm = gm.graph.call_function(op, (quantized[act], wq, scale, bias, out_dtype))
                 if lp.rows_folded_from and name not in realized_rows:
                     # the plan's rows carry 1/s of a group whose input is not folded in this graph: undo it
-                    s = device_tensor(plan, f"{lp.rows_folded_from}.smooth", plan.groups[lp.rows_folded_from].smooth,
-                                      device)
+                    s = plan.groups[lp.rows_folded_from].smooth
+                    key = f"{lp.rows_folded_from}.smooth"
+                    if name in tp and tp[name].shard.dim == 0 and s.numel() != lp.out_features:
+                        # column-parallel with the full plan: this rank's rows of s (a rank-local plan holds them)
+                        sh = tp[name].shard
+                        s, key = s[sh.offset: sh.offset + sh.size], f"{key}[{sh.offset}:{sh.offset + sh.size}]"
                     new = gm.graph.call_method("to", (gm.graph.call_function(
-                        torch.mul, (new, _const(gm, f"fq_{name}_unfold", s))), out_dtype))
+                        torch.mul, (new, _const(gm, f"fq_{name}_unfold", device_tensor(plan, key, s, device)))),
+                        out_dtype))
                     reason = (reason + "; " if reason else "") + (
                         f"output multiplied by the smoothing of {lp.rows_folded_from} (not folded in this graph)")
+            if name in tp:
+                new = wrap_output(gm, new, tp[name])    # back to the DTensor the graph expects
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             for dead in dict.fromkeys((node, form.node, *form.views)):   # the bias add, the matmul, W.T
@@ -221,9 +282,21 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 fqn = name_of(p_node)
                 if fqn is not None and not p_node.users:
                     report.replaced_params[fqn] = p_node
+            if act == "f8":
+                report.layers.append(LayerReport(
+                    name, f"fq.{lp.format}_linear", smoothing, reason, quantize="fp8_quantize",
+                    quantize_why="per-tensor e4m3, not flattened", gemm="fp8 GEMM",
+                    gemm_why="on CUDA cuBLAS _scaled_mm or Triton (FQ_FP8_GEMM); the reference elsewhere"))
+                continue
+            if fused:
+                report.layers.append(LayerReport(
+                    name, f"fq.flat_linear (int{lp.bits})", smoothing, reason, quantize="in the GEMM's prologue",
+                    quantize_why=f"decode-sized input (<= {flat_linear_op.decode_max_m()} rows)",
+                    gemm="Triton weight-streaming (kernels/triton/decode.py)", gemm_why="M <= decode_max_m()"))
+                continue
             gchoice = dispatch.decide(lp.bits, m, lp.out_features, g.flat_features, out_dtype, info, mode=mode) \
                 if m is not None else dispatch.Choice("triton", "", "rows unknown at compile time")
-            lr = LayerReport(name, f"fq.int{lp.bits}_linear", smoothing, reason, quantize=qchoice.label(),
+            lr = LayerReport(name, f"fq.{lp.format}_linear", smoothing, reason, quantize=qchoice.label(),
                              quantize_why=qchoice.why, gemm=gchoice.label(), gemm_why=gchoice.why)
             report.layers.append(lr)
             gemm_nodes[gemm] = (lr, gchoice, out_dtype)
@@ -258,10 +331,25 @@ def _prefetch(chosen, example_inputs) -> None:
         dispatch.prefetch_cutlass(next(iter(devices)), pairs)
 
 
+def _decode_sized(x: fx.Node) -> bool:
+    """Whether the linears reading x see at most decode_max_m() rows (a guard when symbolic)."""
+    limit = flat_linear_op.decode_max_m()
+    v = example_value(x)
+    if limit == 0 or v is None or v.dim() == 0:
+        return False
+    rows = 1
+    for d in v.shape[:-1]:
+        rows = rows * d
+    return bool(rows <= limit)
+
+
 def _check_values(fqn: str, node: fx.Node, t, expected: str | None, report: GraphReport) -> None:
     """The parameter `t` (placeholder `node`) must hold the values the plan was made from; it is
     watched from now on.  Released storage cannot be read: it was checked before it was released."""
     if not isinstance(t, torch.Tensor):
+        return
+    if is_dtensor(t):           # tensor parallelism: the guard watches the local shard (runtime/tensor_parallel.py)
+        report.watched[node] = (fqn, expected if is_released(t) else check_dtensor(fqn, t, expected))
         return
     if not is_released(t):
         got = fingerprint(t)
@@ -302,6 +390,27 @@ def op_constants(g: GroupPlan, bits: int, smooth_in_op: bool) -> dict[str, torch
     lo = cm.lo * qmax
     hi = torch.where(cm.hi.isinf(), cm.hi, cm.hi * qmax)
     return dict(src=cm.src, mult=mult, lo=lo.float(), hi=hi.float())
+
+
+def fp8_constants(g: GroupPlan, act_scale: float, smooth_in_op: bool) -> torch.Tensor:
+    """mult for fq::fp8_quantize: 1 / (smoothing scale * activation scale) per input channel (the
+    smoothing scales only where they stay in the op)."""
+    inv_s = 1.0 / g.smooth.double() if smooth_in_op else torch.ones(g.in_features, dtype=torch.float64)
+    return (inv_s / act_scale).float()
+
+
+def _fp8_constants(plan, g, lp, smooth_in_op: bool, device) -> torch.Tensor:
+    """The group's fp8_quantize mult on `device`, built and copied once per plan.  Every e4m3 layer
+    of a group reads one activation, so they share one activation scale (the planner makes them so)."""
+    scales = {plan.layers[n].act_scale for n in g.layers if _ACTIVATION[plan.layers[n].format] == "f8"}
+    if len(scales) != 1:
+        raise PlanMismatchError(f"group {g.name}: its e4m3 layers disagree on the activation scale {sorted(scales)}")
+    key = f"{g.name}.f8.{'s' if smooth_in_op else 'f'}"
+    cache = state_of(plan).constants
+    ident = (lp.act_scale, id(g.smooth))
+    if key not in cache or cache[key][0] != ident:
+        cache[key] = (ident, fp8_constants(g, lp.act_scale, smooth_in_op))
+    return device_tensor(plan, key, cache[key][1], device)
 
 
 def _layer_scale(plan, lp, device) -> torch.Tensor:

@@ -61,6 +61,45 @@ class InputStats:
 
 
 @dataclass
+class AttentionStats:
+    """Max |Q|, |K|, |V| per head and channel at one attention site's inputs ([B, H, S, D] tensors,
+    K and V with their kv heads); v_layer is the linear that produces V (its rows may carry a fold)."""
+
+    site: str
+    v_layer: str | None = None
+    layer_idx: int | None = None
+    q_absmax: torch.Tensor | None = None
+    k_absmax: torch.Tensor | None = None
+    v_absmax: torch.Tensor | None = None
+    calls: int = 0
+
+    @torch.no_grad()
+    def update(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        maxima = []
+        for name, x in (("Q", q), ("K", k), ("V", v)):
+            if not bool(torch.isfinite(x).all()):
+                raise CalibrationError(f"NaN/Inf in the {name} of attention {self.site} during calibration")
+            maxima.append(x.detach().abs().amax(dim=(0, 2)).float().cpu())     # [H, D]
+        if self.q_absmax is None:
+            self.q_absmax, self.k_absmax, self.v_absmax = maxima
+        else:
+            self.q_absmax, self.k_absmax, self.v_absmax = (
+                torch.maximum(a, b) for a, b in zip((self.q_absmax, self.k_absmax, self.v_absmax), maxima))
+        self.calls += 1
+
+
+class AttentionObserver(torch.nn.Module):
+    """The attention observer node's module (named fq_observer_attn_*, which the fold analysis ignores)."""
+
+    def __init__(self, stats: AttentionStats):
+        super().__init__()
+        self.stats = stats
+
+    def forward(self, q, k, v):
+        self.stats.update(q, k, v)
+
+
+@dataclass
 class ObservedLinear:
     layer: str
     node: fx.Node                 # the call that reads the input (form.node)
@@ -78,6 +117,8 @@ class StatsStore:
     inputs: dict[str, InputStats] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)   # layer -> reason
     graphs: list[fx.GraphModule] = field(default_factory=list)
+    attention: dict[str, AttentionStats] = field(default_factory=dict)        # site -> Q/K/V maxima
+    attention_unsupported: dict[str, str] = field(default_factory=dict)       # site -> reason
 
     def stats_for(self, group: str, layers: list[str], in_features: int,
                   params: dict[str, LayerParams] | None = None) -> InputStats:

@@ -17,10 +17,10 @@ equal-width levels, 128 for INT8 and 8 for INT4, and spreads each level's mass o
 bins), so KL4/KL8 compares the best each grid can do.  Only the decision changes: the layer is
 still quantized at the flattened tensor's own scale (T for activations, max or MSE clip for
 weights), which flattening has already made tight.  Why it is the default: the paper's gamma only makes
-sense if layer ratios cluster near 1.86 (its Table 10 moves from 31% to 56% INT4 layers between
-gamma 1.82 and 1.90).  On SmolLM2-135M's calibration data the TensorRT reading gives ratios with a
-median of 2.5 and 18% -> 24% INT4 over that gamma range, while the fixed reading gives a median
-of 5.6 and no layer below 1.89 (0% INT4 at every paper gamma).
+sense if layer ratios cluster near its gamma (its Table 10 moves a quarter of the layers between INT4
+and INT8 over a small gamma range); on a real model's calibration data the TensorRT reading's ratios
+do, the fixed reading's lie above every gamma the paper tries (the distributions:
+benchmarks/results/accuracy-smollm2-135m-select-cpu.md).
 """
 
 from __future__ import annotations

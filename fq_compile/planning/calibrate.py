@@ -4,6 +4,8 @@ and plan the quantization.
 The model is compiled with a private backend that inserts observers (passes/observe.py) and runs
 the graph eagerly, so graph breaks and recompiles are simply more graphs feeding one stats store.
 The fold analysis runs on the same graphs, so the plan records where each smoothing vector lives.
+With Config.attention set, the same graphs also observe each attention site's Q, K and V
+(passes/attention.py) and planning/attention.py plans their scales.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fq_compile.config import Config
+from fq_compile.passes.attention import find_attention, insert_attention_observers, variant_reason
 from fq_compile.passes.fold import find_fold_site
 from fq_compile.passes.match import ParamNames
 from fq_compile.passes.observe import (
@@ -25,6 +28,7 @@ from fq_compile.passes.observe import (
     insert_observers,
 )
 from fq_compile.plan import QuantPlan, model_hash
+from fq_compile.planning.attention import plan_attention
 from fq_compile.planning.planner import build_plan
 from fq_compile.runtime.guards import guard_eager_runs
 
@@ -34,7 +38,8 @@ def _call(model, batch, device):
         return model(batch.to(device))
     if isinstance(batch, Mapping):
         return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-    raise TypeError(f"calibration batches must be input_ids tensors or dicts of model kwargs, got {type(batch).__name__}")
+    raise TypeError("calibration batches must be input_ids tensors or dicts of model kwargs, "
+                    f"got {type(batch).__name__}")
 
 
 def skipped_layers(model: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, str]:
@@ -102,7 +107,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
         raise CalibrationError(
             f"{type(model).__name__} is in training mode ({len(training)} module(s), e.g. {training[0]!r}): "
             "dropout would inflate the activation statistics. Call model.eval() before fq_compile.calibrate")
-    if not config.quantize:
+    if not config.quantize and config.attention_formats is None:
         return QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model))
     try:
         device = next(model.parameters()).device
@@ -128,7 +133,11 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
             if lins:
                 site = find_fold_site(x, {l.node for l in lins}, planned_names, name_of)
                 folds[group_name([l.layer for l in lins])] = (site.encode(), site.note)
-        return insert_observers(gm, store, groups, unsupported, skip).forward
+        gm = insert_observers(gm, store, groups if config.quantize else {}, unsupported if config.quantize else {},
+                              skip)
+        if config.attention_formats is not None:
+            _observe_attention(gm, store, name_of, model)
+        return gm.forward
 
     compiled = torch.compile(model, backend=observer_backend)
     n_batches = len(batches) if hasattr(batches, "__len__") else None
@@ -148,16 +157,24 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
         raise CalibrationError("calibrate() got no batches: pass an iterable of input_ids tensors")
     skipped = dict(skip)
     skipped.update(store.unsupported)
-    if not store.inputs:
-        raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer fq_compile can "
-                               "rewrite was found in its graphs" + _kept_summary(skipped, skip))
-    plan = build_plan(model, store.inputs, folds, skipped, config, progress=progress)
-    if not plan.layers:
-        raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer ran during "
-                               "calibration" + _kept_summary(plan.skipped, skip))
-    _warn_kept(model, plan, store.unsupported)
-    plan.calibration = dict(batches=seen, rows=max(st.rows for st in store.inputs.values()),
+    if config.quantize:
+        if not store.inputs:
+            raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer fq_compile can "
+                                   "rewrite was found in its graphs" + _kept_summary(skipped, skip))
+        plan = build_plan(model, store.inputs, folds, skipped, config, progress=progress)
+        if not plan.layers:
+            raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer ran during "
+                                   "calibration" + _kept_summary(plan.skipped, skip))
+        _warn_kept(model, plan, store.unsupported)
+    else:
+        plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model))
+    plan.calibration.update(batches=seen, rows=max((st.rows for st in store.inputs.values()), default=0),
                             graphs=len(store.graphs))
+    if config.attention_formats is not None:
+        if not store.attention and not store.attention_unsupported:
+            raise CalibrationError(f"Config.attention={config.attention!r}, but no attention was found in the graphs "
+                                   f"of {type(model).__name__}")
+        plan_attention(plan, store.attention, store.attention_unsupported, config)
     if config.gptq:
         from fq_compile.planning.gptq_driver import apply_gptq
 
@@ -165,3 +182,17 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     modules = dict(model.named_modules())
     guard_eager_runs({name: modules[name] for name in plan.layers if name in modules})
     return plan
+
+
+def _observe_attention(gm, store: StatsStore, name_of, model) -> None:
+    """Observers of each attention site's Q, K, V; the module tells its cache index and the variants
+    the graph does not show (sliding window, ALiBi, soft-capping)."""
+    def describe(name: str):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        idx = getattr(module, "layer_idx", None)
+        return idx, variant_reason(module, getattr(model, "config", None), idx)
+
+    insert_attention_observers(gm, store, find_attention(gm, name_of), describe)

@@ -1,17 +1,16 @@
 """GPTQ (Frantar et al., 2022) with fixed weight scales, on the flattened weights (paper 5.1, O3).
 
-The columns of the flattened weight W' [N, K'] are quantized one at a time, in blocks, with the
-fixed scales of the layer (one per tensor, as the paper, or one per output channel: each row keeps its
-own scale, which GPTQ's column-by-column update does not care about); each column's rounding error is spread over the columns not
-yet quantized through the inverse Hessian of the layer's input, H = 2 X'^T X' / n, where X' is the
-*flattened, smoothed* activation the integer GEMM really sees.  Repeated columns of a flattened
-channel have almost identical activations, so GPTQ compensates one copy's error in the next: it
-would push compensation into the copies that fire only for the largest values (slice i is active
-only where |x| > i*T).  Those columns have tiny Hessian diagonals, so GPTQ would park large errors in
-them, which calibration rows barely see and new inputs do.  We therefore fix the extra and split
-columns first, with the planner's joint rounding, let their error flow into the original columns,
-and run GPTQ over the original columns only (`fixed` below).
-"""
+The columns of the flattened weight W' [N, K'] are quantized one at a time, in blocks, with the fixed
+scales of the layer (one per tensor, as the paper, or one per output channel: each row keeps its own
+scale, which GPTQ's column-by-column update does not care about); each column's rounding error is spread
+over the columns not yet quantized through the inverse Hessian of the layer's input, H = 2 X'^T X' / n,
+where X' is the *flattened, smoothed* activation the integer GEMM really sees. Repeated columns of a
+flattened channel have almost identical activations, so GPTQ compensates one copy's error in the next:
+it would push compensation into the copies that fire only for the largest values (slice i is active only
+where |x| > i*T).  Those columns have tiny Hessian diagonals, so GPTQ would park large errors in them,
+which calibration rows barely see and new inputs do.  We therefore fix the extra and split columns
+first, with the planner's joint rounding, let their error flow into the original columns, and run GPTQ
+over the original columns only (`fixed` below)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""O3: GPTQ on the flattened weights, block by block over the model's decoder layers.
+"""O3 (and auto): GPTQ on the integer weights, block by block over the model's decoder layers.
 
 For block b, the calibration batches run through the model compiled with the current plan (blocks
 before b already GPTQ-quantized, so their errors reach block b's inputs), with Hessian observers on
 the inputs of block b's layer groups; each forward stops as soon as those have all been seen.  The
 layers of block b are then quantized by GPTQ with their planned weight scales and bit width, and
 their integer weights are replaced in place, so the compiled model sees them on the next pass.
+Flattened layers (int8, int4) use the Hessian of the flattened smoothed input; w4a8 layers that of
+the smoothed input (their GEMM is not flattened); fp8 layers keep their round-to-nearest e4m3 weights.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from tqdm.auto import tqdm
 
 from fq_compile.kernels.flatten_quantize import QMAX
 from fq_compile.kernels.packing import pack_int4, unpack_int4
-from fq_compile.plan import QuantPlan
+from fq_compile.plan import FLATTENED_FORMATS, QuantPlan
 from fq_compile.planning.flatten import flatten_values
-from fq_compile.planning.gptq import HessianAccumulator, gptq_quantize_flattened
-from fq_compile.planning.planner import flattened_weight, plan_weight
-from fq_compile.planning.weights import quantize_weight
+from fq_compile.planning.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_flattened
+from fq_compile.planning.planner import plan_weight
+from fq_compile.planning.weights import flattened_weight, quantize_weight, smoothed_weight
 
 _BLOCK = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -51,12 +53,16 @@ class _Session:
         self.seen: set[str] = set()
 
     def observe(self, group, x):
-        acc = self.active.get(group)
-        if acc is None:
+        accs = self.active.get(group)
+        if accs is None:
             return
         g = self.plan.groups[group]
         xs = x.float() / g.smooth.to(x.device) if self.smooth_in_op.get(group, True) else x.float()
-        acc.add(flatten_values(xs, g.cmap, g.threshold))
+        flat, plain = accs
+        if flat is not None:
+            flat.add(flatten_values(xs, g.cmap, g.threshold))
+        if plain is not None:
+            plain.add(xs)
         self.seen.add(group)
         if self.seen >= set(self.active):
             raise _StopForward
@@ -87,8 +93,17 @@ def apply_gptq(model, plan: QuantPlan, batches, call, device, progress: bool = T
     for gname in plan.groups:
         blocks.setdefault(_block_of(gname), []).append(gname)
     cfg = plan.config
+
+    def accumulators(g):
+        fmts = {plan.layers[l].format for l in g.layers}
+        return (HessianAccumulator(g.flat_features) if fmts & set(FLATTENED_FORMATS) else None,
+                HessianAccumulator(g.in_features) if "w4a8" in fmts else None)
+
     for b in tqdm(sorted(blocks), desc="fq_compile: GPTQ blocks", disable=not progress):
-        session.active = {gn: HessianAccumulator(plan.groups[gn].flat_features) for gn in blocks[b]}
+        session.active = {gn: accumulators(plan.groups[gn]) for gn in blocks[b]}
+        session.active = {gn: a for gn, a in session.active.items() if a != (None, None)}
+        if not session.active:             # only fp8 layers here: nothing to run GPTQ on
+            continue
         with torch.no_grad():
             for batch in batches:
                 session.seen = set()
@@ -96,16 +111,24 @@ def apply_gptq(model, plan: QuantPlan, batches, call, device, progress: bool = T
                     call(compiled, batch, device)
                 except _StopForward:
                     pass
-        for gn in blocks[b]:
+        for gn in session.active:
             g = plan.groups[gn]
-            acc = session.active[gn]
-            if acc.rows == 0:
-                continue
-            h = acc.hessian()
             for layer in g.layers:
                 lp = plan.layers[layer]
                 rows = plan.groups[lp.rows_folded_from].smooth if lp.rows_folded_from else None
-                wf = flattened_weight(plan_weight(params, lp), g, rows)
+                weight = plan_weight(params, lp)
+                if lp.format == "w4a8":
+                    acc = session.active[gn][1]
+                    if acc.rows:
+                        q = gptq_quantize(smoothed_weight(weight, g, rows), acc.hessian(), lp.weight_scale, QMAX[4],
+                                          cfg.gptq_block, cfg.gptq_damp)
+                        lp.weight_q.copy_(pack_int4(q).to(lp.weight_q.device))
+                    continue
+                acc = session.active[gn][0]
+                if lp.format not in FLATTENED_FORMATS or acc.rows == 0:
+                    continue
+                h = acc.hessian()
+                wf = flattened_weight(weight, g, rows)
                 rtn = quantize_weight(wf, lp.weight_scale, 8, g.cmap) if lp.bits == 8 else \
                     unpack_int4(quantize_weight(wf, lp.weight_scale, 4, g.cmap))
                 original = torch.zeros(g.flat_features, dtype=torch.bool)

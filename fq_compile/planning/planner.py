@@ -4,6 +4,8 @@ For each activation group: smoothing scales (Eq. 5, or SmoothQuant's), the trunc
 (Eq. 6-7) on the smoothed channel maxima, the flatten counts (Eq. 2) and the channel map; then for
 each layer of the group: the weight smoothed (diag(s) W), row-divided by the next group's scales
 where those are folded into it, flattened (Eq. 4), its bit width (Eq. 8), and quantized per tensor.
+Level fp8 puts every layer in the e4m3 format instead (unflattened); level auto measures every
+candidate format of every layer and chooses (planning/formats.py).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from fq_compile.config import Config
-from fq_compile.kernels.flatten_quantize import QMAX
 from fq_compile.passes.match import LayerParams
 from fq_compile.passes.observe import CalibrationError, InputStats
 from fq_compile.plan import (
+    FORMAT_BITS,
     GroupPlan,
     LayerPlan,
     QuantPlan,
@@ -28,12 +30,13 @@ from fq_compile.planning.flatten import (
     channel_map,
     extra_channels,
     flatten_values,
-    flatten_weight,
     weight_splits,
 )
 from fq_compile.planning.smooth import smoothing_scales
 from fq_compile.planning.threshold import truncation_threshold
-from fq_compile.planning.weights import quantize_weight, weight_scale
+from fq_compile.planning import formats
+from fq_compile.planning.formats import quantize_layer
+from fq_compile.planning.weights import flattened_weight
 
 
 def layer_weight(params: dict[str, torch.Tensor], ref: LayerParams) -> torch.Tensor:
@@ -74,19 +77,12 @@ def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], f
                      cmap=channel_map(extra, dup, config.pad_multiple), fold_note=fold_note)
 
 
-def flattened_weight(weight: torch.Tensor, group: GroupPlan, row_scale: torch.Tensor | None) -> torch.Tensor:
-    """The float weight the integer GEMM approximates: smoothed columns (diag(s) W), rows divided by
-    the scales of a group folded into this layer's output, flattened (Eq. 4)."""
-    w = weight.float() * group.smooth[None, :]
-    if row_scale is not None:
-        w = w / row_scale[:, None]
-    return flatten_weight(w, group.cmap)
-
-
 def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,
                row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None,
-               fingerprints: tuple[str, str | None] | None = None, transposed: bool = False) -> LayerPlan:
-    """weight is [N, K] (transposed already where the model stores it [K, N]: `transposed`);
+               fmt: str | None = None, fingerprints: tuple[str, str | None] | None = None,
+               transposed: bool = False) -> LayerPlan:
+    """One layer's plan in format `fmt`; None: the level's (fp8, or INT8 / INT4 by Eq. 8 at O2/O3).
+    weight is [N, K] (transposed already where the model stores it [K, N]: `transposed`);
     fingerprints: (weight, bias) fingerprints of the model's own tensors, as stored (layout and dtype
     included), as the backend will compute them; computed from `weight` / `bias` when not given."""
     if fingerprints is None:
@@ -94,18 +90,18 @@ def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.T
     b = None if bias is None else bias.float().clone()
     if row_scale is not None and b is not None:
         b = b / row_scale
-    wf = flattened_weight(weight, group, row_scale)
     ratio = None
-    nbits = 8
-    if config.mixed_bits:
-        w_ratio = bits_pass.tensor_ratio(wf, float(wf.abs().max()), config.kl_bins, config.kl_method)
-        ratio = max(act_ratio, w_ratio)
-        nbits = bits_pass.choose_bits(act_ratio, w_ratio, config.gamma)
-    qmax = QMAX[nbits]
-    ws = weight_scale(wf, qmax, config.weight_clip_method, config.weight_scale)
+    if fmt is None:
+        fmt = "fp8" if config.format == "fp8" else "int8"
+        if config.mixed_bits:
+            wf = flattened_weight(weight, group, row_scale)
+            w_ratio = bits_pass.tensor_ratio(wf, float(wf.abs().max()), config.kl_bins, config.kl_method)
+            ratio = max(act_ratio, w_ratio)
+            fmt = "int4" if bits_pass.choose_bits(act_ratio, w_ratio, config.gamma) == 4 else "int8"
+    q = quantize_layer(fmt, weight, group, row_scale, config)
     return LayerPlan(name=layer, group=group.name, in_features=weight.shape[1], out_features=weight.shape[0],
-                     bits=nbits, weight_q=quantize_weight(wf, ws, nbits, group.cmap), weight_scale=ws,
-                     act_scale=group.threshold / qmax, bias=b, fingerprint=fingerprints[0],
+                     bits=FORMAT_BITS[fmt], format=fmt, weight_q=q.weight_q, weight_scale=q.weight_scale,
+                     act_scale=q.act_scale, bias=b, fingerprint=fingerprints[0],
                      kl_ratio=ratio, rows_folded_from=row_group, bias_fingerprint=fingerprints[1],
                      transposed=transposed)
 
@@ -125,6 +121,21 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             ref = LayerParams(layer + ".weight", layer + ".bias" if layer + ".bias" in params else None)
         return ref
 
+    refs = {l: ref_of(st, l) for st in inputs.values() for l in st.layers}
+
+    def weight_of(layer):
+        # planning runs on the CPU, where statistics and plan tensors live, whatever the model's device
+        return layer_weight(params, refs[layer])
+
+    def bias_of(layer):
+        name = refs[layer].bias
+        return None if name is None else params[name].detach().float().cpu()
+
+    def fingerprints_of(layer):
+        name = refs[layer].bias
+        bias_fp = None if name is None else weight_fingerprint(params[name])
+        return weight_fingerprint(params[refs[layer].weight]), bias_fp
+
     for name, st in tqdm(list(inputs.items()), desc="fq_compile: planning groups", disable=not progress):
         if st.absmax is None:
             for l in st.layers:
@@ -133,7 +144,7 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
         fold, note = folds.get(name, ("op", "no fold analysis"))
         if not config.fold:
             fold, note = "op", "folding disabled (Config.fold=False)"
-        weights = {l: layer_weight(params, ref_of(st, l)) for l in st.layers}
+        weights = {l: weight_of(l) for l in st.layers}
         plan.groups[name] = plan_group(name, st, weights, fold, note, config)
     for g in plan.groups.values():          # the norm values s was chosen for (checked at each compile)
         if g.fold.startswith("norm:"):
@@ -147,6 +158,10 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
                 g.fold, g.fold_note = "op", f"producer {producer} is not quantized"
                 continue
             row_fold[producer] = g
+    if config.format == "auto":
+        _plan_auto(plan, inputs, row_fold, weight_of, bias_of, fingerprints_of, config, progress,
+                   transposed_of=lambda layer: refs[layer].transposed)
+        return plan
     for name, g in tqdm(list(plan.groups.items()), desc="fq_compile: quantizing layers", disable=not progress):
         st = inputs[name]
         act_ratio = None
@@ -155,11 +170,35 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             act_ratio = bits_pass.tensor_ratio(sample, g.threshold, config.kl_bins, config.kl_method)
         for layer in g.layers:
             rg = row_fold.get(layer)
-            ref = ref_of(st, layer)
-            bias = None if ref.bias is None else params[ref.bias]
-            fps = (weight_fingerprint(params[ref.weight]), None if bias is None else weight_fingerprint(bias))
-            plan.layers[layer] = plan_layer(layer, g, layer_weight(params, ref),
-                                            None if bias is None else bias.detach().float().cpu(),
+            plan.layers[layer] = plan_layer(layer, g, weight_of(layer), bias_of(layer),
                                             None if rg is None else rg.smooth, None if rg is None else rg.name,
-                                            config, act_ratio, fingerprints=fps, transposed=ref.transposed)
+                                            config, act_ratio, fingerprints=fingerprints_of(layer),
+                                            transposed=refs[layer].transposed)
     return plan
+
+
+def _plan_auto(plan: QuantPlan, inputs: dict[str, InputStats], row_fold: dict, weight_of, bias_of, fingerprints_of,
+               config: Config, progress: bool, transposed_of=lambda layer: False) -> None:
+    """Level auto: measure every candidate format of every layer on the calibration rows, choose under
+    the budget (planning/formats.py), then quantize each layer in its format."""
+    device = formats.DEVICES[config.target]
+    options, errors, naive = {}, {}, {}
+    for name, g in tqdm(list(plan.groups.items()), desc="fq_compile: measuring formats", disable=not progress):
+        x = inputs[name].sample
+        for layer in g.layers:
+            rg = row_fold.get(layer)
+            w = weight_of(layer)
+            cands = formats.candidate_formats(config, g.in_features)
+            errors[layer] = formats.measure_layer(x, w, g, None if rg is None else rg.smooth, config, cands)
+            naive[layer] = formats.naive_fp8_error(x, w, g.act_max)
+            options[layer] = formats.options_for(errors[layer], w.shape[0], w.shape[1], g.flat_features, device)
+    choice, why, summary = formats.choose_formats(options, config, naive)
+    for name, g in tqdm(list(plan.groups.items()), desc="fq_compile: quantizing layers", disable=not progress):
+        for layer in g.layers:
+            rg = row_fold.get(layer)
+            lp = plan_layer(layer, g, weight_of(layer), bias_of(layer), None if rg is None else rg.smooth,
+                            None if rg is None else rg.name, config, None, fmt=choice[layer],
+                            fingerprints=fingerprints_of(layer), transposed=transposed_of(layer))
+            lp.error, lp.errors, lp.why = errors[layer][choice[layer]], errors[layer], why[layer]
+            plan.layers[layer] = lp
+    plan.calibration["auto"] = summary

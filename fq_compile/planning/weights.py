@@ -1,14 +1,43 @@
-"""Weight quantization of a flattened layer: the scales (per tensor or per output channel; max or MSE
-clip) and the joint
-rounding of the copies of a flattened channel (our one change beyond the paper, see quantize_weight)."""
+"""Weight quantization of a layer: the float weight the GEMM approximates (smoothed, row-folded,
+flattened), the scales (per tensor or per output channel; max or MSE clip), the joint rounding of
+the copies of a flattened channel (our one change beyond the paper, see quantize_weight), and the
+e4m3 rounding of the FP8 format."""
 
 from __future__ import annotations
 
 import torch
 
 from fq_compile.kernels.flatten_quantize import QMAX
+from fq_compile.kernels.fp8 import E4M3_MAX, round_e4m3
 from fq_compile.kernels.packing import pack_int4
-from fq_compile.plan import ChannelMap
+from fq_compile.plan import ChannelMap, GroupPlan
+from fq_compile.planning.flatten import flatten_weight
+
+
+def smoothed_weight(weight: torch.Tensor, group: GroupPlan, row_scale: torch.Tensor | None) -> torch.Tensor:
+    """diag(s) W with the rows divided by the scales of a group folded into this layer's output: the
+    float weight of an unflattened (FP8-format) layer."""
+    w = weight.float() * group.smooth[None, :]
+    if row_scale is not None:
+        w = w / row_scale[:, None]
+    return w
+
+
+def flattened_weight(weight: torch.Tensor, group: GroupPlan, row_scale: torch.Tensor | None) -> torch.Tensor:
+    """The float weight the integer GEMM approximates: smoothed, row-folded, flattened (Eq. 4)."""
+    return flatten_weight(smoothed_weight(weight, group, row_scale), group.cmap)
+
+
+def quantize_fp8_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 weights [N, K] at the weight scales float32 [N] (w / scale computed in float64, rounded to
+    float32, then to e4m3: the scale is max / 448, so nothing saturates unless a clip asks for it)."""
+    return round_e4m3((w.double() / scale.double().reshape(-1, 1)).float())
+
+
+def fp8_weight_scale(w: torch.Tensor, granularity: str) -> torch.Tensor:
+    """max|W| / 448 per tensor or per output channel, float32 [N] (e4m3 keeps relative precision, so
+    the max is the natural clip)."""
+    return weight_scale(w, int(E4M3_MAX), "max", granularity)
 
 
 def weight_scale(w: torch.Tensor, qmax: int, method: str, granularity: str = "tensor") -> torch.Tensor:
@@ -77,7 +106,8 @@ def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, cmap: Chann
         start = torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), 0).values
         before = torch.where(start > 0, csum[:, (start - 1).clamp_min(0)], torch.zeros_like(csum))
         prefix = torch.round(csum - before)
-        prev = torch.where(first, torch.zeros_like(prefix), torch.cat([torch.zeros_like(prefix[:, :1]), prefix[:, :-1]], 1))
+        shifted = torch.cat([torch.zeros_like(prefix[:, :1]), prefix[:, :-1]], 1)
+        prev = torch.where(first, torch.zeros_like(prefix), shifted)
         qs = prefix - prev
         q = torch.empty_like(qs)
         q[:, perm] = qs

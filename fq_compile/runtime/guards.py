@@ -39,6 +39,7 @@ import torch
 
 from fq_compile.plan import PlanMismatchError, stale_message, weight_fingerprint
 from fq_compile.runtime.resident import is_released
+from fq_compile.runtime.tensor_parallel import local_tensor
 
 
 class RecompileLimitError(RuntimeError):
@@ -61,7 +62,9 @@ def _state(t: torch.Tensor) -> tuple | None:
 
 
 def fingerprint(t: torch.Tensor) -> str:
-    """weight_fingerprint(t), computed once per version of the tensor in this process."""
+    """weight_fingerprint(t), computed once per version of the tensor in this process; for a
+    DTensor, its local shard's (no collective: see runtime/tensor_parallel.py)."""
+    t = local_tensor(t)
     key, state = id(t), _state(t)
     hit = _FP_CACHE.get(key)
     if state is not None and hit is not None and hit[0]() is t and hit[1] == state:

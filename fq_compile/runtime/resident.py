@@ -27,14 +27,20 @@ import weakref
 import torch
 
 from fq_compile.runtime.state import plan_tensors
+from fq_compile.runtime.tensor_parallel import local_tensor
 
 # id(tensor) -> (weakref to it, fully-qualified parameter name); entries die with their tensor
 _RELEASED: dict[int, tuple[weakref.ref, str]] = {}
 
 
+def storage_of(t: torch.Tensor):
+    """The storage holding `t`'s bytes on this process (a DTensor's: its local shard's)."""
+    return local_tensor(t).untyped_storage()
+
+
 def is_released(t) -> bool:
     """True for a tensor whose storage was freed (by us or anyone else: its bytes cannot be read)."""
-    return isinstance(t, torch.Tensor) and t.numel() > 0 and t.untyped_storage().nbytes() == 0
+    return isinstance(t, torch.Tensor) and local_tensor(t).numel() > 0 and storage_of(t).nbytes() == 0
 
 
 def released_name(t) -> str | None:
@@ -49,7 +55,7 @@ def release(t: torch.Tensor, name: str) -> int:
     """Free `t`'s storage, keep its metadata, remember its name; returns the bytes freed."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"release() expects a tensor, got {type(t).__name__}")
-    storage = t.untyped_storage()
+    storage = storage_of(t)
     freed = storage.nbytes()
     if freed:
         storage.resize_(0)
@@ -68,7 +74,7 @@ def _unique_storage_bytes(tensors, device) -> int:
     for t in tensors:
         if not isinstance(t, torch.Tensor) or t.device != device:
             continue
-        s = t.untyped_storage()
+        s = storage_of(t)
         key = (s.data_ptr(), s.nbytes())
         if s.nbytes() == 0 or key in seen:
             continue
@@ -89,4 +95,5 @@ def resident_bytes(model: torch.nn.Module, plan=None, device=None) -> dict[str, 
         device = torch.device("cuda", torch.cuda.current_device())
     m = _unique_storage_bytes(params, device)
     p = _unique_storage_bytes(plan_tensors(plan), device) if plan is not None else 0
-    return {"model": m, "plan": p, "total": _unique_storage_bytes(params + (plan_tensors(plan) if plan else []), device)}
+    total = _unique_storage_bytes(params + (plan_tensors(plan) if plan else []), device)
+    return {"model": m, "plan": p, "total": total}

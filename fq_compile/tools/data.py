@@ -24,7 +24,7 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
         return p
     if os.environ.get("FQ_DATA_DIR"):
         return find_data_dir(os.environ["FQ_DATA_DIR"])
-    for cand in (Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"):
+    for cand in (Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"):
         if cand.is_dir():
             return cand
     return None

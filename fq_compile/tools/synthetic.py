@@ -12,6 +12,8 @@ backend compiles exactly the ops a calibrated plan of those shares would give:
   * flattening: each group gets round(ratio * C) extra channels -- half of them on a few large
     outlier channels (many slices each), half as one slice on as many moderate channels, which is
     the shape real OPT activations give Eq. 2 -- then the usual channel map (padded to 32);
+  * formats (level auto): for each group position, the blocks dealt to the formats in the given
+    shares, spread over depth (fp8 / w4a8 layers read the unflattened input); level fp8: all fp8;
   * bits: for each group position in the block (q/k/v, out, fc1, fc2 for OPT), INT4 in the same
     share of blocks, spread evenly over depth with a different phase per position; so the INT4
     share of layers and of weight bytes both equal the requested share, and q/k/v never mix bits
@@ -24,6 +26,12 @@ backend compiles exactly the ops a calibrated plan of those shares would give:
 `release_weights=True` frees each floating-point weight right after its quantized copy exists,
 so a model plus its plan never need both copies at once (OPT-30B: 60 GB fp16 + 36 GB INT8 would
 not fit an 80 GB GPU); the backend then names those weights from the release registry.
+
+Tensor parallelism: on a model parallelised with ColwiseParallel / RowwiseParallel (DTensor weights,
+e.g. built on the meta device, parallelised, then materialised per rank) each rank quantizes only
+its own shards and gets its rank-local plan (fq_compile/runtime/tensor_parallel.py): the same
+structure and channel maps on every rank, the weight scales taken over all shards (one all-reduce
+of maxima per layer), so it equals `shard_plan(synthetic_plan(full model), parallel model)`.
 """
 
 from __future__ import annotations
@@ -37,11 +45,13 @@ from tqdm.auto import tqdm
 
 from fq_compile.config import Config
 from fq_compile.kernels.flatten_quantize import QMAX
+from fq_compile.kernels.fp8 import E4M3_MAX, round_e4m3
 from fq_compile.kernels.packing import pack_int4
 from fq_compile.passes.fold import find_fold_site
 from fq_compile.passes.match import ParamNames
 from fq_compile.passes.observe import find_linears, group_name
 from fq_compile.plan import (
+    FORMAT_BITS,
     GroupPlan,
     LayerPlan,
     QuantPlan,
@@ -52,6 +62,14 @@ from fq_compile.plan import (
 from fq_compile.planning.calibrate import skipped_layers
 from fq_compile.planning.flatten import channel_map, flatten_weight
 from fq_compile.runtime.resident import release
+from fq_compile.runtime.tensor_parallel import (
+    TP_KEY,
+    layer_shard,
+    local_tensor,
+    max_over_shards,
+    shard_fingerprint,
+    shard_group,
+)
 
 # paper Table 4: OPT size -> (share of INT4 layers, average flatten ratio)
 PAPER_TABLE4 = {
@@ -124,17 +142,40 @@ def _int4_blocks(n_blocks: int, share: float, phase: float) -> set[int]:
     return {b for b in range(n_blocks) if math.floor((b + 1) * share + phase) > math.floor(b * share + phase)}
 
 
+def _format_of_block(b: int, n_blocks: int, shares: dict[str, float], phase: float) -> str:
+    """The format of block b at one group position: the blocks are dealt to the formats in proportion
+    to `shares` (they sum to 1), spread over depth, shifted by the position's phase."""
+    u = ((b + 0.5) / n_blocks + phase) % 1.0
+    acc = 0.0
+    for f, share in shares.items():
+        acc += share
+        if u < acc:
+            return f
+    return list(shares)[-1]
+
+
 def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: float = 0.0,
-                   int4_share: float = 0.0, source: str = "given shares", seed: int = 0,
+                   int4_share: float = 0.0, format_shares: dict[str, float] | None = None,
+                   source: str = "given shares", seed: int = 0,
                    release_weights: bool = False, progress: bool = True) -> QuantPlan:
-    """A plan for `model` at `level` ('w8a8', 'smoothquant', 'O1', 'O2' or 'O3') with the given
-    average flatten ratio (levels that flatten) and INT4 share of layers (O2/O3); see the module
-    docstring.  `source` is recorded in plan.calibration (e.g. 'paper Table 4 figures')."""
+    """A plan for `model` at `level` ('w8a8', 'smoothquant', 'O1', 'O2', 'O3', 'fp8' or 'auto') with the
+    given average flatten ratio (levels that flatten) and INT4 share of layers (O2/O3); see the module
+    docstring.  Level auto takes `format_shares` (format -> share of the layers at every group position,
+    e.g. {"fp8": 0.3, "w4a8": 0.5, "int8": 0.2}, what a calibrated auto plan chose); level fp8 puts every
+    layer in fp8.  `source` is recorded in plan.calibration (e.g. 'paper Table 4 figures')."""
     config = Config(level=level)
+    if level == "auto":
+        if not format_shares or any(f not in FORMAT_BITS for f in format_shares) or \
+                abs(sum(format_shares.values()) - 1.0) > 1e-6 or min(format_shares.values()) < 0:
+            raise ValueError(f"level 'auto' needs format_shares over {', '.join(FORMAT_BITS)} summing to 1, "
+                             f"got {format_shares}")
+    elif format_shares:
+        raise ValueError(f"format_shares is for level 'auto', not {level!r}")
     if not config.quantize:
         raise ValueError("synthetic_plan makes quantized plans; level 'fp16' needs none")
     if not 0 <= flatten_ratio < 4 or not 0 <= int4_share <= 1:
-        raise ValueError(f"flatten_ratio must lie in [0, 4) and int4_share in [0, 1], got {flatten_ratio}, {int4_share}")
+        raise ValueError(f"flatten_ratio must lie in [0, 4) and int4_share in [0, 1], "
+                         f"got {flatten_ratio}, {int4_share}")
     if flatten_ratio and not config.flatten:
         raise ValueError(f"level {level!r} does not flatten; flatten_ratio must be 0")
     if int4_share and not config.mixed_bits:
@@ -164,11 +205,12 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
     int4 = {pos: _int4_blocks(n_blocks, int4_share, phases[pos]) for pos in phases}
 
     plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model), skipped=skipped,
-                     calibration={"synthetic": source, "flatten_ratio": flatten_ratio, "int4_share": int4_share},
+                     calibration={"synthetic": source, "flatten_ratio": flatten_ratio, "int4_share": int4_share,
+                                  "format_shares": format_shares},
                      parameters=parameter_shapes(model))
     gen = torch.Generator().manual_seed(seed)
     t = SYNTHETIC_THRESHOLD
-    row_of = {}
+    row_of, tp, row_groups = {}, {}, {}
     for layers, fold, pos in groups:
         c = params[layers[0] + ".weight"].shape[1]
         extra = _extra_counts(c, round(flatten_ratio * c), gen)
@@ -185,26 +227,51 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
     for (layers, fold, pos) in tqdm(groups, desc="fq_compile: synthetic plan", disable=not progress):
         g = plan.groups[group_name(layers)]
         block = _BLOCK.search(layers[0])
-        bits = 4 if block is not None and int(block.group(1)) in int4[pos] else 8
+        if level == "auto":
+            fmt = _format_of_block(int(block.group(1)), n_blocks, format_shares, phases[pos]) if block else "int8"
+        elif level == "fp8":
+            fmt = "fp8"
+        else:
+            fmt = "int4" if block is not None and int(block.group(1)) in int4[pos] else "int8"
+        bits = FORMAT_BITS[fmt]
         for layer in layers:
             w = params[layer + ".weight"]
             b = params.get(layer + ".bias")
+            shard = layer_shard(w)                 # tensor parallelism: this rank's shard only
+            gl = g
+            if shard is not None and shard.dim == 1:
+                gl = row_groups.setdefault(g.name, shard_group(g, shard.offset, shard.size))
+                plan.groups[g.name] = gl
             with torch.no_grad():
-                wf = flatten_weight(w.detach().float(), g.cmap)   # smoothing 1: no column or row scaling
+                wl = local_tensor(w.detach())
+                # smoothing 1: no column or row scaling; e4m3 formats read the unflattened weight
+                wf = flatten_weight(wl.float(), gl.cmap) if fmt in ("int8", "int4") else wl.float()
                 top = wf.abs().amax(dim=1)
-                if config.weight_scale == "tensor":
+                if config.weight_granularity == "tensor":
                     top = top.amax().expand(wf.shape[0])
-                scale = torch.where(top > 0, top / QMAX[bits], torch.ones_like(top)).float()
-                q = torch.round(wf / scale[:, None]).clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8)
+                if shard is not None and (shard.dim == 1 or config.weight_granularity == "tensor"):
+                    top = max_over_shards(top, w)
+                qmax = E4M3_MAX if fmt == "fp8" else QMAX[bits]
+                scale = torch.where(top > 0, top / qmax, torch.ones_like(top)).float()
+                if fmt == "fp8":
+                    q = round_e4m3(wf / scale[:, None])
+                else:
+                    q = torch.round(wf / scale[:, None]).clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8)
                 del wf
+                act_scale = t / QMAX[bits] if fmt in ("int8", "int4") else float(g.act_max.max()) / E4M3_MAX
                 plan.layers[layer] = LayerPlan(
-                    name=layer, group=g.name, in_features=w.shape[1], out_features=w.shape[0], bits=bits,
-                    weight_q=pack_int4(q) if bits == 4 else q, weight_scale=scale, act_scale=t / QMAX[bits],
-                    bias=None if b is None else b.detach().float().clone(), fingerprint=weight_fingerprint(w),
-                    rows_folded_from=row_of.get(layer), bias_fingerprint=None if b is None else weight_fingerprint(b))
+                    name=layer, group=g.name, in_features=wl.shape[1], out_features=wl.shape[0], bits=bits,
+                    format=fmt, weight_q=pack_int4(q) if bits == 4 else q, weight_scale=scale, act_scale=act_scale,
+                    bias=None if b is None else local_tensor(b.detach()).float().clone(),
+                    fingerprint=shard_fingerprint(w), rows_folded_from=row_of.get(layer),
+                    bias_fingerprint=None if b is None else shard_fingerprint(b))
                 del q
+            if shard is not None and shard.dim is not None:
+                tp[layer] = shard.record()
             if release_weights:
                 release(w, layer + ".weight")
                 if b is not None:
                     release(b, layer + ".bias")
+    if tp:
+        plan.calibration[TP_KEY] = tp
     return plan

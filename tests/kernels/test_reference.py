@@ -55,6 +55,32 @@ def test_flatten_quantize_matches_float64_eq3(bits, dtype):
     assert bool((q != 0).any())
 
 
+@pytest.mark.parametrize("bits,dtype", [(8, torch.float32), (8, torch.bfloat16), (4, torch.float16)])
+def test_flatten_quantize_is_the_formula_step_by_step(bits, dtype):
+    """The in-place CPU implementation gives the integers of the formula written one tensor per step
+    (the module docstring's definition), on fuzzed tables: level edges, signs, zeros, beyond-range values."""
+    g = torch.Generator().manual_seed(bits + 3)
+    qmax = 127 if bits == 8 else 7
+    for _ in range(20):
+        c, kp = int(torch.randint(1, 40, (1,), generator=g)), 2 * int(torch.randint(1, 40, (1,), generator=g))
+        x = (torch.randn(2, 33, c, generator=g) * 4).to(dtype)
+        x[0, :3] = 0.0
+        x[0, 3] = -0.0
+        x[1, :4] = (torch.randint(-3 * qmax, 3 * qmax, (4, c), generator=g) + 0.5).to(dtype)   # ties
+        src = torch.randint(0, c, (kp,), generator=g).to(torch.int32)
+        mult = torch.rand(kp, generator=g) * 60 * (torch.rand(kp, generator=g) > 0.1)
+        mult = torch.where(torch.rand(kp, generator=g) > 0.7, torch.ones(kp), mult)
+        lo = qmax * torch.randint(0, 3, (kp,), generator=g).float()
+        hi = torch.where(torch.rand(kp, generator=g) > 0.5, torch.tensor(float("inf")), torch.tensor(float(qmax)))
+        gx = x.index_select(-1, src.long()).float()
+        a = gx.abs() * mult
+        n = torch.round(torch.minimum(a, lo + hi.clamp_max(float(qmax))))
+        q = (n - lo).clamp_min(0.0)
+        want = torch.where(gx < 0, -q, q).to(torch.int8)
+        got = flatten_quantize_reference(x, src, mult, lo, hi, bits)
+        assert torch.equal(unpack_int4(got) if bits == 4 else got, want)
+
+
 def test_values_beyond_calibrated_range_saturate_not_wrap():
     cm = channel_map(torch.tensor([2]), None, pad_multiple=4)   # T = 1, qmax 127
     mult = torch.where(cm.active, torch.full((4,), 127.0), torch.zeros(4))
@@ -158,3 +184,28 @@ def test_cpu_int8_path_is_exact_where_chosen(monkeypatch):
         assert int_gemm.cpu_gemm_path(1040) == ("int_mm" if has_dot else "float")
         assert torch.equal(int_matmul_reference(a, b).long(), want)
     assert int_gemm.cpu_gemm_path(1041) == "float"          # K not a multiple of 8: float chunks
+
+
+@pytest.mark.parametrize("k", [96, 1024, 1040, 2100])
+def test_quant_linear_epilogue_is_the_int32_definition(k, monkeypatch):
+    """The CPU epilogue, which skips the int32 round trip when one float32 GEMM is exact, gives the
+    definition's bits: (int32 acc -> float32) * scale[n] + bias, cast once, on both sides of the chunk
+    size and on both CPU paths (oneDNN int8, float32 chunks)."""
+    from fq_compile.kernels import int_gemm
+
+    g = torch.Generator().manual_seed(k)
+    for has_dot in (False, True):
+        monkeypatch.setattr(int_gemm, "_INT8_DOT", has_dot)
+        for bits, qmax in ((8, 127), (4, 7)):
+            xq = torch.randint(-qmax - 1, qmax + 1, (3, 7, k), generator=g, dtype=torch.int8)
+            wq = torch.randint(-qmax - 1, qmax + 1, (32, k), generator=g, dtype=torch.int8)
+            bias = torch.randn(32, generator=g)
+            scale = torch.rand(32, generator=g) * 3e-4 + 1e-5
+            acc = (xq.reshape(-1, k).long() @ wq.long().T).to(torch.int32)
+            xin, win = (pack_int4(xq), pack_int4(wq)) if bits == 4 else (xq, wq)
+            for dtype in (torch.float32, torch.bfloat16):
+                for b in (bias, None):
+                    want = acc.float() * scale
+                    want = (want + b if b is not None else want).to(dtype).reshape(3, 7, 32)
+                    got = int_gemm.quant_linear_reference(xin, win, scale, b, bits, dtype)
+                    assert torch.equal(got, want), (has_dot, bits, dtype, b is None)

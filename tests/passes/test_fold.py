@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fq_compile
-from fq_compile import Config, PlanMismatchError
+from fq_compile import Config
 from fq_compile.runtime.guards import fingerprint
 from fq_compile.runtime.state import reports
 
@@ -185,5 +185,6 @@ def test_graph_break_inside_a_quantized_layer():
             handle.remove()
         ref = model(x).logits
     ops = {lr.layer: lr for r in reports(plan) for lr in r.layers}
-    assert ops["model.decoder.layers.0.fc1"].op == "fq.int8_linear" and len(reports(plan)) >= 2
+    # 7 rows: a decode-sized graph, so the fused op (passes/lower.py)
+    assert ops["model.decoder.layers.0.fc1"].op == "fq.flat_linear (int8)" and len(reports(plan)) >= 2
     assert _rel(split, whole) < 1e-2 < _rel(whole, ref)

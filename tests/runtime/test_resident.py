@@ -13,7 +13,7 @@ from fq_compile.runtime.resident import (
     resident_bytes,
 )
 from fq_compile.runtime.state import device_tensor, reports
-from tests.conftest import VOCAB, batches, break_graph_inside, tiny_opt
+from tests.conftest import VOCAB, batches, break_graph_inside, tiny_llama, tiny_opt
 from tests.oracle import assert_matches, fake_quantized, rel_err
 
 SHAPES = [(2, 20), (1, 7), (3, 33), (1, 5)]       # batch 1 after batch 3, several lengths
@@ -228,7 +228,7 @@ def test_synthetic_plan_with_released_weights_compiles_to_the_same_model():
     assert all(is_released(dict(twin.named_parameters())[n + ".weight"]) for n in freed.layers)
     for n, lp in kept.layers.items():
         assert torch.equal(lp.weight_q, freed.layers[n].weight_q) and lp.bits == freed.layers[n].bits
-    x = torch.randint(0, VOCAB, (2, 24))
+    x = torch.randint(0, VOCAB, (2, 40))            # > 64 rows: flatten_quantize + the GEMM ops
     with torch.no_grad():
         torch._dynamo.reset()
         a = torch.compile(model, backend="flattenquant", options={"plan": kept})(x).logits
@@ -242,6 +242,30 @@ def test_synthetic_plan_with_released_weights_compiles_to_the_same_model():
     assert rel_err(a, ref) > 1e-3
 
 
+def test_synthetic_auto_plan_has_the_requested_format_shares():
+    """Level auto's synthetic plan (what e2e.py's fq-auto compiles): the formats in the given shares at
+    every group position, one format per group, and the compiled model runs every format's op."""
+    from fq_compile.tools.synthetic import synthetic_plan
+
+    shares = {"fp8": 0.25, "w4a8": 0.5, "int8": 0.25}
+    model = tiny_llama(layers=8, outliers=False)
+    plan = synthetic_plan(model, "auto", flatten_ratio=0.2, format_shares=shares, progress=False)
+    n = len(plan.layers)
+    for f, share in shares.items():
+        assert abs(sum(lp.format == f for lp in plan.layers.values()) / n - share) <= 1 / 8
+    for g in plan.groups.values():
+        assert len({plan.layers[l].format for l in g.layers}) == 1
+    x = torch.randint(0, VOCAB, (2, 40))     # > 64 rows: INT8 layers take fq.int8_linear, not the decode op
+    with torch.no_grad():
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x).logits
+        ref = model(x).logits
+    assert {lr.op for r in reports(plan) for lr in r.layers} >= {"fq.int8_linear", "fq.fp8_linear", "fq.w4a8_linear"}
+    assert 0 < float((out - ref).norm() / ref.norm()) < 1.0
+    with pytest.raises(ValueError, match="format_shares"):
+        synthetic_plan(model, "auto", progress=False)
+
+
 def test_synthetic_plan_refuses_impossible_requests():
     from fq_compile.tools.synthetic import synthetic_plan
 
@@ -252,33 +276,3 @@ def test_synthetic_plan_refuses_impossible_requests():
         synthetic_plan(model, "O1", int4_share=0.4, progress=False)
     with pytest.raises(ValueError, match="fp16"):
         synthetic_plan(model, "fp16", progress=False)
-
-
-# -- the end-to-end benchmark script (benchmarks/e2e.py), smoke-tested on a tiny config --------------
-
-def test_e2e_benchmark_smoke_and_report(tmp_path):
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e.py"
-    spec = importlib.util.spec_from_file_location("fq_e2e_bench", path)
-    e2e = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(e2e)
-    cfg = torch._dynamo.config
-    saved = {k: getattr(cfg, k) for k in ("recompile_limit", "cache_size_limit") if hasattr(cfg, k)}
-    try:
-        e2e.main(["--smoke", "--methods", "fp16-eager,fp8-naive,fq-O3", "--batches", "2", "--seqs", "12",
-                  "--out", str(tmp_path)])
-    finally:
-        for k, v in saved.items():
-            setattr(cfg, k, v)
-    rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
-    kinds = {(r["kind"], r["method"]) for r in rows}
-    assert {("prefill", "fp16-eager"), ("prefill", "fq-O3"), ("memory", "fq-O3"), ("unavailable", "fp8-naive")} <= kinds
-    o3 = next(r for r in rows if r["kind"] == "memory" and r["method"] == "fq-O3")
-    assert o3["plan_source"] == "paper Table 4 figures" and 0 < o3["flatten_ratio"] < 0.3
-    assert next(r for r in rows if r["kind"] == "graphs")["graphs"] >= 1
-    text = e2e.report([tmp_path / "e2e.jsonl"], tmp_path / "res", "smoke")
-    assert "prefill latency" in text and "fq-O3" in text and "Targets" in text
-    assert (tmp_path / "res" / "smoke.png").stat().st_size > 1000

@@ -32,8 +32,10 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    special = ["<pad>", "<unk>", "<s>", "</s>"]
+    tk.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=special))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>")
     tiny_llama(layers=1).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     data = root / "data"
@@ -80,7 +82,8 @@ def test_quantize_dump_eval(model_dir, tmp_path, capsys):
     assert "fq_compile plan for LlamaForCausalLM" in out and "INT4 share of layers" in out
     js = tmp_path / "eval.json"
     torch._dynamo.reset()
-    assert main(["eval", *common, "--level", "w8a8,O1", "--ppl-seqlen", "32", "--tasks", "piqa", "--json", str(js)]) == 0
+    assert main(["eval", *common, "--level", "w8a8,O1", "--ppl-seqlen", "32", "--tasks", "piqa",
+                 "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert set(res["levels"]) == {"fp32", "w8a8", "O1"}
     assert all(v["ppl"] > 1 and v["windows"] >= 3 for v in res["levels"].values())
@@ -88,8 +91,8 @@ def test_quantize_dump_eval(model_dir, tmp_path, capsys):
     assert "WikiText-2 PPL" in capsys.readouterr().out
     # a Config override reaches every level, and is recorded
     torch._dynamo.reset()
-    assert main(["eval", *common, "--level", "O1", "--set", "beta=1.4", "--set", "weight_clip=mse", "--ppl-seqlen", "32",
-                 "--tasks", "", "--json", str(js)]) == 0
+    assert main(["eval", *common, "--level", "O1", "--set", "beta=1.4", "--set", "weight_clip=mse",
+                 "--ppl-seqlen", "32", "--tasks", "", "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert res["overrides"] == ["beta=1.4", "weight_clip=mse"]
     assert res["levels"]["O1"]["config"]["beta"] == 1.4 and res["levels"]["O1"]["config"]["weight_clip"] == "mse"
@@ -103,3 +106,44 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["dump", str(tmp_path / "junk.fqplan")]) == 2
     err = capsys.readouterr().err
     assert err.count("fq-compile: error:") == 2 and "Traceback" not in err
+
+
+def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, monkeypatch):
+    """The main job end to end on the tiny model: tables, graph dump, continuations; each level's plan is
+    compiled once (calibration ran the model at another length, so the graph is dynamic in the length
+    and also serves the greedy steps), and no Dynamo cache is reset on the way."""
+    from fq_compile.runtime.state import reports
+
+    def no_reset():
+        raise AssertionError("library code reset Dynamo")
+
+    plans = []
+    import fq_compile.tools.cli as cli
+
+    real = cli._compile
+    monkeypatch.setattr(cli, "_compile", lambda model, plan, **kw: plans.append(plan) or real(model, plan, **kw))
+    monkeypatch.setattr(torch._dynamo, "reset", no_reset)
+    assert main(["demo", "--model", str(model_dir / "model"), "--data-dir", str(model_dir / "data"),
+                 "--calib-batches", "2", "--calib-seqlen", "24", "--ppl-seqlen", "32", "--ppl-tokens", "96",
+                 "--max-new-tokens", "3", "--compare", "w8a8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for text in ("fp32", "O1", "w8a8", "logits rel. error", "graph dump (O1)", "greedy continuation",
+                 "O1 calibration", "O1 perplexity: first call beyond a window (compile)", "total"):
+        assert text in out
+    assert [p.config.level for p in plans] == ["O1", "w8a8"]
+    o1, w8a8 = (len(reports(p)) for p in plans)
+    assert (o1, w8a8) == (1, 1)
+
+
+def test_tools_compile_without_inductor_on_the_cpu_only(monkeypatch):
+    from fq_compile.tools.evaluate import compile_quantized
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    cpu_model = tiny_llama(layers=1)
+    compile_quantized(cpu_model, "plan")
+    compile_quantized(cpu_model, "plan", inductor=True, free_weights=False)
+    compile_quantized(tiny_llama(layers=1).to("meta"), "plan")          # any other device: Inductor
+    assert [c["options"]["inductor"] for c in calls] == [False, True, True]
+    assert all(c["backend"] == "flattenquant" and c["options"]["plan"] == "plan" for c in calls)
+    assert calls[1]["options"]["free_weights"] is False

@@ -6,9 +6,9 @@ per-position constants once and reuses them for every row.  Blocks made only of 
 (src[p] = p) read x with vectorized contiguous loads; blocks holding extra channels gather
 x[row, src[p]], and run next to the direct blocks of the same rows so the gather hits L2.  The
 output is int8 (or two positions packed per byte for INT4).  The input is read through its strides
-as [B, T, C], so transposed or sliced activations need no copy.  On the H100, 16384 x 4096 -> 5120:
-~110 us (1.9 TB/s of a 2.86 TB/s copy), 1.4x (INT8) / 3.3x (INT4) faster than Inductor compiling
-the reference's aten ops (benchmarks/NOTES-kernels.md).
+as [B, T, C], so transposed or sliced activations need no copy.  How close it comes to a copy's
+bandwidth, and how it compares with Inductor compiling the reference's aten ops: benchmarks/results/
+kernels-*.md and benchmarks/NOTES-kernels.md.
 
 Bit-exactness with `flatten_quantize_reference`: |g| * mult is one explicitly rounded multiply
 (mul_rn), rounding is libdevice rint (half to even), and everything after it is integer arithmetic

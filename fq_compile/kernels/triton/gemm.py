@@ -164,7 +164,8 @@ def int_gemm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, scale_ptr, M, N, K, NUM
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Large-M GEMM: persistent programs walk the output tiles (grouped order) and stream A and B
     through the TMA engine (a_desc [M, K or K/2], b_desc [N, K or K/2], block [BLOCK_*, KB]); the
-    copy engine zero-fills past K, so no masks.  ~15% over the pointer kernel at 16384x4096x5120."""
+    copy engine zero-fills past K, so no masks.  Faster than the pointer kernel at large M
+    (benchmarks/NOTES-kernels.md)."""
     start = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -253,9 +254,9 @@ def _sm_count(device_index: int) -> int:
 def decode_config(m: int, n: int, k: int, bits: int, sms: int):
     """Split-K GEMV-style tiling for M <= 16: (BLOCK_N, BLOCK_K, split, k_per_split, warps, stages).
 
-    The weight is the whole cost.  Measured on the H100 (NOTES-kernels.md): below ~32 MB of weight
-    the zeroed workspace and the extra epilogue launch cost more than split-K gains (no split,
-    BLOCK_N=32); above, BLOCK_N=64 and K split until ~8 programs per SM (2 for INT8 at M > 1)."""
+    The weight is the whole cost.  Below ~32 MB of weight the zeroed workspace and the extra epilogue
+    launch cost more than split-K gains (no split, BLOCK_N=32); above, BLOCK_N=64 and K split until ~8
+    programs per SM (2 for INT8 at M > 1).  Why these thresholds: benchmarks/NOTES-kernels.md."""
     block_k = (256 if bits == 8 else 512) // (4 if _INTERPRET else 1)  # 256 weight bytes a row a stage
     weight_bytes = n * k // (2 if bits == 4 else 1)
     k_blocks = triton.cdiv(k, block_k)
@@ -283,8 +284,8 @@ def _tma_ok(t: torch.Tensor) -> bool:
 def _traced(t: torch.Tensor) -> bool:
     """True while Inductor traces this op's body (fake/functional tensors).  Host-side TMA
     descriptors hold their tensor, and Inductor (torch 2.11) then keeps that fake tensor as a graph
-    constant, which its FX-graph cache cannot hash ("tolist() ... unallocated storage", seen on the
-    H100 at M > 256).  Traced calls therefore take the pointer kernel; eager calls keep TMA."""
+    constant, which its FX-graph cache cannot hash ("tolist() ... unallocated storage" at M > 256).
+    Traced calls therefore take the pointer kernel; eager calls keep TMA."""
     from torch._subclasses.fake_tensor import is_fake
 
     return is_fake(t) or torch._is_functional_tensor(t)

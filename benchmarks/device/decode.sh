@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 10 on one H200 (or H100): decode through generate(), OPT-13B shape, random fp16 weights,
+# synthetic plans with the paper's Table 4 shares (fq_compile/tools/synthetic.py).  Each PART fits
+# one <= 9-minute call: every python run is capped by `timeout` and --time-limit, and rows are
+# appended to $OUT/e2e.jsonl as each point finishes, so a call cut short still returns what it
+# measured.  Run from the repo root (torchao and tabulate come as wheels in .whl/, carried):
+#
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+#       .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+#   PYTHONUNBUFFERED=1 bash benchmarks/device/decode.sh PART
+#
+# PARTs, in priority order (times are estimates until the first run):
+#   headline   batch 1 only: fp16 eager, fq-O3, fp16-static (HF static cache, HF compiles), each row with
+#              its tokens/s and first generate() call seconds; fq-O3 before fp16-static so that a cut
+#              run keeps the figure that matters (--time-limit then skips what cannot finish)    ~6-9 min
+#   o3         fq-O3, batch 1/16/64, static cache + CUDA graphs, decode profile, cold caches      ~7-9 min
+#   fp16       fp16 eager (dynamic cache) and fp16-static (HF static cache, HF compiles), 1/16/64 ~6-8 min
+#   kernels    benchmarks/kernels.py --decode: fused vs unfused vs fp16 linear, GB/s vs copy BW   ~3-5 min
+#   tests      the GPU tests of this issue (decode kernel at OPT-13B shapes, generate on CUDA)    ~1-2 min
+#   o1         fq-O1, batch 1/16/64                                                                ~6-8 min
+#   torchao    torchao int8 and int4 weight-only, 1/16/64                                          ~7-9 min
+#   fp8        naive FP8 (static cache, HF compiles), 1/16/64                                      ~5-7 min
+#   compile    fq-O3's first generate() twice, in two processes: cold caches, then warm ones
+#              (Inductor's FX/autotune caches, Triton's, our decode tuning under .fqcache)         ~6-8 min
+#   dynamic    fq-O3 with the dynamic cache (no CUDA graphs), batch 1: the cost of that choice   ~4-6 min
+# Each part ends with a short table of its rows.  Afterwards, on any machine with tabulate:
+#   python benchmarks/e2e.py --report <every e2e.jsonl> --results-dir benchmarks/results --stem e2e-decode-<date>-h200
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PART=${1:?usage: decode.sh PART (see the header)}
+OUT=${OUT:-decode-out}
+mkdir -p "$OUT"
+LIMIT=${LIMIT:-530}                       # hard stop for one python run, seconds
+CACHE=${CACHE:-$PWD/.fqcache/compile}     # compiler caches of this call (git-ignored; a fresh machine starts empty)
+export TORCHINDUCTOR_CACHE_DIR=$CACHE/inductor TRITON_CACHE_DIR=$CACHE/triton FQ_CACHE_DIR=$CACHE/fq
+COMMON=(--models 13b --batches '' --decode 1,16,64 --decode-reps 2 --budget 6)
+run() { timeout "$LIMIT" python3 benchmarks/e2e.py --out "$OUT" --time-limit $((LIMIT - 60)) "$@" || echo "e2e.py exited with $?"; }
+brief() { python3 benchmarks/e2e.py --brief "$OUT/e2e.jsonl" || true; }
+
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv | tee -a "$OUT/decode-$PART.log" || true
+{
+case $PART in
+  headline) run --models 13b --batches '' --decode 1 --decode-reps 2 --budget 6 \
+                --methods fp16-eager,fq-O3,fp16-static ;;
+  o3)       run "${COMMON[@]}" --methods fq-O3 --decode-profile ;;
+  o1)       run "${COMMON[@]}" --methods fq-O1 --decode-profile ;;
+  fp16)     run "${COMMON[@]}" --methods fp16-eager,fp16-static --decode-profile ;;
+  torchao)  run "${COMMON[@]}" --methods torchao-int8wo,torchao-int4wo ;;
+  fp8)      run "${COMMON[@]}" --methods fp8-naive ;;
+  dynamic)  run --models 13b --batches '' --decode 1 --decode-reps 2 --methods fq-O3 --cache dynamic --label dynamic-cache \
+                --decode-profile ;;
+  compile)  rm -rf "$CACHE"
+            run --models 13b --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label cold-cache
+            run --models 13b --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label warm-cache
+            du -sh "$CACHE"/* 2>/dev/null || true ;;
+  kernels)  timeout "$LIMIT" python3 benchmarks/kernels.py --decode --out "$OUT/kernels-decode.md" || echo "kernels.py exited with $?" ;;
+  tests)    timeout "$LIMIT" python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_decode.py tests/test_generate.py \
+                tests/test_backend.py -k "gpu or cuda" 2>&1 | tail -40 || echo "gpu tests failed" ;;
+  smoke)    run --smoke --batches '' --decode 1 --methods fp16-eager,fp16-static,fq-O3 ;;
+  *) echo "unknown PART $PART" >&2; exit 2 ;;
+esac
+[ -f "$OUT/e2e.jsonl" ] && brief
+} 2>&1 | tee -a "$OUT/decode-$PART.log"

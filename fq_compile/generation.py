@@ -1,0 +1,374 @@
+"""`generate()` through the flattenquant backend, and where CUDA graphs apply.
+
+Both forms a user writes run the quantized model inside Hugging Face's `generate()`:
+
+    fast = torch.compile(model, backend="flattenquant", options={"plan": plan})
+    fast.generate(input_ids, max_new_tokens=128, cache_implementation="static")
+
+    model.compile(backend="flattenquant", options={"plan": plan})
+    model.generate(input_ids, max_new_tokens=128, cache_implementation="static")
+
+Why the first form needs help, and what the help is.  `torch.compile(model)` returns an
+OptimizedModule whose *forward* is compiled; every other attribute, `generate` included, is
+forwarded to the original module, whose own calls are not compiled.  So `fast.generate()` ran the
+floating-point model (or, once weights were freed, failed), with no warning.  Neither PyTorch nor
+the backend interface gives a backend any hook at `torch.compile(model)` time (a backend only sees
+FX graphs, when they are first called), so the form cannot be fixed inside the backend.  Options
+considered:
+  * make `torch.compile(model)` compile the module in place (`model.compile()`'s mechanism): it
+    would also compile every later call of the user's *original* model, which CPU users keep to
+    compare against (why `free_weights` defaults to False there);
+  * Hugging Face's own compile path (generation_config.compile_config, `get_compiled_call`): it
+    compiles only the decode steps, only for static caches on accelerators, and runs the prefill
+    uncompiled: with freed weights that prefill cannot run, and with kept weights it is floating
+    point;
+  * raise an error from `fast.generate`: needs the same interception as making it work.
+What we do: importing fq_compile (which `backend="flattenquant"` does through its entry point, at
+the latest when torch.compile resolves the name) installs two narrow hooks.  The first wraps
+`OptimizedModule.__getattr__` once, for one name: `generate` on a module compiled with this
+backend returns the original module's `generate` with, for the duration of that call only, the
+original module's calls routed through the compiled module's Dynamo context -- exactly what
+`model.compile()` installs permanently (`Module._compiled_call_impl`), so both forms share one
+mechanism and one set of compiled graphs.  Every other attribute, and every OptimizedModule of
+another backend, is untouched.  Routing is per call and per object: a thread running the original
+module while `fast.generate` runs would be routed too.
+
+The second form compiles every call of the module (`model.compile()`), the prefill and each decode
+step included.  One thing breaks both forms: for static caches on CUDA, Hugging Face's generate()
+compiles the decode steps itself (`torch.compile(self.__call__, backend="inductor",
+mode="reduce-overhead")`), and Dynamo, tracing that call, inlines a nested compiled function
+instead of calling it: the decode steps would run the floating-point graph through Inductor
+(tests/test_generate.py shows the changed tokens).  So the second hook: Hugging Face's
+`GenerationMixin._valid_auto_compile_criteria` answers False for a model whose calls this backend
+already compiles (`Module._compiled_call_impl` made by torch.compile with backend='flattenquant',
+or fast.generate's routing); for every other model it answers as before.  (The routed call is also
+wrapped in torch._dynamo.disable, so that an outer Dynamo context cannot inline it.)
+
+CUDA graphs (`options={"cudagraphs": ...}`; `mode="reduce-overhead"` cannot reach a backend together
+with options, see backend.py):
+  "auto" (default)  CUDA graphs (Inductor's cudagraph trees) for every graph on CUDA that updates a
+                    static-address input in place -- a static KV cache created outside the
+                    compiled call (`cache_implementation="static"` through `fast.generate`, which
+                    initializes the cache before the first compiled call, or a user's
+                    early-initialized StaticCache).  That is exactly where Hugging Face's own
+                    `generate()` uses CUDA graphs, and where they pay: one decode step is a few
+                    milliseconds of weight streaming split over hundreds of kernel launches.
+                    Other graphs run without: a CUDA graph's outputs live in a pool that its next
+                    replay overwrites (a dynamic cache keeps its tensors across calls; user code
+                    keeps logits), its activation pool stays reserved, and the dynamic cache's
+                    decode graphs change shape every token (one recording per length).
+  True              every graph on CUDA, as Inductor's mode="reduce-overhead" does (the caller
+                    takes on the overwrite rule above);
+  False             never.
+A static cache created *inside* the first compiled call (`model.compile()` form with
+cache_implementation="static": Hugging Face creates the cache lazily in the first forward) is not
+a static address, so "auto" leaves those graphs without CUDA graphs and warns once, naming the form
+that gets them.  `fast.generate` initializes a static cache before the first compiled call (only on
+CUDA with CUDA graphs allowed: the cache's length is then a tensor from the first call on, and
+OPT's forward in transformers 5.24 turns that into a data-dependent size, a graph break with a
+host sync per forward, where the lazily created cache gives one graph).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import warnings
+
+import torch
+import torch.fx as fx
+
+CUDAGRAPH_CHOICES = ("auto", True, False)
+
+# in-place updates of an input through a view still update the input
+_VIEW_METHODS = {"view", "reshape", "select", "narrow", "transpose", "permute", "unsqueeze", "squeeze", "expand",
+                 "as_strided", "__getitem__", "view_as", "unflatten", "flatten", "t", "detach"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.select, torch.narrow, torch.transpose, torch.permute, torch.reshape,
+                   torch.unsqueeze, torch.squeeze, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.__getitem__}
+_warned: set[str] = set()
+
+
+# ------------------------------------------------------------------------------------------------
+# which graphs get CUDA graphs
+# ------------------------------------------------------------------------------------------------
+
+def parse_cudagraphs(value, mode=None):
+    """The `cudagraphs` option: "auto" | True | False (None: auto); mode="reduce-overhead" means True."""
+    if mode == "reduce-overhead":
+        if value is False:
+            raise ValueError("mode='reduce-overhead' asks for CUDA graphs but options['cudagraphs'] is False")
+        return True
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"options['cudagraphs'] must be 'auto', True or False, got {value!r}")
+
+
+def _is_inplace(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        if node.target is operator.setitem:
+            return True
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return schema.is_mutable
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("__") and getattr(node.target, "__module__", "") in (
+            None, "torch", "torch._C._TensorBase", "torch._tensor")
+    return False
+
+
+def _base_placeholder(node) -> fx.Node | None:
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 32:
+        if node.op == "placeholder":
+            return node
+        if not node.args:
+            return None
+        if node.op == "call_method" and node.target in _VIEW_METHODS:
+            node = node.args[0]
+        elif node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
+            node = node.args[0]
+        else:
+            return None
+        seen += 1
+    return None
+
+
+def mutated_inputs(gm: fx.GraphModule, example_inputs) -> list[tuple[fx.Node, object]]:
+    """The placeholders (with their runtime values) that the graph updates in place."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    runtime = dict(zip(phs, example_inputs))
+    out = {}
+    for node in gm.graph.nodes:
+        if _is_inplace(node) and node.args:
+            ph = _base_placeholder(node.args[0])
+            if ph is not None:
+                out[ph] = runtime.get(ph)
+    return list(out.items())
+
+
+def _static_address(node: fx.Node, t) -> bool:
+    """Marked by its owner with torch._dynamo.mark_static_address (a static KV cache does this)."""
+    if getattr(t, "_dynamo_static_input_type", None):
+        return True
+    return bool((node.meta.get("tensor_dict") or {}).get("_dynamo_static_input_type"))
+
+
+def cudagraph_patches(choice, gm: fx.GraphModule, example_inputs, index: int = 0, on_cuda: bool | None = None) -> dict:
+    """Inductor config patches for one graph under the `cudagraphs` choice (module docstring);
+    on_cuda: whether the graph runs on CUDA (None: any example input on CUDA)."""
+    if on_cuda is None:
+        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    if choice is False or not on_cuda:
+        return {}
+    if choice is True:
+        return {"triton.cudagraphs": True}
+    mutated = [(n, t) for n, t in mutated_inputs(gm, example_inputs)
+               if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
+    if not mutated:
+        return {}
+    if all(_static_address(n, t) for n, t in mutated):
+        return {"triton.cudagraphs": True}
+    names = ", ".join(sorted(n.name for n, t in mutated if not _static_address(n, t)))[:200]
+    _warn_once("lazy-cache", f"graph {index} updates inputs in place that are not static addresses ({names}), "
+               "so it runs without CUDA graphs. A static KV cache created inside the first compiled call "
+               "(model.compile() + generate(cache_implementation='static')) is such an input: call "
+               "fast = torch.compile(model, backend='flattenquant', options=...) and fast.generate(...), which "
+               "initializes the cache first, or pass an early-initialized StaticCache.")
+    return {}
+
+
+def _warn_once(key: str, msg: str):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"fq_compile: {msg}", RuntimeWarning, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# fast.generate
+# ------------------------------------------------------------------------------------------------
+
+def backend_options(obj) -> dict | None:
+    """The options of `obj`'s torch.compile when it was compiled with backend='flattenquant', else
+    None.  `obj`: an OptimizedModule, or the callable `model.compile()` stores in
+    `Module._compiled_call_impl`.  Walks the Dynamo context to the torch.compile wrapper that holds
+    the backend and its kwargs (bounded, over known attribute names and closure cells)."""
+    from fq_compile.backend import flattenquant
+
+    if getattr(obj, _ROUTED, None) is not None:
+        return backend_options(getattr(obj, _ROUTED))
+    seen, frontier = set(), [obj.__dict__.get("dynamo_ctx") if isinstance(obj, torch.nn.Module) else obj]
+    for _ in range(10):
+        nxt = []
+        for o in frontier:
+            if o is None or id(o) in seen or isinstance(o, (torch.nn.Module, torch.Tensor, str, int, float)):
+                continue
+            seen.add(id(o))
+            if getattr(o, "compiler_fn", None) is flattenquant:
+                kw = getattr(o, "kwargs", None) or {}
+                return dict(kw.get("options") or {}, **({"mode": kw["mode"]} if kw.get("mode") else {}))
+            if o is flattenquant:
+                return {}
+            for a in ("dynamo_ctx", "callback", "_torchdynamo_orig_backend", "_torchdynamo_orig_callable",
+                      "_inner_convert", "compiler_fn", "_orig_backend"):
+                nxt.append(getattr(o, a, None))
+            for cell in getattr(o, "__closure__", None) or ():
+                try:
+                    nxt.append(cell.cell_contents)
+                except ValueError:       # an empty cell
+                    pass
+        frontier = nxt
+    return None
+
+
+def compiled_by_backend(model) -> bool:
+    """Whether `model`'s calls run through this backend (model.compile(), or fast.generate's routing)."""
+    fn = getattr(model, "_compiled_call_impl", None)
+    return fn is not None and backend_options(fn) is not None
+
+
+_ROUTED = "_fq_routed_from"
+
+
+def _compiled_call(fast) -> object:
+    """The original module's `_call_impl` under `fast`'s Dynamo context (created once per `fast`):
+    what `model.compile()` stores in `Module._compiled_call_impl`."""
+    d = fast.__dict__
+    fn = d.get("_fq_compiled_call_impl")
+    if fn is None:
+        orig = d["_modules"]["_orig_mod"]
+        fn = d["_fq_compiled_call_impl"] = fast.dynamo_ctx(orig._call_impl)
+    return fn
+
+
+def _routed_generate(fast):
+    orig = fast.__dict__["_modules"]["_orig_mod"]
+    generate = orig.generate
+    options = backend_options(fast) or {}
+    try:
+        cudagraphs = parse_cudagraphs(options.get("cudagraphs"), options.get("mode"))
+    except ValueError:
+        cudagraphs = False      # the backend reports the bad option at the first compiled call
+
+    @functools.wraps(generate)
+    def routed(*args, **kwargs):
+        if orig._compiled_call_impl is not None:   # model.compile() was used too: its own routing
+            return generate(*args, **kwargs)
+        compiled = _compiled_call(fast)
+
+        # not traced by whatever Dynamo context is active around the call (Hugging Face's own
+        # decode-step compile, for static caches on CUDA): the cache is initialized eagerly and
+        # our compiled callable installs its own context
+        @torch._dynamo.disable
+        def call(*a, **kw):
+            if cudagraphs is not False and _on_cuda(a, kw):   # only CUDA graphs need it (module docstring)
+                init_static_caches(orig, a, kw)
+            return compiled(*a, **kw)
+
+        setattr(call, _ROUTED, fast)
+
+        orig._compiled_call_impl = call
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            orig._compiled_call_impl = None
+
+    return routed
+
+
+def _on_cuda(args, kwargs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in (*args, *kwargs.values()))
+
+
+def init_static_caches(model, args, kwargs) -> None:
+    """Initialize a static KV cache passed to `model`'s forward before the compiled call, as
+    Hugging Face's StaticCache.early_initialization does: its tensors are then created outside the
+    compiled graph and marked as static addresses (what CUDA graphs need), instead of lazily inside
+    the first compiled call.  Caches without uninitialized static layers are left alone."""
+    caches = [v for v in kwargs.values() if hasattr(v, "early_initialization") and hasattr(v, "layers")]
+    if not caches:
+        return
+    ids = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    if not isinstance(ids, torch.Tensor):
+        return
+    for cache in caches:
+        pending = [l for l in cache.layers if getattr(l, "is_compileable", False)
+                   and not getattr(l, "is_initialized", True) and getattr(l, "supports_early_init", True)]
+        if not pending:
+            continue
+        shape = _kv_shape(model)
+        if shape is None:
+            return
+        try:
+            cache.early_initialization(batch_size=ids.shape[0], num_heads=shape[0], head_dim=shape[1],
+                                       dtype=model.dtype, device=ids.device)
+        except (TypeError, ValueError, NotImplementedError) as e:   # a cache layout we do not know: lazy init
+            _warn_once("early-init", f"could not initialize the static cache before the compiled call "
+                       f"({type(e).__name__}: {e}); it is created inside the first compiled call instead")
+
+
+def _kv_shape(model):
+    """(key/value heads, head dim) of the model's attention, from Hugging Face's helper when it has
+    one, else from the config (every layer alike)."""
+    helper = getattr(model, "_get_static_cache_init_shape", None)
+    if callable(helper):
+        return helper()
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(cfg, "num_attention_heads", None)
+    if heads is None:
+        return None
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return kv, head_dim
+
+
+_INSTALLED = "_fq_compile_generate_hook"
+
+
+def install() -> None:
+    """The two hooks of the module docstring, once per process: `generate` of modules compiled with
+    backend='flattenquant' is routed, and Hugging Face's own decode-step compile is skipped for a
+    model whose calls this backend already compiles.  Everything else keeps its own behaviour."""
+    _install_generate_routing()
+    _install_hf_compile_guard()
+
+
+def _install_hf_compile_guard() -> None:
+    try:
+        from transformers.generation.utils import GenerationMixin
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    original = getattr(GenerationMixin, "_valid_auto_compile_criteria", None)
+    if original is None or getattr(original, _INSTALLED, False):
+        return
+
+    @functools.wraps(original)
+    def _valid_auto_compile_criteria(self, *args, **kwargs):
+        if compiled_by_backend(self):
+            return False
+        return original(self, *args, **kwargs)
+
+    setattr(_valid_auto_compile_criteria, _INSTALLED, True)
+    GenerationMixin._valid_auto_compile_criteria = _valid_auto_compile_criteria
+
+
+def _install_generate_routing() -> None:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    original = OptimizedModule.__getattr__
+    if getattr(original, _INSTALLED, False):
+        return
+
+    @functools.wraps(original)
+    def __getattr__(self, name):
+        if name == "generate" and backend_options(self) is not None:
+            orig = self.__dict__["_modules"]["_orig_mod"]
+            if hasattr(orig, "generate"):
+                return _routed_generate(self)
+        return original(self, name)
+
+    setattr(__getattr__, _INSTALLED, True)
+    OptimizedModule.__getattr__ = __getattr__

@@ -1,0 +1,300 @@
+"""Triton kernel for `fq::attention`: flash attention on the INT8 (or FP8) tensor cores, registered as
+the op's CUDA implementation.  The semantics, and why they are bit-reproducible, are in
+fq_compile/kernels/attention.py; this file follows them step for step.
+
+One program owns BLOCK_M packed rows of one (batch, kv head): with grouped-query attention the
+Hq/Hkv query heads that read a kv head are packed into the rows (row r is query position r // REP of
+head g*REP + r % REP), so each K/V tile is loaded once for all of them, and a decode step (one query
+position) still fills a 16-row tensor-core tile when REP > 1.  The program walks the keys in blocks of
+kv_block (the semantic block: the running max moves once per block), in two phases: blocks visible to
+every row of the tile run without bounds or causal checks, the rest (the causal diagonal, the ragged
+end) with them; blocks past the tile's last causal position are skipped (they would change nothing).
+Scores never leave registers.
+
+QK^T: INT8 x INT8 -> int32 (or FP8 e4m3 -> float32) on the tensor cores, scaled once per element by c
+(a per-row float32 vector computed on the host).  Softmax in float32 with the polynomial exp2 built
+from explicitly rounded multiplies (`_mul_rn`, never contracted into an FMA).  PV: P rounded to INT8
+(or converted to e4m3) and multiplied with V on the tensor cores.  Head dims up to 128 (64, 80, 96
+and 128 among them); others are zero-padded to the next power of two in registers (exact: zeros add
+nothing).  The reference defines every bit for INT8 operands; with FP8 the tensor cores' accumulation
+differs (see the reference's docstring).
+
+EXP_HW=True (the launcher's `exp_hw`) swaps in the special-function unit's exp2 (MUFU ex2.approx):
+not bit-exact against the reference, kept only so that benchmarks/attention.py can measure what the
+exact polynomial costs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fq_compile.kernels.attention import EXP2_C, LOG2E, P_QMAX, score_scale
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_C1: tl.constexpr = tl.constexpr(EXP2_C[0])
+_C2: tl.constexpr = tl.constexpr(EXP2_C[1])
+_C3: tl.constexpr = tl.constexpr(EXP2_C[2])
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
+_PQ: tl.constexpr = tl.constexpr(P_QMAX)
+
+if _INTERPRET:
+    @triton.jit
+    def _mul_rn(a, b):
+        return a * b
+
+    @triton.jit
+    def _div_rn(a, b):
+        return a / b
+
+    @triton.jit
+    def _rint_small(v):
+        # v in [0, 127]: adding 2**23 leaves no fraction bits, so the FPU rounds half to even
+        return (v + 8388608.0) - 8388608.0
+
+    @triton.jit
+    def _to_e4m3(p):
+        """p in [0, 1] -> e4m3, rounded to nearest even.  The interpreter's float -> fp8 conversion
+        mis-rounds (triton 3.9: 0.497 -> 0.25) but converts grid values exactly, so round onto the
+        e4m3 grid first: steps of 2**(e - 3) in binade e, 2**-9 below 2**-6 (subnormals)."""
+        e = tl.maximum(((p.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3
+        step = ((e + 127) << 23).to(tl.float32, bitcast=True)
+        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+        return (_rint_small(p * inv) * step).to(tl.float8e4nv)
+
+    @triton.jit
+    def _to_out(x, dtype: tl.constexpr):
+        """The interpreter casts float32 -> bfloat16 by truncation (the GPU rounds to nearest even):
+        round the bits first, then the cast is exact."""
+        if dtype == tl.bfloat16:
+            b = x.to(tl.uint32, bitcast=True)
+            x = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return x.to(dtype)
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _mul_rn(a, b):
+        return libdevice.mul_rn(a, b)
+
+    @triton.jit
+    def _div_rn(a, b):
+        return libdevice.div_rn(a, b)
+
+    @triton.jit
+    def _rint_small(v):
+        return libdevice.rint(v)
+
+    @triton.jit
+    def _to_e4m3(p):
+        return p.to(tl.float8e4nv)   # cvt.rn.satfinite: round to nearest even
+
+    @triton.jit
+    def _to_out(x, dtype: tl.constexpr):
+        return x.to(dtype)           # round to nearest even
+
+
+@triton.jit
+def _exp2q(x, EXP_HW: tl.constexpr):
+    """exp2q of the reference (0 below -126; -inf -> 0), or the hardware exp2 when EXP_HW."""
+    if EXP_HW:
+        return tl.exp2(x)
+    xc = tl.maximum(x, -126.0)
+    n = tl.floor(xc)
+    f = xc - n
+    p = _mul_rn(f, _C3) + _C2
+    p = _mul_rn(p, f) + _C1
+    p = _mul_rn(p, f) + 1.0
+    two_n = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(x < -126.0, 0.0, _mul_rn(p, two_n))
+
+
+@triton.jit
+def _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
+           stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+           D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+           BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, QK_INT8: tl.constexpr,
+           PV_INT8: tl.constexpr, EXP_HW: tl.constexpr):
+    """One kv block of the online softmax; BOUNDS: apply the key bound and the causal mask."""
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < N
+    k_mask = offs_d[None, :] < D
+    v_mask = offs_dv[None, :] < DV
+    if BOUNDS:
+        k_mask = k_mask & n_ok[:, None]
+        v_mask = v_mask & n_ok[:, None]
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd, mask=k_mask, other=0.0)
+    if QK_INT8:
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    else:
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+    t = _mul_rn(s, c[:, None])
+    if MASK_KIND != 0:
+        m_ptrs = mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_mn
+        m_ok = row_ok[:, None] & n_ok[None, :]
+        if MASK_KIND == 1:
+            keep = tl.load(m_ptrs, mask=m_ok, other=0)
+            t = tl.where(keep != 0, t, float("-inf"))
+        else:
+            add = tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32)
+            t = t + _mul_rn(add, _LOG2E)
+    if BOUNDS:
+        visible = n_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= qpos[:, None])
+        t = tl.where(visible, t, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    u = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = _exp2q(m_i - u, EXP_HW)
+    p = _exp2q(t - u[:, None], EXP_HW)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd, mask=v_mask,
+                other=0.0)
+    if PV_INT8:
+        pq = _rint_small(_mul_rn(p, _PQ))
+        l_blk = tl.sum(pq, 1)                      # integers <= 127 * 128: exact in any order
+        pv = tl.dot(pq.to(tl.int8), v, out_dtype=tl.int32).to(tl.float32)
+    else:
+        p8 = _to_e4m3(p)
+        l_blk = tl.sum(p8.to(tl.float32), 1)       # multiples of 2**-9 below 128: exact in any order
+        pv = tl.dot(p8, v, out_dtype=tl.float32)
+    l_i = _mul_rn(l_i, alpha) + l_blk
+    acc = _mul_rn(acc, alpha[:, None]) + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
+def attention_kernel(Q, K, V, C, VS, MASK, OUT,
+                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+                     stride_ob, stride_oh, stride_om, stride_od,
+                     HKV, M, N, REP, M_BUCKET, N_BUCKET,
+                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                     QK_INT8: tl.constexpr, PV_INT8: tl.constexpr, EXP_HW: tl.constexpr):
+    """OUT[b, h, i, :] for BLOCK_M packed rows of kv head g (grid: row blocks, B * HKV).
+    MASK_KIND: 0 none, 1 bool (nonzero = attend), 2 additive float."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    g = pid_bh % HKV
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < M * REP
+    qpos = tl.where(row_ok, r // REP, 0)
+    h = g * REP + r % REP
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = (Q + b * stride_qb + h[:, None].to(tl.int64) * stride_qh + qpos[:, None].to(tl.int64) * stride_qm
+              + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    c = tl.load(C + h, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + g.to(tl.int64) * stride_vh
+    mask_rows = MASK + b * stride_mb + h.to(tl.int64) * stride_mh + qpos.to(tl.int64) * stride_mm
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if CAUSAL:
+        q_lo = (pid_m * BLOCK_M) // REP
+        q_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // REP, M - 1)
+        hi = tl.minimum(N, q_hi + 1)
+        full = (tl.minimum(N, q_lo + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = N
+        full = (N // BLOCK_N) * BLOCK_N
+    for j0 in range(0, full, BLOCK_N):
+        acc, l_i, m_i = _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, D, DV, BLOCK_D, BLOCK_DV,
+                               BLOCK_N, False, CAUSAL, MASK_KIND, QK_INT8, PV_INT8, EXP_HW)
+    for j0 in range(full, hi, BLOCK_N):
+        acc, l_i, m_i = _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, D, DV, BLOCK_D, BLOCK_DV,
+                               BLOCK_N, True, CAUSAL, MASK_KIND, QK_INT8, PV_INT8, EXP_HW)
+
+    vs = tl.load(VS + g) + tl.zeros([BLOCK_M], tl.float32)
+    ratio = _div_rn(vs, tl.where(l_i > 0, l_i, 1.0))   # l = 0: no visible key, the row is 0
+    out = tl.where(l_i[:, None] > 0, _mul_rn(acc, ratio[:, None]), 0.0)
+    o_ptrs = (OUT + b * stride_ob + h[:, None].to(tl.int64) * stride_oh + qpos[:, None].to(tl.int64) * stride_om
+              + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, _to_out(out, OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+def _cfg(bm, warps, stages):
+    return triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages)
+
+
+# Prefill candidates (BLOCK_N is the plan's kv_block, part of the semantics, never tuned); decode
+# (<= 16 packed rows) runs one 16-row tile per (batch, kv head) and streams K/V.  Few candidates on
+# purpose: each is a separate Triton compile for every new set of compile-time constants (head dim,
+# formats, mask kind), paid at the first prefill of a model.
+PREFILL_CONFIGS = [_cfg(128, 8, 3), _cfg(128, 4, 3), _cfg(64, 4, 3), _cfg(128, 8, 2)]
+DECODE_CONFIG = _cfg(16, 4, 3)
+INTERPRET_CONFIG = _cfg(16, 4, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned():
+    return triton.autotune(configs=PREFILL_CONFIGS, key=["M_BUCKET", "N_BUCKET", "REP", "D", "BLOCK_N",
+                                                         "CAUSAL", "MASK_KIND", "QK_INT8", "PV_INT8"])(attention_kernel)
+
+
+def _pow2(x: int, lo: int = 32) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def _hint(x) -> int:
+    """A concrete size for a tuning decision (regime, autotune bucket).  Under Inductor a dynamic size
+    is a SymInt: take its example value without a guard (power-of-two arithmetic on it would build a
+    symbolic expression and a guard per bucket); the choice only picks a tiling, never the result."""
+    if isinstance(x, torch.SymInt):
+        hint = x.node.hint
+        return int(hint) if hint is not None else 4096
+    return int(x)
+
+
+def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, kv_block, out_dtype, *,
+                   exp_hw: bool = False, config: triton.Config | None = None):
+    """Launch the kernel (the op's CUDA implementation).  exp_hw: the hardware exp2 (benchmarks only,
+    not exact); config: force one tiling (tests run each candidate without timing it)."""
+    b, hq, m, d = q.shape
+    hkv, n, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if d > 128 or dv > 128:
+        raise ValueError(f"fq::attention's Triton kernel takes head dims up to 128, got {d} and {dv}")
+    rep = hq // hkv
+    out = torch.empty((b, hq, m, dv), dtype=out_dtype, device=q.device)
+    if b == 0 or hq == 0 or m == 0:
+        return out
+    c = score_scale(q_scale, k_scale, sm_scale)
+    vs = v_scale.float().contiguous()
+    if mask is None:
+        mask_arg, mask_kind, ms = q, 0, (0, 0, 0, 0)
+    else:
+        mask_arg = mask.expand(b, hq, m, n)
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        ms = mask_arg.stride()
+    rows = m * rep
+    common = dict(D=d, DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_N=kv_block, CAUSAL=bool(causal),
+                  MASK_KIND=mask_kind, QK_INT8=q.dtype == torch.int8, PV_INT8=v.dtype == torch.int8, EXP_HW=exp_hw)
+    args = (q, k, v, c, vs, mask_arg, out, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+            hkv, m, n, rep, min(triton.next_power_of_2(_hint(rows)), 16384),
+            min(triton.next_power_of_2(max(_hint(n), 1)), 16384))
+    if config is None and (_INTERPRET or _hint(rows) <= 16):
+        config = INTERPRET_CONFIG if _INTERPRET else DECODE_CONFIG
+    if config is not None:
+        bm = config.kwargs["BLOCK_M"]
+        torch.library.wrap_triton(attention_kernel)[(triton.cdiv(rows, bm), b * hkv)](
+            *args, BLOCK_M=bm, num_warps=config.num_warps, num_stages=config.num_stages, **common)
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]), b * hkv)
+
+    torch.library.wrap_triton(_tuned())[grid](*args, **common)
+    return out

@@ -1,0 +1,289 @@
+"""Weight-streaming decode kernel for `fq::flat_linear` (M <= 64 rows): flatten + quantize fused
+into the prologue, dequantize + bias into the epilogue, INT8 or packed INT4 weights.
+
+    y[m, n] = float32(sum_p w[n, p] * q[m, p]) * scale[n] + bias[n]
+    q[m, p] = the flatten_quantize integer of x[m, src[p]] (flatten_quantize.py)
+
+At decode sizes the product is a matrix-vector product per row: every weight byte is read once and
+used M times, so the kernel's speed is the speed at which it streams the weight.  Layout of the work:
+
+  * swapped operands: each program owns BLOCK_N output channels (the MMA's M side, 64-128 wide)
+    and all M rows (the MMA's N side, padded to 16/32/64), so the tensor cores stay busy at M = 1
+    and the activation tile is small;
+  * split-K: the grid is (N tiles, K splits), enough programs to keep every SM streaming; each
+    program walks SPLIT_BLOCKS tiles of BLOCK_K weight columns;
+  * prologue: for its K tile a program loads the four per-position constants (src, mult, lo, hi:
+    shared by all programs, so they come from L2), gathers x[m, src[p]] for its rows and quantizes
+    them in registers with exactly flatten_quantize's integer steps (one rounded multiply, rint,
+    integer slice); INT4 positions 2j / 2j+1 meet the low / high nibbles of weight byte j, which are
+    unpacked in registers (`_nibbles`) and multiplied separately (the dot product does not care
+    about the order of K), so only packed bytes cross memory;
+  * epilogue: with one split, scale[n] * acc (an explicitly rounded multiply) + bias[n], cast, store.
+    With several, each program adds its int32 partial tile into a workspace with integer atomics
+    (exact, order-free), then takes a ticket on its N tile's counter; the program that draws the
+    last ticket reads the total back while zeroing it (atomic exchange), resets the counter and
+    writes the output: no second kernel and no memset.  The workspace is therefore all zeros
+    between calls; it is allocated once per device (`reserve`, which the lowering calls at compile
+    time, never inside a CUDA graph capture) and shared by every layer, so calls must not run
+    concurrently on two streams.
+
+Tile shapes are tuned among four candidates per (GPU, bits, N, K, row bucket) on first use (about
+0.1 s a shape; never inside a CUDA graph capture), and the choice is kept in memory and in
+`decode_tune.json` under $FQ_CACHE_DIR (or ~/.cache/fq_compile), so later processes never re-time.
+Under TRITON_INTERPRET=1 one small configuration runs, so CPU tests cover the split and unsplit
+epilogues bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fq_compile.kernels.triton.flatten_quantize import _quantize_vals
+from fq_compile.kernels.triton.gemm import _mul_rn, _nibbles
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DECODE_MAX_M = 64
+
+
+@triton.jit
+def _quantized_rows(x_ptr, pos, pos_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr, stride_xm, stride_xc,
+                    QMAX: tl.constexpr):
+    """q[p, m] (int8, [len(pos), BLOCK_M]) for flattened positions `pos` and rows `rows`."""
+    src = tl.load(src_ptr + pos, mask=pos_ok, other=0)
+    mult = tl.load(mult_ptr + pos, mask=pos_ok, other=0.0)
+    lo = tl.load(lo_ptr + pos, mask=pos_ok, other=0.0)
+    hi_q = tl.minimum(tl.load(hi_ptr + pos, mask=pos_ok, other=0.0), QMAX)
+    g = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_xm + src[:, None].to(tl.int64) * stride_xc,
+                mask=pos_ok[:, None] & row_ok[None, :], other=0.0)
+    q = _quantize_vals(g.to(tl.float32), mult[:, None], lo[:, None], hi_q[:, None])
+    return q.to(tl.int8)
+
+
+@triton.jit
+def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
+                              ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_xc, stride_wn, stride_wk,
+                              stride_om, stride_on,
+                              BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_BLOCKS: tl.constexpr):
+    """out[M, N] = flat_linear(x[M, C]) for one (N tile, K split); K counts flattened positions
+    (w has K or K/2 bytes a row); module docstring for the scheme."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    splits = tl.num_programs(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    cols = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N).to(tl.int64)  # loads need no mask
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    QMAX: tl.constexpr = 127.0 if BITS == 8 else 7.0
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    k_lo = pid_k * (SPLIT_BLOCKS * BLOCK_K)
+    k_hi = tl.minimum(K, k_lo + SPLIT_BLOCKS * BLOCK_K)
+    if BITS == 8:
+        kk = tl.arange(0, BLOCK_K)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            pos = k + kk
+            pos_ok = pos < K
+            q = _quantized_rows(x_ptr, pos, pos_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
+                                stride_xm, stride_xc, QMAX)
+            w = tl.load(w_ptr + cols[:, None] * stride_wn + pos[None, :] * stride_wk, mask=pos_ok[None, :], other=0)
+            acc = tl.dot(w, q, acc, out_dtype=tl.int32)
+    else:
+        KB: tl.constexpr = BLOCK_K // 2
+        jj = tl.arange(0, KB)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            j = k // 2 + jj                       # weight bytes; byte j holds positions 2j (low), 2j+1 (high)
+            j_ok = j < K // 2
+            q_lo = _quantized_rows(x_ptr, 2 * j, j_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
+                                   stride_xm, stride_xc, QMAX)
+            q_hi = _quantized_rows(x_ptr, 2 * j + 1, j_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
+                                   stride_xm, stride_xc, QMAX)
+            pw = tl.load(w_ptr + cols[:, None] * stride_wn + j[None, :] * stride_wk, mask=j_ok[None, :], other=0)
+            w_lo, w_hi = _nibbles(pw)
+            acc = tl.dot(w_lo, q_lo, acc, out_dtype=tl.int32)
+            acc = tl.dot(w_hi, q_hi, acc, out_dtype=tl.int32)
+
+    mask = n_ok[:, None] & row_ok[None, :]
+    if splits > 1:
+        ws = ws_ptr + rows[None, :] * N + offs_n[:, None]
+        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
+        ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == splits - 1:                  # every other split's partial is in: finish the tile
+            acc = tl.atomic_xchg(ws, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32), mask=mask, sem="relaxed")
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+            _store(acc, out_ptr, scale_ptr, bias_ptr, offs_n, n_ok, rows, mask, stride_om, stride_on, HAS_BIAS)
+    else:
+        _store(acc, out_ptr, scale_ptr, bias_ptr, offs_n, n_ok, rows, mask, stride_om, stride_on, HAS_BIAS)
+
+
+@triton.jit
+def _store(acc, out_ptr, scale_ptr, bias_ptr, offs_n, n_ok, rows, mask, stride_om, stride_on, HAS_BIAS: tl.constexpr):
+    """The GEMM ops' epilogue on the transposed tile: rounded float32 multiply, then the bias add."""
+    scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+    y = _mul_rn(acc.to(tl.float32), scale[:, None])
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+    ptrs = out_ptr + rows[None, :].to(tl.int64) * stride_om + offs_n[:, None] * stride_on
+    tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _cfg(bn, bk, split_blocks, warps, stages):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_BLOCKS": split_blocks}, num_warps=warps,
+                         num_stages=stages)
+
+
+# BLOCK_K counts flattened positions (an INT4 tile holds half the bytes).  Four candidates: split depth
+# (programs in flight vs atomic traffic) and N width (prologue work per weight byte).
+CONFIGS = {
+    8: [_cfg(128, 128, 4, 4, 4), _cfg(128, 128, 8, 4, 4), _cfg(64, 256, 4, 4, 4), _cfg(128, 256, 8, 8, 3)],
+    4: [_cfg(128, 256, 4, 4, 4), _cfg(128, 256, 8, 4, 4), _cfg(64, 512, 4, 4, 4), _cfg(128, 512, 4, 8, 3)],
+}
+INTERPRET_CONFIG = _cfg(16, 32, 1, 4, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# bounded autotuning: the candidates above timed once per (GPU, bits, N, K, row bucket)
+# ------------------------------------------------------------------------------------------------
+
+_BEST: dict[tuple, int] = {}
+TUNE_FILE = "decode_tune.json"
+
+
+def _tune_path():
+    from fq_compile.kernels.cutlass.gemm import cache_root
+
+    return cache_root() / TUNE_FILE
+
+
+def _load_tuned() -> dict:
+    try:
+        return json.loads(_tune_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_tuned(key: str, index: int) -> None:
+    """Merge one choice into the on-disk table (best effort: a read-only cache only costs re-tuning)."""
+    try:
+        path = _tune_path()
+        data = _load_tuned()
+        data[key] = index
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def _choose(bits: int, n: int, k: int, bucket: int, device: torch.device, run) -> triton.Config:
+    """The fastest candidate for this shape: from memory, from the disk table (shared by processes:
+    a second process never re-times), else timed now (four candidates, ~0.1 s), except during a
+    CUDA graph capture, where nothing may synchronize: then the first candidate, not remembered."""
+    configs = CONFIGS[bits]
+    if _INTERPRET:
+        return INTERPRET_CONFIG
+    name = torch.cuda.get_device_name(device)
+    key = (name, bits, n, k, bucket)
+    if key in _BEST:
+        return configs[_BEST[key]]
+    skey = f"{name}|{triton.__version__}|int{bits}|n{n}|k{k}|m{bucket}"
+    disk = _load_tuned().get(skey)
+    if isinstance(disk, int) and 0 <= disk < len(configs):
+        _BEST[key] = disk
+        return configs[disk]
+    if torch.cuda.is_current_stream_capturing():
+        return configs[0]
+    from triton.testing import do_bench
+
+    times = []
+    for cfg in configs:
+        try:
+            times.append(do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20))
+        except Exception:  # a candidate that does not fit this GPU (shared memory): never chosen
+            times.append(float("inf"))
+    best = min(range(len(configs)), key=times.__getitem__)
+    _BEST[key] = best
+    _save_tuned(skey, best)
+    return configs[best]
+
+
+# ------------------------------------------------------------------------------------------------
+# the workspace: int32 [DECODE_MAX_M, N] sums + int32 tile counters, all zero between calls
+# ------------------------------------------------------------------------------------------------
+
+_WORKSPACE: dict = {}
+MIN_BLOCK_N = 16
+
+
+def reserve(device: torch.device, n: int) -> None:
+    """Allocate (or grow) the device's workspace for N outputs; outside CUDA graph capture only."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    have = _WORKSPACE.get(device)
+    if have is not None and have[0] >= n:
+        return
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"fq::flat_linear needs its workspace for N={n} on {device}, and a CUDA graph is being "
+                           "captured: call fq_compile.kernels.flat_linear.reserve(device, N) before capturing "
+                           "(the flattenquant backend does this when it compiles)")
+    n = max(n, have[0] if have else 0)
+    sums = torch.zeros(DECODE_MAX_M * n, dtype=torch.int32, device=device)
+    counters = torch.zeros(triton.cdiv(n, MIN_BLOCK_N), dtype=torch.int32, device=device)
+    _WORKSPACE[device] = (n, sums, counters)
+
+
+def _workspace(device: torch.device, n: int):
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    reserve(device, n)
+    return _WORKSPACE[device][1:]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, config=None):
+    """fq::flat_linear on CUDA (and, under TRITON_INTERPRET=1, on the CPU): the fused kernel for
+    M <= DECODE_MAX_M rows, flatten_quantize + the GEMM op above.  config (a triton.Config) forces
+    one tiling (tests cover each candidate without timing it)."""
+    lead = x.shape[:-1]
+    n = wq.shape[0]
+    m = 1
+    for d in lead:
+        m *= d
+    if m > DECODE_MAX_M:
+        xq = torch.ops.fq.flatten_quantize(x, src, mult, lo, hi, bits)
+        op = torch.ops.fq.int4_linear if bits == 4 else torch.ops.fq.int8_linear
+        return op(xq, wq, scale, bias, out_dtype)
+    x2 = x.reshape(m, x.shape[-1])
+    k = src.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.reshape(*lead, n)
+    sums, counters = _workspace(x.device, n)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else scale
+    row_bucket = max(16, triton.next_power_of_2(m))
+
+    def run(cfg):
+        meta = cfg.kwargs
+        grid = (triton.cdiv(n, meta["BLOCK_N"]), max(1, triton.cdiv(k, meta["SPLIT_BLOCKS"] * meta["BLOCK_K"])))
+        flat_linear_decode_kernel[grid](
+            x2, src, mult, lo, hi, wq, scale, bias_arg, out, sums, counters, m, n, k,
+            x2.stride(0), x2.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
+            BITS=bits, HAS_BIAS=has_bias, BLOCK_M=row_bucket, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **meta)
+
+    run(config if config is not None else _choose(bits, n, k, row_bucket, x.device, run))
+    return out.reshape(*lead, n)

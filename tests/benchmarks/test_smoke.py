@@ -1,0 +1,53 @@
+"""The benchmark scripts, smoke-tested on tiny configs on the CPU: they still run and write their tables.
+
+Marked `bench` and left out of the default run (pyproject's addopts); run them with
+`python -m pytest -m bench`.  They check the scripts, not speed."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.bench
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"fq_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_e2e_smoke_and_report(tmp_path):
+    e2e = _script("e2e")
+    cfg = torch._dynamo.config
+    saved = {k: getattr(cfg, k) for k in ("recompile_limit", "cache_size_limit") if hasattr(cfg, k)}
+    try:
+        e2e.main(["--smoke", "--methods", "fp16-eager,fp8-naive,fq-O3,fq-auto", "--batches", "2", "--seqs", "12",
+                  "--auto-formats", "fp8=0.5,w4a8=0.25,int8=0.25", "--out", str(tmp_path)])
+    finally:
+        for k, v in saved.items():
+            setattr(cfg, k, v)
+    rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    kinds = {(r["kind"], r["method"]) for r in rows}
+    assert {("prefill", "fp16-eager"), ("prefill", "fq-O3"), ("memory", "fq-O3"), ("unavailable", "fp8-naive"),
+            ("prefill", "fq-auto")} <= kinds
+    o3 = next(r for r in rows if r["kind"] == "memory" and r["method"] == "fq-O3")
+    assert o3["plan_source"] == "paper Table 4 figures" and 0 < o3["flatten_ratio"] < 0.3
+    assert next(r for r in rows if r["kind"] == "graphs")["graphs"] >= 1
+    text = e2e.report([tmp_path / "e2e.jsonl"], tmp_path / "res", "smoke")
+    assert "prefill latency" in text and "fq-O3" in text and "Targets" in text
+    assert (tmp_path / "res" / "smoke.png").stat().st_size > 1000
+
+
+def test_cpu_smoke(tmp_path):
+    out = tmp_path / "cpu.md"
+    assert _script("cpu").main(["--smoke", "--methods", "fp32-eager,fp32-inductor,O1,O1-inductor", "--no-warm",
+                                "--out", str(out)]) == 0
+    text = out.read_text()
+    for method in ("fp32-eager", "fp32-inductor", "O1", "O1-inductor"):
+        assert f"| {method} " in text
+    assert "load average" in text and "Where the cold first call goes" in text and "Targets (issue 17)" in text

@@ -1,0 +1,367 @@
+"""fq::attention: the reference's semantics (against an independent float64 oracle and against
+itself under exact rewrites: GQA, masks, decode), the quantize ops, and the Triton kernel against the
+reference (interpreter at small sizes on the CPU, full sizes on the GPU with `-m gpu`).
+
+Every check draws fresh random inputs with the structure real attention has (a few large query/key
+channels, a first "sink" key that draws attention), never zeros."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fq_compile.kernels import attention as A  # noqa: E402
+from tests.conftest import run_guarded  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+DT = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------
+
+def make_qkv(b, hq, hkv, m, n, d, gen, dv=None):
+    """Float Q/K/V [B, H, S, D] with outlier channels and a sink key."""
+    dv = dv or d
+    q = torch.randn(b, hq, m, d, generator=gen)
+    k = torch.randn(b, hkv, n, d, generator=gen)
+    v = torch.randn(b, hkv, n, dv, generator=gen)
+    hot = torch.randperm(d, generator=gen)[:2]
+    q[..., hot] *= 4.0
+    k[..., hot] *= 3.0
+    k[:, :, 0] *= 2.5
+    return q, k, v
+
+
+def quantize(q, k, v, qk_fmt, pv_fmt, per_head=True):
+    """Static absmax scales (per head or per tensor) and the quantized tensors."""
+    def scale(x, fmt):
+        s = x.abs().amax(dim=(0, 2, 3)) / A.QMAX[fmt]
+        return s if per_head else torch.full_like(s, float(s.max()))
+    qs, ks, vs = scale(q, qk_fmt), scale(k, qk_fmt), scale(v, pv_fmt)
+    qq = A.quantize_heads_reference(q, A.inverse_scale(qs), DT[qk_fmt])
+    kq = A.quantize_heads_reference(k, A.inverse_scale(ks), DT[qk_fmt])
+    vq = A.quantize_heads_reference(v, A.inverse_scale(vs), DT[pv_fmt])
+    return (qq, kq, vq), (qs, ks, vs)
+
+
+def oracle(qq, kq, vq, qs, ks, vs, mask, causal, sm_scale, p_fmt):
+    """An independent float64 reading of the op for one kv block (kv_block >= N): dequantize, full-row
+    softmax relative to the row max with the exact exp2, P quantized as the op says, normalised by
+    the sum of the quantized P."""
+    hq, m = qq.shape[1], qq.shape[2]
+    hkv, n = kq.shape[1], kq.shape[2]
+    rep = hq // hkv
+    q = qq.double() * qs.double()[None, :, None, None]
+    k = (kq.double() * ks.double()[None, :, None, None]).repeat_interleave(rep, 1)
+    v = (vq.double() * vs.double()[None, :, None, None]).repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) * sm_scale
+    if mask is not None and mask.dtype != torch.bool:
+        s = s + mask.double()
+    keep = torch.ones_like(s, dtype=torch.bool)
+    if mask is not None and mask.dtype == torch.bool:
+        keep = keep & mask
+    if causal:
+        keep = keep & torch.ones(m, n, dtype=torch.bool).tril()
+    s = s.masked_fill(~keep, -math.inf)
+    mx = s.amax(-1, keepdim=True)
+    p = torch.exp(s - mx.clamp_min(-1e300)).nan_to_num(0.0)
+    if p_fmt == "int8":
+        p = torch.round(p * 127)
+    elif p_fmt == "fp8":
+        p = p.float().to(torch.float8_e4m3fn).double()
+    den = p.sum(-1, keepdim=True)
+    return torch.where(den > 0, (p @ v) / den, torch.zeros_like(den))
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------------------------
+# exp2q and the quantize ops
+# ----------------------------------------------------------------------------------------------
+
+def test_exp2q_is_exp2_to_1e4_and_exact_at_integers():
+    x = -torch.rand(200_000, generator=torch.Generator().manual_seed(0)) * 126
+    e = A.exp2q(x)
+    r = torch.exp2(x.double())
+    assert float(((e.double() - r) / r).abs().max()) < 9e-5
+    ints = -torch.arange(0, 127, dtype=torch.float32)
+    assert torch.equal(A.exp2q(ints), torch.exp2(ints))              # 2**-k exactly, exp2q(0) == 1
+    assert A.exp2q(torch.tensor([-math.inf, -126.5, -1e30])).eq(0).all()
+    grid = torch.linspace(-20, 0, 100_001)
+    assert (A.exp2q(grid).diff() >= 0).all()                          # monotone (softmax keeps the order)
+
+
+def test_quantize_heads_rounds_half_to_even_and_saturates():
+    inv = torch.tensor([1.0, 0.5])
+    x = torch.tensor([2.5, 3.5, -2.5, 200.0, -1e9, 0.49]).repeat(1, 2, 1, 1)   # [1, 2, 1, 6]
+    q = torch.ops.fq.quantize_heads(x, inv, torch.int8)
+    assert q.dtype == torch.int8
+    assert q[0, 0, 0].tolist() == [2, 4, -2, 127, -127, 0]
+    assert q[0, 1, 0].tolist() == [1, 2, -1, 100, -127, 0]           # 1.25, 1.75, -1.25 ... per-head scale
+    f = torch.ops.fq.quantize_heads(x, inv, torch.float8_e4m3fn)
+    assert f.dtype == torch.float8_e4m3fn and f.float()[0, 0, 0, 4] == -448.0
+    back = torch.ops.fq.dequantize_heads(q, 1 / inv, torch.float32)
+    assert torch.equal(back[0, 1, 0], q[0, 1, 0].float() * 2.0)
+    with pytest.raises(ValueError, match="int8 or torch.float8_e4m3fn"):
+        A.quantize_heads_reference(x, inv, torch.int16)
+
+
+# ----------------------------------------------------------------------------------------------
+# the reference
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qk_fmt,pv_fmt", [("int8", "int8"), ("fp8", "fp8"), ("int8", "fp8")])
+@pytest.mark.parametrize("kind", ["causal", "bool", "float", "none"])
+def test_reference_matches_float64_oracle_in_one_block(qk_fmt, pv_fmt, kind):
+    """kv_block >= N: the op is a plain quantized softmax, which the oracle computes independently in
+    float64; they differ only by exp2q's 8.6e-5 and float32 rounding (a P may land one step apart)."""
+    gen = torch.Generator().manual_seed(1)
+    b, hq, hkv, m, n, d = 2, 6, 2, 24, 56, 32
+    q, k, v = make_qkv(b, hq, hkv, m, n, d, gen)
+    (qq, kq, vq), (qs, ks, vs) = quantize(q, k, v, qk_fmt, pv_fmt)
+    mask = None
+    if kind == "bool":
+        mask = torch.rand(b, 1, m, n, generator=gen) > 0.3
+        mask[..., 0] = True
+    elif kind == "float":
+        mask = torch.randn(b, 1, m, n, generator=gen).clamp_max(0.5)
+    out = A.attention_reference(qq, kq, vq, qs, ks, vs, mask, kind == "causal", d ** -0.5, torch.float32, kv_block=64)
+    ref = oracle(qq, kq, vq, qs, ks, vs, mask, kind == "causal", d ** -0.5, pv_fmt)
+    assert out.shape == (b, hq, m, d) and torch.isfinite(out).all()
+    assert rel(out, ref) < (2e-3 if pv_fmt == "int8" else 6e-3), rel(out, ref)
+    # and the quantized attention is close to float attention (the formats are usable at all)
+    fmask = None if mask is None else mask.double() if kind == "float" else mask
+    fl = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=fmask,
+                                                          is_causal=kind == "causal", enable_gqa=True, scale=d ** -0.5)
+    assert rel(out, fl) < (0.04 if pv_fmt == "int8" else 0.12)
+
+
+@pytest.mark.parametrize("p_fmt", ["int8", "fp8"])
+def test_reference_blocks_follow_the_running_max(p_fmt):
+    """Several kv blocks, a late key that raises the running max: P quantized against each block's
+    running max errs no more than P quantized against the final max (the one-block oracle), both
+    measured against unquantized P on the same Q/K/V; and the block size changes bits (it is part of
+    the semantics, which is why the plan records it)."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = make_qkv(1, 4, 4, 40, 200, 64, gen)
+    k[:, :, 150] *= 4.0
+    (qq, kq, vq), (qs, ks, vs) = quantize(q, k, v, "int8", p_fmt)
+    exact_p = oracle(qq, kq, vq, qs, ks, vs, None, False, 0.125, None)
+    one_block = rel(oracle(qq, kq, vq, qs, ks, vs, None, False, 0.125, p_fmt), exact_p)
+    outs = {kb: A.attention_reference(qq, kq, vq, qs, ks, vs, None, False, 0.125, torch.float32, kb)
+            for kb in (32, 128)}
+    for kb, out in outs.items():
+        assert rel(out, exact_p) < 1.2 * one_block, (kb, rel(out, exact_p), one_block)
+    assert not torch.equal(outs[32], outs[128])
+
+
+def test_reference_exact_identities():
+    """Rewrites that must not change a bit: GQA vs repeated kv heads, causal vs the same bool mask vs a
+    0/-inf float mask, a causal prefill row vs a decode step over its prefix, batch order."""
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, m, d = 2, 6, 2, 70, 64
+    q, k, v = make_qkv(b, hq, hkv, m, m, d, gen)
+    (qq, kq, vq), (qs, ks, vs) = quantize(q, k, v, "int8", "int8")
+    sm = d ** -0.5
+    causal = A.attention_reference(qq, kq, vq, qs, ks, vs, None, True, sm, torch.float32)
+    rep = hq // hkv
+    rk, rv = kq.repeat_interleave(rep, 1), vq.repeat_interleave(rep, 1)
+    same = A.attention_reference(qq, rk, rv, qs, ks.repeat_interleave(rep), vs.repeat_interleave(rep), None, True, sm,
+                                 torch.float32)
+    assert torch.equal(causal, same)
+    tril = torch.ones(m, m, dtype=torch.bool).tril()
+    assert torch.equal(causal, A.attention_reference(qq, kq, vq, qs, ks, vs, tril, False, sm, torch.float32))
+    fmask = torch.zeros(m, m).masked_fill(~tril, -math.inf)
+    assert torch.equal(causal, A.attention_reference(qq, kq, vq, qs, ks, vs, fmask, False, sm, torch.float32))
+    for i in (0, 5, 63, 64, 69):
+        step = A.attention_reference(qq[:, :, i:i + 1], kq[:, :, :i + 1], vq[:, :, :i + 1], qs, ks, vs, None, False, sm,
+                                     torch.float32)
+        assert torch.equal(step[:, :, 0], causal[:, :, i]), i
+    flip = A.attention_reference(qq.flip(0), kq.flip(0), vq.flip(0), qs, ks, vs, None, True, sm, torch.float32)
+    assert torch.equal(flip, causal.flip(0))
+
+
+def test_reference_fully_masked_rows_are_zero():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, gen)
+    (qq, kq, vq), (qs, ks, vs) = quantize(q, k, v, "int8", "int8")
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    mask[..., 3, :] = False
+    out = A.attention_reference(qq, kq, vq, qs, ks, vs, mask, False, 0.25, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert out[:, :, 3].eq(0).all() and out[:, :, 2].ne(0).any()
+
+
+def test_op_runs_the_reference_on_cpu_and_checks_its_inputs():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(1, 4, 2, 9, 9, 32, gen)
+    (qq, kq, vq), (qs, ks, vs) = quantize(q, k, v, "int8", "fp8")
+    args = (qs, ks, vs, None, True, 0.2, 64, torch.float16)
+    out = torch.ops.fq.attention(qq, kq, vq, *args)
+    assert torch.equal(out, A.attention_reference(qq, kq, vq, qs, ks, vs, None, True, 0.2, torch.float16, 64))
+    compiled = torch.compile(lambda *a: torch.ops.fq.attention(*a), backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(qq, kq, vq, *args), out)          # the fake kernel agrees on shape/dtype
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        torch.ops.fq.attention(qq[:, :3], kq, vq, qs[:3], *args[1:])
+    with pytest.raises(RuntimeError, match="both be int8 or both float8"):
+        torch.ops.fq.attention(qq, kq.to(torch.float8_e4m3fn), vq, *args)
+    with pytest.raises(RuntimeError, match="kv_block"):
+        torch.ops.fq.attention(qq, kq, vq, qs, ks, vs, None, True, 0.2, 48, torch.float16)
+    with pytest.raises(RuntimeError, match="k_scale must be float32"):
+        torch.ops.fq.attention(qq, kq, vq, qs, ks[:1], vs, None, True, 0.2, 64, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# the Triton kernel against the reference (interpreter on CPU, full size on GPU)
+# ----------------------------------------------------------------------------------------------
+
+def check_attention(device: str, cases, seed: int = 0, configs=None, progress: bool = False):
+    """Kernel vs reference.  Case: (b, hq, hkv, m, n, d, qk_fmt, pv_fmt, kind, kv_block, out_dtype).
+    All-INT8: bit-exact.  FP8 PV or QK: the reference sums products exactly before one rounding, the
+    interpreter (numpy float32) and Hopper's FP8 tensor cores (about 14 accumulator bits, per the
+    DeepSeek-V3 report) do not; a product sum differs by a few ulps (interpreter) or ~2**-14 relative
+    (GPU), which moves a P across an e4m3 rounding edge now and then (one step is 6% of that P):
+    relative error < 1e-6 (interpreter) / 5e-3 (GPU), against quantization errors of 2-5%."""
+    from fq_compile.kernels.triton.attention import attention_cuda
+
+    gen = torch.Generator().manual_seed(seed)
+    for i, case in enumerate(cases):
+        b, hq, hkv, m, n, d, qk_fmt, pv_fmt, kind, kv_block, out_dtype = case
+        cfg = configs[i % len(configs)] if configs else None
+        if progress:
+            print(f"case {case} tiling {cfg or 'autotuned'}", flush=True)
+        q, k, v = make_qkv(b, hq, hkv, m, n, d, gen)
+        (qq, kq, vq), (qs, ks, vs) = quantize(q, k, v, qk_fmt, pv_fmt, per_head=i % 2 == 0)
+        mask = None
+        if kind == "bool":
+            mask = torch.rand(b, 1, m, n, generator=gen) > 0.2
+            mask[0, 0, -1] = False                              # a fully masked row
+        elif kind == "float":
+            mask = (torch.randn(1, hq, m, n, generator=gen) * 2).to(torch.bfloat16)
+        sm = d ** -0.5
+        ref = A.attention_reference(qq, kq, vq, qs, ks, vs, mask, kind == "causal", sm, out_dtype, kv_block)
+        dev = [t.to(device) for t in (qq, kq, vq, qs, ks, vs)]
+        if i % 3 == 1:       # V with keys contiguous (the layout the tensor cores want for PV), Q transposed storage
+            dev[2] = dev[2].transpose(-1, -2).contiguous().transpose(-1, -2)
+            dev[0] = dev[0].transpose(1, 2).contiguous().transpose(1, 2)
+        out = attention_cuda(*dev, None if mask is None else mask.to(device), kind == "causal", sm, kv_block, out_dtype,
+                             config=cfg)
+        assert out.shape == ref.shape and out.dtype == out_dtype
+        out = out.cpu()
+        if qk_fmt == pv_fmt == "int8":
+            bad = (out != ref).sum().item()
+            assert bad == 0, f"{case}: {bad} mismatches, max {(out.float() - ref.float()).abs().max().item()}"
+        else:
+            tol = 1e-6 if device == "cpu" and out_dtype == torch.float32 else 5e-3
+            assert rel(out, ref) < tol, f"{case}: rel err {rel(out, ref)}"
+        assert torch.isfinite(out.float()).all()
+
+
+SMALL = [(1, 4, 2, 20, 20, 16, "int8", "int8", "causal", 16, torch.float32),
+         (2, 3, 3, 33, 70, 32, "int8", "int8", "none", 32, torch.float32),
+         (1, 6, 2, 40, 40, 64, "int8", "int8", "causal", 64, torch.bfloat16),
+         (1, 2, 1, 1, 90, 80, "int8", "int8", "bool", 32, torch.float32),     # decode, ragged head dim
+         (1, 4, 2, 17, 50, 96, "int8", "int8", "float", 16, torch.float16),
+         (1, 2, 2, 24, 24, 128, "int8", "int8", "causal", 16, torch.float32),
+         (1, 2, 1, 24, 24, 16, "fp8", "fp8", "causal", 16, torch.float32),
+         (1, 2, 1, 20, 100, 64, "int8", "fp8", "none", 32, torch.float32),
+         (1, 2, 2, 20, 40, 32, "fp8", "int8", "bool", 16, torch.float32)]
+
+
+def _interp_main():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    check_attention("cpu", SMALL, seed=11)
+    print("attention: ok")
+
+
+def test_interpreter_matches_reference():
+    pytest.importorskip("triton")
+    run_guarded([__file__], 600, env=dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES=""))
+
+
+def test_gpu_implementation_registered():
+    pytest.importorskip("triton")
+    assert "attention" in A.CUDA_IMPL
+
+
+# GPU cases.  Each distinct set of compile-time constants (head dim, mask kind, formats, causal) is a
+# fresh Triton compile, and the reference runs on the CPU, so the list is short: full sizes only where
+# the size is the point (a SmolLM2-135M prefill, autotuned; a decode step over a 2048-token context),
+# and every other feature (head dims 80/96/128, masks, FP8 and mixed formats, strided layouts) at a few
+# hundred tokens, each case forced to one of the autotuner's candidate tilings in turn, so that every
+# candidate is checked once whichever the autotuner picks.
+GPU_AUTOTUNED = [(1, 9, 3, 2048, 2048, 64, "int8", "int8", "causal", 64, torch.bfloat16),   # SmolLM2-135M prefill
+                 (8, 32, 8, 1, 2048, 128, "int8", "int8", "none", 64, torch.bfloat16),   # decode (fixed tile)
+                 (4, 9, 3, 1, 700, 64, "int8", "int8", "bool", 64, torch.bfloat16)]      # decode, padded batch
+GPU_TILINGS = [(2, 12, 4, 300, 400, 80, "int8", "int8", "none", 64, torch.bfloat16),
+               (1, 8, 8, 257, 257, 96, "int8", "int8", "bool", 64, torch.bfloat16),
+               (2, 8, 2, 200, 200, 128, "int8", "int8", "float", 128, torch.float32),
+               (1, 8, 2, 384, 384, 128, "fp8", "fp8", "causal", 64, torch.bfloat16),
+               (1, 8, 2, 300, 300, 64, "int8", "fp8", "causal", 64, torch.bfloat16),
+               (1, 4, 4, 333, 333, 128, "fp8", "int8", "none", 64, torch.float32)]
+GPU_TIMEOUT_S = 300
+
+
+def _gpu_main():
+    from fq_compile.kernels.triton.attention import PREFILL_CONFIGS
+    assert torch.cuda.is_available()
+    check_attention("cuda", GPU_AUTOTUNED, seed=21, progress=True)
+    check_attention("cuda", GPU_TILINGS, seed=22, configs=PREFILL_CONFIGS, progress=True)
+    print("attention gpu: ok")
+
+
+@gpu
+@needs_cuda
+def test_gpu_kernel_matches_reference():
+    """The kernel against the reference on the GPU, in a child process under a time limit (a hung
+    kernel fails the test, with the last case started, instead of stalling the run)."""
+    run_guarded([__file__, "gpu"], GPU_TIMEOUT_S)
+
+
+def _gpu_inductor_main():
+    """torch.compile(inductor) of quantize_heads + fq.attention at a small prefill (autotuned tiling):
+    our Triton kernel in the generated code, no fallback to the reference op; same result as eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (t.cuda().to(torch.bfloat16) for t in make_qkv(2, 8, 2, 96, 96, 128, gen))
+    inv = {n: torch.full((h,), 20.0, device="cuda") for n, h in (("q", 8), ("k", 2), ("v", 2))}
+
+    def f(q, k, v):
+        qq = torch.ops.fq.quantize_heads(q, inv["q"], torch.int8)
+        kq = torch.ops.fq.quantize_heads(k, inv["k"], torch.int8)
+        vq = torch.ops.fq.quantize_heads(v, inv["v"], torch.int8)
+        return torch.ops.fq.attention(qq, kq, vq, 1 / inv["q"], 1 / inv["k"], 1 / inv["v"], None, True, 128 ** -0.5, 64,
+                                      torch.bfloat16)
+
+    print("compiling", flush=True)
+    out, codes = run_and_get_code(torch.compile(f, backend="inductor", fullgraph=True), q, k, v)
+    code = "\n".join(codes)
+    assert "attention_kernel" in code and "attention_reference" not in code, code[-3000:]
+    assert torch.equal(out, f(q, k, v))
+    print("attention inductor gpu: ok")
+
+
+@gpu
+@needs_cuda
+def test_gpu_inductor_inlines_attention_kernel():
+    run_guarded([__file__, "gpu-inductor"], GPU_TIMEOUT_S)
+
+
+if __name__ == "__main__":
+    {"gpu": _gpu_main, "gpu-inductor": _gpu_inductor_main}.get(sys.argv[1] if sys.argv[1:] else "", _interp_main)()

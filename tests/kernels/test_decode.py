@@ -1,0 +1,204 @@
+"""The fused decode kernel of fq::flat_linear (kernels/triton/decode.py) against the reference
+(flatten_quantize_reference, then quant_linear_reference), bit for bit.
+
+CPU: through the Triton interpreter in a fresh subprocess (TRITON_INTERPRET is read at import), at
+M in {1, 3, 16} (and 40: the 64-row bucket; 70: the fallback to flatten_quantize + GEMM), odd K,
+INT8 and INT4, random per-channel scales, with and without bias, split and unsplit K.
+GPU (`-m gpu`): the OPT-13B layer shapes at M = 1 (tuned tiling), every tiling candidate on small
+shapes at M in {1, 3, 16, 64}, a CUDA graph replay.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.kernels.test_triton import _make_map, _rand_q  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _case(m, c, n, bits, pad, gen, device, x_dtype=torch.float32, bias=True, layout="c"):
+    """Fresh random operands: a flatten map with hot channels (pad: K' padding multiple, 1 gives odd K'),
+    activations with outliers and values past the calibrated range, weights, per-channel scales."""
+    qmax = 127 if bits == 8 else 7
+    extras = torch.zeros(c, dtype=torch.int64)
+    hot = torch.randperm(c, generator=gen)[: max(1, c // 8)]
+    extras[hot] = torch.randint(1, 4, (hot.numel(),), generator=gen)
+    src, mult, lo, hi = _make_map(c, extras, pad, qmax, gen, mult_scale=qmax / 3.0)
+    k = src.numel()
+    x = torch.randn(m, c, generator=gen) * 1.5
+    x[:, hot] *= 4.0
+    x = x * torch.where(torch.rand(x.shape, generator=gen) < 0.02, 30.0, 1.0)
+    if layout == "t":                                  # column-major storage: strided gather
+        x = x.t().contiguous().t()
+    x = x.to(x_dtype)
+    w = _rand_q((n, k), qmax, gen, "cpu")
+    if bits == 4:
+        from fq_compile.kernels.packing import pack_int4
+        w = pack_int4(w)
+    scale = (torch.rand(n, generator=gen) * 1e-3 + 1e-4) * (1 + 9 * (torch.rand(n, generator=gen) < 0.1))
+    b = torch.randn(n, generator=gen) * 0.5 if bias else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    if layout == "t" and device != "cpu":
+        xd = x.t().contiguous().to(device).t()
+    else:
+        xd = to(x)
+    return (x, src, mult, lo, hi, w, scale.float(), b), (xd, to(src), to(mult), to(lo), to(hi), to(w),
+                                                          to(scale.float()), to(b))
+
+
+ALL_OUT = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None):
+    """Each case: (M, C, N, bits, pad, x dtype, bias, x layout), compared exactly with the reference
+    in every output dtype (out_dtypes None), or in out_dtypes[i % len] for case i (on the GPU every
+    dtype is a kernel compile); the workspace is all zeros after every call (the kernel cleans up)."""
+    from fq_compile.kernels import flat_linear_reference
+    from fq_compile.kernels.triton import decode as td
+
+    gen = torch.Generator().manual_seed(seed)
+    for i, (m, c, n, bits, pad, x_dtype, bias, layout) in enumerate(cases):
+        cfg = configs[i % len(configs)]
+        ref_args, dev_args = _case(m, c, n, bits, pad, gen, device, x_dtype, bias, layout)
+        k = ref_args[1].numel()
+        dtypes = ALL_OUT if out_dtypes is None else (out_dtypes[i % len(out_dtypes)],)
+        for out_dtype in dtypes:
+            y = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg)
+            ref = flat_linear_reference(*ref_args[:5], bits, *ref_args[5:], out_dtype)
+            assert y.shape == ref.shape and y.dtype == out_dtype
+            bad = (y.cpu() != ref).sum().item()
+            if bad and out_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+                # the interpreter casts float32 -> bfloat16 by truncation (the GPU rounds to nearest
+                # even, as torch does): allow one bfloat16 ulp there, exactness on the GPU
+                ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp_min(1e-30)
+                bad = ((y.cpu().float() - ref.float()).abs() > ulp).sum().item()
+            assert bad == 0, f"M={m} C={c} K'={k} N={n} int{bits} {x_dtype} {out_dtype} bias={bias}: {bad} mismatches"
+            assert ref.abs().max() > 0
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:      # the workspace is keyed by an indexed device
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if m <= td.DECODE_MAX_M:
+            _, sums, counters = td._WORKSPACE[dev]
+            assert not sums.any() and not counters.any(), "the workspace must be left all zeros"
+        # leading dims are kept
+        x3 = dev_args[0].reshape(1, m, c)
+        y3 = td.flat_linear_cuda(x3, *dev_args[1:5], bits, *dev_args[5:], dtypes[-1], config=cfg)
+        assert y3.shape == (1, m, n)
+
+
+# (M, C, N, bits, pad, x dtype, bias, x layout): K' odd for INT8 (pad 1), even for INT4 (pad 2);
+# the interpreter tile is 16 outputs x 32 positions, one tile a split: K' > 32 splits, K' <= 32 does not
+SMALL = [(1, 45, 40, 8, 1, torch.float32, True, "c"), (3, 61, 33, 8, 1, torch.bfloat16, False, "t"),
+         (16, 39, 24, 8, 1, torch.float16, True, "c"), (3, 13, 20, 8, 1, torch.float32, True, "c"),
+         (40, 29, 18, 8, 1, torch.float32, True, "c"), (70, 37, 17, 8, 1, torch.float32, True, "c"),
+         (1, 45, 40, 4, 2, torch.float32, True, "c"), (3, 61, 33, 4, 2, torch.bfloat16, True, "t"),
+         (16, 53, 24, 4, 2, torch.float16, False, "c"), (3, 11, 20, 4, 2, torch.float32, True, "c"),
+         (40, 29, 18, 4, 2, torch.float32, True, "c"), (70, 37, 17, 4, 2, torch.float32, False, "c")]
+
+
+def _interp_main(which: str):
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    bits = {"decode8": 8, "decode4": 4}[which]
+    check_decode("cpu", [c for c in SMALL if c[3] == bits], seed=11 + bits)
+    print(f"{which}: ok")
+
+
+@pytest.mark.parametrize("which", ["decode8", "decode4"])
+def test_interpreter(which):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, __file__, which], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+def test_op_reference_is_the_two_references_composed():
+    """fq::flat_linear on the CPU equals flatten_quantize then the GEMM op, bit for bit."""
+    import fq_compile.kernels  # noqa: F401
+
+    gen = torch.Generator().manual_seed(5)
+    for bits in (8, 4):
+        (x, src, mult, lo, hi, w, scale, b), _ = _case(5, 37, 23, bits, 1 if bits == 8 else 2, gen, "cpu")
+        y = torch.ops.fq.flat_linear(x, src, mult, lo, hi, bits, w, scale, b, torch.float32)
+        gemm = torch.ops.fq.int4_linear if bits == 4 else torch.ops.fq.int8_linear
+        two = gemm(torch.ops.fq.flatten_quantize(x, src, mult, lo, hi, bits), w, scale, b, torch.float32)
+        assert torch.equal(y, two)
+    with pytest.raises(Exception, match="weight must be"):
+        torch.ops.fq.flat_linear(x, src, mult, lo, hi, 8, w, scale, b, torch.float32)   # INT4 weight as INT8
+
+
+# -- GPU ---------------------------------------------------------------------------------------------
+# Few and quick (each distinct tiling, row bucket, dtype or bias flag is a Triton compile, and the
+# reference runs on the CPU): the OPT-13B shapes once, at M = 1, with the tuned tiling; every tiling
+# candidate on small shapes.
+
+# OPT-13B: hidden 5120, ffn 20480; K' = K * 1.25 rounded to 32 (the paper's flatten share)
+OPT13B = [(5120, 5120), (5120, 20480), (20480, 5120)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_opt13b_shapes(bits):
+    """Batch-1 decode on the OPT-13B layer shapes, fp16 in and out, the tiling the tuner picks."""
+    cases = [(1, c, n, bits, 32, torch.float16, True, "c") for c, n in OPT13B]
+    check_decode("cuda", cases, seed=20 + bits, out_dtypes=(torch.float16,))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_every_tiling(bits):
+    """Each candidate tiling once, on small shapes (N = 200: a partial last N tile): K' ~ 3300 splits
+    K under every candidate, K' ~ 250 does not; rows 3 / 16 / 64 / 1, every input and output dtype,
+    with and without bias, a column-major input."""
+    from fq_compile.kernels.triton import decode as td
+
+    configs = td.CONFIGS[bits]
+    pad = 1 if bits == 8 else 2
+    cases = [(3, 2600, 200, bits, pad, torch.float16, True, "c"), (16, 200, 200, bits, pad, torch.bfloat16, False, "t"),
+             (64, 2600, 200, bits, pad, torch.float32, True, "c"), (1, 200, 200, bits, pad, torch.float16, True, "c")]
+    assert len(cases) == len(configs)
+    check_decode("cuda", cases, seed=30 + bits, configs=configs,
+                 out_dtypes=(torch.float16, torch.float32, torch.bfloat16, torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_cuda_graph_replays(bits):
+    """Captured once, replayed on new activations: each replay equals the reference (the split-K
+    workspace is left zero by every call, so replays do not see each other's sums)."""
+    import fq_compile.kernels  # noqa: F401
+    from fq_compile.kernels import flat_linear_reference
+
+    gen = torch.Generator().manual_seed(40 + bits)
+    ref_args, dev_args = _case(1, 2048, 256, bits, 32, gen, "cuda", torch.float16)
+    x, rest = dev_args[0].clone(), dev_args[1:]
+    op = torch.ops.fq.flat_linear
+    op(x, *rest[:4], bits, *rest[4:], torch.float16)            # tunes and reserves outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = op(x, *rest[:4], bits, *rest[4:], torch.float16)
+    for i in range(3):
+        new = (torch.randn(x.shape, generator=gen) * (1 + i)).to(torch.float16)
+        x.copy_(new.cuda())
+        g.replay()
+        ref = flat_linear_reference(new, *ref_args[1:5], bits, *ref_args[5:], torch.float16)
+        assert torch.equal(y.cpu(), ref), f"replay {i}"
+
+
+if __name__ == "__main__":
+    _interp_main(sys.argv[1])

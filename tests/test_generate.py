@@ -1,0 +1,244 @@
+"""generate() through the flattenquant backend (issue 10): both call forms, the dynamic and the
+static KV cache, greedy tokens equal to those of the same plan run through the reference ops
+without Inductor (options inductor=False), and no recompiles once decoding runs."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import operator
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import fq_compile
+from fq_compile import Config
+from fq_compile.generation import backend_options, cudagraph_patches, init_static_caches, parse_cudagraphs
+from fq_compile.runtime.state import reports
+from tests.conftest import VOCAB, batches, tiny_llama, tiny_opt
+
+STEPS = 32
+PROMPT = 6
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(kind: str):
+    """A one-block model with planted outliers, an O2 plan (mostly INT4 at gamma 2.3: the greedy
+    tokens leave the fp model's from the first one on), a prompt, and the fp model's tokens."""
+    model = (tiny_opt if kind == "opt" else tiny_llama)(layers=1, seed=3)
+    plan = fq_compile.calibrate(model, batches(n=2), Config(level="O2", gamma=2.3), progress=False)
+    torch._dynamo.reset()
+    ids = torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        fp = model.generate(ids, **_kwargs("dynamic"))
+    return model, plan, ids, fp
+
+
+def _kwargs(cache: str, **extra) -> dict:
+    kw = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, pad_token_id=1, **extra)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    return kw
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(kind: str, cache: str) -> torch.Tensor:
+    """The same plan through the reference ops, run eagerly (no Inductor)."""
+    model, plan, ids, _ = _setup(kind)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False}).generate(
+            ids, **_kwargs(cache))
+    torch._dynamo.reset()
+    return out
+
+
+class GraphCounts(LogitsProcessor):
+    """Records, at every generated token, how many graphs the backend has compiled so far."""
+
+    def __init__(self, plan):
+        self.plan, self.counts = plan, []
+
+    def __call__(self, input_ids, scores):
+        self.counts.append(len(reports(self.plan)))
+        return scores
+
+
+def _generate(form: str, model, plan, ids, cache: str, **extra):
+    counts = GraphCounts(plan)
+    kw = _kwargs(cache, logits_processor=LogitsProcessorList([counts]), **extra)
+    with torch.no_grad():
+        if form == "torch.compile":
+            fast = torch.compile(model, backend="flattenquant", options={"plan": plan})
+            out = fast.generate(ids, **kw)
+        else:
+            model = copy.deepcopy(model)          # model.compile() changes the module itself
+            model.compile(backend="flattenquant", options={"plan": plan})
+            out = model.generate(ids, **kw)
+    return out, counts.counts
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("form", ["torch.compile", "model.compile"])
+def test_generate_runs_the_plan_without_recompiling_per_token(model_kind, form, cache):
+    model, plan, ids, fp = _setup(model_kind)
+    ref = _reference(model_kind, cache)
+    # the plan changes the greedy tokens: a generate() that ran the fp model would fail below
+    assert not torch.equal(ref, fp)
+    before = len(reports(plan))
+    out, counts = _generate(form, model, plan, ids, cache)
+    assert torch.equal(out, ref), f"{form} {cache}: {out.tolist()} != reference {ref.tolist()}"
+    assert len(counts) == STEPS and counts[0] > before
+    # decode-sized graphs (at most 64 rows) run the fused op
+    ops = {lr.op for r in reports(plan)[before:] for lr in r.layers if lr.op.startswith("fq.")}
+    assert ops and ops <= {"fq.flat_linear (int4)", "fq.flat_linear (int8)"}, ops
+    # compiles happen in the prefill and the first two decode steps (automatic dynamic shapes), never later
+    assert len(set(counts[2:])) == 1, counts
+
+
+@pytest.mark.parametrize("form", ["torch.compile", "model.compile"])
+def test_hugging_face_decode_compile_does_not_replace_the_backend(form):
+    """With a static cache on CUDA, generate() compiles the decode steps itself (inductor,
+    mode='reduce-overhead'); forced here on the CPU.  Our backend must still run every step."""
+    from transformers import CompileConfig
+
+    model, plan, ids, _ = _setup("opt")
+    ref = _reference("opt", "static")
+    cc = CompileConfig(backend="inductor")
+    cc._compile_all_devices = True
+    out, counts = _generate(form, model, plan, ids, "static", compile_config=cc)
+    assert torch.equal(out, ref)
+    assert len(set(counts[2:])) == 1, counts
+
+
+def test_generate_of_other_backends_is_untouched():
+    model = tiny_opt(layers=1)
+    fast = torch.compile(model, backend="eager")
+    assert backend_options(fast) is None
+    assert fast.generate == model.generate          # OptimizedModule's own forwarding
+    with pytest.raises(AttributeError):
+        torch.compile(torch.nn.Linear(2, 2), backend="flattenquant", options={"plan": None}).generate
+
+
+def test_backend_options_are_found():
+    model, plan, _, _ = _setup("opt")
+    fast = torch.compile(model, backend="flattenquant", options={"plan": plan, "cudagraphs": False})
+    assert backend_options(fast) == {"plan": plan, "cudagraphs": False}
+    assert fast.generate.__name__ == "generate"
+
+
+# -- options -----------------------------------------------------------------------------------------
+
+def test_cudagraph_option_values():
+    assert parse_cudagraphs(None) == "auto" and parse_cudagraphs("auto") == "auto"
+    assert parse_cudagraphs(True) is True and parse_cudagraphs(False) is False
+    assert parse_cudagraphs(None, mode="reduce-overhead") is True
+    with pytest.raises(ValueError, match="cudagraphs"):
+        parse_cudagraphs("yes")
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        parse_cudagraphs(False, mode="reduce-overhead")
+
+
+def test_mode_reduce_overhead_names_the_option_that_works():
+    model = tiny_opt(layers=1)
+    with pytest.raises(Exception, match=r"'cudagraphs': True"):
+        torch.compile(model, backend="flattenquant", mode="reduce-overhead")(torch.randint(0, VOCAB, (1, 5)))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="takes no mode='max-autotune'"):
+        torch.compile(model, backend="flattenquant", mode="max-autotune")(torch.randint(0, VOCAB, (1, 5)))
+    torch._dynamo.reset()
+    _, plan, _, _ = _setup("opt")
+    with pytest.raises(Exception, match="cudagraphs"):
+        torch.compile(model, backend="flattenquant", options={"plan": plan, "cudagraphs": "always"})(
+            torch.randint(0, VOCAB, (1, 5)))
+
+
+def _cache_update_graph(static: bool):
+    """cache[:, idx] = x in place (as a static KV cache's update), plus a read of the cache."""
+    g = fx.Graph()
+    cache, x, idx = g.placeholder("cache"), g.placeholder("x"), g.placeholder("idx")
+    view = g.call_method("view", (cache, 4, 8))
+    g.call_method("index_copy_", (view, 0, idx, x))
+    out = g.call_function(operator.add, (cache, 1.0))
+    g.output(out)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    t = torch.zeros(4, 8)
+    if static:
+        torch._dynamo.mark_static_address(t)
+    return gm, [t, torch.ones(1, 8), torch.zeros(1, dtype=torch.long)]
+
+
+def test_cudagraphs_apply_where_a_static_cache_is_updated():
+    gm, ex = _cache_update_graph(static=True)
+    assert cudagraph_patches("auto", gm, ex, on_cuda=True) == {"triton.cudagraphs": True}
+    assert cudagraph_patches("auto", gm, ex, on_cuda=False) == {}       # nothing to capture off CUDA
+    assert cudagraph_patches(False, gm, ex, on_cuda=True) == {}
+    gm_lazy, ex_lazy = _cache_update_graph(static=False)    # a cache made inside a compiled call
+    with pytest.warns(RuntimeWarning, match="fast.generate"):
+        assert cudagraph_patches("auto", gm_lazy, ex_lazy, on_cuda=True) == {}
+    assert cudagraph_patches(True, gm_lazy, ex_lazy, on_cuda=True) == {"triton.cudagraphs": True}
+    # a graph that updates nothing (a plain forward, a dynamic cache's torch.cat) gets none under "auto"
+    g = fx.Graph()
+    a = g.placeholder("a")
+    g.output(g.call_function(torch.cat, ([a, a],)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cudagraph_patches("auto", fx.GraphModule(torch.nn.Module(), g), [torch.ones(2)], on_cuda=True) == {}
+
+
+def test_static_cache_is_initialized_outside_the_compiled_call():
+    from transformers import StaticCache
+
+    model = tiny_llama(layers=2, kv_heads=2)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    ids = torch.randint(0, VOCAB, (3, 5))
+    init_static_caches(model, (), {"input_ids": ids, "cache": cache})
+    for layer in cache.layers:
+        assert layer.is_initialized
+        assert layer.keys.shape == (3, 2, 16, model.config.hidden_size // model.config.num_attention_heads)
+        assert getattr(layer.keys, "_dynamo_static_input_type", None)        # a static address for CUDA graphs
+    with torch.no_grad():          # the model runs on the initialized cache as on a lazily created one
+        a = model(ids, cache=cache, use_cache=True).logits
+        b = model(ids, cache=StaticCache(config=model.config, max_cache_len=16), use_cache=True).logits
+    torch.testing.assert_close(a, b)
+
+
+# -- GPU ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generate_with_static_cache():
+    """On CUDA, Hugging Face compiles static-cache decode steps itself unless told not to (our
+    guard); the fused decode kernel runs; the decode steps replay as CUDA graphs.  Tokens equal the
+    reference ops' (float32 model: Inductor's fused float ops stay close enough that the integer
+    inputs of the quantized layers agree).  One form, a one-block model and few steps, to stay quick:
+    the model.compile() form and the guard under a forced Hugging Face compile are CPU tests above."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = 8
+    model = tiny_opt(layers=1, seed=3).cuda()
+    data = [b.cuda() for b in batches(n=2)]
+    plan = fq_compile.calibrate(model, data, Config(level="O2", gamma=2.3), progress=False)
+    torch._dynamo.reset()
+    ids = torch.randint(0, VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(7)).cuda()
+    kw = dict(_kwargs("static"), max_new_tokens=steps, min_new_tokens=steps)
+    with torch.no_grad():
+        ref = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False,
+                                                                    "free_weights": False}).generate(ids, **kw)
+        torch._dynamo.reset()
+        counts = GraphCounts(plan)
+        fast = torch.compile(model, backend="flattenquant", options={"plan": plan, "free_weights": False})
+        out = fast.generate(ids, logits_processor=LogitsProcessorList([counts]), **kw)
+        assert torch.equal(out, ref), f"{out.tolist()} != {ref.tolist()}"
+        assert len(counts.counts) == steps and len(set(counts.counts[2:])) == 1, counts.counts
+        ops = {lr.op for r in reports(plan) for lr in r.layers}
+        assert any("flat_linear" in op for op in ops), ops
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            again = fast.generate(ids, **kw)
+        assert torch.equal(again, ref)
+    launches = sum(1 for e in prof.events() if e.name == "cudaGraphLaunch")
+    # every decode step replays (the new call's new cache re-records once: its address changed)
+    assert launches >= steps // 2, f"{launches} CUDA graph launches for {steps} tokens"
