@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from tabulate import tabulate
 
 from fq_compile.plan import QuantPlan
@@ -29,6 +31,38 @@ def _find_plan(obj) -> QuantPlan | None:
                 nxt.append(getattr(o, a, None))
         frontier = nxt
     return None
+
+
+def _byte_rows(plan: QuantPlan) -> list[list[str]]:
+    """Weight bytes before and after, over every parameter of the model (at 2 bytes per value in
+    floating point): what the quantized layers became, and what stayed in floating point (layers
+    kept, MoE experts, embeddings, norms).  Plans without the model's parameter list (synthetic or
+    older files) report the quantized layers only, and say so."""
+    mib = 2 ** 20
+    quantized = sum(lp.weight_bytes + (0 if lp.bias is None else lp.bias.numel() * 4) for lp in plan.layers.values())
+    if not plan.parameters:
+        before = sum(lp.in_features * lp.out_features * 2 for lp in plan.layers.values())
+        after = sum(lp.weight_bytes for lp in plan.layers.values())
+        return [["weight bytes, fp16 -> quantized (quantized layers only)", f"{before / mib:.2f} MiB -> "
+                 f"{after / mib:.2f} MiB" + (f" ({before / after:.2f}x smaller)" if after else "")]]
+    replaced = set()
+    for name, lp in plan.layers.items():
+        replaced.add(name + ".weight" if name + ".weight" in plan.parameters else name)
+        if lp.bias is not None:
+            replaced.add(name + ".bias")
+    numel = {k: math.prod(v) for k, v in plan.parameters.items()}
+    before = 2 * sum(numel.values())
+    kept = 2 * sum(v for k, v in numel.items() if k not in replaced)
+    kept_linear = 2 * sum(numel.get(s + ".weight", numel.get(s, 0)) for s in plan.skipped)
+    after = quantized + kept
+    return [
+        ["model weight bytes, fp16 -> after", f"{before / mib:.2f} MiB -> {after / mib:.2f} MiB"
+                                              + (f" ({before / after:.2f}x smaller)" if after else "")],
+        ["after: quantized layers", f"{quantized / mib:.2f} MiB"],
+        ["after: kept in floating point", f"{kept / mib:.2f} MiB ({100 * kept / before:.1f}% of the model's weights: "
+                                          f"{kept_linear / mib:.2f} MiB in the layers listed 'fp' above, the rest in "
+                                          "embeddings, norms and other parameters)" if before else "-"],
+    ]
 
 
 K_TILE = 128   # the GEMM kernels' K tile (int8 elements): what flattening costs the GEMM is counted in these
@@ -80,8 +114,9 @@ def explain(obj) -> str:
                      "-" if lp.error is None else f"{lp.error:.2e}", where, op, quantize, gemm]
                     + ([f"{shard.describe()} of {shard.full[0]}x{shard.full[1]}" if shard else "-"] if views else []))
     for name, why in plan.skipped.items():
-        rows.append([name, "fp", "-", "-", "-", "-", "-", "-", "-", "-", "-", f"linear (floating point): {why}",
-                     "-", "-"] + (["-"] if views else []))
+        shape = plan.parameters.get(name + ".weight", plan.parameters.get(name))
+        rows.append([name, "fp", "x".join(map(str, shape)) if shape else "-", "-", "-", "-", "-", "-", "-", "-",
+                     "-", f"linear (floating point): {why}", "-", "-"] + (["-"] if views else []))
     headers = ["layer", "format", "NxC->K'", "bits", "T", "extra ch", "flatten", "K' overhead", "KL4/KL8", "out err",
                "smoothing folded into", "op", "activation quantize", "GEMM kernel"]
     headers += ["tensor-parallel shard (rank/ranks)"] if views else []
@@ -93,7 +128,6 @@ def explain(obj) -> str:
     macs_flat = sum(lp.out_features * (plan.groups[lp.group].flat_features if lp.flattened else lp.in_features)
                     for lp in plan.layers.values())
     before = sum(lp.in_features * lp.out_features * 2 for lp in plan.layers.values())
-    after = sum(lp.weight_bytes for lp in plan.layers.values())
     params4 = sum(lp.in_features * lp.out_features for lp in plan.layers.values() if lp.bits == 4)
     counts = {}
     for lp in plan.layers.values():
@@ -101,14 +135,13 @@ def explain(obj) -> str:
     totals = [
         ["level", plan.config.level],
         ["weight scales", f"per {'output channel' if plan.config.weight_granularity == 'channel' else 'tensor'}"],
-        ["quantized linear layers", f"{n} ({len(plan.skipped)} kept in floating point)"],
+        ["quantized linear layers", f"{n} of {n + len(plan.skipped)} ({len(plan.skipped)} kept in floating point)"],
         ["formats", ", ".join(f"{f} {c}" for f, c in sorted(counts.items())) or "-"],
         ["INT4 share of layers / of weights",
          f"{100 * n4 / n:.1f}% / {100 * params4 / (before / 2):.1f}%" if n else "-"],
         ["average flatten ratio (flattened layers)", f"{100 * sum(flat) / len(flat):.1f}%" if flat else "-"],
         ["GEMM work added by K' (weighted by N*K)", f"+{100 * (macs_flat / macs - 1):.1f}%" if macs else "-"],
-        ["weight bytes, fp16 -> quantized", f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
-                                            + (f" ({after / before:.3f}x fp16)" if before else "")],
+        *_byte_rows(plan),
         ["graphs compiled", len(reports(plan))],
     ]
     if views:

@@ -28,13 +28,20 @@ from fq_compile.config import Config
 from fq_compile.kernels.attention import KV_BLOCKS
 
 FORMAT_NAME = "fq_compile.plan"
-FORMAT_VERSION = 4   # 2: the channel map is stored, not recomputed (its layout may change); weight scales
+FORMAT_VERSION = 5   # 2: the channel map is stored, not recomputed (its layout may change); weight scales
 #                         per output channel (a float32 [N] tensor)
 #                      3: exact weight fingerprints (a string), bias fingerprints, a checksum over the whole file
 #                      4: per-layer format (int8, int4, fp8, w4a8) with its measured error and why
-_OLDER = {"1": "weight fingerprints that cannot tell weights apart reliably, no per-layer formats",
-          "2": "weight fingerprints that cannot tell weights apart reliably, no per-layer formats",
-          "3": "no per-layer formats (FP8, W4A8)"}
+#                      5: layers over weights stored [K, N] (transposed: GPT-2's Conv1D), every parameter's shape
+# what plans of an older version lack (why they are refused)
+_OLDER = {"1": "weight fingerprints that cannot tell weights apart reliably, no per-layer formats, "
+               "no transposed layers (GPT-2's Conv1D)",
+          "2": "weight fingerprints that cannot tell weights apart reliably, no per-layer formats, "
+               "no transposed layers (GPT-2's Conv1D)",
+          "3": "no per-layer formats (FP8, W4A8), no record of which layers read their weight transposed "
+               "(GPT-2's Conv1D)",
+          "4": "no record of which layers read their weight transposed (GPT-2's Conv1D) nor of the "
+               "model's parameter shapes"}
 
 # Per-layer formats: the weight operand and the activation each one reads.
 #   int8  flattened INT8 activation x INT8 weight [N, K']          (fq.int8_linear; O1-O3, the baselines)
@@ -51,6 +58,11 @@ class PlanFormatError(ValueError):
 
 class PlanMismatchError(ValueError):
     """The plan does not belong to the model or graph it is applied to."""
+
+
+def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Every parameter's shape by name (tied weights once, under their first name)."""
+    return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
 def model_hash(model: torch.nn.Module) -> str:
@@ -198,6 +210,7 @@ class LayerPlan:
     kl_ratio: float | None = None
     rows_folded_from: str | None = None   # group whose smoothing is folded into this layer's rows
     bias_fingerprint: str | None = None   # weight_fingerprint of the floating-point bias (None: no bias)
+    transposed: bool = False      # the model stores the weight [K, N] (GPT-2's Conv1D); weight_q is [N, K'] anyway
     format: str | None = None     # see FORMAT_BITS; None: "int4" or "int8" from bits
     error: float | None = None    # the chosen format's output error on calibration rows (relative MSE)
     errors: dict | None = None    # format -> output error of every candidate measured (level auto)
@@ -206,6 +219,11 @@ class LayerPlan:
     def __post_init__(self):
         if self.format is None:      # checked with every other field by QuantPlan.validate
             self.format = "int4" if self.bits == 4 else "int8"
+
+    @property
+    def model_weight_shape(self) -> tuple[int, int]:
+        """The shape of the model's parameter this layer quantizes, as the model stores it."""
+        return (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
 
     @property
     def flattened(self) -> bool:
@@ -263,6 +281,7 @@ class QuantPlan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)   # layer -> why it stays in floating point
     calibration: dict = field(default_factory=dict)          # batches, tokens, ...
+    parameters: dict[str, list[int]] = field(default_factory=dict)   # every model parameter's shape (explain's bytes)
     attention: dict[str, AttentionPlan] = field(default_factory=dict)
     attention_skipped: dict[str, str] = field(default_factory=dict)   # site -> why it stays in floating point
 
@@ -275,13 +294,13 @@ class QuantPlan:
         another shape, or other weight / bias values than the plan was calibrated on."""
         params = dict(model.named_parameters())
         for name, lp in self.layers.items():
-            w = params.get(name + ".weight")
+            w = params.get(name + ".weight", params.get(name))
             if w is None:
                 raise PlanMismatchError(f"plan layer {name!r} does not exist in this {type(model).__name__}: "
                                         f"the plan was made for another model ({self.model_type})")
-            if tuple(w.shape) != (lp.out_features, lp.in_features):
+            if tuple(w.shape) != lp.model_weight_shape:
                 raise PlanMismatchError(f"layer {name!r}: the plan expects weight shape "
-                                        f"{(lp.out_features, lp.in_features)}, the model has {tuple(w.shape)}")
+                                        f"{lp.model_weight_shape}, the model has {tuple(w.shape)}")
             for what, t, expected in (("weight", w, lp.fingerprint), ("bias", params.get(name + ".bias"),
                                                                        lp.bias_fingerprint)):
                 if what == "bias" and (t is None) != (expected is None):
@@ -322,8 +341,8 @@ class QuantPlan:
                                  bits=lp.bits, act_scale=lp.act_scale,
                                  has_bias=lp.bias is not None, fingerprint=lp.fingerprint,
                                  bias_fingerprint=lp.bias_fingerprint, kl_ratio=lp.kl_ratio,
-                                 rows_folded_from=lp.rows_folded_from, format=lp.format, error=lp.error,
-                                 errors=lp.errors, why=lp.why)
+                                 rows_folded_from=lp.rows_folded_from, transposed=lp.transposed, format=lp.format,
+                                 error=lp.error, errors=lp.errors, why=lp.why)
         attention = {}
         for aname, ap in self.attention.items():
             ai = len(attention)
@@ -333,7 +352,8 @@ class QuantPlan:
                                     head_dim=ap.head_dim, v_head_dim=ap.v_head_dim, qk_format=ap.qk_format,
                                     pv_format=ap.pv_format, kv_block=ap.kv_block, layer_idx=ap.layer_idx)
         meta = dict(config=self.config.to_dict(), model_type=self.model_type, model_hash=self.model_hash,
-                    groups=groups, layers=layers, skipped=self.skipped, calibration=self.calibration)
+                    groups=groups, layers=layers, skipped=self.skipped, calibration=self.calibration,
+                    parameters=self.parameters)
         if attention or self.attention_skipped:     # absent keys read as none (plans written before)
             meta.update(attention=attention, attention_skipped=self.attention_skipped)
         return {k: v.detach().cpu() for k, v in tensors.items()}, meta
@@ -407,7 +427,8 @@ class QuantPlan:
         except ValueError as e:          # ConfigError
             raise PlanFormatError(f"config: {e}") from None
         plan = cls(config=config, model_type=meta["model_type"], model_hash=meta["model_hash"],
-                   skipped=dict(meta["skipped"]), calibration=dict(meta.get("calibration", {})))
+                   skipped=dict(meta["skipped"]), calibration=dict(meta.get("calibration", {})),
+                   parameters=meta["parameters"])
         for gname, g in meta["groups"].items():
             gi, where = g["index"], f"groups[{gname!r}]"
             plan.groups[gname] = GroupPlan(
@@ -425,8 +446,8 @@ class QuantPlan:
                 weight_scale=tensor(f"l{li}.weight_scale", where),
                 act_scale=l["act_scale"], bias=tensor(f"l{li}.bias", where) if l["has_bias"] else None,
                 fingerprint=l["fingerprint"], kl_ratio=l["kl_ratio"], rows_folded_from=l["rows_folded_from"],
-                bias_fingerprint=l["bias_fingerprint"], format=l["format"], error=l["error"], errors=l["errors"],
-                why=l["why"])
+                bias_fingerprint=l["bias_fingerprint"], transposed=l["transposed"], format=l["format"],
+                error=l["error"], errors=l["errors"], why=l["why"])
         plan.attention_skipped = dict(meta.get("attention_skipped", {}))
         for aname, a in meta.get("attention", {}).items():
             ai, where = a["index"], f"attention[{aname!r}]"
@@ -534,6 +555,12 @@ class _Validator:
                          ("calibration", p.calibration)):
             if not isinstance(obj, dict):
                 self.fail(key, f"must be a dict, got {type(obj).__name__}")
+        if not isinstance(p.parameters, dict):
+            self.fail("parameters", f"must be a dict, got {type(p.parameters).__name__}")
+        for name, shape in p.parameters.items():
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape):
+                self.fail(f"parameters[{name!r}]", f"{shape!r} must be a list of sizes (integers >= 0)")
         for name, why in p.skipped.items():
             self.string(f"skipped[{name!r}]", why)
             if name in p.layers:
@@ -654,6 +681,12 @@ class _Validator:
         if self.integer(f"{w}.in_features", lp.in_features) != g.in_features:
             self.fail(f"{w}.in_features", f"{lp.in_features} != its group's in_features {g.in_features}")
         n = self.integer(f"{w}.out_features", lp.out_features, lo=1)
+        if not isinstance(lp.transposed, bool):
+            self.fail(f"{w}.transposed", f"{lp.transposed!r} must be true or false")
+        shape = self.plan.parameters.get(name + ".weight", self.plan.parameters.get(name))
+        if shape is not None and tuple(shape) != lp.model_weight_shape:
+            self.fail(f"{w}.transposed" if tuple(shape) == lp.model_weight_shape[::-1] else f"{w}.out_features",
+                      f"the model's weight is {shape}, the layer reads {list(lp.model_weight_shape)}")
         if lp.bits not in (4, 8) or isinstance(lp.bits, bool):
             self.fail(f"{w}.bits", f"{lp.bits!r} must be 4 or 8")
         if lp.format not in FORMAT_BITS:

@@ -1,6 +1,4 @@
-"""Tiny OPT and Llama models built from configs, with outlier channels planted the way real LLMs
-have them: a few LayerNorm/RMSNorm gamma channels scaled 20-100x, so that a handful of activation
-channels dominate the per-tensor range."""
+"""Shared test helpers: the tiny models (tests/tiny_models.py), graph breaks, calibration data."""
 
 from __future__ import annotations
 
@@ -8,39 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-VOCAB = 256
-OUTLIER_CHANNELS = (3, 17, 40)
-OUTLIER_GAINS = (20.0, 60.0, 100.0)
-
-
-def plant_outliers(norms):
-    with torch.no_grad():
-        for norm in norms:
-            for c, gain in zip(OUTLIER_CHANNELS, OUTLIER_GAINS):
-                norm.weight[c] *= gain
-
-
-def tiny_opt(seed: int = 0, hidden: int = 64, layers: int = 2, outliers: bool = True) -> OPTForCausalLM:
-    torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden,
-                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden)
-    m = OPTForCausalLM(cfg).eval()
-    if outliers:
-        plant_outliers([n for l in m.model.decoder.layers for n in (l.self_attn_layer_norm, l.final_layer_norm)])
-    return m
-
-
-def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, kv_heads: int = 2, outliers: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    m = LlamaForCausalLM(cfg).eval()
-    if outliers:
-        plant_outliers([n for l in m.model.layers for n in (l.input_layernorm, l.post_attention_layernorm)])
-    return m
+from tests.tiny_models import (  # noqa: F401  (re-exported for the tests)
+    ARCHITECTURES,
+    OUTLIER_CHANNELS,
+    OUTLIER_GAINS,
+    VOCAB,
+    plant_outliers,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_opt,
+    tiny_phi3,
+    tiny_qwen2,
+)
 
 
 def break_graph_inside(module: torch.nn.Module) -> None:

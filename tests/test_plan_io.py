@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import fq_compile
 from fq_compile import Config, PlanFormatError, QuantPlan
-from tests.conftest import VOCAB, batches, tiny_llama, tiny_opt
+from tests.conftest import VOCAB, batches, tiny_gpt2, tiny_llama, tiny_opt
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,28 @@ def test_round_trip_gives_the_same_model(saved):
         b = torch.compile(model, backend="flattenquant", options={"plan": str(path), "inductor": False})(x).logits
     assert torch.equal(a, b)
     loaded.check_model(model)
+
+
+def test_round_trip_keeps_transposed_layers_and_the_parameter_list(tmp_path):
+    """GPT-2's Conv1D layers (weights stored [K, N]) survive the trip, and so does the list of the
+    model's parameters that explain() counts its bytes from."""
+    torch._dynamo.reset()
+    model = tiny_gpt2(layers=1)
+    plan = fq_compile.calibrate(model, batches(n=1), Config(level="O1"), progress=False)
+    assert all(lp.transposed for lp in plan.layers.values())
+    plan.save(tmp_path / "gpt2.fqplan")
+    loaded = QuantPlan.load(tmp_path / "gpt2.fqplan")
+    assert {n: lp.transposed for n, lp in loaded.layers.items()} == {n: True for n in plan.layers}
+    assert loaded.parameters == plan.parameters == {n: list(p.shape) for n, p in model.named_parameters()}
+    assert fq_compile.explain(loaded) == fq_compile.explain(plan)
+    loaded.check_model(model)
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch._dynamo.reset()
+        a = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x).logits
+        torch._dynamo.reset()
+        b = torch.compile(model, backend="flattenquant", options={"plan": loaded, "inductor": False})(x).logits
+    assert torch.equal(a, b)
 
 
 def test_truncated_file_is_refused(saved, tmp_path):
@@ -96,7 +118,10 @@ def _write(path, header, tensors, meta=None, reseal=True):
 def test_other_versions_are_refused_with_what_to_do(saved, tmp_path):
     _, _, path = saved
     header, tensors = _read(path)
-    for version, words in (("999", "use the fq_compile that wrote it"), ("2", "recalibrate"), ("1", "recalibrate")):
+    for version, words in (("999", "use the fq_compile that wrote it"),
+                           ("4", "transposed.*parameter shapes.*recalibrate"),
+                           ("3", "per-layer formats.*transposed.*recalibrate"), ("2", "recalibrate"),
+                           ("1", "recalibrate")):
         bad = _write(tmp_path / f"v{version}.fqplan", {**header, "format_version": version}, tensors)
         with pytest.raises(PlanFormatError, match=f"version {version}.*{words}"):
             QuantPlan.load(bad)
@@ -152,6 +177,10 @@ def _layer(plan, bits=None):
     return next(lp for lp in plan.layers.values() if bits is None or lp.bits == bits)
 
 
+def _oblong(plan):
+    return next(lp for lp in plan.layers.values() if lp.in_features != lp.out_features)
+
+
 # each edit makes one field wrong in a plan whose checksums are then recomputed; the error names the field
 FIELD_EDITS = {
     "bits": (lambda p: setattr(_layer(p, 8), "bits", 9), r"\.bits: 9 must be 4 or 8"),
@@ -190,6 +219,11 @@ FIELD_EDITS = {
     "skipped-and-quantized": (lambda p: p.skipped.__setitem__(next(iter(p.layers)), "why"),
                               r"skipped\[.*\]: the layer is both skipped and quantized"),
     "model_hash": (lambda p: setattr(p, "model_hash", "abc"), r"model_hash: 'abc' must be 64 hexadecimal"),
+    "transposed-type": (lambda p: setattr(_layer(p), "transposed", 1), r"\.transposed: 1 must be true or false"),
+    "transposed-layout": (lambda p: p.parameters.__setitem__(_oblong(p).name + ".weight", [_oblong(p).in_features,
+                                                                                           _oblong(p).out_features]),
+                          r"\.transposed: the model's weight is"),
+    "parameters": (lambda p: p.parameters.__setitem__("x.weight", [2, -1]), r"parameters\['x.weight'\]: .* sizes"),
 }
 
 
@@ -267,11 +301,12 @@ def test_plans_from_before_per_layer_formats_are_refused_clearly(saved, tmp_path
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for version, why in (("2", "fingerprints that cannot tell weights apart"), ("3", "no per-layer formats")):
+    for version, why in (("2", "fingerprints that cannot tell weights apart"), ("3", "no per-layer formats"),
+                         ("4", "no record of which layers read their weight transposed")):
         meta["format_version"] = version
         old = tmp_path / f"old{version}.fqplan"
         save_file(tensors, old, metadata=meta)
-        with pytest.raises(PlanFormatError, match=f"version {version}; this fq_compile reads version 4 "
+        with pytest.raises(PlanFormatError, match=f"version {version}; this fq_compile reads version 5 "
                                                   f"\\(older plans hold [^)]*{why}.*recalibrate"):
             QuantPlan.load(old)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fq_compile.passes.match import is_linear, is_move, layer_name, linear_args
+from fq_compile.passes.match import form_producing, is_move, layer_name
 from fq_compile.passes.shard import layout_change_input
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -94,8 +94,9 @@ def _method(n, name) -> bool:
 
 
 def _planned_linear(n, planned: set[str], name_of) -> str | None:
-    if isinstance(n, fx.Node) and is_linear(n):
-        fqn = name_of(linear_args(n)[1])
+    form = form_producing(n, name_of)
+    if form is not None:
+        fqn = name_of(form.weight)
         if fqn and layer_name(fqn) in planned:
             return layer_name(fqn)
     return None

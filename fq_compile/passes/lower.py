@@ -1,6 +1,7 @@
 """Rewrite a Dynamo graph with a QuantPlan: fold smoothing into norms, replace planned linears.
 
-Each planned `linear(x, W, b)` becomes
+Each planned linear layer (any form passes/match.py finds: `linear(x, W, b)`, Conv1D's
+`addmm(b, x, W)`, `x @ W.T + b`) becomes
 
     xq = fq.flatten_quantize(x, src, mult, lo, hi, bits)      # once per (input, bits): q/k/v share it
     y  = fq.int8_linear(xq, Wq, scale, bias, dtype)           # or fq.int4_linear
@@ -61,12 +62,13 @@ from fq_compile.kernels.flatten_quantize import QMAX, direct_prefix
 from fq_compile.passes.epilogue import fuse_relu_epilogues
 from fq_compile.passes.fold import find_fold_site
 from fq_compile.passes.match import (
+    LinearForm,
     ParamNames,
     describe_producer,
     example_value,
-    is_linear,
     layer_name,
-    linear_args,
+    linear_forms,
+    other_weight_reads,
     param_fqn,
     placeholder_inputs,
 )
@@ -134,15 +136,15 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
     report = GraphReport(index)
     runtime = placeholder_inputs(gm, example_inputs)
     name_of = _param_names(gm, example_inputs, runtime, plan)
-    linears = [n for n in gm.graph.nodes if is_linear(n)]
+    forms = linear_forms(gm, name_of)
     # group this graph's linears by input, as calibration did
-    by_input: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
-    tp, readers, to_local = {}, {}, {}      # DTensor linears: layer -> TPLinear; node -> what reads x for it
-    for node in linears:
-        x, w, b = linear_args(node)
+    by_input: dict[fx.Node, list[tuple[str, LinearForm]]] = {}
+    tp, readers, to_local = {}, {}, {}      # DTensor linears: layer -> TPLinear; call node -> what reads x for it
+    for form in forms:
+        x, w, b = form.x, form.weight, form.bias
         fqn = name_of(w)
         if fqn is None:
-            report.layers.append(LayerReport(f"<linear {node.name}>", "linear (floating point)", "-",
+            report.layers.append(LayerReport(f"<linear {form.node.name}>", "linear (floating point)", "-",
                                              "weight is not a model parameter"))
             continue
         name = layer_name(fqn)
@@ -155,16 +157,20 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 f"({plan.model_type}, {len(plan.layers)} layers); calibrate this model with fq_compile.calibrate")
         lp = plan.layers[name]
         wt = runtime.get(w)
-        tp[name] = tp_linear(plan, name, node, x, wt)    # a DTensor weight: this rank's part (passes/shard.py)
+        tp[name] = tp_linear(plan, name, form.out, x, wt)    # a DTensor weight: this rank's part (passes/shard.py)
         if tp[name] is not None:
-            x, readers[node] = local_input(gm, x, to_local)
+            if form.transposed or lp.transposed:
+                raise PlanMismatchError(f"layer {name!r}: tensor parallelism over a weight stored [K, N] "
+                                        "(GPT-2's Conv1D) is not supported")
+            x, readers[form.node] = local_input(gm, x, to_local)
         else:
             del tp[name]
             check_unsharded(plan, name)
             shape = tuple(wt.shape) if isinstance(wt, torch.Tensor) else tuple(example_value(w).shape)
-            if shape != (lp.out_features, lp.in_features):
+            if shape != lp.model_weight_shape or form.transposed != lp.transposed:
                 raise PlanMismatchError(f"layer {name!r}: the plan was made for weight shape "
-                                        f"{(lp.out_features, lp.in_features)}, this model has {shape}")
+                                        f"{lp.model_weight_shape}, this model has {shape}"
+                                        + (" (stored transposed)" if form.transposed != lp.transposed else ""))
         _check_values(fqn, w, wt, lp.fingerprint, report)
         report.layer_weights[w] = name
         bias_fqn = name_of(b) if isinstance(b, fx.Node) else None
@@ -174,7 +180,9 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                                     f"a bias, this graph's linear call reads {what}; recalibrate for this model")
         if b is not None:
             _check_values(bias_fqn, b, runtime.get(b), lp.bias_fingerprint, report)
-        by_input.setdefault(x, []).append((name, node))
+        by_input.setdefault(x, []).append((name, form))
+    for name, why in other_weight_reads(gm, forms, name_of).items():
+        report.layers.append(LayerReport(name, "floating point", "-", plan.skipped.get(name, why)))
 
     planned = set(plan.layers)
     gemm_nodes: dict[fx.Node, tuple[LayerReport, dispatch.Choice, torch.dtype]] = {}
@@ -188,7 +196,8 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor here but belong to "
                                     f"different plan groups {sorted(names)}")
         g = groups[x] = plan.groups[names.pop()]
-        folds[g.name] = _fold_here(x, {readers.get(node, node) for _, node in members}, g, planned, name_of, here)
+        folds[g.name] = _fold_here(x, {readers.get(form.node, form.node) for _, form in members}, g, planned,
+                                   name_of, here)
     realized_rows = {g.fold[len("rows:"):] for g in groups.values() if folds[g.name][0].startswith("rows:")}
 
     for x, members in by_input.items():
@@ -201,7 +210,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor but are not parallelised alike")
         g = sharded[0].group if sharded else g       # a row-parallel group: this rank's channel map
         if group_hook is not None:
-            group_hook(gm, g, x, smoothing, members[0][1])
+            group_hook(gm, g, x, smoothing, members[0][1].node)
         xv = example_value(x)
         device = xv.device if xv is not None else torch.device("cpu")
         info = dispatch.device_info(device)
@@ -211,12 +220,13 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
         decode = _decode_sized(x)               # flattened formats: quantize inside the GEMM (fq.flat_linear)
         consts: dict[int, list[fx.Node]] = {}   # the flattening constants per bit width
         quantized: dict[str, fx.Node] = {}      # one activation quantize per kind: a8, a4 (flattened), f8
-        for name, node in members:
+        for name, form in members:
             lp = tp[name].layer if name in tp else plan.layers[name]
+            node = form.out
             out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
             act = _ACTIVATION[lp.format]
             reason = "" if smoothing != "op" else note
-            with gm.graph.inserting_before(node):
+            with gm.graph.inserting_before(form.node):
                 in_op = smoothing == "op"
                 fused = decode and act != "f8"
                 if act == "f8":
@@ -264,10 +274,11 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             if name in tp:
                 new = wrap_output(gm, new, tp[name])    # back to the DTensor the graph expects
             new.meta.update(node.meta)
-            _, w_node, b_node = linear_args(node)
             node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            for p_node in (w_node, b_node):
+            for dead in dict.fromkeys((node, form.node, *form.views)):   # the bias add, the matmul, W.T
+                if not dead.users:
+                    gm.graph.erase_node(dead)
+            for p_node in (form.weight, form.bias):
                 fqn = name_of(p_node)
                 if fqn is not None and not p_node.users:
                     report.replaced_params[fqn] = p_node

@@ -1,14 +1,33 @@
-"""Small helpers over Dynamo's FX graphs, written once so every pass reads graphs the same way."""
+"""Small helpers over Dynamo's FX graphs, written once so every pass reads graphs the same way.
+
+This is the one place that finds linear layers and names their parameters.  A linear layer reaches
+a Dynamo graph in one of three forms (seen with torch 2.13 and transformers 5.x):
+
+    linear(x, W, b)          nn.Linear and most models (W stored [N, K])
+    addmm(b, x2d, W)         GPT-2's Conv1D (W stored transposed, [K, N]) on the [M, K] view of x
+    x @ W.T  (+ b)           Falcon's FalconLinear (W stored [N, K], the transpose taken in forward)
+
+`linear_forms` returns each as a `LinearForm` (input, weight and bias nodes, whether the weight is
+stored [K, N]); observe.py, fold.py and lower.py read only that.  Parameters of two or more
+dimensions that a graph reads some other way (MoE experts as a grouped matmul over a 3-D parameter,
+...) are named by `other_weight_reads` with the reason, so that they are listed as kept in floating
+point instead of being invisible.
+"""
 
 from __future__ import annotations
 
 import operator
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+_ADDMM = (torch.addmm,)
+_MATMUL = (operator.matmul, torch.matmul, torch.mm)
+_ADD = (operator.add, torch.add)
+_EMBEDDING = (torch.nn.functional.embedding, torch.embedding)
 
 _MODULE_RE = re.compile(r"_modules\['([^']+)'\]|_parameters\['([^']+)'\]|_buffers\['([^']+)'\]")
 
@@ -109,6 +128,208 @@ def linear_args(node: fx.Node):
     return x, w, b
 
 
+@dataclass(frozen=True)
+class LinearForm:
+    """One linear layer y = x W^T + b as the graph computes it (see the module docstring)."""
+
+    node: fx.Node                 # the call that reads x: linear, addmm or matmul
+    x: fx.Node                    # the activation, [..., K]
+    weight: fx.Node               # the weight's placeholder
+    bias: fx.Node | None          # the bias's node (an argument of `node`, or the add that follows it)
+    out: fx.Node                  # the node whose value is y: `node`, or the bias add after a matmul
+    transposed: bool = False      # the parameter is stored [K, N] (Conv1D), not nn.Linear's [N, K]
+    kind: str = "linear"          # "linear", "addmm" or "matmul"
+    views: tuple[fx.Node, ...] = ()   # transposes between the parameter and `node` (dead once rewritten)
+
+    def weight_shape(self) -> tuple[int, int] | None:
+        """(N, K) of the layer, whichever way the parameter is stored."""
+        v = example_value(self.weight)
+        if v is None or v.dim() != 2:
+            return None
+        return (int(v.shape[1]), int(v.shape[0])) if self.transposed else (int(v.shape[0]), int(v.shape[1]))
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """The parameters one linear layer reads, by fully-qualified name, as the graph names them."""
+
+    weight: str
+    bias: str | None = None
+    transposed: bool = False      # weight stored [K, N]
+
+
+def _call(node, targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _transpose_of(node) -> fx.Node | None:
+    """The 2-D tensor `node` transposes (W.T, W.t(), W.transpose(0, 1), W.permute(1, 0)), else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
+        return node.args[0]
+    if node.op == "call_function" and node.target is torch.t:
+        return node.args[0]
+    if node.op == "call_method" and node.target == "t":
+        return node.args[0]
+    if (node.op == "call_method" and node.target == "transpose") or _call(node, (torch.transpose,)):
+        dims = {d % 2 for d in node.args[1:3] if isinstance(d, int)}
+        return node.args[0] if dims == {0, 1} and len(node.args) == 3 else None
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        return node.args[0] if tuple(d % 2 for d in dims if isinstance(d, int)) == (1, 0) and len(dims) == 2 else None
+    return None
+
+
+def _weight_operand(b, name_of) -> tuple[fx.Node, bool, tuple[fx.Node, ...]] | None:
+    """For the right operand B of x @ B: (the parameter's placeholder, stored [K, N]?, transposes),
+    when B is a 2-D model parameter or its transpose; None otherwise (an activation, a 3-D weight)."""
+    views: list[fx.Node] = []
+    transposed = True                       # x @ P multiplies by P as stored: P is [K, N]
+    n = b
+    while (src := _transpose_of(n)) is not None:
+        views.append(n)
+        transposed = not transposed
+        n = src
+    if not isinstance(n, fx.Node) or n.op != "placeholder" or name_of(n) is None:
+        return None
+    v = example_value(n)
+    if v is None or v.dim() != 2:
+        return None
+    return n, transposed, tuple(views)
+
+
+def _bias_add(node: fx.Node, n_out: int | None, name_of) -> tuple[fx.Node, fx.Node] | None:
+    """(bias placeholder, add node) when `node`'s only user adds a 1-D parameter of size N to it."""
+    if len(node.users) != 1:
+        return None
+    u = next(iter(node.users))
+    is_add = (_call(u, _ADD) and "alpha" not in u.kwargs) or (u.op == "call_method" and u.target == "add"
+                                                             and "alpha" not in u.kwargs)
+    if not is_add or len(u.args) != 2:
+        return None
+    other = u.args[1] if u.args[0] is node else u.args[0] if u.args[1] is node else None
+    v = example_value(other)
+    if (not isinstance(other, fx.Node) or other.op != "placeholder" or name_of(other) is None or v is None
+            or v.dim() != 1 or (n_out is not None and v.shape[0] != n_out)):
+        return None
+    return other, u
+
+
+def linear_form(node: fx.Node, name_of) -> LinearForm | None:
+    """`node` as a linear layer, or None.  name_of(node) names a parameter placeholder (None for
+    anything else); addmm and matmul count only when their weight operand is a 2-D parameter."""
+    if is_linear(node):
+        x, w, b = linear_args(node)
+        if b is None and isinstance(w, fx.Node):
+            ev = example_value(w)
+            hit = _bias_add(node, int(ev.shape[0]) if ev is not None and ev.dim() == 2 else None, name_of)
+            if hit is not None:
+                return LinearForm(node, x, w, hit[0], hit[1])
+        return LinearForm(node, x, w, b, node)
+    if _call(node, _ADDMM) and len(node.args) == 3 and all(node.kwargs.get(k, 1) == 1 for k in ("beta", "alpha")):
+        b, x, w = node.args
+        op = _weight_operand(w, name_of)
+        ev = example_value(b)
+        if (op is None or not isinstance(b, fx.Node) or b.op != "placeholder" or name_of(b) is None
+                or ev is None or ev.dim() != 1):
+            return None
+        return LinearForm(node, x, op[0], b, node, transposed=op[1], kind="addmm", views=op[2])
+    if _call(node, _MATMUL) and len(node.args) == 2 and not node.kwargs:
+        x, w = node.args
+        op = _weight_operand(w, name_of)
+        xv = example_value(x)
+        if op is None or xv is None or xv.dim() < 1:
+            return None
+        form = LinearForm(node, x, op[0], None, node, transposed=op[1], kind="matmul", views=op[2])
+        shape = form.weight_shape()
+        if shape is None or xv.shape[-1] != shape[1]:
+            return None
+        hit = _bias_add(node, shape[0], name_of)
+        if hit is not None:
+            form = LinearForm(node, x, op[0], hit[0], hit[1], transposed=op[1], kind="matmul", views=op[2])
+        return form
+    return None
+
+
+def form_producing(node, name_of) -> LinearForm | None:
+    """The linear layer whose output `node` is (the call itself, or the bias add after a matmul)."""
+    if not isinstance(node, fx.Node):
+        return None
+    form = linear_form(node, name_of)
+    if form is not None and form.out is node:
+        return form
+    for a in node.args if _call(node, _ADD) or (node.op == "call_method" and node.target == "add") else ():
+        form = linear_form(a, name_of) if isinstance(a, fx.Node) else None
+        if form is not None and form.out is node:
+            return form
+    return None
+
+
+def linear_forms(gm: fx.GraphModule, name_of) -> list[LinearForm]:
+    """Every linear layer of the graph, in graph order."""
+    forms = []
+    for node in gm.graph.nodes:
+        form = linear_form(node, name_of)
+        if form is not None:
+            forms.append(form)
+    return forms
+
+
+def layer_params(form: LinearForm, name_of) -> LayerParams | None:
+    """The names of the parameters `form` reads (None when its weight is not a model parameter)."""
+    w = name_of(form.weight)
+    if w is None:
+        return None
+    return LayerParams(w, name_of(form.bias) if form.bias is not None else None, form.transposed)
+
+
+def _reader(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_function":
+        return str(t) if isinstance(t, torch._ops.OpOverloadPacket) else getattr(t, "__name__", str(t))
+    return f"{node.op} {t}"
+
+
+_PASS_THROUGH = {"to", "contiguous", "view", "reshape", "float", "half", "bfloat16", "expand", "unsqueeze", "squeeze",
+                 "permute", "transpose", "flatten", "unflatten"}
+
+
+def other_weight_reads(gm: fx.GraphModule, forms: list[LinearForm], name_of) -> dict[str, str]:
+    """Parameters of 2+ dimensions the graph reads other than as a linear layer's weight or an
+    embedding table, by layer name (the parameter's name without '.weight'), with the reason."""
+    as_weight = {(f.node, f.weight) for f in forms}
+    views = {v for f in forms for v in f.views}
+    out: dict[str, str] = {}
+    for ph in gm.graph.nodes:
+        fqn = name_of(ph) if ph.op == "placeholder" else None
+        v = example_value(ph)
+        if fqn is None or v is None or v.dim() < 2:
+            continue
+        readers, frontier = [], list(ph.users)
+        while frontier:
+            u = frontier.pop()
+            if u in views or (u, ph) in as_weight or _call(u, _EMBEDDING):
+                continue
+            if _transpose_of(u) is not None or is_getitem(u) or (u.op == "call_method" and u.target in _PASS_THROUGH):
+                frontier.extend(u.users)
+            elif not (u.op == "call_method" and u.target in ("size", "dim")):
+                readers.append(u)
+        if not readers:
+            continue
+        what = sorted({_reader(r) for r in readers})
+        shape = tuple(v.shape)
+        if v.dim() == 3 and ("expert" in fqn or any("grouped_mm" in w or "bmm" in w for w in what)):
+            why = (f"MoE experts: a {shape} parameter (one weight per expert) read by {', '.join(what)}, a "
+                   "grouped matmul whose rows per expert the router picks at run time; fq_compile has no "
+                   "grouped INT GEMM, so the experts stay in floating point")
+        else:
+            why = (f"a {shape} parameter read by {', '.join(what)}, not as a linear layer "
+                   "(linear, addmm or x @ W.T) that fq_compile rewrites")
+        out[layer_name(fqn)] = why
+    return out
+
+
 def example_value(node) -> torch.Tensor | None:
     if not isinstance(node, fx.Node):
         return None
@@ -162,8 +383,7 @@ class ParamNames:
         weight name, or several of which only one has this weight's fingerprint."""
         from fq_compile.runtime.guards import fingerprint
 
-        weights = [linear_args(n)[1] for n in gm.graph.nodes if is_linear(n)]
-        weights = [w for w in weights if w in rel]
+        weights = [f.weight for f in linear_forms(gm, rel.get) if f.weight in rel]
         if any(layer_name(rel[w]) in known for w in weights):
             return ""
         for w in weights:

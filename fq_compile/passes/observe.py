@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from fq_compile.passes.match import example_value, is_linear, layer_name, linear_args
+from fq_compile.passes.match import LayerParams, LinearForm, layer_name, layer_params, linear_forms, other_weight_reads
 
 
 class CalibrationError(RuntimeError):
@@ -28,6 +28,7 @@ class InputStats:
     in_features: int
     sample_size: int
     generator: torch.Generator
+    params: dict[str, LayerParams] = field(default_factory=dict)   # layer -> its parameters' names
     absmax: torch.Tensor | None = None
     rows: int = 0
     _sample: torch.Tensor | None = None
@@ -101,9 +102,10 @@ class AttentionObserver(torch.nn.Module):
 @dataclass
 class ObservedLinear:
     layer: str
-    node: fx.Node
+    node: fx.Node                 # the call that reads the input (form.node)
     in_features: int
-    bias: str | None = None      # the bias parameter the graph's linear call reads (None: no bias)
+    form: LinearForm | None = None
+    params: LayerParams | None = None
 
 
 @dataclass
@@ -114,15 +116,15 @@ class StatsStore:
     seed: int = 0
     inputs: dict[str, InputStats] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)   # layer -> reason
-    biases: dict[str, str | None] = field(default_factory=dict)  # layer -> bias parameter read by its linear call
     graphs: list[fx.GraphModule] = field(default_factory=list)
     attention: dict[str, AttentionStats] = field(default_factory=dict)        # site -> Q/K/V maxima
     attention_unsupported: dict[str, str] = field(default_factory=dict)       # site -> reason
 
-    def stats_for(self, group: str, layers: list[str], in_features: int) -> InputStats:
+    def stats_for(self, group: str, layers: list[str], in_features: int,
+                  params: dict[str, LayerParams] | None = None) -> InputStats:
         if group not in self.inputs:
             g = torch.Generator().manual_seed(self.seed + len(self.inputs))
-            self.inputs[group] = InputStats(layers, in_features, self.sample_size, g)
+            self.inputs[group] = InputStats(layers, in_features, self.sample_size, g, dict(params or {}))
         return self.inputs[group]
 
 
@@ -147,23 +149,24 @@ def group_name(layers: list[str]) -> str:
 
 
 def find_linears(gm: fx.GraphModule, name_of) -> tuple[dict[fx.Node, list[ObservedLinear]], dict[str, str]]:
-    """Group the graph's linear calls by input node; list those we cannot quantize, with why.
-    The bias is the one the call reads (a parameter, whatever its name), never looked up by name."""
+    """Group the graph's linear layers (every form match.py knows) by input node; list what we
+    cannot quantize, with why: linears whose weight is no parameter or whose bias is computed in the
+    graph, and weights read otherwise (MoE experts, ...).  The bias is the one the call reads (a
+    parameter, whatever its name), never looked up by name."""
     groups: dict[fx.Node, list[ObservedLinear]] = {}
-    unsupported: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        if not is_linear(node):
+    forms = linear_forms(gm, name_of)
+    unsupported: dict[str, str] = other_weight_reads(gm, forms, name_of)
+    for form in forms:
+        params = layer_params(form, name_of)
+        shape = form.weight_shape()
+        if params is None or shape is None:
+            unsupported[f"<linear {form.node.name}>"] = "weight is not a 2-D model parameter"
             continue
-        x, w, b = linear_args(node)
-        fqn = name_of(w)
-        if fqn is None:
-            unsupported[f"<linear {node.name}>"] = "weight is not a model parameter"
+        if params.bias is None and form.bias is not None:
+            unsupported[layer_name(params.weight)] = "bias is not a model parameter (computed in the graph)"
             continue
-        bias = name_of(b) if isinstance(b, fx.Node) else None
-        if isinstance(b, fx.Node) and bias is None:
-            unsupported[layer_name(fqn)] = "bias is not a model parameter (computed in the graph)"
-            continue
-        groups.setdefault(x, []).append(ObservedLinear(layer_name(fqn), node, int(example_value(w).shape[1]), bias))
+        groups.setdefault(form.x, []).append(ObservedLinear(layer_name(params.weight), form.node, shape[1], form,
+                                                            params))
     return groups, unsupported
 
 
@@ -176,9 +179,8 @@ def insert_observers(gm: fx.GraphModule, store: StatsStore, groups, unsupported,
         if not lins:
             continue
         layers = [l.layer for l in lins]
-        for l in lins:
-            store.biases.setdefault(l.layer, l.bias)
-        stats = store.stats_for(group_name(layers), layers, lins[0].in_features)
+        stats = store.stats_for(group_name(layers), layers, lins[0].in_features,
+                                {l.layer: l.params for l in lins if l.params is not None})
         mod_name = f"fq_observer_{i}"
         gm.add_submodule(mod_name, ActivationObserver(stats))
         with gm.graph.inserting_before(lins[0].node):

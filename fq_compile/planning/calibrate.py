@@ -10,6 +10,7 @@ With Config.attention set, the same graphs also observe each attention site's Q,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -60,6 +61,35 @@ def skipped_layers(model: torch.nn.Module, patterns: tuple[str, ...]) -> dict[st
                 out[n] = (f"kept in floating point by Config.skip ({hit[0]})" if n in hit else
                           f"weight tied to {hit[0]}, kept in floating point by Config.skip")
     return out
+
+
+def _kept_summary(kept: dict[str, str], by_config: dict[str, str], limit: int = 4) -> str:
+    """What stayed in floating point and why, for an error message: other reasons before Config.skip."""
+    if not kept:
+        return ""
+    names = sorted(kept, key=lambda n: n in by_config)
+    shown = "; ".join(f"{n}: {kept[n]}" for n in names[:limit])
+    more = len(names) - limit
+    return f" (kept in floating point: {shown}{f'; and {more} more' if more > 0 else ''})"
+
+
+def _warn_kept(model: torch.nn.Module, plan, unsupported: dict[str, str]) -> None:
+    """Say so when weights that act as linear layers stay in floating point for a reason other than
+    Config.skip (MoE experts, weights read by ops we do not rewrite): explain() lists them too."""
+    if not unsupported:
+        return
+    params = dict(model.named_parameters())
+
+    def numel(name):
+        p = params.get(name + ".weight", params.get(name))
+        return 0 if p is None else p.numel()
+
+    kept = sum(numel(n) for n in unsupported)
+    done = sum(lp.in_features * lp.out_features for lp in plan.layers.values())
+    first = next(iter(unsupported))
+    warnings.warn(f"fq_compile: {len(unsupported)} weight(s) of {type(model).__name__} that act as linear layers stay "
+                  f"in floating point ({100 * kept / max(kept + done, 1):.0f}% of the linear-layer weights), e.g. "
+                  f"{first}: {unsupported[first]}; fq_compile.explain(plan) lists them all", UserWarning, stacklevel=3)
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None = None, *,
@@ -125,12 +155,17 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
             seen += 1
     if seen == 0:
         raise CalibrationError("calibrate() got no batches: pass an iterable of input_ids tensors")
-    if config.quantize and not store.inputs:
-        raise CalibrationError(f"no linear layers were found in the graphs of {type(model).__name__}")
     skipped = dict(skip)
     skipped.update(store.unsupported)
     if config.quantize:
-        plan = build_plan(model, store.inputs, folds, skipped, config, progress=progress, biases=store.biases)
+        if not store.inputs:
+            raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer fq_compile can "
+                                   "rewrite was found in its graphs" + _kept_summary(skipped, skip))
+        plan = build_plan(model, store.inputs, folds, skipped, config, progress=progress)
+        if not plan.layers:
+            raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer ran during "
+                                   "calibration" + _kept_summary(plan.skipped, skip))
+        _warn_kept(model, plan, store.unsupported)
     else:
         plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model))
     plan.calibration.update(batches=seen, rows=max((st.rows for st in store.inputs.values()), default=0),

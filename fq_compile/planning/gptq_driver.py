@@ -21,6 +21,7 @@ from fq_compile.kernels.packing import pack_int4, unpack_int4
 from fq_compile.plan import FLATTENED_FORMATS, QuantPlan
 from fq_compile.planning.flatten import flatten_values
 from fq_compile.planning.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_flattened
+from fq_compile.planning.planner import plan_weight
 from fq_compile.planning.weights import flattened_weight, quantize_weight, smoothed_weight
 
 _BLOCK = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -115,7 +116,7 @@ def apply_gptq(model, plan: QuantPlan, batches, call, device, progress: bool = T
             for layer in g.layers:
                 lp = plan.layers[layer]
                 rows = plan.groups[lp.rows_folded_from].smooth if lp.rows_folded_from else None
-                weight = params[layer + ".weight"].detach().float().cpu()
+                weight = plan_weight(params, lp)
                 if lp.format == "w4a8":
                     acc = session.active[gn][1]
                     if acc.rows:

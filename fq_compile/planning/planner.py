@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fq_compile.config import Config
+from fq_compile.passes.match import LayerParams
 from fq_compile.passes.observe import CalibrationError, InputStats
 from fq_compile.plan import (
     FORMAT_BITS,
@@ -21,6 +22,7 @@ from fq_compile.plan import (
     LayerPlan,
     QuantPlan,
     model_hash,
+    parameter_shapes,
     weight_fingerprint,
 )
 from fq_compile.planning import bits as bits_pass
@@ -35,6 +37,19 @@ from fq_compile.planning.threshold import truncation_threshold
 from fq_compile.planning import formats
 from fq_compile.planning.formats import quantize_layer
 from fq_compile.planning.weights import flattened_weight
+
+
+def layer_weight(params: dict[str, torch.Tensor], ref: LayerParams) -> torch.Tensor:
+    """A layer's weight as nn.Linear stores it, [N, K], in float32 on the CPU (where planning runs,
+    whatever the model's device); a Conv1D weight ([K, N]) is transposed."""
+    w = params[ref.weight].detach()
+    return (w.t() if ref.transposed else w).float().cpu()
+
+
+def plan_weight(params: dict[str, torch.Tensor], lp: LayerPlan) -> torch.Tensor:
+    """`layer_weight` of a planned layer (its parameter is '<layer>.weight', or '<layer>' itself)."""
+    name = lp.name + ".weight" if lp.name + ".weight" in params else lp.name
+    return layer_weight(params, LayerParams(name, None, lp.transposed))
 
 
 def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], fold: str, fold_note: str,
@@ -64,10 +79,12 @@ def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], f
 
 def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,
                row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None,
-               fmt: str | None = None, fingerprints: tuple[str, str | None] | None = None) -> LayerPlan:
+               fmt: str | None = None, fingerprints: tuple[str, str | None] | None = None,
+               transposed: bool = False) -> LayerPlan:
     """One layer's plan in format `fmt`; None: the level's (fp8, or INT8 / INT4 by Eq. 8 at O2/O3).
-    fingerprints: (weight, bias) fingerprints of the model's own tensors, as stored (dtype included);
-    computed from `weight` / `bias` when not given."""
+    weight is [N, K] (transposed already where the model stores it [K, N]: `transposed`);
+    fingerprints: (weight, bias) fingerprints of the model's own tensors, as stored (layout and dtype
+    included), as the backend will compute them; computed from `weight` / `bias` when not given."""
     if fingerprints is None:
         fingerprints = (weight_fingerprint(weight), None if bias is None else weight_fingerprint(bias))
     b = None if bias is None else bias.float().clone()
@@ -85,30 +102,39 @@ def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.T
     return LayerPlan(name=layer, group=group.name, in_features=weight.shape[1], out_features=weight.shape[0],
                      bits=FORMAT_BITS[fmt], format=fmt, weight_q=q.weight_q, weight_scale=q.weight_scale,
                      act_scale=q.act_scale, bias=b, fingerprint=fingerprints[0],
-                     kl_ratio=ratio, rows_folded_from=row_group, bias_fingerprint=fingerprints[1])
+                     kl_ratio=ratio, rows_folded_from=row_group, bias_fingerprint=fingerprints[1],
+                     transposed=transposed)
 
 
 def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dict[str, tuple[str, str]],
-               skipped: dict[str, str], config: Config, progress: bool = True,
-               biases: dict[str, str | None] | None = None) -> QuantPlan:
-    """folds: group -> (encoded fold site, note) from the fold analysis; biases: layer -> the bias
-    parameter its graph's linear call reads (None: no bias), as the observers found it."""
+               skipped: dict[str, str], config: Config, progress: bool = True) -> QuantPlan:
+    """folds: group -> (encoded fold site, note) from the fold analysis.  Each layer's weight and
+    bias are the parameters its graph's call reads (InputStats.params), never looked up by name."""
     plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model),
-                     skipped=dict(skipped))
+                     skipped=dict(skipped), parameters=parameter_shapes(model))
     params = dict(model.named_parameters())
+
+    def ref_of(st: InputStats, layer: str) -> LayerParams:
+        """The layer's parameters as its graph named them (bias from the graph node, not by name)."""
+        ref = st.params.get(layer)
+        if ref is None:      # stats made without graph names: nn.Linear's
+            ref = LayerParams(layer + ".weight", layer + ".bias" if layer + ".bias" in params else None)
+        return ref
+
+    refs = {l: ref_of(st, l) for st in inputs.values() for l in st.layers}
 
     def weight_of(layer):
         # planning runs on the CPU, where statistics and plan tensors live, whatever the model's device
-        return params[layer + ".weight"].detach().float().cpu()
+        return layer_weight(params, refs[layer])
 
     def bias_of(layer):
-        name = (biases or {}).get(layer)
+        name = refs[layer].bias
         return None if name is None else params[name].detach().float().cpu()
 
     def fingerprints_of(layer):
-        name = (biases or {}).get(layer)
+        name = refs[layer].bias
         bias_fp = None if name is None else weight_fingerprint(params[name])
-        return weight_fingerprint(params[layer + ".weight"]), bias_fp
+        return weight_fingerprint(params[refs[layer].weight]), bias_fp
 
     for name, st in tqdm(list(inputs.items()), desc="fq_compile: planning groups", disable=not progress):
         if st.absmax is None:
@@ -133,7 +159,8 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
                 continue
             row_fold[producer] = g
     if config.format == "auto":
-        _plan_auto(plan, inputs, row_fold, weight_of, bias_of, fingerprints_of, config, progress)
+        _plan_auto(plan, inputs, row_fold, weight_of, bias_of, fingerprints_of, config, progress,
+                   transposed_of=lambda layer: refs[layer].transposed)
         return plan
     for name, g in tqdm(list(plan.groups.items()), desc="fq_compile: quantizing layers", disable=not progress):
         st = inputs[name]
@@ -145,12 +172,13 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             rg = row_fold.get(layer)
             plan.layers[layer] = plan_layer(layer, g, weight_of(layer), bias_of(layer),
                                             None if rg is None else rg.smooth, None if rg is None else rg.name,
-                                            config, act_ratio, fingerprints=fingerprints_of(layer))
+                                            config, act_ratio, fingerprints=fingerprints_of(layer),
+                                            transposed=refs[layer].transposed)
     return plan
 
 
 def _plan_auto(plan: QuantPlan, inputs: dict[str, InputStats], row_fold: dict, weight_of, bias_of, fingerprints_of,
-               config: Config, progress: bool) -> None:
+               config: Config, progress: bool, transposed_of=lambda layer: False) -> None:
     """Level auto: measure every candidate format of every layer on the calibration rows, choose under
     the budget (planning/formats.py), then quantize each layer in its format."""
     device = formats.DEVICES[config.target]
@@ -170,7 +198,7 @@ def _plan_auto(plan: QuantPlan, inputs: dict[str, InputStats], row_fold: dict, w
             rg = row_fold.get(layer)
             lp = plan_layer(layer, g, weight_of(layer), bias_of(layer), None if rg is None else rg.smooth,
                             None if rg is None else rg.name, config, None, fmt=choice[layer],
-                            fingerprints=fingerprints_of(layer))
+                            fingerprints=fingerprints_of(layer), transposed=transposed_of(layer))
             lp.error, lp.errors, lp.why = errors[layer][choice[layer]], errors[layer], why[layer]
             plan.layers[layer] = lp
     plan.calibration["auto"] = summary

@@ -56,6 +56,7 @@ from fq_compile.plan import (
     LayerPlan,
     QuantPlan,
     model_hash,
+    parameter_shapes,
     weight_fingerprint,
 )
 from fq_compile.planning.calibrate import skipped_layers
@@ -103,6 +104,10 @@ def block_structure(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)
     def capture(gm, example_inputs):
         name_of = ParamNames(gm, example_inputs, by_id=by_id)
         groups, _ = find_linears(gm, name_of)
+        stored_kn = [l.layer for lins in groups.values() for l in lins if l.params is not None and l.params.transposed]
+        if stored_kn:
+            raise ValueError(f"synthetic_plan supports nn.Linear's weight layout only; {type(model).__name__} stores "
+                             f"{stored_kn[0]} transposed (Conv1D): calibrate it with fq_compile.calibrate")
         planned = {l.layer for lins in groups.values() for l in lins if l.layer not in skip}
         for x, lins in groups.items():
             site = find_fold_site(x, {l.node for l in lins}, planned, name_of)
@@ -201,7 +206,8 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
 
     plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model), skipped=skipped,
                      calibration={"synthetic": source, "flatten_ratio": flatten_ratio, "int4_share": int4_share,
-                                  "format_shares": format_shares})
+                                  "format_shares": format_shares},
+                     parameters=parameter_shapes(model))
     gen = torch.Generator().manual_seed(seed)
     t = SYNTHETIC_THRESHOLD
     row_of, tp, row_groups = {}, {}, {}

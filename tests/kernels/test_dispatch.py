@@ -5,7 +5,10 @@ broken files), the choice on fake device properties (H100 SXM / PCIe, H200, GH20
 sm_90 rule against every committed measurement, the lazy parallel build (nvcc replaced by a stub),
 the fallback when CUTLASS cannot be built (one warning, reference result), and
 torch.compile(inductor) of fq::int8_linear / int4_linear when the dispatcher picks the CUTLASS op,
-whose CPU kernel is the reference (the extension is never built here).
+whose CPU kernel is the reference (the extension is never built here).  On the CPU every path ends in
+the reference, so
+results are checked against `_expected`, an independent reading of the ops' contract (int64 matmul of
+the unpacked integers, float32 epilogue), never against the reference.
 GPU (`-m gpu`, Hopper only): every tile config's int32 accumulator, and every output dtype of the
 configs models run (rule + table), bit-exact against the CPU reference on fuzzed shapes and layouts,
 the bf16 ReLU epilogue, the INT4 unpack kernel, and the dispatch inside compiled code.
@@ -53,6 +56,30 @@ def _rand_q(shape, qmax, gen, device="cpu"):
     q = torch.randint(-qmax, qmax + 1, shape, generator=gen, dtype=torch.int8)
     q[..., 0] = torch.randint(1, qmax + 1, q[..., 0].shape, generator=gen, dtype=torch.int8)
     return q.to(device)
+
+
+def _expected(xq, wq, scale, bias, bits, out_dtype):
+    """The GEMM ops' contract without their code: exact integer sums (int64 matmul of the integers,
+    INT4 unpacked here by tests/oracle.py), times the float32 scale (a float or a [N] vector), plus
+    the float32 bias, in float32; cast once."""
+    from tests.oracle import unpack_nibbles
+
+    a = unpack_nibbles(xq) if bits == 4 else xq.long()
+    b = unpack_nibbles(wq) if bits == 4 else wq.long()
+    acc = a.reshape(-1, a.shape[-1]).cpu() @ b.cpu().t()
+    y = acc.float() * torch.as_tensor(scale, dtype=torch.float32)
+    if bias is not None:
+        y = y + bias.cpu().float()
+    return y.to(out_dtype).reshape(*xq.shape[:-1], wq.shape[0])
+
+
+def test_expected_is_exact_on_a_hand_case():
+    x = torch.tensor([[1, -2, 3, 127]], dtype=torch.int8)
+    w = torch.tensor([[2, 2, 2, 1], [-1, 0, 0, -128]], dtype=torch.int8)
+    want = torch.tensor([[(2 - 4 + 6 + 127) * 0.5 + 1.0, (-1 - 127 * 128) * 0.5 - 1.0]])
+    assert torch.equal(_expected(x, w, 0.5, torch.tensor([1.0, -1.0]), 8, torch.float32), want)
+    x4, w4 = pack_int4(torch.tensor([[1, -2, 7, -7]], dtype=torch.int8)), pack_int4(w[:1].clamp(-7, 7))
+    assert torch.equal(_expected(x4, w4, 1.0, None, 4, torch.float32), torch.tensor([[2.0 - 4 + 14 - 7]]))
 
 
 # fake device properties of the GPUs the choice must handle (name only reported, never decisive)
@@ -385,7 +412,7 @@ def test_fallback_warns_once_and_matches_reference(monkeypatch):
         y1 = torch.ops.fq.int8_linear(x, w, channel_scale(0.01, w), bias, torch.float32)
         y2 = torch.ops.fq.int8_linear(x, w, channel_scale(0.01, w), bias, torch.float32)
     assert sum("CUTLASS" in str(r.message) for r in rec) == 1
-    ref = quant_linear_reference(x, w, 0.01, bias, 8, torch.float32)
+    ref = _expected(x, w, 0.01, bias, 8, torch.float32)
     assert torch.equal(y1, ref) and torch.equal(y2, ref)
 
 
@@ -432,7 +459,7 @@ def test_cutlass_op_on_cpu_is_the_reference():
         y = torch.ops.fq.cutlass_int_linear(x.reshape(3, 3, -1), w, channel_scale(0.02, w), bias, torch.bfloat16,
                                             bits, "")
         assert y.shape == (3, 3, 48)
-        assert torch.equal(y.reshape(9, 48), quant_linear_reference(x, w, 0.02, bias, bits, torch.bfloat16))
+        assert torch.equal(y.reshape(9, 48), _expected(x, w, 0.02, bias, bits, torch.bfloat16))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -462,8 +489,7 @@ def test_inductor_compiles_either_choice(eligible, monkeypatch, tmp_path, mode):
     with gd.use(None):
         out, codes = run_and_get_code(torch.compile(f, backend="inductor", fullgraph=True), x8, x4)
     code = "\n".join(codes)
-    ref = torch.relu(quant_linear_reference(x8, w8, 0.003, bias, 8, torch.float32)) + \
-        quant_linear_reference(x4, w4, 0.05, None, 4, torch.float32)
+    ref = torch.relu(_expected(x8, w8, 0.003, bias, 8, torch.float32)) + _expected(x4, w4, 0.05, None, 4, torch.float32)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     if mode == "triton":
         assert "cutlass_int_linear" not in code and "int8_linear_reference" in code
@@ -473,11 +499,12 @@ def test_inductor_compiles_either_choice(eligible, monkeypatch, tmp_path, mode):
 
 def test_backend_option_routes_the_gemms(eligible, monkeypatch):
     """options={'gemm': ...} decides while the flattenquant backend compiles, over FQ_GEMM; both
-    choices give the same logits (the CUTLASS op's CPU kernel is the reference), a bad value fails."""
+    choices give the oracle's logits (tests/oracle.py), a bad value fails."""
     from torch._inductor.utils import run_and_get_code
 
     import fq_compile
     from tests.conftest import batches, tiny_opt
+    from tests.oracle import assert_matches, fake_quantized
 
     monkeypatch.setenv("FQ_GEMM", "triton")
     model = tiny_opt().eval()
@@ -491,7 +518,10 @@ def test_backend_option_routes_the_gemms(eligible, monkeypatch):
                                                         options={"plan": plan, "gemm": gemm}), x)
         logits[gemm] = out.logits
         assert ("cutlass_int_linear" in "\n".join(codes)) == (gemm == "cutlass"), gemm
-    assert torch.equal(logits["cutlass"], logits["triton"])
+    with torch.no_grad(), fake_quantized(model, plan):
+        expected = model(x).logits
+    for gemm, out in logits.items():
+        assert_matches(out, expected, what=f"gemm={gemm}: ")
     torch._dynamo.reset()
     with pytest.raises(Exception, match="not a GEMM choice"):
         torch.compile(model, backend="flattenquant", options={"plan": plan, "gemm": "fastest"})(x)
@@ -645,7 +675,7 @@ def test_int_gemm_hook_installed():
         gen = torch.Generator().manual_seed(4)
         x, w = _ops(8, 16, 32, 8, gen)
         assert torch.equal(torch.ops.fq.int8_linear(x, w, channel_scale(0.5, w), None, torch.float32),
-                           quant_linear_reference(x, w, 0.5, None, 8, torch.float32))
+                           _expected(x, w, 0.5, None, 8, torch.float32))
 
 
 @gpu
