@@ -332,10 +332,13 @@ def _prefetch(chosen, example_inputs) -> None:
 
 
 def _decode_sized(x: fx.Node) -> bool:
-    """Whether the linears reading x see at most decode_max_m() rows (a guard when symbolic)."""
+    """Whether the linears reading x see at most decode_max_m() rows (a guard when symbolic).  Not
+    where x requires grad (a call outside torch.no_grad()): fq.flat_linear takes the float activation
+    and has no autograd formula, while the quantize + GEMM pair ends the graph's autograd at the
+    integer activation, as every quantized path does."""
     limit = flat_linear_op.decode_max_m()
     v = example_value(x)
-    if limit == 0 or v is None or v.dim() == 0:
+    if limit == 0 or v is None or v.dim() == 0 or v.requires_grad:
         return False
     rows = 1
     for d in v.shape[:-1]:
