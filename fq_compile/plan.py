@@ -61,8 +61,10 @@ class PlanMismatchError(ValueError):
 
 
 def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
-    """Every parameter's shape by name (tied weights once, under their first name)."""
-    return {name: list(p.shape) for name, p in model.named_parameters()}
+    """Every parameter's shape by name (tied weights once, under their first name); a DTensor
+    parameter (tensor parallelism) by this rank's local shard, the shape its rank-local plan reads."""
+    return {name: list(p.to_local().shape if hasattr(p, "to_local") else p.shape)
+            for name, p in model.named_parameters()}
 
 
 def model_hash(model: torch.nn.Module) -> str:

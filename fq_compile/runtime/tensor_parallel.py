@@ -329,7 +329,8 @@ def shard_plan(plan: QuantPlan, model: torch.nn.Module) -> QuantPlan:
         raise ValueError("shard_plan() takes the full model's plan; this one already holds one rank's shards")
     params = dict(model.named_parameters())
     out = dataclasses.replace(plan, groups=dict(plan.groups), layers=dict(plan.layers),
-                              skipped=dict(plan.skipped), calibration=dict(plan.calibration))
+                              skipped=dict(plan.skipped), calibration=dict(plan.calibration),
+                              parameters=dict(plan.parameters))
     record, local_groups = {}, {}
     for name, lp in plan.layers.items():
         w = params.get(name + ".weight")
@@ -350,6 +351,8 @@ def shard_plan(plan: QuantPlan, model: torch.nn.Module) -> QuantPlan:
         if g_local is not g:
             out.groups[lp.group] = g_local
         record[name] = shard.record()
+        if out.parameters:
+            out.parameters[name + ".weight"] = list(local_tensor(w).shape)   # the shard this rank's layer reads
     for gname, (_, gl) in local_groups.items():
         unsharded = [l for l in plan.groups[gname].layers if l in plan.layers and l not in record]
         if unsharded:

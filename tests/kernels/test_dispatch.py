@@ -507,6 +507,7 @@ def test_backend_option_routes_the_gemms(eligible, monkeypatch):
     from tests.oracle import assert_matches, fake_quantized
 
     monkeypatch.setenv("FQ_GEMM", "triton")
+    monkeypatch.setenv("FQ_DECODE_MAX_M", "0")      # the prefill path's GEMMs (a decode-sized x fuses otherwise)
     model = tiny_opt().eval()
     plan = fq_compile.calibrate(model, batches(2), fq_compile.Config(level="O1"), progress=False)
     x = batches(1, seed=5)[0]

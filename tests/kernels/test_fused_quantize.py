@@ -149,6 +149,7 @@ def _compiled_reports(model, plan, x, **env):
 
 def test_backend_fuses_every_quantize_with_a_producer(monkeypatch):
     monkeypatch.delenv("FQ_QUANTIZE", raising=False)
+    monkeypatch.setenv("FQ_DECODE_MAX_M", "0")      # prefill's quantize (a decode-sized x goes to fq.flat_linear)
     opt = tiny_opt()
     plan = fq_compile.calibrate(opt, batches(2), fq_compile.Config(level="O1"), progress=False)
     x = batches(1, seed=3)[0]
@@ -174,7 +175,8 @@ def test_backend_fuses_every_quantize_with_a_producer(monkeypatch):
     assert torch.equal(kernel_out, fused_out)
 
 
-def test_llama_gated_mlp_and_rms_norm():
+def test_llama_gated_mlp_and_rms_norm(monkeypatch):
+    monkeypatch.setenv("FQ_DECODE_MAX_M", "0")      # prefill's quantize (a decode-sized x goes to fq.flat_linear)
     llama = tiny_llama()
     plan = fq_compile.calibrate(llama, batches(2), fq_compile.Config(level="O1"), progress=False)
     _, rep = _compiled_reports(llama, plan, batches(1, seed=4)[0])
