@@ -33,7 +33,6 @@ import datetime
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.peers import PEERS, fake_quant_copy  # noqa: E402
+from benchmarks.provenance import git_rev  # noqa: E402
 from fq_compile import Config  # noqa: E402
 from fq_compile.tools.data import calibration_batches, selection_tokens, wikitext_test  # noqa: E402
 from fq_compile.tools.evaluate import evaluate_config, parse_overrides, perplexity  # noqa: E402
@@ -59,13 +59,6 @@ E2E_NOTE = ("e2e prefill OPT-13B 8x2048: measured on the device only (the lead's
             "`python benchmarks/e2e.py --models 13b --methods fp16-inductor,fp8-naive,fq-fp8,fq-O1,fq-O3,fq-auto "
             "--auto-formats <shares of the auto row> --batches 8 --seqs 2048 --out $OUT`")
 
-
-def _git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def parse_row(spec: str) -> tuple[str, dict]:
@@ -207,7 +200,7 @@ def main(argv=None) -> int:
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     header = (f"model: {lm.name}; dtype: {args.dtype}; {'no Inductor' if args.no_inductor else 'Inductor on a GPU, none on the CPU'}; date: {datetime.date.today()}; device: {dev}; "
-              f"torch {torch.__version__}; git {_git_rev()}\n"
+              f"torch {torch.__version__}; git {git_rev()}\n"
               f"command: python benchmarks/accuracy.py {shlex.join(sys.argv[1:] if argv is None else argv)}\n"
               f"calibration: {args.calib_batches} random windows of {args.calib_seqlen} tokens (seed 0), WikiText-2 validation\n")
     runs: dict[str, dict] = {}

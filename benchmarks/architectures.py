@@ -28,7 +28,6 @@ import datetime
 import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 import warnings
@@ -43,18 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fq_compile  # noqa: E402
+from benchmarks.provenance import git_rev  # noqa: E402
 from tests.oracle import assert_matches, fake_quantized, rel_err  # noqa: E402
 from tests.tiny_models import ARCHITECTURES, VOCAB  # noqa: E402
 
 LEVELS = ("w8a8", "smoothquant", "O1", "O2", "O3")
 
-
-def _git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _cpu_name() -> str:
@@ -181,7 +174,7 @@ def main(argv=None) -> int:
               f"command: {command}\n"
               f"date: {datetime.date.today()}; machine: {_cpu_name()}, {torch.get_num_threads()} threads, "
               f"{platform.system()} {platform.machine()}; torch {torch.__version__}, transformers "
-              f"{transformers.__version__}; git {_git_rev()}; "
+              f"{transformers.__version__}; git {git_rev()}; "
               f"{'Inductor' if args.inductor else 'rewritten graphs run eagerly (--no-inductor)'}\n"
               f"models: tests/tiny_models.py, 2 blocks, hidden 64, vocab {VOCAB}, seed {args.seed}, outlier "
               f"channels planted; calibration: 4 x (2 x 32) random tokens; evaluation: 2 x 24 random tokens; "

@@ -37,7 +37,6 @@ import datetime
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,16 +46,9 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.provenance import git_rev  # noqa: E402
 from fq_compile import Config  # noqa: E402
 from fq_compile.kernels import attention as A  # noqa: E402
-
-
-def _git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _header(args, device) -> str:
@@ -67,7 +59,7 @@ def _header(args, device) -> str:
         tv = triton.__version__
     except ImportError:
         tv = "-"
-    return (f"device: {dev}; date: {datetime.date.today()}; torch {torch.__version__}; triton {tv}; git {_git_rev()}\n"
+    return (f"device: {dev}; date: {datetime.date.today()}; torch {torch.__version__}; triton {tv}; git {git_rev()}\n"
             f"command: python benchmarks/attention.py {shlex.join(args.argv)}\n")
 
 
