@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Our Triton kernels take their first tiling candidate untimed (kernels/triton/tuning.py): tuning
+# picks a tiling, never a result, and each candidate is tested explicitly; the tests that check the
+# autotuned path set FQ_TUNE=1 themselves.  Child processes inherit it.
+os.environ.setdefault("FQ_TUNE", "0")
 
 from tests.tiny_models import (  # noqa: F401  (re-exported for the tests)
     ARCHITECTURES,
@@ -77,3 +83,26 @@ def run_guarded(argv: list[str], timeout: float, env: dict | None = None) -> str
                     f"{text(e.stdout)[-3000:]}\n{text(e.stderr)[-3000:]}")
     assert r.returncode == 0, f"{' '.join(argv)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r.stdout
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order for pytest-xdist, which hands tests out in this order: whole-model GPU tests (compiles
+    of a minute or more) first, so they do not start last and set the wall time; GPU tests that call
+    CUTLASS kernels last, since benchmarks/device/gpu_tests.sh builds their libraries in the
+    background while the others run."""
+    def rank(it):
+        if "cutlass" in it.keywords or it.nodeid.startswith("tests/kernels/test_dispatch.py::test_gpu"):
+            return 2
+        whole_model = not it.nodeid.startswith("tests/kernels/")
+        return 0 if whole_model and "gpu" in it.keywords else 1
+    items.sort(key=rank)
+
+
+def pytest_runtest_logreport(report):
+    """With FQ_TEST_LOG set, append each test's outcome and duration as it finishes (one line per
+    phase that ran), so a run cut by its time limit still says what finished and how long it took."""
+    path = os.environ.get("FQ_TEST_LOG")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER") or (report.when != "call" and report.passed):
+        return
+    with open(path, "a") as f:
+        f.write(f"{report.duration:8.1f}s {report.when:8s} {report.outcome:8s} {report.nodeid}\n")

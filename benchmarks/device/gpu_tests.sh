@@ -1,41 +1,62 @@
 #!/usr/bin/env bash
-# The whole GPU test suite (`python -m pytest -m gpu`) on the lent GPU, with the CUTLASS build timed
-# first, plus a probe of what the machine has (torchao, CPU int8 instructions).  One call, <= 9 min.
+# The whole GPU test suite (`python -m pytest -m gpu`) in one call on the lent GPU, with a fresh
+# CUTLASS build, ending with a summary (device, tree, wall time, passed/failed/skipped, the 20 slowest
+# tests) that is also written to $OUT/gpu-tests-summary.md (the body of benchmarks/results/gpu-tests-*.md).
 #
-#   bash benchmarks/device/gpu_tests.sh            # from the repo root; needs .whl/nvidia_cutlass-*.whl
+#   bash benchmarks/device/gpu_tests.sh      # from the repo root; carry .whl (nvidia_cutlass-*.whl)
 #
-# Output under $OUT: gpu-tests.log (pytest -rA), cutlass-build.log, probe.txt; the CUTLASS library is
-# copied to $OUT so a later call can carry it (.fqcache/cutlass-<hash>/) instead of building again.
+# How it fits in minutes: the CUTLASS libraries the tests call are built in the background from the
+# first second (one parallel nvcc round over the host's cores) while pytest-xdist runs the other GPU
+# tests; tests/conftest.py orders the CUTLASS tests last.  Every test's outcome and duration is
+# appended to $OUT/gpu-tests-durations.txt as it finishes, so a run cut by LIMIT still says what ran.
+# Knobs: LIMIT (seconds for pytest, default 420), WORKERS (xdist workers, default 6),
+# PYTEST_ARGS (extra pytest arguments, e.g. -k attention), FQ_CACHE_DIR (reuse a CUTLASS build).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+START=$(date +%s)
 OUT=${OUT:-/tmp/fq-gpu-tests}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 FQ_CACHE_DIR=${FQ_CACHE_DIR:-$PWD/.fqcache}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
+export PYTHONUNBUFFERED=1 FQ_CACHE_DIR=${FQ_CACHE_DIR:-$(mktemp -d /tmp/fq-cache.XXXX)}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
+fi
 export PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-}
-{
-  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cc', torch.cuda.get_device_capability(), 'sms', torch.cuda.get_device_properties(0).multi_processor_count)"
-  grep -o -w -E 'avx512_vnni|avx_vnni|amx_int8|avx512f' /proc/cpuinfo | sort | uniq -c; nproc
-  python3 -c "import torchao, torch; print('torchao', torchao.__version__)" 2>&1 | tail -1
-  python3 - <<'PY'
-import time, torch
-from fq_compile.kernels.int_gemm import int_matmul_reference
-a = torch.randint(-127, 128, (512, 576), dtype=torch.int8); b = torch.randint(-127, 128, (1536, 576), dtype=torch.int8)
-def t(f, n=5):
-    f(); s = time.perf_counter()
-    for _ in range(n): f()
-    return (time.perf_counter() - s) / n * 1e3
-print(f"CPU 512x576x1536 int8: torch._int_mm {t(lambda: torch._int_mm(a, b.t().contiguous()), 3):.1f} ms, "
-      f"float32 chunks (ours) {t(lambda: int_matmul_reference(a, b)):.1f} ms, threads {torch.get_num_threads()}")
-PY
-} 2>&1 | tee "$OUT/probe.txt"
-echo "== CUTLASS build"
-( time python3 -m fq_compile.kernels.cutlass.gemm --build ) 2>&1 | tee "$OUT/cutlass-build.log" | tail -4
-cp "$FQ_CACHE_DIR"/cutlass-*/fq_cutlass_*.so "$OUT/" 2>/dev/null || true
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+VERSIONS=$(python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)")
+TREE=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- fq_compile tests 2>/dev/null || echo "+uncommitted")
+echo "$GPU | $VERSIONS | tree $TREE | $(nproc) cores" | tee "$OUT/probe.txt"
+
+echo "== CUTLASS build (background): the instances the GPU tests call"
+( t=$(date +%s); python3 -c "from tests.kernels.test_dispatch import _build_test_instances as b; b()" \
+    > "$OUT/cutlass-build.log" 2>&1; echo "exit $? after $(( $(date +%s) - t )) s" >> "$OUT/cutlass-build.log" ) &
+BUILD=$!
+
 echo "== pytest -m gpu"
-timeout "${LIMIT:-420}" python3 -m pytest -m gpu -q -rA -p no:cacheprovider ${PYTEST_ARGS:--n 4} > "$OUT/gpu-tests.log" 2>&1
-echo "pytest exit $?"
-grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | cut -c1-300 | head -40
-grep -cE "^PASSED" "$OUT/gpu-tests.log" | sed "s/^/passed: /"
-tail -3 "$OUT/gpu-tests.log"
+: > "$OUT/gpu-tests-durations.txt"
+FQ_TEST_LOG="$OUT/gpu-tests-durations.txt" timeout "${LIMIT:-420}" python3 -m pytest -m gpu -q -rfEs \
+  -p no:cacheprovider --durations=20 --durations-min=0 -n "${WORKERS:-6}" ${PYTEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1
+RC=$?
+wait $BUILD
+WALL=$(( $(date +%s) - START ))
+
+count() { grep -cE "^ *[0-9.]+s call +$1 " "$OUT/gpu-tests-durations.txt"; }
+{
+  echo "device: $GPU"
+  echo "software: $VERSIONS"
+  echo "tree: $TREE"
+  echo "command: bash benchmarks/device/gpu_tests.sh (WORKERS=${WORKERS:-6} LIMIT=${LIMIT:-420} ${PYTEST_ARGS:-})"
+  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "wall: ${WALL} s (wheels, fresh CUTLASS build in the background, pytest; machine start excluded)"
+  echo "CUTLASS build: $(tail -1 "$OUT/cutlass-build.log")"
+  echo "pytest exit: $RC$([ $RC -eq 124 ] && echo ' (cut by LIMIT)')"
+  echo "passed: $(count passed)  failed: $(count failed)  skipped: $(grep -cE ' skipped ' "$OUT/gpu-tests-durations.txt")  errors: $(grep -cE '^ *[0-9.]+s (setup|teardown) +failed ' "$OUT/gpu-tests-durations.txt")"
+  echo
+  echo "failures and skips:"
+  grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/gpu-tests.log" | cut -c1-220
+  echo
+  echo "20 slowest:"
+  sort -rn "$OUT/gpu-tests-durations.txt" | head -20
+} > "$OUT/gpu-tests-summary.md"
+tail -n 40 "$OUT/gpu-tests.log" | grep -vE "^(FAILED|ERROR|SKIPPED)" | tail -n 15
+echo "=================== summary"
+cat "$OUT/gpu-tests-summary.md"

@@ -320,6 +320,7 @@ GPU_TIMEOUT_S = 300
 def _gpu_main():
     from fq_compile.kernels.triton.attention import PREFILL_CONFIGS
     assert torch.cuda.is_available()
+    os.environ["FQ_TUNE"] = "1"     # the autotuned launch as models run it
     check_attention("cuda", GPU_AUTOTUNED, seed=21, progress=True)
     check_attention("cuda", GPU_TILINGS, seed=22, configs=PREFILL_CONFIGS, progress=True)
     print("attention gpu: ok")

@@ -261,8 +261,9 @@ def test_gpu_gemm_full(bits, fp8, shape, cfg):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("bits,fp8", VARIANTS)
-def test_gpu_gemm_autotuned(bits, fp8):
+def test_gpu_gemm_autotuned(bits, fp8, monkeypatch):
     """The autotuned path end to end (as the ops run it) on two shapes."""
+    monkeypatch.setenv("FQ_TUNE", "1")
     check_gemm("cuda", [(4096, 4096, 5120, "c", "c"), (200, 3072, 2048, "c", "c")], bits, fp8, seed=40 + bits + fp8,
                out_dtypes=(torch.bfloat16,))
 

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from fq_compile.kernels.attention import EXP2_C, LOG2E, P_QMAX, score_scale
+from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -119,7 +120,8 @@ def _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
            D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
            BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, QK_INT8: tl.constexpr,
-           PV_INT8: tl.constexpr, EXP_HW: tl.constexpr):
+           PV_INT8: tl.constexpr, EXP_HW: tl.constexpr, PV_F16: tl.constexpr, QK_PROMOTE: tl.constexpr,
+           BLOCK_M: tl.constexpr):
     """One kv block of the online softmax; BOUNDS: apply the key bound and the causal mask."""
     offs_n = j0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -133,6 +135,8 @@ def _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
     k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd, mask=k_mask, other=0.0)
     if QK_INT8:
         s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    elif QK_PROMOTE > 0:
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, max_num_imprecise_acc=QK_PROMOTE)
     else:
         s = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
     t = _mul_rn(s, c[:, None])
@@ -163,7 +167,15 @@ def _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
     else:
         p8 = _to_e4m3(p)
         l_blk = tl.sum(p8.to(tl.float32), 1)       # multiples of 2**-9 below 128: exact in any order
-        pv = tl.dot(p8, v, out_dtype=tl.float32)
+        if PV_F16 == 1 or (PV_F16 == 0 and BLOCK_M >= 64):
+            # e4m3 values are exact in float16, and so are their products in the float32 sum: the
+            # same P.V on the float16 tensor cores.  Why not the e4m3 ones: with P in registers
+            # straight from the QK^T accumulator, Triton 3.6's wgmma path (BLOCK_M >= 64) computes a
+            # wrong P.V (relative error ~0.7; benchmarks/device/attention_probe.py), while the
+            # 16-row mma.sync tile and e4m3 operands loaded from memory are right.
+            pv = tl.dot(p8.to(tl.float16), v.to(tl.float16), out_dtype=tl.float32)
+        else:
+            pv = tl.dot(p8, v, out_dtype=tl.float32)
     l_i = _mul_rn(l_i, alpha) + l_blk
     acc = _mul_rn(acc, alpha[:, None]) + pv
     return acc, l_i, m_new
@@ -177,7 +189,8 @@ def attention_kernel(Q, K, V, C, VS, MASK, OUT,
                      HKV, M, N, REP, M_BUCKET, N_BUCKET,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                     QK_INT8: tl.constexpr, PV_INT8: tl.constexpr, EXP_HW: tl.constexpr):
+                     QK_INT8: tl.constexpr, PV_INT8: tl.constexpr, EXP_HW: tl.constexpr,
+                     PV_F16: tl.constexpr = 0, QK_PROMOTE: tl.constexpr = 0):
     """OUT[b, h, i, :] for BLOCK_M packed rows of kv head g (grid: row blocks, B * HKV).
     MASK_KIND: 0 none, 1 bool (nonzero = attend), 2 additive float."""
     pid_m = tl.program_id(0)
@@ -212,11 +225,11 @@ def attention_kernel(Q, K, V, C, VS, MASK, OUT,
     for j0 in range(0, full, BLOCK_N):
         acc, l_i, m_i = _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, D, DV, BLOCK_D, BLOCK_DV,
-                               BLOCK_N, False, CAUSAL, MASK_KIND, QK_INT8, PV_INT8, EXP_HW)
+                               BLOCK_N, False, CAUSAL, MASK_KIND, QK_INT8, PV_INT8, EXP_HW, PV_F16, QK_PROMOTE, BLOCK_M)
     for j0 in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, D, DV, BLOCK_D, BLOCK_DV,
-                               BLOCK_N, True, CAUSAL, MASK_KIND, QK_INT8, PV_INT8, EXP_HW)
+                               BLOCK_N, True, CAUSAL, MASK_KIND, QK_INT8, PV_INT8, EXP_HW, PV_F16, QK_PROMOTE, BLOCK_M)
 
     vs = tl.load(VS + g) + tl.zeros([BLOCK_M], tl.float32)
     ratio = _div_rn(vs, tl.where(l_i > 0, l_i, 1.0))   # l = 0: no visible key, the row is 0
@@ -234,14 +247,19 @@ def _cfg(bm, warps, stages):
 # (<= 16 packed rows) runs one 16-row tile per (batch, kv head) and streams K/V.  Few candidates on
 # purpose: each is a separate Triton compile for every new set of compile-time constants (head dim,
 # formats, mask kind), paid at the first prefill of a model.
+# Probe switches (benchmarks/device/attention_probe.py), kernel constexprs: PV_F16 0 = FP8 P.V on the
+# float16 tensor cores where BLOCK_M >= 64 (see _block), 1 = always, -1 = never; QK_PROMOTE > 0 hands
+# FP8 Q.K^T partial sums to the float32 accumulator every QK_PROMOTE products (0: Triton's default).
+PV_F16 = 0
+QK_PROMOTE = 0
 PREFILL_CONFIGS = [_cfg(128, 8, 3), _cfg(128, 4, 3), _cfg(64, 4, 3), _cfg(128, 8, 2)]
 DECODE_CONFIG = _cfg(16, 4, 3)
 INTERPRET_CONFIG = _cfg(16, 4, 1)
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned():
-    return triton.autotune(configs=PREFILL_CONFIGS, key=["M_BUCKET", "N_BUCKET", "REP", "D", "BLOCK_N",
+def _tuned(tune: bool = True):
+    return triton.autotune(configs=PREFILL_CONFIGS if tune else PREFILL_CONFIGS[:1], key=["M_BUCKET", "N_BUCKET", "REP", "D", "BLOCK_N",
                                                          "CAUSAL", "MASK_KIND", "QK_INT8", "PV_INT8"])(attention_kernel)
 
 
@@ -260,7 +278,8 @@ def _hint(x) -> int:
 
 
 def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, kv_block, out_dtype, *,
-                   exp_hw: bool = False, config: triton.Config | None = None):
+                   exp_hw: bool = False, config: triton.Config | None = None, pv_f16: int | None = None,
+                   qk_promote: int | None = None):
     """Launch the kernel (the op's CUDA implementation).  exp_hw: the hardware exp2 (benchmarks only,
     not exact); config: force one tiling (tests run each candidate without timing it)."""
     b, hq, m, d = q.shape
@@ -281,7 +300,8 @@ def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, k
         ms = mask_arg.stride()
     rows = m * rep
     common = dict(D=d, DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_N=kv_block, CAUSAL=bool(causal),
-                  MASK_KIND=mask_kind, QK_INT8=q.dtype == torch.int8, PV_INT8=v.dtype == torch.int8, EXP_HW=exp_hw)
+                  MASK_KIND=mask_kind, QK_INT8=q.dtype == torch.int8, PV_INT8=v.dtype == torch.int8, EXP_HW=exp_hw,
+                  PV_F16=PV_F16 if pv_f16 is None else pv_f16, QK_PROMOTE=QK_PROMOTE if qk_promote is None else qk_promote)
     args = (q, k, v, c, vs, mask_arg, out, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             hkv, m, n, rep, min(triton.next_power_of_2(_hint(rows)), 16384),
             min(triton.next_power_of_2(max(_hint(n), 1)), 16384))
@@ -296,5 +316,5 @@ def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, k
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]), b * hkv)
 
-    torch.library.wrap_triton(_tuned())[grid](*args, **common)
+    torch.library.wrap_triton(_tuned(tuning()))[grid](*args, **common)
     return out

@@ -46,6 +46,7 @@ import triton.language as tl
 
 from fq_compile.kernels.triton.flatten_quantize import _quantize_vals
 from fq_compile.kernels.triton.gemm import _mul_rn, _nibbles
+from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 64
@@ -198,7 +199,7 @@ def _choose(bits: int, n: int, k: int, bucket: int, device: torch.device, run) -
     if isinstance(disk, int) and 0 <= disk < len(configs):
         _BEST[key] = disk
         return configs[disk]
-    if torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_current_stream_capturing() or not tuning():
         return configs[0]
     from triton.testing import do_bench
 

@@ -19,11 +19,14 @@ the 2**23 add/subtract trick, exact for the clamped range [0, 2**22).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -91,7 +94,6 @@ def _rows(x_ptr, out_ptr, offs, ld_ok, mult, lo, hi_q, cols, col_ok, row0, M, T,
             tl.store(out_ptrs, ((q_lo & 0xF) | ((q_hi & 0xF) << 4)).to(tl.uint8), mask=out_mask)
 
 
-@triton.autotune(configs=_fq_configs(), key=["M_BUCKET", "P"])
 @triton.jit
 def flatten_quantize_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, out_ptr,
                             M, T, C, P, M_BUCKET, stride_xb, stride_xt, stride_xc, stride_om,
@@ -136,6 +138,12 @@ def flatten_quantize_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, out_ptr,
               stride_xt, stride_om, BITS, BLOCK_M, ROW_ITERS)
 
 
+@functools.lru_cache(maxsize=None)
+def _tuned(tune: bool = True):
+    configs = _fq_configs()
+    return triton.autotune(configs=configs if tune else configs[:1], key=["M_BUCKET", "P"])(flatten_quantize_kernel)
+
+
 def _as_btc(x: torch.Tensor):
     """View x as [B, T, C] through strides (no copy unless > 3 dims that don't collapse)."""
     if x.dim() == 1:
@@ -165,7 +173,7 @@ def flatten_quantize_cuda(x, src, mult, lo, hi, bits):
     def grid(meta):
         return (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_ITERS"]),)
 
-    torch.library.wrap_triton(flatten_quantize_kernel)[grid](
+    torch.library.wrap_triton(_tuned(tuning()))[grid](
         x3, src, mult, lo, hi, out, m, t, c, p, m_bucket,
         x3.stride(0), x3.stride(1), x3.stride(2), p, BITS=bits, X_CONTIG=x3.stride(2) == 1)
     return out

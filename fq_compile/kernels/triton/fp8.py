@@ -32,6 +32,7 @@ import triton.language as tl
 
 from fq_compile.kernels.int_gemm import per_channel
 from fq_compile.kernels.triton.gemm import _epilogue, _mul_rn, _nibbles
+from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -186,8 +187,9 @@ INTERPRET_CONFIG = [_cfg(16, 32, 64, 1, 4, group=2)]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned():
-    return triton.autotune(configs=INTERPRET_CONFIG if _INTERPRET else CONFIGS,
+def _tuned(tune: bool = True):
+    configs = INTERPRET_CONFIG if _INTERPRET else CONFIGS
+    return triton.autotune(configs=configs if tune else configs[:1],
                            key=["M_BUCKET", "N", "K", "INT4_W"])(fp8_gemm_kernel)
 
 
@@ -222,7 +224,7 @@ def fp8_gemm_triton(xq, wq, scale, bias, out_dtype, *, int4_w: bool, dot_fp8: bo
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    torch.library.wrap_triton(_tuned())[grid](
+    torch.library.wrap_triton(_tuned(tuning()))[grid](
         a, b, out, bias_arg, scale, m, n, k, min(triton.next_power_of_2(m), 8192),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=has_bias, INT4_W=int4_w, DOT_FP8=dot_fp8, PROMOTE_K=PROMOTE_K)

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from fq_compile.kernels.int_gemm import per_channel
+from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -237,13 +238,14 @@ MAX_BLOCK_K = 256
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(regime: str, bits: int):
-    """An autotuned view of the kernel for one regime and format (separate caches per regime)."""
+def _tuned(regime: str, bits: int, tune: bool):
+    """An autotuned view of the kernel for one regime and format (separate caches per regime);
+    tune=False (FQ_TUNE=0): the first candidate only."""
     if _INTERPRET:
         configs = INTERPRET_CONFIG
     else:
         configs = (LARGE_CONFIGS if regime == "large" else MID_CONFIGS)[bits]
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])(int_gemm_kernel)
+    return triton.autotune(configs=configs if tune else configs[:1], key=["M_BUCKET", "N", "K"])(int_gemm_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -367,7 +369,7 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
         _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, tma_cfg, has_bias, 0 if raw_int32 else 1, relu)
         return out.reshape(*lead, n)
 
-    kernel = _tuned("mid" if m <= 256 else "large", bits)
+    kernel = _tuned("mid" if m <= 256 else "large", bits, tuning())
     launch_meta = {}
     even_k = k % (INTERPRET_CONFIG[0].kwargs["BLOCK_K"] if _INTERPRET else MAX_BLOCK_K) == 0
     if config is not None:
