@@ -157,11 +157,20 @@ def _inductor_settings():
       realize_reads_threshold 4 -> 8: an INT4 quantize reads its input twice (the two nibbles of a byte),
         and Inductor writes out a twice-read intermediate that reads more than the threshold's inputs,
         such as a LayerNorm's output (x, mean, rstd, weight, bias): the round trip fusion removes.
-        Recomputing such an intermediate per reader reads the same inputs again, from cache."""
+        Recomputing such an intermediate per reader reads the same inputs again, from cache.
+      eager_numerics.division_rounding (torch 2.11+; emulate_divison_rounding in 2.10): a float32
+        division as a correctly rounded one (div_rn) in Triton code, where Triton's own `/` rounds
+        approximately: the per-token quantize divides qmax by the row's maximum
+        (kernels/flatten_quantize.py), and must give the bits the reference and our kernels give."""
     import torch._inductor.config as inductor_config
 
     wanted = {"emulate_precision_casts": True, "realize_reads_threshold": 8}
-    return inductor_config.patch({k: v for k, v in wanted.items() if hasattr(inductor_config, k)})
+    patches = {k: v for k, v in wanted.items() if hasattr(inductor_config, k)}
+    if hasattr(getattr(inductor_config, "eager_numerics", None), "division_rounding"):
+        patches["eager_numerics.division_rounding"] = True
+    elif hasattr(inductor_config, "emulate_divison_rounding"):
+        patches["emulate_divison_rounding"] = True
+    return inductor_config.patch(patches)
 
 
 def _release_replaced(gm: torch.fx.GraphModule, example_inputs, report: GraphReport, plan: QuantPlan) -> int:

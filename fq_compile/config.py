@@ -83,6 +83,14 @@ class Config:
         Works at every level, fp16 included (attention alone).
     attention_pv: "int8" or "fp8" for P and V; None follows `attention`.
     attention_scales: "tensor" (one static scale per tensor, as the paper) or "head" (one per head).
+    activation_scale: the INT8/INT4 activations' scale: "tensor" (one static scale per tensor from the
+        calibrated threshold T, as the paper) or "token" (the same static channel map, each row its own
+        scale at run time: r = max_j |x_j| / (s_j (E_j + 1)), so values beyond the calibrated range never
+        saturate; applied in the GEMM epilogue beside the weight scale; kernels/flatten_quantize.py).
+        None keeps the level's: "token" for O1-O3 and auto, "tensor" for the w8a8 and smoothquant
+        baselines.  FP8-format layers keep their per-tensor scale either way.
+    token_layers: with activation_scale "token", only the layers whose names contain one of these
+        substrings take per-token scales (e.g. ("down_proj",)); empty: every INT8/INT4 layer.
     """
 
     level: str = "O1"
@@ -111,6 +119,8 @@ class Config:
     attention: str = "fp"
     attention_pv: str | None = None
     attention_scales: str = "tensor"
+    activation_scale: str | None = None
+    token_layers: tuple[str, ...] = ()
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -159,6 +169,11 @@ class Config:
             raise ConfigError(f"Config.attention_pv={self.attention_pv!r} needs Config.attention='int8' or 'fp8'")
         if self.attention_scales not in ("tensor", "head"):
             raise ConfigError(f"Config.attention_scales={self.attention_scales!r} must be 'tensor' or 'head'")
+        if self.activation_scale not in (None, "tensor", "token"):
+            raise ConfigError(f"Config.activation_scale={self.activation_scale!r} must be None, 'tensor' or 'token'")
+        if isinstance(self.token_layers, str) or not all(isinstance(s, str) for s in self.token_layers):
+            raise ConfigError(f"Config.token_layers={self.token_layers!r} must be a tuple of name substrings")
+        object.__setattr__(self, "token_layers", tuple(self.token_layers))
         spec = dict(LEVELS[self.level])
         if self.smoothing is not None:
             spec["smoothing"] = self.smoothing
@@ -169,6 +184,7 @@ class Config:
         else:
             spec["weight_clip"] = "mse" if spec["flatten"] else "max"
         spec["weight_granularity"] = "tensor" if self.level == "fp8" else self.weight_scale
+        spec["activation_scale"] = self.activation_scale or ("token" if spec["flatten"] else "tensor")
         self._derived.update(spec)
 
     # what the level implies, with overrides applied
@@ -199,6 +215,18 @@ class Config:
         return self._derived["format"]
 
     @property
+    def activation_granularity(self) -> str:
+        """The INT8/INT4 activations' scale actually used: "tensor" or "token" (activation_scale, or the
+        level's)."""
+        return self._derived["activation_scale"]
+
+    def token_scaled(self, layer: str) -> bool:
+        """Whether the group that `layer` reads takes per-token scales (activation_scale, token_layers)."""
+        if self.activation_granularity != "token":
+            return False
+        return not self.token_layers or any(t in layer for t in self.token_layers)
+
+    @property
     def mixed_bits(self) -> bool:
         return self._derived["mixed_bits"]
 
@@ -227,6 +255,8 @@ class Config:
             d["skip"] = tuple(d["skip"])
         if d.get("formats") is not None:
             d["formats"] = tuple(d["formats"])
+        if "token_layers" in d:
+            d["token_layers"] = tuple(d["token_layers"])
         return cls(**d)
 
 

@@ -28,11 +28,14 @@ from fq_compile.config import Config
 from fq_compile.kernels.attention import KV_BLOCKS
 
 FORMAT_NAME = "fq_compile.plan"
-FORMAT_VERSION = 5   # 2: the channel map is stored, not recomputed (its layout may change); weight scales
+FORMAT_VERSION = 6   # 2: the channel map is stored, not recomputed (its layout may change); weight scales
 #                         per output channel (a float32 [N] tensor)
 #                      3: exact weight fingerprints (a string), bias fingerprints, a checksum over the whole file
 #                      4: per-layer format (int8, int4, fp8, w4a8) with its measured error and why
 #                      5: layers over weights stored [K, N] (transposed: GPT-2's Conv1D), every parameter's shape
+#                      6: per-token activation scales per group (GroupPlan.activation_scale); a version-5 file
+#                         is read as it was written: every group per tensor
+READABLE_VERSIONS = ("5", str(FORMAT_VERSION))
 # what plans of an older version lack (why they are refused)
 _OLDER = {"1": "weight fingerprints that cannot tell weights apart reliably, no per-layer formats, "
                "no transposed layers (GPT-2's Conv1D)",
@@ -184,6 +187,9 @@ class GroupPlan:
     # norm folds: weight_fingerprint of each norm parameter named in `fold` (the rewrite divides
     # their live values by s, and s was chosen for these values)
     fold_fingerprints: dict[str, str] = field(default_factory=dict)
+    # the INT8/INT4 activation's scale: "tensor" (static, T / qmax) or "token" (one per row at run time,
+    # kernels/flatten_quantize.py `flatten_quantize_rows`); e4m3 layers of the group stay per tensor
+    activation_scale: str = "tensor"
 
     @property
     def flat_features(self) -> int:
@@ -206,7 +212,7 @@ class LayerPlan:
     bits: int
     weight_q: torch.Tensor        # int8 [N, K'] or packed uint8 [N, K'/2]
     weight_scale: torch.Tensor    # float32 [N]: per output channel (all equal for a per-tensor scale)
-    act_scale: float              # T / qmax(bits)
+    act_scale: float              # T / qmax(bits); per-token groups: 1 / qmax (the row's r carries the rest)
     bias: torch.Tensor | None     # float32 [N] (rows already divided by a folded smoothing scale)
     fingerprint: str              # weight_fingerprint of the floating-point weight the plan was made from
     kl_ratio: float | None = None
@@ -332,7 +338,7 @@ class QuantPlan:
                 tensors[f"g{gi}.cmap.{key}"] = getattr(g.cmap, key).contiguous()
             groups[gname] = dict(index=gi, layers=g.layers, in_features=g.in_features, threshold=g.threshold,
                                  fold=g.fold, fold_note=g.fold_note, pad_multiple=g.pad_multiple,
-                                 fold_fingerprints=g.fold_fingerprints)
+                                 fold_fingerprints=g.fold_fingerprints, activation_scale=g.activation_scale)
         for lname, lp in self.layers.items():
             li = len(layers)
             tensors[f"l{li}.weight_q"] = lp.weight_q.contiguous()
@@ -392,7 +398,7 @@ class QuantPlan:
             raise PlanFormatError(f"{path} is a safetensors file but not an fq_compile plan "
                                   f"(format={header.get('format')!r})")
         version = header.get("format_version")
-        if version != str(FORMAT_VERSION):
+        if version not in READABLE_VERSIONS:
             if version in _OLDER:
                 raise PlanFormatError(
                     f"{path} has plan format version {version}; this fq_compile reads version {FORMAT_VERSION} "
@@ -424,8 +430,10 @@ class QuantPlan:
                 raise PlanFormatError(f"{where}: tensor {key!r} is missing from the file")
             return tensors[key]
 
+        cfg = dict(meta["config"])
+        cfg.setdefault("activation_scale", "tensor")     # written before per-token scales existed (version 5)
         try:
-            config = Config.from_dict(meta["config"])
+            config = Config.from_dict(cfg)
         except ValueError as e:          # ConfigError
             raise PlanFormatError(f"config: {e}") from None
         plan = cls(config=config, model_type=meta["model_type"], model_hash=meta["model_hash"],
@@ -438,6 +446,7 @@ class QuantPlan:
                 smooth=tensor(f"g{gi}.smooth", where), fold=g["fold"], extra=tensor(f"g{gi}.extra", where),
                 weight_dup=tensor(f"g{gi}.weight_dup", where), act_max=tensor(f"g{gi}.act_max", where),
                 pad_multiple=g["pad_multiple"], fold_note=g["fold_note"], fold_fingerprints=g["fold_fingerprints"],
+                activation_scale=g.get("activation_scale", "tensor"),
                 cmap=ChannelMap(*(tensor(f"g{gi}.cmap.{k}", where) for k in ("src", "lo", "hi", "weight_factor",
                                                                             "active"))))
         for lname, l in meta["layers"].items():
@@ -630,6 +639,8 @@ class _Validator:
         self.values(f"{w}.weight_dup", (extra == 0) | (dup == 0), "a channel cannot be flattened twice")
         self.cmap(w, g.cmap, c, int(extra.sum() + dup.sum()), pad)
         self.fold(w, name, g.fold)
+        if g.activation_scale not in ("tensor", "token"):
+            self.fail(f"{w}.activation_scale", f"{g.activation_scale!r} must be 'tensor' or 'token'")
 
     def cmap(self, w, cm, c, extra, pad):
         if not isinstance(cm, ChannelMap):
@@ -711,8 +722,10 @@ class _Validator:
         self.scale(f"{w}.weight_scale", lp.weight_scale, n)
         act = self.positive(f"{w}.act_scale", lp.act_scale)
         qmax = 127 if lp.bits == 8 else 7
-        if lp.flattened and not math.isclose(act, g.threshold / qmax, rel_tol=1e-6):
-            self.fail(f"{w}.act_scale", f"{act!r} != the group's threshold / {qmax} = {g.threshold / qmax!r}")
+        want, what = (1 / qmax, f"1 / {qmax} (per-token group)") if g.activation_scale == "token" else \
+            (g.threshold / qmax, f"the group's threshold / {qmax} = {g.threshold / qmax!r}")
+        if lp.flattened and not math.isclose(act, want, rel_tol=1e-6):
+            self.fail(f"{w}.act_scale", f"{act!r} != {what}")
         if lp.errors is not None and not (isinstance(lp.errors, dict) and set(lp.errors) <= set(FORMAT_BITS)):
             self.fail(f"{w}.errors", f"{lp.errors!r} must be None or a dict keyed by formats")
         for key, v in ([("error", lp.error)] + [(f"errors[{f!r}]", e) for f, e in (lp.errors or {}).items()]):

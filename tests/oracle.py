@@ -21,6 +21,10 @@ otherwise (GPT-2's Conv1D: addmm; Falcon's FalconLinear: x @ W.T + b).  The fake
      nibble first), its integer sums exact in float64, times act_scale * weight_scale (a float, or
      a [N] vector per output channel: broadcast), plus the plan's bias; cast to the input's dtype.
 
+A group with per-token scales (group.activation_scale == "token") replaces T in steps 2-3 by each
+row's own threshold r = max_j |x_s[j]| / (E_j + 1) (E_j: the channel's extra slices), and step 4's
+activation scale by r / qmax for that row (the plan's act_scale is then 1 / qmax).
+
 Where float32 rounds, two readings:
 
   float32_rounding=True (default): as the fq ops' contract specifies: a norm fold the plan names
@@ -66,14 +70,17 @@ def _as_f64(v, device) -> torch.Tensor:
     return torch.as_tensor(v, dtype=torch.float64, device=device)
 
 
-def quantized_activation(x: torch.Tensor, group, lp, float32_rounding: bool = True) -> torch.Tensor:
-    """Steps 1-3: the integers (as float64) the layer's GEMM multiplies, [..., K']."""
+def quantized_activation(x: torch.Tensor, group, lp, float32_rounding: bool = True):
+    """Steps 1-3: (the integers (as float64) the layer's GEMM multiplies [..., K'], each row's
+    threshold r [...] for a per-token group, else None)."""
     qmax = QMAX[lp.bits]
     cm = group.cmap
     dev = x.device
     src = cm.src.to(dev).long()
     smooth_here = group.fold == "op" or not (group.fold.startswith("rows:") or float32_rounding)
     v = x.detach().index_select(-1, src)
+    if getattr(group, "activation_scale", "tensor") == "token":
+        return _per_token(x, v, group, qmax, smooth_here, float32_rounding)
     if float32_rounding:
         inv_s = (1.0 / group.smooth.double())[cm.src.long()] if smooth_here else torch.ones(cm.src.numel()).double()
         mult = (inv_s / float(lp.act_scale)).float().to(dev)     # |x| -> units of the activation scale
@@ -86,22 +93,52 @@ def quantized_activation(x: torch.Tensor, group, lp, float32_rounding: bool = Tr
         t = float(group.threshold)
         piece = torch.minimum((xs.abs() - cm.lo.to(dev).double() * t).clamp_min(0.0), cm.hi.to(dev).double() * t)
         units = piece / _as_f64(lp.act_scale, dev)
+    return _signed_integers(units, v, cm, qmax), None
+
+
+def _signed_integers(units, v, cm, qmax):
     q = torch.round(units).clamp_max(qmax).double()     # torch.round: half to even
     q = torch.where(v < 0, -q, q)
-    return torch.where(cm.active.to(dev), q, torch.zeros_like(q))
+    return torch.where(cm.active.to(v.device), q, torch.zeros_like(q))
+
+
+def _per_token(x, v, group, qmax, smooth_here, float32_rounding):
+    """Steps 2-3 with each row's threshold r (module docstring)."""
+    cm = group.cmap
+    dev = x.device
+    ones = torch.ones(group.in_features, dtype=torch.float64)
+    inv_s = 1.0 / group.smooth.double() if smooth_here else ones
+    slices = group.extra.double() + 1.0
+    lo, hi = cm.lo.to(dev).double(), cm.hi.to(dev).double()
+    if float32_rounding:      # the contract's float32 steps: r, qmax / r, |x| * (1/s), times qmax / r
+        r = (x.detach().float().abs() * (inv_s / slices).float().to(dev)).amax(-1)
+        inv = torch.where(r > 0, qmax / r, torch.zeros_like(r))
+        a = (v.float().abs() * inv_s[cm.src.long()].float().to(dev)) * inv.unsqueeze(-1)
+        units = torch.minimum((a - (lo * qmax).float()).clamp_min(0.0), (hi * qmax).float())
+        return _signed_integers(units, v, cm, qmax), r
+    xs = x.detach().double() * inv_s.to(dev)
+    r = (xs.abs() / slices.to(dev)).amax(-1)
+    t = r.unsqueeze(-1)
+    vs = v.double() * inv_s.to(dev)[cm.src.to(dev).long()]
+    piece = torch.minimum((vs.abs() - lo * t).clamp_min(0.0), hi * t)
+    units = torch.where(t > 0, piece * qmax / t.clamp_min(1e-300), torch.zeros_like(piece))
+    return _signed_integers(units, v, cm, qmax), r
 
 
 def fake_quant_linear(x: torch.Tensor, group, lp, float32_rounding: bool = True) -> torch.Tensor:
     """The layer's output y = deq(q(x)) W_q^T * scales + b, [..., N], in x's dtype."""
-    q = quantized_activation(x, group, lp, float32_rounding)
+    q, r = quantized_activation(x, group, lp, float32_rounding)
     acc = q.reshape(-1, q.shape[-1]) @ integer_weight(lp).to(x.device).t()      # exact integers in float64
     scale = _as_f64(lp.act_scale, x.device) * _as_f64(lp.weight_scale, x.device)
     bias = None if lp.bias is None else lp.bias.to(x.device)
     if float32_rounding:
-        y = acc.float() * scale.float()
+        y = acc.float()
+        if r is not None:
+            y = y * r.reshape(-1, 1).float()
+        y = y * scale.float()
         y = y if bias is None else y + bias.float()
     else:
-        y = acc * scale
+        y = acc * scale if r is None else acc * r.reshape(-1, 1) * scale
         y = y if bias is None else y + bias.double()
     return y.to(x.dtype).reshape(*x.shape[:-1], lp.out_features)
 

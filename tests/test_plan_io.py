@@ -191,7 +191,7 @@ FIELD_EDITS = {
     "format-fp8-as-int8": (lambda p: setattr(_layer(p, 8), "format", "fp8"), r"\.weight_q: dtype torch.int8"),
     "errors": (lambda p: setattr(_layer(p), "errors", {"int8": -1.0}), r"\.errors\['int8'\]: -1.0 must be None"),
     "act_scale": (lambda p: setattr(_layer(p), "act_scale", _layer(p).act_scale * 2.77),
-                  r"\.act_scale: .* != the group's threshold"),
+                  r"\.act_scale: .* != (the group's threshold|1 / \d+ \(per-token group\))"),
     "act_scale-negative": (lambda p: setattr(_layer(p), "act_scale", -1.0), r"\.act_scale: -1.0 must be a finite"),
     "weight_scale-nan": (lambda p: _layer(p).weight_scale.__setitem__(0, float("nan")),
                          r"\.weight_scale: every entry must be finite and > 0"),
@@ -306,7 +306,7 @@ def test_plans_from_before_per_layer_formats_are_refused_clearly(saved, tmp_path
         meta["format_version"] = version
         old = tmp_path / f"old{version}.fqplan"
         save_file(tensors, old, metadata=meta)
-        with pytest.raises(PlanFormatError, match=f"version {version}; this fq_compile reads version 5 "
+        with pytest.raises(PlanFormatError, match=f"version {version}; this fq_compile reads version 6 "
                                                   f"\\(older plans hold [^)]*{why}.*recalibrate"):
             QuantPlan.load(old)
 
@@ -324,3 +324,22 @@ def test_check_model_compares_the_values(saved):
         plan.check_model(other)
     with pytest.raises(fq_compile.PlanMismatchError, match=r"dtype bfloat16 instead of float32"):
         plan.check_model(copy.deepcopy(model).to(torch.bfloat16))
+
+
+def test_version_5_plans_load_as_per_tensor(saved, tmp_path):
+    """A version-5 file (before per-token scales) is complete: it loads with every group per tensor,
+    whatever today's default, and its config says so."""
+    _, plan, path = saved
+    header, tensors = _read(path)
+    meta = json.loads(header["plan"])
+    for g in meta["groups"].values():
+        g.pop("activation_scale", None)
+    meta["config"].pop("activation_scale", None)
+    for name, layer in meta["layers"].items():   # a version-5 plan's act_scale is T / qmax
+        g = meta["groups"][layer["group"]]
+        layer["act_scale"] = g["threshold"] / (127 if layer["bits"] == 8 else 7)
+    header = {**header, "format_version": "5", "plan": json.dumps(meta)}
+    old = _write(tmp_path / "v5.fqplan", header, tensors, reseal=True)
+    loaded = QuantPlan.load(old)
+    assert {g.activation_scale for g in loaded.groups.values()} == {"tensor"}
+    assert loaded.config.activation_granularity == "tensor"

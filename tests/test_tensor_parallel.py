@@ -18,8 +18,13 @@ from fq_compile import Config, PlanMismatchError, QuantPlan
 from tests.conftest import VOCAB, batches, tiny_llama, tiny_opt
 
 WORLD = 2
-MODELS = {"opt": (functools.partial(tiny_opt, layers=1), Config(level="O2", gamma=1.92, weight_scale="channel")),
-          "llama": (functools.partial(tiny_llama, layers=1), Config(level="O2", gamma=1.92, weight_scale="tensor"))}
+# per-tensor activation scales: under tensor parallelism a row-parallel layer's per-token scales are
+# its rank's own row maxima (no collective), so token plans agree with one process only to quantization
+# noise; these tests check the shard arithmetic bit for bit
+MODELS = {"opt": (functools.partial(tiny_opt, layers=1), Config(level="O2", gamma=1.92, weight_scale="channel",
+                                                               activation_scale="tensor")),
+          "llama": (functools.partial(tiny_llama, layers=1), Config(level="O2", gamma=1.92, weight_scale="tensor",
+                                                                   activation_scale="tensor"))}
 NEW_TOKENS = 3
 # per model, the sharded weight changed in place to check the fingerprints: column- and row-parallel
 STALE = {"opt": "self_attn.q_proj.weight", "llama": "self_attn.o_proj.weight"}

@@ -36,7 +36,8 @@ def _register_gpu_implementations() -> None:
     from fq_compile.kernels.triton import fp8 as triton_fp8
     from fq_compile.kernels.triton import gemm as triton_gemm
 
-    flatten_quantize.register_cuda_impl(triton_flatten_quantize.flatten_quantize_cuda)
+    flatten_quantize.register_cuda_impl(triton_flatten_quantize.flatten_quantize_cuda,
+                                        rows=triton_flatten_quantize.flatten_quantize_rows_cuda)
     _register_attention()
     int_gemm.register_cuda_impl("int8_linear", triton_gemm.int8_linear_cuda)
     int_gemm.register_cuda_impl("int4_linear", triton_gemm.int4_linear_cuda)

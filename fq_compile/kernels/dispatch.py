@@ -473,8 +473,8 @@ def runtime_config(bits: int, m: int, n: int, k: int, out_dtype: torch.dtype, in
     return decide(bits, m, n, k, out_dtype, _cuda_info(index), mode="cutlass").config
 
 
-def _run_cutlass(xq, wq, scale, bias, out_dtype, *, bits, config, act="none"):
-    return torch.ops.fq.cutlass_int_linear(xq, wq, scale, bias, out_dtype, bits, config, act)
+def _run_cutlass(xq, wq, scale, bias, out_dtype, *, bits, config, act="none", row_scale=None):
+    return torch.ops.fq.cutlass_int_linear(xq, wq, scale, bias, out_dtype, bits, config, act, row_scale)
 
 
 # ------------------------------------------------------------------------------------------------

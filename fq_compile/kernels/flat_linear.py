@@ -2,7 +2,11 @@
 
     y = fq.int{bits}_linear(fq.flatten_quantize(x, src, mult, lo, hi, bits), wq, scale, bias, out_dtype)
 
-exactly (the CPU reference is those two references composed).  Why one op: at decode sizes
+exactly (the CPU reference is those two references composed); with per-token scales (rmult given)
+
+    xq, r = fq.flatten_quantize_rows(x, src, mult, lo, hi, rmult, bits)
+    y = fq.int{bits}_linear(xq, wq, scale, bias, out_dtype, row_scale=r)
+  Why one op: at decode sizes
 (M <= DECODE_MAX_M rows, M = batch at one token per step) a linear layer only streams its weight,
 and the activation is a vector of K values per row; the flatten + quantize is a per-element
 operation on those values (gather x[src[p]], |x| * mult, round once, slice: flatten_quantize.py),
@@ -30,7 +34,7 @@ import torch
 from torch.library import custom_op
 
 from fq_compile.kernels.flatten_quantize import _check as _check_fq
-from fq_compile.kernels.flatten_quantize import flatten_quantize_reference
+from fq_compile.kernels.flatten_quantize import _check_rows, flatten_quantize_reference, flatten_quantize_rows_reference
 from fq_compile.kernels.int_gemm import quant_linear_reference
 
 DECODE_MAX_M = 64
@@ -50,14 +54,19 @@ def decode_max_m() -> int:
     return m
 
 
-def flat_linear_reference(x, src, mult, lo, hi, bits: int, wq, scale, bias, out_dtype) -> torch.Tensor:
-    """The definition: flatten_quantize_reference, then quant_linear_reference."""
-    xq = flatten_quantize_reference(x, src, mult, lo, hi, bits)
-    return quant_linear_reference(xq, wq, scale, bias, bits, out_dtype)
+def flat_linear_reference(x, src, mult, lo, hi, bits: int, wq, scale, bias, out_dtype, rmult=None) -> torch.Tensor:
+    """The definition: flatten_quantize(_rows)_reference, then quant_linear_reference."""
+    if rmult is None:
+        xq = flatten_quantize_reference(x, src, mult, lo, hi, bits)
+        return quant_linear_reference(xq, wq, scale, bias, bits, out_dtype)
+    xq, r = flatten_quantize_rows_reference(x, src, mult, lo, hi, rmult, bits)
+    return quant_linear_reference(xq, wq, scale, bias, bits, out_dtype, row_scale=r)
 
 
-def _check(x, src, mult, lo, hi, bits, wq, scale):
+def _check(x, src, mult, lo, hi, bits, wq, scale, rmult=None):
     _check_fq(x, src, mult, lo, hi, bits)
+    if rmult is not None:
+        _check_rows(x, rmult)
     dt = torch.uint8 if bits == 4 else torch.int8
     k = src.shape[0] // 2 if bits == 4 else src.shape[0]
     torch._check(wq.dtype == dt and wq.dim() == 2 and wq.shape[1] == k,
@@ -67,7 +76,7 @@ def _check(x, src, mult, lo, hi, bits, wq, scale):
                          f"{tuple(scale.shape)}")
 
 
-# The GPU implementation: (x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype) -> Tensor, and a
+# The GPU implementation: (x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult) -> Tensor, and a
 # hook that reserves the fused kernel's workspace for weights of N outputs on a device before any
 # CUDA graph capture (register_cuda_impl, called by fq_compile/kernels/__init__.py).
 CUDA_IMPL = {}
@@ -90,16 +99,17 @@ def reserve(device, n: int) -> None:
 @custom_op("fq::flat_linear", mutates_args=())
 def flat_linear(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                 bits: int, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                out_dtype: torch.dtype) -> torch.Tensor:
-    """Smooth + flatten + quantize x and multiply by the quantized weight (module docstring)."""
-    _check(x, src, mult, lo, hi, bits, wq, scale)
+                out_dtype: torch.dtype, rmult: torch.Tensor | None = None) -> torch.Tensor:
+    """Smooth + flatten + quantize x and multiply by the quantized weight (module docstring);
+    rmult: per-token scales (kernels/flatten_quantize.py), None: the static scale."""
+    _check(x, src, mult, lo, hi, bits, wq, scale, rmult)
     impl = CUDA_IMPL.get("flat_linear")
     if impl is not None and x.is_cuda:
-        return impl(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype)
-    return flat_linear_reference(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype)
+        return impl(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult=rmult)
+    return flat_linear_reference(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult)
 
 
 @flat_linear.register_fake
-def _(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype):
-    _check(x, src, mult, lo, hi, bits, wq, scale)
+def _(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult=None):
+    _check(x, src, mult, lo, hi, bits, wq, scale, rmult)
     return x.new_empty((*x.shape[:-1], wq.shape[0]), dtype=out_dtype)

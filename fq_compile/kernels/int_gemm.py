@@ -1,6 +1,7 @@
 """INT8 and packed-INT4 linear layers: `fq::int8_linear`, `fq::int4_linear`.
 
     y[m, n] = act(float32(acc[m, n]) * scale[n] + bias[n])  -> out_dtype,   acc = xq @ wq.T exactly in int32
+    y[m, n] = act(fl(float32(acc[m, n]) * row_scale[m]) * scale[n] + bias[n])     with per-token scales
 
 xq is [..., K] (int8, or uint8 packed two per byte for INT4), wq is [N, K] in the same format
 (nn.Linear's layout, K-major, which is what the INT8 tensor cores want for both operands).  scale is
@@ -11,6 +12,11 @@ for).  bias is float32 [N] or None.  The epilogue is one rounded float32 multipl
 (never fused into an FMA), then act ("none", or "relu" where the GEMM's only consumer is a ReLU:
 passes/epilogue.py folds it in, saving a pass over the output), then one cast.  The CPU reference
 defines the result: every GPU kernel is tested bit-exactly against it.
+
+row_scale (optional, float32, one value per row of xq: the shape of xq[..., 0]) is the activation's
+per-token scale (kernels/flatten_quantize.py `flatten_quantize_rows`): then scale carries the weight
+side alone and each row is multiplied by its own value first, one more rounded multiply.  Like the
+per-channel weight scale, it costs an integer GEMM nothing but a vector load in the epilogue.
 """
 
 from __future__ import annotations
@@ -106,7 +112,8 @@ ACTS = ("none", "relu")
 
 
 def quant_linear_reference(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                           bits: int, out_dtype: torch.dtype, act: str = "none") -> torch.Tensor:
+                           bits: int, out_dtype: torch.dtype, act: str = "none",
+                           row_scale: torch.Tensor | None = None) -> torch.Tensor:
     if bits == 4:
         xq, wq = unpack_int4(xq), unpack_int4(wq)
     lead = xq.shape[:-1]
@@ -114,6 +121,8 @@ def quant_linear_reference(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tens
     # on the CPU a one-chunk float32 product already holds the exact int32 result's values: no round trip
     acc = int_matmul_reference(x2, wq) if xq.is_cuda else _cpu_int_matmul(x2, wq)
     y = acc if acc.dtype == torch.float32 else acc.float()
+    if row_scale is not None:
+        y = y.mul_(row_scale.reshape(-1, 1).float())
     y = y.mul_(scale.float() if isinstance(scale, torch.Tensor) else scale)
     if bias is not None:
         y = y.add_(bias.float())
@@ -122,7 +131,17 @@ def quant_linear_reference(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tens
     return y.to(out_dtype).reshape(*lead, wq.shape[0])
 
 
-def _check(xq, wq, scale, bits, act="none"):
+def check_row_scale(xq, row_scale, what: str) -> None:
+    """row_scale: None, or float32 with one value per row of xq (the shape of xq[..., 0])."""
+    if row_scale is None:
+        return
+    torch._check(row_scale.dtype == torch.float32 and row_scale.shape == xq.shape[:-1],
+                 lambda: f"{what}: row_scale must be float32 of shape {tuple(xq.shape[:-1])} (one value per row), "
+                         f"got {row_scale.dtype} {tuple(row_scale.shape)}")
+
+
+def _check(xq, wq, scale, bits, act="none", row_scale=None):
+    check_row_scale(xq, row_scale, f"int{bits}_linear")
     torch._check(act in ACTS, lambda: f"int{bits}_linear: act must be one of {ACTS}, got {act!r}")
     dt = torch.uint8 if bits == 4 else torch.int8
     torch._check(xq.dtype == dt and wq.dtype == dt,
@@ -147,23 +166,23 @@ def _fake(xq, wq, bias, out_dtype):
 
 @custom_op("fq::int8_linear_reference", mutates_args=())
 def _int8_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype, act: str = "none") -> torch.Tensor:
-    _check(xq, wq, scale, 8, act)
-    return quant_linear_reference(xq, wq, scale, bias, 8, out_dtype, act)
+                 out_dtype: torch.dtype, act: str = "none", row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    _check(xq, wq, scale, 8, act, row_scale)
+    return quant_linear_reference(xq, wq, scale, bias, 8, out_dtype, act, row_scale)
 
 
 @custom_op("fq::int4_linear_reference", mutates_args=())
 def _int4_ref_op(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype, act: str = "none") -> torch.Tensor:
-    _check(xq, wq, scale, 4, act)
-    return quant_linear_reference(xq, wq, scale, bias, 4, out_dtype, act)
+                 out_dtype: torch.dtype, act: str = "none", row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    _check(xq, wq, scale, 4, act, row_scale)
+    return quant_linear_reference(xq, wq, scale, bias, 4, out_dtype, act, row_scale)
 
 
 # GPU implementations, keyed "int8_linear" / "int4_linear" (register_cuda_impl, called by
 # fq_compile/kernels/__init__.py), and the per-call chooser between them and other implementations
 # (register_selector: kernels/dispatch.py's `select`): (name, xq, wq, out_dtype, act) -> an
 # implementation (the CUTLASS op) or None for the registered kernel.  Implementations are called as
-# impl(xq, wq, scale, bias, out_dtype, act=act).
+# impl(xq, wq, scale, bias, out_dtype, act=act, row_scale=row_scale).
 CUDA_IMPL = {}
 SELECT = None
 
@@ -179,35 +198,35 @@ def register_selector(fn) -> None:
     SELECT = fn
 
 
-def _dispatch(name, xq, wq, scale, bias, out_dtype, act):
+def _dispatch(name, xq, wq, scale, bias, out_dtype, act, row_scale):
     """The implementation SELECT picks, else the registered GPU kernel on CUDA tensors, else the
     opaque reference op."""
     impl = SELECT(name, xq, wq, out_dtype, act) if SELECT is not None else None
     if impl is None and xq.is_cuda:
         impl = CUDA_IMPL.get(name)
     if impl is not None:
-        return impl(xq, wq, scale, bias, out_dtype, act=act)
-    return getattr(torch.ops.fq, name + "_reference")(xq, wq, scale, bias, out_dtype, act)
+        return impl(xq, wq, scale, bias, out_dtype, act=act, row_scale=row_scale)
+    return getattr(torch.ops.fq, name + "_reference")(xq, wq, scale, bias, out_dtype, act, row_scale)
 
 
 @define_op("fq::int8_linear", mutates_args=())
 def int8_linear(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                out_dtype: torch.dtype, act: str = "none") -> torch.Tensor:
-    """INT8 GEMM with the per-channel dequantize(+bias)(+ReLU) epilogue (module docstring)."""
-    return _dispatch("int8_linear", xq, wq, scale, bias, out_dtype, act)
+                out_dtype: torch.dtype, act: str = "none", row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """INT8 GEMM with the per-channel (and per-row) dequantize(+bias)(+ReLU) epilogue (module docstring)."""
+    return _dispatch("int8_linear", xq, wq, scale, bias, out_dtype, act, row_scale)
 
 
 @define_op("fq::int4_linear", mutates_args=())
 def int4_linear(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                out_dtype: torch.dtype, act: str = "none") -> torch.Tensor:
+                out_dtype: torch.dtype, act: str = "none", row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Packed-INT4 GEMM (unpacked onto INT8/FP8 tensor cores on Hopper), same epilogue."""
-    return _dispatch("int4_linear", xq, wq, scale, bias, out_dtype, act)
+    return _dispatch("int4_linear", xq, wq, scale, bias, out_dtype, act, row_scale)
 
 
 for _op, _bits in ((_int8_ref_op, 8), (_int4_ref_op, 4), (int8_linear, 8), (int4_linear, 4)):
     def _register(op=_op, bits=_bits):
         @op.register_fake
-        def _(xq, wq, scale, bias, out_dtype, act="none"):
-            _check(xq, wq, scale, bits, act)
+        def _(xq, wq, scale, bias, out_dtype, act="none", row_scale=None):
+            _check(xq, wq, scale, bits, act, row_scale)
             return _fake(xq, wq, bias, out_dtype)
     _register()

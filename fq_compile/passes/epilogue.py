@@ -31,7 +31,7 @@ def _relu_input(n: fx.Node):
 def fuse_relu_epilogues(gm: fx.GraphModule) -> set[fx.Node]:
     """Fold eligible ReLUs into their GEMMs (see the module docstring); returns the GEMM nodes
     that now end in a ReLU."""
-    fused_q = torch.ops.fq.flatten_quantize_fused.default
+    fused_q = (torch.ops.fq.flatten_quantize_fused.default, torch.ops.fq.flatten_quantize_rows_fused.default)
     done = set()
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _GEMMS:
@@ -40,10 +40,10 @@ def fuse_relu_epilogues(gm: fx.GraphModule) -> set[fx.Node]:
         if len(users) != 1 or _relu_input(users[0]) is not node:
             continue
         relu = users[0]
-        if relu.users and all(u.op == "call_function" and u.target is fused_q for u in relu.users):
+        if relu.users and all(u.op == "call_function" and u.target in fused_q for u in relu.users):
             continue
         args = list(node.args) + [None] * (5 - len(node.args))
-        node.args = (*args[:5], "relu")
+        node.args = (*args[:5], "relu", *args[6:])      # row_scale (per-token scales) stays where it was
         relu.replace_all_uses_with(node)
         gm.graph.erase_node(relu)
         done.add(node)

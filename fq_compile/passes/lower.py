@@ -51,6 +51,7 @@ and watched by its local shard's (runtime/tensor_parallel.check_dtensor).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,7 @@ class LayerReport:
     gemm: str = ""          # the GEMM kernel at this graph's shape: "CUTLASS <config>", "Triton", ...
     gemm_why: str = ""
     act: str = "none"       # epilogue activation folded into the GEMM ("relu")
+    scales: str = ""        # the activation's scale: "per tensor", "per token" (flattened formats), "" otherwise
 
 
 @dataclass
@@ -229,24 +231,20 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             with gm.graph.inserting_before(form.node):
                 in_op = smoothing == "op"
                 fused = decode and act != "f8"
+                rmult = None
                 if act == "f8":
                     if act not in quantized:     # per-tensor e4m3, not flattened (fp8, w4a8)
                         mult = _const(gm, f"fq_{g.name}_f8_mult", _fp8_constants(plan, g, lp, in_op, device))
-                        quantized[act] = gm.graph.call_function(torch.ops.fq.fp8_quantize.default, (x, mult))
+                        quantized[act] = (gm.graph.call_function(torch.ops.fq.fp8_quantize.default, (x, mult)), None)
                 else:                            # flattened INT8 / INT4 (int8, int4)
                     if lp.bits not in consts:
                         base = f"fq_{g.name}_a{lp.bits}"
                         c = _group_constants(plan, g, lp.bits, in_op, device)
-                        consts[lp.bits] = [_const(gm, f"{base}_{k}", c[k]) for k in ("src", "mult", "lo", "hi")]
+                        consts[lp.bits] = {k: _const(gm, f"{base}_{k}", v) for k, v in c.items()}
+                    args = [consts[lp.bits][k] for k in ("src", "mult", "lo", "hi")]
+                    rmult = consts[lp.bits].get("rmult")        # per-token scales
                     if not fused and act not in quantized:
-                        args = consts[lp.bits]
-                        if qchoice.impl == "fused":
-                            direct = direct_prefix(g.cmap.src, lp.bits) if qchoice.config == "slice" else 0
-                            quantized[act] = gm.graph.call_function(
-                                torch.ops.fq.flatten_quantize_fused.default, (x, *args, lp.bits, direct))
-                        else:
-                            quantized[act] = gm.graph.call_function(torch.ops.fq.flatten_quantize.default,
-                                                                    (x, *args, lp.bits))
+                        quantized[act] = _quantize_node(gm, x, args, rmult, lp.bits, qchoice, g)
                 wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
                 bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
                         if lp.bias is not None else None)
@@ -254,10 +252,13 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 if fused:
                     flat_linear_op.reserve(device, lp.out_features)   # its workspace, before any CUDA graph
                     new = gemm = gm.graph.call_function(torch.ops.fq.flat_linear.default,
-                                                        (x, *consts[lp.bits], lp.bits, wq, scale, bias, out_dtype))
+                                                        (x, *args, lp.bits, wq, scale, bias, out_dtype),
+                                                        {"rmult": rmult} if rmult is not None else {})
                 else:
                     op = getattr(torch.ops.fq, f"{lp.format}_linear").default
-                    new = gemm = gm.graph.call_function(op, (quantized[act], wq, scale, bias, out_dtype))
+                    xq, rows = quantized[act]
+                    new = gemm = gm.graph.call_function(op, (xq, wq, scale, bias, out_dtype),
+                                                        {"row_scale": rows} if rows is not None else {})
                 if lp.rows_folded_from and name not in realized_rows:
                     # the plan's rows carry 1/s of a group whose input is not folded in this graph: undo it
                     s = plan.groups[lp.rows_folded_from].smooth
@@ -284,20 +285,22 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                     report.replaced_params[fqn] = p_node
             if act == "f8":
                 report.layers.append(LayerReport(
-                    name, f"fq.{lp.format}_linear", smoothing, reason, quantize="fp8_quantize",
+                    name, f"fq.{lp.format}_linear", smoothing, reason, quantize="fp8_quantize", scales="per tensor",
                     quantize_why="per-tensor e4m3, not flattened", gemm="fp8 GEMM",
                     gemm_why="on CUDA cuBLAS _scaled_mm or Triton (FQ_FP8_GEMM); the reference elsewhere"))
                 continue
+            scales = "per token" if rmult is not None else "per tensor"
             if fused:
                 report.layers.append(LayerReport(
                     name, f"fq.flat_linear (int{lp.bits})", smoothing, reason, quantize="in the GEMM's prologue",
                     quantize_why=f"decode-sized input (<= {flat_linear_op.decode_max_m()} rows)",
-                    gemm="Triton weight-streaming (kernels/triton/decode.py)", gemm_why="M <= decode_max_m()"))
+                    gemm="Triton weight-streaming (kernels/triton/decode.py)", gemm_why="M <= decode_max_m()",
+                    scales=scales))
                 continue
             gchoice = dispatch.decide(lp.bits, m, lp.out_features, g.flat_features, out_dtype, info, mode=mode) \
                 if m is not None else dispatch.Choice("triton", "", "rows unknown at compile time")
             lr = LayerReport(name, f"fq.{lp.format}_linear", smoothing, reason, quantize=qchoice.label(),
-                             quantize_why=qchoice.why, gemm=gchoice.label(), gemm_why=gchoice.why)
+                             quantize_why=qchoice.why, gemm=gchoice.label(), gemm_why=gchoice.why, scales=scales)
             report.layers.append(lr)
             gemm_nodes[gemm] = (lr, gchoice, out_dtype)
     for node in fuse_relu_epilogues(gm):
@@ -308,6 +311,23 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
     gm.recompile()
     report.code = gm.code
     return report
+
+
+def _quantize_node(gm: fx.GraphModule, x: fx.Node, args: list, rmult: fx.Node | None, bits: int,
+                   qchoice: dispatch.Choice, g: GroupPlan) -> tuple[fx.Node, fx.Node | None]:
+    """The activation quantize of a flattened group: (integers, per-token scales or None).  Fused
+    into x's producer by Inductor (the aten decomposition) or the opaque op (our kernel)."""
+    fused = qchoice.impl == "fused"
+    direct = (direct_prefix(g.cmap.src, bits) if qchoice.config == "slice" else 0,) if fused else ()
+    if rmult is None:
+        op = torch.ops.fq.flatten_quantize_fused.default if fused else torch.ops.fq.flatten_quantize.default
+        return gm.graph.call_function(op, (x, *args, bits, *direct)), None
+    op = torch.ops.fq.flatten_quantize_rows_fused.default if fused else torch.ops.fq.flatten_quantize_rows.default
+    both = gm.graph.call_function(op, (x, *args, rmult, bits, *direct))
+    # r is float and would carry x's autograd history into the GEMM, which has no autograd formula
+    # (a call outside torch.no_grad()); the integers end it, so must r
+    rows = gm.graph.call_method("detach", (gm.graph.call_function(operator.getitem, (both, 1)),))
+    return gm.graph.call_function(operator.getitem, (both, 0)), rows
 
 
 def _rows(xv) -> int | None:
@@ -383,16 +403,22 @@ def _param_names(gm, example_inputs, runtime, plan) -> ParamNames:
 
 def op_constants(g: GroupPlan, bits: int, smooth_in_op: bool) -> dict[str, torch.Tensor]:
     """src/mult/lo/hi for fq::flatten_quantize at this bit width (see its docstring); the
-    smoothing scales go into mult unless they were folded into the producer."""
+    smoothing scales go into mult unless they were folded into the producer.  A per-token group
+    (g.activation_scale "token") gets mult = 1 / s (the row's multiplier supplies qmax / r at run
+    time) and rmult = 1 / (s (E + 1)) for fq::flatten_quantize_rows."""
     qmax = QMAX[bits]
     cm = g.cmap
     src = cm.src.to(torch.int64)
     inv_s = 1.0 / g.smooth.double() if smooth_in_op else torch.ones(g.in_features, dtype=torch.float64)
-    mult = (inv_s.double()[src] * (qmax / g.threshold)).float()
+    token = g.activation_scale == "token"
+    mult = (inv_s.double()[src] * (1.0 if token else qmax / g.threshold)).float()
     mult = torch.where(cm.active, mult, torch.zeros_like(mult))
     lo = cm.lo * qmax
     hi = torch.where(cm.hi.isinf(), cm.hi, cm.hi * qmax)
-    return dict(src=cm.src, mult=mult, lo=lo.float(), hi=hi.float())
+    out = dict(src=cm.src, mult=mult, lo=lo.float(), hi=hi.float())
+    if token:
+        out["rmult"] = (inv_s / (g.extra.double() + 1.0)).float()
+    return out
 
 
 def fp8_constants(g: GroupPlan, act_scale: float, smooth_in_op: bool) -> torch.Tensor:

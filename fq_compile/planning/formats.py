@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from fq_compile.config import LAYER_FORMATS, Config
-from fq_compile.kernels.flatten_quantize import QMAX, flatten_quantize_reference
+from fq_compile.kernels.flatten_quantize import QMAX, flatten_quantize_reference, flatten_quantize_rows_reference
 from fq_compile.kernels.fp8 import E4M3_MAX, fp8_linear_reference, fp8_quantize_reference
 from fq_compile.kernels.int_gemm import quant_linear_reference
 from fq_compile.passes.lower import fp8_constants, op_constants
@@ -123,7 +123,8 @@ def quantize_layer(fmt: str, weight: torch.Tensor, group: GroupPlan, row_scale: 
         bits = FORMAT_BITS[fmt]
         wf = flattened_weight(weight, group, row_scale)
         ws = weight_scale(wf, QMAX[bits], config.weight_clip_method, granularity)
-        return QuantizedWeight(quantize_weight(wf, ws, bits, group.cmap), ws, group.threshold / QMAX[bits])
+        act = 1.0 / QMAX[bits] if group.activation_scale == "token" else group.threshold / QMAX[bits]
+        return QuantizedWeight(quantize_weight(wf, ws, bits, group.cmap), ws, act)
     w = smoothed_weight(weight, group, row_scale)
     if fmt == "fp8":
         ws = fp8_weight_scale(w, granularity)
@@ -141,6 +142,9 @@ def simulate(fmt: str, x: torch.Tensor, q: QuantizedWeight, group: GroupPlan) ->
     if fmt in FLATTENED_FORMATS:
         bits = FORMAT_BITS[fmt]
         c = op_constants(group, bits, smooth_in_op=True)
+        if "rmult" in c:                     # per-token scales
+            xq, r = flatten_quantize_rows_reference(x, c["src"], c["mult"], c["lo"], c["hi"], c["rmult"], bits)
+            return quant_linear_reference(xq, q.weight_q, scale, None, bits, torch.float32, row_scale=r)
         xq = flatten_quantize_reference(x, c["src"], c["mult"], c["lo"], c["hi"], bits)
         return quant_linear_reference(xq, q.weight_q, scale, None, bits, torch.float32)
     xq = fp8_quantize_reference(x, fp8_constants(group, q.act_scale, smooth_in_op=True))

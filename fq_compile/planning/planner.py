@@ -72,9 +72,11 @@ def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], f
         wcol = (wcat * s).abs().amax(dim=0)
         tw = truncation_threshold(wcol, config.weight_beta, config.outlier_clip)
         dup = weight_splits(wcol, tw, blocked=extra > 0)
+    token = any(config.token_scaled(layer) for layer in stats.layers)
     return GroupPlan(name=name, layers=list(stats.layers), in_features=act_max.numel(), threshold=t, smooth=s,
                      fold=fold, extra=extra, weight_dup=dup, act_max=act_max, pad_multiple=config.pad_multiple,
-                     cmap=channel_map(extra, dup, config.pad_multiple), fold_note=fold_note)
+                     cmap=channel_map(extra, dup, config.pad_multiple), fold_note=fold_note,
+                     activation_scale="token" if token else "tensor")
 
 
 def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,

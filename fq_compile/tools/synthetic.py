@@ -221,7 +221,8 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
             pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple),
             fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found",
             fold_fingerprints={f: weight_fingerprint(params[f]) for f in fold[len("norm:"):].split(",")}
-            if fold.startswith("norm:") else {})
+            if fold.startswith("norm:") else {},
+            activation_scale="token" if any(config.token_scaled(layer) for layer in layers) else "tensor")
         if fold.startswith("rows:"):
             row_of[fold[len("rows:"):]] = name
     for (layers, fold, pos) in tqdm(groups, desc="fq_compile: synthetic plan", disable=not progress):
@@ -258,7 +259,10 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
                 else:
                     q = torch.round(wf / scale[:, None]).clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8)
                 del wf
-                act_scale = t / QMAX[bits] if fmt in ("int8", "int4") else float(g.act_max.max()) / E4M3_MAX
+                if fmt not in ("int8", "int4"):
+                    act_scale = float(g.act_max.max()) / E4M3_MAX
+                else:
+                    act_scale = (1.0 if g.activation_scale == "token" else t) / QMAX[bits]
                 plan.layers[layer] = LayerPlan(
                     name=layer, group=g.name, in_features=wl.shape[1], out_features=wl.shape[0], bits=bits,
                     format=fmt, weight_q=pack_int4(q) if bits == 4 else q, weight_scale=scale, act_scale=act_scale,

@@ -60,10 +60,18 @@ def _case(m, c, n, bits, pad, gen, device, x_dtype=torch.float32, bias=True, lay
 ALL_OUT = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def row_multipliers(src: torch.Tensor, mult: torch.Tensor, c: int) -> torch.Tensor:
+    """rmult for per-token scales over a test map: each channel's multiplier / (E_j + 1), E_j its
+    extra positions (padding, mult 0, excluded)."""
+    used = src.long()[mult != 0]
+    return (mult[:c] / torch.bincount(used, minlength=c).float()).float()
+
+
 def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None):
     """Each case: (M, C, N, bits, pad, x dtype, bias, x layout), compared exactly with the reference
     in every output dtype (out_dtypes None), or in out_dtypes[i % len] for case i (on the GPU every
-    dtype is a kernel compile); the workspace is all zeros after every call (the kernel cleans up)."""
+    dtype is a kernel compile); odd cases with per-token scales (rmult); the workspace is all zeros
+    after every call (the kernel cleans up)."""
     from fq_compile.kernels import flat_linear_reference
     from fq_compile.kernels.triton import decode as td
 
@@ -72,10 +80,12 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
         cfg = configs[i % len(configs)]
         ref_args, dev_args = _case(m, c, n, bits, pad, gen, device, x_dtype, bias, layout)
         k = ref_args[1].numel()
+        rmult = row_multipliers(ref_args[1], ref_args[2], c) if i % 2 else None
+        rmult_dev = None if rmult is None else rmult.to(device)
         dtypes = ALL_OUT if out_dtypes is None else (out_dtypes[i % len(out_dtypes)],)
         for out_dtype in dtypes:
-            y = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg)
-            ref = flat_linear_reference(*ref_args[:5], bits, *ref_args[5:], out_dtype)
+            y = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev)
+            ref = flat_linear_reference(*ref_args[:5], bits, *ref_args[5:], out_dtype, rmult)
             assert y.shape == ref.shape and y.dtype == out_dtype
             bad = (y.cpu() != ref).sum().item()
             if bad and out_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
@@ -83,7 +93,8 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
                 # even, as torch does): allow one bfloat16 ulp there, exactness on the GPU
                 ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp_min(1e-30)
                 bad = ((y.cpu().float() - ref.float()).abs() > ulp).sum().item()
-            assert bad == 0, f"M={m} C={c} K'={k} N={n} int{bits} {x_dtype} {out_dtype} bias={bias}: {bad} mismatches"
+            assert bad == 0, (f"M={m} C={c} K'={k} N={n} int{bits} {x_dtype} {out_dtype} bias={bias} "
+                              f"rows={rmult is not None}: {bad} mismatches")
             assert ref.abs().max() > 0
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:      # the workspace is keyed by an indexed device
@@ -93,7 +104,7 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
             assert not sums.any() and not counters.any(), "the workspace must be left all zeros"
         # leading dims are kept
         x3 = dev_args[0].reshape(1, m, c)
-        y3 = td.flat_linear_cuda(x3, *dev_args[1:5], bits, *dev_args[5:], dtypes[-1], config=cfg)
+        y3 = td.flat_linear_cuda(x3, *dev_args[1:5], bits, *dev_args[5:], dtypes[-1], config=cfg, rmult=rmult_dev)
         assert y3.shape == (1, m, n)
 
 

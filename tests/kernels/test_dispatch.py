@@ -437,15 +437,15 @@ def test_missing_cutlass_package(monkeypatch):
 def test_sources_and_abi():
     """One generated instance per (config, output dtype), all registered under distinct names; the
     ctypes struct matches the C layout (4 pointers, 3 int64, 3 x 4 bytes, the scale pointer, 2 x 4 bytes,
-    2 pointers)."""
+    3 pointers: workspace, stream, row_scale)."""
     srcs = {(c, dt, a): cg.instance_source(c, dt, a) for c, dt, a in cg.instances()}
     assert len(srcs) == len(cg.CONFIGS) * (4 + 3)                  # 4 dtypes, ReLU for the 3 float ones
     for (c, dt, a), s in srcs.items():
         assert f'return "{cg.instance_key(c, dt, a)}"' in s and cg.OUT_TYPES[dt][0] in s
         assert ("true)" in s) == (a == "relu")
     assert len({cg._instance_filename(*i) for i in cg.instances()}) == len(srcs)
-    assert ctypes.sizeof(cg._Params) == 104
-    assert cg._Params.stream.offset == 96 and cg._Params.scale.offset == 72
+    assert ctypes.sizeof(cg._Params) == 112
+    assert cg._Params.stream.offset == 96 and cg._Params.scale.offset == 72 and cg._Params.row_scale.offset == 104
     assert all((cg.CSRC / f).exists() for f in (*cg.HEADERS, cg.API_SOURCE))
     assert cg.default_config(1, 4096, 4096) == cg.SMALL_CONFIG
     assert cg.default_config(16384, 4096, 5120) == cg.LARGE_CONFIG
@@ -592,12 +592,17 @@ def check_cutlass(shape, bits, config, seed, out_dtypes=OUT_DTYPES):
     assert bad == 0, f"int{bits} {config} {shape}: {bad} int32 mismatches"
     scale = (torch.rand(n, generator=gen) * 1e-3 + 1e-4) * (1 + 9 * (torch.rand(n, generator=gen) < 0.1))
     bias = torch.randn(n, generator=gen) * 0.5
+    row = torch.rand(m, generator=gen) * 1.75 + 0.25      # per-token scales, 8x apart at most
     for dt in (dt for dt in out_dtypes if dt in _built_dtypes(config)):
         y = cg.cutlass_int_linear(A, W, scale.cuda(), bias.cuda(), dt, bits, config=config)
         ref = quant_linear_reference(A.cpu(), W.cpu(), scale, bias, bits, dt)
         assert y.dtype == dt and torch.isfinite(y).all()
         diff = (y.cpu() != ref).sum().item()
         assert diff == 0, f"int{bits} {config} {shape} {dt}: {diff} outputs differ from the reference"
+        y = cg.cutlass_int_linear(A, W, scale.cuda(), bias.cuda(), dt, bits, config=config, row_scale=row.cuda())
+        ref = quant_linear_reference(A.cpu(), W.cpu(), scale, bias, bits, dt, row_scale=row)
+        diff = (y.cpu() != ref).sum().item()
+        assert diff == 0, f"int{bits} {config} {shape} {dt} row scales: {diff} outputs differ from the reference"
     if torch.float32 in _built_dtypes(config):
         y0 = cg.cutlass_int_linear(A.contiguous().reshape(1, m, -1), W, scale.cuda(), None, torch.float32, bits,
                                    config=config)
@@ -696,6 +701,10 @@ def test_gpu_relu_epilogue(config):
     yr = cg.cutlass_int_linear(A, W, S, B, torch.bfloat16, 8, config=config, act="relu")
     assert torch.equal(yr, torch.relu(y)) and (yr == 0).any() and (yr > 0).any()
     assert torch.equal(yr.cpu(), quant_linear_reference(a, w, scale, bias, 8, torch.bfloat16, act="relu"))
+    row = torch.rand(m, generator=gen) * 1.75 + 0.25
+    yr = cg.cutlass_int_linear(A, W, S, B, torch.bfloat16, 8, config=config, act="relu", row_scale=row.cuda())
+    assert torch.equal(yr.cpu(), quant_linear_reference(a, w, scale, bias, 8, torch.bfloat16, act="relu",
+                                                        row_scale=row))
 
 
 @gpu

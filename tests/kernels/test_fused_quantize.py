@@ -16,7 +16,12 @@ import torch
 
 import fq_compile
 from fq_compile.kernels import dispatch
-from fq_compile.kernels.flatten_quantize import direct_prefix, flatten_quantize_decomposed, flatten_quantize_reference
+from fq_compile.kernels.flatten_quantize import (
+    direct_prefix,
+    flatten_quantize_decomposed,
+    flatten_quantize_reference,
+    flatten_quantize_rows_reference,
+)
 from fq_compile.kernels.packing import unpack_int4
 from fq_compile.runtime.state import reports
 from tests.conftest import batches, tiny_llama, tiny_opt
@@ -90,7 +95,8 @@ def _producers(c: int, gen, device: str = "cpu"):
 
 def _check_compiled(device: str, dtype: torch.dtype, bits: int, seed: int):
     """Every producer + the fused quantize in one compiled function: each quantized result equals
-    the reference applied to the producer's output the same compiled code returns."""
+    the reference applied to the producer's output the same compiled code returns; the same for the
+    per-token quantize (its row maxima and correctly rounded division fused in as well)."""
     from torch._inductor.utils import run_and_get_code
 
     gen = torch.Generator().manual_seed(seed)
@@ -98,6 +104,8 @@ def _check_compiled(device: str, dtype: torch.dtype, bits: int, seed: int):
     x, consts = _case(c, bits, gen, lead=(4, 6), dtype=dtype)
     r, g = (torch.randn(4, 6, c, generator=gen).to(dtype) for _ in range(2))
     src, mult, lo, hi = (t.to(device) for t in consts)
+    rmult_cpu = (consts[1][:c] / (torch.bincount(consts[0].long()[consts[1] != 0], minlength=c).float())).float()
+    rmult = rmult_cpu.to(device)
     full = direct_prefix(consts[0], bits)
     prods = _producers(c, gen, device)
 
@@ -106,7 +114,8 @@ def _check_compiled(device: str, dtype: torch.dtype, bits: int, seed: int):
         for name, p in prods.items():
             a = p(x, r, g)
             direct = full if name == "relu" else 0     # the backend's gather, and the slice variant once
-            outs[name] = (a, torch.ops.fq.flatten_quantize_fused(a, src, mult, lo, hi, bits, direct))
+            outs[name] = (a, torch.ops.fq.flatten_quantize_fused(a, src, mult, lo, hi, bits, direct),
+                          torch.ops.fq.flatten_quantize_rows_fused(a, src, mult, lo, hi, rmult, bits, direct))
         return outs
 
     torch._dynamo.reset()
@@ -117,10 +126,14 @@ def _check_compiled(device: str, dtype: torch.dtype, bits: int, seed: int):
         outs, code = run_and_get_code(torch.compile(f, fullgraph=True), *(t.to(device) for t in (x, r, g)))
     src_code = "\n".join(code)
     assert "flatten_quantize_kernel" not in src_code and "_reference" not in src_code   # all Inductor's code
-    for name, (a, q) in outs.items():
+    for name, (a, q, (qr, rows)) in outs.items():
         ref = flatten_quantize_reference(a.cpu(), *consts, bits)
         bad = (q.cpu() != ref).sum().item()
         assert bad == 0, f"{name} {dtype} INT{bits}: {bad} of {ref.numel()} differ"
+        ref, ref_rows = flatten_quantize_rows_reference(a.cpu(), *consts, rmult_cpu, bits)
+        assert torch.equal(rows.cpu(), ref_rows), f"{name} {dtype} INT{bits}: per-token row maxima differ"
+        bad = (qr.cpu() != ref).sum().item()
+        assert bad == 0, f"{name} {dtype} INT{bits} per-token: {bad} of {ref.numel()} differ"
 
 
 @pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, 8), (torch.float32, 4)])

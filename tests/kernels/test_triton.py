@@ -100,6 +100,22 @@ def check_gemm(device: str, shapes, bits: int, fp8: bool, seed: int = 0, configs
                 f"int{bits} {(m, n, k)} {out_dtype}: ReLU epilogue differs"
             if out_dtype == torch.float32:
                 assert torch.equal(yr, quant_linear_reference(A, W, scale, bias, bits, out_dtype, act="relu"))
+        # per-token scales (a row vector beside the column one): bit-exact against the reference, every
+        # output dtype, the ReLU epilogue, rows of very different magnitudes
+        row = torch.rand(m, generator=gen) * 1.75 + 0.25     # 8x apart at most: fp16 outputs stay finite
+        row = row.to(device)
+        for out_dtype in out_dtypes:
+            for act in ("none", "relu"):
+                y = tg.int_linear_cuda(A, W, scale, bias, out_dtype, bits, act=act, row_scale=row, **cfg)
+                ref = quant_linear_reference(A, W, scale, bias, bits, out_dtype, act, row_scale=row)
+                if out_dtype != torch.float32 and device == "cpu":   # the interpreter truncates to 16 bits
+                    ref = quant_linear_reference(A, W, scale, bias, bits, torch.float32, act, row_scale=row)
+                    y = y.float()
+                    err = (y - ref).abs() - ref.abs() * 2 ** -7
+                    assert (err <= 1e-6).all(), f"int{bits} {(m, n, k)} {out_dtype} {float(err.max())}"
+                    continue
+                bad = (y != ref).sum().item()
+                assert bad == 0, f"int{bits} {(m, n, k)} {out_dtype} {act} row scales: {bad} outputs differ"
         # leading dims of x are kept
         A3 = A.contiguous().reshape(1, m, -1)
         y3 = tg.int_linear_cuda(A3, W, scale, None, torch.float32, bits, **cfg)
@@ -138,6 +154,7 @@ def check_flatten_quantize(device: str, cases, seed: int = 0):
     """Bit-exact Triton activation kernel vs flatten_quantize_reference, incl. values beyond the
     calibrated range (saturation) and non-contiguous inputs."""
     from fq_compile.kernels import flatten_quantize_reference, unpack_int4
+    from fq_compile.kernels.flatten_quantize import flatten_quantize_rows_reference
     from fq_compile.kernels.triton import flatten_quantize as tf
 
     gen = torch.Generator().manual_seed(seed)
@@ -166,6 +183,23 @@ def check_flatten_quantize(device: str, cases, seed: int = 0):
         assert bad == 0, f"flatten_quantize {(lead, c, bits, dtype, layout)}: {bad} mismatches"
         q = ref if bits == 8 else unpack_int4(ref)
         assert (q.abs() == qmax).any() and (q != 0).any(), "test inputs should saturate somewhere"
+        # per-token scales: the same map with each row's own threshold (rmult = 1 / (s (E + 1)), with
+        # the channel's multiplier standing in for 1 / s); an all-zero row gives r = 0 and zeros
+        rmult = (mult[:c] / (extras.float() + 1)).float()      # positions [0, C) are the channels themselves
+        pmult = mult
+        x0 = x.clone()
+        x0[(0,) * (x0.dim() - 1)] = 0                        # the first row all zeros
+        for i, xr in enumerate((x, x0)):
+            xd = xr.to(device) if layout == "c" else _same_layout_to(xr, device)
+            out, r = tf.flatten_quantize_rows_cuda(xd, dev[0], pmult.to(device), dev[2], dev[3], rmult.to(device), bits)
+            ref, rr = flatten_quantize_rows_reference(xr, src, pmult, lo, hi, rmult, bits)
+            assert r.shape == rr.shape and torch.equal(r.cpu(), rr), f"row maxima differ {(lead, c, bits, dtype)}"
+            bad = (out.cpu() != ref).sum().item()
+            assert bad == 0, f"flatten_quantize_rows {(lead, c, bits, dtype, layout)}: {bad} mismatches"
+            q = ref if bits == 8 else unpack_int4(ref)
+            q = q.reshape(-1, q.shape[-1])
+            peak = q.abs().amax(-1)
+            assert (peak == qmax)[i:].all() and (peak[:i] == 0).all(), f"each row's largest slice is qmax: {peak}"
 
 
 def _same_layout_to(x: torch.Tensor, device: str) -> torch.Tensor:

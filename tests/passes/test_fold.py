@@ -187,4 +187,5 @@ def test_graph_break_inside_a_quantized_layer():
     ops = {lr.layer: lr for r in reports(plan) for lr in r.layers}
     # 7 rows: a decode-sized graph, so the fused op (passes/lower.py)
     assert ops["model.decoder.layers.0.fc1"].op == "fq.flat_linear (int8)" and len(reports(plan)) >= 2
-    assert _rel(split, whole) < 1e-2 < _rel(whole, ref)
+    # the folds moved to the op change float32 rounding only: far below the quantization error
+    assert _rel(split, whole) < 0.1 * _rel(whole, ref), (_rel(split, whole), _rel(whole, ref))

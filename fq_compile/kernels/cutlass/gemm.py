@@ -428,7 +428,7 @@ class _Params(ctypes.Structure):
                 ("lda", ctypes.c_int64), ("ldb", ctypes.c_int64), ("ldd", ctypes.c_int64),
                 ("m", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int), ("scale", ctypes.c_void_p),
                 ("out_dtype", ctypes.c_int), ("sm_count", ctypes.c_int),
-                ("workspace", ctypes.c_void_p), ("stream", ctypes.c_void_p)]
+                ("workspace", ctypes.c_void_p), ("stream", ctypes.c_void_p), ("row_scale", ctypes.c_void_p)]
 
 
 def nvcc_check(jobs: int = 2, only: list[str] | None = None, out_dir: Path | None = None) -> list[str]:
@@ -527,8 +527,10 @@ def unpack_int4_cuda(packed: torch.Tensor) -> torch.Tensor:
 
 def cutlass_int_linear(xq: torch.Tensor, wq: torch.Tensor, scale, bias: torch.Tensor | None,
                        out_dtype: torch.dtype, bits: int, *, config: str | None = None,
-                       raw_int32: bool = False, act: str = "none") -> torch.Tensor:
-    """Run the CUTLASS GEMM on CUDA tensors (scale: float32 [N], or a number for every channel).
+                       raw_int32: bool = False, act: str = "none", row_scale: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """Run the CUTLASS GEMM on CUDA tensors (scale: float32 [N], or a number for every channel;
+    row_scale: float32, one per row of xq, or None: kernels/int_gemm.py's per-token epilogue).
     raw_int32=True returns the exact int32 accumulator; act "relu" applies ReLU in the epilogue;
     config names a CONFIGS entry (None: the dispatcher's choice for this shape, `runtime_config`).
     Operands that TMA cannot read in place are copied first (the dispatcher only sends aligned ones);
@@ -559,6 +561,11 @@ def cutlass_int_linear(xq: torch.Tensor, wq: torch.Tensor, scale, bias: torch.Te
     scale = per_channel(scale, n, xq.device).contiguous()
     if scale.data_ptr() % MIN_ALIGN:
         scale = scale.clone()
+    rows = None
+    if row_scale is not None and not raw_int32:
+        rows = row_scale.reshape(-1).float().contiguous()
+        if rows.data_ptr() % MIN_ALIGN:
+            rows = rows.clone()
     if k == 0:  # empty reduction: the result is the bias (or zero)
         y = torch.zeros((m, n), dtype=torch.float32, device=xq.device)
         if has_bias:
@@ -581,7 +588,8 @@ def cutlass_int_linear(xq: torch.Tensor, wq: torch.Tensor, scale, bias: torch.Te
             bias_arg = bias_arg.clone()
     p = _Params(a=a8.data_ptr(), b=b8.data_ptr(), d=out.data_ptr(), bias=bias_arg.data_ptr() if has_bias else None,
                 lda=a8.stride(0), ldb=b8.stride(0), ldd=out.stride(0), m=m, n=n, k=k, scale=scale.data_ptr(),
-                out_dtype=OUT_TYPES[dt][1], sm_count=_sm_count(dev), workspace=None, stream=None)
+                out_dtype=OUT_TYPES[dt][1], sm_count=_sm_count(dev), workspace=None, stream=None,
+                row_scale=rows.data_ptr() if rows is not None else None)
     err = ctypes.create_string_buffer(1024)
     with torch.cuda.device(dev):
         p.stream = torch.cuda.current_stream(dev).cuda_stream
@@ -604,17 +612,19 @@ def cutlass_int_linear(xq: torch.Tensor, wq: torch.Tensor, scale, bias: torch.Te
 def _define_op():
     @custom_op("fq::cutlass_int_linear", mutates_args=())
     def cutlass_int_linear_op(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                              out_dtype: torch.dtype, bits: int, config: str, act: str = "none") -> torch.Tensor:
+                              out_dtype: torch.dtype, bits: int, config: str, act: str = "none",
+                              row_scale: torch.Tensor | None = None) -> torch.Tensor:
         """The CUTLASS GEMM (config "": chosen per call, for graphs compiled with dynamic rows).  On
         other devices the op computes the same result with the CPU reference (its semantics; used by
         the CPU tests of the dispatch path)."""
         if not xq.is_cuda:
             from fq_compile.kernels.int_gemm import quant_linear_reference
-            return quant_linear_reference(xq, wq, scale, bias, bits, out_dtype, act)
-        return cutlass_int_linear(xq, wq, scale, bias, out_dtype, bits, config=config or None, act=act)
+            return quant_linear_reference(xq, wq, scale, bias, bits, out_dtype, act, row_scale)
+        return cutlass_int_linear(xq, wq, scale, bias, out_dtype, bits, config=config or None, act=act,
+                                  row_scale=row_scale)
 
     @cutlass_int_linear_op.register_fake
-    def _(xq, wq, scale, bias, out_dtype, bits, config, act="none"):
+    def _(xq, wq, scale, bias, out_dtype, bits, config, act="none", row_scale=None):
         return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
 
     return cutlass_int_linear_op

@@ -4,6 +4,10 @@ into the prologue, dequantize + bias into the epilogue, INT8 or packed INT4 weig
     y[m, n] = float32(sum_p w[n, p] * q[m, p]) * scale[n] + bias[n]
     q[m, p] = the flatten_quantize integer of x[m, src[p]] (flatten_quantize.py)
 
+With per-token scales (rmult given) a first small kernel writes each row's r[m] (the row maxima of
+flatten_quantize.py), the prologue multiplies by fl(qmax / r[m]) as well, and the epilogue by r[m]
+before scale[n].
+
 At decode sizes the product is a matrix-vector product per row: every weight byte is read once and
 used M times, so the kernel's speed is the speed at which it streams the weight.  Layout of the work:
 
@@ -44,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fq_compile.kernels.triton.flatten_quantize import _quantize_vals
+from fq_compile.kernels.triton.flatten_quantize import _quantize_rows, _quantize_vals, _row_inverse, row_absmax_kernel
 from fq_compile.kernels.triton.gemm import _mul_rn, _nibbles
 from fq_compile.kernels.triton.tuning import tuning
 
@@ -54,23 +58,27 @@ DECODE_MAX_M = 64
 
 @triton.jit
 def _quantized_rows(x_ptr, pos, pos_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr, stride_xm, stride_xc,
-                    QMAX: tl.constexpr):
-    """q[p, m] (int8, [len(pos), BLOCK_M]) for flattened positions `pos` and rows `rows`."""
+                    inv, QMAX: tl.constexpr, HAS_ROW: tl.constexpr):
+    """q[p, m] (int8, [len(pos), BLOCK_M]) for flattened positions `pos` and rows `rows` (HAS_ROW: with
+    the rows' per-token multipliers inv [BLOCK_M])."""
     src = tl.load(src_ptr + pos, mask=pos_ok, other=0)
     mult = tl.load(mult_ptr + pos, mask=pos_ok, other=0.0)
     lo = tl.load(lo_ptr + pos, mask=pos_ok, other=0.0)
     hi_q = tl.minimum(tl.load(hi_ptr + pos, mask=pos_ok, other=0.0), QMAX)
     g = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_xm + src[:, None].to(tl.int64) * stride_xc,
                 mask=pos_ok[:, None] & row_ok[None, :], other=0.0)
-    q = _quantize_vals(g.to(tl.float32), mult[:, None], lo[:, None], hi_q[:, None])
+    if HAS_ROW:
+        q = _quantize_rows(g.to(tl.float32), mult[:, None], inv[None, :], lo[:, None], hi_q[:, None])
+    else:
+        q = _quantize_vals(g.to(tl.float32), mult[:, None], lo[:, None], hi_q[:, None])
     return q.to(tl.int8)
 
 
 @triton.jit
 def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
-                              ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_xc, stride_wn, stride_wk,
+                              ws_ptr, cnt_ptr, r_ptr, M, N, K, stride_xm, stride_xc, stride_wn, stride_wk,
                               stride_om, stride_on,
-                              BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_BLOCKS: tl.constexpr):
     """out[M, N] = flat_linear(x[M, C]) for one (N tile, K split); K counts flattened positions
     (w has K or K/2 bytes a row); module docstring for the scheme."""
@@ -83,6 +91,8 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     QMAX: tl.constexpr = 127.0 if BITS == 8 else 7.0
+    r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)         # per-token scales (unused without HAS_ROW)
+    inv = _row_inverse(r, QMAX)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     k_lo = pid_k * (SPLIT_BLOCKS * BLOCK_K)
     k_hi = tl.minimum(K, k_lo + SPLIT_BLOCKS * BLOCK_K)
@@ -92,7 +102,7 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
             pos = k + kk
             pos_ok = pos < K
             q = _quantized_rows(x_ptr, pos, pos_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
-                                stride_xm, stride_xc, QMAX)
+                                stride_xm, stride_xc, inv, QMAX, HAS_ROW)
             w = tl.load(w_ptr + cols[:, None] * stride_wn + pos[None, :] * stride_wk, mask=pos_ok[None, :], other=0)
             acc = tl.dot(w, q, acc, out_dtype=tl.int32)
     else:
@@ -102,9 +112,9 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
             j = k // 2 + jj                       # weight bytes; byte j holds positions 2j (low), 2j+1 (high)
             j_ok = j < K // 2
             q_lo = _quantized_rows(x_ptr, 2 * j, j_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
-                                   stride_xm, stride_xc, QMAX)
+                                   stride_xm, stride_xc, inv, QMAX, HAS_ROW)
             q_hi = _quantized_rows(x_ptr, 2 * j + 1, j_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
-                                   stride_xm, stride_xc, QMAX)
+                                   stride_xm, stride_xc, inv, QMAX, HAS_ROW)
             pw = tl.load(w_ptr + cols[:, None] * stride_wn + j[None, :] * stride_wk, mask=j_ok[None, :], other=0)
             w_lo, w_hi = _nibbles(pw)
             acc = tl.dot(w_lo, q_lo, acc, out_dtype=tl.int32)
@@ -118,16 +128,22 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
         if ticket == splits - 1:                  # every other split's partial is in: finish the tile
             acc = tl.atomic_xchg(ws, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32), mask=mask, sem="relaxed")
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
-            _store(acc, out_ptr, scale_ptr, bias_ptr, offs_n, n_ok, rows, mask, stride_om, stride_on, HAS_BIAS)
+            _store(acc, out_ptr, scale_ptr, bias_ptr, r, offs_n, n_ok, rows, mask, stride_om, stride_on, HAS_BIAS,
+                   HAS_ROW)
     else:
-        _store(acc, out_ptr, scale_ptr, bias_ptr, offs_n, n_ok, rows, mask, stride_om, stride_on, HAS_BIAS)
+        _store(acc, out_ptr, scale_ptr, bias_ptr, r, offs_n, n_ok, rows, mask, stride_om, stride_on, HAS_BIAS, HAS_ROW)
 
 
 @triton.jit
-def _store(acc, out_ptr, scale_ptr, bias_ptr, offs_n, n_ok, rows, mask, stride_om, stride_on, HAS_BIAS: tl.constexpr):
-    """The GEMM ops' epilogue on the transposed tile: rounded float32 multiply, then the bias add."""
+def _store(acc, out_ptr, scale_ptr, bias_ptr, r, offs_n, n_ok, rows, mask, stride_om, stride_on,
+           HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr):
+    """The GEMM ops' epilogue on the transposed tile: rounded float32 multiplies (the row's per-token
+    scale first, with HAS_ROW), then the bias add."""
     scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
-    y = _mul_rn(acc.to(tl.float32), scale[:, None])
+    y = acc.to(tl.float32)
+    if HAS_ROW:
+        y = _mul_rn(y, r[None, :])
+    y = _mul_rn(y, scale[:, None])
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
     ptrs = out_ptr + rows[None, :].to(tl.int64) * stride_om + offs_n[:, None] * stride_on
@@ -254,19 +270,21 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, config=None):
+def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, rmult=None, config=None):
     """fq::flat_linear on CUDA (and, under TRITON_INTERPRET=1, on the CPU): the fused kernel for
-    M <= DECODE_MAX_M rows, flatten_quantize + the GEMM op above.  config (a triton.Config) forces
-    one tiling (tests cover each candidate without timing it)."""
+    M <= DECODE_MAX_M rows, flatten_quantize + the GEMM op above; rmult: per-token scales.  config
+    (a triton.Config) forces one tiling (tests cover each candidate without timing it)."""
     lead = x.shape[:-1]
     n = wq.shape[0]
     m = 1
     for d in lead:
         m *= d
     if m > DECODE_MAX_M:
-        xq = torch.ops.fq.flatten_quantize(x, src, mult, lo, hi, bits)
         op = torch.ops.fq.int4_linear if bits == 4 else torch.ops.fq.int8_linear
-        return op(xq, wq, scale, bias, out_dtype)
+        if rmult is None:
+            return op(torch.ops.fq.flatten_quantize(x, src, mult, lo, hi, bits), wq, scale, bias, out_dtype)
+        xq, r = torch.ops.fq.flatten_quantize_rows(x, src, mult, lo, hi, rmult, bits)
+        return op(xq, wq, scale, bias, out_dtype, row_scale=r)
     x2 = x.reshape(m, x.shape[-1])
     k = src.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -276,14 +294,19 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
     has_bias = bias is not None
     bias_arg = bias if has_bias else scale
     row_bucket = max(16, triton.next_power_of_2(m))
+    r = scale                       # a float32 pointer the kernel never reads without HAS_ROW
+    if rmult is not None:
+        r = torch.empty(m, dtype=torch.float32, device=x.device)
+        row_absmax_kernel[(triton.cdiv(m, 2),)](x2, rmult, r, m, 1, x2.shape[1], x2.stride(0), 0, x2.stride(1),
+                                              BLOCK_M=2, BLOCK_C=32 if _INTERPRET else 1024, num_warps=4)
 
     def run(cfg):
         meta = cfg.kwargs
         grid = (triton.cdiv(n, meta["BLOCK_N"]), max(1, triton.cdiv(k, meta["SPLIT_BLOCKS"] * meta["BLOCK_K"])))
         flat_linear_decode_kernel[grid](
-            x2, src, mult, lo, hi, wq, scale, bias_arg, out, sums, counters, m, n, k,
+            x2, src, mult, lo, hi, wq, scale, bias_arg, out, sums, counters, r, m, n, k,
             x2.stride(0), x2.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-            BITS=bits, HAS_BIAS=has_bias, BLOCK_M=row_bucket, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BITS=bits, HAS_BIAS=has_bias, HAS_ROW=rmult is not None, BLOCK_M=row_bucket, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **meta)
 
     run(config if config is not None else _choose(bits, n, k, row_bucket, x.device, run))

@@ -36,6 +36,10 @@ if _INTERPRET:
         return a * b
 
     @triton.jit
+    def _div_rn(a, b):
+        return a / b          # numpy float32 division: correctly rounded
+
+    @triton.jit
     def _rint_small(v):
         # v in [0, 2**22): adding 2**23 leaves no fraction bits, so the FPU rounds half to even
         return (v + 8388608.0) - 8388608.0
@@ -47,20 +51,60 @@ else:
         return libdevice.mul_rn(a, b)
 
     @triton.jit
+    def _div_rn(a, b):
+        return libdevice.div_rn(a, b)
+
+    @triton.jit
     def _rint_small(v):
         return libdevice.rint(v)
 
 
 @triton.jit
-def _quantize_vals(g, mult, lo, hi_q):
-    """g float32 gathered activations (any shape), per-position constants broadcast to it; hi_q is
-    min(hi, qmax).  n = rint(min(a, lo + hi_q)) then q = max(n - lo, 0), as the reference: clamping
-    before rounding keeps the value finite and below 2**22 for the 2**23 trick, and the integer
-    subtraction after it is exact."""
-    a = _mul_rn(tl.abs(g), mult)
+def _slice(a, g, lo, hi_q):
+    """a = |g| in quantized units; hi_q is min(hi, qmax).  n = rint(min(a, lo + hi_q)) then
+    q = max(n - lo, 0) with g's sign, as the reference: clamping before rounding keeps the value
+    finite and below 2**22 for the 2**23 trick, and the integer subtraction after it is exact."""
     n = _rint_small(tl.minimum(a, lo + hi_q))
     q = tl.maximum(n - lo, 0.0).to(tl.int32)
     return tl.where(g < 0, -q, q)
+
+
+@triton.jit
+def _quantize_vals(g, mult, lo, hi_q):
+    """g float32 gathered activations (any shape), per-position constants broadcast to it."""
+    return _slice(_mul_rn(tl.abs(g), mult), g, lo, hi_q)
+
+
+@triton.jit
+def _quantize_rows(g, mult, inv, lo, hi_q):
+    """Per-token scales: the row's multiplier inv (broadcast to g) is a second rounded multiply."""
+    return _slice(_mul_rn(_mul_rn(tl.abs(g), mult), inv), g, lo, hi_q)
+
+
+@triton.jit
+def _row_inverse(r, QMAX: tl.constexpr):
+    """inv = fl(qmax / r), 0 where r is 0 (kernels/flatten_quantize.py `row_inverse`)."""
+    return tl.where(r > 0, _div_rn(tl.full(r.shape, QMAX, tl.float32), tl.where(r > 0, r, 1.0)), 0.0)
+
+
+@triton.jit
+def row_absmax_kernel(x_ptr, rmult_ptr, r_ptr, M, T, C, stride_xb, stride_xt, stride_xc,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """r[m] = max_c fl(|x[m, c]| * rmult[c]) for BLOCK_M rows of x [B, T, C] (rows m = b*T + t): the
+    per-token scales' first pass (the max is exact in any order)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    x_row = (rows64 // T) * stride_xb + (rows64 % T) * stride_xt
+    r = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < C
+        x = tl.load(x_ptr + x_row[:, None] + cols[None, :].to(tl.int64) * stride_xc,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        rm = tl.load(rmult_ptr + cols, mask=c_ok, other=0.0)
+        r = tl.maximum(r, tl.max(_mul_rn(tl.abs(x.to(tl.float32)), rm[None, :]), 1))
+    tl.store(r_ptr + rows, r, mask=row_ok)
 
 
 def _fq_configs():
@@ -72,9 +116,10 @@ def _fq_configs():
 
 
 @triton.jit
-def _rows(x_ptr, out_ptr, offs, ld_ok, mult, lo, hi_q, cols, col_ok, row0, M, T, stride_xb, stride_xt, stride_om,
-          BITS: tl.constexpr, BLOCK_M: tl.constexpr, ROW_ITERS: tl.constexpr):
-    """Quantize ROW_ITERS * BLOCK_M rows from row0 at the given per-position x offsets."""
+def _rows(x_ptr, out_ptr, r_ptr, offs, ld_ok, mult, lo, hi_q, cols, col_ok, row0, M, T, stride_xb, stride_xt,
+          stride_om, BITS: tl.constexpr, BLOCK_M: tl.constexpr, ROW_ITERS: tl.constexpr, HAS_ROW: tl.constexpr):
+    """Quantize ROW_ITERS * BLOCK_M rows from row0 at the given per-position x offsets (HAS_ROW: with
+    the per-token scales r_ptr holds)."""
     for it in range(ROW_ITERS):
         rows = row0 + it * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
@@ -84,7 +129,14 @@ def _rows(x_ptr, out_ptr, offs, ld_ok, mult, lo, hi_q, cols, col_ok, row0, M, T,
             g = tl.load(x_ptr + x_row[:, None] + offs[None], mask=row_ok[:, None] & ld_ok[None], other=0.0)
         else:
             g = tl.load(x_ptr + x_row[:, None, None] + offs[None], mask=row_ok[:, None, None] & ld_ok[None], other=0.0)
-        q = _quantize_vals(g.to(tl.float32), mult, lo, hi_q)
+        if HAS_ROW:
+            inv = _row_inverse(tl.load(r_ptr + rows, mask=row_ok, other=0.0), 127.0 if BITS == 8 else 7.0)
+            if BITS == 8:
+                q = _quantize_rows(g.to(tl.float32), mult, inv[:, None], lo, hi_q)
+            else:
+                q = _quantize_rows(g.to(tl.float32), mult, inv[:, None, None], lo, hi_q)
+        else:
+            q = _quantize_vals(g.to(tl.float32), mult, lo, hi_q)
         out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :]
         out_mask = row_ok[:, None] & col_ok[None, :]
         if BITS == 8:
@@ -95,9 +147,9 @@ def _rows(x_ptr, out_ptr, offs, ld_ok, mult, lo, hi_q, cols, col_ok, row0, M, T,
 
 
 @triton.jit
-def flatten_quantize_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, out_ptr,
+def flatten_quantize_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, out_ptr, r_ptr,
                             M, T, C, P, M_BUCKET, stride_xb, stride_xt, stride_xc, stride_om,
-                            BITS: tl.constexpr, X_CONTIG: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BITS: tl.constexpr, X_CONTIG: tl.constexpr, HAS_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_P: tl.constexpr, ROW_ITERS: tl.constexpr):
     """x [B, T, C] (rows m = b*T + t) -> out [M, P] int8 (BITS=8) or [M, P] uint8 packed (BITS=4,
     P = K'/2, byte j holds positions 2j (low nibble) and 2j+1 (high nibble)).
@@ -131,11 +183,11 @@ def flatten_quantize_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, out_ptr,
             offs = pos
         else:
             offs = pos * stride_xc
-        _rows(x_ptr, out_ptr, offs, pos_ok, mult, lo, hi_q, cols, col_ok, row0, M, T, stride_xb, stride_xt,
-              stride_om, BITS, BLOCK_M, ROW_ITERS)
+        _rows(x_ptr, out_ptr, r_ptr, offs, pos_ok, mult, lo, hi_q, cols, col_ok, row0, M, T, stride_xb, stride_xt,
+              stride_om, BITS, BLOCK_M, ROW_ITERS, HAS_ROW)
     else:
-        _rows(x_ptr, out_ptr, src * stride_xc, pos_ok, mult, lo, hi_q, cols, col_ok, row0, M, T, stride_xb,
-              stride_xt, stride_om, BITS, BLOCK_M, ROW_ITERS)
+        _rows(x_ptr, out_ptr, r_ptr, src * stride_xc, pos_ok, mult, lo, hi_q, cols, col_ok, row0, M, T, stride_xb,
+              stride_xt, stride_om, BITS, BLOCK_M, ROW_ITERS, HAS_ROW)
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,6 +209,16 @@ def _as_btc(x: torch.Tensor):
 
 def flatten_quantize_cuda(x, src, mult, lo, hi, bits):
     """CUDA implementation of fq::flatten_quantize (see module docstring)."""
+    return _launch(x, src, mult, lo, hi, None, bits)[0]
+
+
+def flatten_quantize_rows_cuda(x, src, mult, lo, hi, rmult, bits):
+    """CUDA implementation of fq::flatten_quantize_rows: the row maxima first (one pass over x), then
+    the quantize with each row's multiplier; returns (integers, r)."""
+    return _launch(x, src, mult, lo, hi, rmult, bits)
+
+
+def _launch(x, src, mult, lo, hi, rmult, bits):
     k = src.shape[0]
     p = k // 2 if bits == 4 else k
     out_dtype = torch.uint8 if bits == 4 else torch.int8
@@ -166,15 +228,21 @@ def flatten_quantize_cuda(x, src, mult, lo, hi, bits):
         x3 = x3.contiguous()
     m = b * t
     out = torch.empty((*x.shape[:-1], p), dtype=out_dtype, device=x.device)
+    r = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) if rmult is not None else None
     if m == 0 or p == 0:
-        return out
+        if r is not None:
+            r.zero_()
+        return out, r
+    if r is not None:
+        bm, bc = (2, 32) if _INTERPRET else (4, 512)
+        torch.library.wrap_triton(row_absmax_kernel)[(triton.cdiv(m, bm),)](
+            x3, rmult, r, m, t, c, x3.stride(0), x3.stride(1), x3.stride(2), BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
     m_bucket = min(triton.next_power_of_2(m), 4096)
 
     def grid(meta):
         return (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_ITERS"]),)
 
     torch.library.wrap_triton(_tuned(tuning()))[grid](
-        x3, src, mult, lo, hi, out, m, t, c, p, m_bucket,
-        x3.stride(0), x3.stride(1), x3.stride(2), p, BITS=bits, X_CONTIG=x3.stride(2) == 1)
-    return out
-
+        x3, src, mult, lo, hi, out, r if r is not None else mult, m, t, c, p, m_bucket,
+        x3.stride(0), x3.stride(1), x3.stride(2), p, BITS=bits, X_CONTIG=x3.stride(2) == 1, HAS_ROW=r is not None)
+    return out, r

@@ -164,7 +164,8 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, M, N, K, M_BUCKET,
             a = _e4m3_operand(a, DOT_FP8)
             b = _e4m3_operand(b, DOT_FP8)
             acc = tl.dot(a, b, acc, out_dtype=tl.float32, max_num_imprecise_acc=NC)
-    _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, 1, 0)
+    _epilogue(acc, c_ptr, bias_ptr, scale_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, 1, 0,
+              False)
 
 
 # Hopper's FP8 MMA adds into its accumulator with reduced precision (about 14 bits kept: DeepSeek-V3

@@ -1,6 +1,7 @@
 """Triton GEMMs for `fq::int8_linear` and `fq::int4_linear`, registered as their CUDA implementations.
 
     y = act(float32(xq @ wq.T, exact int32) * scale[n] + bias[n])  -> out_dtype   (scale: float32 [N])
+    with per-token scales: float32(acc) * row[m] first, one more rounded multiply (int_gemm.py)
 
 One kernel body serves both formats.  INT4 operands arrive packed two per byte (see packing.py) and
 are unpacked in registers right after the load, so global memory and L2 only ever carry the packed
@@ -70,15 +71,18 @@ else:
 
 
 @triton.jit
-def _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
-              HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, ACT: tl.constexpr):
-    """EPILOGUE 0: store the int32 accumulator; 1: scale[n] (+bias[n]) (ReLU if ACT) and store c's
-    dtype; 2: atomic add."""
+def _epilogue(acc, c_ptr, bias_ptr, scale_ptr, row_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
+              HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, ACT: tl.constexpr, HAS_ROW: tl.constexpr):
+    """EPILOGUE 0: store the int32 accumulator; 1: (row[m] if HAS_ROW) scale[n] (+bias[n]) (ReLU if
+    ACT) and store c's dtype; 2: atomic add."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     if EPILOGUE == 1:
         scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-        y = _mul_rn(acc.to(tl.float32), scale[None, :])
+        y = acc.to(tl.float32)
+        if HAS_ROW:
+            y = _mul_rn(y, tl.load(row_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None])
+        y = _mul_rn(y, scale[None, :])
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
             y = y + bias[None, :]
@@ -92,10 +96,10 @@ def _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, 
 
 
 @triton.jit
-def int_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, M, N, K, M_BUCKET, K_PER_SPLIT,
+def int_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, row_ptr, M, N, K, M_BUCKET, K_PER_SPLIT,
                     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                     HAS_BIAS: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr, EPILOGUE: tl.constexpr,
-                    ACT: tl.constexpr, EVEN_K: tl.constexpr,
+                    ACT: tl.constexpr, EVEN_K: tl.constexpr, HAS_ROW: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C[M, N] = A[M, K] @ B[N, K].T on the tensor cores.  K counts unpacked elements; for INT4 the
     strides are in packed bytes.  Grid: (tiles of C, K splits); split s covers K_PER_SPLIT elements."""
@@ -156,13 +160,14 @@ def int_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, M, N, K, M_BUCKET,
                 a = tl.load(a_ptr + rows[:, None] * stride_am + ko[None, :] * stride_ak, mask=kmask[None, :], other=0)
                 b = tl.load(b_ptr + cols[None, :] * stride_bn + ko[:, None] * stride_bk, mask=kmask[:, None], other=0)
             acc = tl.dot(a, b, acc, out_dtype=ACC)
-    _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, EPILOGUE, ACT)
+    _epilogue(acc, c_ptr, bias_ptr, scale_ptr, row_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS,
+              EPILOGUE, ACT, HAS_ROW)
 
 
 @triton.jit
-def int_gemm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, scale_ptr, M, N, K, NUM_PROGS, stride_cm, stride_cn,
-                        HAS_BIAS: tl.constexpr, INT4: tl.constexpr, EPILOGUE: tl.constexpr, ACT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def int_gemm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, scale_ptr, row_ptr, M, N, K, NUM_PROGS, stride_cm,
+                        stride_cn, HAS_BIAS: tl.constexpr, INT4: tl.constexpr, EPILOGUE: tl.constexpr,
+                        ACT: tl.constexpr, HAS_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Large-M GEMM: persistent programs walk the output tiles (grouped order) and stream A and B
     through the TMA engine (a_desc [M, K or K/2], b_desc [N, K or K/2], block [BLOCK_*, KB]); the
     copy engine zero-fills past K, so no masks.  Faster than the pointer kernel at large M
@@ -191,18 +196,22 @@ def int_gemm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, scale_ptr, M, N, K, NUM
                 acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _epilogue(acc, c_ptr, bias_ptr, scale_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, EPILOGUE,
-                  ACT)
+        _epilogue(acc, c_ptr, bias_ptr, scale_ptr, row_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS,
+                  EPILOGUE, ACT, HAS_ROW)
 
 
 @triton.jit
-def dequant_kernel(acc_ptr, bias_ptr, out_ptr, scale_ptr, M, N, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    """Split-K epilogue: out = int32 workspace * scale[n] (+ bias[n]) (ReLU if ACT), both [M, N] contiguous."""
+def dequant_kernel(acc_ptr, bias_ptr, out_ptr, scale_ptr, row_ptr, M, N, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                   HAS_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """Split-K epilogue: out = int32 workspace (* row[m]) * scale[n] (+ bias[n]) (ReLU if ACT), both [M, N]
+    contiguous."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.load(acc_ptr + offs, mask=mask, other=0)
-    y = _mul_rn(acc.to(tl.float32), tl.load(scale_ptr + offs % N, mask=mask, other=0.0))
+    y = acc.to(tl.float32)
+    if HAS_ROW:
+        y = _mul_rn(y, tl.load(row_ptr + offs // N, mask=mask, other=0.0))
+    y = _mul_rn(y, tl.load(scale_ptr + offs % N, mask=mask, other=0.0))
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs % N, mask=mask, other=0.0)
     if ACT == 1:
@@ -293,7 +302,7 @@ def _traced(t: torch.Tensor) -> bool:
     return is_fake(t) or torch._is_functional_tensor(t)
 
 
-def _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, cfg, has_bias, epilogue, act):
+def _launch_tma(a, wq, out, bias_arg, scale, row_arg, m, n, k, bits, cfg, has_bias, epilogue, act, has_row):
     from triton.tools.tensor_descriptor import TensorDescriptor
     bm, bn, bk, stages, warps = cfg
     if out.element_size() > 2 and bits == 8:
@@ -304,13 +313,15 @@ def _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, cfg, has_bias, epilo
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     progs = min(tiles, _sm_count(a.device.index or 0) if a.is_cuda else 4)
     torch.library.wrap_triton(int_gemm_tma_kernel)[(progs,)](
-        a_desc, b_desc, out, bias_arg, scale, m, n, k, progs, out.stride(0), out.stride(1),
-        HAS_BIAS=has_bias, INT4=bits == 4, EPILOGUE=epilogue, ACT=act, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        a_desc, b_desc, out, bias_arg, scale, row_arg, m, n, k, progs, out.stride(0), out.stride(1),
+        HAS_BIAS=has_bias, INT4=bits == 4, EPILOGUE=epilogue, ACT=act, HAS_ROW=has_row, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         num_warps=warps, num_stages=stages)
 
 
-def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32=False, config=None, act="none"):
-    """Launch the GEMM; scale is a float32 [N] vector (or a number: every channel the same);
+def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32=False, config=None, act="none",
+                    row_scale=None):
+    """Launch the GEMM; scale is a float32 [N] vector (or a number: every channel the same); row_scale
+    the per-token scales (float32, one per row of xq) or None;
     raw_int32=True returns the exact int32 accumulator (for tests); config (a triton.Config) forces the
     pointer kernel with that tiling for M > 16 (tests cover each candidate without timing it);
     act "relu" applies ReLU in the epilogue."""
@@ -329,9 +340,11 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
     has_bias = bias is not None and not raw_int32
     bias_arg = bias.float().contiguous() if has_bias else out
     scale = per_channel(scale, n, xq.device).contiguous()
+    has_row = row_scale is not None and not raw_int32
+    row_arg = row_scale.reshape(-1).float().contiguous() if has_row else scale
     m_bucket = min(triton.next_power_of_2(m), 8192)
     relu = 1 if act == "relu" and not raw_int32 else 0
-    common = dict(HAS_BIAS=has_bias, INT4=bits == 4, FP8=fp8, ACT=relu)
+    common = dict(HAS_BIAS=has_bias, INT4=bits == 4, FP8=fp8, ACT=relu, HAS_ROW=has_row)
     if k == 0:  # empty reduction: the result is the bias (or zero)
         out.fill_(0)
         if has_bias:
@@ -349,7 +362,7 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
             target, epi = out, 0 if raw_int32 else 1
         grid = (triton.cdiv(n, bn), split)
         torch.library.wrap_triton(int_gemm_kernel)[grid](
-            a, wq, target, bias_arg, scale, m, n, k, 16, k_per,
+            a, wq, target, bias_arg, scale, row_arg, m, n, k, 16, k_per,
             a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), target.stride(0), target.stride(1),
             EPILOGUE=epi, EVEN_K=k % bk == 0 and k_per % bk == 0, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1,
             num_warps=warps, num_stages=stages, **common)
@@ -358,7 +371,7 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
                 return ws.reshape(*lead, n)
             block = 1024
             torch.library.wrap_triton(dequant_kernel)[(triton.cdiv(m * n, block),)](
-                ws, bias_arg, out, scale, m, n, HAS_BIAS=has_bias, ACT=relu, BLOCK=block)
+                ws, bias_arg, out, scale, row_arg, m, n, HAS_BIAS=has_bias, ACT=relu, HAS_ROW=has_row, BLOCK=block)
         return out.reshape(*lead, n)
 
     tma_cfg = TMA_CONFIG.get(bits)
@@ -366,7 +379,8 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
             and kp >= 16 and not _traced(a)):
         if _INTERPRET:
             tma_cfg = (32, 32, 64, 1, 4)
-        _launch_tma(a, wq, out, bias_arg, scale, m, n, k, bits, tma_cfg, has_bias, 0 if raw_int32 else 1, relu)
+        _launch_tma(a, wq, out, bias_arg, scale, row_arg, m, n, k, bits, tma_cfg, has_bias, 0 if raw_int32 else 1,
+                    relu, has_row)
         return out.reshape(*lead, n)
 
     kernel = _tuned("mid" if m <= 256 else "large", bits, tuning())
@@ -381,16 +395,16 @@ def int_linear_cuda(xq, wq, scale, bias, out_dtype, bits, *, fp8=None, raw_int32
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)
 
     torch.library.wrap_triton(kernel)[grid](
-        a, wq, out, bias_arg, scale, m, n, k, m_bucket, k,
+        a, wq, out, bias_arg, scale, row_arg, m, n, k, m_bucket, k,
         a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
         EPILOGUE=0 if raw_int32 else 1, EVEN_K=even_k, **common, **launch_meta)
     return out.reshape(*lead, n)
 
 
-def int8_linear_cuda(xq, wq, scale, bias, out_dtype, act="none"):
-    return int_linear_cuda(xq, wq, scale, bias, out_dtype, 8, act=act)
+def int8_linear_cuda(xq, wq, scale, bias, out_dtype, act="none", row_scale=None):
+    return int_linear_cuda(xq, wq, scale, bias, out_dtype, 8, act=act, row_scale=row_scale)
 
 
-def int4_linear_cuda(xq, wq, scale, bias, out_dtype, act="none"):
-    return int_linear_cuda(xq, wq, scale, bias, out_dtype, 4, act=act)
+def int4_linear_cuda(xq, wq, scale, bias, out_dtype, act="none", row_scale=None):
+    return int_linear_cuda(xq, wq, scale, bias, out_dtype, 4, act=act, row_scale=row_scale)
 

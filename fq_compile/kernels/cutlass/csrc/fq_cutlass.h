@@ -15,11 +15,13 @@ struct FqGemmParams {
   const float* bias;     // [n] float32 or nullptr
   int64_t lda, ldb, ldd;
   int m, n, k;
-  const float* scale;    // [n] float32 (activation scale x each output channel's weight scale)
+  const float* scale;    // [n] float32 (activation scale x each output channel's weight scale;
+                         //      with row_scale: the weight side alone)
   int out_dtype;         // FqOutDtype
   int sm_count;          // 0: query the device
   void* workspace;       // device memory of at least fq_instance_workspace() bytes (may be null if 0)
   cudaStream_t stream;
+  const float* row_scale;  // [m] float32 per-row (per-token) scale, or nullptr (every row 1.0)
 };
 
 // Every kernel instance is its own shared library (one tile config x output dtype x epilogue, built

@@ -1,10 +1,11 @@
 // INT8 x INT8 -> INT32 GEMM for Hopper (sm_90a): TMA + wgmma, warp-specialised, built with CUTLASS 3.x's
 // CollectiveBuilder, and an epilogue visitor tree that computes
 //
-//     D = cast<ElementD>( act( __fadd_rn( __fmul_rn( float(acc), scale[col] ), bias[col] ) ) )
+//     D = cast<ElementD>( act( __fadd_rn( __fmul_rn( __fmul_rn(float(acc), row[row_i]), scale[col] ), bias[col] ) ) )
 //
 // with explicitly rounded fp32 ops (no FMA contraction), so fp32 outputs equal the CPU reference
-// (`acc.float() * scale + bias`, scale and bias float32 vectors over the output columns) bit for bit,
+// (`acc.float() * row[:, None] * scale + bias`, scale and bias float32 vectors over the output columns,
+// row the per-token activation scales over the rows, 1.0 where none is given: exact) bit for bit,
 // and bf16/fp16 outputs are that value rounded to nearest.  act is the identity or ReLU (x < 0 ? 0 : x,
 // NaN kept), for a GEMM whose only consumer is a ReLU (OPT's fc1): one pass over the output saved.
 // The kRaw instance stores the int32 accumulator unchanged (tests compare it exactly).
@@ -111,12 +112,18 @@ struct Sm90IntGemm {
   using LayoutB = cutlass::layout::ColumnMajor;
   using LayoutD = cutlass::layout::RowMajor;
 
-  // scale[col] and bias[col] broadcast along the rows (CUTLASS calls a length-N vector a "row" broadcast)
+  // scale[col] and bias[col] broadcast along the rows (CUTLASS calls a length-N vector a "row" broadcast);
+  // the per-token scale row[i] along the columns (a "column" broadcast), 1.0 when its pointer is null
   using ColumnVector = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>, 4>;
+  using RowVector = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>>;
   using Bias = ColumnVector;
-  using Scaled = cutlass::epilogue::fusion::Sm90EVT<
+  using RowScaled = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<MulRn, float, float, Round>,
       cutlass::epilogue::fusion::Sm90AccFetch,
+      RowVector>;
+  using Scaled = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<MulRn, float, float, Round>,
+      RowScaled,
       ColumnVector>;
   using Dequant = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<AddRn, ElementD, float, Round>, Scaled, Bias>;
@@ -186,17 +193,19 @@ struct Sm90IntGemm {
         {p.a, sa, p.b, sb},
         {{}, static_cast<ElementD const*>(nullptr), sd, static_cast<ElementD*>(p.d), sd},
         hw};
+    // RowScaled: acc, row[i] (pointer, null: 1.0, stride), mul args
+    typename RowScaled::Arguments row_scaled{{}, {p.row_scale, 1.0f, {_1{}, _0{}, int64_t(0)}}, {}};
     if constexpr (kRawOut) {
       args.epilogue.thread = {{}, {}};
     } else if constexpr (kRelu) {
       args.epilogue.thread = {
-          {{{}, {p.scale, 0.0f, {_0{}, _1{}, int64_t(0)}}, {}},   // Scaled: acc, scale[col], mul args
-           {p.bias, 0.0f, {_0{}, _1{}, int64_t(0)}},              // Bias: pointer (null: 0), default, stride
-           {}},                                                   // add args
-          {}};                                                    // relu args
+          {{row_scaled, {p.scale, 0.0f, {_0{}, _1{}, int64_t(0)}}, {}},   // Scaled: row-scaled acc, scale[col]
+           {p.bias, 0.0f, {_0{}, _1{}, int64_t(0)}},                      // Bias: pointer (null: 0), default, stride
+           {}},                                                           // add args
+          {}};                                                            // relu args
     } else {
       args.epilogue.thread = {
-          {{}, {p.scale, 0.0f, {_0{}, _1{}, int64_t(0)}}, {}},   // Scaled: acc, scale[col], mul args
+          {row_scaled, {p.scale, 0.0f, {_0{}, _1{}, int64_t(0)}}, {}},   // Scaled: row-scaled acc, scale[col]
           {p.bias, 0.0f, {_0{}, _1{}, int64_t(0)}},   // Bias: pointer (null: 0), default, stride
           {}};                                        // add args
     }
