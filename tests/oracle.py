@@ -112,7 +112,7 @@ def _per_token(x, v, group, qmax, smooth_here, float32_rounding):
     lo, hi = cm.lo.to(dev).double(), cm.hi.to(dev).double()
     if float32_rounding:      # the contract's float32 steps: r, qmax / r, |x| * (1/s), times qmax / r
         r = (x.detach().float().abs() * (inv_s / slices).float().to(dev)).amax(-1)
-        inv = torch.where(r > 0, qmax / r, torch.zeros_like(r))
+        inv = torch.where(r > 0, torch.full_like(r, float(qmax)) / r, torch.zeros_like(r))   # one rounding
         a = (v.float().abs() * inv_s[cm.src.long()].float().to(dev)) * inv.unsqueeze(-1)
         units = torch.minimum((a - (lo * qmax).float()).clamp_min(0.0), (hi * qmax).float())
         return _signed_integers(units, v, cm, qmax), r

@@ -89,8 +89,10 @@ def row_absmax(x: torch.Tensor, rmult: torch.Tensor) -> torch.Tensor:
 
 
 def row_inverse(r: torch.Tensor, bits: int) -> torch.Tensor:
-    """inv = fl(qmax / r), 0 where r is 0 (an all-zero row quantizes to zeros)."""
-    return torch.where(r > 0, QMAX[bits] / r, torch.zeros_like(r))
+    """inv = fl(qmax / r), 0 where r is 0 (an all-zero row quantizes to zeros).  A tensor divided by
+    a tensor: `qmax / r` with a Python number would be computed as reciprocal(r) * qmax, two
+    roundings, where the kernels divide once."""
+    return torch.where(r > 0, torch.full_like(r, float(QMAX[bits])) / r, torch.zeros_like(r))
 
 
 def flatten_quantize_rows_reference(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor,
