@@ -274,8 +274,8 @@ class AttentionPlan:
     TENSORS = ("q_scale", "k_scale", "v_scale", "q_absmax", "k_absmax", "v_absmax")
 
 
-@dataclass
-class QuantPlan:
+@dataclass(eq=False)     # compared by identity: Dynamo compares the options of two compiles (and so their
+class QuantPlan:        # plans) on a recompile, and field-wise equality would compare tensors (an error)
     config: Config
     model_type: str
     model_hash: str

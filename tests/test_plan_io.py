@@ -324,3 +324,16 @@ def test_check_model_compares_the_values(saved):
         plan.check_model(other)
     with pytest.raises(fq_compile.PlanMismatchError, match=r"dtype bfloat16 instead of float32"):
         plan.check_model(copy.deepcopy(model).to(torch.bfloat16))
+
+
+def test_a_plan_and_its_loaded_copy_compile_one_after_the_other(saved):
+    """Dynamo compares the backend options of two compiles of one forward on a recompile; a plan and its
+    loaded copy (equal fields, tensors among them) must compare without an error: plans compare by identity."""
+    model, plan, path = saved
+    x = torch.randint(0, VOCAB, (1, 9))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        a = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x).logits
+        b = torch.compile(model, backend="flattenquant", options={"plan": QuantPlan.load(path),
+                                                                  "inductor": False})(x).logits
+    assert torch.equal(a, b) and plan != QuantPlan.load(path) and plan == plan
