@@ -60,6 +60,11 @@ class PlanMismatchError(ValueError):
     """The plan does not belong to the model or graph it is applied to."""
 
 
+class ArtefactFormatError(PlanFormatError):
+    """The directory is not a complete, unchanged quantized artefact (fq_compile.save_quantized) of
+    a format version this fq_compile reads (fq_compile/deploy.py)."""
+
+
 def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     """Every parameter's shape by name (tied weights once, under their first name); a DTensor
     parameter (tensor parallelism) by this rank's local shard, the shape its rank-local plan reads."""
