@@ -2,6 +2,7 @@
 weights, bit-identical outputs; load memory bounded by the artefact; damaged artefacts refused."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -209,3 +210,38 @@ def test_save_refuses_a_plan_of_other_weights_and_a_foreign_directory(saved, tmp
     fq_compile.save_quantized(model, plan, tmp_path / "twice")         # an artefact is replaced
     assert sorted(p.name for p in (tmp_path / "twice").iterdir()) == sorted(
         ["config.json", "generation_config.json", MANIFEST, PLAN_FILE, WEIGHTS_FILE])
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+from tests.tools.test_cli import model_dir  # noqa: E402,F401  (a tiny Llama directory with a tokenizer, and data)
+
+
+def test_cli_quantize_save_then_demo_from(model_dir, tmp_path, capsys):  # noqa: F811
+    """fq-compile quantize --save DIR, then demo --from DIR: the loaded artefact's perplexity and greedy text
+    are those of the saving side's model compiled with the same plan."""
+    from fq_compile.tools.cli import greedy, main
+    from fq_compile.tools.data import wikitext_test
+    from fq_compile.tools.evaluate import compile_quantized, perplexity
+    from fq_compile.tools.models import load_model
+
+    data = str(model_dir / "data")
+    common = ["--model", str(model_dir / "model"), "--data-dir", data, "--calib-batches", "2", "--calib-seqlen", "24",
+              "--no-progress"]
+    art = tmp_path / "art"
+    assert main(["quantize", *common]) == 2                    # nowhere to write
+    assert main(["quantize", *common, "--level", "O1", "--save", str(art)]) == 0
+    assert (art / "tokenizer_config.json").is_file() and (art / MANIFEST).is_file()
+    capsys.readouterr()
+    prompt = "the cat sat on"
+    assert main(["demo", "--from", str(art), "--data-dir", data, "--ppl-seqlen", "64", "--ppl-tokens", "256",
+                 "--prompt", prompt, "--max-new-tokens", "4", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    torch._dynamo.reset()
+    lm = load_model(str(model_dir / "model"))
+    fast = compile_quantized(lm.model, fq_compile.QuantPlan.load(art / PLAN_FILE))
+    ids = lm.tokenizer(wikitext_test(data), return_tensors="pt").input_ids[0]
+    with torch.no_grad():
+        ppl = perplexity(fast, ids, 64, 256, progress=False)
+    assert re.search(rf"^O1 +{ppl.ppl:.3f}$", out, re.M), out
+    assert greedy(fast, lm.tokenizer, prompt, 4) in out and "where the time went" in out
