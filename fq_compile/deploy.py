@@ -10,7 +10,7 @@ The directory (format ARTEFACT_VERSION):
     plan.fqplan          the QuantPlan (plan.py's file: quantized weights, scales, channel maps, with its own
                          checksums)
     weights.safetensors  every parameter and buffer that stays in floating point (embeddings, norms,
-                         lm_head, skipped layers, biases, rotary tables), as the saving model held them:
+                         lm_head, skipped layers, rotary tables), as the saving model held them:
                          norm folds are applied at compile time from these live values (passes/lower.py),
                          so they are saved unfolded, and the loaded model compiles to the same graphs
     config.json          the model's transformers config (+ generation_config.json), and the tokenizer's
@@ -26,8 +26,9 @@ Loading builds the model from config.json on the meta device, checks it against 
 shapes of every parameter: a config that does not describe the plan's model is refused), and then
 materialises only what the artefact holds: the floating-point tensors from weights.safetensors
 (memory-mapped on the CPU, copied tensor by tensor to another device) and, for each quantized
-layer's weight, a placeholder (runtime/resident.py): the parameter's metadata with no bytes behind
-it, vouched for by the plan's fingerprint.  The backend accepts a placeholder only with a plan made
+layer's weight and bias (the plan holds their quantized / float32 copies), a placeholder
+(runtime/resident.py): the parameter's metadata with no bytes behind it, vouched for by the plan's
+fingerprint.  The backend accepts a placeholder only with a plan made
 from weights of that fingerprint; the un-compiled module refuses to run (each quantized layer's
 forward pre-hook says why).  Nothing of a damaged artefact runs: a file missing, truncated or
 changed (size, sha256), a manifest edited, or a format version this fq_compile does not read raises
@@ -132,7 +133,7 @@ def save_quantized(model: torch.nn.Module, plan: QuantPlan, path: str | os.PathL
     return path
 
 
-def _weight_param(plan: QuantPlan, params: dict, layer: str) -> str | None:
+def _weight_param(params: dict, layer: str) -> str | None:
     """The parameter name of a plan layer's weight (as QuantPlan.check_model finds it)."""
     return layer + ".weight" if layer + ".weight" in params else layer if layer in params else None
 
@@ -158,7 +159,10 @@ def _inventory(model, plan: QuantPlan) -> dict:
     """What the artefact holds: floating-point tensors by name, the quantized weights (metadata only),
     tied names, which names are buffers."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    layer_of = {_weight_param(plan, params, layer): layer for layer in plan.layers}
+    # the weight and bias of each quantized layer: the plan holds their quantized / float32 copies
+    layer_of = {_weight_param(params, layer): (layer, "fingerprint") for layer in plan.layers}
+    layer_of.update({layer + ".bias": (layer, "bias_fingerprint") for layer, lp in plan.layers.items()
+                     if lp.bias is not None and layer + ".bias" in params})
     entries: dict[int, list] = {}           # id(tensor) -> [names, tensor, is_buffer]
     for name, t in params.items():
         entries.setdefault(id(t), [[], t, False])[0].append(name)
@@ -175,13 +179,14 @@ def _inventory(model, plan: QuantPlan) -> dict:
         elif not t.requires_grad:
             out["frozen"].append(canonical)
         if not is_buffer and all(n in layer_of for n in names):
-            lp = plan.layers[layer_of[canonical]]
+            layer, key = layer_of[canonical]
+            fp = getattr(plan.layers[layer], key)
             shape, dtype = list(t.shape), str(t.dtype).removeprefix("torch.")
-            if lp.fingerprint.partition(":")[0] != f"{dtype}[{','.join(map(str, shape))}]":
-                raise PlanMismatchError(f"{canonical}: the plan was made from a {lp.fingerprint.partition(':')[0]} "
-                                        f"weight, the model holds {dtype}{shape}")
-            out["quantized"][canonical] = {"layer": lp.name, "shape": shape, "stride": list(t.stride()),
-                                           "dtype": dtype, "fingerprint": lp.fingerprint}
+            if fp.partition(":")[0] != f"{dtype}[{','.join(map(str, shape))}]":
+                raise PlanMismatchError(f"{canonical}: the plan was made from a {fp.partition(':')[0]} tensor, "
+                                        f"the model holds {dtype}{shape}")
+            out["quantized"][canonical] = {"layer": layer, "shape": shape, "stride": list(t.stride()),
+                                           "dtype": dtype, "fingerprint": fp}
             continue
         if is_released(t):
             raise ValueError(f"save_quantized: {canonical} holds no data (its storage was released) but is not a "
@@ -339,8 +344,8 @@ def _check_against_plan(model, plan: QuantPlan, manifest: dict, root: Path) -> N
                                 f"({plan.model_type}): {what}")
     for name, entry in manifest["quantized"].items():
         lp = plan.layers.get(entry["layer"])
-        if lp is None or lp.fingerprint != entry["fingerprint"]:
-            raise PlanMismatchError(f"{root}: the manifest's quantized weight {name} is not the plan's layer "
+        if lp is None or entry["fingerprint"] not in (lp.fingerprint, lp.bias_fingerprint):
+            raise PlanMismatchError(f"{root}: the manifest's quantized {name} is not of the plan's layer "
                                     f"{entry['layer']} (another plan?)")
 
 
