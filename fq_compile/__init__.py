@@ -4,14 +4,16 @@
     fast = torch.compile(model, backend="flattenquant", options={"plan": plan})
     fast.generate(input_ids, max_new_tokens=128, cache_implementation="static")   # CUDA graphs on CUDA
     print(fq_compile.explain(fast))
+    fq_compile.save_quantized(model, plan, "model-o1")     # later, without the fp weights: load_quantized("model-o1")
 """
 
 from fq_compile import kernels  # noqa: F401  (registers torch.ops.fq.*)
 from fq_compile.backend import BackendOptionsError, flattenquant
 from fq_compile.config import Config, ConfigError
+from fq_compile.deploy import load_quantized, save_quantized
 from fq_compile.explain import explain
 from fq_compile.passes.observe import CalibrationError
-from fq_compile.plan import PlanFormatError, PlanMismatchError, QuantPlan
+from fq_compile.plan import ArtefactFormatError, PlanFormatError, PlanMismatchError, QuantPlan
 from fq_compile.planning.calibrate import calibrate
 from fq_compile.runtime.guards import RecompileLimitError
 from fq_compile.runtime.resident import resident_bytes
@@ -46,4 +48,5 @@ _generation.install()   # fast = torch.compile(model, backend="flattenquant"); f
 
 __all__ = ["Config", "ConfigError", "calibrate", "QuantPlan", "explain", "flattenquant", "CalibrationError",
            "PlanFormatError", "PlanMismatchError", "BackendOptionsError", "RecompileLimitError", "resident_bytes",
-           "shard_plan", "kv_cache", "kv_cache_bytes", "__version__"]
+           "shard_plan", "kv_cache", "kv_cache_bytes", "save_quantized", "load_quantized", "ArtefactFormatError",
+           "__version__"]

@@ -77,6 +77,13 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
         raise BackendOptionsError(str(e)) from None
     plan = options.get("plan")
     if plan is None:
+        from fq_compile.runtime.resident import released_origin
+
+        if any(released_origin(t) == "artefact" for t in example_inputs):
+            raise BackendOptionsError(
+                "backend='flattenquant' needs a plan: this model was loaded from a quantized artefact "
+                "(fq_compile.load_quantized), whose plan is model.fq_plan: torch.compile(model, "
+                "backend='flattenquant', options={'plan': model.fq_plan}), or load_quantized(path, compile=True)")
         cg = " with CUDA graphs: options={'plan': plan, 'cudagraphs': True}" if mode == "reduce-overhead" else ""
         raise BackendOptionsError(
             "backend='flattenquant' needs a plan: plan = fq_compile.calibrate(model, batches, "

@@ -63,6 +63,11 @@ class PlanMismatchError(ValueError):
     """The plan does not belong to the model or graph it is applied to."""
 
 
+class ArtefactFormatError(PlanFormatError):
+    """The directory is not a complete, unchanged quantized artefact (fq_compile.save_quantized) of
+    a format version this fq_compile reads (fq_compile/deploy.py)."""
+
+
 def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     """Every parameter's shape by name (tied weights once, under their first name); a DTensor
     parameter (tensor parallelism) by this rank's local shard, the shape its rank-local plan reads."""
@@ -280,8 +285,8 @@ class AttentionPlan:
     TENSORS = ("q_scale", "k_scale", "v_scale", "q_absmax", "k_absmax", "v_absmax")
 
 
-@dataclass
-class QuantPlan:
+@dataclass(eq=False)     # compared by identity: Dynamo compares the options of two compiles (and so their
+class QuantPlan:        # plans) on a recompile, and field-wise equality would compare tensors (an error)
     config: Config
     model_type: str
     model_hash: str
@@ -495,7 +500,7 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     for k in sorted(tensors):
         t = tensors[k].contiguous()
         h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")   # the bytes, not a copy of them
     return h.hexdigest()
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "fq_compile"
 # lower number = lower layer; a module may import its own layer and those below
 LAYERS = {"kernels": 0, "plan": 1, "config": 1, "runtime": 2, "passes": 3, "planning": 4,
-          "backend": 5, "explain": 5, "generation": 5, "": 5, "tools": 6, "__main__": 6}
+          "backend": 5, "explain": 5, "generation": 5, "deploy": 5, "": 5, "tools": 6, "__main__": 6}
 
 
 def _layer(module: str) -> int:

@@ -343,3 +343,16 @@ def test_version_5_plans_load_as_per_tensor(saved, tmp_path):
     loaded = QuantPlan.load(old)
     assert {g.activation_scale for g in loaded.groups.values()} == {"tensor"}
     assert loaded.config.activation_granularity == "tensor"
+
+
+def test_a_plan_and_its_loaded_copy_compile_one_after_the_other(saved):
+    """Dynamo compares the backend options of two compiles of one forward on a recompile; a plan and its
+    loaded copy (equal fields, tensors among them) must compare without an error: plans compare by identity."""
+    model, plan, path = saved
+    x = torch.randint(0, VOCAB, (1, 9))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        a = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x).logits
+        b = torch.compile(model, backend="flattenquant", options={"plan": QuantPlan.load(path),
+                                                                  "inductor": False})(x).logits
+    assert torch.equal(a, b) and plan != QuantPlan.load(path) and plan == plan

@@ -44,9 +44,10 @@ included); the report lists every parameter whose values the rewrite consumed, w
 fingerprint, for the backend's per-call check (runtime/guards.py).  Plan tensors reach each graph
 through `runtime.state.device_tensor`, so every graph and recompile shares one device copy.  A
 weight whose storage was already released (resident.py) is named from the release registry and
-never read: its fingerprint is not checked, only its name and shape.  A DTensor parameter (tensor
-parallelism, passes/shard.py) is checked against the plan's whole-tensor or rank-local fingerprint
-and watched by its local shard's (runtime/tensor_parallel.check_dtensor).
+never read: its fingerprint is not checked, only its name and shape (a placeholder of a model loaded
+from a quantized artefact, deploy.py, must have been vouched for with the plan's fingerprint).  A
+DTensor parameter (tensor parallelism, passes/shard.py) is checked against the plan's whole-tensor
+or rank-local fingerprint and watched by its local shard's (runtime/tensor_parallel.check_dtensor).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ from fq_compile.passes.match import (
 from fq_compile.passes.shard import local_input, tp_linear, wrap_output
 from fq_compile.plan import GroupPlan, PlanMismatchError, QuantPlan, stale_message
 from fq_compile.runtime.guards import fingerprint
-from fq_compile.runtime.resident import is_released, released_name
+from fq_compile.runtime.resident import is_released, released_name, vouched_fingerprint
 from fq_compile.runtime.tensor_parallel import check_dtensor, check_unsharded, is_dtensor
 from fq_compile.runtime.state import device_tensor, state_of
 
@@ -378,6 +379,11 @@ def _check_values(fqn: str, node: fx.Node, t, expected: str | None, report: Grap
         got = fingerprint(t)
         if got != expected:
             raise PlanMismatchError(stale_message(fqn, expected, got))
+    elif vouched_fingerprint(t) not in (None, expected):     # a placeholder of a loaded artefact (deploy.py)
+        raise PlanMismatchError(
+            f"{fqn}: this model was loaded from a quantized artefact whose plan was made from other weights "
+            f"(fingerprint {vouched_fingerprint(t)}, this plan's {expected}); the floating-point weights are not "
+            "in the artefact, so only its own plan can run it: options={'plan': model.fq_plan}")
     report.watched[node] = (fqn, expected)
 
 

@@ -22,8 +22,9 @@
                      an active callback, e.g. after a graph break inside the layer's hooks, the
                      layer's forward is compiled as a frame of its own: nothing to do.)  With the
                      weights released (free_weights), it also makes the un-compiled module fail
-                     with a clear message.  Plain eager calls of the model, and models compiled
-                     with other backends, are not affected.
+                     with a clear message, and so does a model loaded from a quantized
+                     artefact (fq_compile/deploy.py: load_quantized installs them).  Plain eager
+                     calls of the model, and models compiled with other backends, are not affected.
 
 Runtime state only: nothing here is stored on the plan.
 """
@@ -38,7 +39,7 @@ import weakref
 import torch
 
 from fq_compile.plan import PlanMismatchError, stale_message, weight_fingerprint
-from fq_compile.runtime.resident import is_released
+from fq_compile.runtime.resident import is_released, released_origin
 from fq_compile.runtime.tensor_parallel import local_tensor
 
 
@@ -212,6 +213,12 @@ class EagerGuard:
             raise RecompileLimitError(f"fq_compile: layer {self.layer} was about to run un-quantized. "
                                       + _limit_hint())
         w = getattr(module, "weight", None)
+        if is_released(w) and released_origin(w) == "artefact":
+            raise RuntimeError(
+                f"fq_compile: {self.layer} was loaded from a quantized artefact (fq_compile.load_quantized), which "
+                "holds its INT8/INT4 weight but not its floating-point one, so the un-compiled module cannot run: "
+                "compile it, torch.compile(model, backend='flattenquant', options={'plan': model.fq_plan}), "
+                "or load it with load_quantized(path, compile=True)")
         if is_released(w):
             raise RuntimeError(
                 f"fq_compile: the floating-point weight of {self.layer} was released once its graph was "

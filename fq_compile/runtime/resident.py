@@ -18,6 +18,13 @@ Consequences a user sees (documented on the backend's `free_weights` option):
 
 Plan tensors are moved to a device once per (plan, device) (runtime/state.py) and shared by every
 graph and recompile, so a recompile costs no second copy of the quantized weights.
+
+A model loaded from a quantized artefact (fq_compile/deploy.py) never had those weights: each
+quantized layer's weight is a `placeholder`, a tensor of the right shape, stride, dtype and device
+whose storage holds no bytes, registered here like a released weight (origin "artefact") together
+with the fingerprint its artefact vouches for.  The rewrite accepts it only for a plan made from
+weights of that fingerprint (passes/lower.py), and the eager-run guard names the artefact when the
+un-compiled module is called.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ import torch
 from fq_compile.runtime.state import plan_tensors
 from fq_compile.runtime.tensor_parallel import local_tensor
 
-# id(tensor) -> (weakref to it, fully-qualified parameter name); entries die with their tensor
-_RELEASED: dict[int, tuple[weakref.ref, str]] = {}
+# id(tensor) -> (weakref to it, fully-qualified parameter name, vouched fingerprint or None, origin);
+# entries die with their tensor.  origin: "compile" (freed after compiling), "artefact" (a placeholder)
+_RELEASED: dict[int, tuple[weakref.ref, str, str | None, str]] = {}
 
 
 def storage_of(t: torch.Tensor):
@@ -43,15 +51,42 @@ def is_released(t) -> bool:
     return isinstance(t, torch.Tensor) and local_tensor(t).numel() > 0 and storage_of(t).nbytes() == 0
 
 
+def _entry(t):
+    entry = _RELEASED.get(id(t))
+    return None if entry is None or entry[0]() is not t else entry
+
+
 def released_name(t) -> str | None:
     """The parameter name recorded when `t`'s storage was released here, else None."""
-    entry = _RELEASED.get(id(t))
-    if entry is None or entry[0]() is not t:
-        return None
-    return entry[1]
+    entry = _entry(t)
+    return None if entry is None else entry[1]
 
 
-def release(t: torch.Tensor, name: str) -> int:
+def released_origin(t) -> str | None:
+    """"compile" (freed after its graph was compiled), "artefact" (a placeholder of a model loaded
+    from a quantized artefact), or None where `t` is not in the registry."""
+    entry = _entry(t)
+    return None if entry is None else entry[3]
+
+
+def vouched_fingerprint(t) -> str | None:
+    """The fingerprint of the floating-point values a placeholder stands for (its artefact's plan
+    was made from them), else None."""
+    entry = _entry(t)
+    return None if entry is None else entry[2]
+
+
+def placeholder(shape, stride, dtype: torch.dtype, device, name: str, fingerprint: str) -> torch.nn.Parameter:
+    """A parameter of this shape, stride, dtype and device that holds no bytes, registered under
+    `name` and vouched for by `fingerprint`.  Its storage is allocated and freed at once, never
+    written (on the CPU its pages are never touched; on CUDA the block goes back to the caching
+    allocator, where the next placeholder reuses it)."""
+    p = torch.nn.Parameter(torch.empty_strided(tuple(shape), tuple(stride), dtype=dtype, device=device))
+    release(p, name, origin="artefact", fingerprint=fingerprint)
+    return p
+
+
+def release(t: torch.Tensor, name: str, origin: str = "compile", fingerprint: str | None = None) -> int:
     """Free `t`'s storage, keep its metadata, remember its name; returns the bytes freed."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"release() expects a tensor, got {type(t).__name__}")
@@ -65,7 +100,7 @@ def release(t: torch.Tensor, name: str) -> int:
         if _RELEASED.get(key, (None,))[0] is ref:
             del _RELEASED[key]
 
-    _RELEASED[key] = (weakref.ref(t, _forget), name)
+    _RELEASED[key] = (weakref.ref(t, _forget), name, fingerprint, origin)
     return freed
 
 

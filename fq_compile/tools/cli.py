@@ -2,7 +2,7 @@
 
     fq-compile demo      calibrate + compile SmolLM2-135M at O1 on CPU, print the perplexity table,
                          the graph dump and greedy continuations of fp32 and quantized side by side
-    fq-compile quantize  calibrate a model and save its plan
+    fq-compile quantize  calibrate a model and save its plan (--out) or a quantized artefact to deploy (--save)
     fq-compile dump      print explain() of a saved plan
     fq-compile eval      WikiText-2 perplexity of fp32 and quantized levels, as a table (+ JSON)
 """
@@ -140,6 +140,8 @@ def cmd_demo(args) -> int:
     from fq_compile.tools.evaluate import perplexity
     from fq_compile.tools.models import load_model
 
+    if args.from_dir:
+        return _demo_from_artefact(args)
     clock = _Stopwatch()
     lm = load_model(args.model)
     model, tok = lm.model, lm.tokenizer
@@ -194,13 +196,62 @@ def cmd_demo(args) -> int:
     return 0
 
 
+@torch.no_grad()
+def _demo_from_artefact(args) -> int:
+    """demo --from DIR: the artefact loaded without the floating-point weights of its quantized layers
+    (fq_compile.load_quantized), compiled; its perplexity, graph dump and greedy continuation."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from fq_compile import explain, load_quantized
+    from fq_compile.tools.evaluate import perplexity
+
+    clock = _Stopwatch()
+    model = load_quantized(args.from_dir)
+    if not (Path(args.from_dir) / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{args.from_dir} holds no tokenizer (fq-compile quantize --save writes one)")
+    tok = AutoTokenizer.from_pretrained(args.from_dir)
+    plan, level = model.fq_plan, model.fq_plan.config.level
+    clock.lap("load the artefact (no floating-point weights of quantized layers)")
+    ids = _test_ids(tok, args)
+    clock.lap("load the test split")
+    fast = _compile(model, plan)
+    ppl = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress, on_window=clock.windows())
+    clock.lap_windows(f"{level} perplexity", compiled=True)
+    print(f"\n== {args.from_dir} ({model.fq_artefact['architecture']}, {level}): WikiText-2 test perplexity, "
+          f"{args.ppl_seqlen}-token windows" + (f", first {args.ppl_tokens} tokens only" if args.ppl_tokens else "")
+          + " ==")
+    print(tabulate([[level, f"{ppl.ppl:.3f}"]], headers=["level", "PPL"]))
+    print(f"\n== graph dump ({level}) ==")
+    print(explain(plan))
+    print(f"\n== greedy continuation, {args.max_new_tokens} tokens ==")
+    text = greedy(fast, tok, args.prompt, args.max_new_tokens)
+    clock.lap("greedy continuation")
+    print(tabulate([["prompt", args.prompt], [level, text]], tablefmt="grid", maxcolwidths=[8, 90]))
+    print("\n== where the time went ==")
+    print(clock.table())
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from fq_compile.tools.models import load_model
 
+    if not (args.out or args.save):
+        print("fq-compile quantize: error: say where to write: --out PLAN_FILE and/or --save ARTEFACT_DIR",
+              file=sys.stderr)
+        return 2
     lm = load_model(args.model)
     plan = _calibrate(lm.model, lm.tokenizer, args, args.level)
-    plan.save(args.out)
-    print(f"saved {args.level} plan for {lm.name} to {args.out} ({len(plan.layers)} layers)")
+    if args.out:
+        plan.save(args.out)
+        print(f"saved {args.level} plan for {lm.name} to {args.out} ({len(plan.layers)} layers)")
+    if args.save:
+        from fq_compile import save_quantized
+
+        save_quantized(lm.model, plan, args.save, tokenizer=lm.tokenizer)
+        print(f"saved {args.level} artefact for {lm.name} to {args.save}: load it with fq_compile.load_quantized "
+              f"or fq-compile demo --from {args.save}")
     return 0
 
 
@@ -278,10 +329,14 @@ def main(argv=None) -> int:
     d.add_argument("--ppl-tokens", type=int, default=4 * 2048, help="limit the test tokens (0: the whole split)")
     d.add_argument("--prompt", default="The tower is 324 metres tall, about the same height as")
     d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
+                   help="run a saved artefact (fq-compile quantize --save) without its fp weights; ignores --level")
     q = sub.add_parser("quantize", help="calibrate and save a plan")
     _common(q)
     q.add_argument("--level", default="O1", choices=list(LEVELS))
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", default=None, help="write the plan file here")
+    q.add_argument("--save", default=None, metavar="DIR",
+                   help="write a quantized artefact (plan, fp tensors, config, tokenizer) to deploy from")
     u = sub.add_parser("dump", help="print the graph dump table of a saved plan")
     u.add_argument("plan")
     e = sub.add_parser("eval", help="WikiText-2 perplexity table")

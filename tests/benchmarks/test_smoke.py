@@ -51,3 +51,12 @@ def test_cpu_smoke(tmp_path):
     for method in ("fp32-eager", "fp32-inductor", "O1", "O1-inductor"):
         assert f"| {method} " in text
     assert "load average" in text and "Where the cold first call goes" in text and "Targets (issue 17)" in text
+
+
+def test_deploy_smoke(tmp_path):
+    """benchmarks/deploy.py's shape mode on the CPU (opt-125m, random weights): save, load in a fresh process,
+    compare the first call with the saving process's."""
+    out = tmp_path / "deploy.md"
+    assert _script("deploy").main(["--shape", "opt-125m", "--prompt-len", "16", "--baseline", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "bit-identical (torch.equal)" in text and "| load_quantized" in text and "usual path" in text
