@@ -42,9 +42,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "benchmarks":
-    sys.path.pop(0)     # `python benchmarks/deploy.py` puts benchmarks/ first: its kernels.py would shadow the
-    #                     `kernels` package that transformers (5.25) looks for, and the model import fails
 sys.path.insert(0, str(ROOT))
 import fq_compile  # noqa: E402
 from benchmarks.provenance import git_rev  # noqa: E402

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 4 on one H100: build the CUTLASS sm_90a GEMMs, run their GPU tests, and measure them beside
-# the Triton kernels and cuBLAS (benchmarks/kernels.py --cutlass), writing the dispatch table.
+# the Triton kernels and cuBLAS (benchmarks/kernel_bench.py --cutlass), writing the dispatch table.
 # Each PART fits one <= 9-minute call, the build included (one shared library per instance, built in
 # parallel on first use).  The build is cached in $FQ_CACHE_DIR (default .fqcache/ in the repo,
 # git-ignored), which the warm machine keeps between calls.
@@ -14,7 +14,7 @@
 # Results under $OUT: cutlass-<part>.log, kernels-cutlass-<part>.md (rewritten after every case),
 # gemm_table-<part>.json (the dispatch table entries measured in this call).  Merge the parts on any
 # machine with:
-#   python benchmarks/kernels.py --merge-tables gemm_table-*.json --write-table fq_compile/kernels/gemm_table.json
+#   python benchmarks/kernel_bench.py --merge-tables gemm_table-*.json --write-table fq_compile/kernels/gemm_table.json
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -48,8 +48,8 @@ fi
 echo "== build (what a bf16 model needs on first use)"
 time python3 -m fq_compile.kernels.cutlass.gemm --build --dtypes bf16
 
-bench() {  # $1: shapes (substrings of benchmarks/kernels.py SHAPES names)
-  timeout --signal=INT "$LIMIT" python3 benchmarks/kernels.py --cutlass --cutlass-only --no-fp8-variant \
+bench() {  # $1: shapes (substrings of benchmarks/kernel_bench.py SHAPES names)
+  timeout --signal=INT "$LIMIT" python3 benchmarks/kernel_bench.py --cutlass --cutlass-only --no-fp8-variant \
     --shapes "$1" --ms "$MS" --out "$OUT/kernels-cutlass-$TAG.md" --write-table "$OUT/gemm_table-$TAG.json" \
     || echo "benchmark stopped (status $?): the files under \$OUT hold the cases finished"
 }

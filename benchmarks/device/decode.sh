@@ -15,7 +15,7 @@
 #              run keeps the figure that matters (--time-limit then skips what cannot finish)    ~6-9 min
 #   o3         fq-O3, batch 1/16/64, static cache + CUDA graphs, decode profile, cold caches      ~7-9 min
 #   fp16       fp16 eager (dynamic cache) and fp16-static (HF static cache, HF compiles), 1/16/64 ~6-8 min
-#   kernels    benchmarks/kernels.py --decode: fused vs unfused vs fp16 linear, GB/s vs copy BW   ~3-5 min
+#   kernels    benchmarks/kernel_bench.py --decode: fused vs unfused vs fp16 linear, GB/s vs copy BW   ~3-5 min
 #   tests      the GPU tests of this issue (decode kernel at OPT-13B shapes, generate on CUDA)    ~1-2 min
 #   o1         fq-O1, batch 1/16/64                                                                ~6-8 min
 #   torchao    torchao int8 and int4 weight-only, 1/16/64                                          ~7-9 min
@@ -53,7 +53,7 @@ case $PART in
             run --models 13b --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label cold-cache
             run --models 13b --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label warm-cache
             du -sh "$CACHE"/* 2>/dev/null || true ;;
-  kernels)  timeout "$LIMIT" python3 benchmarks/kernels.py --decode --out "$OUT/kernels-decode.md" || echo "kernels.py exited with $?" ;;
+  kernels)  timeout "$LIMIT" python3 benchmarks/kernel_bench.py --decode --out "$OUT/kernels-decode.md" || echo "kernels.py exited with $?" ;;
   tests)    timeout "$LIMIT" python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_decode.py tests/test_generate.py \
                 tests/test_backend.py -k "gpu or cuda" 2>&1 | tail -40 || echo "gpu tests failed" ;;
   smoke)    run --smoke --batches '' --decode 1 --methods fp16-eager,fp16-static,fq-O3 ;;

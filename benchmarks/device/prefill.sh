@@ -19,7 +19,7 @@
 #                 FQ_CACHE_DIR) and the fused quantize                                              ~2-4
 #   gpu-tests-b   GPU tests of the Triton kernels and whole models through the backend            ~5-8
 #   fusion        quantize fused into each producer vs our kernel after it, and the ReLU epilogue
-#                 (benchmarks/kernels.py --fusion --cutlass)                                      ~4-6
+#                 (benchmarks/kernel_bench.py --fusion --cutlass)                                      ~4-6
 #   headline-a    OPT-13B 8 x 2048: fp16 eager, fp16 Inductor, naive FP8                          ~4-5
 #   headline-b    OPT-13B 8 x 2048: O1, O3 with default settings (no FQ_GEMM, no FQ_QUANTIZE)     ~5-7
 #   headline-c    OPT-13B 8 x 2048: O3 with FQ_GEMM forced to cutlass, then to triton              ~5-7
@@ -85,8 +85,8 @@ case $PART in
     timeout "$LIMIT" python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs $XDIST \
       tests/kernels/test_triton.py tests/test_backend.py 2>&1 | tail -30 || echo "gpu tests: status $?" ;;
   fusion)
-    timeout "$LIMIT" python3 benchmarks/kernels.py --fusion --cutlass --out "$OUT/fusion.md" \
-      || echo "kernels.py exited with $?"
+    timeout "$LIMIT" python3 benchmarks/kernel_bench.py --fusion --cutlass --out "$OUT/fusion.md" \
+      || echo "kernel_bench.py exited with $?"
     cat "$OUT/fusion.md" 2>/dev/null || true ;;
   headline) run --models 13b --methods fp16-eager,fp8-naive,fq-O1,fq-O3,fp16-inductor --batches 8 --seqs 2048 \
               --warmup 1 --reps 5 --budget 3 ;;

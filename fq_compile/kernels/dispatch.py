@@ -19,7 +19,7 @@ GEMMs, `auto` (the default), decided by architecture and shape, never by the GPU
   * a GPU other than sm_90 (A100 sm_80, L4 / L40S / RTX 4090 sm_89, ...): Triton (the CUTLASS
     kernels are sm_90a code).
   * sm_90 (H100 SXM / PCIe / NVL, H800, H200, GH200, ...): the measured table `gemm_table.json`
-    (`benchmarks/kernels.py --cutlass --write-table`: per bits, N, K' and M, the faster implementation
+    (`benchmarks/kernel_bench.py --cutlass --write-table`: per bits, N, K' and M, the faster implementation
     and the best CUTLASS tile config), keyed by architecture, so a table measured on one sm_90 part
     serves every sm_90 part (the ranking of kernels is a property of the SM; the SM count only moves
     the tile config, which `default_config` scales by it); an unmeasured shape takes the nearest
@@ -503,5 +503,5 @@ def gather_mode(producer: str) -> str:
     out, for every producer.  Measured on the CPU's Inductor code: reading the original channels as a
     slice beside the gather makes two consumers, and Inductor then writes out a LayerNorm's output
     (it reads more than `realize_reads_threshold` inputs) and concatenates the parts with a copy.
-    benchmarks/kernels.py --fusion times both forms on the GPU."""
+    benchmarks/kernel_bench.py --fusion times both forms on the GPU."""
     return "gather"

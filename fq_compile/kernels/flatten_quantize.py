@@ -199,7 +199,7 @@ def flatten_quantize_decomposed(x: torch.Tensor, src: torch.Tensor, mult: torch.
     never writes x out (with two consumers it writes out a producer that reads more than four inputs,
     such as a LayerNorm: `torch._inductor.config.realize_reads_threshold`).  direct > 0 reads the
     positions [0, direct), which must have src[p] == p (`direct_prefix`), as a plain slice (vector
-    loads) and concatenates the gathered rest: a variant for benchmarks/kernels.py --fusion.
+    loads) and concatenates the gathered rest: a variant for benchmarks/kernel_bench.py --fusion.
     INT4 packs each byte from its positions 2j and 2j + 1, read separately (no int8 intermediate).
     inv: per-token multipliers (`flatten_quantize_rows_decomposed`)."""
     qmax = QMAX[bits]

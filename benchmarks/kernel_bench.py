@@ -1,10 +1,10 @@
 """Kernel benchmark for issue 3: FlattenQuant INT8 / INT4 linear layers vs cuBLAS on one GPU.
 
-    python benchmarks/kernels.py [--quick] [--out results.md]
-    python benchmarks/kernels.py --cutlass [--write-table gemm_table.json] [--shapes ...] [--ms ...]
-    python benchmarks/kernels.py --merge-tables a.json b.json --write-table fq_compile/kernels/gemm_table.json
-    python benchmarks/kernels.py --fusion [--fusion-shape 16384,4096] [--out fusion.md]
-    python benchmarks/kernels.py --decode [--ms 1,16,64] [--out decode.md]     # issue 10: weight streaming
+    python benchmarks/kernel_bench.py [--quick] [--out results.md]
+    python benchmarks/kernel_bench.py --cutlass [--write-table gemm_table.json] [--shapes ...] [--ms ...]
+    python benchmarks/kernel_bench.py --merge-tables a.json b.json --write-table fq_compile/kernels/gemm_table.json
+    python benchmarks/kernel_bench.py --fusion [--fusion-shape 16384,4096] [--out fusion.md]
+    python benchmarks/kernel_bench.py --decode [--ms 1,16,64] [--out decode.md]     # issue 10: weight streaming
 
 For each linear shape (the paper's Table 5 case and OPT-13B/30B/66B layers) and M in
 {1, 16, 256, 2048, 16384} it times, with CUDA-graph replays (triton.testing.do_bench_cudagraph) and inputs rotated
