@@ -10,7 +10,8 @@
 # tests; tests/conftest.py orders the CUTLASS tests last.  Every test's outcome and duration is
 # appended to $OUT/gpu-tests-durations.txt as it finishes, so a run cut by LIMIT still says what ran.
 # Knobs: LIMIT (seconds for pytest, default 420), WORKERS (xdist workers, default 6),
-# PYTEST_ARGS (extra pytest arguments, e.g. -k attention), FQ_CACHE_DIR (reuse a CUTLASS build).
+# PYTEST_ARGS (extra pytest arguments, e.g. -k attention), FQ_CACHE_DIR (reuse a CUTLASS build),
+# FQ_TREE (the commit to name in the record).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
@@ -23,7 +24,8 @@ fi
 export PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 VERSIONS=$(python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)")
-TREE=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- fq_compile tests 2>/dev/null || echo "+uncommitted")
+# the device's copy of the tree may carry a stale .git: pass FQ_TREE=$(git rev-parse --short HEAD) from the caller
+TREE=${FQ_TREE:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- fq_compile tests 2>/dev/null || echo "+uncommitted")}
 echo "$GPU | $VERSIONS | tree $TREE | $(nproc) cores" | tee "$OUT/probe.txt"
 
 echo "== CUTLASS build (background): the instances the GPU tests call"
