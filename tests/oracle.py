@@ -16,7 +16,9 @@ otherwise (GPT-2's Conv1D: addmm; Falcon's FalconLinear: x @ W.T + b).  The fake
      [lo_p * T, (lo_p + hi_p) * T) of |x_s[src_p]|, with x's sign (the plan's channel map gives
      src, lo, hi and which positions are padding);
   3. rounding to integers at the plan's activation scale: half to even, saturating at +-qmax
-     (127 for INT8, 7 for INT4);
+     (127 for INT8, 7 for INT4); in the float32 reading the value |x| / scale is rounded once and
+     each position takes its slice of that integer (the ops' contract: a value on a .5 tie in a
+     slice that starts at an odd integer rounds with the whole value, not within its slice);
   4. the dequantised matmul against the plan's integer weights (INT4 nibbles unpacked here, low
      nibble first), its integer sums exact in float64, times act_scale * weight_scale (a float, or
      a [N] vector per output channel: broadcast), plus the plan's bias; cast to the input's dtype.
@@ -87,7 +89,7 @@ def quantized_activation(x: torch.Tensor, group, lp, float32_rounding: bool = Tr
         lo = (cm.lo.double() * qmax).float().to(dev)               # lo, hi: units of T = qmax units
         hi = (cm.hi.double() * qmax).float().to(dev)
         a = v.float().abs() * mult
-        units = torch.minimum((a - lo).clamp_min(0.0), hi)
+        units = torch.minimum((torch.round(a) - lo).clamp_min(0.0), hi)     # the value rounded once, sliced
     else:
         xs = v.double() / group.smooth.to(dev).double()[src] if smooth_here else v.double()
         t = float(group.threshold)
@@ -114,7 +116,7 @@ def _per_token(x, v, group, qmax, smooth_here, float32_rounding):
         r = (x.detach().float().abs() * (inv_s / slices).float().to(dev)).amax(-1)
         inv = torch.where(r > 0, torch.full_like(r, float(qmax)) / r, torch.zeros_like(r))   # one rounding
         a = (v.float().abs() * inv_s[cm.src.long()].float().to(dev)) * inv.unsqueeze(-1)
-        units = torch.minimum((a - (lo * qmax).float()).clamp_min(0.0), (hi * qmax).float())
+        units = torch.minimum((torch.round(a) - (lo * qmax).float()).clamp_min(0.0), (hi * qmax).float())
         return _signed_integers(units, v, cm, qmax), r
     xs = x.detach().double() * inv_s.to(dev)
     r = (xs.abs() / slices.to(dev)).amax(-1)

@@ -134,15 +134,54 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
 
     group_hook(gm, group_plan, x_node, smoothing, first_linear_node) runs before each group is
     rewritten: calibration uses it to observe the inputs of the partially quantized model (GPTQ).
-    gemm_mode: the backend's options['gemm'] (None: FQ_GEMM), for the recorded GEMM choices."""
+    gemm_mode: the backend's options['gemm'] (None: FQ_GEMM), for the recorded GEMM choices.
+
+    In four steps, each its own function: find and check the planned linears, grouped by the tensor
+    they read (`_collect`); decide where each group's smoothing lives in this graph (`_decide_folds`);
+    lower each group (`_lower_group`: its activation quantize, then per layer the GEMM, `_lower_layer`);
+    fold ReLUs into GEMM epilogues and start the CUTLASS builds the choices need."""
     mode = dispatch.parse_mode(gemm_mode, "options['gemm']") if gemm_mode is not None else None
-    report = GraphReport(index)
     runtime = placeholder_inputs(gm, example_inputs)
-    name_of = _param_names(gm, example_inputs, runtime, plan)
-    forms = linear_forms(gm, name_of)
-    # group this graph's linears by input, as calibration did
+    rw = _Rewrite(gm, plan, GraphReport(index), runtime, _param_names(gm, example_inputs, runtime, plan), mode)
+    by_input = _collect(rw)
+    groups, folds = _decide_folds(rw, by_input)
+    realized_rows = {g.fold[len("rows:"):] for g in groups.values() if folds[g.name][0].startswith("rows:")}
+    for x, members in by_input.items():
+        _lower_group(rw, x, members, groups[x], folds[groups[x].name], realized_rows, group_hook)
+    for node in fuse_relu_epilogues(gm):
+        if node in rw.gemm_nodes:
+            rw.gemm_nodes[node][0].act = "relu"
+    _prefetch(rw.gemm_nodes.values(), example_inputs)
+    gm.graph.lint()
+    gm.recompile()
+    rw.report.code = gm.code
+    return rw.report
+
+
+@dataclass
+class _Rewrite:
+    """What the steps of one `rewrite` share."""
+
+    gm: fx.GraphModule
+    plan: QuantPlan
+    report: GraphReport
+    runtime: dict                    # placeholder -> its runtime value
+    name_of: ParamNames
+    mode: str | None                 # options['gemm']
+    tp: dict = field(default_factory=dict)          # DTensor linears: layer -> TPLinear (passes/shard.py)
+    readers: dict = field(default_factory=dict)     # linear call node -> the node that reads x for it (TP)
+    to_local: dict = field(default_factory=dict)
+    # GEMM node -> (its report, the dispatcher's choice, out dtype): ReLU epilogues and CUTLASS prefetch
+    gemm_nodes: dict = field(default_factory=dict)
+
+
+def _collect(rw: _Rewrite) -> dict[fx.Node, list[tuple[str, LinearForm]]]:
+    """The graph's planned linears grouped by the tensor they read (as calibration grouped them),
+    each checked against the plan: known layer, weight shape and layout, fingerprints, bias.
+    Linears left in floating point are reported with the reason."""
+    plan, report, name_of = rw.plan, rw.report, rw.name_of
+    forms = linear_forms(rw.gm, name_of)
     by_input: dict[fx.Node, list[tuple[str, LinearForm]]] = {}
-    tp, readers, to_local = {}, {}, {}      # DTensor linears: layer -> TPLinear; call node -> what reads x for it
     for form in forms:
         x, w, b = form.x, form.weight, form.bias
         fqn = name_of(w)
@@ -159,15 +198,15 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
                 f"layer {name!r} is in the graph but not in the plan: the plan was made for another model "
                 f"({plan.model_type}, {len(plan.layers)} layers); calibrate this model with fq_compile.calibrate")
         lp = plan.layers[name]
-        wt = runtime.get(w)
-        tp[name] = tp_linear(plan, name, form.out, x, wt)    # a DTensor weight: this rank's part (passes/shard.py)
-        if tp[name] is not None:
+        wt = rw.runtime.get(w)
+        t = tp_linear(plan, name, form.out, x, wt)    # a DTensor weight: this rank's part (passes/shard.py)
+        if t is not None:
             if form.transposed or lp.transposed:
                 raise PlanMismatchError(f"layer {name!r}: tensor parallelism over a weight stored [K, N] "
                                         "(GPT-2's Conv1D) is not supported")
-            x, readers[form.node] = local_input(gm, x, to_local)
+            rw.tp[name] = t
+            x, rw.readers[form.node] = local_input(rw.gm, x, rw.to_local)
         else:
-            del tp[name]
             check_unsharded(plan, name)
             shape = tuple(wt.shape) if isinstance(wt, torch.Tensor) else tuple(example_value(w).shape)
             if shape != lp.model_weight_shape or form.transposed != lp.transposed:
@@ -182,136 +221,175 @@ def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0,
             raise PlanMismatchError(f"layer {name!r}: the plan was made {'with' if lp.bias is not None else 'without'} "
                                     f"a bias, this graph's linear call reads {what}; recalibrate for this model")
         if b is not None:
-            _check_values(bias_fqn, b, runtime.get(b), lp.bias_fingerprint, report)
+            _check_values(bias_fqn, b, rw.runtime.get(b), lp.bias_fingerprint, report)
         by_input.setdefault(x, []).append((name, form))
-    for name, why in other_weight_reads(gm, forms, name_of).items():
+    for name, why in other_weight_reads(rw.gm, forms, name_of).items():
         report.layers.append(LayerReport(name, "floating point", "-", plan.skipped.get(name, why)))
+    return by_input
 
-    planned = set(plan.layers)
-    gemm_nodes: dict[fx.Node, tuple[LayerReport, dispatch.Choice, torch.dtype]] = {}
-    # where each group's smoothing lives in *this* graph, decided before any node is replaced
-    folds: dict[str, tuple[str, str, object]] = {}
-    groups: dict[fx.Node, GroupPlan] = {}
+
+def _decide_folds(rw: _Rewrite, by_input) -> tuple[dict[fx.Node, GroupPlan], dict[str, tuple[str, str, object]]]:
+    """Each input's plan group, and where the group's smoothing lives in *this* graph, decided
+    before any node is replaced."""
+    planned = set(rw.plan.layers)
     here = {name for members in by_input.values() for name, _ in members}
+    groups, folds = {}, {}
     for x, members in by_input.items():
-        names = {plan.layers[n].group for n, _ in members}
+        names = {rw.plan.layers[n].group for n, _ in members}
         if len(names) != 1:
             raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor here but belong to "
                                     f"different plan groups {sorted(names)}")
-        g = groups[x] = plan.groups[names.pop()]
-        folds[g.name] = _fold_here(x, {readers.get(form.node, form.node) for _, form in members}, g, planned,
-                                   name_of, here)
-    realized_rows = {g.fold[len("rows:"):] for g in groups.values() if folds[g.name][0].startswith("rows:")}
+        g = groups[x] = rw.plan.groups[names.pop()]
+        folds[g.name] = _fold_here(x, {rw.readers.get(form.node, form.node) for _, form in members}, g, planned,
+                                   rw.name_of, here)
+    return groups, folds
 
-    for x, members in by_input.items():
-        g = groups[x]
-        smoothing, note, site = folds[g.name]
-        if smoothing.startswith("norm:") and not _apply_norm_fold(gm, site, g, runtime, name_of, report):
-            smoothing, note = "op", "the norm's parameters are not tensors in this graph"
-        sharded = [tp[n] for n, _ in members if n in tp]
-        if sharded and (len(sharded) != len(members) or len({id(t.group) for t in sharded}) != 1):
-            raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor but are not parallelised alike")
-        g = sharded[0].group if sharded else g       # a row-parallel group: this rank's channel map
-        if group_hook is not None:
-            group_hook(gm, g, x, smoothing, members[0][1].node)
-        xv = example_value(x)
-        device = xv.device if xv is not None else torch.device("cpu")
-        info = dispatch.device_info(device)
-        m = _rows(xv)
-        producer, fusable = describe_producer(x)
-        qchoice = dispatch.decide_quantize(info, producer, fusable)
-        decode = _decode_sized(x)               # flattened formats: quantize inside the GEMM (fq.flat_linear)
-        consts: dict[int, list[fx.Node]] = {}   # the flattening constants per bit width
-        quantized: dict[str, fx.Node] = {}      # one activation quantize per kind: a8, a4 (flattened), f8
-        for name, form in members:
-            lp = tp[name].layer if name in tp else plan.layers[name]
-            node = form.out
-            out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
-            act = _ACTIVATION[lp.format]
-            reason = "" if smoothing != "op" else note
-            with gm.graph.inserting_before(form.node):
-                in_op = smoothing == "op"
-                fused = decode and act != "f8"
-                rmult = None
-                if act == "f8":
-                    if act not in quantized:     # per-tensor e4m3, not flattened (fp8, w4a8)
-                        mult = _const(gm, f"fq_{g.name}_f8_mult", _fp8_constants(plan, g, lp, in_op, device))
-                        quantized[act] = (gm.graph.call_function(torch.ops.fq.fp8_quantize.default, (x, mult)), None)
-                else:                            # flattened INT8 / INT4 (int8, int4)
-                    if lp.bits not in consts:
-                        base = f"fq_{g.name}_a{lp.bits}"
-                        c = _group_constants(plan, g, lp.bits, in_op, device)
-                        consts[lp.bits] = {k: _const(gm, f"{base}_{k}", v) for k, v in c.items()}
-                    args = [consts[lp.bits][k] for k in ("src", "mult", "lo", "hi")]
-                    rmult = consts[lp.bits].get("rmult")        # per-token scales
-                    if not fused and act not in quantized:
-                        quantized[act] = _quantize_node(gm, x, args, rmult, lp.bits, qchoice, g)
-                wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
-                bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
-                        if lp.bias is not None else None)
-                scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
-                if fused:
-                    flat_linear_op.reserve(device, lp.out_features)   # its workspace, before any CUDA graph
-                    new = gemm = gm.graph.call_function(torch.ops.fq.flat_linear.default,
-                                                        (x, *args, lp.bits, wq, scale, bias, out_dtype),
-                                                        {"rmult": rmult} if rmult is not None else {})
-                else:
-                    op = getattr(torch.ops.fq, f"{lp.format}_linear").default
-                    xq, rows = quantized[act]
-                    new = gemm = gm.graph.call_function(op, (xq, wq, scale, bias, out_dtype),
-                                                        {"row_scale": rows} if rows is not None else {})
-                if lp.rows_folded_from and name not in realized_rows:
-                    # the plan's rows carry 1/s of a group whose input is not folded in this graph: undo it
-                    s = plan.groups[lp.rows_folded_from].smooth
-                    key = f"{lp.rows_folded_from}.smooth"
-                    if name in tp and tp[name].shard.dim == 0 and s.numel() != lp.out_features:
-                        # column-parallel with the full plan: this rank's rows of s (a rank-local plan holds them)
-                        sh = tp[name].shard
-                        s, key = s[sh.offset: sh.offset + sh.size], f"{key}[{sh.offset}:{sh.offset + sh.size}]"
-                    new = gm.graph.call_method("to", (gm.graph.call_function(
-                        torch.mul, (new, _const(gm, f"fq_{name}_unfold", device_tensor(plan, key, s, device)))),
-                        out_dtype))
-                    reason = (reason + "; " if reason else "") + (
-                        f"output multiplied by the smoothing of {lp.rows_folded_from} (not folded in this graph)")
-            if name in tp:
-                new = wrap_output(gm, new, tp[name])    # back to the DTensor the graph expects
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            for dead in dict.fromkeys((node, form.node, *form.views)):   # the bias add, the matmul, W.T
-                if not dead.users:
-                    gm.graph.erase_node(dead)
-            for p_node in (form.weight, form.bias):
-                fqn = name_of(p_node)
-                if fqn is not None and not p_node.users:
-                    report.replaced_params[fqn] = p_node
-            if act == "f8":
-                report.layers.append(LayerReport(
-                    name, f"fq.{lp.format}_linear", smoothing, reason, quantize="fp8_quantize", scales="per tensor",
-                    quantize_why="per-tensor e4m3, not flattened", gemm="fp8 GEMM",
-                    gemm_why="on CUDA cuBLAS _scaled_mm or Triton (FQ_FP8_GEMM); the reference elsewhere"))
-                continue
-            scales = "per token" if rmult is not None else "per tensor"
-            if fused:
-                report.layers.append(LayerReport(
-                    name, f"fq.flat_linear (int{lp.bits})", smoothing, reason, quantize="in the GEMM's prologue",
-                    quantize_why=f"decode-sized input (<= {flat_linear_op.decode_max_m()} rows)",
-                    gemm="Triton weight-streaming (kernels/triton/decode.py)", gemm_why="M <= decode_max_m()",
-                    scales=scales))
-                continue
-            gchoice = dispatch.decide(lp.bits, m, lp.out_features, g.flat_features, out_dtype, info, mode=mode) \
-                if m is not None else dispatch.Choice("triton", "", "rows unknown at compile time")
-            lr = LayerReport(name, f"fq.{lp.format}_linear", smoothing, reason, quantize=qchoice.label(),
-                             quantize_why=qchoice.why, gemm=gchoice.label(), gemm_why=gchoice.why, scales=scales)
-            report.layers.append(lr)
-            gemm_nodes[gemm] = (lr, gchoice, out_dtype)
-    for node in fuse_relu_epilogues(gm):
-        if node in gemm_nodes:
-            gemm_nodes[node][0].act = "relu"
-    _prefetch(gemm_nodes.values(), example_inputs)
-    gm.graph.lint()
-    gm.recompile()
-    report.code = gm.code
-    return report
+
+@dataclass
+class _Group:
+    """One input tensor being lowered: what its layers share."""
+
+    x: fx.Node
+    g: GroupPlan                     # this rank's group under tensor parallelism
+    smoothing: str                   # where s lives in this graph: "norm:...", "rows:...", "op"
+    note: str                        # why it stays in the op, when it does
+    device: torch.device
+    info: object                     # dispatch.DeviceInfo
+    m: int | None                    # the GEMMs' M (rows), None when unknown
+    qchoice: dispatch.Choice         # how the activation is quantized
+    decode: bool                     # decode-sized: quantize inside the GEMM (fq.flat_linear)
+    consts: dict = field(default_factory=dict)      # bits -> {src, mult, lo, hi[, rmult]} graph constants
+    quantized: dict = field(default_factory=dict)   # activation kind (a8, a4, f8) -> (integers, row scales)
+
+
+def _lower_group(rw: _Rewrite, x: fx.Node, members, g: GroupPlan, fold, realized_rows: set, group_hook) -> None:
+    smoothing, note, site = fold
+    if smoothing.startswith("norm:") and not _apply_norm_fold(rw.gm, site, g, rw.runtime, rw.name_of, rw.report):
+        smoothing, note = "op", "the norm's parameters are not tensors in this graph"
+    sharded = [rw.tp[n] for n, _ in members if n in rw.tp]
+    if sharded and (len(sharded) != len(members) or len({id(t.group) for t in sharded}) != 1):
+        raise PlanMismatchError(f"layers {[n for n, _ in members]} read one tensor but are not parallelised alike")
+    g = sharded[0].group if sharded else g       # a row-parallel group: this rank's channel map
+    if group_hook is not None:
+        group_hook(rw.gm, g, x, smoothing, members[0][1].node)
+    xv = example_value(x)
+    device = xv.device if xv is not None else torch.device("cpu")
+    info = dispatch.device_info(device)
+    producer, fusable = describe_producer(x)
+    grp = _Group(x, g, smoothing, note, device, info, _rows(xv), dispatch.decide_quantize(info, producer, fusable),
+                 _decode_sized(x))
+    for name, form in members:
+        _lower_layer(rw, grp, name, form, realized_rows)
+
+
+def _lower_layer(rw: _Rewrite, grp: _Group, name: str, form: LinearForm, realized_rows: set) -> None:
+    """One planned linear: its GEMM (and the group's quantize, the first time a kind is needed) in
+    place of the linear, the row fold undone where it does not hold here, and its report."""
+    gm, plan, x, device = rw.gm, rw.plan, grp.x, grp.device
+    lp = rw.tp[name].layer if name in rw.tp else plan.layers[name]
+    node = form.out
+    out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
+    act = _ACTIVATION[lp.format]
+    reason = "" if grp.smoothing != "op" else grp.note
+    fused = grp.decode and act != "f8"
+    with gm.graph.inserting_before(form.node):
+        args, rmult = _activation(rw, grp, lp, act, fused)
+        wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
+        bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
+                if lp.bias is not None else None)
+        scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
+        if fused:
+            flat_linear_op.reserve(device, lp.out_features)   # its workspace, before any CUDA graph
+            new = gemm = gm.graph.call_function(torch.ops.fq.flat_linear.default,
+                                                (x, *args, lp.bits, wq, scale, bias, out_dtype),
+                                                {"rmult": rmult} if rmult is not None else {})
+        else:
+            op = getattr(torch.ops.fq, f"{lp.format}_linear").default
+            xq, rows = grp.quantized[act]
+            new = gemm = gm.graph.call_function(op, (xq, wq, scale, bias, out_dtype),
+                                                {"row_scale": rows} if rows is not None else {})
+        if lp.rows_folded_from and name not in realized_rows:
+            new = _unfold_rows(rw, name, lp, new, out_dtype, device)
+            reason = (reason + "; " if reason else "") + (
+                f"output multiplied by the smoothing of {lp.rows_folded_from} (not folded in this graph)")
+    if name in rw.tp:
+        new = wrap_output(gm, new, rw.tp[name])    # back to the DTensor the graph expects
+    _replace_linear(rw, form, new)
+    _report_layer(rw, grp, name, lp, act, fused, rmult is not None, reason, gemm, out_dtype)
+
+
+def _activation(rw: _Rewrite, grp: _Group, lp, act: str, fused: bool):
+    """The layer's activation operands: (flattening constants, per-token rmult or None) for the
+    flattened formats (the fused decode op quantizes itself; else the group's quantize node, made
+    once per kind), ([], None) for e4m3 (its quantize node, once per group)."""
+    gm, g = rw.gm, grp.g
+    in_op = grp.smoothing == "op"
+    if act == "f8":
+        if act not in grp.quantized:     # per-tensor e4m3, not flattened (fp8, w4a8)
+            mult = _const(gm, f"fq_{g.name}_f8_mult", _fp8_constants(rw.plan, g, lp, in_op, grp.device))
+            grp.quantized[act] = (gm.graph.call_function(torch.ops.fq.fp8_quantize.default, (grp.x, mult)), None)
+        return [], None
+    if lp.bits not in grp.consts:        # flattened INT8 / INT4 (int8, int4)
+        base = f"fq_{g.name}_a{lp.bits}"
+        c = _group_constants(rw.plan, g, lp.bits, in_op, grp.device)
+        grp.consts[lp.bits] = {k: _const(gm, f"{base}_{k}", v) for k, v in c.items()}
+    args = [grp.consts[lp.bits][k] for k in ("src", "mult", "lo", "hi")]
+    rmult = grp.consts[lp.bits].get("rmult")        # per-token scales
+    if not fused and act not in grp.quantized:
+        grp.quantized[act] = _quantize_node(gm, grp.x, args, rmult, lp.bits, grp.qchoice, g)
+    return args, rmult
+
+
+def _unfold_rows(rw: _Rewrite, name: str, lp, new: fx.Node, out_dtype, device) -> fx.Node:
+    """The plan's rows carry 1/s of a group whose input is not folded in this graph: multiply the
+    output by s again."""
+    s = rw.plan.groups[lp.rows_folded_from].smooth
+    key = f"{lp.rows_folded_from}.smooth"
+    if name in rw.tp and rw.tp[name].shard.dim == 0 and s.numel() != lp.out_features:
+        # column-parallel with the full plan: this rank's rows of s (a rank-local plan holds them)
+        sh = rw.tp[name].shard
+        s, key = s[sh.offset: sh.offset + sh.size], f"{key}[{sh.offset}:{sh.offset + sh.size}]"
+    unfold = _const(rw.gm, f"fq_{name}_unfold", device_tensor(rw.plan, key, s, device))
+    return rw.gm.graph.call_method("to", (rw.gm.graph.call_function(torch.mul, (new, unfold)), out_dtype))
+
+
+def _replace_linear(rw: _Rewrite, form: LinearForm, new: fx.Node) -> None:
+    """`new` takes the linear's place; the matmul, bias add and W.T views go; parameters only the
+    replaced linears read are recorded (what free_weights may release)."""
+    node = form.out
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    for dead in dict.fromkeys((node, form.node, *form.views)):   # the bias add, the matmul, W.T
+        if not dead.users:
+            rw.gm.graph.erase_node(dead)
+    for p_node in (form.weight, form.bias):
+        fqn = rw.name_of(p_node)
+        if fqn is not None and not p_node.users:
+            rw.report.replaced_params[fqn] = p_node
+
+
+def _report_layer(rw: _Rewrite, grp: _Group, name, lp, act, fused, per_token, reason, gemm, out_dtype) -> None:
+    """The layer's row of the graph report: op, smoothing, both kernel choices and why."""
+    if act == "f8":
+        rw.report.layers.append(LayerReport(
+            name, f"fq.{lp.format}_linear", grp.smoothing, reason, quantize="fp8_quantize", scales="per tensor",
+            quantize_why="per-tensor e4m3, not flattened", gemm="fp8 GEMM",
+            gemm_why="on CUDA cuBLAS _scaled_mm or Triton (FQ_FP8_GEMM); the reference elsewhere"))
+        return
+    scales = "per token" if per_token else "per tensor"
+    if fused:
+        rw.report.layers.append(LayerReport(
+            name, f"fq.flat_linear (int{lp.bits})", grp.smoothing, reason, quantize="in the GEMM's prologue",
+            quantize_why=f"decode-sized input (<= {flat_linear_op.decode_max_m()} rows)",
+            gemm="Triton weight-streaming (kernels/triton/decode.py)", gemm_why="M <= decode_max_m()", scales=scales))
+        return
+    g = grp.g
+    gchoice = dispatch.decide(lp.bits, grp.m, lp.out_features, g.flat_features, out_dtype, grp.info, mode=rw.mode) \
+        if grp.m is not None else dispatch.Choice("triton", "", "rows unknown at compile time")
+    lr = LayerReport(name, f"fq.{lp.format}_linear", grp.smoothing, reason, quantize=grp.qchoice.label(),
+                     quantize_why=grp.qchoice.why, gemm=gchoice.label(), gemm_why=gchoice.why, scales=scales)
+    rw.report.layers.append(lr)
+    rw.gemm_nodes[gemm] = (lr, gchoice, out_dtype)
 
 
 def _quantize_node(gm: fx.GraphModule, x: fx.Node, args: list, rmult: fx.Node | None, bits: int,
