@@ -207,7 +207,8 @@ def cmd_quantize(args) -> int:
 def cmd_dump(args) -> int:
     from fq_compile import QuantPlan, explain
 
-    print(explain(QuantPlan.load(args.plan)))
+    print(explain(QuantPlan.load(args.plan), full=args.full, top=args.top, fmt=args.format), end="\n" if
+          args.format == "text" else "")
     return 0
 
 
@@ -282,8 +283,12 @@ def main(argv=None) -> int:
     _common(q)
     q.add_argument("--level", default="O1", choices=list(LEVELS))
     q.add_argument("--out", required=True)
-    u = sub.add_parser("dump", help="print the graph dump table of a saved plan")
+    u = sub.add_parser("dump", help="print the graph dump of a saved plan (explain())")
     u.add_argument("plan")
+    u.add_argument("--full", action="store_true", help="every layer's row, not only the short view")
+    u.add_argument("--top", type=int, default=5, help="layers listed per 'largest ...' table of the short view")
+    u.add_argument("--format", default="text", choices=["text", "csv", "markdown"],
+                   help="csv / markdown: the per-layer rows alone, to export")
     e = sub.add_parser("eval", help="WikiText-2 perplexity table")
     _common(e)
     e.add_argument("--level", default="O1", help="comma-separated levels")

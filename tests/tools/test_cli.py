@@ -80,6 +80,10 @@ def test_quantize_dump_eval(model_dir, tmp_path, capsys):
     assert main(["dump", str(plan)]) == 0
     out = capsys.readouterr().out
     assert "fq_compile plan for LlamaForCausalLM" in out and "INT4 share of layers" in out
+    assert main(["dump", str(plan), "--full"]) == 0
+    assert "KL4/KL8" in capsys.readouterr().out
+    assert main(["dump", str(plan), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("layer,format,")
     js = tmp_path / "eval.json"
     torch._dynamo.reset()
     assert main(["eval", *common, "--level", "w8a8,O1", "--ppl-seqlen", "32", "--tasks", "piqa",
