@@ -216,31 +216,43 @@ def _collect(plan: QuantPlan):
     return records, views, (quant, gemm, notes)
 
 
-def _byte_rows(plan: QuantPlan) -> list[list[str]]:
-    """Weight bytes before and after, over every parameter of the model (at 2 bytes per value in
-    floating point): what the quantized layers became, and what stayed in floating point (layers
-    kept, MoE experts, embeddings, norms).  Plans without the model's parameter list (synthetic or
-    older files) report the quantized layers only, and say so."""
-    mib = 2 ** 20
-    quantized = sum(lp.weight_bytes + (0 if lp.bias is None else lp.bias.numel() * 4) for lp in plan.layers.values())
+def weight_bytes(plan: QuantPlan) -> dict | None:
+    """The model's weight bytes before and after quantization, over every parameter (floating-point
+    values at 2 bytes): {"before", "after", "quantized" (the quantized layers' weights, scales and
+    biases), "kept" (every parameter left in floating point), "kept_linear" (the part of it in linear
+    layers kept in floating point)}.  None for plans without the model's parameter list (synthetic or
+    older files)."""
     if not plan.parameters:
-        before = sum(lp.in_features * lp.out_features * 2 for lp in plan.layers.values())
-        after = sum(lp.weight_bytes for lp in plan.layers.values())
-        return [["weight bytes, fp16 -> quantized (quantized layers only)", f"{before / mib:.2f} MiB -> "
-                 f"{after / mib:.2f} MiB" + (f" ({before / after:.2f}x smaller)" if after else "")]]
+        return None
+    quantized = sum(lp.weight_bytes + (0 if lp.bias is None else lp.bias.numel() * 4) for lp in plan.layers.values())
     replaced = set()
     for name, lp in plan.layers.items():
         replaced.add(name + ".weight" if name + ".weight" in plan.parameters else name)
         if lp.bias is not None:
             replaced.add(name + ".bias")
     numel = {k: math.prod(v) for k, v in plan.parameters.items()}
-    before = 2 * sum(numel.values())
     kept = 2 * sum(v for k, v in numel.items() if k not in replaced)
-    kept_linear = 2 * sum(numel.get(s + ".weight", numel.get(s, 0)) for s in plan.skipped)
-    after = quantized + kept
+    return dict(before=2 * sum(numel.values()), after=quantized + kept, quantized=quantized, kept=kept,
+                kept_linear=2 * sum(numel.get(s + ".weight", numel.get(s, 0)) for s in plan.skipped))
+
+
+def _byte_rows(plan: QuantPlan) -> list[list[str]]:
+    """Weight bytes before and after (`weight_bytes`): what the quantized layers became, and what stayed
+    in floating point (layers kept, MoE experts, embeddings, norms).  Plans without the model's parameter
+    list report the quantized layers only, and say so."""
+    mib = 2 ** 20
+    wb = weight_bytes(plan)
+    if wb is None:
+        before = sum(lp.in_features * lp.out_features * 2 for lp in plan.layers.values())
+        after = sum(lp.weight_bytes for lp in plan.layers.values())
+        return [["weight bytes, fp16 -> quantized (quantized layers only)", f"{before / mib:.2f} MiB -> "
+                 f"{after / mib:.2f} MiB" + (f" ({before / after:.2f}x smaller)" if after else "")]]
+    before, after, quantized, kept, kept_linear = (wb[k] for k in ("before", "after", "quantized", "kept",
+                                                                    "kept_linear"))
     return [
-        ["model weight bytes, fp16 -> after", f"{before / mib:.2f} MiB -> {after / mib:.2f} MiB"
-                                              + (f" ({before / after:.2f}x smaller)" if after else "")],
+        ["model weight bytes, fp16 -> after", f"{before / mib:.2f} MiB -> {after / mib:.2f} MiB" + (
+            "" if not after else f" ({before / after:.2f}x smaller)" if after <= before else
+            f" ({after / before:.2f}x larger)")],
         ["after: quantized layers", f"{quantized / mib:.2f} MiB"],
         ["after: kept in floating point", f"{kept / mib:.2f} MiB ({100 * kept / before:.1f}% of the model's weights; "
                                           f"{kept_linear / mib:.2f} MiB of it in linear layers kept in floating "
@@ -325,7 +337,7 @@ def _kept(records) -> str:
     for r in records:
         if r["format"] == "fp":
             groups.setdefault((r["kept_reason"], r["_shape"], _pattern(r["layer"])), []).append(r["layer"])
-    return "\n".join(_lines(f"{_grouped(names, shape)}: {why}", indent="  ")
+    return "\n".join(_lines(f"{_grouped(names, '' if shape == '-' else shape)}: {why}", indent="  ")
                      for (why, shape, _), names in groups.items())
 
 
@@ -466,7 +478,7 @@ def explain(obj, full: bool = False, top: int = 5, fmt: str = "text") -> str:
         else:
             out.append("per-layer output error: measured at level auto only")
     if plan.skipped:
-        out.append(f"kept in floating point ({len(plan.skipped)} linear layers; shape, why):\n{_kept(records)}")
+        out.append(f"linear layers kept in floating point ({len(plan.skipped)}; shape, why):\n{_kept(records)}")
     q = _legend_lines(quant, "activation quantize (one line per distinct choice, with why):")
     g = _legend_lines(gemm, "GEMM (op: kernel (why), one line per distinct choice):")
     if q or g:
