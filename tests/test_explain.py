@@ -39,8 +39,9 @@ def test_default_view_is_short_and_names_every_reason(moe):
     assert len(plan.skipped) >= 3 and len(set(plan.skipped.values())) >= 2
     for why in plan.skipped.values():                 # each kept-in-fp layer's reason, wrapped or not
         assert _flat(why) in _flat(text)
-    for section in ("per format:", "largest flatten ratio (5 of 10 layers with extra channels)", "kept in floating point",
-                    "activation quantize", "GEMM (op: kernel (why)", "explain(model, full=True)"):
+    for section in ("per format:", "largest flatten ratio (5 of 10 layers with extra channels)",
+                    "kept in floating point", "activation quantize", "GEMM (op: kernel (why)",
+                    "explain(model, full=True)"):
         assert section in text
     # the five most flattened layers, in order; no full table by default
     order = sorted(plan.layers, key=lambda n: -plan.groups[plan.layers[n].group].flatten_ratio)

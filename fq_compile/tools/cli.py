@@ -215,11 +215,13 @@ def cmd_demo(args) -> int:
         clock.lap_windows(f"{base} perplexity")
         params = sum(p.numel() for p in dict.fromkeys(model.parameters()))
         rows = [[base, f"{fp.ppl:.3f}", "-", "-", f"{2 * params / 2**20:.1f} (1.00x)"]]
+        runs = {base: dict(ppl=fp.ppl, windows=fp.windows, weight_bytes=2 * params, fp16_bytes=2 * params)}
         if timed:
             rows[0] += speed.measure(base, model, compiled=False)
         plans, compiled = {}, {}
+        calib = _calib(tok, args)            # the same windows for every level
         for level in levels:
-            plan = calibrate(model, _calib(tok, args), configs[level], progress=progress)
+            plan = calibrate(model, calib, configs[level], progress=progress)
             clock.lap(f"{level} calibration")
             fast = _compile(model, plan, free_weights=False)    # the next level calibrates the same module
             ppl = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, progress, device=device,
@@ -230,6 +232,8 @@ def cmd_demo(args) -> int:
             rows.append([level, f"{ppl.ppl:.3f}", f"{100 * (ppl.ppl / fp.ppl - 1):+.2f}%", f"{first[level]:.4f}"
                          + (f"  ({n4} INT4 layers)" if n4 else ""),
                          f"{wb['after'] / 2**20:.1f} ({wb['after'] / (2 * params):.2f}x)" if wb else "-"])
+            runs[level] = dict(ppl=ppl.ppl, windows=ppl.windows, logits_rel_error=first[level], int4_layers=n4,
+                               weight_bytes=wb["after"] if wb else None, fp16_bytes=2 * params)
             if timed:
                 rows[-1] += speed.measure(level, fast, compiled=True)
             plans[level], compiled[level] = plan, fast
@@ -245,11 +249,13 @@ def cmd_demo(args) -> int:
                             "explain()); fp8: naive per-tensor FP8 e4m3, w8a8: naive per-tensor INT8 (the paper's "
                             "baseline)", 120))
         if timed:
+            for row in rows:
+                runs[row[0]].update(prefill_tokens_per_s=row[-2], decode_tokens_per_s=row[-1])
             where = torch.cuda.get_device_name(device) if cuda else device
             print(textwrap.fill(f"tokens/s on {where}: prefill one {args.ppl_seqlen}-token window (median of 3), "
-                                f"decode generate() of {args.decode_tokens} tokens at batch 1 after the prompt ({base}: "
-                                "the plain module, default cache; quantized: fast.generate, static cache); first "
-                                "calls in the time table", 120))
+                                f"decode generate() of {args.decode_tokens} tokens at batch 1 after the prompt "
+                                f"({base}: the plain module, default cache; quantized: fast.generate, static "
+                                "cache); first calls in the time table", 120))
             for err in speed.errors:
                 print(f"speed not measured: {err}")
         print(f"\n== graph dump ({args.level}; every layer: fq-compile dump --full, or explain(model, full=True)) ==")
@@ -261,6 +267,16 @@ def cmd_demo(args) -> int:
     print(tabulate(texts, tablefmt="grid", maxcolwidths=[11, 90]))
     print("\n== where the time went ==")
     print(clock.table())
+    if args.json:
+        import platform
+
+        where = (torch.cuda.get_device_name(device) if cuda
+                 else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+        with open(args.json, "w") as f:
+            json.dump(dict(model=lm.name, source="fq-compile demo", split="test", device=where, dtype=str(dtype),
+                           windows=fp.windows, seqlen=args.ppl_seqlen, max_tokens=args.ppl_tokens,
+                           bytes_counted="every parameter, floating-point ones at 2 bytes (plan accounting)",
+                           seconds=sum(t for _, t in clock.rows), runs=runs), f, indent=2)
     return 0
 
 

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=24, help="tokens per greedy continuation")
     d.add_argument("--decode-tokens", type=int, default=64,
                    help="CUDA only: new tokens per timed generate() call (decode tokens/s)")
+    d.add_argument("--json", default=None, help="also write the table's figures here (benchmarks/plots.py reads it)")
     q = sub.add_parser("quantize", help="calibrate and save a plan", formatter_class=_Formatter)
     _common(q)
     q.add_argument("--level", default="O1", choices=list(LEVELS), help="Config.level")

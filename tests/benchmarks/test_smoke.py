@@ -51,3 +51,16 @@ def test_cpu_smoke(tmp_path):
     for method in ("fp32-eager", "fp32-inductor", "O1", "O1-inductor"):
         assert f"| {method} " in text
     assert "load average" in text and "Where the cold first call goes" in text and "Targets (issue 17)" in text
+
+
+def test_plots_from_committed_results(tmp_path):
+    plots = _script("plots")
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(dict(model="m", device="cpu", windows=2, runs={
+        "fp32": dict(ppl=20.0, weight_bytes=100, fp16_bytes=100), "O1": dict(ppl=21.0, weight_bytes=60, fp16_bytes=100),
+        "fp8": dict(ppl=20.5, weight_bytes=55, fp16_bytes=100), "old": dict(ppl=30.0)})))
+    assert plots.main(["--accuracy", str(run), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "plot-accuracy-vs-bytes-run.png").stat().st_size > 0
+    assert (tmp_path / f"plot-gemm-speed-vs-rows-{plots.KERNELS.stem}.png").stat().st_size > 0
+    points, left = plots.accuracy_points(run)
+    assert [p["row"] for p in points] == ["fp32", "O1", "fp8"] and left == ["old (no weight bytes recorded)"]

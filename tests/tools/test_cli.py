@@ -112,7 +112,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert err.count("fq-compile: error:") == 2 and "Traceback" not in err
 
 
-def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, monkeypatch):
+def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, monkeypatch, tmp_path):
     """The main job end to end on the tiny model: tables, graph dump, continuations; each level's plan is
     compiled once (calibration ran the model at another length, so the graph is dynamic in the length
     and also serves the greedy steps), and no Dynamo cache is reset on the way."""
@@ -129,7 +129,7 @@ def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, mon
     monkeypatch.setattr(torch._dynamo, "reset", no_reset)
     assert main(["demo", "--model", str(model_dir / "model"), "--data-dir", str(model_dir / "data"),
                  "--calib-batches", "2", "--calib-seqlen", "24", "--ppl-seqlen", "32", "--ppl-tokens", "96",
-                 "--max-new-tokens", "3", "--no-progress"]) == 0
+                 "--max-new-tokens", "3", "--no-progress", "--json", str(tmp_path / "demo.json")]) == 0
     out = capsys.readouterr().out
     for text in ("fp32", "O1", "w8a8", "logits rel. error", "graph dump (O1", "greedy continuation",
                  "O1 calibration", "O1 perplexity: first call beyond a window (compile)", "total"):
@@ -141,6 +141,9 @@ def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, mon
     assert "weight MiB (x fp16)" in out and "tok/s" not in out          # speed: on CUDA only
     fp8 = table[2]
     assert float(fp8[1]) > 1 and fp8[2].endswith("%") and fp8[-1].endswith("x)")
+    runs = json.loads((tmp_path / "demo.json").read_text())["runs"]         # what benchmarks/plots.py reads
+    assert list(runs) == ["fp32", "O1", "fp8", "w8a8"] and runs["fp8"]["ppl"] == pytest.approx(float(fp8[1]), 1e-3)
+    assert all(r["weight_bytes"] > 0 and r["fp16_bytes"] == runs["fp32"]["weight_bytes"] for r in runs.values())
     # every level's continuation, beside the floating-point one
     grid = out.split("greedy continuation", 1)[1]
     assert all(f"| {name} " in grid for name in ("fp32", "O1", "fp8", "w8a8"))
