@@ -20,6 +20,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,30 +82,42 @@ def _plt():
 
 def plot_accuracy(files: list[Path], png: Path) -> str:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    report, markers = [], "os^D"
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    report, series, markers, ppls = [], [], "os^D", []
     for i, path in enumerate(files):
         meta = json.loads(Path(path).read_text())
         points, left = accuracy_points(path)
-        for p in points:
+        placed = []
+        for p in sorted(points, key=lambda q: q["ratio"]):
             color = "tab:green" if p["row"].split()[0] in OURS else "tab:gray"
             ax.scatter(p["ratio"], p["ppl"], s=42, color=color, marker=markers[i % len(markers)], zorder=3)
+            near = sum(abs(p["ratio"] - x) < 0.12 and abs(p["ppl"] / y - 1) < 0.1 for x, y in placed)
+            placed.append((p["ratio"], p["ppl"]))               # close neighbours: labels alternate above / below
             ax.annotate(f"{p['row']} {p['ppl']:.2f}", (p["ratio"], p["ppl"]), textcoords="offset points",
-                        xytext=(6, 3), fontsize=8)
+                        xytext=(6, 6 if near % 2 == 0 else -12), fontsize=8)
+            ppls.append(p["ppl"])
         report.append(f"{_rel(path)}: " + ", ".join(f"{p['row']} {p['ppl']:.3f} at {p['ratio']:.3f}x" for p in points)
                       + (f"; left out: {', '.join(left)}" if left else ""))
-        counted = meta.get("bytes_counted", "quantized linear layers")
-        label = f"{meta.get('model')}, {meta.get('device')}, {meta.get('windows', '?')} windows; bytes: {counted}"
-        ax.scatter([], [], marker=markers[i % len(markers)], color="k", label=label)
+        counted = meta.get("bytes_counted", "the quantized linear layers")
+        series.append((f"marker {markers[i % len(markers)]}: " if len(files) > 1 else "data: ")
+                      + f"{_rel(path)} ({meta.get('model')}, {meta.get('device')}, "
+                      f"{meta.get('windows', '?')} windows; bytes: {counted})")
     ax.set_yscale("log")
+    if ppls:
+        ax.set_ylim(min(ppls) * 0.93, max(ppls) * 1.12)
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel("weight bytes (x fp16)")
     ax.set_ylabel("WikiText-2 test perplexity (log; lower is better)")
     ax.set_title("Accuracy vs weight bytes (green: FlattenQuant levels)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.set_xlim(0, 1.2)
-    ax.legend(fontsize=6, loc="upper right")
-    fig.text(0.01, 0.01, "data: " + ", ".join(_rel(f) for f in files), fontsize=6, color="dimgray")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    ax.set_xlim(0.4, 1.1)
+    foot = [line for s_ in series for line in textwrap.wrap(s_, 125)]
+    fig.text(0.01, 0.01, "\n".join(foot), fontsize=6, color="dimgray")
+    fig.tight_layout(rect=(0, 0.01 + 0.025 * len(foot), 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return "\n".join(report)
