@@ -7,7 +7,7 @@ the result to Inductor, which fuses the element-wise work around our ops and cal
 kernels inline through torch.library.triton_op).  Options:
 
     plan       the QuantPlan from fq_compile.calibrate (or QuantPlan.load); required
-    dump_dir   write each rewritten graph's code and the explain() table there (env FQ_DUMP_DIR)
+    dump_dir   write each rewritten graph's code, explain(full=True) and the per-layer CSV there (env FQ_DUMP_DIR)
     inductor   False runs the rewritten graph eagerly through the reference ops (for debugging)
     gemm       "triton" | "cutlass" | "auto": the GEMM kernels while this graph compiles (over env
                FQ_GEMM; see fq_compile/kernels/dispatch.py)
@@ -114,7 +114,8 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
         d = Path(dump_dir)
         d.mkdir(parents=True, exist_ok=True)
         (d / f"graph_{index}.py").write_text(report.code)
-        (d / "explain.txt").write_text(explain(plan) + "\n")
+        (d / "explain.txt").write_text(explain(plan, full=True) + "\n")
+        (d / "layers.csv").write_text(explain(plan, fmt="csv"))
 
     if options.get("inductor", True) is False:
         compiled = gm.forward

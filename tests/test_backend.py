@@ -272,10 +272,17 @@ def test_explain_and_dump(tmp_path, model_kind):
     fast(torch.randint(0, VOCAB, (2, 40)))          # more than 64 rows: the prefill form (decode: test_generate.py)
     text = fq_compile.explain(fast)
     assert text == fq_compile.explain(plan)
-    for word in ("fq.int", "INT4 share of layers", "average flatten ratio", "weight bytes", "lm_head", "KL4/KL8"):
+    for word in ("fq.int", "INT4 share of layers", "average flatten ratio", "weight bytes", "lm_head"):
         assert word in text
+    full = fq_compile.explain(fast, full=True)
+    for word in ("fq.int", "INT4 share of layers", "average flatten ratio", "weight bytes", "lm_head", "KL4/KL8"):
+        assert word in full
+    assert all(name in full for name in plan.layers)       # every layer's row
     assert (tmp_path / "graph_0.py").read_text().count("torch.ops.fq.flatten_quantize") >= 4
-    assert "fq.int" in (tmp_path / "explain.txt").read_text()
+    dumped = (tmp_path / "explain.txt").read_text()
+    assert "fq.int" in dumped and "KL4/KL8" in dumped and all(name in dumped for name in plan.layers)
+    rows = (tmp_path / "layers.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(plan.layers) + len(plan.skipped) and rows[0].startswith("layer,format,")
 
 
 def test_dump_dir_from_environment(tmp_path, monkeypatch):

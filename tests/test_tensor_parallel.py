@@ -89,7 +89,7 @@ def _worker(rank: int, root: str, port: int, device_type: str, inductor: bool) -
             x = ref["x"].to(device)
             with torch.no_grad():
                 res = dict(logits=model(x).logits.cpu(), tokens=_generate(model, ref["prompt"].to(device)).cpu())
-            res["explain"] = fq_compile.explain(plan)
+            res["explain"] = fq_compile.explain(plan, full=True)
             res["rewrite"] = _rewrite_summary(reports(plan)[0])
             # a sharded weight changed in place on every rank: the guard refuses it from its local shard, and
             # so does shard_plan from the whole tensor; undone exactly (x 2 / 2), it runs again
@@ -112,7 +112,7 @@ def _worker(rank: int, root: str, port: int, device_type: str, inductor: bool) -
                 res["local_logits"] = model(x).logits.cpu()
             res["freed"] = before - resident_bytes(model)["model"]
             res["released"] = sum(r.released_bytes for r in reports(local))
-            res["local_explain"] = fq_compile.explain(local)
+            res["local_explain"] = fq_compile.explain(local, full=True)
             out[kind] = res
         # a synthetic plan made on the parallel model is the full model's synthetic plan, sharded
         model = parallelize(tiny_opt().to(device), mesh)

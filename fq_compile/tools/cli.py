@@ -1,40 +1,22 @@
-"""`fq-compile`: the command-line front end over the same API.
-
-    fq-compile demo      calibrate + compile SmolLM2-135M at O1 on CPU, print the perplexity table,
-                         the graph dump and greedy continuations of fp32 and quantized side by side
-    fq-compile quantize  calibrate a model and save its plan (--out) or a quantized artefact to deploy (--save)
-    fq-compile dump      print explain() of a saved plan
-    fq-compile eval      WikiText-2 perplexity of fp32 and quantized levels, as a table (+ JSON)
-"""
+"""`fq-compile`'s commands (demo, quantize, dump, eval; quantize --save and demo --from: the deploy
+artefact, fq_compile/deploy.py); the parser is fq_compile/tools/cli_parser.py, which the console script
+(fq_compile_cli.py) runs before importing the package."""
 
 from __future__ import annotations
 
-import argparse
 import json
+import statistics
 import sys
+import textwrap
 import time
 from contextlib import contextmanager
 
 import torch
 from tabulate import tabulate
 
-from fq_compile.config import LEVELS, Config
 
-
-def _common(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="smollm2-135m",
-                   help="alias (smollm2-135m, opt-125m...), .gguf file, local dir or hub id")
-    p.add_argument("--data-dir", default=None,
-                   help="WikiText-2 directory (default: $FQ_DATA_DIR, ../shared/data, else the hub)")
-    p.add_argument("--calib-batches", type=int, default=16, help="calibration windows from the validation split")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a Config knob for every level, e.g. --set beta=1.4 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def _config(args, level: str) -> Config:
+def _config(args, level: str):
+    from fq_compile.config import Config
     from fq_compile.tools.evaluate import parse_overrides
 
     return Config.from_dict(dict(parse_overrides(args.overrides), level=level, seed=args.seed))
@@ -69,7 +51,7 @@ def greedy(model_call, tokenizer, prompt: str, new_tokens: int) -> str:
     reruns the prefix, called as the perplexity windows are (`model_call(ids, use_cache=False)`), so a
     compiled model whose graph is already dynamic in the length serves every step without compiling the
     KV cache's shapes; the demo shows the text, decode speed is benchmarks/e2e.py's job."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(_device_of(model_call))
     start = ids.shape[1]
     for _ in range(new_tokens):
         nxt = model_call(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
@@ -77,6 +59,10 @@ def greedy(model_call, tokenizer, prompt: str, new_tokens: int) -> str:
         if tokenizer.eos_token_id is not None and int(nxt) == tokenizer.eos_token_id:
             break
     return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def _device_of(module) -> torch.device:
+    return next(iter(module.parameters()), torch.empty(0)).device
 
 
 def _compile(model, plan, **options):
@@ -92,7 +78,7 @@ def _room_for_levels(levels: int):
     command only, so that no later level silently falls back to eager.  Nothing is reset: graphs
     already compiled stay valid, and each level compiles once."""
     cfg = torch._dynamo.config
-    need = 8 + 4 * levels
+    need = 8 + 8 * levels          # calibration, perplexity, greedy steps and on CUDA generate()'s graphs
     with cfg.patch(recompile_limit=max(cfg.recompile_limit, need),
                    accumulated_recompile_limit=max(cfg.accumulated_recompile_limit, 4 * need)):
         yield
@@ -134,65 +120,166 @@ def _chain(*hooks):
     return lambda i, logits: [h(i, logits) for h in hooks]
 
 
+class _Speed:
+    """CUDA only: prefill and decode tokens/s of one model, measured in the demo's run.  Prefill: one
+    window of the perplexity length (the shape the perplexity pass compiled), median of 3 calls.
+    Decode: generate() of `new_tokens` greedy tokens after the demo's prompt, batch 1 -- the plain
+    module with its default cache, compiled ones through fast.generate with a static cache (CUDA
+    graphs, generation.py) -- timed on the second call; the first, which compiles, is reported in the
+    time table."""
+
+    def __init__(self, tokenizer, prompt: str, window: torch.Tensor, new_tokens: int, clock: "_Stopwatch"):
+        self.tok, self.window, self.new, self.clock = tokenizer, window, new_tokens, clock
+        self.prompt = tokenizer(prompt, return_tensors="pt").input_ids.to(window.device)
+        self.errors = []
+
+    def _seconds(self, fn, reps: int) -> float:
+        sync = torch.cuda.synchronize if self.window.is_cuda else (lambda: None)
+        out = []
+        for _ in range(reps):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t)
+        return statistics.median(out)
+
+    def measure(self, name: str, call, compiled: bool) -> list[str]:
+        """[prefill tokens/s, decode tokens/s] of `call` (the module or the compiled one), as table cells."""
+        cells = []
+        try:
+            x = self.window[None]
+            cells.append(f"{x.shape[1] / self._seconds(lambda: call(x, use_cache=False), 3):,.0f}")
+        except Exception as e:          # a speed figure that fails must not hide the accuracy table
+            self.errors.append(f"{name} prefill: {type(e).__name__}: {e}")
+            cells.append("failed")
+        if self.new <= 0:
+            self.clock.lap(f"{name}: prefill tokens/s")
+            return cells + ["-"]
+        kw = dict(attention_mask=torch.ones_like(self.prompt), max_new_tokens=self.new, min_new_tokens=self.new,
+                  do_sample=False, pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)
+        if compiled:
+            kw["cache_implementation"] = "static"
+        self.clock.lap(f"{name}: prefill tokens/s")
+        try:
+            call.generate(self.prompt, **kw)
+            self.clock.lap(f"{name}: first generate() call (compiles)")
+            cells.append(f"{self.new / self._seconds(lambda: call.generate(self.prompt, **kw), 1):,.1f}")
+            self.clock.lap(f"{name}: timed generate()")
+        except Exception as e:
+            self.errors.append(f"{name} decode: {type(e).__name__}: {e}")
+            cells.append("failed")
+        return cells
+
+
+def _measures_speed(device: str) -> bool:
+    """The demo's tokens/s columns: on CUDA only (a CPU figure says nothing about the kernels)."""
+    return device.startswith("cuda")
+
+
 @torch.no_grad()
 def cmd_demo(args) -> int:
-    from fq_compile import explain
+    from fq_compile import calibrate, explain
+    from fq_compile.explain import weight_bytes
     from fq_compile.tools.evaluate import perplexity
     from fq_compile.tools.models import load_model
 
     if args.from_dir:
         return _demo_from_artefact(args)
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    device = ("cuda" if args.device == "auto" else args.device) if cuda else "cpu"
+    dtype = torch.float16 if cuda else torch.float32
+    base = "fp16" if cuda else "fp32"
+    timed = _measures_speed(device)
     clock = _Stopwatch()
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=dtype, device=device)
     model, tok = lm.model, lm.tokenizer
     ids = _test_ids(tok, args)
     clock.lap("load the model and the test split")
-    levels = [args.level] + [c for c in args.compare.split(",") if c and c != args.level]
+    levels = [args.level] + [c for c in dict.fromkeys(args.compare.split(",")) if c and c != args.level]
+    configs = {level: _config(args, level) for level in levels}         # a typo fails before any work
     progress = not args.no_progress
-    first = {}          # the first window's fp32 logits, kept from the perplexity pass (no extra forward)
+    speed = _Speed(tok, args.prompt, ids[:args.ppl_seqlen].to(device), args.decode_tokens, clock) if timed else None
+    first = {}          # the first window's baseline logits, kept from the perplexity pass (no extra forward)
 
     def keep_first(i, logits):
         if i == 0:
-            first["fp32"] = logits
+            first[base] = logits
 
     def error_of(level):
         def on_window(i, logits):
             if i == 0:
-                first[level] = _rel_err(logits, first["fp32"])
+                first[level] = _rel_err(logits, first[base])
         return on_window
 
     with _room_for_levels(len(levels)):
-        fp = perplexity(model, ids, args.ppl_seqlen, args.ppl_tokens, progress,
+        fp = perplexity(model, ids, args.ppl_seqlen, args.ppl_tokens, progress, device=device,
                         on_window=_chain(keep_first, clock.windows()))
-        clock.lap_windows("fp32 perplexity")
-        rows = [["fp32", f"{fp.ppl:.3f}", "-", "-"]]
+        clock.lap_windows(f"{base} perplexity")
+        params = sum(p.numel() for p in dict.fromkeys(model.parameters()))
+        rows = [[base, f"{fp.ppl:.3f}", "-", "-", f"{2 * params / 2**20:.1f} (1.00x)"]]
+        runs = {base: dict(ppl=fp.ppl, windows=fp.windows, weight_bytes=2 * params, fp16_bytes=2 * params)}
+        if timed:
+            rows[0] += speed.measure(base, model, compiled=False)
         plans, compiled = {}, {}
+        calib = _calib(tok, args)            # the same windows for every level
         for level in levels:
-            plan = _calibrate(model, tok, args, level)
+            plan = calibrate(model, calib, configs[level], progress=progress)
             clock.lap(f"{level} calibration")
-            fast = _compile(model, plan)
-            ppl = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, progress,
+            fast = _compile(model, plan, free_weights=False)    # the next level calibrates the same module
+            ppl = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, progress, device=device,
                              on_window=_chain(error_of(level), clock.windows()))
             clock.lap_windows(f"{level} perplexity", compiled=True)
             n4 = sum(lp.bits == 4 for lp in plan.layers.values())
+            wb = weight_bytes(plan)
             rows.append([level, f"{ppl.ppl:.3f}", f"{100 * (ppl.ppl / fp.ppl - 1):+.2f}%", f"{first[level]:.4f}"
-                         + (f"  ({n4} INT4 layers)" if n4 else "")])
+                         + (f"  ({n4} INT4 layers)" if n4 else ""),
+                         f"{wb['after'] / 2**20:.1f} ({wb['after'] / (2 * params):.2f}x)" if wb else "-"])
+            runs[level] = dict(ppl=ppl.ppl, windows=ppl.windows, logits_rel_error=first[level], int4_layers=n4,
+                               weight_bytes=wb["after"] if wb else None, fp16_bytes=2 * params)
+            if timed:
+                rows[-1] += speed.measure(level, fast, compiled=True)
             plans[level], compiled[level] = plan, fast
         first.clear()
         limited = args.ppl_tokens is not None
-        print(f"\n== {lm.name}: WikiText-2 test perplexity, {args.ppl_seqlen}-token windows"
+        print(f"\n== {lm.name} on {device} ({base}): WikiText-2 test perplexity, {args.ppl_seqlen}-token windows"
               + (f", first {args.ppl_tokens} tokens only" if limited else "") + " ==")
-        print(tabulate(rows, headers=["level", "PPL", "vs fp32", "logits rel. error (first window)"]))
-        print(f"\n== graph dump ({args.level}) ==")
+        headers = ["level", "PPL", f"vs {base}", "logits rel. error (first window)", "weight MiB (x fp16)"]
+        if timed:
+            headers += [f"prefill tok/s (1x{args.ppl_seqlen})", f"decode tok/s (1x{args.decode_tokens} new)"]
+        print(tabulate(rows, headers=headers, disable_numparse=True))
+        print(textwrap.fill("weight MiB: every parameter, floating-point ones at 2 bytes (the plan's accounting, "
+                            "explain()); fp8: naive per-tensor FP8 e4m3, w8a8: naive per-tensor INT8 (the paper's "
+                            "baseline)", 120))
+        if timed:
+            for row in rows:
+                runs[row[0]].update(prefill_tokens_per_s=row[-2], decode_tokens_per_s=row[-1])
+            where = torch.cuda.get_device_name(device) if cuda else device
+            print(textwrap.fill(f"tokens/s on {where}: prefill one {args.ppl_seqlen}-token window (median of 3), "
+                                f"decode generate() of {args.decode_tokens} tokens at batch 1 after the prompt "
+                                f"({base}: the plain module, default cache; quantized: fast.generate, static "
+                                "cache); first calls in the time table", 120))
+            for err in speed.errors:
+                print(f"speed not measured: {err}")
+        print(f"\n== graph dump ({args.level}; every layer: fq-compile dump --full, or explain(model, full=True)) ==")
         print(explain(plans[args.level]))
         print(f"\n== greedy continuation, {args.max_new_tokens} tokens ==")
-        fp_text = greedy(model, tok, args.prompt, args.max_new_tokens)
-        q_text = greedy(compiled[args.level], tok, args.prompt, args.max_new_tokens)
-        clock.lap("greedy continuations (fp32 and quantized)")
-    print(tabulate([["prompt", args.prompt], ["fp32", fp_text], [args.level, q_text]], tablefmt="grid",
-                   maxcolwidths=[8, 90]))
+        texts = [["prompt", args.prompt], [base, greedy(model, tok, args.prompt, args.max_new_tokens)]]
+        texts += [[level, greedy(compiled[level], tok, args.prompt, args.max_new_tokens)] for level in levels]
+        clock.lap(f"greedy continuations ({base} and {', '.join(levels)})")
+    print(tabulate(texts, tablefmt="grid", maxcolwidths=[11, 90]))
     print("\n== where the time went ==")
     print(clock.table())
+    if args.json:
+        import platform
+
+        where = (torch.cuda.get_device_name(device) if cuda
+                 else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+        with open(args.json, "w") as f:
+            json.dump(dict(model=lm.name, source="fq-compile demo", split="test", device=where, dtype=str(dtype),
+                           windows=fp.windows, seqlen=args.ppl_seqlen, max_tokens=args.ppl_tokens,
+                           bytes_counted="every parameter, floating-point ones at 2 bytes (plan accounting)",
+                           seconds=sum(t for _, t in clock.rows), runs=runs), f, indent=2)
     return 0
 
 
@@ -258,7 +345,8 @@ def cmd_quantize(args) -> int:
 def cmd_dump(args) -> int:
     from fq_compile import QuantPlan, explain
 
-    print(explain(QuantPlan.load(args.plan)))
+    print(explain(QuantPlan.load(args.plan), full=args.full, top=args.top, fmt=args.format), end="\n" if
+          args.format == "text" else "")
     return 0
 
 
@@ -275,7 +363,7 @@ def cmd_eval(args) -> int:
                "overrides": list(args.overrides), "levels": {}}
     fp = perplexity(lm.model, ids, args.ppl_seqlen, args.ppl_tokens, not args.no_progress, device=args.device)
     results["levels"]["fp32"] = dict(ppl=fp.ppl, windows=fp.windows)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = _zero_shot_tasks(args)
     zero_shot = {}
     if tasks:
         from fq_compile.tools.zeroshot import comparison_table, evaluate_zero_shot
@@ -317,47 +405,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fq-compile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="the main job: calibrate, compile, evaluate and dump SmolLM2-135M")
-    _common(d)
-    d.add_argument("--level", default="O1", choices=[l for l in LEVELS if l not in ("fp16", "O3")])
-    d.add_argument("--compare", default="w8a8", help="comma-separated levels measured beside --level")
-    d.add_argument("--ppl-seqlen", type=int, default=2048)
-    d.add_argument("--ppl-tokens", type=int, default=4 * 2048, help="limit the test tokens (0: the whole split)")
-    d.add_argument("--prompt", default="The tower is 324 metres tall, about the same height as")
-    d.add_argument("--max-new-tokens", type=int, default=24)
-    d.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
-                   help="run a saved artefact (fq-compile quantize --save) without its fp weights; ignores --level")
-    q = sub.add_parser("quantize", help="calibrate and save a plan")
-    _common(q)
-    q.add_argument("--level", default="O1", choices=list(LEVELS))
-    q.add_argument("--out", default=None, help="write the plan file here")
-    q.add_argument("--save", default=None, metavar="DIR",
-                   help="write a quantized artefact (plan, fp tensors, config, tokenizer) to deploy from")
-    u = sub.add_parser("dump", help="print the graph dump table of a saved plan")
-    u.add_argument("plan")
-    e = sub.add_parser("eval", help="WikiText-2 perplexity table")
-    _common(e)
-    e.add_argument("--level", default="O1", help="comma-separated levels")
-    e.add_argument("--plan", default=None, help="evaluate this saved plan instead of calibrating")
-    e.add_argument("--ppl-seqlen", type=int, default=2048)
-    e.add_argument("--ppl-tokens", type=int, default=0, help="limit the test tokens (0: the whole split)")
-    e.add_argument("--json", default=None, help="also write the results here")
-    e.add_argument("--tasks", default="openbookqa,lambada_openai,piqa,hellaswag,winogrande,arc_easy",
-                   help="zero-shot tasks (lm-eval) read from <data-dir>/<task>/<split>.jsonl; comma-separated, "
-                        "empty: skip")
-    e.add_argument("--zs-limit", type=int, default=0,
-                   help="score only the first N rows of each zero-shot task (0: all)")
-    e.add_argument("--device", default=None, help="run the model there (e.g. cuda); default: where it loads (CPU)")
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the model's floating-point dtype (the baseline and the non-GEMM ops)")
-    e.add_argument("--no-inductor", action="store_true",
-                   help="no Inductor around the fq:: ops on a GPU either (on the CPU it is the default; "
-                        "same integers, float ops unfused)")
-    args = p.parse_args(argv)
+def _zero_shot_tasks(args) -> list[str]:
+    """--tasks as a list; 'auto': the default tasks whose data file exists, the others named once here."""
+    from fq_compile.tools.cli_parser import AUTO_TASKS
+
+    if args.tasks.strip() != AUTO_TASKS:
+        return [t.strip() for t in args.tasks.split(",") if t.strip()]
+    from fq_compile.tools.data import find_data_dir
+    from fq_compile.tools.zeroshot import DEFAULT_TASKS, TASKS, task_file
+
+    root = find_data_dir(args.data_dir)
+    have = [t for t in DEFAULT_TASKS if root is not None and task_file(root, t) is not None]
+    missing = [f"{t} ({t}/{TASKS[t][1]}.jsonl)" for t in DEFAULT_TASKS if t not in have]
+    if missing:
+        print(f"zero-shot tasks: {', '.join(have) or 'none'}; no data file under {root or 'any data directory'} "
+              f"for {', '.join(missing)}")
+    return have
+
+
+def run(args) -> int:
+    """Run the command that fq_compile.tools.cli_parser parsed into `args`."""
     if getattr(args, "ppl_tokens", None) == 0:
         args.ppl_tokens = None
     from fq_compile import ConfigError, PlanFormatError, PlanMismatchError
@@ -367,6 +434,14 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ImportError, ConfigError, PlanFormatError, PlanMismatchError) as e:
         print(f"fq-compile: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv=None) -> int:
+    """`fq-compile ...` in-process (tests, `python -m fq_compile.tools.cli`); the console script is
+    fq_compile_cli.main, which parses before importing the package."""
+    from fq_compile.tools.cli_parser import build_parser
+
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -60,3 +60,16 @@ def test_deploy_smoke(tmp_path):
     assert _script("deploy").main(["--shape", "opt-125m", "--prompt-len", "16", "--baseline", "--out", str(out)]) == 0
     text = out.read_text()
     assert "bit-identical (torch.equal)" in text and "| load_quantized" in text and "usual path" in text
+
+
+def test_plots_from_committed_results(tmp_path):
+    plots = _script("plots")
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(dict(model="m", device="cpu", windows=2, runs={
+        "fp32": dict(ppl=20.0, weight_bytes=100, fp16_bytes=100), "O1": dict(ppl=21.0, weight_bytes=60, fp16_bytes=100),
+        "fp8": dict(ppl=20.5, weight_bytes=55, fp16_bytes=100), "old": dict(ppl=30.0)})))
+    assert plots.main(["--accuracy", str(run), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "plot-accuracy-vs-bytes-run.png").stat().st_size > 0
+    assert (tmp_path / f"plot-gemm-speed-vs-rows-{plots.KERNELS.stem}.png").stat().st_size > 0
+    points, left = plots.accuracy_points(run)
+    assert [p["row"] for p in points] == ["fp32", "O1", "fp8"] and left == ["old (no weight bytes recorded)"]

@@ -151,6 +151,9 @@ def test_auto_picks_the_format_each_layer_was_built_for(synthetic):
     assert 0 < float((out[2] - ref[2]).norm() / ref[2].norm()) < 0.02
     text = fq_compile.explain(plan)
     assert "w4a8" in text and "why each format" in text and "error budget 0.5x naive FP8" in text
+    assert "largest output error" in text and max(map(len, text.splitlines())) <= 120
+    for name, lp in plan.layers.items():        # every layer's reason in the full view
+        assert " ".join(f"{name}: {lp.why}".split()) in " ".join(fq_compile.explain(plan, full=True).split())
 
 
 def test_ampere_memory_budget_puts_int4_where_it_costs_least(synthetic):

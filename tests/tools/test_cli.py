@@ -80,6 +80,10 @@ def test_quantize_dump_eval(model_dir, tmp_path, capsys):
     assert main(["dump", str(plan)]) == 0
     out = capsys.readouterr().out
     assert "fq_compile plan for LlamaForCausalLM" in out and "INT4 share of layers" in out
+    assert main(["dump", str(plan), "--full"]) == 0
+    assert "KL4/KL8" in capsys.readouterr().out
+    assert main(["dump", str(plan), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("layer,format,")
     js = tmp_path / "eval.json"
     torch._dynamo.reset()
     assert main(["eval", *common, "--level", "w8a8,O1", "--ppl-seqlen", "32", "--tasks", "piqa",
@@ -108,7 +112,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert err.count("fq-compile: error:") == 2 and "Traceback" not in err
 
 
-def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, monkeypatch):
+def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, monkeypatch, tmp_path):
     """The main job end to end on the tiny model: tables, graph dump, continuations; each level's plan is
     compiled once (calibration ran the model at another length, so the graph is dynamic in the length
     and also serves the greedy steps), and no Dynamo cache is reset on the way."""
@@ -125,14 +129,56 @@ def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, mon
     monkeypatch.setattr(torch._dynamo, "reset", no_reset)
     assert main(["demo", "--model", str(model_dir / "model"), "--data-dir", str(model_dir / "data"),
                  "--calib-batches", "2", "--calib-seqlen", "24", "--ppl-seqlen", "32", "--ppl-tokens", "96",
-                 "--max-new-tokens", "3", "--compare", "w8a8", "--no-progress"]) == 0
+                 "--max-new-tokens", "3", "--no-progress", "--json", str(tmp_path / "demo.json")]) == 0
     out = capsys.readouterr().out
-    for text in ("fp32", "O1", "w8a8", "logits rel. error", "graph dump (O1)", "greedy continuation",
+    for text in ("fp32", "O1", "w8a8", "logits rel. error", "graph dump (O1", "greedy continuation",
                  "O1 calibration", "O1 perplexity: first call beyond a window (compile)", "total"):
         assert text in out
-    assert [p.config.level for p in plans] == ["O1", "w8a8"]
-    o1, w8a8 = (len(reports(p)) for p in plans)
-    assert (o1, w8a8) == (1, 1)
+    assert [p.config.level for p in plans] == ["O1", "fp8", "w8a8"]          # naive FP8 and W8A8 by default
+    assert all(len(reports(p)) == 1 for p in plans)
+    table = _demo_table(out)
+    assert [r[0] for r in table] == ["fp32", "O1", "fp8", "w8a8"]
+    assert "weight MiB (x fp16)" in out and "tok/s" not in out          # speed: on CUDA only
+    fp8 = table[2]
+    assert float(fp8[1]) > 1 and fp8[2].endswith("%") and fp8[-1].endswith("x)")
+    runs = json.loads((tmp_path / "demo.json").read_text())["runs"]         # what benchmarks/plots.py reads
+    assert list(runs) == ["fp32", "O1", "fp8", "w8a8"] and runs["fp8"]["ppl"] == pytest.approx(float(fp8[1]), 1e-3)
+    assert all(r["weight_bytes"] > 0 and r["fp16_bytes"] == runs["fp32"]["weight_bytes"] for r in runs.values())
+    # every level's continuation, beside the floating-point one
+    grid = out.split("greedy continuation", 1)[1]
+    assert all(f"| {name} " in grid for name in ("fp32", "O1", "fp8", "w8a8"))
+
+
+def _demo_table(out: str) -> list[list[str]]:
+    """The demo's perplexity table: rows of cells (split on runs of 2+ spaces)."""
+    import re
+
+    lines = out.split("WikiText-2 test perplexity", 1)[1].splitlines()[1:]
+    start = next(i for i, line in enumerate(lines) if line.startswith("-----")) + 1
+    rows = []
+    for line in lines[start:]:
+        if not line.strip() or line.startswith("weight MiB"):
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return rows
+
+
+def test_demo_speed_columns_shape(model_dir, capsys, monkeypatch):
+    """The CUDA-only tokens/s columns, run on the CPU (the path is the same but for the device): a prefill and a
+    decode figure for every row, the first generate() calls in the time table."""
+    import fq_compile.tools.cli as cli
+
+    monkeypatch.setattr(cli, "_measures_speed", lambda device: True)
+    assert main(["demo", "--model", str(model_dir / "model"), "--data-dir", str(model_dir / "data"),
+                 "--calib-batches", "2", "--calib-seqlen", "24", "--ppl-seqlen", "32", "--ppl-tokens", "64",
+                 "--max-new-tokens", "2", "--decode-tokens", "3", "--compare", "fp8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill tok/s (1x32)" in out and "decode tok/s (1x3 new)" in out and "speed not measured" not in out
+    table = _demo_table(out)
+    assert [r[0] for r in table] == ["fp32", "O1", "fp8"]
+    for row in table:
+        assert float(row[-2].replace(",", "")) > 0 and float(row[-1].replace(",", "")) > 0, row
+    assert "fp8: first generate() call (compiles)" in out
 
 
 def test_tools_compile_without_inductor_on_the_cpu_only(monkeypatch):
@@ -147,3 +193,76 @@ def test_tools_compile_without_inductor_on_the_cpu_only(monkeypatch):
     assert [c["options"]["inductor"] for c in calls] == [False, True, True]
     assert all(c["backend"] == "flattenquant" and c["options"]["plan"] == "plan" for c in calls)
     assert calls[1]["options"]["free_weights"] is False
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """The console script that pyproject.toml names answers `-h` (top level and every command, with each
+    option's default) and a bad argument without importing torch, transformers or fq_compile."""
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    target = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["fq-compile"]
+    module, func = target.split("#")[0].strip().split(":")
+    code = f"""
+import contextlib, io, json, sys
+from {module} import {func} as main
+helps = {{}}
+for argv in ([], ["demo"], ["quantize"], ["dump"], ["eval"]):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            main(argv + ["-h"])
+        except SystemExit as e:
+            assert e.code == 0, e.code
+    helps[" ".join(argv)] = buf.getvalue()
+with contextlib.redirect_stderr(io.StringIO()):
+    try:
+        main(["eval", "--no-such-option"])
+    except SystemExit as e:
+        assert e.code == 2, e.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "fq_compile"))
+print(json.dumps(dict(heavy=heavy, helps=helps)))
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(env, PYTHONPATH=str(root)),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["heavy"] == [], out["heavy"]
+    helps = out["helps"]
+    assert "demo" in helps[""] and "eval" in helps[""]
+    for cmd in ("demo", "quantize", "dump", "eval"):
+        assert "(default:" in helps[cmd], cmd
+    flat = " ".join(helps["eval"].split())
+    assert "(0: the whole split) (default: 0)" in flat and "(default: auto)" in flat
+    assert "(default: fp8,w8a8)" in " ".join(helps["demo"].split())
+
+
+def test_parser_copies_agree_with_the_package():
+    """cli_parser.py cannot import the package (torch): its copies of the levels and tasks must match."""
+    from fq_compile.config import LEVELS
+    from fq_compile.tools import cli_parser
+    from fq_compile.tools.zeroshot import DEFAULT_TASKS
+
+    assert cli_parser.LEVELS == tuple(LEVELS) and cli_parser.ZERO_SHOT_TASKS == tuple(DEFAULT_TASKS)
+
+
+def test_zero_shot_default_is_the_tasks_with_data(tmp_path, capsys):
+    from argparse import Namespace
+
+    from fq_compile.tools.cli import _zero_shot_tasks
+
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "validation.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}\n')
+    (tmp_path / "arc_easy").mkdir()
+    (tmp_path / "arc_easy" / "test.jsonl").write_text("{}\n")
+    assert _zero_shot_tasks(Namespace(tasks="auto", data_dir=str(tmp_path))) == ["piqa", "arc_easy"]
+    out = capsys.readouterr().out
+    for missing in ("openbookqa", "lambada_openai", "hellaswag", "winogrande"):
+        assert missing in out
+    assert "piqa (" not in out
+    assert _zero_shot_tasks(Namespace(tasks="piqa, hellaswag", data_dir=str(tmp_path))) == ["piqa", "hellaswag"]
+    assert _zero_shot_tasks(Namespace(tasks="", data_dir=str(tmp_path))) == []
