@@ -168,7 +168,8 @@ def _collect(plan: QuantPlan):
         for lr in seen:
             op = lr.op + (f" +{lr.act}" if lr.act != "none" else "")
             ops.append(op)
-            q = f"{lr.quantize} ({lr.quantize_why})" if lr.quantize_why else (lr.quantize or "-")
+            label = f"{lr.quantize}, {lr.scales} scale" if lr.scales else lr.quantize
+            q = f"{label} ({lr.quantize_why})" if lr.quantize_why else (label or "-")
             gm = f"{op}: {lr.gemm}" + (f" ({lr.gemm_why})" if lr.gemm_why else "")
             pair = f"{quant.key(q, name)} {gemm.key(gm, name)}"
             if pair not in keys:
@@ -236,6 +237,17 @@ def weight_bytes(plan: QuantPlan) -> dict | None:
                 kept_linear=2 * sum(numel.get(s + ".weight", numel.get(s, 0)) for s in plan.skipped))
 
 
+def _activation_scales(plan: QuantPlan) -> str:
+    """How the flattened layers' activations are scaled: per token (each row at run time) or per tensor."""
+    kinds = {}
+    for lp in plan.layers.values():
+        if lp.flattened:
+            k = plan.groups[lp.group].activation_scale
+            kinds[k] = kinds.get(k, 0) + 1
+    names = {"token": "per token (static channel map, each row's own scale)", "tensor": "per tensor (static)"}
+    return ", ".join(f"{names[k]}: {n} layers" for k, n in sorted(kinds.items(), reverse=True)) or "-"
+
+
 def _byte_rows(plan: QuantPlan) -> list[list[str]]:
     """Weight bytes before and after (`weight_bytes`): what the quantized layers became, and what stayed
     in floating point (layers kept, MoE experts, embeddings, norms).  Plans without the model's parameter
@@ -275,6 +287,7 @@ def _totals(plan: QuantPlan, views) -> list[list[str]]:
     totals = [
         ["level", plan.config.level],
         ["weight scales", f"per {'output channel' if plan.config.weight_granularity == 'channel' else 'tensor'}"],
+        ["activation scales (INT8/INT4 layers)", _activation_scales(plan)],
         ["quantized linear layers", f"{n} of {n + len(plan.skipped)} ({len(plan.skipped)} kept in floating point)"],
         ["formats", ", ".join(f"{f} {c}" for f, c in sorted(counts.items())) or "-"],
         ["INT4 share of layers / of weights", f"{100 * n4 / n:.1f}% / {100 * params4 / params:.1f}%" if n else "-"],

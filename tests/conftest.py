@@ -86,15 +86,15 @@ def run_guarded(argv: list[str], timeout: float, env: dict | None = None) -> str
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order for pytest-xdist, which hands tests out in this order: whole-model GPU tests (compiles
-    of a minute or more) first, so they do not start last and set the wall time; GPU tests that call
-    CUTLASS kernels last, since benchmarks/device/gpu_tests.sh builds their libraries in the
-    background while the others run."""
+    """Order for pytest-xdist, which hands tests out in this order: whole-model GPU tests and the
+    attention kernel checks (a minute or more each) first, so they do not start last and set the wall
+    time; GPU tests that call CUTLASS kernels last, since benchmarks/device/gpu_tests.sh builds their
+    libraries in the background while the others run."""
     def rank(it):
         if "cutlass" in it.keywords or it.nodeid.startswith("tests/kernels/test_dispatch.py::test_gpu"):
             return 2
-        whole_model = not it.nodeid.startswith("tests/kernels/")
-        return 0 if whole_model and "gpu" in it.keywords else 1
+        long_running = not it.nodeid.startswith("tests/kernels/") or "test_attention.py::test_gpu" in it.nodeid
+        return 0 if long_running and "gpu" in it.keywords else 1
     items.sort(key=rank)
 
 
