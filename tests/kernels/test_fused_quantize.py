@@ -174,8 +174,8 @@ def test_backend_fuses_every_quantize_with_a_producer(monkeypatch):
     assert all(lr.quantize.startswith("fused by Inductor") and lr.act == "none" for lr in rep.values())
     assert rep["fc2"].quantize == "fused by Inductor"      # every position gathered (one consumer of x)
     assert all(lr.gemm == "reference" for lr in rep.values())       # CPU tensors
-    text = fq_compile.explain(plan)
-    assert "fused by Inductor (into relu)" in text and "K' overhead" in text and "tiles)" in text
+    text = fq_compile.explain(plan, full=True)
+    assert "fused by Inductor, per token scale (into relu)" in text and "K' overhead" in text and "tiles)" in text
 
     # the opaque kernel instead: fc1's ReLU moves into its GEMM epilogue; the same logits
     monkeypatch.setenv("FQ_QUANTIZE", "kernel")
