@@ -263,7 +263,7 @@ def main(argv=None) -> int:
             if missing:
                 text += "\n\nmissing (no local files, not run): " + ", ".join(
                     f"{t} ({next(r['missing'][t] for r in zs.values() if t in r['missing'])})" for t in missing)
-        cmds = [f"- {label(k)}: `{v['command']}`" for k, v in runs.items() if "command" in v]
+        cmds = list(dict.fromkeys(f"- {label(k)}: `{v['command']}`" for k, v in runs.items() if "command" in v))
         if args.split == "test" and cmds:
             text += "\n\n## Reproduce one row\n\n" + "\n".join(cmds)
         if args.out:
