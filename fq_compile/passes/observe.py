@@ -2,7 +2,11 @@
 front of each distinct input tensor (q/k/v share one), keyed by the layers' parameter names.
 
 An observer records, per input channel, max |x| (Eq. 5-7 need it) and keeps a uniform random sample
-of rows (the Eq. 8 histograms are built from it after T is known).  Non-finite values stop the
+of rows (the Eq. 8 histograms are built from it after T is known).  Each row draws a random key; the
+rows whose key is below HELD_OUT form a held-out part: the sample keeps the smallest keys, so it is
+drawn from them first, and `fit_absmax` is the channel maxima of the other rows.  Level auto measures
+each format's error on held-out rows with scales set from `fit_absmax` (planning/formats.py): a
+static scale then meets values beyond its calibrated range, as it will at run time.  Non-finite values stop the
 calibration at once, naming the layer, instead of producing a plan full of NaN.
 """
 
@@ -14,6 +18,9 @@ import torch
 import torch.fx as fx
 
 from fq_compile.passes.match import LayerParams, LinearForm, layer_name, layer_params, linear_forms, other_weight_reads
+
+
+HELD_OUT = 0.25          # the share of calibration rows held out of `fit_absmax` (see the module docstring)
 
 
 class CalibrationError(RuntimeError):
@@ -30,6 +37,7 @@ class InputStats:
     generator: torch.Generator
     params: dict[str, LayerParams] = field(default_factory=dict)   # layer -> its parameters' names
     absmax: torch.Tensor | None = None
+    fit_absmax: torch.Tensor | None = None     # max |x| over the rows not held out
     rows: int = 0
     _sample: torch.Tensor | None = None
     _keys: torch.Tensor | None = None
@@ -45,6 +53,10 @@ class InputStats:
         self.rows += x2.shape[0]
         # reservoir by random keys: keeping the smallest keys is a uniform sample of all rows seen
         keys = torch.rand(x2.shape[0], generator=self.generator)
+        fit = (keys >= HELD_OUT).to(x2.device)
+        if bool(fit.any()):
+            fm = x2[fit].abs().amax(dim=0).float().cpu()
+            self.fit_absmax = fm if self.fit_absmax is None else torch.maximum(self.fit_absmax, fm)
         take = torch.topk(keys, min(self.sample_size, x2.shape[0]), largest=False).indices
         rows = x2[take.to(x2.device)].float().cpu()
         if self._sample is None:
@@ -58,6 +70,14 @@ class InputStats:
     @property
     def sample(self) -> torch.Tensor:
         return self._sample
+
+    @property
+    def held_out_sample(self) -> torch.Tensor | None:
+        """The sampled rows that are held out of `fit_absmax` (None: none were sampled)."""
+        if self._sample is None:
+            return None
+        rows = self._sample[self._keys < HELD_OUT]
+        return rows if rows.shape[0] else None
 
 
 @dataclass

@@ -53,8 +53,9 @@ def plan_weight(params: dict[str, torch.Tensor], lp: LayerPlan) -> torch.Tensor:
 
 
 def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], fold: str, fold_note: str,
-               config: Config) -> GroupPlan:
-    act_max = stats.absmax.float()
+               config: Config, act_max: torch.Tensor | None = None) -> GroupPlan:
+    """The group's channel map and scales from its channel maxima (`stats.absmax` unless `act_max`)."""
+    act_max = (stats.absmax if act_max is None else act_max).float()
     wcat = torch.cat([weights[l].float() for l in stats.layers], dim=0)
     w_colmax = wcat.abs().amax(dim=0)
     s = smoothing_scales(config.smoothing_method, act_max, w_colmax, config.alpha)
@@ -179,16 +180,38 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
     return plan
 
 
+MIN_HELD_OUT = 8        # fewer held-out rows in any group: auto measures on every sampled row instead
+
+
+def _measurement_groups(plan: QuantPlan, inputs: dict[str, InputStats], row_fold: dict, weight_of, config: Config):
+    """What auto measures its errors on: per group, (rows, group plan, row folds by layer).  Where the
+    calibration held rows out (passes/observe.py), the group is planned again from the other rows'
+    maxima and the error is measured on the held-out rows: a static scale then meets values beyond
+    its calibrated range, as at run time (measured on the rows that set the maxima, static scales'
+    errors were underestimated and auto came out less accurate than naive FP8 on test data).  With
+    too few rows held out (tiny calibration sets): every sampled row and the plan's own groups."""
+    held = {name: inputs[name].held_out_sample for name in plan.groups}
+    if any(h is None or h.shape[0] < MIN_HELD_OUT or inputs[name].fit_absmax is None for name, h in held.items()):
+        return {name: (inputs[name].sample, g) for name, g in plan.groups.items()}, row_fold, "calibration rows"
+    fit = {name: plan_group(name, inputs[name], {l: weight_of(l) for l in g.layers}, g.fold, g.fold_note, config,
+                            act_max=inputs[name].fit_absmax)
+           for name, g in plan.groups.items()}
+    fit_fold = {layer: fit[g.name] for layer, g in row_fold.items()}
+    rows = min(h.shape[0] for h in held.values())
+    return ({name: (held[name], fit[name]) for name in plan.groups}, fit_fold,
+            f"held-out calibration rows (>= {rows} per group; scales from the other rows)")
+
+
 def _plan_auto(plan: QuantPlan, inputs: dict[str, InputStats], row_fold: dict, weight_of, bias_of, fingerprints_of,
                config: Config, progress: bool, transposed_of=lambda layer: False) -> None:
-    """Level auto: measure every candidate format of every layer on the calibration rows, choose under
+    """Level auto: measure every candidate format of every layer (`_measurement_groups`), choose under
     the budget (planning/formats.py), then quantize each layer in its format."""
     device = formats.DEVICES[config.target]
     options, errors, naive = {}, {}, {}
-    for name, g in tqdm(list(plan.groups.items()), desc="fq_compile: measuring formats", disable=not progress):
-        x = inputs[name].sample
+    measured, fold_of, where = _measurement_groups(plan, inputs, row_fold, weight_of, config)
+    for name, (x, g) in tqdm(list(measured.items()), desc="fq_compile: measuring formats", disable=not progress):
         for layer in g.layers:
-            rg = row_fold.get(layer)
+            rg = fold_of.get(layer)
             w = weight_of(layer)
             cands = formats.candidate_formats(config, g.in_features)
             errors[layer] = formats.measure_layer(x, w, g, None if rg is None else rg.smooth, config, cands)
@@ -203,4 +226,5 @@ def _plan_auto(plan: QuantPlan, inputs: dict[str, InputStats], row_fold: dict, w
                             fingerprints=fingerprints_of(layer), transposed=transposed_of(layer))
             lp.error, lp.errors, lp.why = errors[layer][choice[layer]], errors[layer], why[layer]
             plan.layers[layer] = lp
+    summary["measured_on"] = where
     plan.calibration["auto"] = summary

@@ -177,3 +177,72 @@ def test_fp8_level_is_naive_fp8_everywhere(synthetic):
     for lp in plan.layers.values():         # per-tensor weight scale whatever weight_scale says
         assert lp.weight_q.dtype == FP8_DTYPE and bool((lp.weight_scale == lp.weight_scale[0]).all())
         assert torch.equal(plan.groups[lp.group].smooth, torch.ones(C))
+
+
+# -- auto's errors on held-out rows (passes/observe.py HELD_OUT, planner._measurement_groups) -------
+
+def test_observer_holds_rows_out_of_the_fit_maxima():
+    from fq_compile.passes.observe import HELD_OUT, InputStats
+    gen = torch.Generator().manual_seed(0)
+    stats = InputStats(layers=["fc"], in_features=C, sample_size=64, generator=torch.Generator().manual_seed(5))
+    replay = torch.Generator().manual_seed(5)              # the observer's keys, drawn again
+    rows, keys = [], []
+    for _ in range(4):
+        x = torch.randn(2, 50, C, generator=gen)          # [B, S, C]: rows are flattened
+        stats.update(x)
+        rows.append(x.reshape(-1, C))
+        keys.append(torch.rand(100, generator=replay))
+    rows, keys = torch.cat(rows), torch.cat(keys)
+    assert torch.equal(stats.absmax, rows.abs().amax(0))
+    assert torch.equal(stats.fit_absmax, rows[keys >= HELD_OUT].abs().amax(0))
+    held = stats.held_out_sample
+    expect = rows[torch.sort(keys).indices[:64]]           # the sample: the 64 smallest keys
+    expect = expect[torch.sort(keys).values[:64] < HELD_OUT]
+    assert held.shape[0] == int((torch.sort(keys).values[:64] < HELD_OUT).sum()) > 0
+    assert {tuple(r.tolist()) for r in held} == {tuple(r.tolist()) for r in expect}
+
+
+class OneLayer(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.fc = torch.nn.Linear(C, N, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(w)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _spiky_stats(held_out: bool):
+    """One input: Gaussian rows; the held-out rows carry channel 5 at ~30x what the other rows reach.
+    held_out=False: the same rows, none held out (every row sets the maxima and is measured)."""
+    from fq_compile.passes.observe import HELD_OUT, InputStats
+    gen = torch.Generator().manual_seed(0)
+    fit, held = torch.randn(384, C, generator=gen), torch.randn(128, C, generator=gen)
+    held[::2, 5] *= 30.0
+    stats = InputStats(layers=["fc"], in_features=C, sample_size=512, generator=gen)
+    rows = torch.cat([held, fit])
+    keys = torch.cat([torch.full((128,), HELD_OUT / 2), torch.full((384,), (1 + HELD_OUT) / 2)])
+    stats.absmax, stats.rows = rows.abs().amax(0), rows.shape[0]
+    stats._sample, stats._keys = rows, keys if held_out else torch.ones(512)
+    stats.fit_absmax = fit.abs().amax(0) if held_out else None
+    return stats
+
+
+def test_auto_measures_on_held_out_rows_where_static_scales_saturate():
+    from fq_compile.planning.planner import build_plan
+    w = torch.randn(N, C, generator=torch.Generator().manual_seed(1)) * 0.1
+    model = OneLayer(w).eval()
+    cfg = Config(level="auto", skip=())
+    held = build_plan(model, {"fc": _spiky_stats(True)}, {}, {}, cfg, progress=False)
+    seen = build_plan(model, {"fc": _spiky_stats(False)}, {}, {}, cfg, progress=False)
+    assert held.calibration["auto"]["measured_on"].startswith("held-out calibration rows (>= 128 per group")
+    assert seen.calibration["auto"]["measured_on"] == "calibration rows"
+    e_held, e_seen = held.layers["fc"].errors, seen.layers["fc"].errors
+    # the held-out rows pass the fit maxima: static e4m3 saturates there, per-token INT8 does not
+    assert e_held["fp8"] > 100 * e_seen["fp8"] and e_held["int8"] < 10 * e_seen["int8"]
+    assert e_held["int8"] < e_held["fp8"] / 100
+    # the yardstick (naive FP8, per tensor) is measured on the same rows with the same maxima
+    assert held.calibration["auto"]["naive_fp8_error"] > 100 * seen.calibration["auto"]["naive_fp8_error"]
+    # the plan itself is built from every row's maxima
+    assert torch.equal(held.groups["fc"].act_max, _spiky_stats(True).absmax)
