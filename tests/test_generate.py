@@ -206,6 +206,40 @@ def test_static_cache_is_initialized_outside_the_compiled_call():
     torch.testing.assert_close(a, b)
 
 
+def _compiled_regions(fast, ids, cache_len: int, steps: int) -> int:
+    """Compiled-region calls (Dynamo's profiler ranges) in one greedy generate() of `steps` tokens on
+    an early-initialized static cache, the form fast.generate() makes on CUDA (init_static_caches)."""
+    from torch.profiler import profile
+    from transformers import StaticCache
+
+    model = fast._orig_mod
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    init_static_caches(model, (), {"input_ids": ids, "cache": cache})
+    with torch.no_grad(), profile() as prof:
+        fast.generate(ids, cache=cache, **dict(_kwargs("dynamic"), max_new_tokens=steps,
+                                                         min_new_tokens=steps))
+    return sum(e.name.startswith("Torch-Compiled Region") for e in prof.events())
+
+
+def test_each_decode_step_is_one_compiled_graph(model_kind):
+    """Issue 23's first condition, on the CPU: on the cache the CUDA path uses (initialized before the
+    compiled call, its tensors static addresses), a decode step is one compiled graph -- no graph
+    break, so no host round trip between graphs inside a step -- and nothing recompiles once
+    decoding runs.  (OPT's prefill breaks on the cache's tensor length; prefill only.)"""
+    from torch._dynamo.utils import counters
+
+    model, plan, ids, _ = _setup(model_kind)
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})
+    _compiled_regions(fast, ids, 32, 3)                 # compiles the prefill and the decode step
+    counters.clear()
+    short = _compiled_regions(fast, ids, 32, 4)
+    long = _compiled_regions(fast, ids, 32, 12)
+    assert not counters["stats"].get("unique_graphs") and not sum(counters["graph_break"].values()), (
+        dict(counters["stats"]), dict(counters["graph_break"]))
+    assert long - short == 12 - 4, (short, long)        # one compiled region per extra decode step
+
+
 # -- GPU ---------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu

@@ -7,7 +7,10 @@ weights, e4m3 activations: int4 values are exact in e4m3, so it runs on the FP8 
 Error.  For every candidate the layer is quantized exactly as the plan would store it and run through
 the CPU reference ops (the ops' semantics, not a model of them) on the calibration rows kept for the
 layer's input (Config.calib_samples, sampled uniformly over every calibration token); the error is
-the relative output MSE ||Y_f - Y||^2 / ||Y||^2 against the unquantized layer Y = X W^T.  The same
+the relative output MSE ||Y_f - Y||^2 / ||Y||^2 against the unquantized layer Y = X W^T.  The rows
+are held out: the group is planned again from the maxima of the other calibration rows
+(planner._measurement_groups, passes/observe.HELD_OUT), so static scales saturate where new text
+passes the calibrated range, as they do at run time.  The same
 measure on naive FP8 (no smoothing, per-tensor e4m3 weights and activations) is the yardstick: the
 error budget is a multiple of the summed naive-FP8 error of the same layers (Config.error_budget;
 1.0 = "never worse than naive FP8" by this measure).  Layers count equally: a proxy, since layers
