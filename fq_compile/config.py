@@ -66,9 +66,10 @@ class Config:
     kl_method: Eq. 8's KL reading: "tensorrt" (default: each bit width at its own KL-optimal clip, as
         TensorRT's entropy calibration) or "fixed" (KL at the scale the layer really uses); see
         passes/bits.py.
-    error_budget: auto: the plan's summed layer-output error (relative MSE on calibration rows) may reach
-        this multiple of what naive per-tensor FP8 gives the same layers; the cheapest plan within it
-        wins.  1.0: never worse than naive FP8, by that measure.  > 0.
+    error_budget: auto: each layer's output error (relative MSE on held-out calibration rows) may reach
+        this multiple of what naive per-tensor FP8 gives that layer; each layer takes the fastest
+        format within it (none within: the most accurate).  1.0: no layer worse than naive FP8, by
+        that measure.  > 0.
     memory_budget: auto: when set, the weights may take this fraction of their fp16 bytes, and the plan
         with the least summed error within it wins (error_budget is then ignored).  In (0, 1].
     target: auto's cost model: "hopper" (FP8 = INT8 rate, no INT4 tensor cores), "ampere" (INT8 2x,

@@ -310,7 +310,8 @@ def _totals(plan: QuantPlan, views) -> list[list[str]]:
     auto = plan.calibration.get("auto")
     if auto:
         budget = (f"memory budget {plan.config.memory_budget:g}x fp16 bytes" if auto["mode"] == "memory" else
-                  f"error budget {plan.config.error_budget:g}x naive FP8 ({auto['budget']:.3g} summed)")
+                  f"error budget {plan.config.error_budget:g}x naive FP8 per layer"
+                  + (f", {len(auto['over_budget'])} layers over it (no format within)" if auto.get("over_budget") else ""))
         totals += [["auto", f"target {auto['target']}, {budget}; summed output error {auto['error']:.3g} "
                             f"(naive FP8 {auto['naive_fp8_error']:.3g}); linear time x{auto['time']:.3f} of bf16"]]
     return totals

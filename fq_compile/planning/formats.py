@@ -12,9 +12,8 @@ are held out: the group is planned again from the maxima of the other calibratio
 (planner._measurement_groups, passes/observe.HELD_OUT), so static scales saturate where new text
 passes the calibrated range, as they do at run time.  The same
 measure on naive FP8 (no smoothing, per-tensor e4m3 weights and activations) is the yardstick: the
-error budget is a multiple of the summed naive-FP8 error of the same layers (Config.error_budget;
-1.0 = "never worse than naive FP8" by this measure).  Layers count equally: a proxy, since layers
-differ in how much their error reaches the loss; the accuracy tables check what it gives.
+error budget is a multiple of the naive-FP8 error of the same layer (Config.error_budget;
+1.0 = "no layer worse than naive FP8" by this measure).
 
 Cost.  A layer's time relative to bf16 on the target, the mean of two regimes (DeviceModel.time):
 prefill, compute-bound, K_eff / K / rate (the multiply rate of the format's tensor cores relative to
@@ -27,14 +26,18 @@ i.e. the bf16-equivalent time the linears take.  Targets (`Config.target`):
     ampere  A100: INT8 2x, INT4 4x, no FP8 (fp8 and w4a8 are not candidates)
     cpu     our CPU path runs every format as float GEMMs: only K'/K and the bytes differ
 
-Choice.  A multiple-choice knapsack, solved by Lagrangian relaxation (`solve`): minimise the summed
-cost subject to the summed error within the budget, or -- with `Config.memory_budget` -- the summed
-error subject to the weight bytes within that fraction of fp16's.  For a price lambda every layer
-picks the format minimising objective + lambda * constrained; the smallest lambda whose choice fits is
-found over the sorted breakpoints, and any slack left is spent greedily on the best objective
-improvements per unit of constraint.  This generalises Eq. 8 (a per-layer INT4/INT8 choice from a KL
-ratio), which stays the O2/O3 rule.  Each layer's plan records its format, error, every candidate's
-error and why (`explain()` prints them).
+Choice.  Error mode (Config.error_budget, the default): layer by layer, the fastest format whose
+error is within error_budget times naive FP8's error on that same layer (none within: the most
+accurate).  The cap is per layer, not summed: a summed cap let a plan trade one layer's error for
+another's, and since layers differ in how much their error reaches the loss, such a plan came out
+less accurate than naive FP8 on held-out text (SmolLM2-135M, 4 validation windows: +2.89% against
++2.58%).  Memory mode (Config.memory_budget): a multiple-choice knapsack, solved by Lagrangian
+relaxation (`solve`): minimise the summed error subject to the weight bytes within that fraction of
+fp16's.  For a price lambda every layer picks the format minimising error + lambda * bytes; the
+smallest lambda whose choice fits is found over the sorted breakpoints, and any slack left is spent
+greedily on the best error improvements per byte.  This generalises Eq. 8 (a per-layer INT4/INT8
+choice from a KL ratio), which stays the O2/O3 rule.  Each layer's plan records its format, error,
+every candidate's error and why (`explain()` prints them).
 """
 
 from __future__ import annotations
@@ -257,40 +260,72 @@ def solve(options: dict[str, dict[str, tuple[float, float]]], budget: float) -> 
     return choice, lam
 
 
+def _per_layer_choice(layer_options: dict[str, dict[str, Option]], budget: float,
+                      naive_errors: dict[str, float]) -> tuple[dict[str, str], dict[str, str]]:
+    """Error mode: each layer independently takes the fastest format whose error is within `budget`
+    times naive FP8's on that layer (ties: the more accurate), or its most accurate format when none is."""
+    choice, why = {}, {}
+    for l, opts in layer_options.items():
+        cap = budget_of(budget, naive_errors[l])
+        within = [f for f, o in opts.items() if o.error <= cap]
+        if within:
+            f = min(within, key=lambda g: (opts[g].time, opts[g].error, g))
+        else:
+            f = min(opts, key=lambda g: (opts[g].error, opts[g].time, g))
+        choice[l] = f
+        o = opts[f]
+        head = f"{f}: time x{o.time:.3f} of bf16, error {o.error:.2e}"
+        faster = sorted((g for g in opts if opts[g].time < o.time), key=lambda g: opts[g].time)
+        alts = "; ".join(f"{g} x{opts[g].time:.3f} but error {opts[g].error:.2e}" for g in faster)
+        if not within:
+            why[l] = head + f"; no format within {budget:g}x naive FP8's error ({naive_errors[l]:.2e}) on this " \
+                            "layer: the most accurate taken"
+        elif not faster:
+            why[l] = head + " (fastest candidate)"
+        else:
+            why[l] = head + f"; over {budget:g}x naive FP8's error ({naive_errors[l]:.2e}) on this layer: " + alts
+    return choice, why
+
+
 def choose_formats(layer_options: dict[str, dict[str, Option]], config: Config,
                    naive_errors: dict[str, float]) -> tuple[dict[str, str], dict[str, str], dict]:
     """(layer -> format, layer -> why, summary) under the Config's budget (module docstring)."""
-    if config.memory_budget is not None:
+    size = max(sum(next(iter(o.values())).size for o in layer_options.values()), 1)
+    if config.memory_budget is None:
+        choice, why = _per_layer_choice(layer_options, config.error_budget, naive_errors)
+        budget, lam, mode = config.error_budget * sum(naive_errors.values()), 0.0, "error"
+        used = sum(layer_options[l][f].error for l, f in choice.items())
+    else:
         fp16 = sum(2.0 * next(iter(o.values())).size for o in layer_options.values())
         budget = config.memory_budget * fp16
         opts = {l: {f: (o.error, o.bytes) for f, o in os_.items()} for l, os_ in layer_options.items()}
-        mode, obj, con = "memory", "error", "bytes"
-    else:
-        budget = config.error_budget * sum(naive_errors.values())
-        opts = {l: {f: (o.time * o.size, o.error) for f, o in os_.items()} for l, os_ in layer_options.items()}
-        mode, obj, con = "error", "time", "error"
-    choice, lam = solve(opts, budget)
-    why = {}
-    for l, f in choice.items():
-        o = layer_options[l]
-        mine = opts[l][f]
-        better = sorted((g for g in opts[l] if opts[l][g][0] < mine[0]), key=lambda g: opts[l][g][0])
-        if mode == "error":
-            head = f"{f}: time x{o[f].time:.3f} of bf16, error {o[f].error:.2e}"
-            alts = [f"{g} x{o[g].time:.3f} but error {o[g].error:.2e}" for g in better]
-        else:
+        choice, lam = solve(opts, budget)
+        why, mode = {}, "memory"
+        for l, f in choice.items():
+            o = layer_options[l]
+            better = sorted((g for g in opts[l] if opts[l][g][0] < opts[l][f][0]), key=lambda g: opts[l][g][0])
             head = f"{f}: error {o[f].error:.2e}, {o[f].bytes / (2.0 * o[f].size):.3f}x fp16 bytes"
             alts = [f"{g} error {o[g].error:.2e} but {o[g].bytes / (2.0 * o[g].size):.3f}x bytes" for g in better]
-        if not better:
-            why[l] = head + (" (fastest candidate)" if mode == "error" else " (most accurate candidate)")
-        elif math.isinf(lam):
-            why[l] = head + f"; budget unreachable, least {con} taken (" + "; ".join(alts) + ")"
-        else:
-            why[l] = head + f"; rejected for the {con} budget: " + "; ".join(alts)
-    used = sum(opts[l][f][1] for l, f in choice.items())
+            if not better:
+                why[l] = head + " (most accurate candidate)"
+            elif math.isinf(lam):
+                why[l] = head + "; budget unreachable, least bytes taken (" + "; ".join(alts) + ")"
+            else:
+                why[l] = head + "; rejected for the bytes budget: " + "; ".join(alts)
+        used = sum(opts[l][f][1] for l, f in choice.items())
     summary = dict(mode=mode, budget=budget, used=used, price=lam, target=config.target,
                    naive_fp8_error=sum(naive_errors.values()),
                    error=sum(layer_options[l][f].error for l, f in choice.items()),
-                   time=sum(layer_options[l][f].time * layer_options[l][f].size for l, f in choice.items())
-                   / max(sum(next(iter(o.values())).size for o in layer_options.values()), 1))
+                   time=sum(layer_options[l][f].time * layer_options[l][f].size for l, f in choice.items()) / size,
+                   over_budget=sorted(l for l, f in choice.items() if mode == "error"
+                                      and layer_options[l][f].error > budget_of(config.error_budget, naive_errors[l])))
     return choice, why, summary
+
+
+EXACT = 1e-12       # relative MSE at or below this counts as exact (float64 noise of the reference ops)
+
+
+def budget_of(error_budget: float, naive_error: float) -> float:
+    """A layer's error cap in error mode: error_budget times naive FP8's error on it (EXACT at least:
+    where naive FP8 is exact, so is any format within float64 noise)."""
+    return max(error_budget * naive_error, EXACT)

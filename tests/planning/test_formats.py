@@ -65,6 +65,24 @@ def test_knapsack_by_hand_and_against_brute_force():
     assert min(gaps) >= -1e-12 and sum(g_ < 1e-12 for g_ in gaps) >= 0.8 * len(gaps)   # optimal on most
 
 
+def test_error_budget_caps_each_layer_not_the_sum():
+    from fq_compile.planning.formats import Option, choose_formats
+
+    def opts(**fmts):
+        return {f: Option(f, t, 1.0, e, 1) for f, (t, e) in fmts.items()}
+
+    layers = {"a": opts(int8=(0.6, 1.0), fp8=(0.5, 3.0)),       # fp8 faster, 1.5x naive's error
+              "b": opts(int8=(0.6, 0.1), fp8=(0.5, 0.2)),       # both well within
+              "c": opts(int8=(0.6, 5.0), fp8=(0.5, 4.0))}       # none within: the most accurate
+    naive = {"a": 2.0, "b": 2.0, "c": 2.0}
+    choice, why, summary = choose_formats(layers, Config(level="auto", error_budget=1.0), naive)
+    # a summed cap (6.0) would have let layer a take fp8 on layer b's slack
+    assert choice == {"a": "int8", "b": "fp8", "c": "fp8"}
+    assert summary["over_budget"] == ["c"] and "no format within" in why["c"] and "over 1x" in why["a"]
+    choice, _, summary = choose_formats(layers, Config(level="auto", error_budget=1.5), naive)
+    assert choice["a"] == "fp8" and summary["over_budget"] == ["c"]
+
+
 # -- a synthetic model: one input and one linear per layer, each built to favour one format ----------
 
 C, N = 64, 48
@@ -138,7 +156,7 @@ def test_auto_picks_the_format_each_layer_was_built_for(synthetic):
     for lp in plan.layers.values():
         assert lp.error == lp.errors[lp.format] and lp.why.startswith(lp.format)
     auto = plan.calibration["auto"]
-    assert auto["mode"] == "error" and auto["used"] <= auto["budget"]
+    assert auto["mode"] == "error" and auto["over_budget"] == []
     # a looser budget lets the int8 layer take the cheaper FP8 (its error is exactly naive FP8's here)
     assert _plan(model, batches, error_budget=1.0).layers["int8"].format == "fp8"
     # the compiled model runs every format and reproduces the measured errors' ordering
