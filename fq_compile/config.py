@@ -28,6 +28,11 @@ LEVELS = {
 # the per-layer formats (plan.py): INT8/INT4 flattened (the paper's), FP8 e4m3, INT4 weights x FP8 activations
 LAYER_FORMATS = ("int8", "int4", "fp8", "w4a8")
 TARGETS = ("hopper", "ampere", "cpu")
+# auto's budget when neither error_budget nor memory_budget is set: the most accurate plan within
+# 0.55x the fp16 weight bytes (chosen on 4 held-out WikiText-2 validation windows, SmolLM2-135M:
+# +0.78% perplexity against naive FP8's +2.58%; the per-layer error cap 1.0x naive FP8 gave +1.76%
+# at 0.52x, 0.5x gave +1.46% at 0.585x: benchmarks/results/accuracy-smollm2-135m-auto-*select-cpu.md)
+DEFAULT_MEMORY_BUDGET = 0.55
 
 class ConfigError(ValueError):
     """A Config knob holds a value outside its range."""
@@ -66,12 +71,13 @@ class Config:
     kl_method: Eq. 8's KL reading: "tensorrt" (default: each bit width at its own KL-optimal clip, as
         TensorRT's entropy calibration) or "fixed" (KL at the scale the layer really uses); see
         passes/bits.py.
-    error_budget: auto: each layer's output error (relative MSE on held-out calibration rows) may reach
-        this multiple of what naive per-tensor FP8 gives that layer; each layer takes the fastest
-        format within it (none within: the most accurate).  1.0: no layer worse than naive FP8, by
-        that measure.  > 0.
-    memory_budget: auto: when set, the weights may take this fraction of their fp16 bytes, and the plan
-        with the least summed error within it wins (error_budget is then ignored).  In (0, 1].
+    error_budget: auto, speed first: each layer's output error (relative MSE on held-out calibration
+        rows) may reach this multiple of what naive per-tensor FP8 gives that layer; each layer takes
+        the fastest format within it (none within: the most accurate).  1.0: no layer worse than
+        naive FP8, by that measure.  > 0.  Used when set and memory_budget is not.
+    memory_budget: auto, accuracy first: the weights may take this fraction of their fp16 bytes, and
+        the plan with the least summed error within it wins.  In (0, 1].  Wins over error_budget when
+        both are set.  Neither set: memory_budget DEFAULT_MEMORY_BUDGET (0.55).
     target: auto's cost model: "hopper" (FP8 = INT8 rate, no INT4 tensor cores), "ampere" (INT8 2x,
         INT4 4x, no FP8) or "cpu"; see planning/formats.py.
     formats: auto's candidate formats (subset of int8, int4, fp8, w4a8); None: all the target runs.
@@ -113,7 +119,7 @@ class Config:
     gptq_damp: float = 0.01
     gptq_block: int = 128
     kl_method: str = "tensorrt"
-    error_budget: float = 1.0
+    error_budget: float | None = None
     memory_budget: float | None = None
     target: str = "hopper"
     formats: tuple[str, ...] | None = None
@@ -152,7 +158,8 @@ class Config:
             raise ConfigError(f"Config.calib_samples={self.calib_samples!r} must be an integer >= 16")
         if not isinstance(self.kl_bins, int) or self.kl_bins < 64:
             raise ConfigError(f"Config.kl_bins={self.kl_bins!r} must be an integer >= 64")
-        _check_positive("error_budget", self.error_budget)
+        if self.error_budget is not None:
+            _check_positive("error_budget", self.error_budget)
         if self.memory_budget is not None:
             _check_range("memory_budget", self.memory_budget, 1e-6, 1.0)
         if self.target not in TARGETS:
@@ -223,6 +230,16 @@ class Config:
         """The INT8/INT4 activations' scale actually used: "tensor" or "token" (activation_scale, or the
         level's)."""
         return self._derived["activation_scale"]
+
+    @property
+    def auto_budget(self) -> tuple[str, float]:
+        """auto's budget actually used: ("memory", fraction of fp16 bytes) or ("error", multiple of
+        naive FP8's error per layer); see memory_budget / error_budget."""
+        if self.memory_budget is not None:
+            return "memory", self.memory_budget
+        if self.error_budget is not None:
+            return "error", self.error_budget
+        return "memory", DEFAULT_MEMORY_BUDGET
 
     def token_scaled(self, layer: str) -> bool:
         """Whether the group that `layer` reads takes per-token scales (activation_scale, token_layers)."""

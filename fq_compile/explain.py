@@ -309,8 +309,9 @@ def _totals(plan: QuantPlan, views) -> list[list[str]]:
                        + f"); quantized weight bytes here {here / 2**20:.2f} MiB"])
     auto = plan.calibration.get("auto")
     if auto:
-        budget = (f"memory budget {plan.config.memory_budget:g}x fp16 bytes" if auto["mode"] == "memory" else
-                  f"error budget {plan.config.error_budget:g}x naive FP8 per layer"
+        mode, value = plan.config.auto_budget
+        budget = (f"memory budget {value:g}x fp16 bytes" if mode == "memory" else
+                  f"error budget {value:g}x naive FP8 per layer"
                   + (f", {len(auto['over_budget'])} layers over it (no format within)" if auto.get("over_budget") else ""))
         totals += [["auto", f"target {auto['target']}, {budget}; summed output error {auto['error']:.3g} "
                             f"(naive FP8 {auto['naive_fp8_error']:.3g}); linear time x{auto['time']:.3f} of bf16"]]

@@ -56,3 +56,15 @@ def test_overrides_from_the_command_line():
     assert c.skip == ("lm_head", "fc2") and c.flatten_weights is True
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["beta"])
+
+
+def test_auto_budget_defaults_to_memory_and_follows_what_is_set():
+    from fq_compile.config import DEFAULT_MEMORY_BUDGET
+
+    assert Config(level="auto").auto_budget == ("memory", DEFAULT_MEMORY_BUDGET)
+    assert Config(level="auto", error_budget=0.5).auto_budget == ("error", 0.5)
+    assert Config(level="auto", memory_budget=0.3).auto_budget == ("memory", 0.3)
+    # plans written before the default changed carry error_budget=1.0 and keep error mode; both set: memory wins
+    assert Config(level="auto", error_budget=1.0, memory_budget=0.4).auto_budget == ("memory", 0.4)
+    with pytest.raises(ConfigError, match="error_budget"):
+        Config(level="auto", error_budget=0.0)

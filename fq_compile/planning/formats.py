@@ -26,12 +26,13 @@ i.e. the bf16-equivalent time the linears take.  Targets (`Config.target`):
     ampere  A100: INT8 2x, INT4 4x, no FP8 (fp8 and w4a8 are not candidates)
     cpu     our CPU path runs every format as float GEMMs: only K'/K and the bytes differ
 
-Choice.  Error mode (Config.error_budget, the default): layer by layer, the fastest format whose
+Choice.  Memory mode (Config.memory_budget; the default, at 0.55x fp16 bytes) or error mode
+(Config.error_budget).  Error mode: layer by layer, the fastest format whose
 error is within error_budget times naive FP8's error on that same layer (none within: the most
 accurate).  The cap is per layer, not summed: a summed cap let a plan trade one layer's error for
 another's, and since layers differ in how much their error reaches the loss, such a plan came out
 less accurate than naive FP8 on held-out text (SmolLM2-135M, 4 validation windows: +2.89% against
-+2.58%).  Memory mode (Config.memory_budget): a multiple-choice knapsack, solved by Lagrangian
++2.58%).  Memory mode: a multiple-choice knapsack, solved by Lagrangian
 relaxation (`solve`): minimise the summed error subject to the weight bytes within that fraction of
 fp16's.  For a price lambda every layer picks the format minimising error + lambda * bytes; the
 smallest lambda whose choice fits is found over the sorted breakpoints, and any slack left is spent
@@ -291,16 +292,17 @@ def choose_formats(layer_options: dict[str, dict[str, Option]], config: Config,
                    naive_errors: dict[str, float]) -> tuple[dict[str, str], dict[str, str], dict]:
     """(layer -> format, layer -> why, summary) under the Config's budget (module docstring)."""
     size = max(sum(next(iter(o.values())).size for o in layer_options.values()), 1)
-    if config.memory_budget is None:
-        choice, why = _per_layer_choice(layer_options, config.error_budget, naive_errors)
-        budget, lam, mode = config.error_budget * sum(naive_errors.values()), 0.0, "error"
+    mode, value = config.auto_budget
+    if mode == "error":
+        choice, why = _per_layer_choice(layer_options, value, naive_errors)
+        budget, lam = value * sum(naive_errors.values()), 0.0
         used = sum(layer_options[l][f].error for l, f in choice.items())
     else:
         fp16 = sum(2.0 * next(iter(o.values())).size for o in layer_options.values())
-        budget = config.memory_budget * fp16
+        budget = value * fp16
         opts = {l: {f: (o.error, o.bytes) for f, o in os_.items()} for l, os_ in layer_options.items()}
         choice, lam = solve(opts, budget)
-        why, mode = {}, "memory"
+        why = {}
         for l, f in choice.items():
             o = layer_options[l]
             better = sorted((g for g in opts[l] if opts[l][g][0] < opts[l][f][0]), key=lambda g: opts[l][g][0])
@@ -318,7 +320,7 @@ def choose_formats(layer_options: dict[str, dict[str, Option]], config: Config,
                    error=sum(layer_options[l][f].error for l, f in choice.items()),
                    time=sum(layer_options[l][f].time * layer_options[l][f].size for l, f in choice.items()) / size,
                    over_budget=sorted(l for l, f in choice.items() if mode == "error"
-                                      and layer_options[l][f].error > budget_of(config.error_budget, naive_errors[l])))
+                                      and layer_options[l][f].error > budget_of(value, naive_errors[l])))
     return choice, why, summary
 
 
