@@ -46,7 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.peers import PEERS, fake_quant_copy  # noqa: E402
 from benchmarks.provenance import git_rev  # noqa: E402
 from fq_compile import Config  # noqa: E402
-from fq_compile.tools.data import calibration_batches, selection_tokens, wikitext_test  # noqa: E402
+from fq_compile.tools.data import (  # noqa: E402
+    calibration_batches,
+    selection_tokens,
+    wikitext_calibration,
+    wikitext_test,
+)
 from fq_compile.tools.evaluate import evaluate_config, parse_overrides, perplexity  # noqa: E402
 from fq_compile.tools.models import load_model  # noqa: E402
 
@@ -146,6 +151,9 @@ def main(argv=None) -> int:
                    help="the model's floating-point dtype (the fp baseline and the non-GEMM ops)")
     p.add_argument("--calib-batches", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-text", default="random", choices=["random", "first"],
+                   help="calibration windows: random (seed 0) or the first ones of the validation text "
+                        "(--split test only: --split select draws its windows apart from the random ones)")
     p.add_argument("--split", default="test", choices=["test", "select"],
                    help="test: the test split; select: held-out validation windows (for choosing settings)")
     p.add_argument("--select-windows", type=int, default=4, help="--split select: how many held-out windows")
@@ -176,7 +184,13 @@ def main(argv=None) -> int:
 
     lm = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     model, tok = lm.model, lm.tokenizer
-    calib = calibration_batches(tok, n=args.calib_batches, seqlen=args.calib_seqlen, data_dir=args.data_dir)
+    if args.calib_text == "first":
+        if args.split != "test":
+            raise SystemExit("--calib-text first is for --split test (the select windows avoid the random ones)")
+        v = tok(wikitext_calibration(args.data_dir), return_tensors="pt").input_ids[0]
+        calib = [v[i * args.calib_seqlen:(i + 1) * args.calib_seqlen].unsqueeze(0) for i in range(args.calib_batches)]
+    else:
+        calib = calibration_batches(tok, n=args.calib_batches, seqlen=args.calib_seqlen, data_dir=args.data_dir)
     if args.split == "test":
         ids = tok(wikitext_test(args.data_dir), return_tensors="pt").input_ids[0]
     else:
@@ -204,7 +218,10 @@ def main(argv=None) -> int:
     header = (f"model: {lm.name}; dtype: {args.dtype}; {'no Inductor' if args.no_inductor else 'Inductor on a GPU, none on the CPU'}; date: {datetime.date.today()}; device: {dev}; "
               f"torch {torch.__version__}; git {git_rev()}\n"
               f"command: python benchmarks/accuracy.py {shlex.join(sys.argv[1:] if argv is None else argv)}\n"
-              f"calibration: {args.calib_batches} random windows of {args.calib_seqlen} tokens (seed 0), WikiText-2 validation\n")
+              + (f"calibration: the first {args.calib_batches} windows of {args.calib_seqlen} tokens of WikiText-2 validation "
+                 "(the rows' fq-compile eval commands below calibrate on random windows instead)\n"
+                 if args.calib_text == "first" else
+                 f"calibration: {args.calib_batches} random windows of {args.calib_seqlen} tokens (seed 0), WikiText-2 validation\n"))
     runs: dict[str, dict] = {}
 
     def scope() -> str:
