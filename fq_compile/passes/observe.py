@@ -4,7 +4,8 @@ front of each distinct input tensor (q/k/v share one), keyed by the layers' para
 An observer records, per input channel, max |x| (Eq. 5-7 need it) and keeps a uniform random sample
 of rows (the Eq. 8 histograms are built from it after T is known).  Each row draws a random key; the
 rows whose key is below HELD_OUT form a held-out part: the sample keeps the smallest keys, so it is
-drawn from them first, and `fit_absmax` is the channel maxima of the other rows.  Level auto measures
+drawn from them first, and `fit_absmax` (kept only for level auto: StatsStore.hold_out) is the
+channel maxima of the other rows.  Level auto measures
 each format's error on held-out rows with scales set from `fit_absmax` (planning/formats.py): a
 static scale then meets values beyond its calibrated range, as it will at run time.  Non-finite values stop the
 calibration at once, naming the layer, instead of producing a plan full of NaN.
@@ -37,6 +38,7 @@ class InputStats:
     generator: torch.Generator
     params: dict[str, LayerParams] = field(default_factory=dict)   # layer -> its parameters' names
     absmax: torch.Tensor | None = None
+    hold_out: bool = False                     # keep fit_absmax (level auto's measurement needs it)
     fit_absmax: torch.Tensor | None = None     # max |x| over the rows not held out
     rows: int = 0
     _sample: torch.Tensor | None = None
@@ -48,14 +50,15 @@ class InputStats:
         if not bool(torch.isfinite(x2).all()):
             raise CalibrationError(f"NaN/Inf in the input of {', '.join(self.layers)} during calibration; "
                                    "the model overflows on this data (try float32/bfloat16 for calibration)")
-        m = x2.abs().amax(dim=0).float().cpu()
+        a = x2.abs()
+        m = a.amax(dim=0).float().cpu()
         self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
         self.rows += x2.shape[0]
         # reservoir by random keys: keeping the smallest keys is a uniform sample of all rows seen
         keys = torch.rand(x2.shape[0], generator=self.generator)
-        fit = (keys >= HELD_OUT).to(x2.device)
-        if bool(fit.any()):
-            fm = x2[fit].abs().amax(dim=0).float().cpu()
+        fit = keys >= HELD_OUT
+        if self.hold_out and bool(fit.any()):
+            fm = a[fit.to(a.device)].amax(dim=0).float().cpu()
             self.fit_absmax = fm if self.fit_absmax is None else torch.maximum(self.fit_absmax, fm)
         take = torch.topk(keys, min(self.sample_size, x2.shape[0]), largest=False).indices
         rows = x2[take.to(x2.device)].float().cpu()
@@ -134,6 +137,7 @@ class StatsStore:
 
     sample_size: int = 512
     seed: int = 0
+    hold_out: bool = False        # the observers keep fit_absmax (InputStats.hold_out)
     inputs: dict[str, InputStats] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)   # layer -> reason
     graphs: list[fx.GraphModule] = field(default_factory=list)
@@ -144,7 +148,8 @@ class StatsStore:
                   params: dict[str, LayerParams] | None = None) -> InputStats:
         if group not in self.inputs:
             g = torch.Generator().manual_seed(self.seed + len(self.inputs))
-            self.inputs[group] = InputStats(layers, in_features, self.sample_size, g, dict(params or {}))
+            self.inputs[group] = InputStats(layers, in_features, self.sample_size, g, dict(params or {}),
+                                            hold_out=self.hold_out)
         return self.inputs[group]
 
 

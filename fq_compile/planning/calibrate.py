@@ -117,7 +117,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     skip = skipped_layers(model, config.skip)
     if config.gptq:
         batches = list(batches)      # O3 runs them again, once per block
-    store = StatsStore(sample_size=config.calib_samples, seed=config.seed)
+    store = StatsStore(sample_size=config.calib_samples, seed=config.seed, hold_out=config.format == "auto")
     folds: dict[str, tuple[str, str]] = {}
     planned_names: set[str] = set()
 

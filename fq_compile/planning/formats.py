@@ -261,18 +261,23 @@ def solve(options: dict[str, dict[str, tuple[float, float]]], budget: float) -> 
     return choice, lam
 
 
+EXACT = 1e-12       # relative MSE at or below this counts as exact (float64 noise of the reference ops)
+
+
 def _per_layer_choice(layer_options: dict[str, dict[str, Option]], budget: float,
-                      naive_errors: dict[str, float]) -> tuple[dict[str, str], dict[str, str]]:
+                      naive_errors: dict[str, float]) -> tuple[dict[str, str], dict[str, str], list[str]]:
     """Error mode: each layer independently takes the fastest format whose error is within `budget`
-    times naive FP8's on that layer (ties: the more accurate), or its most accurate format when none is."""
-    choice, why = {}, {}
+    times naive FP8's on that layer, EXACT at least (ties: the more accurate), or its most accurate
+    format when none is.  Returns the choice, why, and the layers where none was within."""
+    choice, why, over = {}, {}, []
     for l, opts in layer_options.items():
-        cap = budget_of(budget, naive_errors[l])
+        cap = max(budget * naive_errors[l], EXACT)
         within = [f for f, o in opts.items() if o.error <= cap]
         if within:
             f = min(within, key=lambda g: (opts[g].time, opts[g].error, g))
         else:
             f = min(opts, key=lambda g: (opts[g].error, opts[g].time, g))
+            over.append(l)
         choice[l] = f
         o = opts[f]
         head = f"{f}: time x{o.time:.3f} of bf16, error {o.error:.2e}"
@@ -285,7 +290,7 @@ def _per_layer_choice(layer_options: dict[str, dict[str, Option]], budget: float
             why[l] = head + " (fastest candidate)"
         else:
             why[l] = head + f"; over {budget:g}x naive FP8's error ({naive_errors[l]:.2e}) on this layer: " + alts
-    return choice, why
+    return choice, why, sorted(over)
 
 
 def choose_formats(layer_options: dict[str, dict[str, Option]], config: Config,
@@ -294,12 +299,10 @@ def choose_formats(layer_options: dict[str, dict[str, Option]], config: Config,
     size = max(sum(next(iter(o.values())).size for o in layer_options.values()), 1)
     mode, value = config.auto_budget
     if mode == "error":
-        choice, why = _per_layer_choice(layer_options, value, naive_errors)
-        budget, lam = value * sum(naive_errors.values()), 0.0
-        used = sum(layer_options[l][f].error for l, f in choice.items())
+        choice, why, over = _per_layer_choice(layer_options, value, naive_errors)
+        extra = dict(budget=value, over_budget=over)        # budget: the multiple of naive FP8's error per layer
     else:
-        fp16 = sum(2.0 * next(iter(o.values())).size for o in layer_options.values())
-        budget = value * fp16
+        budget = value * 2.0 * size                          # fp16 bytes of the layers times the fraction
         opts = {l: {f: (o.error, o.bytes) for f, o in os_.items()} for l, os_ in layer_options.items()}
         choice, lam = solve(opts, budget)
         why = {}
@@ -314,20 +317,9 @@ def choose_formats(layer_options: dict[str, dict[str, Option]], config: Config,
                 why[l] = head + "; budget unreachable, least bytes taken (" + "; ".join(alts) + ")"
             else:
                 why[l] = head + "; rejected for the bytes budget: " + "; ".join(alts)
-        used = sum(opts[l][f][1] for l, f in choice.items())
-    summary = dict(mode=mode, budget=budget, used=used, price=lam, target=config.target,
-                   naive_fp8_error=sum(naive_errors.values()),
+        extra = dict(budget=budget, used=sum(opts[l][f][1] for l, f in choice.items()), price=lam)
+    summary = dict(mode=mode, target=config.target, naive_fp8_error=sum(naive_errors.values()),
                    error=sum(layer_options[l][f].error for l, f in choice.items()),
                    time=sum(layer_options[l][f].time * layer_options[l][f].size for l, f in choice.items()) / size,
-                   over_budget=sorted(l for l, f in choice.items() if mode == "error"
-                                      and layer_options[l][f].error > budget_of(value, naive_errors[l])))
+                   **extra)
     return choice, why, summary
-
-
-EXACT = 1e-12       # relative MSE at or below this counts as exact (float64 noise of the reference ops)
-
-
-def budget_of(error_budget: float, naive_error: float) -> float:
-    """A layer's error cap in error mode: error_budget times naive FP8's error on it (EXACT at least:
-    where naive FP8 is exact, so is any format within float64 noise)."""
-    return max(error_budget * naive_error, EXACT)

@@ -202,17 +202,21 @@ def test_fp8_level_is_naive_fp8_everywhere(synthetic):
 def test_observer_holds_rows_out_of_the_fit_maxima():
     from fq_compile.passes.observe import HELD_OUT, InputStats
     gen = torch.Generator().manual_seed(0)
-    stats = InputStats(layers=["fc"], in_features=C, sample_size=64, generator=torch.Generator().manual_seed(5))
+    stats = InputStats(layers=["fc"], in_features=C, sample_size=64, generator=torch.Generator().manual_seed(5),
+                       hold_out=True)
+    plain = InputStats(layers=["fc"], in_features=C, sample_size=64, generator=torch.Generator().manual_seed(5))
     replay = torch.Generator().manual_seed(5)              # the observer's keys, drawn again
     rows, keys = [], []
     for _ in range(4):
         x = torch.randn(2, 50, C, generator=gen)          # [B, S, C]: rows are flattened
         stats.update(x)
+        plain.update(x)
         rows.append(x.reshape(-1, C))
         keys.append(torch.rand(100, generator=replay))
     rows, keys = torch.cat(rows), torch.cat(keys)
     assert torch.equal(stats.absmax, rows.abs().amax(0))
     assert torch.equal(stats.fit_absmax, rows[keys >= HELD_OUT].abs().amax(0))
+    assert plain.fit_absmax is None and torch.equal(plain.sample, stats.sample)   # kept only when asked
     held = stats.held_out_sample
     expect = rows[torch.sort(keys).indices[:64]]           # the sample: the 64 smallest keys
     expect = expect[torch.sort(keys).values[:64] < HELD_OUT]
