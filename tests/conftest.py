@@ -85,17 +85,45 @@ def run_guarded(argv: list[str], timeout: float, env: dict | None = None) -> str
     return r.stdout
 
 
+# Each GPU test's duration in the last full run of benchmarks/device/gpu_tests.sh (its
+# gpu-tests-durations.txt, copied here with the run's record): the order below comes from it.
+GPU_DURATIONS = Path(__file__).with_name("gpu_durations.txt")
+UNKNOWN_GPU_TEST_S = 30.0       # a GPU test not in the file yet: ordered among the medium ones
+
+
+def recorded_durations(path: Path = GPU_DURATIONS) -> dict[str, float]:
+    """nodeid -> seconds of its call phase, from lines "  12.3s call     passed   nodeid"."""
+    out = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 4 and parts[1] == "call" and parts[0].endswith("s"):
+            try:
+                out[parts[3]] = float(parts[0][:-1])
+            except ValueError:
+                continue
+    return out
+
+
+def gpu_order(items, durations: dict[str, float]):
+    """The order pytest-xdist hands GPU tests out in (it deals them in collection order): longest
+    recorded first, so that the slow whole-model tests start at once on separate workers instead
+    of last (longest-processing-time-first scheduling: the wall time approaches sum / workers);
+    tests that call CUTLASS kernels after all the others, since benchmarks/device/gpu_tests.sh
+    builds their libraries in the background while the others run.  Other tests keep their order."""
+    def key(it):
+        if "gpu" not in it.keywords:
+            return (0, 0.0)
+        cutlass = "cutlass" in it.keywords or it.nodeid.startswith("tests/kernels/test_dispatch.py::test_gpu")
+        return (2 if cutlass else 1, -durations.get(it.nodeid, UNKNOWN_GPU_TEST_S))
+    return sorted(items, key=key)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Order for pytest-xdist, which hands tests out in this order: whole-model GPU tests and the
-    attention kernel checks (a minute or more each) first, so they do not start last and set the wall
-    time; GPU tests that call CUTLASS kernels last, since benchmarks/device/gpu_tests.sh builds their
-    libraries in the background while the others run."""
-    def rank(it):
-        if "cutlass" in it.keywords or it.nodeid.startswith("tests/kernels/test_dispatch.py::test_gpu"):
-            return 2
-        long_running = not it.nodeid.startswith("tests/kernels/") or "test_attention.py::test_gpu" in it.nodeid
-        return 0 if long_running and "gpu" in it.keywords else 1
-    items.sort(key=rank)
+    items[:] = gpu_order(items, recorded_durations())
 
 
 def pytest_runtest_logreport(report):

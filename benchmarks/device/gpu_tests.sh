@@ -7,9 +7,11 @@
 #
 # How it fits in minutes: the CUTLASS libraries the tests call are built in the background from the
 # first second (one parallel nvcc round over the host's cores) while pytest-xdist runs the other GPU
-# tests; tests/conftest.py orders the CUTLASS tests last.  Every test's outcome and duration is
-# appended to $OUT/gpu-tests-durations.txt as it finishes, so a run cut by LIMIT still says what ran.
-# Knobs: LIMIT (seconds for pytest, default 420), WORKERS (xdist workers, default 6),
+# tests; tests/conftest.py hands the GPU tests out longest first, by the durations of the last full
+# run (tests/gpu_durations.txt), and the CUTLASS tests last.  Every test's outcome and duration is
+# appended to $OUT/gpu-tests-durations.txt as it finishes, so a run cut by LIMIT still says what ran;
+# copy it over tests/gpu_durations.txt when you commit the run's record.
+# Knobs: LIMIT (seconds for pytest, default 330), WORKERS (xdist workers, default 8),
 # PYTEST_ARGS (extra pytest arguments, e.g. -k attention), FQ_CACHE_DIR (reuse a CUTLASS build),
 # FQ_TREE (the commit to name in the record).
 set -uo pipefail
@@ -35,8 +37,8 @@ BUILD=$!
 
 echo "== pytest -m gpu"
 : > "$OUT/gpu-tests-durations.txt"
-FQ_TEST_LOG="$OUT/gpu-tests-durations.txt" timeout "${LIMIT:-420}" python3 -m pytest -m gpu -q -rfEs \
-  -p no:cacheprovider --durations=20 --durations-min=0 -n "${WORKERS:-6}" ${PYTEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1
+FQ_TEST_LOG="$OUT/gpu-tests-durations.txt" timeout "${LIMIT:-330}" python3 -m pytest -m gpu -q -rfEs \
+  -p no:cacheprovider --durations=20 --durations-min=0 -n "${WORKERS:-8}" ${PYTEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1
 RC=$?
 wait $BUILD
 WALL=$(( $(date +%s) - START ))
@@ -46,7 +48,7 @@ count() { grep -cE "^ *[0-9.]+s call +$1 " "$OUT/gpu-tests-durations.txt"; }
   echo "device: $GPU"
   echo "software: $VERSIONS"
   echo "tree: $TREE"
-  echo "command: bash benchmarks/device/gpu_tests.sh (WORKERS=${WORKERS:-6} LIMIT=${LIMIT:-420} ${PYTEST_ARGS:-})"
+  echo "command: bash benchmarks/device/gpu_tests.sh (WORKERS=${WORKERS:-8} LIMIT=${LIMIT:-330} ${PYTEST_ARGS:-})"
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "wall: ${WALL} s (wheels, fresh CUTLASS build in the background, pytest; machine start excluded)"
   echo "CUTLASS build: $(tail -1 "$OUT/cutlass-build.log")"
