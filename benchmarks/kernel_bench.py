@@ -32,10 +32,11 @@ N, K', M: the faster implementation, CUTLASS only when >= 2% faster, and its bes
 GPU's architecture, so it serves every GPU of that architecture), merged into the file when it exists
 for the same architecture, rewritten after every case.
 
---decode (issue 10) times the decode path on the OPT-13B layer shapes at M in {1, 16, 64}: the fused
-fq::flat_linear (activation quantize in the GEMM's prologue, kernels/triton/decode.py) against the
-unfused flatten_quantize + GEMM and fp16 F.linear, as GB/s of weight bytes read per call next to the
-device's copy bandwidth measured in the same run (a device-to-device copy, bytes read + written).
+--decode (issue 23) times the decode path on the OPT-13B layer shapes at M in {1, 16, 64}:
+fq::flat_linear as its tuner chose, every candidate it chose among (kernels/triton/decode.py: the
+fused weight-streaming kernel's tilings, the same kernel on a pre-quantized activation,
+flatten_quantize + the GEMM op) and fp16 F.linear, as GB/s of weight bytes read per call next to
+the device's copy bandwidth measured in the same run (a device-to-device copy, bytes read + written).
 """
 
 from __future__ import annotations
@@ -384,8 +385,19 @@ def copy_bandwidth(dev, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def bench_decode(k, n, m, dev):
-    """ms per call of the fused op, the unfused pair and fp16 linear, weights rotated past L2."""
+def candidate_name(bits, cand) -> str:
+    """fusedI / prequantI (tiling I of kernels/triton/decode.py CONFIGS[bits]) or gemm."""
+    from fq_compile.kernels.triton import decode as td
+
+    return cand[0] if cand[0] == "gemm" else f"{cand[0]}{td.CONFIGS[bits].index(cand[1])}"
+
+
+def bench_decode(k, n, m, dev, per_token=True):
+    """ms per call of fq::flat_linear as the tuner chose it, of each candidate it chose among
+    (kernels/triton/decode.py: fused tilings, pre-quantized tilings, quantize + GEMM) and of fp16
+    linear, weights rotated past L2; per_token: with per-token activation scales (the default plan)."""
+    from fq_compile.kernels.triton import decode as td
+
     kp = flat_k(k)
     r = {}
     f16 = torch.float16
@@ -395,22 +407,30 @@ def bench_decode(k, n, m, dev):
     ws16 = [torch.randn(n, k, device=dev, dtype=f16) * 0.02 for _ in range(n_sets(n * k * 2))]
     r["fp16"] = try_time(lambda: [lambda w=w: torch.nn.functional.linear(x, w) for w in ws16])
     del ws16
-    fq = torch.ops.fq.flatten_quantize
     for bits in (8, 4):
         qmax = 127 if bits == 8 else 7
         src, mult, lo, hi = channel_tables(k, kp, qmax, dev)
+        rmult = None
+        if per_token:   # each channel's multiplier / (E_j + 1), as the planner sets it
+            rmult = (mult[:k] / torch.bincount(src.long(), minlength=k).float()).float()
         wb = n * kp // (2 if bits == 4 else 1)
         ws = [torch.randint(-qmax, qmax + 1, (n, kp), device=dev, dtype=torch.int8) for _ in range(n_sets(wb))]
         if bits == 4:
             ws = [pack_int4(w) for w in ws]
-        gemm = torch.ops.fq.int4_linear if bits == 4 else torch.ops.fq.int8_linear
-        y_fused = torch.ops.fq.flat_linear(x, src, mult, lo, hi, bits, ws[0], scale, bias, f16)
-        y_two = gemm(fq(x, src, mult, lo, hi, bits), ws[0], scale, bias, f16)
-        r[f"exact{bits}"] = bool(torch.equal(y_fused, y_two))
-        r[f"fused{bits}"] = try_time(lambda: [lambda w=w: torch.ops.fq.flat_linear(x, src, mult, lo, hi, bits, w, scale,
-                                                                                  bias, f16) for w in ws])
-        r[f"two{bits}"] = try_time(lambda: [lambda w=w: gemm(fq(x, src, mult, lo, hi, bits), w, scale, bias, f16)
-                                            for w in ws])
+        args = (x, src, mult, lo, hi, bits)
+        ref = td.flat_linear_cuda(*args, ws[0], scale, bias, f16, rmult=rmult, config=("gemm", None))
+        y = torch.ops.fq.flat_linear(*args, ws[0], scale, bias, f16, rmult)      # tunes on first use
+        r[f"exact{bits}"] = bool(torch.equal(y, ref))
+        r[f"chosen{bits}"] = try_time(lambda: [lambda w=w: torch.ops.fq.flat_linear(*args, w, scale, bias, f16, rmult)
+                                               for w in ws])
+        cand = {}
+        for i, c in enumerate(td.candidates(bits)):
+            name = candidate_name(bits, c)
+            cand[name] = try_time(lambda c=c: [lambda w=w: td.flat_linear_cuda(*args, w, scale, bias, f16, rmult=rmult,
+                                                                                config=c) for w in ws])
+            exact = torch.equal(td.flat_linear_cuda(*args, ws[0], scale, bias, f16, rmult=rmult, config=c), ref)
+            r[f"exact{bits}"] &= bool(exact)
+        r[f"cand{bits}"] = cand
         r[f"bytes{bits}"] = wb
         del ws
         torch.cuda.empty_cache()
@@ -427,6 +447,7 @@ def decode_main(args):
     print(f"copy bandwidth: {copy:.0f} GB/s (read + write)", flush=True)
     ms = [int(v) for v in args.ms.split(",")] if args.ms else DECODE_MS
     shapes = [s for s in DECODE_SHAPES if not args.shapes or any(kk in s[0] for kk in args.shapes.split(","))]
+    per_token = args.scales == "token"
 
     def gbs(nbytes, t):
         return nbytes / (t * 1e-3) / 1e9 if t else None
@@ -435,35 +456,53 @@ def decode_main(args):
         g = gbs(nbytes, t)
         return "-" if g is None else f"{fmt(t)} {g:.0f} GB/s ({100 * g / copy:.0f}%)"
 
-    rows = []
+    def best(cand):
+        name = min((k for k, t in cand.items() if t), key=cand.get, default=None)
+        return name, cand.get(name)
+
+    rows, details = [], []
     for name, k, n in shapes:
         for m in ms:
             print(f"{name} M={m}", flush=True)
-            r = bench_decode(k, n, m, dev)
-            rows.append([f"{name} ({k}->{n}, K' {flat_k(k)})", m, cell(r["bytes16"], r["fp16"]),
-                         cell(r["bytes8"], r["fused8"]), cell(r["bytes8"], r["two8"]), ratio(r["two8"], r["fused8"]),
-                         cell(r["bytes4"], r["fused4"]), cell(r["bytes4"], r["two4"]), ratio(r["two4"], r["fused4"]),
-                         ratio(r["fp16"], r["fused8"]), ratio(r["fp16"], r["fused4"]),
-                         f"{r['exact8']}/{r['exact4']}"])
+            r = bench_decode(k, n, m, dev, per_token)
+            row = [f"{name} ({k}->{n}, K' {flat_k(k)})", m, cell(r["bytes16"], r["fp16"])]
+            for bits in (8, 4):
+                bname, bt = best(r[f"cand{bits}"])
+                row += [cell(r[f"bytes{bits}"], r[f"chosen{bits}"]), f"{bname} {fmt(bt)}",
+                        ratio(bt, r[f"chosen{bits}"])]
+                details.append([name, m, bits] + [fmt(r[f"cand{bits}"][c]) for c in r[f"cand{bits}"]])
+            row += [ratio(r["fp16"], r["chosen8"]), ratio(r["fp16"], r["chosen4"]), f"{r['exact8']}/{r['exact4']}"]
+            rows.append(row)
             print("   ", rows[-1], flush=True)
-    head = ["layer", "M", "fp16 linear", "INT8 fused", "INT8 quantize+GEMM", "x", "INT4 fused", "INT4 quantize+GEMM",
-            "x", "INT8 fused x fp16", "INT4 fused x fp16", "fused == unfused (8/4)"]
+    head = ["layer", "M", "fp16 linear", "INT8 chosen", "INT8 fastest candidate", "chosen vs fastest", "INT4 chosen",
+            "INT4 fastest candidate", "chosen vs fastest", "INT8 x fp16", "INT4 x fp16", "every path exact (8/4)"]
+    from fq_compile.kernels.triton import decode as td
+
+    cand_head = ["layer", "M", "bits"] + [candidate_name(8, c) for c in td.candidates(8)]
     props = torch.cuda.get_device_properties(0)
     meta = (f"device: {props.name} ({props.multi_processor_count} SMs), "
             f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
             f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}\n"
             f"command: python {' '.join(sys.argv)}\n"
             f"copy bandwidth (device-to-device, read + written bytes): {copy:.0f} GB/s\n"
+            f"activation scales: {'per token (the default plan)' if per_token else 'per tensor (static)'}\n"
             "cells: time per call, then GB/s of weight bytes read (fp16: N x K x 2; INT8: N x K'; INT4: N x K' / 2) "
             "and that as % of the copy bandwidth; median of CUDA-graph replays, weights rotated past 2x L2; "
-            "x = unfused time / fused time; fp16 out, bias, random per-channel scales")
+            "chosen: fq::flat_linear as the tuner picked (first-use timing, eager); chosen vs fastest: the fastest "
+            "candidate's time / the chosen one's (1.00: the tuner picked the best); fp16 out, bias, random "
+            "per-channel scales; exact: every candidate equals flatten_quantize + GEMM bit for bit")
     table = tabulate(rows, head, tablefmt="github")
+    cand_table = tabulate(details, cand_head, tablefmt="github")
     print()
     print(meta)
     print()
     print(table)
+    print()
+    print(cand_table)
     if args.out:
-        Path(args.out).write_text(f"# Decode kernels (issue 10)\n\n{meta}\n\n{table}\n")
+        Path(args.out).write_text(f"# Decode kernels (issue 23)\n\n{meta}\n\n{table}\n\nEvery candidate "
+                                  f"(fusedI / prequantI: tiling I of kernels/triton/decode.py CONFIGS):\n\n"
+                                  f"{cand_table}\n")
 
 
 def main():
@@ -483,7 +522,9 @@ def main():
     ap.add_argument("--fusion", action="store_true",
                     help="only the quantize-fusion table (and the ReLU epilogue with --cutlass)")
     ap.add_argument("--fusion-shape", default="16384,4096", help="M,C of the fusion table")
-    ap.add_argument("--decode", action="store_true", help="the decode kernels (issue 10): GB/s vs copy bandwidth")
+    ap.add_argument("--decode", action="store_true", help="the decode kernels (issue 23): GB/s vs copy bandwidth")
+    ap.add_argument("--scales", choices=["token", "tensor"], default="token",
+                    help="with --decode: per-token activation scales (the default plan) or static ones")
     args = ap.parse_args()
     from tabulate import tabulate
 

@@ -120,8 +120,12 @@ SMALL = [(1, 45, 40, 8, 1, torch.float32, True, "c"), (3, 61, 33, 8, 1, torch.bf
 
 def _interp_main(which: str):
     assert os.environ.get("TRITON_INTERPRET") == "1"
+    from fq_compile.kernels.triton import decode as td
+
     bits = {"decode8": 8, "decode4": 4}[which]
-    check_decode("cpu", [c for c in SMALL if c[3] == bits], seed=11 + bits)
+    # every variant, with and without per-token scales (case i: variant i % 3, per-token scales if i odd)
+    check_decode("cpu", [c for c in SMALL if c[3] == bits], seed=11 + bits,
+                 configs=[(v, None if v == "gemm" else td.INTERPRET_CONFIG) for v in td.VARIANTS])
     print(f"{which}: ok")
 
 
@@ -171,18 +175,20 @@ def test_gpu_opt13b_shapes(bits):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("bits", [8, 4])
 def test_gpu_every_tiling(bits):
-    """Each candidate tiling once, on small shapes (N = 200: a partial last N tile): K' ~ 3300 splits
-    K under every candidate, K' ~ 250 does not; rows 3 / 16 / 64 / 1, every input and output dtype,
-    with and without bias, a column-major input."""
+    """Each candidate the tuner times (variant and tiling) once, on small shapes (N = 200: a partial
+    last N tile): K' ~ 3300 splits K under every tiling, K' ~ 250 does not; rows 3 / 16 / 64 / 1,
+    every input and output dtype, with and without bias, a column-major input, per-token scales in
+    every other case."""
     from fq_compile.kernels.triton import decode as td
 
-    configs = td.CONFIGS[bits]
+    cands = td.candidates(bits)
     pad = 1 if bits == 8 else 2
-    cases = [(3, 2600, 200, bits, pad, torch.float16, True, "c"), (16, 200, 200, bits, pad, torch.bfloat16, False, "t"),
-             (64, 2600, 200, bits, pad, torch.float32, True, "c"), (1, 200, 200, bits, pad, torch.float16, True, "c")]
-    assert len(cases) == len(configs)
-    check_decode("cuda", cases, seed=30 + bits, configs=configs,
-                 out_dtypes=(torch.float16, torch.float32, torch.bfloat16, torch.float16))
+    shapes = [(3, 2600, 200, bits, pad, torch.float16, True, "c"), (16, 200, 200, bits, pad, torch.bfloat16, False, "t"),
+              (64, 2600, 200, bits, pad, torch.float32, True, "c"), (1, 200, 200, bits, pad, torch.float16, True, "c"),
+              (1, 2600, 200, bits, pad, torch.float16, False, "c")]
+    cases = [shapes[i % len(shapes)] for i in range(len(cands))]
+    check_decode("cuda", cases, seed=30 + bits, configs=cands,
+                 out_dtypes=(torch.float16, torch.float32, torch.bfloat16, torch.float16, torch.float16))
 
 
 @pytest.mark.gpu
@@ -209,6 +215,51 @@ def test_gpu_cuda_graph_replays(bits):
         g.replay()
         ref = flat_linear_reference(new, *ref_args[1:5], bits, *ref_args[5:], torch.float16)
         assert torch.equal(y.cpu(), ref), f"replay {i}"
+
+
+def test_choice_follows_the_measured_times(monkeypatch, tmp_path):
+    """The tuner takes the fastest candidate it timed, per (shape, row bucket, kind of scales), keeps
+    it on disk, and a later process reads it back without timing; during a CUDA graph capture (or
+    with FQ_TUNE=0) it takes the first candidate and remembers nothing."""
+    import triton.testing
+
+    from fq_compile.kernels.triton import decode as td
+
+    monkeypatch.setenv("FQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FQ_TUNE", "1")
+    monkeypatch.setattr(td, "_INTERPRET", False)
+    monkeypatch.setattr(td, "_BEST", {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    cands = td.candidates(4)
+    assert [v for v, _ in cands].count("prequant") >= 1 and cands[-1] == ("gemm", None) and cands[0][0] == "fused"
+    # measured times: per-token the pre-quantized variant is fastest, static the gemm
+    times = {False: [5.0, 4.0, 6.0, 7.0, 4.5, 8.0, 3.0], True: [9.0, 9.5, 8.0, 9.9, 2.0, 2.5, 4.0]}
+    timed = []
+
+    def fake_bench(fn, warmup, rep):
+        return fn()
+
+    def run_for(rows):
+        def run(variant, cfg):
+            i = cands.index((variant, cfg))
+            timed.append((rows, i))
+            return times[rows][i]
+        return run
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    dev = torch.device("cuda", 0)
+    assert td._choose(4, 5120, 24896, 16, False, dev, run_for(False)) == cands[6]
+    assert td._choose(4, 5120, 24896, 16, True, dev, run_for(True)) == cands[4]
+    assert len(timed) == 2 * len(cands)
+    monkeypatch.setattr(td, "_BEST", {})                 # a new process: from the disk table, nothing timed
+    assert td._choose(4, 5120, 24896, 16, True, dev, run_for(True)) == cands[4]
+    assert td._choose(4, 5120, 24896, 16, False, dev, run_for(False)) == cands[6]
+    assert len(timed) == 2 * len(cands)
+    capturing[0] = True                                  # an untuned shape during a capture: no timing
+    assert td._choose(4, 5120, 4096, 16, False, dev, run_for(False)) == cands[0]
+    assert len(timed) == 2 * len(cands) and len(td._BEST) == 2
 
 
 if __name__ == "__main__":

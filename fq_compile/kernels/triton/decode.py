@@ -31,9 +31,12 @@ used M times, so the kernel's speed is the speed at which it streams the weight.
     time, never inside a CUDA graph capture) and shared by every layer, so calls must not run
     concurrently on two streams.
 
-Tile shapes are tuned among four candidates per (GPU, bits, N, K, row bucket) on first use (about
-0.1 s a shape; never inside a CUDA graph capture), and the choice is kept in memory and in
-`decode_tune.json` under $FQ_CACHE_DIR (or ~/.cache/fq_compile), so later processes never re-time.
+Which way a call runs is measured, not assumed: per (GPU, bits, N, K, row bucket, static or
+per-token scales) the tuner times seven candidates on first use (about 0.2 s a shape; never inside a
+CUDA graph capture): the fused kernel in four tilings, the same kernel on an activation quantized
+once by flatten_quantize (two tilings; no prologue work, which every N tile otherwise repeats), and
+flatten_quantize + the prefill GEMM op.  The choice is kept in memory and in `decode_tune.json`
+under $FQ_CACHE_DIR (or ~/.cache/fq_compile), so later processes never re-time.
 Under TRITON_INTERPRET=1 one small configuration runs, so CPU tests cover the split and unsplit
 epilogues bit for bit.
 """
@@ -48,7 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fq_compile.kernels.triton.flatten_quantize import _quantize_rows, _quantize_vals, _row_inverse, row_absmax_kernel
+from fq_compile.kernels.triton.flatten_quantize import (_quantize_rows, _quantize_vals, _row_inverse,
+                                                       flatten_quantize_cuda, flatten_quantize_rows_cuda,
+                                                       row_absmax_kernel)
 from fq_compile.kernels.triton.gemm import _mul_rn, _nibbles
 from fq_compile.kernels.triton.tuning import tuning
 
@@ -78,10 +83,13 @@ def _quantized_rows(x_ptr, pos, pos_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr,
 def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
                               ws_ptr, cnt_ptr, r_ptr, M, N, K, stride_xm, stride_xc, stride_wn, stride_wk,
                               stride_om, stride_on,
-                              BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_BLOCKS: tl.constexpr):
+                              BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, PREQ: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              SPLIT_BLOCKS: tl.constexpr):
     """out[M, N] = flat_linear(x[M, C]) for one (N tile, K split); K counts flattened positions
-    (w has K or K/2 bytes a row); module docstring for the scheme."""
+    (w has K or K/2 bytes a row); module docstring for the scheme.  PREQ: x is already the quantized
+    activation (flatten_quantize's int8 [M, K] or packed uint8 [M, K/2]; src/mult/lo/hi unused) and
+    r, with HAS_ROW, its row scales."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -92,7 +100,9 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
     row_ok = rows < M
     QMAX: tl.constexpr = 127.0 if BITS == 8 else 7.0
     r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)         # per-token scales (unused without HAS_ROW)
-    inv = _row_inverse(r, QMAX)
+    inv = r
+    if HAS_ROW and not PREQ:
+        inv = _row_inverse(r, QMAX)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     k_lo = pid_k * (SPLIT_BLOCKS * BLOCK_K)
     k_hi = tl.minimum(K, k_lo + SPLIT_BLOCKS * BLOCK_K)
@@ -101,8 +111,12 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
         for k in range(k_lo, k_hi, BLOCK_K):
             pos = k + kk
             pos_ok = pos < K
-            q = _quantized_rows(x_ptr, pos, pos_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
-                                stride_xm, stride_xc, inv, QMAX, HAS_ROW)
+            if PREQ:
+                q = tl.load(x_ptr + rows[None, :] * stride_xm + pos[:, None] * stride_xc,
+                            mask=pos_ok[:, None] & row_ok[None, :], other=0)
+            else:
+                q = _quantized_rows(x_ptr, pos, pos_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
+                                    stride_xm, stride_xc, inv, QMAX, HAS_ROW)
             w = tl.load(w_ptr + cols[:, None] * stride_wn + pos[None, :] * stride_wk, mask=pos_ok[None, :], other=0)
             acc = tl.dot(w, q, acc, out_dtype=tl.int32)
     else:
@@ -111,10 +125,14 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
         for k in range(k_lo, k_hi, BLOCK_K):
             j = k // 2 + jj                       # weight bytes; byte j holds positions 2j (low), 2j+1 (high)
             j_ok = j < K // 2
-            q_lo = _quantized_rows(x_ptr, 2 * j, j_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
-                                   stride_xm, stride_xc, inv, QMAX, HAS_ROW)
-            q_hi = _quantized_rows(x_ptr, 2 * j + 1, j_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
-                                   stride_xm, stride_xc, inv, QMAX, HAS_ROW)
+            if PREQ:                              # packed activation bytes: the same nibble pairs
+                q_lo, q_hi = _nibbles(tl.load(x_ptr + rows[None, :] * stride_xm + j[:, None] * stride_xc,
+                                              mask=j_ok[:, None] & row_ok[None, :], other=0))
+            else:
+                q_lo = _quantized_rows(x_ptr, 2 * j, j_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
+                                       stride_xm, stride_xc, inv, QMAX, HAS_ROW)
+                q_hi = _quantized_rows(x_ptr, 2 * j + 1, j_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
+                                       stride_xm, stride_xc, inv, QMAX, HAS_ROW)
             pw = tl.load(w_ptr + cols[:, None] * stride_wn + j[None, :] * stride_wk, mask=j_ok[None, :], other=0)
             w_lo, w_hi = _nibbles(pw)
             acc = tl.dot(w_lo, q_lo, acc, out_dtype=tl.int32)
@@ -155,7 +173,7 @@ def _cfg(bn, bk, split_blocks, warps, stages):
                          num_stages=stages)
 
 
-# BLOCK_K counts flattened positions (an INT4 tile holds half the bytes).  Four candidates: split depth
+# BLOCK_K counts flattened positions (an INT4 tile holds half the bytes).  Four tilings: split depth
 # (programs in flight vs atomic traffic) and N width (prologue work per weight byte).
 CONFIGS = {
     8: [_cfg(128, 128, 4, 4, 4), _cfg(128, 128, 8, 4, 4), _cfg(64, 256, 4, 4, 4), _cfg(128, 256, 8, 8, 3)],
@@ -163,9 +181,24 @@ CONFIGS = {
 }
 INTERPRET_CONFIG = _cfg(16, 32, 1, 4, 1)
 
+# How a call runs (the tuner times each candidate per shape and row bucket, on the device):
+#   "fused"    flatten + quantize in the weight-streaming kernel's prologue (every N tile redoes it);
+#   "prequant" flatten_quantize(_rows) once into the integer activation, then the same weight-streaming
+#              kernel reading it (one more launch; no prologue work, half the activation bytes at INT4);
+#   "gemm"     flatten_quantize(_rows), then the prefill GEMM op (fq::int8/int4_linear): tiles of 64+
+#              rows, which can win at M = 16-64.
+VARIANTS = ("fused", "prequant", "gemm")
+PREQUANT_TILINGS = (0, 3)         # of CONFIGS: the other two add compiles that rarely win without a prologue
+
+
+def candidates(bits: int) -> list[tuple[str, triton.Config | None]]:
+    """Every (variant, tiling) the tuner times, in a fixed order (the disk table stores indices)."""
+    return ([("fused", c) for c in CONFIGS[bits]] + [("prequant", CONFIGS[bits][i]) for i in PREQUANT_TILINGS]
+            + [("gemm", None)])
+
 
 # ------------------------------------------------------------------------------------------------
-# bounded autotuning: the candidates above timed once per (GPU, bits, N, K, row bucket)
+# bounded autotuning: the candidates above timed once per (GPU, bits, N, K, row bucket, scales)
 # ------------------------------------------------------------------------------------------------
 
 _BEST: dict[tuple, int] = {}
@@ -199,36 +232,38 @@ def _save_tuned(key: str, index: int) -> None:
         pass
 
 
-def _choose(bits: int, n: int, k: int, bucket: int, device: torch.device, run) -> triton.Config:
-    """The fastest candidate for this shape: from memory, from the disk table (shared by processes:
-    a second process never re-times), else timed now (four candidates, ~0.1 s), except during a
-    CUDA graph capture, where nothing may synchronize: then the first candidate, not remembered."""
-    configs = CONFIGS[bits]
+def _choose(bits: int, n: int, k: int, bucket: int, rows: bool, device: torch.device, run):
+    """The fastest (variant, tiling) for this shape, row bucket and kind of scales (rows: per-token):
+    from memory, from the disk table (shared by processes: a second process never re-times), else
+    timed now (seven candidates, ~0.2 s), except during a CUDA graph capture, where nothing may
+    synchronize: then the first candidate, not remembered."""
+    cands = candidates(bits)
     if _INTERPRET:
-        return INTERPRET_CONFIG
+        return "fused", INTERPRET_CONFIG
     name = torch.cuda.get_device_name(device)
-    key = (name, bits, n, k, bucket)
+    key = (name, bits, n, k, bucket, rows)
     if key in _BEST:
-        return configs[_BEST[key]]
-    skey = f"{name}|{triton.__version__}|int{bits}|n{n}|k{k}|m{bucket}"
+        return cands[_BEST[key]]
+    skey = (f"{name}|{triton.__version__}|int{bits}|n{n}|k{k}|m{bucket}|{'token' if rows else 'tensor'}"
+            f"|{len(cands)} candidates")
     disk = _load_tuned().get(skey)
-    if isinstance(disk, int) and 0 <= disk < len(configs):
+    if isinstance(disk, int) and 0 <= disk < len(cands):
         _BEST[key] = disk
-        return configs[disk]
+        return cands[disk]
     if torch.cuda.is_current_stream_capturing() or not tuning():
-        return configs[0]
+        return cands[0]
     from triton.testing import do_bench
 
     times = []
-    for cfg in configs:
+    for cand in cands:
         try:
-            times.append(do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20))
+            times.append(do_bench(lambda cand=cand: run(*cand), warmup=5, rep=20))
         except Exception:  # a candidate that does not fit this GPU (shared memory): never chosen
             times.append(float("inf"))
-    best = min(range(len(configs)), key=times.__getitem__)
+    best = min(range(len(cands)), key=times.__getitem__)
     _BEST[key] = best
     _save_tuned(skey, best)
-    return configs[best]
+    return cands[best]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,44 +305,67 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _unfused(x, src, mult, lo, hi, rmult, bits):
+    """flatten_quantize(_rows) on the device: (integer activation, row scales or None)."""
+    if rmult is None:
+        return flatten_quantize_cuda(x, src, mult, lo, hi, bits), None
+    return flatten_quantize_rows_cuda(x, src, mult, lo, hi, rmult, bits)
+
+
+def _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult):
+    op = torch.ops.fq.int4_linear if bits == 4 else torch.ops.fq.int8_linear
+    xq, r = _unfused(x, src, mult, lo, hi, rmult, bits)
+    return op(xq, wq, scale, bias, out_dtype) if r is None else op(xq, wq, scale, bias, out_dtype, row_scale=r)
+
+
 def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, rmult=None, config=None):
-    """fq::flat_linear on CUDA (and, under TRITON_INTERPRET=1, on the CPU): the fused kernel for
-    M <= DECODE_MAX_M rows, flatten_quantize + the GEMM op above; rmult: per-token scales.  config
-    (a triton.Config) forces one tiling (tests cover each candidate without timing it)."""
+    """fq::flat_linear on CUDA (and, under TRITON_INTERPRET=1, on the CPU): for M <= DECODE_MAX_M
+    rows the fastest measured of the weight-streaming kernel (fused or on a pre-quantized activation)
+    and flatten_quantize + the GEMM op; above, the latter.  rmult: per-token scales.  config forces
+    one candidate: a (variant, triton.Config or None) pair, or a triton.Config for the fused variant
+    (tests cover each candidate without timing it)."""
     lead = x.shape[:-1]
     n = wq.shape[0]
     m = 1
     for d in lead:
         m *= d
     if m > DECODE_MAX_M:
-        op = torch.ops.fq.int4_linear if bits == 4 else torch.ops.fq.int8_linear
-        if rmult is None:
-            return op(torch.ops.fq.flatten_quantize(x, src, mult, lo, hi, bits), wq, scale, bias, out_dtype)
-        xq, r = torch.ops.fq.flatten_quantize_rows(x, src, mult, lo, hi, rmult, bits)
-        return op(xq, wq, scale, bias, out_dtype, row_scale=r)
+        return _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult)
     x2 = x.reshape(m, x.shape[-1])
     k = src.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
-        return out.reshape(*lead, n)
+        return torch.empty((*lead, n), dtype=out_dtype, device=x.device)
     sums, counters = _workspace(x.device, n)
     has_bias = bias is not None
     bias_arg = bias if has_bias else scale
     row_bucket = max(16, triton.next_power_of_2(m))
-    r = scale                       # a float32 pointer the kernel never reads without HAS_ROW
-    if rmult is not None:
-        r = torch.empty(m, dtype=torch.float32, device=x.device)
-        row_absmax_kernel[(triton.cdiv(m, 2),)](x2, rmult, r, m, 1, x2.shape[1], x2.stride(0), 0, x2.stride(1),
-                                              BLOCK_M=2, BLOCK_C=32 if _INTERPRET else 1024, num_warps=4)
 
-    def run(cfg):
+    def run(variant, cfg):
+        if variant == "gemm":
+            return _gemm(x2, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult)
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+        a = x2
+        r = scale                   # a float32 pointer the kernel never reads without HAS_ROW
+        if variant == "prequant":
+            a, rq = _unfused(x2, src, mult, lo, hi, rmult, bits)
+            r = r if rq is None else rq
+        elif rmult is not None:
+            r = torch.empty(m, dtype=torch.float32, device=x.device)
+            row_absmax_kernel[(triton.cdiv(m, 2),)](x2, rmult, r, m, 1, x2.shape[1], x2.stride(0), 0, x2.stride(1),
+                                                  BLOCK_M=2, BLOCK_C=32 if _INTERPRET else 1024, num_warps=4)
         meta = cfg.kwargs
         grid = (triton.cdiv(n, meta["BLOCK_N"]), max(1, triton.cdiv(k, meta["SPLIT_BLOCKS"] * meta["BLOCK_K"])))
         flat_linear_decode_kernel[grid](
-            x2, src, mult, lo, hi, wq, scale, bias_arg, out, sums, counters, r, m, n, k,
-            x2.stride(0), x2.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-            BITS=bits, HAS_BIAS=has_bias, HAS_ROW=rmult is not None, BLOCK_M=row_bucket, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **meta)
+            a, src, mult, lo, hi, wq, scale, bias_arg, out, sums, counters, r, m, n, k,
+            a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
+            BITS=bits, HAS_BIAS=has_bias, HAS_ROW=rmult is not None, PREQ=variant == "prequant", BLOCK_M=row_bucket,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+        return out
 
-    run(config if config is not None else _choose(bits, n, k, row_bucket, x.device, run))
-    return out.reshape(*lead, n)
+    if config is None:
+        config = _choose(bits, n, k, row_bucket, rmult is not None, x.device, run)
+    elif isinstance(config, triton.Config):
+        config = ("fused", config)
+    if config[0] not in VARIANTS:
+        raise ValueError(f"flat_linear: unknown variant {config[0]!r}; expected one of {VARIANTS}")
+    return run(*config).reshape(*lead, n)

@@ -1,0 +1,118 @@
+"""Where a decode step's wall time goes on the host (issue 23): one method, one OPT shape, batch 1.
+
+    python benchmarks/device/decode_host.py --model 1.3b --method fq-O3 [--tokens 32] [--out DIR]
+
+After the first generate() (timed, with Dynamo's compile-time table) and a warm one, three looks at
+the same warm generate of --tokens new tokens:
+  1. wall time per token, no instrumentation;
+  2. GPU busy time per token from a CUDA-only torch.profiler trace (no CPU op tracing, which would
+     slow the host and inflate the idle figure), union of kernel intervals;
+  3. cProfile of the host side: the functions with the most own time and most cumulative time per
+     token (HF generate's loop, Dynamo guards, our runtime, CUDA graph replays, syncs).
+Models come from benchmarks/e2e.py (random weights, the paper's Table 4 plan shares); rows are written
+to --out/decode-host-<method>-<model>.md as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks import e2e  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="1.3b")
+    ap.add_argument("--method", default="fq-O3")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--device", default="cuda", help="cpu with --model tiny: a check of the script, not a figure")
+    args = ap.parse_args(argv)
+    out = Path(args.out) / f"decode-host-{args.method}-{args.model}.md"
+    lines = [f"# Decode host profile: {args.method}, OPT-{args.model} shape, batch 1, {args.tokens} new tokens", "",
+             f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}; command: python {' '.join(sys.argv)}", ""]
+
+    def emit(*text):
+        lines.extend(text)
+        out.write_text("\n".join(lines) + "\n")
+        print(*text, sep="\n", flush=True)
+
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    opts = SimpleNamespace(dynamic_flag=True, batches=[], seqs=[], profile=False, decode=[1], max_autotune=False,
+                           auto_formats=None, gemm=None, cudagraphs="auto")
+    t = time.monotonic()
+    model, plan, info = e2e.prepare(args.method, args.model, dev, torch.float16, opts)
+    emit(f"prepare (build + plan + compile wrapper): {time.monotonic() - t:.1f} s; {info}")
+    ids = torch.randint(0, min(1000, model.config.vocab_size), (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(dev)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+              do_sample=False, use_cache=True, pad_token_id=1)
+    if args.method != "fp16-eager":
+        kw["cache_implementation"] = "static"
+    before = e2e.compile_counts()
+    t = time.monotonic()
+    model.generate(ids, **kw)
+    sync()
+    emit(f"first generate(): {time.monotonic() - t:.1f} s; {e2e.compile_counts(before)}", "", "```",
+         torch._dynamo.utils.compile_times(repr="str", aggregate=True)[:4000], "```", "")
+    model.generate(ids, **kw)
+    sync()
+
+    n = args.tokens
+    walls = []
+    for _ in range(3):
+        t = time.monotonic()
+        model.generate(ids, **kw)
+        sync()
+        walls.append((time.monotonic() - t) * 1e3 / n)
+    wall = sorted(walls)[1]
+    emit(f"wall per token (median of 3, prefill included in the mean): {wall:.3f} ms = {1e3 / wall:.1f} tok/s")
+
+    pr = cProfile.Profile()
+    pr.enable()
+    model.generate(ids, **kw)
+    sync()
+    pr.disable()
+    for key in ("tottime", "cumulative"):
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats(key).print_stats(args.top)
+        body = s.getvalue()
+        emit(f"## cProfile, sorted by {key} ({n} tokens; divide by {n} for per token)", "", "```",
+             body[body.find("ncalls"):][:12000], "```", "")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    if dev.type != "cuda":
+        return
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.monotonic()
+        model.generate(ids, **kw)
+        sync()
+        pwall = (time.monotonic() - t) * 1e3 / n
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0)
+    busy, end = 0.0, None
+    for a, b in spans:
+        busy += max(0, b - max(a, end if end is not None else a))
+        end = b if end is None else max(end, b)
+    busy /= 1e3 * n
+    emit(f"CUDA-only trace: wall {pwall:.3f} ms/token, GPU busy {busy:.3f} ms/token "
+         f"({100 * busy / pwall:.0f}%), idle {pwall - busy:.3f} ms/token; {len(spans) // n} kernels/token", "")
+
+
+if __name__ == "__main__":
+    main()
