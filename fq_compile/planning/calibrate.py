@@ -6,12 +6,19 @@ the graph eagerly, so graph breaks and recompiles are simply more graphs feeding
 The fold analysis runs on the same graphs, so the plan records where each smoothing vector lives.
 With Config.attention set, the same graphs also observe each attention site's Q, K and V
 (passes/attention.py) and planning/attention.py plans their scales.
+
+`calibrate_many(model, batches, configs)` runs the batches once for several configs (the demo's
+levels) and plans each from the same statistics: the observation (`_observe`) depends on a config
+only through what it observes (linears, attention, level auto's held-out maxima: the union serves
+every config) and through skip, calib_samples and seed (these must agree); the planning (`_plan`)
+reads the observation without changing it.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -73,7 +80,7 @@ def _kept_summary(kept: dict[str, str], by_config: dict[str, str], limit: int = 
     return f" (kept in floating point: {shown}{f'; and {more} more' if more > 0 else ''})"
 
 
-def _warn_kept(model: torch.nn.Module, plan, unsupported: dict[str, str]) -> None:
+def _warn_kept(model: torch.nn.Module, plan, unsupported: dict[str, str], stacklevel: int = 3) -> None:
     """Say so when weights that act as linear layers stay in floating point for a reason other than
     Config.skip (MoE experts, weights read by ops we do not rewrite): explain() lists them too."""
     if not unsupported:
@@ -89,35 +96,62 @@ def _warn_kept(model: torch.nn.Module, plan, unsupported: dict[str, str]) -> Non
     first = next(iter(unsupported))
     warnings.warn(f"fq_compile: {len(unsupported)} weight(s) of {type(model).__name__} that act as linear layers stay "
                   f"in floating point ({100 * kept / max(kept + done, 1):.0f}% of the linear-layer weights), e.g. "
-                  f"{first}: {unsupported[first]}; fq_compile.explain(plan) lists them all", UserWarning, stacklevel=3)
+                  f"{first}: {unsupported[first]}; fq_compile.explain(plan) lists them all", UserWarning,
+                  stacklevel=stacklevel)
 
 
-def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None = None, *,
-              progress: bool = True) -> QuantPlan:
-    """Run `batches` through `model` with observers and return the QuantPlan for `config`.
-
-    The model must be in eval mode (dropout would inflate the statistics).  The modules of the
-    planned layers get fq_compile's eager-run guard (runtime/guards.py): a compiled copy that
-    Dynamo runs eagerly later raises instead of computing in floating point."""
-    config = config or Config()
+def _checked_config(config, where: str = "config") -> Config:
     if not isinstance(config, Config):
-        raise TypeError(f"config must be an fq_compile.Config, got {type(config).__name__}")
+        raise TypeError(f"{where} must be an fq_compile.Config, got {type(config).__name__}")
+    return config
+
+
+def _require_eval(model: torch.nn.Module) -> None:
     training = sorted(n or type(model).__name__ for n, m in model.named_modules() if m.training)
     if training:
         raise CalibrationError(
             f"{type(model).__name__} is in training mode ({len(training)} module(s), e.g. {training[0]!r}): "
             "dropout would inflate the activation statistics. Call model.eval() before fq_compile.calibrate")
-    if not config.quantize and config.attention_formats is None:
-        return QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model))
+
+
+def _observes(config: Config) -> bool:
+    """Whether `config` needs the model run at all (fp16 without attention quantization does not)."""
+    return config.quantize or config.attention_formats is not None
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
     try:
-        device = next(model.parameters()).device
+        return next(model.parameters()).device
     except StopIteration:
         raise ValueError("the model has no parameters to quantize") from None
 
-    skip = skipped_layers(model, config.skip)
-    if config.gptq:
-        batches = list(batches)      # O3 runs them again, once per block
-    store = StatsStore(sample_size=config.calib_samples, seed=config.seed, hold_out=config.format == "auto")
+
+def _empty_plan(model: torch.nn.Module, config: Config) -> QuantPlan:
+    return QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model))
+
+
+@dataclass
+class Observation:
+    """What one calibration run saw: the statistics, the fold analysis, the layers kept in floating
+    point by Config.skip, and how many batches ran.  Every plan built from it (`_plan`) reads it and
+    never changes it."""
+
+    store: StatsStore
+    folds: dict[str, tuple[str, str]]
+    skip: dict[str, str]
+    batches: int
+
+
+def _observe(model: torch.nn.Module, batches: Iterable, *, skip: tuple[str, ...], calib_samples: int, seed: int,
+             linears: bool, attention: bool, hold_out: bool, device, progress: bool = True,
+             caller: str = "calibrate") -> Observation:
+    """Compile `model` with the observer backend and run `batches` through it once.
+
+    linears: observe every linear input (Config.quantize); attention: observe each attention site's
+    Q, K, V (Config.attention); hold_out: keep fit_absmax (level auto).  skip, calib_samples and seed
+    are Config's: they decide which groups are observed, their names and their row samples."""
+    skip_map = skipped_layers(model, skip)
+    store = StatsStore(sample_size=calib_samples, seed=seed, hold_out=hold_out)
     folds: dict[str, tuple[str, str]] = {}
     planned_names: set[str] = set()
 
@@ -127,15 +161,14 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
         name_of = ParamNames(gm, example_inputs, by_id=by_id)
         groups, unsupported = find_linears(gm, name_of)
         for lins in groups.values():
-            planned_names.update(l.layer for l in lins if l.layer not in skip)
+            planned_names.update(l.layer for l in lins if l.layer not in skip_map)
         for x, lins in groups.items():
-            lins = [l for l in lins if l.layer not in skip]
+            lins = [l for l in lins if l.layer not in skip_map]
             if lins:
                 site = find_fold_site(x, {l.node for l in lins}, planned_names, name_of)
                 folds[group_name([l.layer for l in lins])] = (site.encode(), site.note)
-        gm = insert_observers(gm, store, groups if config.quantize else {}, unsupported if config.quantize else {},
-                              skip)
-        if config.attention_formats is not None:
+        gm = insert_observers(gm, store, groups if linears else {}, unsupported if linears else {}, skip_map)
+        if attention:
             _observe_attention(gm, store, name_of, model)
         return gm.forward
 
@@ -154,22 +187,31 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
                     "(torch._dynamo.reset()) or raise torch._dynamo.config.recompile_limit")
             seen += 1
     if seen == 0:
-        raise CalibrationError("calibrate() got no batches: pass an iterable of input_ids tensors")
+        raise CalibrationError(f"{caller}() got no batches: pass an iterable of input_ids tensors")
+    return Observation(store, folds, skip_map, seen)
+
+
+def _plan(model: torch.nn.Module, obs: Observation, config: Config, batches, device, progress: bool) -> QuantPlan:
+    """`config`'s plan from an observation made with its skip, calib_samples and seed (and with its linears
+    and attention observed, and fit_absmax kept for level auto); GPTQ (O3, auto) runs `batches` again."""
+    store, skip = obs.store, obs.skip
     skipped = dict(skip)
     skipped.update(store.unsupported)
     if config.quantize:
         if not store.inputs:
             raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer fq_compile can "
                                    "rewrite was found in its graphs" + _kept_summary(skipped, skip))
-        plan = build_plan(model, store.inputs, folds, skipped, config, progress=progress)
+        plan = build_plan(model, store.inputs, obs.folds, skipped, config, progress=progress)
         if not plan.layers:
             raise CalibrationError(f"nothing to quantize in {type(model).__name__}: no linear layer ran during "
                                    "calibration" + _kept_summary(plan.skipped, skip))
-        _warn_kept(model, plan, store.unsupported)
+        _warn_kept(model, plan, store.unsupported, stacklevel=4)
     else:
-        plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model))
-    plan.calibration.update(batches=seen, rows=max((st.rows for st in store.inputs.values()), default=0),
-                            graphs=len(store.graphs))
+        plan = _empty_plan(model, config)
+    # rows of the linear inputs observed: none for a config that quantizes no linear (as when it is
+    # calibrated alone), whatever a shared run observed for the others
+    rows = max((st.rows for st in store.inputs.values()), default=0) if config.quantize else 0
+    plan.calibration.update(batches=obs.batches, rows=rows, graphs=len(store.graphs))
     if config.attention_formats is not None:
         if not store.attention and not store.attention_unsupported:
             raise CalibrationError(f"Config.attention={config.attention!r}, but no attention was found in the graphs "
@@ -182,6 +224,85 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     modules = dict(model.named_modules())
     guard_eager_runs({name: modules[name] for name in plan.layers if name in modules})
     return plan
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None = None, *,
+              progress: bool = True) -> QuantPlan:
+    """Run `batches` through `model` with observers and return the QuantPlan for `config`.
+
+    The model must be in eval mode (dropout would inflate the statistics).  The modules of the
+    planned layers get fq_compile's eager-run guard (runtime/guards.py): a compiled copy that
+    Dynamo runs eagerly later raises instead of computing in floating point."""
+    config = _checked_config(config or Config())
+    _require_eval(model)
+    if not _observes(config):
+        return _empty_plan(model, config)
+    device = _model_device(model)
+    if config.gptq:
+        batches = list(batches)      # O3 runs them again, once per block
+    obs = _observe(model, batches, skip=config.skip, calib_samples=config.calib_samples, seed=config.seed,
+                   linears=config.quantize, attention=config.attention_formats is not None,
+                   hold_out=config.format == "auto", device=device, progress=progress)
+    return _plan(model, obs, config, batches, device, progress)
+
+
+# What decides the observation of the linear inputs (_observe()): which groups, their names, their row
+# samples.  Configs that quantize share one observation only where these are equal.
+SHARED_FIELDS = ("calib_samples", "seed", "skip")
+
+
+def calibrate_many(model: torch.nn.Module, batches: Iterable,
+                   configs: Mapping[str, Config] | Sequence[Config], *,
+                   progress: bool = True) -> dict[str, QuantPlan] | list[QuantPlan]:
+    """One calibration run, several plans: the QuantPlan of each config, each equal to what
+    `calibrate(model, batches, config)` returns for it alone, for the cost of one run of `batches`
+    (plus each config's planning, and GPTQ's own runs for O3 and auto).
+
+    configs: a dict (plans come back as a dict with the same keys) or a list (a list, in order).
+    The observation is the union of what the configs need: linear inputs where any config quantizes,
+    attention's Q/K/V where any quantizes attention, the held-out maxima where any is level auto;
+    none of these changes what the others read.  The configs that quantize must agree on
+    calib_samples, seed and skip (SHARED_FIELDS), which decide the statistics themselves; else
+    ValueError, naming the field.  A config that quantizes nothing (fp16 without attention) takes
+    no part in the run, as in calibrate."""
+    if isinstance(configs, Mapping):
+        keys: list | None = list(configs)
+        cfgs = [_checked_config(c, f"configs[{k!r}]") for k, c in configs.items()]
+        labels = [repr(k) for k in keys]
+    elif isinstance(configs, (str, bytes)) or not isinstance(configs, Iterable):
+        raise TypeError(f"configs must be a dict or a list of fq_compile.Config, got {type(configs).__name__}")
+    else:
+        keys = None
+        cfgs = [_checked_config(c, f"configs[{i}]") for i, c in enumerate(configs)]
+        labels = [f"{i} ({c.level})" for i, c in enumerate(cfgs)]
+    if not cfgs:
+        raise ValueError("calibrate_many() needs at least one Config")
+    _require_eval(model)
+    observing = [i for i, c in enumerate(cfgs) if _observes(c)]
+    obs = device = None
+    if observing:
+        device = _model_device(model)
+        quantizing = [i for i in observing if cfgs[i].quantize]
+        for name in SHARED_FIELDS:
+            values = {getattr(cfgs[i], name) for i in quantizing}
+            if len(values) > 1:
+                each = ", ".join(f"{getattr(cfgs[i], name)!r} for {labels[i]}" for i in quantizing)
+                raise ValueError(
+                    f"calibrate_many(): the configs differ in Config.{name} ({each}), which decides what "
+                    f"calibration observes; configs that quantize share one run only with equal "
+                    f"{', '.join(SHARED_FIELDS)}: call calibrate_many once per value, or calibrate() for each")
+        ref = cfgs[quantizing[0]] if quantizing else cfgs[observing[0]]
+        if any(cfgs[i].gptq for i in observing):
+            batches = list(batches)      # O3 and auto run them again, once per block
+        attention = any(cfgs[i].attention_formats is not None for i in observing)
+        hold_out = any(cfgs[i].format == "auto" for i in quantizing)
+        obs = _observe(model, batches, skip=ref.skip, calib_samples=ref.calib_samples, seed=ref.seed,
+                       linears=bool(quantizing), attention=attention, hold_out=hold_out, device=device,
+                       progress=progress, caller="calibrate_many")
+    plans = []
+    for c in cfgs:       # a loop, not a comprehension: _warn_kept's stacklevel names the caller's line
+        plans.append(_plan(model, obs, c, batches, device, progress) if _observes(c) else _empty_plan(model, c))
+    return dict(zip(keys, plans)) if keys is not None else plans
 
 
 def _observe_attention(gm, store: StatsStore, name_of, model) -> None:

@@ -179,8 +179,9 @@ def _measures_speed(device: str) -> bool:
 
 @torch.no_grad()
 def cmd_demo(args) -> int:
-    from fq_compile import calibrate, explain
+    from fq_compile import explain
     from fq_compile.explain import weight_bytes
+    from fq_compile.planning.calibrate import calibrate_many
     from fq_compile.tools.evaluate import perplexity
     from fq_compile.tools.models import load_model
 
@@ -221,12 +222,14 @@ def cmd_demo(args) -> int:
         runs = {base: dict(ppl=fp.ppl, windows=fp.windows, weight_bytes=2 * params, fp16_bytes=2 * params)}
         if timed:
             rows[0] += speed.measure(base, model, compiled=False)
-        plans, compiled = {}, {}
-        calib = _calib(tok, args)            # the same windows for every level
+        # one calibration run for every level: the same windows and statistics, each level's own plan
+        # (equal to what calibrate() gives it alone; planning/calibrate.py)
+        plans = calibrate_many(model, _calib(tok, args), configs, progress=progress)
+        clock.lap(f"calibration ({', '.join(levels)})")
+        compiled = {}
         for level in levels:
-            plan = calibrate(model, calib, configs[level], progress=progress)
-            clock.lap(f"{level} calibration")
-            fast = _compile(model, plan, free_weights=False)    # the next level calibrates the same module
+            plan = plans[level]
+            fast = _compile(model, plan, free_weights=False)    # the next level compiles the same module
             ppl = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, progress, device=device,
                              on_window=_chain(error_of(level), clock.windows()))
             clock.lap_windows(f"{level} perplexity", compiled=True)
@@ -239,7 +242,7 @@ def cmd_demo(args) -> int:
                                weight_bytes=wb["after"] if wb else None, fp16_bytes=2 * params)
             if timed:
                 rows[-1] += speed.measure(level, fast, compiled=True)
-            plans[level], compiled[level] = plan, fast
+            compiled[level] = fast
         first.clear()
         limited = args.ppl_tokens is not None
         print(f"\n== {lm.name} on {device} ({base}): WikiText-2 test perplexity, {args.ppl_seqlen}-token windows"

@@ -127,13 +127,20 @@ def test_demo_compiles_each_level_once_and_resets_nothing(model_dir, capsys, mon
     real = cli._compile
     monkeypatch.setattr(cli, "_compile", lambda model, plan, **kw: plans.append(plan) or real(model, plan, **kw))
     monkeypatch.setattr(torch._dynamo, "reset", no_reset)
+    import fq_compile.planning.calibrate as calibration
+
+    runs, observe = [], calibration._observe
+    monkeypatch.setattr(calibration, "_observe", lambda *a, **kw: runs.append(1) or observe(*a, **kw))
     assert main(["demo", "--model", str(model_dir / "model"), "--data-dir", str(model_dir / "data"),
                  "--calib-batches", "2", "--calib-seqlen", "24", "--ppl-seqlen", "32", "--ppl-tokens", "96",
                  "--max-new-tokens", "3", "--no-progress", "--json", str(tmp_path / "demo.json")]) == 0
     out = capsys.readouterr().out
     for text in ("fp32", "O1", "w8a8", "logits rel. error", "graph dump (O1", "greedy continuation",
-                 "O1 calibration", "O1 perplexity: first call beyond a window (compile)", "total"):
+                 "calibration (O1, fp8, w8a8)", "O1 perplexity: first call beyond a window (compile)", "total"):
         assert text in out
+    # one calibration run serves every level (planning/calibrate.py: calibrate_many)
+    stages = out.split("where the time went", 1)[1]
+    assert stages.count("calibration") == 1 and "O1 calibration" not in stages and len(runs) == 1
     assert [p.config.level for p in plans] == ["O1", "fp8", "w8a8"]          # naive FP8 and W8A8 by default
     assert all(len(reports(p)) == 1 for p in plans)
     table = _demo_table(out)
