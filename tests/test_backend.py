@@ -471,14 +471,16 @@ def test_batches_as_dicts_and_dtype_of_outputs():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_cuda_float32_matches_the_oracle(arch):
     """On CUDA, in float32 (so that only the GPU kernels differ from the CPU path): the compiled
-    model through the Triton kernels against the oracle, prefill and greedy decoding."""
+    model through our GPU kernels against the oracle, prefill and greedy decoding; without Inductor
+    (the same float ops as the oracle) to rtol with no exception, then through Inductor (its fused
+    float ops may land a value on the other side of a rounding tie: oracle.assert_matches)."""
     from torch._inductor.utils import run_and_get_code
 
     model = ARCHITECTURES[arch](hidden=128).to("cuda")
     data = [b.cuda() for b in batches(n=3)]
     plan = fq_compile.calibrate(model, data, Config(level="O2"), progress=False)
     assert {lp.bits for lp in plan.layers.values()} == {4, 8}
-    x = torch.randint(0, VOCAB, (4, 64), device="cuda")
+    x = torch.randint(0, VOCAB, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     prompt = x[:2, :9]
     kw = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True,
               attention_mask=torch.ones_like(prompt), pad_token_id=0)
@@ -487,11 +489,15 @@ def test_cuda_float32_matches_the_oracle(arch):
         with fake_quantized(model, plan):
             want = model.generate(prompt, **kw)
         torch._dynamo.reset()
+        eager = torch.compile(model, backend="flattenquant", options={"plan": plan, "free_weights": False,
+                                                                      "inductor": False})
+        assert_matches(eager(x).logits, expected, inductor=False)
+        torch._dynamo.reset()
         model.compile(backend="flattenquant", options={"plan": plan, "free_weights": False})
         out, code = run_and_get_code(lambda: model(x).logits)
         got = model.generate(prompt, **kw)
     assert "_reference" not in "\n".join(code)
-    assert_matches(out, expected)
+    assert_matches(out, expected, sequences=x.shape[0])
     assert torch.equal(got.sequences, want.sequences)
     assert_matches(torch.stack(got.logits), torch.stack(want.logits))
 
