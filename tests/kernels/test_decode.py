@@ -217,12 +217,31 @@ def test_gpu_cuda_graph_replays(bits):
         assert torch.equal(y.cpu(), ref), f"replay {i}"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_every_candidate_times_in_a_cuda_graph():
+    """The tuner times each candidate replayed from a CUDA graph (decode.replay_ms): every variant,
+    with and without per-token scales, must capture (a candidate that failed would be timed as
+    infinite and never chosen, silently)."""
+    import math
+
+    from fq_compile.kernels.triton import decode as td
+
+    gen = torch.Generator().manual_seed(50)
+    for bits in (8, 4):
+        ref_args, dev_args = _case(1, 600, 256, bits, 32, gen, "cuda", torch.float16)
+        rmult = row_multipliers(ref_args[1], ref_args[2], 600).cuda()
+        for rows in (None, rmult):
+            for cand in td.candidates(bits):
+                t = td.replay_ms(lambda: td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], torch.float16,
+                                                             rmult=rows, config=cand), "cuda")
+                assert math.isfinite(t) and t >= 0, (bits, rows is not None, cand)
+
+
 def test_choice_follows_the_measured_times(monkeypatch, tmp_path):
     """The tuner takes the fastest candidate it timed, per (shape, row bucket, kind of scales), keeps
     it on disk, and a later process reads it back without timing; during a CUDA graph capture (or
     with FQ_TUNE=0) it takes the first candidate and remembers nothing."""
-    import triton.testing
-
     from fq_compile.kernels.triton import decode as td
 
     monkeypatch.setenv("FQ_CACHE_DIR", str(tmp_path))
@@ -238,7 +257,7 @@ def test_choice_follows_the_measured_times(monkeypatch, tmp_path):
     times = {False: [5.0, 4.0, 6.0, 7.0, 4.5, 8.0, 3.0], True: [9.0, 9.5, 8.0, 9.9, 2.0, 2.5, 4.0]}
     timed = []
 
-    def fake_bench(fn, warmup, rep):
+    def fake_time(fn, device):
         return fn()
 
     def run_for(rows):
@@ -248,7 +267,7 @@ def test_choice_follows_the_measured_times(monkeypatch, tmp_path):
             return times[rows][i]
         return run
 
-    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(td, "replay_ms", fake_time)
     dev = torch.device("cuda", 0)
     assert td._choose(4, 5120, 24896, 16, False, dev, run_for(False)) == cands[6]
     assert td._choose(4, 5120, 24896, 16, True, dev, run_for(True)) == cands[4]
