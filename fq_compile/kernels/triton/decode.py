@@ -32,8 +32,9 @@ used M times, so the kernel's speed is the speed at which it streams the weight.
     concurrently on two streams.
 
 Which way a call runs is measured, not assumed: per (GPU, bits, N, K, row bucket, static or
-per-token scales) the tuner times seven candidates on first use (about 0.2 s a shape; never inside a
-CUDA graph capture): the fused kernel in four tilings, the same kernel on an activation quantized
+per-token scales) the tuner times seven candidates on first use, each replayed from a CUDA graph
+with L2 flushed before every call, as a decode step runs it (`replay_ms`; well under a second a
+shape; never inside a CUDA graph capture): the fused kernel in four tilings, the same kernel on an activation quantized
 once by flatten_quantize (two tilings; no prologue work, which every N tile otherwise repeats), and
 flatten_quantize + the prefill GEMM op.  The choice is kept in memory and in `decode_tune.json`
 under $FQ_CACHE_DIR (or ~/.cache/fq_compile), so later processes never re-time.
@@ -271,7 +272,7 @@ def replay_ms(fn, device, reps: int = 8, rounds: int = 5) -> float:
 def _choose(bits: int, n: int, k: int, bucket: int, rows: bool, device: torch.device, run):
     """The fastest (variant, tiling) for this shape, row bucket and kind of scales (rows: per-token):
     from memory, from the disk table (shared by processes: a second process never re-times), else
-    timed now (seven candidates as CUDA-graph replays, ~0.3 s), except during a CUDA graph capture, where nothing may
+    timed now (seven candidates, replay_ms), except during a CUDA graph capture, where nothing may
     synchronize: then the first candidate, not remembered."""
     cands = candidates(bits)
     if _INTERPRET:
