@@ -211,6 +211,9 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
         info["torchao"] = torchao.__version__
     elif method in OURS:
         share, ratio = table4(size)
+        if getattr(args, "flatten_ratio", None) is not None:       # e.g. what a higher beta flattens
+            ratio = args.flatten_ratio
+            info["flatten_ratio_set"] = ratio
         level = {"smoothquant": "smoothquant", "fq-O1": "O1", "fq-O3": "O3", "fq-fp8": "fp8", "fq-auto": "auto"}[method]
         shares = parse_shares(args.auto_formats) if level == "auto" else None
         if shares is not None:
@@ -884,6 +887,9 @@ def main(argv=None):
     ap.add_argument("--auto-formats", default="",
                     help="fq-auto: format shares of the layers, e.g. fp8=0.3,w4a8=0.5,int8=0.2")
     ap.add_argument("--gemm", default=None, help="our backend's 'gemm' option (triton, cutlass, auto); default: its own")
+    ap.add_argument("--flatten-ratio", type=float, default=None,
+                    help="our levels: the share of flattened channels of the synthetic plan (default: the paper's "
+                         "Table 4 figure); pair with --label to keep the rows apart")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--decode-reps", type=int, default=3)
