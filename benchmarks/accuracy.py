@@ -124,10 +124,10 @@ def peer_command(args, peer: str) -> str:
     return shlex.join(cmd)
 
 
-def zero_shot(args, call, model, tok) -> dict:
+def zero_shot(args, call, tok) -> dict:
     from fq_compile.tools.zeroshot import evaluate_zero_shot
 
-    return evaluate_zero_shot(call, model=model, tokenizer=tok, tasks=args.tasks, data_dir=args.data_dir,
+    return evaluate_zero_shot(call, tok, tasks=args.tasks, data_dir=args.data_dir,
                               limit=args.zs_limit or None, progress=False)
 
 
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
 
     def finish(key, r, call, t0):
         if args.tasks:
-            r["zero_shot"] = zero_shot(args, call, model, tok)
+            r["zero_shot"] = zero_shot(args, call, tok)
         r["seconds"] = time.time() - t0
         runs[key] = r
         ppl = "-" if r.get("ppl") is None else f"{r['ppl']:8.3f}"

@@ -171,3 +171,20 @@ def test_task_is_lm_eval_builtin_with_the_local_file(tmp_path, task):
     assert cfg.dataset_path == "json"
     assert cfg.dataset_kwargs["data_files"] == {TASKS[task][1]: str(task_file(tmp_path, task))}
     assert len(list(loaded.eval_docs)) == len(ROWS[task]) and cfg.training_split is None
+
+
+def test_accuracy_benchmark_zero_shot_table(tmp_path, tokenizer):
+    """benchmarks/accuracy.py --tasks goes through the same evaluate_zero_shot (its call had drifted
+    from the signature and failed at the first row)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("fq_bench_accuracy", path)
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    write_tasks(tmp_path, ["piqa"])
+    args = SimpleNamespace(tasks="piqa,arc_easy", data_dir=str(tmp_path), zs_limit=0)
+    res = accuracy.zero_shot(args, tiny_llama(), tokenizer)
+    check_scores(res, ["piqa"])
+    assert set(res["missing"]) == {"arc_easy"}
