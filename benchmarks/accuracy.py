@@ -128,7 +128,7 @@ def zero_shot(args, call, tok) -> dict:
     from fq_compile.tools.zeroshot import evaluate_zero_shot
 
     return evaluate_zero_shot(call, tok, tasks=args.tasks, data_dir=args.data_dir,
-                              limit=args.zs_limit or None, progress=False)
+                              limit=args.zs_limit or None, batch_size=getattr(args, "zs_batch_size", 16), progress=False)
 
 
 def _fmt_bytes(v: dict) -> str:
@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="",
                    help="zero-shot tasks (comma-separated), e.g. piqa,arc_easy,openbookqa,hellaswag")
     p.add_argument("--zs-limit", type=int, default=0, help="score only the first N rows of each task (0: all)")
+    p.add_argument("--zs-batch-size", type=int, default=16,
+                   help="zero-shot requests per forward (lm-eval's batch size; 1 runs ~10x slower on a CPU)")
     p.add_argument("--ablation-base", default="O1")
     p.add_argument("--gamma-base", default="O2", help="level of the gamma rows ('' to skip them)")
     p.add_argument("--no-ablations", action="store_true")
