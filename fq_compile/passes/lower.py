@@ -19,7 +19,8 @@ Where x has at most `decode_max_m()` rows (64: decode steps), the pair is one fu
 
     y  = fq.flat_linear(x, src, mult, lo, hi, bits, Wq, scale, bias, dtype)
 
-whose GPU kernel quantizes x in its prologue while it streams the weight (kernels/flat_linear.py).
+whose GPU implementation streams the weight and quantizes x in its prologue, or on an activation
+quantized once, or runs the pair, whichever it measured fastest for the shape (kernels/flat_linear.py).
 With symbolic shapes the row count is compared with a guard, so a graph made for decode is not
 reused for a long prefill (the op would still be right there, only slower).
 
@@ -379,7 +380,7 @@ def _report_layer(rw: _Rewrite, grp: _Group, name, lp, act, fused, per_token, re
     scales = "per token" if per_token else "per tensor"
     if fused:
         rw.report.layers.append(LayerReport(
-            name, f"fq.flat_linear (int{lp.bits})", grp.smoothing, reason, quantize="in the GEMM's prologue",
+            name, f"fq.flat_linear (int{lp.bits})", grp.smoothing, reason, quantize="inside fq.flat_linear",
             quantize_why=f"decode-sized input (<= {flat_linear_op.decode_max_m()} rows)",
             gemm="Triton weight-streaming (kernels/triton/decode.py)", gemm_why="M <= decode_max_m()", scales=scales))
         return
