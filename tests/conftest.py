@@ -62,6 +62,23 @@ def make_model(model_kind):
     return tiny_opt if model_kind == "opt" else tiny_llama
 
 
+INTERPRETER_MIN_TRITON = "3.7"
+
+
+def need_triton_interpreter() -> None:
+    """Skip unless Triton's CPU interpreter can run our kernels: before 3.7 it hands a kernel's scalar
+    values (program ids, loop bounds) to Python's range() as 1-element numpy arrays, which numpy 2
+    refuses (measured 2026-12-06 with numpy 2.4: under triton 3.6, the device's, every interpreter check fails
+    that way; under 3.7, 3.8 and 3.9 they pass).  The compiled GPU kernels are not affected."""
+    from packaging.version import Version
+
+    triton = pytest.importorskip("triton")
+    have = Version(triton.__version__.split("+")[0])
+    if have < Version(INTERPRETER_MIN_TRITON):
+        pytest.skip(f"Triton's interpreter needs triton >= {INTERPRETER_MIN_TRITON} with numpy 2 (have {have}): "
+                    "it passes loop bounds to range() as 1-element arrays")
+
+
 def run_guarded(argv: list[str], timeout: float, env: dict | None = None) -> str:
     """Run a check in a fresh Python process (GPU checks, the Triton interpreter) and fail with its
     output when it fails or runs past `timeout` seconds.  A hung GPU kernel cannot be interrupted

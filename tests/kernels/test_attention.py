@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fq_compile.kernels import attention as A  # noqa: E402
-from tests.conftest import run_guarded  # noqa: E402
+from tests.conftest import need_triton_interpreter, run_guarded  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -290,7 +290,7 @@ def _interp_main():
 
 
 def test_interpreter_matches_reference():
-    pytest.importorskip("triton")
+    need_triton_interpreter()
     run_guarded([__file__], 600, env=dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES=""))
 
 

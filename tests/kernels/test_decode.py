@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.kernels.test_triton import _make_map, _rand_q  # noqa: E402
+from tests.conftest import need_triton_interpreter  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -131,7 +132,7 @@ def _interp_main(which: str):
 
 @pytest.mark.parametrize("which", ["decode8", "decode4"])
 def test_interpreter(which):
-    pytest.importorskip("triton")
+    need_triton_interpreter()
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, __file__, which], env=env, capture_output=True, text=True, timeout=600)

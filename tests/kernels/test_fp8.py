@@ -19,6 +19,8 @@ from fq_compile.kernels.packing import pack_int4, unpack_int4
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from tests.conftest import need_triton_interpreter  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -201,7 +203,7 @@ def _interp_main(which: str):
 
 
 def test_interpreter():
-    pytest.importorskip("triton")
+    need_triton_interpreter()
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, __file__, "fp8"], env=env, capture_output=True, text=True, timeout=300)

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.conftest import need_triton_interpreter  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -239,7 +241,7 @@ def _interp_main(which: str):
 
 @pytest.mark.parametrize("which", ["gemm8", "gemm4", "fq"])
 def test_interpreter(which):
-    pytest.importorskip("triton")
+    need_triton_interpreter()
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                CUDA_VISIBLE_DEVICES="")
     r = subprocess.run([sys.executable, __file__, which], env=env, capture_output=True, text=True, timeout=300)
