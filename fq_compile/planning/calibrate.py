@@ -237,18 +237,36 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: Config | None =
     _require_eval(model)
     if not _observes(config):
         return _empty_plan(model, config)
-    device = _model_device(model)
-    if config.gptq:
-        batches = list(batches)      # O3 runs them again, once per block
-    obs = _observe(model, batches, skip=config.skip, calib_samples=config.calib_samples, seed=config.seed,
-                   linears=config.quantize, attention=config.attention_formats is not None,
-                   hold_out=config.format == "auto", device=device, progress=progress)
+    obs, batches, device = _observe_for(model, batches, [config], ["config"], progress, "calibrate")
     return _plan(model, obs, config, batches, device, progress)
 
 
 # What decides the observation of the linear inputs (_observe()): which groups, their names, their row
 # samples.  Configs that quantize share one observation only where these are equal.
 SHARED_FIELDS = ("calib_samples", "seed", "skip")
+
+
+def _observe_for(model, batches, cfgs: list[Config], labels: list[str], progress: bool, caller: str):
+    """One observation serving every config of `cfgs` (each needs the model run: `_observes`): the union
+    of what they observe, after checking that those that quantize agree on SHARED_FIELDS.  Returns the
+    observation, the batches (a list when a config runs GPTQ, which runs them again) and the device."""
+    device = _model_device(model)
+    quantizing = [i for i, c in enumerate(cfgs) if c.quantize]
+    for name in SHARED_FIELDS:
+        if len({getattr(cfgs[i], name) for i in quantizing}) > 1:
+            each = ", ".join(f"{getattr(cfgs[i], name)!r} for {labels[i]}" for i in quantizing)
+            raise ValueError(
+                f"{caller}(): the configs differ in Config.{name} ({each}), which decides what calibration "
+                f"observes; configs that quantize share one run only with equal {', '.join(SHARED_FIELDS)}: "
+                f"call {caller} once per value, or calibrate() for each")
+    ref = cfgs[quantizing[0]] if quantizing else cfgs[0]
+    if any(c.gptq for c in cfgs):
+        batches = list(batches)      # O3 and auto run them again, once per block
+    obs = _observe(model, batches, skip=ref.skip, calib_samples=ref.calib_samples, seed=ref.seed,
+                   linears=bool(quantizing), attention=any(c.attention_formats is not None for c in cfgs),
+                   hold_out=any(cfgs[i].format == "auto" for i in quantizing), device=device, progress=progress,
+                   caller=caller)
+    return obs, batches, device
 
 
 def calibrate_many(model: torch.nn.Module, batches: Iterable,
@@ -278,27 +296,12 @@ def calibrate_many(model: torch.nn.Module, batches: Iterable,
     if not cfgs:
         raise ValueError("calibrate_many() needs at least one Config")
     _require_eval(model)
-    observing = [i for i, c in enumerate(cfgs) if _observes(c)]
+    observing = [c for c in cfgs if _observes(c)]
     obs = device = None
     if observing:
-        device = _model_device(model)
-        quantizing = [i for i in observing if cfgs[i].quantize]
-        for name in SHARED_FIELDS:
-            values = {getattr(cfgs[i], name) for i in quantizing}
-            if len(values) > 1:
-                each = ", ".join(f"{getattr(cfgs[i], name)!r} for {labels[i]}" for i in quantizing)
-                raise ValueError(
-                    f"calibrate_many(): the configs differ in Config.{name} ({each}), which decides what "
-                    f"calibration observes; configs that quantize share one run only with equal "
-                    f"{', '.join(SHARED_FIELDS)}: call calibrate_many once per value, or calibrate() for each")
-        ref = cfgs[quantizing[0]] if quantizing else cfgs[observing[0]]
-        if any(cfgs[i].gptq for i in observing):
-            batches = list(batches)      # O3 and auto run them again, once per block
-        attention = any(cfgs[i].attention_formats is not None for i in observing)
-        hold_out = any(cfgs[i].format == "auto" for i in quantizing)
-        obs = _observe(model, batches, skip=ref.skip, calib_samples=ref.calib_samples, seed=ref.seed,
-                       linears=bool(quantizing), attention=attention, hold_out=hold_out, device=device,
-                       progress=progress, caller="calibrate_many")
+        obs, batches, device = _observe_for(model, batches, observing,
+                                            [labels[i] for i, c in enumerate(cfgs) if _observes(c)], progress,
+                                            "calibrate_many")
     plans = []
     for c in cfgs:       # a loop, not a comprehension: _warn_kept's stacklevel names the caller's line
         plans.append(_plan(model, obs, c, batches, device, progress) if _observes(c) else _empty_plan(model, c))
