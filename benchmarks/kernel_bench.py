@@ -310,41 +310,59 @@ def _producers(c: int, dev):
     }
 
 
-def activation_vs_inductor(dev, m=16384, k=4096):
+def activation_vs_inductor(dev, m=16384, k=4096, per_token=False, flat_ratio=0.25, producers=None):
     """Part 2 of issue 13: for each producer, our Triton quantize kernel after the producer's own
     (Inductor) kernel vs the quantize fused into the producer by Inductor (fq::flatten_quantize_fused,
     every position gathered: what the backend emits; and the variant reading the original channels
     as a slice), compiled as the flattenquant backend compiles.  Columns: the producer alone, each
-    variant, the quantize's cost over the producer alone, bit-exactness of the three."""
+    variant, the quantize's cost over the producer alone, bit-exactness of the three.
+    per_token: the per-token ops (fq::flatten_quantize_rows / _rows_fused, Config.activation_scale=
+    "token", the default plan); flat_ratio: the flattened share (K' = k + ratio * k rounded up to 32);
+    producers: names of `_producers` to time (None: all)."""
     from fq_compile.backend import _inductor_settings
     from fq_compile.kernels import dispatch
     from fq_compile.kernels.flatten_quantize import direct_prefix
-    kp = flat_k(k)
+    kp = (k + math.ceil(k * flat_ratio) + 31) // 32 * 32
     rows = []
     b = 8
     for bits in (8, 4):
         qmax = 127 if bits == 8 else 7
         src, mult, lo, hi = channel_tables(k, kp, qmax, dev)
+        rmult = (mult[:k] / torch.bincount(src.long(), minlength=k).float()).float()   # as bench_decode
         direct = direct_prefix(src, bits)
         sets = [tuple(torch.randn(b, m // b, k, device=dev, dtype=torch.bfloat16) for _ in range(3)) for _ in range(2)]
         for name, prod in _producers(k, dev).items():
+            if producers and name not in producers:
+                continue
             torch._dynamo.reset()
-            with _inductor_settings(), dispatch.use(None):
-                fns = {"alone": lambda x, r, g, p=prod: p(x, r, g),
-                       "kernel": lambda x, r, g, p=prod: torch.ops.fq.flatten_quantize(p(x, r, g), src, mult, lo,
-                                                                                       hi, bits),
-                       "gather": lambda x, r, g, p=prod: torch.ops.fq.flatten_quantize_fused(
-                           p(x, r, g), src, mult, lo, hi, bits, 0),
-                       "slice": lambda x, r, g, p=prod: torch.ops.fq.flatten_quantize_fused(
-                           p(x, r, g), src, mult, lo, hi, bits, direct)}
+            if per_token:
+                ops = {"kernel": lambda y: torch.ops.fq.flatten_quantize_rows(y, src, mult, lo, hi, rmult, bits),
+                       "gather": lambda y: torch.ops.fq.flatten_quantize_rows_fused(y, src, mult, lo, hi, rmult,
+                                                                                     bits, 0),
+                       "slice": lambda y: torch.ops.fq.flatten_quantize_rows_fused(y, src, mult, lo, hi, rmult,
+                                                                                    bits, direct)}
+            else:
+                ops = {"kernel": lambda y: torch.ops.fq.flatten_quantize(y, src, mult, lo, hi, bits),
+                       "gather": lambda y: torch.ops.fq.flatten_quantize_fused(y, src, mult, lo, hi, bits, 0),
+                       "slice": lambda y: torch.ops.fq.flatten_quantize_fused(y, src, mult, lo, hi, bits, direct)}
+            with _inductor_settings(), dispatch.use(None), torch.no_grad():
+                fns = {"alone": lambda x, r, g, p=prod: p(x, r, g)}
+                fns.update({n: (lambda x, r, g, p=prod, op=op: op(p(x, r, g))) for n, op in ops.items()})
                 fns = {n: torch.compile(f, dynamic=False) for n, f in fns.items()}
-                exact = all(torch.equal(fns["kernel"](*xs), fns[v](*xs)) for xs in sets for v in ("gather", "slice"))
+                exact = all(_same(fns["kernel"](*xs), fns[v](*xs)) for xs in sets for v in ("gather", "slice"))
                 t = {n: try_time(lambda f=f: [lambda xs=xs: f(*xs) for xs in sets]) for n, f in fns.items()}
             over = {n: (t[n] - t["alone"]) if t[n] and t["alone"] else None for n in ("kernel", "gather", "slice")}
             rows.append([f"INT{bits}", name, fmt(t["alone"]), fmt(t["kernel"]), fmt(t["gather"]), fmt(t["slice"]),
                          ratio(t["kernel"], t["gather"]), fmt(over["kernel"]), fmt(over["gather"]), exact])
             print("   ", rows[-1], flush=True)
     return rows
+
+
+def _same(a, b) -> bool:
+    """Equal outputs: tensors, or (integers, row scales) pairs of the per-token ops."""
+    if isinstance(a, (tuple, list)):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b)
 
 
 FUSION_HEAD = ["bits", "producer", "producer alone", "producer + our kernel", "fused (gather, default)",
@@ -522,9 +540,12 @@ def main():
     ap.add_argument("--fusion", action="store_true",
                     help="only the quantize-fusion table (and the ReLU epilogue with --cutlass)")
     ap.add_argument("--fusion-shape", default="16384,4096", help="M,C of the fusion table")
+    ap.add_argument("--fusion-ratio", type=float, default=0.25, help="flattened share of the fusion table's K'")
+    ap.add_argument("--producers", default=None,
+                    help="comma list of the fusion table's producers (default: all; e.g. 'ReLU,LayerNorm')")
     ap.add_argument("--decode", action="store_true", help="the decode kernels (issue 23): GB/s vs copy bandwidth")
     ap.add_argument("--scales", choices=["token", "tensor"], default="token",
-                    help="with --decode: per-token activation scales (the default plan) or static ones")
+                    help="with --decode or --fusion: per-token activation scales (the default plan) or static ones")
     args = ap.parse_args()
     from tabulate import tabulate
 
@@ -631,13 +652,18 @@ def fusion_main(args, dev):
     from tabulate import tabulate
 
     m, c = (int(v) for v in args.fusion_shape.split(","))
+    per_token = args.scales == "token"
+    producers = [p.strip() for p in args.producers.split(",")] if args.producers else None
+    kp = (c + math.ceil(c * args.fusion_ratio) + 31) // 32 * 32
     props = torch.cuda.get_device_properties(0)
     meta = (f"device: {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs), "
             f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, torch {torch.__version__}, "
             f"triton {triton.__version__}\ncommand: python {' '.join(sys.argv)}\n"
-            f"times: median of CUDA-graph replays of compiled code (bf16 input [8, {m // 8}, {c}], K' = {flat_k(c)})")
+            f"times: median of CUDA-graph replays of compiled code (bf16 input [8, {m // 8}, {c}], K' = {kp}); "
+            f"activation scales: {'per token (the default plan)' if per_token else 'per tensor (static)'}")
     text = f"# Quantize fusion (issue 13, part 2)\n\n{meta}\n\n"
-    text += tabulate(activation_vs_inductor(dev, m, c), FUSION_HEAD, tablefmt="github") + "\n"
+    rows = activation_vs_inductor(dev, m, c, per_token, args.fusion_ratio, producers)
+    text += tabulate(rows, FUSION_HEAD, tablefmt="github") + "\n"
     if args.cutlass:
         text += "\n## ReLU in the GEMM epilogue vs GEMM + ReLU kernel (INT8, bf16 out)\n\n"
         text += tabulate(relu_epilogue(dev), ["GEMM", "M x N x K'", "GEMM + ReLU", "ReLU epilogue", "x", "bit-exact"],

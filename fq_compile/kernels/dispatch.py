@@ -60,6 +60,7 @@ CHOICES = ("triton", "cutlass", "auto")
 ENV = "FQ_GEMM"
 QUANTIZE_CHOICES = ("kernel", "fused", "auto")
 QUANTIZE_ENV = "FQ_QUANTIZE"
+READ_ENV = "FQ_QUANTIZE_READ"   # how a fused quantize reads its input: gather (default) | slice
 TABLE_PATH = Path(__file__).resolve().with_name("gemm_table.json")
 TABLE_FORMAT = 2          # 2: keyed by architecture (arch "sm_90", sm_count); 1 (still read): by GPU name
 RULE_VERSION = "sm90-r1"  # bump when sm90_rule changes (part of the compile cache tag)
@@ -503,5 +504,7 @@ def gather_mode(producer: str) -> str:
     out, for every producer.  Measured on the CPU's Inductor code: reading the original channels as a
     slice beside the gather makes two consumers, and Inductor then writes out a LayerNorm's output
     (it reads more than `realize_reads_threshold` inputs) and concatenates the parts with a copy.
-    benchmarks/kernel_bench.py --fusion times both forms on the GPU."""
-    return "gather"
+    benchmarks/kernel_bench.py --fusion times both forms on the GPU; FQ_QUANTIZE_READ=slice turns
+    the slice form on for every producer (to time whole models with it, benchmarks/e2e.py)."""
+    v = parse_mode(os.environ.get(READ_ENV), READ_ENV, ("auto", "gather", "slice"))
+    return "gather" if v == "auto" else v

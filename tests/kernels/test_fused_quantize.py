@@ -187,6 +187,18 @@ def test_backend_fuses_every_quantize_with_a_producer(monkeypatch):
     assert rep2["fc1"].act == "relu" and rep2["fc2"].act == "none"
     assert torch.equal(kernel_out, fused_out)
 
+    # FQ_QUANTIZE_READ=slice: the original channels read as a slice beside the gather; the same logits
+    monkeypatch.delenv("FQ_QUANTIZE")
+    monkeypatch.setenv("FQ_QUANTIZE_READ", "slice")
+    plan3 = fq_compile.QuantPlan(plan.config, plan.model_type, plan.model_hash, plan.groups, plan.layers,
+                                 plan.skipped, plan.calibration)
+    slice_out, rep3 = _compiled_reports(opt, plan3, x)
+    assert all(lr.quantize == "fused by Inductor, originals as a slice" for lr in rep3.values())
+    assert torch.equal(slice_out, fused_out)
+    monkeypatch.setenv("FQ_QUANTIZE_READ", "sideways")
+    with pytest.raises(ValueError, match="FQ_QUANTIZE_READ='sideways'"):
+        dispatch.gather_mode("relu")
+
 
 def test_llama_gated_mlp_and_rms_norm(monkeypatch):
     monkeypatch.setenv("FQ_DECODE_MAX_M", "0")      # prefill's quantize (a decode-sized x goes to fq.flat_linear)
