@@ -33,6 +33,9 @@ TARGETS = ("hopper", "ampere", "cpu")
 # +0.78% perplexity against naive FP8's +2.58%; the per-layer error cap 1.0x naive FP8 gave +1.76%
 # at 0.52x, 0.5x gave +1.46% at 0.585x: benchmarks/results/accuracy-smollm2-135m-auto-*select-cpu.md)
 DEFAULT_MEMORY_BUDGET = 0.55
+# Eq. 7's beta when Config.beta is None: the paper's 1.3, except where a level was re-chosen (see Config.beta)
+PAPER_BETA = 1.3
+LEVEL_BETA = {"O1": 3.0}
 
 class ConfigError(ValueError):
     """A Config knob holds a value outside its range."""
@@ -46,7 +49,15 @@ class Config:
         alpha smoothing + per-tensor static INT8), O1 (FlattenQuant, all INT8), O2 (FlattenQuant,
         INT4/INT8 chosen per layer by Eq. 8), O3 (O2 + GPTQ on the flattened weights).
     alpha: smoothing migration strength (Eq. 5 and SmoothQuant), in [0, 1].
-    beta: truncation threshold coefficient T = beta * mean(clipped channel maxima) (Eq. 7), > 0.
+    beta: truncation threshold coefficient T = beta * mean(clipped channel maxima) (Eq. 7), > 0; a
+        larger beta flattens fewer channels (a smaller K', a cheaper GEMM).  None keeps the level's:
+        3.0 for O1, chosen as the cheapest flattening within O1's accuracy target on held-out
+        validation windows under per-token scales (SmolLM2-135M: beta 3 flattens 1.3% of channels
+        at +0.38% / +0.33% perplexity on 4 / 8 windows, beta 1.3 16.1% at +0.09% / +0.11%, no
+        flattening +1.53%: benchmarks/results/accuracy-smollm2-135m-beta-select*-cpu.md; on the
+        H100, OPT-13B shape at 8 x 2048, O1 at that flatten ratio runs at 1.05x naive FP8's time,
+        at the paper's 21.5% 1.20x: benchmarks/results/prefill-2026-12-06-h100.md); 1.3 (the paper's
+        setting) for the other levels, whose INT4 layers have not been re-measured at beta 3.
     gamma: Eq. 8 bit choice: KL4/KL8 < gamma -> INT4, > 0.
     pad_multiple: flattened channel count padded to a multiple of this (32 in the paper).
     outlier_clip: apply the Eq. 6 boxplot clip before averaging channel maxima.
@@ -105,7 +116,7 @@ class Config:
 
     level: str = "O1"
     alpha: float = 0.5
-    beta: float = 1.3
+    beta: float | None = None
     gamma: float = 1.86
     pad_multiple: int = 32
     outlier_clip: bool = True
@@ -137,7 +148,8 @@ class Config:
         if self.level not in LEVELS:
             raise ConfigError(f"Config.level={self.level!r} is unknown; choose one of {', '.join(LEVELS)}")
         _check_range("alpha", self.alpha, 0.0, 1.0)
-        _check_positive("beta", self.beta)
+        if self.beta is not None:
+            _check_positive("beta", self.beta)
         _check_positive("gamma", self.gamma)
         _check_positive("weight_beta", self.weight_beta)
         if not isinstance(self.pad_multiple, int) or self.pad_multiple < 2 or self.pad_multiple % 2:
@@ -196,12 +208,18 @@ class Config:
             spec["weight_clip"] = "mse" if spec["flatten"] else "max"
         spec["weight_granularity"] = "tensor" if self.level == "fp8" else self.weight_scale
         spec["activation_scale"] = self.activation_scale or ("token" if spec["flatten"] else "tensor")
+        spec["beta"] = self.beta if self.beta is not None else LEVEL_BETA.get(self.level, PAPER_BETA)
         self._derived.update(spec)
 
     # what the level implies, with overrides applied
     @property
     def quantize(self) -> bool:
         return self._derived["quantize"]
+
+    @property
+    def threshold_beta(self) -> float:
+        """Eq. 7's beta actually used: beta, or the level's (see beta)."""
+        return self._derived["beta"]
 
     @property
     def smoothing_method(self) -> str:

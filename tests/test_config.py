@@ -5,7 +5,8 @@ from fq_compile import Config, ConfigError
 
 def test_paper_defaults():
     c = Config()
-    assert (c.level, c.alpha, c.beta, c.gamma, c.pad_multiple) == ("O1", 0.5, 1.3, 1.86, 32)
+    assert (c.level, c.alpha, c.beta, c.gamma, c.pad_multiple) == ("O1", 0.5, None, 1.86, 32)
+    assert c.threshold_beta == 3.0 and Config(level="O3").threshold_beta == 1.3     # the level's beta
 
 
 @pytest.mark.parametrize("level,smoothing,flatten,mixed", [
@@ -20,7 +21,7 @@ def test_levels_follow_table_2(level, smoothing, flatten, mixed):
 
 def test_overrides():
     c = Config(level="O1", smoothing="none", beta=1.1)
-    assert c.smoothing_method == "none" and c.beta == 1.1
+    assert c.smoothing_method == "none" and c.beta == 1.1 and c.threshold_beta == 1.1
     assert Config(level="w8a8").weight_clip_method == "max" and Config(level="O3").weight_clip_method == "mse"
     assert Config(level="w8a8", weight_clip="mse").weight_clip_method == "mse"
     assert Config(level="O1", weight_clip="max").weight_clip_method == "max"

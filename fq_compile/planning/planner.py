@@ -61,7 +61,7 @@ def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], f
     s = smoothing_scales(config.smoothing_method, act_max, w_colmax, config.alpha)
     smoothed_max = act_max / s
     if config.flatten:
-        t = truncation_threshold(smoothed_max, config.beta, config.outlier_clip)
+        t = truncation_threshold(smoothed_max, config.threshold_beta, config.outlier_clip)
         extra = extra_channels(smoothed_max, t)
     else:
         t = float(smoothed_max.max())
