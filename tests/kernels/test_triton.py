@@ -193,11 +193,14 @@ def check_flatten_quantize(device: str, cases, seed: int = 0):
         x0[(0,) * (x0.dim() - 1)] = 0                        # the first row all zeros
         for i, xr in enumerate((x, x0)):
             xd = xr.to(device) if layout == "c" else _same_layout_to(xr, device)
-            out, r = tf.flatten_quantize_rows_cuda(xd, dev[0], pmult.to(device), dev[2], dev[3], rmult.to(device), bits)
             ref, rr = flatten_quantize_rows_reference(xr, src, pmult, lo, hi, rmult, bits)
-            assert r.shape == rr.shape and torch.equal(r.cpu(), rr), f"row maxima differ {(lead, c, bits, dtype)}"
-            bad = (out.cpu() != ref).sum().item()
-            assert bad == 0, f"flatten_quantize_rows {(lead, c, bits, dtype, layout)}: {bad} mismatches"
+            for resident in (False, True):      # two launches, and the one-launch row-resident kernel
+                out, r = tf.flatten_quantize_rows_cuda(xd, dev[0], pmult.to(device), dev[2], dev[3],
+                                                       rmult.to(device), bits, resident=resident)
+                case = (lead, c, bits, dtype, layout, "resident" if resident else "two-pass")
+                assert r.shape == rr.shape and torch.equal(r.cpu(), rr), f"row maxima differ {case}"
+                bad = (out.cpu() != ref).sum().item()
+                assert bad == 0, f"flatten_quantize_rows {case}: {bad} mismatches"
             q = ref if bits == 8 else unpack_int4(ref)
             q = q.reshape(-1, q.shape[-1])
             peak = q.abs().amax(-1)

@@ -10,6 +10,12 @@ as [B, T, C], so transposed or sliced activations need no copy.  How close it co
 bandwidth, and how it compares with Inductor compiling the reference's aten ops: benchmarks/results/
 kernels-*.md and benchmarks/NOTES-kernels.md.
 
+Per-token scales (`fq::flatten_quantize_rows`) take the row maxima first.  Two forms: two launches
+(row_absmax_kernel over x, then flatten_quantize_kernel over x again: DRAM reads x twice), and one
+launch (rows_resident_kernel: a program sweeps its own rows twice, the second sweep from L2), chosen
+by FQ_ROWS_KERNEL until the device has timed both on whole models (benchmarks/kernel_bench.py --fusion
+has the column); the same bits either way.
+
 Bit-exactness with `flatten_quantize_reference`: |g| * mult is one explicitly rounded multiply
 (mul_rn), rounding is libdevice rint (half to even), and everything after it is integer arithmetic
 (the op's semantics round first, then slice).  The Triton interpreter has no libdevice, so under
@@ -190,6 +196,96 @@ def flatten_quantize_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, out_ptr, r
               stride_xt, stride_om, BITS, BLOCK_M, ROW_ITERS, HAS_ROW)
 
 
+@triton.jit
+def _quantize_block(x_ptr, out_ptr, x_row, rows64, row_ok, inv, offs, pos_ok, mult, lo, hi_q, cols, col_ok,
+                    stride_om, BITS: tl.constexpr):
+    """One block of output positions for the rows of x_row, with their multipliers inv (per-token)."""
+    if BITS == 8:
+        g = tl.load(x_ptr + x_row[:, None] + offs[None], mask=row_ok[:, None] & pos_ok[None], other=0.0)
+        q = _quantize_rows(g.to(tl.float32), mult, inv[:, None], lo, hi_q)
+    else:
+        g = tl.load(x_ptr + x_row[:, None, None] + offs[None], mask=row_ok[:, None, None] & pos_ok[None], other=0.0)
+        q = _quantize_rows(g.to(tl.float32), mult, inv[:, None, None], lo, hi_q)
+    out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if BITS == 8:
+        tl.store(out_ptrs, q.to(tl.int8), mask=out_mask)
+    else:
+        q_lo, q_hi = tl.split(q)
+        tl.store(out_ptrs, ((q_lo & 0xF) | ((q_hi & 0xF) << 4)).to(tl.uint8), mask=out_mask)
+
+
+@triton.jit
+def rows_resident_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, rmult_ptr, out_ptr, r_ptr,
+                         M, T, C, P, M_BUCKET, stride_xb, stride_xt, stride_xc, stride_om,
+                         BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Per-token scales in one launch: a program owns BLOCK_M whole rows of x [B, T, C] and sweeps
+    them twice, first for the row maxima r (from DRAM), then for the quantize (from L2, where the
+    rows just were), so DRAM sees x once where the two-launch path (row_absmax_kernel, then
+    flatten_quantize_kernel) reads it twice.  Same arithmetic as the two-launch path, so the same
+    bits.  Blocks of original channels (src[p] = p) load contiguously; others gather."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    x_row = (rows64 // T) * stride_xb + (rows64 % T) * stride_xt
+    r = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        ccols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = ccols < C
+        x = tl.load(x_ptr + x_row[:, None] + ccols[None, :].to(tl.int64) * stride_xc,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        rm = tl.load(rmult_ptr + ccols, mask=c_ok, other=0.0)
+        r = tl.maximum(r, tl.max(_mul_rn(tl.abs(x.to(tl.float32)), rm[None, :]), 1))
+    tl.store(r_ptr + rows, r, mask=row_ok)
+    inv = _row_inverse(r, 127.0 if BITS == 8 else 7.0)
+    for p0 in range(0, P, BLOCK_P):
+        cols = p0 + tl.arange(0, BLOCK_P)
+        col_ok = cols < P
+        if BITS == 8:
+            pos = cols
+            pos_ok = col_ok
+        else:  # positions 2j and 2j+1 as a trailing axis of size 2, split into the two nibbles
+            pos = cols[:, None] * 2 + tl.arange(0, 2)[None, :]
+            pos_ok = col_ok[:, None]
+        src = tl.load(src_ptr + pos, mask=pos_ok, other=0)
+        mult = tl.load(mult_ptr + pos, mask=pos_ok, other=0.0)[None]
+        lo = tl.load(lo_ptr + pos, mask=pos_ok, other=0.0)[None]
+        hi_q = tl.minimum(tl.load(hi_ptr + pos, mask=pos_ok, other=0.0), 127.0 if BITS == 8 else 7.0)[None]
+        if tl.min(tl.where((src == pos) | ~pos_ok, 1, 0)) == 1:
+            _quantize_block(x_ptr, out_ptr, x_row, rows64, row_ok, inv, pos.to(tl.int64) * stride_xc, pos_ok,
+                            mult, lo, hi_q, cols, col_ok, stride_om, BITS)
+        else:
+            _quantize_block(x_ptr, out_ptr, x_row, rows64, row_ok, inv, src.to(tl.int64) * stride_xc, pos_ok,
+                            mult, lo, hi_q, cols, col_ok, stride_om, BITS)
+
+
+def _resident_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 2, "BLOCK_C": 32, "BLOCK_P": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_P": bp}, num_warps=w)
+            for bm, bc, bp, w in ((1, 2048, 2048, 8), (1, 1024, 1024, 4), (2, 1024, 1024, 8), (4, 512, 512, 8),
+                                  (1, 4096, 4096, 16))]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_resident(tune: bool = True):
+    configs = _resident_configs()
+    return triton.autotune(configs=configs if tune else configs[:1], key=["M_BUCKET", "C", "P"])(rows_resident_kernel)
+
+
+ROWS_ENV = "FQ_ROWS_KERNEL"     # the per-token quantize on CUDA: "two-pass" (default) | "resident"
+
+
+def rows_kernel() -> str:
+    """Which per-token quantize launches: "two-pass" (row_absmax_kernel then flatten_quantize_kernel,
+    the default until the device has timed both; benchmarks/kernel_bench.py --fusion) or "resident"
+    (rows_resident_kernel: one launch, x read once from DRAM)."""
+    v = os.environ.get(ROWS_ENV, "").strip().lower() or "two-pass"
+    if v not in ("two-pass", "resident"):
+        raise ValueError(f"{ROWS_ENV}={v!r} must be 'two-pass' or 'resident'")
+    return v
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(tune: bool = True):
     configs = _fq_configs()
@@ -212,13 +308,16 @@ def flatten_quantize_cuda(x, src, mult, lo, hi, bits):
     return _launch(x, src, mult, lo, hi, None, bits)[0]
 
 
-def flatten_quantize_rows_cuda(x, src, mult, lo, hi, rmult, bits):
+def flatten_quantize_rows_cuda(x, src, mult, lo, hi, rmult, bits, resident: bool | None = None):
     """CUDA implementation of fq::flatten_quantize_rows: the row maxima first (one pass over x), then
-    the quantize with each row's multiplier; returns (integers, r)."""
-    return _launch(x, src, mult, lo, hi, rmult, bits)
+    the quantize with each row's multiplier; returns (integers, r).  resident: one launch that keeps
+    each row on chip between the two sweeps (rows_resident_kernel); None: as FQ_ROWS_KERNEL says."""
+    if resident is None:
+        resident = rows_kernel() == "resident"
+    return _launch(x, src, mult, lo, hi, rmult, bits, resident)
 
 
-def _launch(x, src, mult, lo, hi, rmult, bits):
+def _launch(x, src, mult, lo, hi, rmult, bits, resident=False):
     k = src.shape[0]
     p = k // 2 if bits == 4 else k
     out_dtype = torch.uint8 if bits == 4 else torch.int8
@@ -233,11 +332,19 @@ def _launch(x, src, mult, lo, hi, rmult, bits):
         if r is not None:
             r.zero_()
         return out, r
+    m_bucket = min(triton.next_power_of_2(m), 4096)
+    if r is not None and resident:
+        def rgrid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]),)
+
+        torch.library.wrap_triton(_tuned_resident(tuning()))[rgrid](
+            x3, src, mult, lo, hi, rmult, out, r, m, t, c, p, m_bucket,
+            x3.stride(0), x3.stride(1), x3.stride(2), p, BITS=bits)
+        return out, r
     if r is not None:
         bm, bc = (2, 32) if _INTERPRET else (4, 512)
         torch.library.wrap_triton(row_absmax_kernel)[(triton.cdiv(m, bm),)](
             x3, rmult, r, m, t, c, x3.stride(0), x3.stride(1), x3.stride(2), BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
-    m_bucket = min(triton.next_power_of_2(m), 4096)
 
     def grid(meta):
         return (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_ITERS"]),)
