@@ -318,10 +318,13 @@ def activation_vs_inductor(dev, m=16384, k=4096, per_token=False, flat_ratio=0.2
     variant, the quantize's cost over the producer alone, bit-exactness of the three.
     per_token: the per-token ops (fq::flatten_quantize_rows / _rows_fused, Config.activation_scale=
     "token", the default plan); flat_ratio: the flattened share (K' = k + ratio * k rounded up to 32);
-    producers: names of `_producers` to time (None: all)."""
+    producers: names of `_producers` to time (None: all).  Per token, "our kernel" is the op as the
+    backend calls it (FQ_ROWS_KERNEL: two launches by default) and "one-launch" the row-resident kernel
+    (kernels/triton/flatten_quantize.py rows_resident_kernel)."""
     from fq_compile.backend import _inductor_settings
     from fq_compile.kernels import dispatch
     from fq_compile.kernels.flatten_quantize import direct_prefix
+    from fq_compile.kernels.triton import flatten_quantize as tfq
     kp = (k + math.ceil(k * flat_ratio) + 31) // 32 * 32
     rows = []
     b = 8
@@ -340,7 +343,9 @@ def activation_vs_inductor(dev, m=16384, k=4096, per_token=False, flat_ratio=0.2
                        "gather": lambda y: torch.ops.fq.flatten_quantize_rows_fused(y, src, mult, lo, hi, rmult,
                                                                                      bits, 0),
                        "slice": lambda y: torch.ops.fq.flatten_quantize_rows_fused(y, src, mult, lo, hi, rmult,
-                                                                                    bits, direct)}
+                                                                                    bits, direct),
+                       "resident": lambda y: tfq.flatten_quantize_rows_cuda(y, src, mult, lo, hi, rmult, bits,
+                                                                            resident=True)}
             else:
                 ops = {"kernel": lambda y: torch.ops.fq.flatten_quantize(y, src, mult, lo, hi, bits),
                        "gather": lambda y: torch.ops.fq.flatten_quantize_fused(y, src, mult, lo, hi, bits, 0),
@@ -349,11 +354,11 @@ def activation_vs_inductor(dev, m=16384, k=4096, per_token=False, flat_ratio=0.2
                 fns = {"alone": lambda x, r, g, p=prod: p(x, r, g)}
                 fns.update({n: (lambda x, r, g, p=prod, op=op: op(p(x, r, g))) for n, op in ops.items()})
                 fns = {n: torch.compile(f, dynamic=False) for n, f in fns.items()}
-                exact = all(_same(fns["kernel"](*xs), fns[v](*xs)) for xs in sets for v in ("gather", "slice"))
+                exact = all(_same(fns["kernel"](*xs), fns[v](*xs)) for xs in sets for v in fns if v not in ("alone", "kernel"))
                 t = {n: try_time(lambda f=f: [lambda xs=xs: f(*xs) for xs in sets]) for n, f in fns.items()}
             over = {n: (t[n] - t["alone"]) if t[n] and t["alone"] else None for n in ("kernel", "gather", "slice")}
-            rows.append([f"INT{bits}", name, fmt(t["alone"]), fmt(t["kernel"]), fmt(t["gather"]), fmt(t["slice"]),
-                         ratio(t["kernel"], t["gather"]), fmt(over["kernel"]), fmt(over["gather"]), exact])
+            rows.append([f"INT{bits}", name, fmt(t["alone"]), fmt(t["kernel"]), fmt(t.get("resident")), fmt(t["gather"]),
+                         fmt(t["slice"]), ratio(t["kernel"], t["gather"]), fmt(over["kernel"]), fmt(over["gather"]), exact])
             print("   ", rows[-1], flush=True)
     return rows
 
@@ -365,7 +370,8 @@ def _same(a, b) -> bool:
     return torch.equal(a, b)
 
 
-FUSION_HEAD = ["bits", "producer", "producer alone", "producer + our kernel", "fused (gather, default)",
+FUSION_HEAD = ["bits", "producer", "producer alone", "producer + our kernel", "+ our one-launch kernel (per token)",
+               "fused (gather, default)",
                "fused (slice + gather)", "x (>1: fused faster)", "quantize cost, kernel", "quantize cost, fused",
                "bit-exact"]
 
@@ -404,10 +410,13 @@ def copy_bandwidth(dev, nbytes: int = 2 << 30) -> float:
 
 
 def candidate_name(bits, cand) -> str:
-    """fusedI / prequantI (tiling I of kernels/triton/decode.py CONFIGS[bits]) or gemm."""
+    """fusedI / prequantI (tiling I of kernels/triton/decode.py CONFIGS[bits]), gemvI (of GEMV_CONFIGS[bits])
+    or gemm."""
     from fq_compile.kernels.triton import decode as td
 
-    return cand[0] if cand[0] == "gemm" else f"{cand[0]}{td.CONFIGS[bits].index(cand[1])}"
+    if cand[0] == "gemm":
+        return "gemm"
+    return f"{cand[0]}{(td.GEMV_CONFIGS if cand[0] == 'gemv' else td.CONFIGS)[bits].index(cand[1])}"
 
 
 def bench_decode(k, n, m, dev, per_token=True):
@@ -444,6 +453,9 @@ def bench_decode(k, n, m, dev, per_token=True):
         cand = {}
         for i, c in enumerate(td.candidates(bits)):
             name = candidate_name(bits, c)
+            if c[0] == "gemv" and m > td.GEMV_MAX_M:        # not a candidate at this M
+                cand[name] = None
+                continue
             cand[name] = try_time(lambda c=c: [lambda w=w: td.flat_linear_cuda(*args, w, scale, bias, f16, rmult=rmult,
                                                                                 config=c) for w in ws])
             exact = torch.equal(td.flat_linear_cuda(*args, ws[0], scale, bias, f16, rmult=rmult, config=c), ref)

@@ -124,9 +124,16 @@ def _interp_main(which: str):
     from fq_compile.kernels.triton import decode as td
 
     bits = {"decode8": 8, "decode4": 4}[which]
-    # every variant, with and without per-token scales (case i: variant i % 3, per-token scales if i odd)
-    check_decode("cpu", [c for c in SMALL if c[3] == bits], seed=11 + bits,
-                 configs=[(v, None if v == "gemm" else td.INTERPRET_CONFIG) for v in td.VARIANTS])
+    # every variant, with and without per-token scales (case i: variant i % 3, per-token scales if i odd),
+    # then the gemv variant on the cases it takes (M <= GEMV_MAX_M), again with and without
+    cases = [c for c in SMALL if c[3] == bits]
+    check_decode("cpu", cases, seed=11 + bits,
+                 configs=[(v, None if v == "gemm" else td.INTERPRET_CONFIG) for v in td.VARIANTS if v != "gemv"])
+    check_decode("cpu", [c for c in cases if c[0] <= td.GEMV_MAX_M], seed=13 + bits,
+                 configs=[("gemv", td.INTERPRET_CONFIG)])
+    with pytest.raises(ValueError, match="gemv variant takes at most"):
+        _, dev_args = _case(8, 20, 16, bits, 2, torch.Generator().manual_seed(0), "cpu")
+        td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], torch.float32, config=("gemv", td.INTERPRET_CONFIG))
     print(f"{which}: ok")
 
 
@@ -187,7 +194,9 @@ def test_gpu_every_tiling(bits):
     shapes = [(3, 2600, 200, bits, pad, torch.float16, True, "c"), (16, 200, 200, bits, pad, torch.bfloat16, False, "t"),
               (64, 2600, 200, bits, pad, torch.float32, True, "c"), (1, 200, 200, bits, pad, torch.float16, True, "c"),
               (1, 2600, 200, bits, pad, torch.float16, False, "c")]
-    cases = [shapes[i % len(shapes)] for i in range(len(cands))]
+    few = [sh for sh in shapes if sh[0] <= td.GEMV_MAX_M]         # the gemv variant takes M <= 4
+    cases = [(few if c[0] == "gemv" else shapes)[i % (len(few) if c[0] == "gemv" else len(shapes))]
+             for i, c in enumerate(cands)]
     check_decode("cuda", cases, seed=30 + bits, configs=cands,
                  out_dtypes=(torch.float16, torch.float32, torch.bfloat16, torch.float16, torch.float16))
 
@@ -253,9 +262,10 @@ def test_choice_follows_the_measured_times(monkeypatch, tmp_path):
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     cands = td.candidates(4)
-    assert [v for v, _ in cands].count("prequant") >= 1 and cands[-1] == ("gemm", None) and cands[0][0] == "fused"
+    assert [v for v, _ in cands].count("prequant") >= 1 and cands[6] == ("gemm", None) and cands[0][0] == "fused"
+    assert [v for v, _ in cands[7:]] == ["gemv", "gemv"]
     # measured times: per-token the pre-quantized variant is fastest, static the gemm
-    times = {False: [5.0, 4.0, 6.0, 7.0, 4.5, 8.0, 3.0], True: [9.0, 9.5, 8.0, 9.9, 2.0, 2.5, 4.0]}
+    times = {False: [5.0, 4.0, 6.0, 7.0, 4.5, 8.0, 3.0, 3.5, 9.0], True: [9.0, 9.5, 8.0, 9.9, 2.0, 2.5, 4.0, 3.0, 2.2]}
     timed = []
 
     def fake_time(fn, device):
@@ -280,6 +290,31 @@ def test_choice_follows_the_measured_times(monkeypatch, tmp_path):
     capturing[0] = True                                  # an untuned shape during a capture: no timing
     assert td._choose(4, 5120, 4096, 16, False, dev, run_for(False)) == cands[0]
     assert len(timed) == 2 * len(cands) and len(td._BEST) == 2
+
+
+def test_each_row_bucket_is_tuned_apart(monkeypatch):
+    """M = 1 and M = 16 share the kernel's BLOCK_M (16) but not the tuned choice: on the H100 the best
+    candidate differs between them, and a shared bucket ran M = 16 with M = 1's choice."""
+    from fq_compile.kernels.triton import decode as td
+
+    seen = []
+
+    class Chosen(Exception):
+        pass
+
+    def fake_choose(bits, n, k, bucket, rows, device, run):
+        seen.append(bucket)
+        raise Chosen
+
+    monkeypatch.setattr(td, "_choose", fake_choose)
+    k, n = 64, 32
+    src, mult, lo, hi = torch.arange(k, dtype=torch.int32), torch.ones(k), torch.zeros(k), torch.full((k,), 1e9)
+    wq = torch.zeros(n, k, dtype=torch.int8)
+    for m in (1, 2, 9, 16, 17, 64):
+        with pytest.raises(Chosen):
+            td.flat_linear_cuda(torch.randn(m, k), src, mult, lo, hi, 8, wq, torch.ones(n), None, torch.float32)
+    assert seen == [1, 2, 16, 16, 32, 64]
+    assert [td.tune_rows(m) for m in (1, 3, 16)] == [1, 4, 16]
 
 
 if __name__ == "__main__":

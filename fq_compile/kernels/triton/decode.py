@@ -31,12 +31,13 @@ used M times, so the kernel's speed is the speed at which it streams the weight.
     time, never inside a CUDA graph capture) and shared by every layer, so calls must not run
     concurrently on two streams.
 
-Which way a call runs is measured, not assumed: per (GPU, bits, N, K, row bucket, static or
-per-token scales) the tuner times seven candidates on first use, each replayed from a CUDA graph
+Which way a call runs is measured, not assumed: per (GPU, bits, N, K, row bucket (`tune_rows`: the
+power of two >= M), static or per-token scales) the tuner times nine candidates on first use, each replayed from a CUDA graph
 with L2 flushed before every call, as a decode step runs it (`replay_ms`; well under a second a
 shape; never inside a CUDA graph capture): the fused kernel in four tilings, the same kernel on an activation quantized
-once by flatten_quantize (two tilings; no prologue work, which every N tile otherwise repeats), and
-flatten_quantize + the prefill GEMM op.  The choice is kept in memory and in `decode_tune.json`
+once by flatten_quantize (two tilings; no prologue work, which every N tile otherwise repeats),
+flatten_quantize + the prefill GEMM op, and for M <= 4 the pre-quantized activation times the weights
+on the CUDA cores (`flat_gemv_kernel`, two tilings; a larger M times it as never fitting).  The choice is kept in memory and in `decode_tune.json`
 under $FQ_CACHE_DIR (or ~/.cache/fq_compile), so later processes never re-time.
 Under TRITON_INTERPRET=1 one small configuration runs, so CPU tests cover the split and unsplit
 epilogues bit for bit.
@@ -139,6 +140,17 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
             acc = tl.dot(w_lo, q_lo, acc, out_dtype=tl.int32)
             acc = tl.dot(w_hi, q_hi, acc, out_dtype=tl.int32)
 
+    _finish(acc, ws_ptr, cnt_ptr, out_ptr, scale_ptr, bias_ptr, r, offs_n, n_ok, rows, row_ok, N, pid_n, splits,
+            stride_om, stride_on, HAS_BIAS, HAS_ROW, BLOCK_N, BLOCK_M)
+
+
+@triton.jit
+def _finish(acc, ws_ptr, cnt_ptr, out_ptr, scale_ptr, bias_ptr, r, offs_n, n_ok, rows, row_ok, N, pid_n, splits,
+            stride_om, stride_on, HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_M: tl.constexpr):
+    """One split's int32 partial tile [BLOCK_N, BLOCK_M]: stored through the epilogue when K is not
+    split; else added into the workspace, and the split that draws the last ticket finishes the tile
+    (module docstring)."""
     mask = n_ok[:, None] & row_ok[None, :]
     if splits > 1:
         ws = ws_ptr + rows[None, :] * N + offs_n[:, None]
@@ -151,6 +163,54 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
                    HAS_ROW)
     else:
         _store(acc, out_ptr, scale_ptr, bias_ptr, r, offs_n, n_ok, rows, mask, stride_om, stride_on, HAS_BIAS, HAS_ROW)
+
+
+@triton.jit
+def flat_gemv_kernel(q_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, r_ptr, M, N, K,
+                     stride_qm, stride_qk, stride_wn, stride_wk, stride_om, stride_on,
+                     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_BLOCKS: tl.constexpr):
+    """The "gemv" variant: out[M, N] for M <= GEMV_MAX_M rows of an already quantized activation q
+    (int8 [M, K] or packed uint8 [M, K/2], with r its row scales under HAS_ROW), as int32
+    multiply-adds on the CUDA cores, broadcast and summed over K: no tensor-core operand layout to
+    convert the weight tile into, so the weight streams from DRAM through plain vector loads into
+    registers, nibbles unpacked in place.  Same split-K scheme and epilogue as the weight-streaming
+    kernel (the sums are exact integers in any order, so the same bits)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    splits = tl.num_programs(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    cols = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N).to(tl.int64)  # loads need no mask
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    k_lo = pid_k * (SPLIT_BLOCKS * BLOCK_K)
+    k_hi = tl.minimum(K, k_lo + SPLIT_BLOCKS * BLOCK_K)
+    if BITS == 8:
+        kk = tl.arange(0, BLOCK_K)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            pos = k + kk
+            pos_ok = pos < K
+            q = tl.load(q_ptr + rows[None, :] * stride_qm + pos[:, None] * stride_qk,
+                        mask=pos_ok[:, None] & row_ok[None, :], other=0)
+            w = tl.load(w_ptr + cols[:, None] * stride_wn + pos[None, :] * stride_wk, mask=pos_ok[None, :], other=0)
+            acc += tl.sum(w.to(tl.int32)[:, :, None] * q.to(tl.int32)[None, :, :], axis=1)
+    else:
+        KB: tl.constexpr = BLOCK_K // 2
+        jj = tl.arange(0, KB)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            j = k // 2 + jj                       # bytes; byte j holds positions 2j (low), 2j+1 (high)
+            j_ok = j < K // 2
+            q_lo, q_hi = _nibbles(tl.load(q_ptr + rows[None, :] * stride_qm + j[:, None] * stride_qk,
+                                          mask=j_ok[:, None] & row_ok[None, :], other=0))
+            w_lo, w_hi = _nibbles(tl.load(w_ptr + cols[:, None] * stride_wn + j[None, :] * stride_wk,
+                                          mask=j_ok[None, :], other=0))
+            acc += tl.sum(w_lo.to(tl.int32)[:, :, None] * q_lo.to(tl.int32)[None, :, :]
+                          + w_hi.to(tl.int32)[:, :, None] * q_hi.to(tl.int32)[None, :, :], axis=1)
+    _finish(acc, ws_ptr, cnt_ptr, out_ptr, scale_ptr, bias_ptr, r, offs_n, n_ok, rows, row_ok, N, pid_n, splits,
+            stride_om, stride_on, HAS_BIAS, HAS_ROW, BLOCK_N, BLOCK_M)
 
 
 @triton.jit
@@ -188,14 +248,21 @@ INTERPRET_CONFIG = _cfg(16, 32, 1, 4, 1)
 #              kernel reading it (one more launch; no prologue work, half the activation bytes at INT4);
 #   "gemm"     flatten_quantize(_rows), then the prefill GEMM op (fq::int8/int4_linear): tiles of 64+
 #              rows, which can win at M = 16-64.
-VARIANTS = ("fused", "prequant", "gemm")
+#   "gemv"     flatten_quantize(_rows) once, then flat_gemv_kernel: the products on the CUDA cores (no
+#              tensor-core operand layout for the weight tile), for M <= GEMV_MAX_M only.
+VARIANTS = ("fused", "prequant", "gemm", "gemv")
 PREQUANT_TILINGS = (0, 3)         # of CONFIGS: the other two add compiles that rarely win without a prologue
+GEMV_MAX_M = 4                    # the gemv tile holds BLOCK_N x BLOCK_K x rows int32 products in registers
+GEMV_CONFIGS = {
+    8: [_cfg(64, 256, 8, 4, 3), _cfg(32, 512, 4, 4, 3)],
+    4: [_cfg(64, 512, 8, 4, 3), _cfg(32, 1024, 4, 4, 3)],
+}
 
 
 def candidates(bits: int) -> list[tuple[str, triton.Config | None]]:
     """Every (variant, tiling) the tuner times, in a fixed order (the disk table stores indices)."""
     return ([("fused", c) for c in CONFIGS[bits]] + [("prequant", CONFIGS[bits][i]) for i in PREQUANT_TILINGS]
-            + [("gemm", None)])
+            + [("gemm", None)] + [("gemv", c) for c in GEMV_CONFIGS[bits]])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,7 +339,7 @@ def replay_ms(fn, device, reps: int = 8, rounds: int = 5) -> float:
 def _choose(bits: int, n: int, k: int, bucket: int, rows: bool, device: torch.device, run):
     """The fastest (variant, tiling) for this shape, row bucket and kind of scales (rows: per-token):
     from memory, from the disk table (shared by processes: a second process never re-times), else
-    timed now (seven candidates, replay_ms), except during a CUDA graph capture, where nothing may
+    timed now (every candidate, replay_ms), except during a CUDA graph capture, where nothing may
     synchronize: then the first candidate, not remembered."""
     cands = candidates(bits)
     if _INTERPRET:
@@ -281,7 +348,7 @@ def _choose(bits: int, n: int, k: int, bucket: int, rows: bool, device: torch.de
     key = (name, bits, n, k, bucket, rows)
     if key in _BEST:
         return cands[_BEST[key]]
-    skey = (f"{name}|{triton.__version__}|int{bits}|n{n}|k{k}|m{bucket}|{'token' if rows else 'tensor'}"
+    skey = (f"{name}|{triton.__version__}|int{bits}|n{n}|k{k}|rows{bucket}|{'token' if rows else 'tensor'}"
             f"|{len(cands)} candidates")
     disk = _load_tuned().get(skey)
     if isinstance(disk, int) and 0 <= disk < len(cands):
@@ -353,6 +420,14 @@ def _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult):
     return op(xq, wq, scale, bias, out_dtype) if r is None else op(xq, wq, scale, bias, out_dtype, row_scale=r)
 
 
+def tune_rows(m: int) -> int:
+    """The row bucket a choice is tuned and remembered for: the power of two >= M.  Finer than the
+    kernel's BLOCK_M (at least 16, for tl.dot): on the H100 the best candidate at M = 1 and at M = 16
+    differ (fc1 INT8: fused3 at M = 1, the GEMM at M = 16, 1.7x faster there), and one bucket for
+    both ran M = 16 with M = 1's choice (benchmarks/results/kernels-decode-2026-12-06-h100.md)."""
+    return triton.next_power_of_2(max(m, 1))
+
+
 def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, rmult=None, config=None):
     """fq::flat_linear on CUDA (and, under TRITON_INTERPRET=1, on the CPU): for M <= DECODE_MAX_M
     rows the fastest measured of the weight-streaming kernel (fused or on a pre-quantized activation)
@@ -379,6 +454,18 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
         if variant == "gemm":
             return _gemm(x2, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult)
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+        if variant == "gemv":
+            if m > GEMV_MAX_M:
+                raise ValueError(f"flat_linear: the gemv variant takes at most {GEMV_MAX_M} rows, got {m}")
+            a, rq = _unfused(x2, src, mult, lo, hi, rmult, bits)
+            meta = cfg.kwargs
+            grid = (triton.cdiv(n, meta["BLOCK_N"]), max(1, triton.cdiv(k, meta["SPLIT_BLOCKS"] * meta["BLOCK_K"])))
+            flat_gemv_kernel[grid](
+                a, wq, scale, bias_arg, out, sums, counters, scale if rq is None else rq, m, n, k,
+                a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
+                BITS=bits, HAS_BIAS=has_bias, HAS_ROW=rq is not None, BLOCK_M=triton.next_power_of_2(m),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+            return out
         a = x2
         r = scale                   # a float32 pointer the kernel never reads without HAS_ROW
         if variant == "prequant":
@@ -398,7 +485,7 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
         return out
 
     if config is None:
-        config = _choose(bits, n, k, row_bucket, rmult is not None, x.device, run)
+        config = _choose(bits, n, k, tune_rows(m), rmult is not None, x.device, run)
     elif isinstance(config, triton.Config):
         config = ("fused", config)
     if config[0] not in VARIANTS:
