@@ -354,11 +354,13 @@ def activation_vs_inductor(dev, m=16384, k=4096, per_token=False, flat_ratio=0.2
                 fns = {"alone": lambda x, r, g, p=prod: p(x, r, g)}
                 fns.update({n: (lambda x, r, g, p=prod, op=op: op(p(x, r, g))) for n, op in ops.items()})
                 fns = {n: torch.compile(f, dynamic=False) for n, f in fns.items()}
-                exact = all(_same(fns["kernel"](*xs), fns[v](*xs)) for xs in sets for v in fns if v not in ("alone", "kernel"))
+                others = [v for v in fns if v not in ("alone", "kernel")]
+                exact = all(_same(fns["kernel"](*xs), fns[v](*xs)) for xs in sets for v in others)
                 t = {n: try_time(lambda f=f: [lambda xs=xs: f(*xs) for xs in sets]) for n, f in fns.items()}
             over = {n: (t[n] - t["alone"]) if t[n] and t["alone"] else None for n in ("kernel", "gather", "slice")}
-            rows.append([f"INT{bits}", name, fmt(t["alone"]), fmt(t["kernel"]), fmt(t.get("resident")), fmt(t["gather"]),
-                         fmt(t["slice"]), ratio(t["kernel"], t["gather"]), fmt(over["kernel"]), fmt(over["gather"]), exact])
+            rows.append([f"INT{bits}", name, fmt(t["alone"]), fmt(t["kernel"]), fmt(t.get("resident")),
+                         fmt(t["gather"]), fmt(t["slice"]), ratio(t["kernel"], t["gather"]), fmt(over["kernel"]),
+                         fmt(over["gather"]), exact])
             print("   ", rows[-1], flush=True)
     return rows
 

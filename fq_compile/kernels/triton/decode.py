@@ -32,13 +32,14 @@ used M times, so the kernel's speed is the speed at which it streams the weight.
     concurrently on two streams.
 
 Which way a call runs is measured, not assumed: per (GPU, bits, N, K, row bucket (`tune_rows`: the
-power of two >= M), static or per-token scales) the tuner times nine candidates on first use, each replayed from a CUDA graph
-with L2 flushed before every call, as a decode step runs it (`replay_ms`; well under a second a
-shape; never inside a CUDA graph capture): the fused kernel in four tilings, the same kernel on an activation quantized
-once by flatten_quantize (two tilings; no prologue work, which every N tile otherwise repeats),
-flatten_quantize + the prefill GEMM op, and for M <= 4 the pre-quantized activation times the weights
-on the CUDA cores (`flat_gemv_kernel`, two tilings; a larger M times it as never fitting).  The choice is kept in memory and in `decode_tune.json`
-under $FQ_CACHE_DIR (or ~/.cache/fq_compile), so later processes never re-time.
+power of two >= M), static or per-token scales) the tuner times nine candidates on first use, each
+replayed from a CUDA graph with L2 flushed before every call, as a decode step runs it (`replay_ms`;
+well under a second a shape; never inside a CUDA graph capture): the fused kernel in four tilings,
+the same kernel on an activation quantized once by flatten_quantize (two tilings; no prologue work,
+which every N tile otherwise repeats), flatten_quantize + the prefill GEMM op, and for M <= 4 the
+pre-quantized activation times the weights on the CUDA cores (`flat_gemv_kernel`, two tilings; a
+larger M times it as never fitting).  The choice is kept in memory and in `decode_tune.json` under
+$FQ_CACHE_DIR (or ~/.cache/fq_compile), so later processes never re-time.
 Under TRITON_INTERPRET=1 one small configuration runs, so CPU tests cover the split and unsplit
 epilogues bit for bit.
 """
