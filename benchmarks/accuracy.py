@@ -128,7 +128,7 @@ def zero_shot(args, call, tok) -> dict:
     from fq_compile.tools.zeroshot import evaluate_zero_shot
 
     return evaluate_zero_shot(call, tok, tasks=args.tasks, data_dir=args.data_dir,
-                              limit=args.zs_limit or None, batch_size=getattr(args, "zs_batch_size", 16), progress=False)
+                              limit=args.zs_limit or None, batch_size=args.zs_batch_size, progress=False)
 
 
 def _fmt_bytes(v: dict) -> str:

@@ -13,9 +13,10 @@ operation on those values (gather x[src[p]], |x| * mult, round once, slice: flat
 so the GEMM kernel can do it in its prologue, in registers, instead of a separate kernel writing
 the quantized activation to memory and the GEMM reading it back (two launches and a round trip per
 layer, per token).  Whether that wins is measured, not assumed: on CUDA, for M <= DECODE_MAX_M the
-op runs whichever of the fused weight-streaming kernel, the same kernel on an activation quantized
-once, and flatten_quantize + the GEMM the tuner timed fastest for the shape
-(kernels/triton/decode.py), and flatten_quantize + the GEMM above, so it is correct at every size.
+op runs whichever candidate the tuner timed fastest for the shape (kernels/triton/decode.py: the
+fused weight-streaming kernel, the same kernel on an activation quantized once, with tensor-core or,
+at M <= 4, CUDA-core products, and flatten_quantize + the GEMM), and flatten_quantize + the GEMM
+above, so it is correct at every size.
 
 The op is opaque to Inductor (a plain custom op, not a triton_op): the choice between the two paths
 is made at run time, not baked into compiled code with a guard, and the fused kernel's split-K

@@ -296,12 +296,11 @@ def calibrate_many(model: torch.nn.Module, batches: Iterable,
     if not cfgs:
         raise ValueError("calibrate_many() needs at least one Config")
     _require_eval(model)
-    observing = [c for c in cfgs if _observes(c)]
+    observing = [i for i, c in enumerate(cfgs) if _observes(c)]
     obs = device = None
     if observing:
-        obs, batches, device = _observe_for(model, batches, observing,
-                                            [labels[i] for i, c in enumerate(cfgs) if _observes(c)], progress,
-                                            "calibrate_many")
+        obs, batches, device = _observe_for(model, batches, [cfgs[i] for i in observing],
+                                            [labels[i] for i in observing], progress, "calibrate_many")
     plans = []
     for c in cfgs:       # a loop, not a comprehension: _warn_kept's stacklevel names the caller's line
         plans.append(_plan(model, obs, c, batches, device, progress) if _observes(c) else _empty_plan(model, c))

@@ -184,7 +184,7 @@ def test_accuracy_benchmark_zero_shot_table(tmp_path, tokenizer):
     accuracy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(accuracy)
     write_tasks(tmp_path, ["piqa"])
-    args = SimpleNamespace(tasks="piqa,arc_easy", data_dir=str(tmp_path), zs_limit=0)
+    args = SimpleNamespace(tasks="piqa,arc_easy", data_dir=str(tmp_path), zs_limit=0, zs_batch_size=16)
     res = accuracy.zero_shot(args, tiny_llama(), tokenizer)
     check_scores(res, ["piqa"])
     assert set(res["missing"]) == {"arc_easy"}

@@ -37,7 +37,7 @@ replayed from a CUDA graph with L2 flushed before every call, as a decode step r
 well under a second a shape; never inside a CUDA graph capture): the fused kernel in four tilings,
 the same kernel on an activation quantized once by flatten_quantize (two tilings; no prologue work,
 which every N tile otherwise repeats), flatten_quantize + the prefill GEMM op, and for M <= 4 the
-pre-quantized activation times the weights on the CUDA cores (`flat_gemv_kernel`, two tilings; a
+pre-quantized activation times the weights on the CUDA cores (the same kernel without tl.dot, two tilings; a
 larger M times it as never fitting).  The choice is kept in memory and in `decode_tune.json` under
 $FQ_CACHE_DIR (or ~/.cache/fq_compile), so later processes never re-time.
 Under TRITON_INTERPRET=1 one small configuration runs, so CPU tests cover the split and unsplit
@@ -88,11 +88,13 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
                               stride_om, stride_on,
                               BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, PREQ: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              SPLIT_BLOCKS: tl.constexpr):
+                              SPLIT_BLOCKS: tl.constexpr, DOT: tl.constexpr = True):
     """out[M, N] = flat_linear(x[M, C]) for one (N tile, K split); K counts flattened positions
     (w has K or K/2 bytes a row); module docstring for the scheme.  PREQ: x is already the quantized
     activation (flatten_quantize's int8 [M, K] or packed uint8 [M, K/2]; src/mult/lo/hi unused) and
-    r, with HAS_ROW, its row scales."""
+    r, with HAS_ROW, its row scales.  DOT=False (the "gemv" variant, BLOCK_M <= GEMV_MAX_M): the
+    products on the CUDA cores, broadcast and summed over K, instead of tl.dot (no tensor-core operand
+    layout to convert the weight tile into; the integer sums are exact in any order, so the same bits)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -121,7 +123,7 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
                 q = _quantized_rows(x_ptr, pos, pos_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr,
                                     stride_xm, stride_xc, inv, QMAX, HAS_ROW)
             w = tl.load(w_ptr + cols[:, None] * stride_wn + pos[None, :] * stride_wk, mask=pos_ok[None, :], other=0)
-            acc = tl.dot(w, q, acc, out_dtype=tl.int32)
+            acc = _mac(acc, w, q, DOT)
     else:
         KB: tl.constexpr = BLOCK_K // 2
         jj = tl.arange(0, KB)
@@ -138,20 +140,8 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
                                        stride_xm, stride_xc, inv, QMAX, HAS_ROW)
             pw = tl.load(w_ptr + cols[:, None] * stride_wn + j[None, :] * stride_wk, mask=j_ok[None, :], other=0)
             w_lo, w_hi = _nibbles(pw)
-            acc = tl.dot(w_lo, q_lo, acc, out_dtype=tl.int32)
-            acc = tl.dot(w_hi, q_hi, acc, out_dtype=tl.int32)
+            acc = _mac(_mac(acc, w_lo, q_lo, DOT), w_hi, q_hi, DOT)
 
-    _finish(acc, ws_ptr, cnt_ptr, out_ptr, scale_ptr, bias_ptr, r, offs_n, n_ok, rows, row_ok, N, pid_n, splits,
-            stride_om, stride_on, HAS_BIAS, HAS_ROW, BLOCK_N, BLOCK_M)
-
-
-@triton.jit
-def _finish(acc, ws_ptr, cnt_ptr, out_ptr, scale_ptr, bias_ptr, r, offs_n, n_ok, rows, row_ok, N, pid_n, splits,
-            stride_om, stride_on, HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_M: tl.constexpr):
-    """One split's int32 partial tile [BLOCK_N, BLOCK_M]: stored through the epilogue when K is not
-    split; else added into the workspace, and the split that draws the last ticket finishes the tile
-    (module docstring)."""
     mask = n_ok[:, None] & row_ok[None, :]
     if splits > 1:
         ws = ws_ptr + rows[None, :] * N + offs_n[:, None]
@@ -167,51 +157,13 @@ def _finish(acc, ws_ptr, cnt_ptr, out_ptr, scale_ptr, bias_ptr, r, offs_n, n_ok,
 
 
 @triton.jit
-def flat_gemv_kernel(q_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, r_ptr, M, N, K,
-                     stride_qm, stride_qk, stride_wn, stride_wk, stride_om, stride_on,
-                     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_BLOCKS: tl.constexpr):
-    """The "gemv" variant: out[M, N] for M <= GEMV_MAX_M rows of an already quantized activation q
-    (int8 [M, K] or packed uint8 [M, K/2], with r its row scales under HAS_ROW), as int32
-    multiply-adds on the CUDA cores, broadcast and summed over K: no tensor-core operand layout to
-    convert the weight tile into, so the weight streams from DRAM through plain vector loads into
-    registers, nibbles unpacked in place.  Same split-K scheme and epilogue as the weight-streaming
-    kernel (the sums are exact integers in any order, so the same bits)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    splits = tl.num_programs(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    cols = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N).to(tl.int64)  # loads need no mask
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    k_lo = pid_k * (SPLIT_BLOCKS * BLOCK_K)
-    k_hi = tl.minimum(K, k_lo + SPLIT_BLOCKS * BLOCK_K)
-    if BITS == 8:
-        kk = tl.arange(0, BLOCK_K)
-        for k in range(k_lo, k_hi, BLOCK_K):
-            pos = k + kk
-            pos_ok = pos < K
-            q = tl.load(q_ptr + rows[None, :] * stride_qm + pos[:, None] * stride_qk,
-                        mask=pos_ok[:, None] & row_ok[None, :], other=0)
-            w = tl.load(w_ptr + cols[:, None] * stride_wn + pos[None, :] * stride_wk, mask=pos_ok[None, :], other=0)
-            acc += tl.sum(w.to(tl.int32)[:, :, None] * q.to(tl.int32)[None, :, :], axis=1)
+def _mac(acc, w, q, DOT: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] += w [BLOCK_N, k] @ q [k, BLOCK_M] in int32: tensor cores (DOT) or CUDA cores."""
+    if DOT:
+        acc = tl.dot(w, q, acc, out_dtype=tl.int32)
     else:
-        KB: tl.constexpr = BLOCK_K // 2
-        jj = tl.arange(0, KB)
-        for k in range(k_lo, k_hi, BLOCK_K):
-            j = k // 2 + jj                       # bytes; byte j holds positions 2j (low), 2j+1 (high)
-            j_ok = j < K // 2
-            q_lo, q_hi = _nibbles(tl.load(q_ptr + rows[None, :] * stride_qm + j[:, None] * stride_qk,
-                                          mask=j_ok[:, None] & row_ok[None, :], other=0))
-            w_lo, w_hi = _nibbles(tl.load(w_ptr + cols[:, None] * stride_wn + j[None, :] * stride_wk,
-                                          mask=j_ok[None, :], other=0))
-            acc += tl.sum(w_lo.to(tl.int32)[:, :, None] * q_lo.to(tl.int32)[None, :, :]
-                          + w_hi.to(tl.int32)[:, :, None] * q_hi.to(tl.int32)[None, :, :], axis=1)
-    _finish(acc, ws_ptr, cnt_ptr, out_ptr, scale_ptr, bias_ptr, r, offs_n, n_ok, rows, row_ok, N, pid_n, splits,
-            stride_om, stride_on, HAS_BIAS, HAS_ROW, BLOCK_N, BLOCK_M)
+        acc += tl.sum(w.to(tl.int32)[:, :, None] * q.to(tl.int32)[None, :, :], axis=1)
+    return acc
 
 
 @triton.jit
@@ -249,7 +201,7 @@ INTERPRET_CONFIG = _cfg(16, 32, 1, 4, 1)
 #              kernel reading it (one more launch; no prologue work, half the activation bytes at INT4);
 #   "gemm"     flatten_quantize(_rows), then the prefill GEMM op (fq::int8/int4_linear): tiles of 64+
 #              rows, which can win at M = 16-64.
-#   "gemv"     flatten_quantize(_rows) once, then flat_gemv_kernel: the products on the CUDA cores (no
+#   "gemv"     as "prequant", with the products on the CUDA cores instead of tl.dot (DOT=False: no
 #              tensor-core operand layout for the weight tile), for M <= GEMV_MAX_M only.
 VARIANTS = ("fused", "prequant", "gemm", "gemv")
 PREQUANT_TILINGS = (0, 3)         # of CONFIGS: the other two add compiles that rarely win without a prologue
@@ -454,22 +406,12 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
     def run(variant, cfg):
         if variant == "gemm":
             return _gemm(x2, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult)
+        if variant == "gemv" and m > GEMV_MAX_M:
+            raise ValueError(f"flat_linear: the gemv variant takes at most {GEMV_MAX_M} rows, got {m}")
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-        if variant == "gemv":
-            if m > GEMV_MAX_M:
-                raise ValueError(f"flat_linear: the gemv variant takes at most {GEMV_MAX_M} rows, got {m}")
-            a, rq = _unfused(x2, src, mult, lo, hi, rmult, bits)
-            meta = cfg.kwargs
-            grid = (triton.cdiv(n, meta["BLOCK_N"]), max(1, triton.cdiv(k, meta["SPLIT_BLOCKS"] * meta["BLOCK_K"])))
-            flat_gemv_kernel[grid](
-                a, wq, scale, bias_arg, out, sums, counters, scale if rq is None else rq, m, n, k,
-                a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-                BITS=bits, HAS_BIAS=has_bias, HAS_ROW=rq is not None, BLOCK_M=triton.next_power_of_2(m),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
-            return out
         a = x2
         r = scale                   # a float32 pointer the kernel never reads without HAS_ROW
-        if variant == "prequant":
+        if variant in ("prequant", "gemv"):
             a, rq = _unfused(x2, src, mult, lo, hi, rmult, bits)
             r = r if rq is None else rq
         elif rmult is not None:
@@ -481,7 +423,8 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
         flat_linear_decode_kernel[grid](
             a, src, mult, lo, hi, wq, scale, bias_arg, out, sums, counters, r, m, n, k,
             a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-            BITS=bits, HAS_BIAS=has_bias, HAS_ROW=rmult is not None, PREQ=variant == "prequant", BLOCK_M=row_bucket,
+            BITS=bits, HAS_BIAS=has_bias, HAS_ROW=rmult is not None, PREQ=variant != "fused", DOT=variant != "gemv",
+            BLOCK_M=tune_rows(m) if variant == "gemv" else row_bucket,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
         return out
 

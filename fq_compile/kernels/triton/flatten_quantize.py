@@ -94,14 +94,17 @@ def _row_inverse(r, QMAX: tl.constexpr):
 
 
 @triton.jit
-def row_absmax_kernel(x_ptr, rmult_ptr, r_ptr, M, T, C, stride_xb, stride_xt, stride_xc,
-                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """r[m] = max_c fl(|x[m, c]| * rmult[c]) for BLOCK_M rows of x [B, T, C] (rows m = b*T + t): the
-    per-token scales' first pass (the max is exact in any order)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _row_offsets(row0, M, T, stride_xb, stride_xt, BLOCK_M: tl.constexpr):
+    """BLOCK_M rows from row0 of x [B, T, C] (row m = b*T + t): (rows, in range, as int64, x offsets)."""
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
-    x_row = (rows64 // T) * stride_xb + (rows64 % T) * stride_xt
+    return rows, row_ok, rows64, (rows64 // T) * stride_xb + (rows64 % T) * stride_xt
+
+
+@triton.jit
+def _row_maxima(x_ptr, rmult_ptr, x_row, row_ok, C, stride_xc, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """r = max_c fl(|x[row, c]| * rmult[c]) over the rows at x offsets x_row (the max is exact in any order)."""
     r = tl.zeros([BLOCK_M], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -110,7 +113,16 @@ def row_absmax_kernel(x_ptr, rmult_ptr, r_ptr, M, T, C, stride_xb, stride_xt, st
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         rm = tl.load(rmult_ptr + cols, mask=c_ok, other=0.0)
         r = tl.maximum(r, tl.max(_mul_rn(tl.abs(x.to(tl.float32)), rm[None, :]), 1))
-    tl.store(r_ptr + rows, r, mask=row_ok)
+    return r
+
+
+@triton.jit
+def row_absmax_kernel(x_ptr, rmult_ptr, r_ptr, M, T, C, stride_xb, stride_xt, stride_xc,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """r[m] = max_c fl(|x[m, c]| * rmult[c]) for BLOCK_M rows of x [B, T, C] (rows m = b*T + t): the
+    per-token scales' first pass."""
+    rows, row_ok, _, x_row = _row_offsets(tl.program_id(0) * BLOCK_M, M, T, stride_xb, stride_xt, BLOCK_M)
+    tl.store(r_ptr + rows, _row_maxima(x_ptr, rmult_ptr, x_row, row_ok, C, stride_xc, BLOCK_M, BLOCK_C), mask=row_ok)
 
 
 def _fq_configs():
@@ -122,34 +134,61 @@ def _fq_configs():
 
 
 @triton.jit
+def _positions(src_ptr, mult_ptr, lo_ptr, hi_ptr, cols, col_ok, BITS: tl.constexpr):
+    """The output columns' flattened positions (INT4: 2j and 2j+1 as a trailing axis of size 2, split
+    into the two nibbles) and their per-position constants; all_direct: every position reads its own
+    channel (src[p] = p), so x can be read with contiguous loads."""
+    if BITS == 8:
+        pos = cols
+        pos_ok = col_ok
+    else:
+        pos = cols[:, None] * 2 + tl.arange(0, 2)[None, :]
+        pos_ok = col_ok[:, None]
+    src = tl.load(src_ptr + pos, mask=pos_ok, other=0)
+    mult = tl.load(mult_ptr + pos, mask=pos_ok, other=0.0)[None]
+    lo = tl.load(lo_ptr + pos, mask=pos_ok, other=0.0)[None]
+    hi_q = tl.minimum(tl.load(hi_ptr + pos, mask=pos_ok, other=0.0), 127.0 if BITS == 8 else 7.0)[None]
+    all_direct = tl.min(tl.where((src == pos) | ~pos_ok, 1, 0)) == 1
+    return pos, pos_ok, src, mult, lo, hi_q, all_direct
+
+
+@triton.jit
+def _quantize_block(x_ptr, out_ptr, x_row, rows64, row_ok, inv, offs, pos_ok, mult, lo, hi_q, cols, col_ok,
+                    stride_om, BITS: tl.constexpr, HAS_ROW: tl.constexpr):
+    """One block of output positions (x read at the per-position offsets offs) for the rows at x
+    offsets x_row; HAS_ROW: with the rows' per-token multipliers inv."""
+    if BITS == 8:
+        g = tl.load(x_ptr + x_row[:, None] + offs[None], mask=row_ok[:, None] & pos_ok[None], other=0.0)
+    else:
+        g = tl.load(x_ptr + x_row[:, None, None] + offs[None], mask=row_ok[:, None, None] & pos_ok[None], other=0.0)
+    if HAS_ROW:
+        if BITS == 8:
+            q = _quantize_rows(g.to(tl.float32), mult, inv[:, None], lo, hi_q)
+        else:
+            q = _quantize_rows(g.to(tl.float32), mult, inv[:, None, None], lo, hi_q)
+    else:
+        q = _quantize_vals(g.to(tl.float32), mult, lo, hi_q)
+    out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if BITS == 8:
+        tl.store(out_ptrs, q.to(tl.int8), mask=out_mask)
+    else:
+        q_lo, q_hi = tl.split(q)
+        tl.store(out_ptrs, ((q_lo & 0xF) | ((q_hi & 0xF) << 4)).to(tl.uint8), mask=out_mask)
+
+
+@triton.jit
 def _rows(x_ptr, out_ptr, r_ptr, offs, ld_ok, mult, lo, hi_q, cols, col_ok, row0, M, T, stride_xb, stride_xt,
           stride_om, BITS: tl.constexpr, BLOCK_M: tl.constexpr, ROW_ITERS: tl.constexpr, HAS_ROW: tl.constexpr):
     """Quantize ROW_ITERS * BLOCK_M rows from row0 at the given per-position x offsets (HAS_ROW: with
     the per-token scales r_ptr holds)."""
     for it in range(ROW_ITERS):
-        rows = row0 + it * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        rows64 = rows.to(tl.int64)
-        x_row = (rows64 // T) * stride_xb + (rows64 % T) * stride_xt
-        if BITS == 8:
-            g = tl.load(x_ptr + x_row[:, None] + offs[None], mask=row_ok[:, None] & ld_ok[None], other=0.0)
-        else:
-            g = tl.load(x_ptr + x_row[:, None, None] + offs[None], mask=row_ok[:, None, None] & ld_ok[None], other=0.0)
+        rows, row_ok, rows64, x_row = _row_offsets(row0 + it * BLOCK_M, M, T, stride_xb, stride_xt, BLOCK_M)
+        inv = tl.zeros([BLOCK_M], tl.float32)      # unused without HAS_ROW
         if HAS_ROW:
             inv = _row_inverse(tl.load(r_ptr + rows, mask=row_ok, other=0.0), 127.0 if BITS == 8 else 7.0)
-            if BITS == 8:
-                q = _quantize_rows(g.to(tl.float32), mult, inv[:, None], lo, hi_q)
-            else:
-                q = _quantize_rows(g.to(tl.float32), mult, inv[:, None, None], lo, hi_q)
-        else:
-            q = _quantize_vals(g.to(tl.float32), mult, lo, hi_q)
-        out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :]
-        out_mask = row_ok[:, None] & col_ok[None, :]
-        if BITS == 8:
-            tl.store(out_ptrs, q.to(tl.int8), mask=out_mask)
-        else:
-            q_lo, q_hi = tl.split(q)
-            tl.store(out_ptrs, ((q_lo & 0xF) | ((q_hi & 0xF) << 4)).to(tl.uint8), mask=out_mask)
+        _quantize_block(x_ptr, out_ptr, x_row, rows64, row_ok, inv, offs, ld_ok, mult, lo, hi_q, cols, col_ok,
+                        stride_om, BITS, HAS_ROW)
 
 
 @triton.jit
@@ -172,17 +211,7 @@ def flatten_quantize_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, out_ptr, r
     pid_m = tl.program_id(0) // num_p
     cols = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     col_ok = cols < P
-    if BITS == 8:
-        pos = cols
-        pos_ok = col_ok
-    else:  # positions 2j and 2j+1 as a trailing axis of size 2, split into the two nibbles
-        pos = cols[:, None] * 2 + tl.arange(0, 2)[None, :]
-        pos_ok = col_ok[:, None]
-    src = tl.load(src_ptr + pos, mask=pos_ok, other=0)
-    mult = tl.load(mult_ptr + pos, mask=pos_ok, other=0.0)[None]
-    lo = tl.load(lo_ptr + pos, mask=pos_ok, other=0.0)[None]
-    hi_q = tl.minimum(tl.load(hi_ptr + pos, mask=pos_ok, other=0.0), 127.0 if BITS == 8 else 7.0)[None]
-    all_direct = tl.min(tl.where((src == pos) | ~pos_ok, 1, 0)) == 1
+    pos, pos_ok, src, mult, lo, hi_q, all_direct = _positions(src_ptr, mult_ptr, lo_ptr, hi_ptr, cols, col_ok, BITS)
     row0 = pid_m * (ROW_ITERS * BLOCK_M)
     if all_direct:
         if X_CONTIG:
@@ -197,25 +226,6 @@ def flatten_quantize_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, out_ptr, r
 
 
 @triton.jit
-def _quantize_block(x_ptr, out_ptr, x_row, rows64, row_ok, inv, offs, pos_ok, mult, lo, hi_q, cols, col_ok,
-                    stride_om, BITS: tl.constexpr):
-    """One block of output positions for the rows of x_row, with their multipliers inv (per-token)."""
-    if BITS == 8:
-        g = tl.load(x_ptr + x_row[:, None] + offs[None], mask=row_ok[:, None] & pos_ok[None], other=0.0)
-        q = _quantize_rows(g.to(tl.float32), mult, inv[:, None], lo, hi_q)
-    else:
-        g = tl.load(x_ptr + x_row[:, None, None] + offs[None], mask=row_ok[:, None, None] & pos_ok[None], other=0.0)
-        q = _quantize_rows(g.to(tl.float32), mult, inv[:, None, None], lo, hi_q)
-    out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :]
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    if BITS == 8:
-        tl.store(out_ptrs, q.to(tl.int8), mask=out_mask)
-    else:
-        q_lo, q_hi = tl.split(q)
-        tl.store(out_ptrs, ((q_lo & 0xF) | ((q_hi & 0xF) << 4)).to(tl.uint8), mask=out_mask)
-
-
-@triton.jit
 def rows_resident_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, rmult_ptr, out_ptr, r_ptr,
                          M, T, C, P, M_BUCKET, stride_xb, stride_xt, stride_xc, stride_om,
                          BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -224,39 +234,21 @@ def rows_resident_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, rmult_ptr, ou
     rows just were), so DRAM sees x once where the two-launch path (row_absmax_kernel, then
     flatten_quantize_kernel) reads it twice.  Same arithmetic as the two-launch path, so the same
     bits.  Blocks of original channels (src[p] = p) load contiguously; others gather."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    x_row = (rows64 // T) * stride_xb + (rows64 % T) * stride_xt
-    r = tl.zeros([BLOCK_M], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        ccols = c0 + tl.arange(0, BLOCK_C)
-        c_ok = ccols < C
-        x = tl.load(x_ptr + x_row[:, None] + ccols[None, :].to(tl.int64) * stride_xc,
-                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        rm = tl.load(rmult_ptr + ccols, mask=c_ok, other=0.0)
-        r = tl.maximum(r, tl.max(_mul_rn(tl.abs(x.to(tl.float32)), rm[None, :]), 1))
+    rows, row_ok, rows64, x_row = _row_offsets(tl.program_id(0) * BLOCK_M, M, T, stride_xb, stride_xt, BLOCK_M)
+    r = _row_maxima(x_ptr, rmult_ptr, x_row, row_ok, C, stride_xc, BLOCK_M, BLOCK_C)
     tl.store(r_ptr + rows, r, mask=row_ok)
     inv = _row_inverse(r, 127.0 if BITS == 8 else 7.0)
     for p0 in range(0, P, BLOCK_P):
         cols = p0 + tl.arange(0, BLOCK_P)
         col_ok = cols < P
-        if BITS == 8:
-            pos = cols
-            pos_ok = col_ok
-        else:  # positions 2j and 2j+1 as a trailing axis of size 2, split into the two nibbles
-            pos = cols[:, None] * 2 + tl.arange(0, 2)[None, :]
-            pos_ok = col_ok[:, None]
-        src = tl.load(src_ptr + pos, mask=pos_ok, other=0)
-        mult = tl.load(mult_ptr + pos, mask=pos_ok, other=0.0)[None]
-        lo = tl.load(lo_ptr + pos, mask=pos_ok, other=0.0)[None]
-        hi_q = tl.minimum(tl.load(hi_ptr + pos, mask=pos_ok, other=0.0), 127.0 if BITS == 8 else 7.0)[None]
-        if tl.min(tl.where((src == pos) | ~pos_ok, 1, 0)) == 1:
+        pos, pos_ok, src, mult, lo, hi_q, all_direct = _positions(src_ptr, mult_ptr, lo_ptr, hi_ptr, cols, col_ok,
+                                                                   BITS)
+        if all_direct:
             _quantize_block(x_ptr, out_ptr, x_row, rows64, row_ok, inv, pos.to(tl.int64) * stride_xc, pos_ok,
-                            mult, lo, hi_q, cols, col_ok, stride_om, BITS)
+                            mult, lo, hi_q, cols, col_ok, stride_om, BITS, True)
         else:
             _quantize_block(x_ptr, out_ptr, x_row, rows64, row_ok, inv, src.to(tl.int64) * stride_xc, pos_ok,
-                            mult, lo, hi_q, cols, col_ok, stride_om, BITS)
+                            mult, lo, hi_q, cols, col_ok, stride_om, BITS, True)
 
 
 def _resident_configs():
@@ -276,10 +268,11 @@ def _tuned_resident(tune: bool = True):
 ROWS_ENV = "FQ_ROWS_KERNEL"     # the per-token quantize on CUDA: "two-pass" (default) | "resident"
 
 
+@functools.lru_cache(maxsize=None)
 def rows_kernel() -> str:
     """Which per-token quantize launches: "two-pass" (row_absmax_kernel then flatten_quantize_kernel,
     the default until the device has timed both; benchmarks/kernel_bench.py --fusion) or "resident"
-    (rows_resident_kernel: one launch, x read once from DRAM)."""
+    (rows_resident_kernel: one launch, x read once from DRAM).  Read once per process, not per call."""
     v = os.environ.get(ROWS_ENV, "").strip().lower() or "two-pass"
     if v not in ("two-pass", "resident"):
         raise ValueError(f"{ROWS_ENV}={v!r} must be 'two-pass' or 'resident'")
