@@ -220,9 +220,12 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
             info["format_shares"] = shares
         plan = synthetic_plan(model, level, flatten_ratio=0.0 if level in ("smoothquant", "fp8") else ratio,
                               int4_share=share if level == "O3" else 0.0, format_shares=shares, source=TABLE4_LABEL,
+                              activation_scale=getattr(args, "activation_scale", None),
                               release_weights=True, progress=False)
         torch._dynamo.reset()                    # drop the replica's capture graphs (synthetic.py)
         n4 = sum(lp.bits == 4 for lp in plan.layers.values())
+        if getattr(args, "activation_scale", None):
+            info["activation_scale"] = args.activation_scale
         info.update(plan_source=TABLE4_LABEL if level != "smoothquant" else "-", level=level,
                     int4_share=round(n4 / len(plan.layers), 4),
                     flatten_ratio=round(statistics.mean(plan.groups[lp.group].flatten_ratio
@@ -897,6 +900,8 @@ def main(argv=None):
                     help="KV cache of the decode runs (fp16-eager always uses the dynamic one)")
     ap.add_argument("--cudagraphs", choices=["auto", "true", "false"], default="auto",
                     help="our backend's cudagraphs option (fq_compile/generation.py)")
+    ap.add_argument("--activation-scale", choices=["token", "tensor"], default=None,
+                    help="our levels' activation scales (Config.activation_scale); default: the level's own")
     ap.add_argument("--label", default=None, help="suffix for the method names of this run's rows (e.g. warm-cache)")
     ap.add_argument("--decode-profile", action="store_true",
                     help="profile one short generate per method: per-token wall, GPU busy by category, idle")

@@ -156,14 +156,15 @@ def _format_of_block(b: int, n_blocks: int, shares: dict[str, float], phase: flo
 
 def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: float = 0.0,
                    int4_share: float = 0.0, format_shares: dict[str, float] | None = None,
-                   source: str = "given shares", seed: int = 0,
+                   source: str = "given shares", seed: int = 0, activation_scale: str | None = None,
                    release_weights: bool = False, progress: bool = True) -> QuantPlan:
     """A plan for `model` at `level` ('w8a8', 'smoothquant', 'O1', 'O2', 'O3', 'fp8' or 'auto') with the
     given average flatten ratio (levels that flatten) and INT4 share of layers (O2/O3); see the module
     docstring.  Level auto takes `format_shares` (format -> share of the layers at every group position,
     e.g. {"fp8": 0.3, "w4a8": 0.5, "int8": 0.2}, what a calibrated auto plan chose); level fp8 puts every
-    layer in fp8.  `source` is recorded in plan.calibration (e.g. 'paper Table 4 figures')."""
-    config = Config(level=level)
+    layer in fp8.  `source` is recorded in plan.calibration (e.g. 'paper Table 4 figures').
+    activation_scale: Config.activation_scale ("tensor" or "token"; None: the level's default)."""
+    config = Config(level=level, activation_scale=activation_scale)
     if level == "auto":
         if not format_shares or any(f not in FORMAT_BITS for f in format_shares) or \
                 abs(sum(format_shares.values()) - 1.0) > 1e-6 or min(format_shares.values()) < 0:

@@ -242,6 +242,25 @@ def test_synthetic_plan_with_released_weights_compiles_to_the_same_model():
     assert rel_err(a, ref) > 1e-3
 
 
+def test_synthetic_plan_takes_the_activation_scale():
+    """activation_scale picks per-tensor or per-token scales for every flattened group (e2e.py
+    --activation-scale: the prefill cost of per-token scales, issue 24), and the compiled model runs
+    what the plan says: the two plans give different outputs."""
+    from fq_compile.tools.synthetic import synthetic_plan
+
+    model = tiny_opt(layers=2, outliers=False)
+    x = torch.randint(0, VOCAB, (2, 40))
+    outs = {}
+    for scale in ("tensor", "token"):
+        torch._dynamo.reset()
+        plan = synthetic_plan(model, "O1", flatten_ratio=0.25, activation_scale=scale, progress=False)
+        assert {g.activation_scale for g in plan.groups.values()} == {scale}
+        with torch.no_grad():
+            torch._dynamo.reset()
+            outs[scale] = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x).logits
+    assert torch.isfinite(outs["token"]).all() and not torch.equal(outs["tensor"], outs["token"])
+
+
 def test_synthetic_auto_plan_has_the_requested_format_shares():
     """Level auto's synthetic plan (what e2e.py's fq-auto compiles): the formats in the given shares at
     every group position, one format per group, and the compiled model runs every format's op."""
