@@ -69,6 +69,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fq_compile  # noqa: E402,F401  (registers backend='flattenquant')
+from fq_compile.kernels import stopwatch  # noqa: E402
 from fq_compile.runtime.resident import resident_bytes  # noqa: E402
 from fq_compile.runtime.state import reports  # noqa: E402
 from fq_compile.tools.models import opt_config  # noqa: E402
@@ -400,10 +401,12 @@ def run_method(method, size, device, dtype, args, rec):
                 kw["cache_implementation"] = "static"
             try:
                 before = compile_counts()
+                stopwatch.reset()
                 t = time.monotonic()
                 model.generate(ids, **kw)          # first call: compiles the graphs of this batch size
                 sync(device)
                 warm_s = time.monotonic() - t
+                stages = {k: round(v[0], 1) for k, v in stopwatch.totals().items()}
                 if first:
                     rec(kind="memory", model=size, method=label(method, args), resident_bytes=allocated(device),
                         setup_s=round(prep_s, 1), first_call_s=round(warm_s, 1), first_shape=["generate", b],
@@ -423,7 +426,8 @@ def run_method(method, size, device, dtype, args, rec):
             rec(kind="decode", model=size, method=label(method, args), batch=b, prompt=args.prompt, new_tokens=args.new_tokens,
                 cache=cache, ms=round(med, 3), tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2),
                 reps=[round(x, 3) for x in ms], first_call_s=round(warm_s, 1), peak_bytes=peak(device),
-                first_call_compiles=compiled, timed_compiles=again, **info)
+                first_call_compiles=compiled, timed_compiles=again,
+                first_call_stages=stages, **info)
             if args.decode_profile and i == 0:
                 profile_decode(model, ids, kw, method, size, device, args, rec, info)
     if plan is not None:
@@ -711,6 +715,17 @@ def decode_tables(rows, size) -> list[str]:
              "", tabulate(table, headers=["method", "batch", "cache", "tokens/s", "x fp16", "% bound", "first call s",
                                           "peak GB (KV incl.)", "compiles", "recompiles"],
                           tablefmt="github", disable_numparse=True), ""]
+    staged = [r for r in dec if r.get("first_call_stages") is not None]
+    if staged:
+        names = sorted({k for r in staged for k in r["first_call_stages"]})
+        lines += [f"### OPT-{size}: where each first generate() call went (s)",
+                  "Each stage's own seconds (fq_compile/kernels/stopwatch.py); the rest: Dynamo tracing, Triton JIT "
+                  "outside the stages, CUDA-graph capture, the run.", "",
+                  tabulate([[r["method"], r["batch"], r.get("first_call_s", "-")]
+                            + [r["first_call_stages"].get(k, 0.0) for k in names]
+                            + [round(r.get("first_call_s", 0) - sum(r["first_call_stages"].values()), 1)]
+                            for r in staged], headers=["method", "batch", "first call"] + names + ["rest"],
+                           tablefmt="github"), ""]
     prof = [r for r in rows if r.get("kind") == "decode_profile" and r.get("model") == size]
     if prof:
         cats = ["quantize", "GEMM", "attention", "other"]

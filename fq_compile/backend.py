@@ -45,7 +45,7 @@ import torch
 
 from fq_compile import kernels  # noqa: F401  (registers torch.ops.fq.*)
 from fq_compile.generation import cudagraph_patches, parse_cudagraphs
-from fq_compile.kernels import dispatch
+from fq_compile.kernels import dispatch, stopwatch
 from fq_compile.passes.attention import rewrite_attention
 from fq_compile.passes.lower import GraphReport, rewrite
 from fq_compile.passes.match import owner_modules
@@ -97,11 +97,12 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
 
     compiled_reports = reports(plan)
     index = len(compiled_reports)
-    attention = rewrite_attention(gm, example_inputs, plan)     # first: it names sites by their linears
-    if plan.config.quantize:
-        report = rewrite(gm, example_inputs, plan, index, gemm_mode=options.get("gemm"))
-    else:
-        report = GraphReport(index, code=gm.code)
+    with stopwatch.stage("rewrite"):
+        attention = rewrite_attention(gm, example_inputs, plan)     # first: it names sites by their linears
+        if plan.config.quantize:
+            report = rewrite(gm, example_inputs, plan, index, gemm_mode=options.get("gemm"))
+        else:
+            report = GraphReport(index, code=gm.code)
     report.attention = attention
     compiled_reports.append(report)
     index_of = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
@@ -123,7 +124,7 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
         from torch._inductor.compile_fx import compile_fx
 
         patches = cudagraph_patches(cudagraphs, gm, example_inputs, index)
-        with dispatch.use(options.get("gemm")), _inductor_settings():  # GEMM choice: kernels/dispatch.py
+        with dispatch.use(options.get("gemm")), _inductor_settings(), stopwatch.stage("Inductor compile"):
             compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
     if not plan.config.quantize:
         return compiled

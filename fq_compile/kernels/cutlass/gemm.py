@@ -55,6 +55,8 @@ from pathlib import Path
 import torch
 from torch.library import custom_op
 
+from fq_compile.kernels import stopwatch
+
 CSRC = Path(__file__).resolve().parent / "csrc"
 HEADERS = ("fq_cutlass.h", "fq_sm90_gemm.cuh")
 API_SOURCE = "fq_cutlass_api.cu"
@@ -386,7 +388,7 @@ def ensure(items) -> dict[str, ctypes.CDLL]:
         from tqdm.auto import tqdm
         t0 = time.monotonic()
         with tqdm(total=len(futures), initial=len(futures) - len(waiting), desc="fq_compile: CUTLASS build",
-                  unit="lib", file=sys.stderr, dynamic_ncols=True) as bar:
+                  unit="lib", file=sys.stderr, dynamic_ncols=True) as bar, stopwatch.stage("CUTLASS build"):
             for _ in as_completed(waiting):
                 bar.update(1)
         print(f"fq_compile: CUTLASS kernels ready after {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)

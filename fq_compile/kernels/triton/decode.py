@@ -58,6 +58,7 @@ from fq_compile.kernels.triton.flatten_quantize import (_quantize_rows, _quantiz
                                                        flatten_quantize_cuda, flatten_quantize_rows_cuda,
                                                        row_absmax_kernel)
 from fq_compile.kernels.triton.gemm import _mul_rn, _nibbles
+from fq_compile.kernels import stopwatch
 from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -310,11 +311,12 @@ def _choose(bits: int, n: int, k: int, bucket: int, rows: bool, device: torch.de
     if torch.cuda.is_current_stream_capturing() or not tuning():
         return cands[0]
     times = []
-    for cand in cands:
-        try:
-            times.append(replay_ms(lambda cand=cand: run(*cand), device))
-        except Exception:  # a candidate that does not fit this GPU (shared memory): never chosen
-            times.append(float("inf"))
+    with stopwatch.stage("decode tuning"):
+        for cand in cands:
+            try:
+                times.append(replay_ms(lambda cand=cand: run(*cand), device))
+            except Exception:  # a candidate that does not fit this GPU (shared memory): never chosen
+                times.append(float("inf"))
     best = min(range(len(cands)), key=times.__getitem__)
     _BEST[key] = best
     _save_tuned(skey, best)
