@@ -73,3 +73,14 @@ def test_plots_from_committed_results(tmp_path):
     assert (tmp_path / f"plot-gemm-speed-vs-rows-{plots.KERNELS.stem}.png").stat().st_size > 0
     points, left = plots.accuracy_points(run)
     assert [p["row"] for p in points] == ["fp32", "O1", "fp8"] and left == ["old (no weight bytes recorded)"]
+
+
+def test_compile_time_smoke(tmp_path):
+    """benchmarks/compile_time.py: plain Inductor and our backend per block count, with the stopwatch's
+    Inductor and rewrite stages (ours spends its first call in Inductor: the column is not empty)."""
+    out = tmp_path / "compile.md"
+    _script("compile_time").main(["--layers", "1,2", "--out", str(out)])
+    text = out.read_text()
+    rows = [l.split("|")[1:-1] for l in text.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
+    assert len(rows) == 2 and all(float(r[3]) > 0 for r in rows), text
+    assert "per block (slope 1 -> 2 blocks)" in text
