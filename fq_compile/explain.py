@@ -365,6 +365,11 @@ def _legend_lines(legend: _Legend, title: str) -> str:
     return f"{title}\n{body}"
 
 
+# Issue 25: until the quantized attention kernels beat PyTorch's SDPA, say so wherever a plan quantizes attention.
+ATTENTION_SPEED_NOTE = ("note: quantized attention is slower than PyTorch's SDPA on Hopper today (H100, 2026-12-06: "
+                        "prefill 0.31x, batch-1 decode 0.02x); it saves KV-cache memory, not time (issue 25)")
+
+
 def _attention(plan: QuantPlan, full: bool) -> str:
     """Attention sites (passes/attention.py): formats, scales, and the op or why it stays in float.
     The short view groups quantized sites of one kind and names each reason for floating point once."""
@@ -389,8 +394,9 @@ def _attention(plan: QuantPlan, full: bool) -> str:
     if not rows:
         return ""
     headers = ["attention", "heads/kv x dim", "Q.K^T", "P.V", "max scale q / k / v", "op"]
+    note = [_lines(ATTENTION_SPEED_NOTE)] if plan.attention else []
     if full:
-        return _table(rows, headers, flex=(5, 0))
+        return "\n".join([_table(rows, headers, flex=(5, 0))] + note)
     kinds = {}
     for r in rows:
         if r[2] != "fp" or r[1] != "-":
@@ -403,7 +409,7 @@ def _attention(plan: QuantPlan, full: bool) -> str:
     if fp:
         out.append("  kept in floating point:\n"
                    + "\n".join(_lines(f"{_grouped(n)}: {why}", indent="    ") for (why, _), n in fp.items()))
-    return "\n".join(out)
+    return "\n".join(out + note)
 
 
 # ------------------------------------------------------------------------------------------------
