@@ -10,13 +10,16 @@ fq_compile/kernels/stopwatch.py (our rewrite, Inductor).  Only code size grows w
 hidden size stays 64), so the table says how much of a first call is per block and how much of it is ours
 compared with plain Inductor's.  Every compile starts from empty Dynamo caches with Inductor's caches off
 (force_disable_caches), so nothing is reused between rows; a one-block model of each kind is compiled first,
-untimed, so that one-time imports and set-up land in no row.
+untimed, so that one-time imports and set-up land in no row.  --cache-dir keeps Inductor's caches (FX graph
+and AOTAutograd) on in that directory instead: a second run of the same command then measures warm caches,
+what a user's second process sees.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 import time
@@ -33,7 +36,7 @@ from fq_compile.kernels import stopwatch  # noqa: E402
 from fq_compile.tools.synthetic import PAPER_TABLE4, synthetic_plan  # noqa: E402
 
 
-def first_call(layers: int, ours: bool, device: torch.device, dtype) -> dict:
+def first_call(layers: int, ours: bool, device: torch.device, dtype, caches: bool = False) -> dict:
     """Seconds of the first compiled forward (fresh caches) and its stages."""
     model = build_model("tiny", device, dtype, layers=layers)
     torch._dynamo.reset()
@@ -47,7 +50,7 @@ def first_call(layers: int, ours: bool, device: torch.device, dtype) -> dict:
     ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(force_disable_caches=True):
+    with inductor_config.patch(force_disable_caches=not caches):
         stopwatch.reset()
         t = time.perf_counter()
         with torch.no_grad():
@@ -64,16 +67,21 @@ def main(argv=None):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--layers", default="2,6,12,24", help="block counts, comma-separated")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cache-dir", default=None,
+                    help="keep Inductor's caches on, in this directory (run twice: the second run is the warm one)")
     ap.add_argument("--out", default=None, help="write the markdown here too")
     args = ap.parse_args(argv)
+    if args.cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
+    caches = bool(args.cache_dir)
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     first_call(1, False, device, dtype)      # untimed: imports and Inductor's one-time set-up
     first_call(1, True, device, dtype)
     rows = []
     for n in (int(x) for x in args.layers.split(",")):
-        plain = first_call(n, False, device, dtype)
-        ours = first_call(n, True, device, dtype)
+        plain = first_call(n, False, device, dtype, caches)
+        ours = first_call(n, True, device, dtype, caches)
         rows.append([n, f"{plain['wall']:.1f}", f"{ours['wall']:.1f}", f"{ours['inductor']:.1f}", f"{ours['rewrite']:.1f}",
                      f"{ours['wall'] / plain['wall']:.2f}"])
         print(rows[-1], flush=True)
@@ -85,7 +93,8 @@ def main(argv=None):
     text = "\n".join([
         f"# First-call compile time vs decoder blocks ({dev})", "",
         f"date {datetime.date.today()}, tree {git_rev()}, torch {torch.__version__}; command: python {' '.join(sys.argv)}",
-        "Tiny OPT (hidden 64, ffn 256), 1 x 32 prompt, fresh Dynamo caches, Inductor caches off; ours: O3 synthetic "
+        "Tiny OPT (hidden 64, ffn 256), 1 x 32 prompt, fresh Dynamo caches, Inductor caches "
+        + (f"on in {args.cache_dir}" if caches else "off") + "; ours: O3 synthetic "
         "plan (Table 4 shares), Inductor on. Seconds of the first forward.", "",
         tabulate(rows, headers=["blocks", "plain Inductor s", "ours s", "ours: Inductor s", "ours: rewrite s",
                                 "ours / plain"], tablefmt="github", disable_numparse=True), "", slope, ""])
