@@ -165,6 +165,55 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
     layer in fp8.  `source` is recorded in plan.calibration (e.g. 'paper Table 4 figures').
     activation_scale: Config.activation_scale ("tensor" or "token"; None: the level's default)."""
     config = Config(level=level, activation_scale=activation_scale)
+    _check_shares(config, level, flatten_ratio, int4_share, format_shares)
+    params = dict(model.named_parameters())
+    skipped = skipped_layers(model, config.skip)
+    structure = block_structure(model, config.skip)
+    n_blocks = model.config.num_hidden_layers
+    groups = _groups_per_block(structure, n_blocks, skipped)
+    phases = {pos: k / max(len(structure), 1) for k, pos in enumerate(sorted({g[2] for g in groups}))}
+    int4 = {pos: _int4_blocks(n_blocks, int4_share, phases[pos]) for pos in phases}
+
+    plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model), skipped=skipped,
+                     calibration={"synthetic": source, "flatten_ratio": flatten_ratio, "int4_share": int4_share,
+                                  "format_shares": format_shares},
+                     parameters=parameter_shapes(model))
+    gen = torch.Generator().manual_seed(seed)
+    row_of = {}
+    for layers, fold, pos in groups:
+        g = _group_plan(layers, fold, params, config, flatten_ratio, gen)
+        plan.groups[g.name] = g
+        if fold.startswith("rows:"):
+            row_of[fold[len("rows:"):]] = g.name
+    tp, row_groups = {}, {}
+    for (layers, fold, pos) in tqdm(groups, desc="fq_compile: synthetic plan", disable=not progress):
+        g = plan.groups[group_name(layers)]
+        block = _BLOCK.search(layers[0])
+        fmt = _format(level, None if block is None else int(block.group(1)), n_blocks, format_shares, phases[pos],
+                      int4[pos])
+        for layer in layers:
+            w = params[layer + ".weight"]
+            b = params.get(layer + ".bias")
+            shard = layer_shard(w)                 # tensor parallelism: this rank's shard only
+            gl = g
+            if shard is not None and shard.dim == 1:
+                gl = row_groups.setdefault(g.name, shard_group(g, shard.offset, shard.size))
+                plan.groups[g.name] = gl
+            plan.layers[layer] = _layer_plan(layer, w, b, g, gl, fmt, shard, config, row_of.get(layer))
+            if shard is not None and shard.dim is not None:
+                tp[layer] = shard.record()
+            if release_weights:
+                release(w, layer + ".weight")
+                if b is not None:
+                    release(b, layer + ".bias")
+    if tp:
+        plan.calibration[TP_KEY] = tp
+    return plan
+
+
+def _check_shares(config: Config, level: str, flatten_ratio: float, int4_share: float,
+                  format_shares: dict[str, float] | None) -> None:
+    """Refuse shares the level cannot take (ValueError naming what is wrong)."""
     if level == "auto":
         if not format_shares or any(f not in FORMAT_BITS for f in format_shares) or \
                 abs(sum(format_shares.values()) - 1.0) > 1e-6 or min(format_shares.values()) < 0:
@@ -181,15 +230,15 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
         raise ValueError(f"level {level!r} does not flatten; flatten_ratio must be 0")
     if int4_share and not config.mixed_bits:
         raise ValueError(f"level {level!r} is all INT8; int4_share must be 0")
-    params = dict(model.named_parameters())
-    skipped = skipped_layers(model, config.skip)
-    structure = block_structure(model, config.skip)
-    n_blocks = model.config.num_hidden_layers
 
+
+def _groups_per_block(structure, n_blocks: int, skipped) -> list[tuple[list[str], str, int]]:
+    """The one-block structure repeated for every block: (layers, fold, position in block) per group,
+    block-0 names and fold targets renamed to each block's, skipped layers left out."""
     def per_block(name: str, i: int) -> str:
         return _BLOCK.sub(f".layers.{i}.", name, count=1)
 
-    groups: list[tuple[list[str], str, int]] = []       # (layers, fold, position in block)
+    groups = []
     for pos, (layers, fold) in enumerate(structure):
         in_block = _BLOCK.search(layers[0]) is not None
         for i in range(n_blocks) if in_block else [None]:
@@ -202,81 +251,65 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
             names = [n for n in names if n not in skipped]
             if names:
                 groups.append((names, fold_i, pos))
-    phases = {pos: k / max(len(structure), 1) for k, pos in enumerate(sorted({g[2] for g in groups}))}
-    int4 = {pos: _int4_blocks(n_blocks, int4_share, phases[pos]) for pos in phases}
+    return groups
 
-    plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model), skipped=skipped,
-                     calibration={"synthetic": source, "flatten_ratio": flatten_ratio, "int4_share": int4_share,
-                                  "format_shares": format_shares},
-                     parameters=parameter_shapes(model))
-    gen = torch.Generator().manual_seed(seed)
+
+def _group_plan(layers: list[str], fold: str, params: dict, config: Config, flatten_ratio: float,
+                gen: torch.Generator) -> GroupPlan:
+    """One activation group: round(ratio * C) extra channels (_extra_counts), smoothing 1, threshold fixed."""
+    c = params[layers[0] + ".weight"].shape[1]
     t = SYNTHETIC_THRESHOLD
-    row_of, tp, row_groups = {}, {}, {}
-    for layers, fold, pos in groups:
-        c = params[layers[0] + ".weight"].shape[1]
-        extra = _extra_counts(c, round(flatten_ratio * c), gen)
-        name = group_name(layers)
-        plan.groups[name] = GroupPlan(
-            name=name, layers=layers, in_features=c, threshold=t, smooth=torch.ones(c), fold=fold,
-            extra=extra, weight_dup=torch.zeros_like(extra), act_max=((extra + 1) * t).float(),
-            pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple),
-            fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found",
-            fold_fingerprints={f: weight_fingerprint(params[f]) for f in fold[len("norm:"):].split(",")}
-            if fold.startswith("norm:") else {},
-            activation_scale="token" if any(config.token_scaled(layer) for layer in layers) else "tensor")
-        if fold.startswith("rows:"):
-            row_of[fold[len("rows:"):]] = name
-    for (layers, fold, pos) in tqdm(groups, desc="fq_compile: synthetic plan", disable=not progress):
-        g = plan.groups[group_name(layers)]
-        block = _BLOCK.search(layers[0])
-        if level == "auto":
-            fmt = _format_of_block(int(block.group(1)), n_blocks, format_shares, phases[pos]) if block else "int8"
-        elif level == "fp8":
-            fmt = "fp8"
+    extra = _extra_counts(c, round(flatten_ratio * c), gen)
+    name = group_name(layers)
+    return GroupPlan(
+        name=name, layers=layers, in_features=c, threshold=t, smooth=torch.ones(c), fold=fold,
+        extra=extra, weight_dup=torch.zeros_like(extra), act_max=((extra + 1) * t).float(),
+        pad_multiple=config.pad_multiple, cmap=channel_map(extra, None, config.pad_multiple),
+        fold_note="" if fold != "op" else "synthetic plan: as the fold analysis found",
+        fold_fingerprints={f: weight_fingerprint(params[f]) for f in fold[len("norm:"):].split(",")}
+        if fold.startswith("norm:") else {},
+        activation_scale="token" if any(config.token_scaled(layer) for layer in layers) else "tensor")
+
+
+def _format(level: str, block: int | None, n_blocks: int, format_shares, phase: float, int4_blocks) -> str:
+    """The format of a group: auto deals the blocks to format_shares, fp8 is all fp8, O2/O3 put INT4 in
+    int4_blocks; layers outside the blocks stay int8."""
+    if level == "auto":
+        return _format_of_block(block, n_blocks, format_shares, phase) if block is not None else "int8"
+    if level == "fp8":
+        return "fp8"
+    return "int4" if block is not None and block in int4_blocks else "int8"
+
+
+def _layer_plan(layer: str, w: torch.Tensor, b: torch.Tensor | None, g: GroupPlan, gl: GroupPlan, fmt: str, shard,
+                config: Config, rows_folded_from: str | None) -> LayerPlan:
+    """The layer's weight flattened by its group's (rank-local: gl) channel map and rounded at max scales,
+    per channel or per tensor as config says; the activation scale from the group's threshold."""
+    bits = FORMAT_BITS[fmt]
+    t = g.threshold
+    with torch.no_grad():
+        wl = local_tensor(w.detach())
+        # smoothing 1: no column or row scaling; e4m3 formats read the unflattened weight
+        wf = flatten_weight(wl.float(), gl.cmap) if fmt in ("int8", "int4") else wl.float()
+        top = wf.abs().amax(dim=1)
+        if config.weight_granularity == "tensor":
+            top = top.amax().expand(wf.shape[0])
+        if shard is not None and (shard.dim == 1 or config.weight_granularity == "tensor"):
+            top = max_over_shards(top, w)
+        qmax = E4M3_MAX if fmt == "fp8" else QMAX[bits]
+        scale = torch.where(top > 0, top / qmax, torch.ones_like(top)).float()
+        if fmt == "fp8":
+            q = round_e4m3(wf / scale[:, None])
         else:
-            fmt = "int4" if block is not None and int(block.group(1)) in int4[pos] else "int8"
-        bits = FORMAT_BITS[fmt]
-        for layer in layers:
-            w = params[layer + ".weight"]
-            b = params.get(layer + ".bias")
-            shard = layer_shard(w)                 # tensor parallelism: this rank's shard only
-            gl = g
-            if shard is not None and shard.dim == 1:
-                gl = row_groups.setdefault(g.name, shard_group(g, shard.offset, shard.size))
-                plan.groups[g.name] = gl
-            with torch.no_grad():
-                wl = local_tensor(w.detach())
-                # smoothing 1: no column or row scaling; e4m3 formats read the unflattened weight
-                wf = flatten_weight(wl.float(), gl.cmap) if fmt in ("int8", "int4") else wl.float()
-                top = wf.abs().amax(dim=1)
-                if config.weight_granularity == "tensor":
-                    top = top.amax().expand(wf.shape[0])
-                if shard is not None and (shard.dim == 1 or config.weight_granularity == "tensor"):
-                    top = max_over_shards(top, w)
-                qmax = E4M3_MAX if fmt == "fp8" else QMAX[bits]
-                scale = torch.where(top > 0, top / qmax, torch.ones_like(top)).float()
-                if fmt == "fp8":
-                    q = round_e4m3(wf / scale[:, None])
-                else:
-                    q = torch.round(wf / scale[:, None]).clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8)
-                del wf
-                if fmt not in ("int8", "int4"):
-                    act_scale = float(g.act_max.max()) / E4M3_MAX
-                else:
-                    act_scale = (1.0 if g.activation_scale == "token" else t) / QMAX[bits]
-                plan.layers[layer] = LayerPlan(
-                    name=layer, group=g.name, in_features=wl.shape[1], out_features=wl.shape[0], bits=bits,
-                    format=fmt, weight_q=pack_int4(q) if bits == 4 else q, weight_scale=scale, act_scale=act_scale,
-                    bias=None if b is None else local_tensor(b.detach()).float().clone(),
-                    fingerprint=shard_fingerprint(w), rows_folded_from=row_of.get(layer),
-                    bias_fingerprint=None if b is None else shard_fingerprint(b))
-                del q
-            if shard is not None and shard.dim is not None:
-                tp[layer] = shard.record()
-            if release_weights:
-                release(w, layer + ".weight")
-                if b is not None:
-                    release(b, layer + ".bias")
-    if tp:
-        plan.calibration[TP_KEY] = tp
-    return plan
+            q = torch.round(wf / scale[:, None]).clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8)
+        del wf
+        if fmt not in ("int8", "int4"):
+            act_scale = float(g.act_max.max()) / E4M3_MAX
+        else:
+            act_scale = (1.0 if g.activation_scale == "token" else t) / QMAX[bits]
+        return LayerPlan(
+            name=layer, group=g.name, in_features=wl.shape[1], out_features=wl.shape[0], bits=bits,
+            format=fmt, weight_q=pack_int4(q) if bits == 4 else q, weight_scale=scale, act_scale=act_scale,
+            bias=None if b is None else local_tensor(b.detach()).float().clone(),
+            fingerprint=shard_fingerprint(w), rows_folded_from=rows_folded_from,
+            bias_fingerprint=None if b is None else shard_fingerprint(b))
