@@ -10,9 +10,10 @@
 #   PYTHONUNBUFFERED=1 bash benchmarks/device/decode.sh PART
 #
 # PARTs, in priority order (times are estimates until the first run):
-#   headline   batch 1 only: fp16 eager, fq-O3, fp16-static (HF static cache, HF compiles), each row with
-#              its tokens/s and first generate() call seconds; fq-O3 before fp16-static so that a cut
-#              run keeps the figure that matters (--time-limit then skips what cannot finish)    ~6-9 min
+#   headline   batch 1 only: fp16 eager, fq-O3, fp16-static (HF static cache, HF compiles), naive FP8, fq-O1,
+#              each row with its tokens/s and first generate() call seconds; fq-O3 before the others so
+#              that a cut run keeps the figure that matters (--time-limit then skips what cannot finish);
+#              MODEL=1.3b first (the first call is ~3 minutes there, ~6 at 13B)                     ~6-9 min
 #   o3         fq-O3, batch 1/16/64, static cache + CUDA graphs, decode profile, cold caches      ~7-9 min
 #   fp16       fp16 eager (dynamic cache) and fp16-static (HF static cache, HF compiles), 1/16/64 ~6-8 min
 #   kernels    benchmarks/kernel_bench.py --decode: fused vs unfused vs fp16 linear, GB/s vs copy BW   ~3-5 min
@@ -33,25 +34,26 @@ mkdir -p "$OUT"
 LIMIT=${LIMIT:-530}                       # hard stop for one python run, seconds
 CACHE=${CACHE:-$PWD/.fqcache/compile}     # compiler caches of this call (git-ignored; a fresh machine starts empty)
 export TORCHINDUCTOR_CACHE_DIR=$CACHE/inductor TRITON_CACHE_DIR=$CACHE/triton FQ_CACHE_DIR=$CACHE/fq
-COMMON=(--models 13b --batches '' --decode 1,16,64 --decode-reps 2 --budget 6)
+MODEL=${MODEL:-13b}                       # the OPT shape (1.3b, 6.7b, 13b, 30b): iterate on 1.3b, headline on 13b
+COMMON=(--models "$MODEL" --batches '' --decode 1,16,64 --decode-reps 2 --budget 6)
 run() { timeout "$LIMIT" python3 benchmarks/e2e.py --out "$OUT" --time-limit $((LIMIT - 60)) "$@" || echo "e2e.py exited with $?"; }
 brief() { python3 benchmarks/e2e.py --brief "$OUT/e2e.jsonl" || true; }
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv | tee -a "$OUT/decode-$PART.log" || true
 {
 case $PART in
-  headline) run --models 13b --batches '' --decode 1 --decode-reps 2 --budget 6 \
-                --methods fp16-eager,fq-O3,fp16-static ;;
+  headline) run --models "$MODEL" --batches '' --decode 1 --decode-reps 2 --budget 6 \
+                --methods fp16-eager,fq-O3,fp16-static,fp8-naive,fq-O1 ;;
   o3)       run "${COMMON[@]}" --methods fq-O3 --decode-profile ;;
   o1)       run "${COMMON[@]}" --methods fq-O1 --decode-profile ;;
   fp16)     run "${COMMON[@]}" --methods fp16-eager,fp16-static --decode-profile ;;
   torchao)  run "${COMMON[@]}" --methods torchao-int8wo,torchao-int4wo ;;
   fp8)      run "${COMMON[@]}" --methods fp8-naive ;;
-  dynamic)  run --models 13b --batches '' --decode 1 --decode-reps 2 --methods fq-O3 --cache dynamic --label dynamic-cache \
+  dynamic)  run --models "$MODEL" --batches '' --decode 1 --decode-reps 2 --methods fq-O3 --cache dynamic --label dynamic-cache \
                 --decode-profile ;;
   compile)  rm -rf "$CACHE"
-            run --models 13b --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label cold-cache
-            run --models 13b --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label warm-cache
+            run --models "$MODEL" --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label cold-cache
+            run --models "$MODEL" --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label warm-cache
             du -sh "$CACHE"/* 2>/dev/null || true ;;
   kernels)  timeout "$LIMIT" python3 benchmarks/kernel_bench.py --decode --out "$OUT/kernels-decode.md" || echo "kernels.py exited with $?" ;;
   tests)    timeout "$LIMIT" python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_decode.py tests/test_generate.py \
