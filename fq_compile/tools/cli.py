@@ -180,9 +180,6 @@ def _measures_speed(device: str) -> bool:
 @torch.no_grad()
 def cmd_demo(args) -> int:
     from fq_compile import explain
-    from fq_compile.explain import weight_bytes
-    from fq_compile.planning.calibrate import calibrate_many
-    from fq_compile.tools.evaluate import perplexity
     from fq_compile.tools.models import load_model
 
     if args.from_dir:
@@ -191,7 +188,6 @@ def cmd_demo(args) -> int:
     device = ("cuda" if args.device == "auto" else args.device) if cuda else "cpu"
     dtype = torch.float16 if cuda else torch.float32
     base = "fp16" if cuda else "fp32"
-    timed = _measures_speed(device)
     clock = _Stopwatch()
     lm = load_model(args.model, dtype=dtype, device=device)
     model, tok = lm.model, lm.tokenizer
@@ -199,8 +195,34 @@ def cmd_demo(args) -> int:
     clock.lap("load the model and the test split")
     levels = [args.level] + [c for c in dict.fromkeys(args.compare.split(",")) if c and c != args.level]
     configs = {level: _config(args, level) for level in levels}         # a typo fails before any work
+    speed = (_Speed(tok, args.prompt, ids[:args.ppl_seqlen].to(device), args.decode_tokens, clock)
+             if _measures_speed(device) else None)
+    with _room_for_levels(len(levels)):
+        fp, rows, runs, plans, compiled = _demo_levels(model, tok, ids, args, base, configs, device, clock, speed)
+        _print_levels(lm.name, device, base, rows, runs, args, speed)
+        print(f"\n== graph dump ({args.level}; every layer: fq-compile dump --full, or explain(model, full=True)) ==")
+        print(explain(plans[args.level]))
+        print(f"\n== greedy continuation, {args.max_new_tokens} tokens ==")
+        texts = [["prompt", args.prompt], [base, greedy(model, tok, args.prompt, args.max_new_tokens)]]
+        texts += [[level, greedy(compiled[level], tok, args.prompt, args.max_new_tokens)] for level in levels]
+        clock.lap(f"greedy continuations ({base} and {', '.join(levels)})")
+    print(tabulate(texts, tablefmt="grid", maxcolwidths=[11, 90]))
+    print("\n== where the time went ==")
+    print(clock.table())
+    if args.json:
+        _write_demo_json(args.json, lm.name, device, dtype, fp, args, clock, runs)
+    return 0
+
+
+def _demo_levels(model, tok, ids, args, base: str, configs: dict, device: str, clock, speed):
+    """The floating-point row, one calibration for every level, then each level compiled and measured:
+    perplexity, the first window's logits error against the floating-point model, weight bytes and, with
+    `speed`, tokens/s.  Returns (fp perplexity, table rows, JSON runs, plans, compiled modules)."""
+    from fq_compile.explain import weight_bytes
+    from fq_compile.planning.calibrate import calibrate_many
+    from fq_compile.tools.evaluate import perplexity
+
     progress = not args.no_progress
-    speed = _Speed(tok, args.prompt, ids[:args.ppl_seqlen].to(device), args.decode_tokens, clock) if timed else None
     first = {}          # the first window's baseline logits, kept from the perplexity pass (no extra forward)
 
     def keep_first(i, logits):
@@ -213,77 +235,72 @@ def cmd_demo(args) -> int:
                 first[level] = _rel_err(logits, first[base])
         return on_window
 
-    with _room_for_levels(len(levels)):
-        fp = perplexity(model, ids, args.ppl_seqlen, args.ppl_tokens, progress, device=device,
-                        on_window=_chain(keep_first, clock.windows()))
-        clock.lap_windows(f"{base} perplexity")
-        params = sum(p.numel() for p in dict.fromkeys(model.parameters()))
-        rows = [[base, f"{fp.ppl:.3f}", "-", "-", f"{2 * params / 2**20:.1f} (1.00x)"]]
-        runs = {base: dict(ppl=fp.ppl, windows=fp.windows, weight_bytes=2 * params, fp16_bytes=2 * params)}
-        if timed:
-            rows[0] += speed.measure(base, model, compiled=False)
-        # one calibration run for every level: the same windows and statistics, each level's own plan
-        # (equal to what calibrate() gives it alone; planning/calibrate.py)
-        plans = calibrate_many(model, _calib(tok, args), configs, progress=progress)
-        clock.lap(f"calibration ({', '.join(levels)})")
-        compiled = {}
-        for level in levels:
-            plan = plans[level]
-            fast = _compile(model, plan, free_weights=False)    # the next level compiles the same module
-            ppl = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, progress, device=device,
-                             on_window=_chain(error_of(level), clock.windows()))
-            clock.lap_windows(f"{level} perplexity", compiled=True)
-            n4 = sum(lp.bits == 4 for lp in plan.layers.values())
-            wb = weight_bytes(plan)
-            rows.append([level, f"{ppl.ppl:.3f}", f"{100 * (ppl.ppl / fp.ppl - 1):+.2f}%", f"{first[level]:.4f}"
-                         + (f"  ({n4} INT4 layers)" if n4 else ""),
-                         f"{wb['after'] / 2**20:.1f} ({wb['after'] / (2 * params):.2f}x)" if wb else "-"])
-            runs[level] = dict(ppl=ppl.ppl, windows=ppl.windows, logits_rel_error=first[level], int4_layers=n4,
-                               weight_bytes=wb["after"] if wb else None, fp16_bytes=2 * params)
-            if timed:
-                rows[-1] += speed.measure(level, fast, compiled=True)
-            compiled[level] = fast
-        first.clear()
-        limited = args.ppl_tokens is not None
-        print(f"\n== {lm.name} on {device} ({base}): WikiText-2 test perplexity, {args.ppl_seqlen}-token windows"
-              + (f", first {args.ppl_tokens} tokens only" if limited else "") + " ==")
-        headers = ["level", "PPL", f"vs {base}", "logits rel. error (first window)", "weight MiB (x fp16)"]
-        if timed:
-            headers += [f"prefill tok/s (1x{args.ppl_seqlen})", f"decode tok/s (1x{args.decode_tokens} new)"]
-        print(tabulate(rows, headers=headers, disable_numparse=True))
-        print(textwrap.fill("weight MiB: every parameter, floating-point ones at 2 bytes (the plan's accounting, "
-                            "explain()); fp8: naive per-tensor FP8 e4m3, w8a8: naive per-tensor INT8 (the paper's "
-                            "baseline)", 120))
-        if timed:
-            for row in rows:
-                runs[row[0]].update(prefill_tokens_per_s=row[-2], decode_tokens_per_s=row[-1])
-            where = torch.cuda.get_device_name(device) if cuda else device
-            print(textwrap.fill(f"tokens/s on {where}: prefill one {args.ppl_seqlen}-token window (median of 3), "
-                                f"decode generate() of {args.decode_tokens} tokens at batch 1 after the prompt "
-                                f"({base}: the plain module, default cache; quantized: fast.generate, static "
-                                "cache); first calls in the time table", 120))
-            for err in speed.errors:
-                print(f"speed not measured: {err}")
-        print(f"\n== graph dump ({args.level}; every layer: fq-compile dump --full, or explain(model, full=True)) ==")
-        print(explain(plans[args.level]))
-        print(f"\n== greedy continuation, {args.max_new_tokens} tokens ==")
-        texts = [["prompt", args.prompt], [base, greedy(model, tok, args.prompt, args.max_new_tokens)]]
-        texts += [[level, greedy(compiled[level], tok, args.prompt, args.max_new_tokens)] for level in levels]
-        clock.lap(f"greedy continuations ({base} and {', '.join(levels)})")
-    print(tabulate(texts, tablefmt="grid", maxcolwidths=[11, 90]))
-    print("\n== where the time went ==")
-    print(clock.table())
-    if args.json:
-        import platform
+    fp = perplexity(model, ids, args.ppl_seqlen, args.ppl_tokens, progress, device=device,
+                    on_window=_chain(keep_first, clock.windows()))
+    clock.lap_windows(f"{base} perplexity")
+    params = sum(p.numel() for p in dict.fromkeys(model.parameters()))
+    rows = [[base, f"{fp.ppl:.3f}", "-", "-", f"{2 * params / 2**20:.1f} (1.00x)"]]
+    runs = {base: dict(ppl=fp.ppl, windows=fp.windows, weight_bytes=2 * params, fp16_bytes=2 * params)}
+    if speed is not None:
+        rows[0] += speed.measure(base, model, compiled=False)
+    # one calibration run for every level: the same windows and statistics, each level's own plan
+    # (equal to what calibrate() gives it alone; planning/calibrate.py)
+    plans = calibrate_many(model, _calib(tok, args), configs, progress=progress)
+    clock.lap(f"calibration ({', '.join(configs)})")
+    compiled = {}
+    for level in configs:
+        plan = plans[level]
+        fast = _compile(model, plan, free_weights=False)    # the next level compiles the same module
+        ppl = perplexity(fast, ids, args.ppl_seqlen, args.ppl_tokens, progress, device=device,
+                         on_window=_chain(error_of(level), clock.windows()))
+        clock.lap_windows(f"{level} perplexity", compiled=True)
+        n4 = sum(lp.bits == 4 for lp in plan.layers.values())
+        wb = weight_bytes(plan)
+        rows.append([level, f"{ppl.ppl:.3f}", f"{100 * (ppl.ppl / fp.ppl - 1):+.2f}%", f"{first[level]:.4f}"
+                     + (f"  ({n4} INT4 layers)" if n4 else ""),
+                     f"{wb['after'] / 2**20:.1f} ({wb['after'] / (2 * params):.2f}x)" if wb else "-"])
+        runs[level] = dict(ppl=ppl.ppl, windows=ppl.windows, logits_rel_error=first[level], int4_layers=n4,
+                           weight_bytes=wb["after"] if wb else None, fp16_bytes=2 * params)
+        if speed is not None:
+            rows[-1] += speed.measure(level, fast, compiled=True)
+        compiled[level] = fast
+    return fp, rows, runs, plans, compiled
 
-        where = (torch.cuda.get_device_name(device) if cuda
-                 else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
-        with open(args.json, "w") as f:
-            json.dump(dict(model=lm.name, source="fq-compile demo", split="test", device=where, dtype=str(dtype),
-                           windows=fp.windows, seqlen=args.ppl_seqlen, max_tokens=args.ppl_tokens,
-                           bytes_counted="every parameter, floating-point ones at 2 bytes (plan accounting)",
-                           seconds=sum(t for _, t in clock.rows), runs=runs), f, indent=2)
-    return 0
+
+def _print_levels(name: str, device: str, base: str, rows, runs, args, speed) -> None:
+    """The demo's first table (and, with `speed`, its tokens/s columns and their notes)."""
+    limited = args.ppl_tokens is not None
+    print(f"\n== {name} on {device} ({base}): WikiText-2 test perplexity, {args.ppl_seqlen}-token windows"
+          + (f", first {args.ppl_tokens} tokens only" if limited else "") + " ==")
+    headers = ["level", "PPL", f"vs {base}", "logits rel. error (first window)", "weight MiB (x fp16)"]
+    if speed is not None:
+        headers += [f"prefill tok/s (1x{args.ppl_seqlen})", f"decode tok/s (1x{args.decode_tokens} new)"]
+    print(tabulate(rows, headers=headers, disable_numparse=True))
+    print(textwrap.fill("weight MiB: every parameter, floating-point ones at 2 bytes (the plan's accounting, "
+                        "explain()); fp8: naive per-tensor FP8 e4m3, w8a8: naive per-tensor INT8 (the paper's "
+                        "baseline)", 120))
+    if speed is not None:
+        for row in rows:
+            runs[row[0]].update(prefill_tokens_per_s=row[-2], decode_tokens_per_s=row[-1])
+        where = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+        print(textwrap.fill(f"tokens/s on {where}: prefill one {args.ppl_seqlen}-token "
+                            f"window (median of 3), decode generate() of {args.decode_tokens} tokens at batch 1 after "
+                            f"the prompt ({base}: the plain module, default cache; quantized: fast.generate, static "
+                            "cache); first calls in the time table", 120))
+        for err in speed.errors:
+            print(f"speed not measured: {err}")
+
+
+def _write_demo_json(path: str, name: str, device: str, dtype, fp, args, clock, runs) -> None:
+    import platform
+
+    where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+             else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    with open(path, "w") as f:
+        json.dump(dict(model=name, source="fq-compile demo", split="test", device=where, dtype=str(dtype),
+                       windows=fp.windows, seqlen=args.ppl_seqlen, max_tokens=args.ppl_tokens,
+                       bytes_counted="every parameter, floating-point ones at 2 bytes (plan accounting)",
+                       seconds=sum(t for _, t in clock.rows), runs=runs), f, indent=2)
 
 
 @torch.no_grad()
