@@ -412,6 +412,24 @@ def test_plan_for_another_shape_names_the_layer():
         plan.check_model(tiny_opt(layers=1, hidden=96))
 
 
+def test_layers_inside_a_nested_compile_region_are_refused_not_left_in_floating_point(monkeypatch):
+    """torch.compiler.nested_compile_region on a decoder layer makes Dynamo call it through invoke_subgraph,
+    whose linears the rewrite does not reach: compiling with a plan that quantizes them must fail naming
+    the layer and the region (it used to run them in floating point, silently), and calibrating such a
+    model says why nothing was found."""
+    model = tiny_opt(layers=2)
+    plan = fq_compile.calibrate(model, batches(n=1), Config(level="O1"), progress=False)
+    cls = type(model.model.decoder.layers[0])
+    monkeypatch.setattr(cls, "forward", torch.compiler.nested_compile_region(cls.forward))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"layers\.0\.self_attn\.q_proj.*nested compile region.*floating point"):
+        with torch.no_grad():
+            torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(batches(n=1)[0])
+    torch._dynamo.reset()
+    with pytest.raises(CalibrationError, match="nested_compile_region"):
+        fq_compile.calibrate(tiny_opt(layers=2), batches(n=1), Config(level="O1"), progress=False)
+
+
 def test_plan_for_other_weights_is_refused():
     plan = fq_compile.calibrate(tiny_opt(layers=1, seed=0), batches(n=1), Config(level="w8a8"), progress=False)
     torch._dynamo.reset()

@@ -323,6 +323,9 @@ def other_weight_reads(gm: fx.GraphModule, forms: list[LinearForm], name_of) -> 
             why = (f"MoE experts: a {shape} parameter (one weight per expert) read by {', '.join(what)}, a "
                    "grouped matmul whose rows per expert the router picks at run time; fq_compile has no "
                    "grouped INT GEMM, so the experts stay in floating point")
+        elif "invoke_subgraph" in what:
+            why = (f"a {shape} parameter read by invoke_subgraph: inside a nested compile region "
+                   "(torch.compiler.nested_compile_region), which fq_compile does not rewrite")
         else:
             why = (f"a {shape} parameter read by {', '.join(what)}, not as a linear layer "
                    "(linear, addmm or x @ W.T) that fq_compile rewrites")
