@@ -319,13 +319,22 @@ def accuracy_main(args) -> str:
     calib_s = time.time() - t
     linear_only = dataclasses.replace(plan, attention={}, attention_skipped={},
                                       config=Config.from_dict({**plan.config.to_dict(), "attention": "fp"}))
-    variants = [(args.base, linear_only)]
-    variants += [(f"{args.base} + {label}", replan_attention(plan, **kw)) for label, kw in rows]
-    for label, p in variants:
+    variants = [(args.base, linear_only, None)]
+    variants += [(f"{args.base} + {label}", replan_attention(plan, **kw), None) for label, kw in rows]
+    if not args.rows or any("cache" in s for s in args.rows.split(";")):
+        # the 8-bit KV cache alone: K and V stored in 8 bits (fq_compile.kv_cache, the plan's scales), attention
+        # itself in floating point over their dequantized values, the linear layers as the base plan
+        variants += [(f"{args.base} + 8-bit KV cache alone ({label})", linear_only, replan_attention(plan, **kw))
+                     for label, kw in (("INT8, per tensor", dict(attention="int8", attention_pv=None, attention_scales="tensor")),
+                                       ("INT8, per head", dict(attention="int8", attention_pv=None, attention_scales="head")))]
+    for label, p, cache_plan in variants:
         t = time.time()
         torch._dynamo.reset()
         fast = torch.compile(model, backend="flattenquant", options={"plan": p, "inductor": args.inductor,
                                                                     "free_weights": False})
+        if cache_plan is not None:
+            def fast(x, use_cache=False, compiled=fast, cache_plan=cache_plan):   # a fresh cache per window
+                return compiled(x, past_key_values=fq_compile.kv_cache(cache_plan, model), use_cache=True)
         r = ppl(fast)
         seconds = time.time() - t + (calib_s if label == args.base else 0)
         results[label] = dict(ppl=r.ppl, windows=r.windows, seconds=seconds,
