@@ -229,13 +229,16 @@ def save(args, art: Path, work: Path) -> dict:
     save_s = time.perf_counter() - t
     ids = _prompt_ids(args, tokenizer)
     ref = {"ids": ids}
+    t = time.perf_counter()
     if not args.no_reference:
         with torch.no_grad():
             ref["logits"] = _compile(model, plan, device)(ids.to(device)).logits.cpu().contiguous()
+    reference_s = time.perf_counter() - t
     save_file(ref, str(work / "reference.safetensors"))
     manifest = json.loads((art / "manifest.json").read_text())
     files = manifest["files"]
     return {"name": name, "plan": how, "fp_bytes": fp_bytes, "plan_s": plan_s, "save_s": save_s,
+            "reference_s": reference_s,
             "artefact": manifest["bytes"], "plan_bytes": files["plan.fqplan"]["bytes"],
             "fp_file": files["weights.safetensors"]["bytes"], "dtype": str(_dtype(args)).removeprefix("torch."),
             "layers": len(plan.layers), "prompt": int(ids.shape[1])}
@@ -360,7 +363,9 @@ def main(argv=None) -> int:
         work = Path(tmp)
         art = work / "artefact"
         saved = save(args, art, work)
-        print(f"saved {saved['artefact'] / MB:.1f} MB to {art}", flush=True)
+        print(f"saved {saved['artefact'] / MB:.1f} MB to {art} (build + plan {saved['plan_s']:.0f} s, save_quantized "
+              f"{saved['save_s']:.0f} s, the saving side's compiled call {saved['reference_s']:.0f} s); loading in a "
+              "fresh process", flush=True)
         torch._dynamo.reset()            # the saving side's graphs (and the plan they hold) go before the children run
         gc.collect()
         if torch.cuda.is_available():
