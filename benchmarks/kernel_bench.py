@@ -492,6 +492,35 @@ def decode_main(args):
         name = min((k for k, t in cand.items() if t), key=cand.get, default=None)
         return name, cand.get(name)
 
+    from fq_compile.kernels.triton import decode as td
+
+    head = ["layer", "M", "fp16 linear", "INT8 chosen", "INT8 fastest candidate", "chosen vs fastest", "INT4 chosen",
+            "INT4 fastest candidate", "chosen vs fastest", "INT8 x fp16", "INT4 x fp16", "every path exact (8/4)"]
+    cand_head = ["layer", "M", "bits"] + [candidate_name(8, c) for c in td.candidates(8)]
+    props = torch.cuda.get_device_properties(0)
+    meta = (f"device: {props.name} ({props.multi_processor_count} SMs), "
+            f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
+            f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}\n"
+            f"command: python {' '.join(sys.argv)}\n"
+            f"copy bandwidth (device-to-device, read + written bytes): {copy:.0f} GB/s\n"
+            f"activation scales: {'per token (the default plan)' if per_token else 'per tensor (static)'}\n"
+            "cells: time per call, then GB/s of weight bytes read (fp16: N x K x 2; INT8: N x K'; INT4: N x K' / 2) "
+            "and that as % of the copy bandwidth; median of CUDA-graph replays, weights rotated past 2x L2; "
+            "chosen: fq::flat_linear as the tuner picked (first-use timing, eager); chosen vs fastest: the fastest "
+            "candidate's time / the chosen one's (1.00: the tuner picked the best); fp16 out, bias, random "
+            "per-channel scales; exact: every candidate equals flatten_quantize + GEMM bit for bit")
+
+    def write(rows, details, done: bool) -> str:
+        """The tables so far; rewritten after every row, so a run cut by its cap keeps what it measured."""
+        text = (f"# Decode kernels (issue 23)\n\n{meta}\n"
+                + ("" if done else f"\npartial: {len(rows)} of {len(shapes) * len(ms)} rows (the run was cut or "
+                                   "is still running)\n")
+                + f"\n{tabulate(rows, head, tablefmt='github')}\n\nEvery candidate (fusedI / prequantI: tiling I of "
+                f"kernels/triton/decode.py CONFIGS):\n\n{tabulate(details, cand_head, tablefmt='github')}\n")
+        if args.out:
+            Path(args.out).write_text(text)
+        return text
+
     rows, details = [], []
     for name, k, n in shapes:
         for m in ms:
@@ -506,35 +535,9 @@ def decode_main(args):
             row += [ratio(r["fp16"], r["chosen8"]), ratio(r["fp16"], r["chosen4"]), f"{r['exact8']}/{r['exact4']}"]
             rows.append(row)
             print("   ", rows[-1], flush=True)
-    head = ["layer", "M", "fp16 linear", "INT8 chosen", "INT8 fastest candidate", "chosen vs fastest", "INT4 chosen",
-            "INT4 fastest candidate", "chosen vs fastest", "INT8 x fp16", "INT4 x fp16", "every path exact (8/4)"]
-    from fq_compile.kernels.triton import decode as td
-
-    cand_head = ["layer", "M", "bits"] + [candidate_name(8, c) for c in td.candidates(8)]
-    props = torch.cuda.get_device_properties(0)
-    meta = (f"device: {props.name} ({props.multi_processor_count} SMs), "
-            f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
-            f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}\n"
-            f"command: python {' '.join(sys.argv)}\n"
-            f"copy bandwidth (device-to-device, read + written bytes): {copy:.0f} GB/s\n"
-            f"activation scales: {'per token (the default plan)' if per_token else 'per tensor (static)'}\n"
-            "cells: time per call, then GB/s of weight bytes read (fp16: N x K x 2; INT8: N x K'; INT4: N x K' / 2) "
-            "and that as % of the copy bandwidth; median of CUDA-graph replays, weights rotated past 2x L2; "
-            "chosen: fq::flat_linear as the tuner picked (first-use timing, eager); chosen vs fastest: the fastest "
-            "candidate's time / the chosen one's (1.00: the tuner picked the best); fp16 out, bias, random "
-            "per-channel scales; exact: every candidate equals flatten_quantize + GEMM bit for bit")
-    table = tabulate(rows, head, tablefmt="github")
-    cand_table = tabulate(details, cand_head, tablefmt="github")
+            write(rows, details, done=False)
     print()
-    print(meta)
-    print()
-    print(table)
-    print()
-    print(cand_table)
-    if args.out:
-        Path(args.out).write_text(f"# Decode kernels (issue 23)\n\n{meta}\n\n{table}\n\nEvery candidate "
-                                  f"(fusedI / prequantI: tiling I of kernels/triton/decode.py CONFIGS):\n\n"
-                                  f"{cand_table}\n")
+    print(write(rows, details, done=True))
 
 
 def main():
