@@ -43,6 +43,20 @@ def test_e2e_smoke_and_report(tmp_path):
     assert (tmp_path / "res" / "smoke.png").stat().st_size > 1000
 
 
+def test_e2e_decode_rows_carry_the_first_call_stages(tmp_path):
+    """A decode row says where its first generate() went (fq_compile/kernels/stopwatch.py) and the report
+    tabulates it (issue 23's first-call table)."""
+    e2e = _script("e2e")
+    e2e.main(["--smoke", "--batches", "", "--decode", "1", "--decode-reps", "1", "--new-tokens", "2",
+              "--methods", "fq-O3", "--out", str(tmp_path)])
+    rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    dec = next(r for r in rows if r["kind"] == "decode")
+    assert dec["first_call_stages"]["Inductor compile"] > 0 and "rewrite" in dec["first_call_stages"]
+    assert sum(dec["first_call_stages"].values()) <= dec["first_call_s"] + 0.1
+    text = e2e.report([tmp_path / "e2e.jsonl"], tmp_path / "res", "smoke")
+    assert "where each first generate() call went" in text
+
+
 def test_cpu_smoke(tmp_path):
     out = tmp_path / "cpu.md"
     assert _script("cpu").main(["--smoke", "--methods", "fp32-eager,fp32-inductor,O1,O1-inductor", "--no-warm",
