@@ -324,9 +324,8 @@ def accuracy_main(args) -> str:
     if not args.rows or any("cache" in s for s in args.rows.split(";")):
         # the 8-bit KV cache alone: K and V stored in 8 bits (fq_compile.kv_cache, the plan's scales), attention
         # itself in floating point over their dequantized values, the linear layers as the base plan
-        variants += [(f"{args.base} + 8-bit KV cache alone ({label})", linear_only, replan_attention(plan, **kw))
-                     for label, kw in (("INT8, per tensor", dict(attention="int8", attention_pv=None, attention_scales="tensor")),
-                                       ("INT8, per head", dict(attention="int8", attention_pv=None, attention_scales="head")))]
+        variants += [(f"{args.base} + 8-bit KV cache alone (INT8, per {kw['attention_scales']})", linear_only,
+                      replan_attention(plan, **kw)) for label, kw in ACCURACY_ROWS if label.startswith("INT8 QK, INT8 PV")]
     for label, p, cache_plan in variants:
         t = time.time()
         torch._dynamo.reset()

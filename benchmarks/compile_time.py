@@ -24,29 +24,27 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.e2e import build_model  # noqa: E402
+from benchmarks import e2e  # noqa: E402
 from benchmarks.provenance import git_rev  # noqa: E402
 from fq_compile.kernels import stopwatch  # noqa: E402
-from fq_compile.tools.synthetic import PAPER_TABLE4, synthetic_plan  # noqa: E402
+
+# what e2e.prepare reads: a static-shape prefill compile, no knobs
+_OPTS = SimpleNamespace(dynamic_flag=False, batches=[1], seqs=[32], profile=False, decode=[], max_autotune=False,
+                        auto_formats=None, gemm=None, cudagraphs="auto", flatten_ratio=None, activation_scale=None)
 
 
 def first_call(layers: int, ours: bool, device: torch.device, dtype, caches: bool = False) -> dict:
-    """Seconds of the first compiled forward (fresh caches) and its stages."""
-    model = build_model("tiny", device, dtype, layers=layers)
+    """Seconds of the first compiled forward (fresh Dynamo caches) and its stages; the model and its
+    compile come from benchmarks/e2e.py (prepare: fp16-inductor, or fq-O3 on a Table 4 synthetic plan)."""
     torch._dynamo.reset()
-    if ours:
-        share, ratio = PAPER_TABLE4["13b"]
-        plan = synthetic_plan(model, "O3", flatten_ratio=ratio, int4_share=share, progress=False)
-        torch._dynamo.reset()
-        fast = torch.compile(model, backend="flattenquant", options={"plan": plan})
-    else:
-        fast = torch.compile(model)
+    fast, _, _ = e2e.prepare("fq-O3" if ours else "fp16-inductor", "tiny", device, dtype, _OPTS, layers=layers)
     ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
     import torch._inductor.config as inductor_config
 

@@ -217,16 +217,17 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
             info["flatten_ratio_set"] = ratio
         level = {"smoothquant": "smoothquant", "fq-O1": "O1", "fq-O3": "O3", "fq-fp8": "fp8", "fq-auto": "auto"}[method]
         shares = parse_shares(args.auto_formats) if level == "auto" else None
+        scale = getattr(args, "activation_scale", None)        # decode_host.py's args have none
         if shares is not None:
             info["format_shares"] = shares
         plan = synthetic_plan(model, level, flatten_ratio=0.0 if level in ("smoothquant", "fp8") else ratio,
                               int4_share=share if level == "O3" else 0.0, format_shares=shares, source=TABLE4_LABEL,
-                              activation_scale=getattr(args, "activation_scale", None),
+                              activation_scale=scale,
                               release_weights=True, progress=False)
         torch._dynamo.reset()                    # drop the replica's capture graphs (synthetic.py)
         n4 = sum(lp.bits == 4 for lp in plan.layers.values())
-        if getattr(args, "activation_scale", None):
-            info["activation_scale"] = args.activation_scale
+        if scale:
+            info["activation_scale"] = scale
         info.update(plan_source=TABLE4_LABEL if level != "smoothquant" else "-", level=level,
                     int4_share=round(n4 / len(plan.layers), 4),
                     flatten_ratio=round(statistics.mean(plan.groups[lp.group].flatten_ratio

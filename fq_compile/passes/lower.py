@@ -235,13 +235,8 @@ def _collect(rw: _Rewrite) -> dict[fx.Node, list[tuple[str, LinearForm]]]:
 def _unrewritable(name: str, why: str) -> str:
     """The error for a layer the plan quantizes whose weight this graph reads only in a way the rewrite
     cannot replace: compiling on would run it in floating point while explain() and the plan say INT."""
-    if "invoke_subgraph" in why:
-        return (f"layer {name!r} is quantized by the plan, but this graph calls it inside a nested compile region "
-                "(torch.compiler.nested_compile_region, traced as invoke_subgraph), which fq_compile does not "
-                "rewrite: the layer would run in floating point. Compile without the nested_compile_region marking "
-                "(e.g. on the decoder layer class's forward)")
-    return (f"layer {name!r} is quantized by the plan, but this graph reads its weight only as {why.split(' read by ')[-1]}; "
-            "the layer would run in floating point. Recalibrate on the model as it is compiled")
+    return (f"layer {name!r} is quantized by the plan, but this graph reads its weight only as {why}; "
+            "compiling on would run it in floating point")
 
 
 def _decide_folds(rw: _Rewrite, by_input) -> tuple[dict[fx.Node, GroupPlan], dict[str, tuple[str, str, object]]]:

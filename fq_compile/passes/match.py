@@ -325,7 +325,8 @@ def other_weight_reads(gm: fx.GraphModule, forms: list[LinearForm], name_of) -> 
                    "grouped INT GEMM, so the experts stay in floating point")
         elif "invoke_subgraph" in what:
             why = (f"a {shape} parameter read by invoke_subgraph: inside a nested compile region "
-                   "(torch.compiler.nested_compile_region), which fq_compile does not rewrite")
+                   "(torch.compiler.nested_compile_region), which fq_compile does not rewrite; compile without "
+                   "that marking (e.g. on the decoder layer class's forward)")
         else:
             why = (f"a {shape} parameter read by {', '.join(what)}, not as a linear layer "
                    "(linear, addmm or x @ W.T) that fq_compile rewrites")

@@ -199,7 +199,7 @@ def cmd_demo(args) -> int:
              if _measures_speed(device) else None)
     with _room_for_levels(len(levels)):
         fp, rows, runs, plans, compiled = _demo_levels(model, tok, ids, args, base, configs, device, clock, speed)
-        _print_levels(lm.name, device, base, rows, runs, args, speed)
+        _print_levels(lm.name, device, base, rows, args, speed)
         print(f"\n== graph dump ({args.level}; every layer: fq-compile dump --full, or explain(model, full=True)) ==")
         print(explain(plans[args.level]))
         print(f"\n== greedy continuation, {args.max_new_tokens} tokens ==")
@@ -243,6 +243,7 @@ def _demo_levels(model, tok, ids, args, base: str, configs: dict, device: str, c
     runs = {base: dict(ppl=fp.ppl, windows=fp.windows, weight_bytes=2 * params, fp16_bytes=2 * params)}
     if speed is not None:
         rows[0] += speed.measure(base, model, compiled=False)
+        runs[base].update(prefill_tokens_per_s=rows[0][-2], decode_tokens_per_s=rows[0][-1])
     # one calibration run for every level: the same windows and statistics, each level's own plan
     # (equal to what calibrate() gives it alone; planning/calibrate.py)
     plans = calibrate_many(model, _calib(tok, args), configs, progress=progress)
@@ -263,11 +264,12 @@ def _demo_levels(model, tok, ids, args, base: str, configs: dict, device: str, c
                            weight_bytes=wb["after"] if wb else None, fp16_bytes=2 * params)
         if speed is not None:
             rows[-1] += speed.measure(level, fast, compiled=True)
+            runs[level].update(prefill_tokens_per_s=rows[-1][-2], decode_tokens_per_s=rows[-1][-1])
         compiled[level] = fast
     return fp, rows, runs, plans, compiled
 
 
-def _print_levels(name: str, device: str, base: str, rows, runs, args, speed) -> None:
+def _print_levels(name: str, device: str, base: str, rows, args, speed) -> None:
     """The demo's first table (and, with `speed`, its tokens/s columns and their notes)."""
     limited = args.ppl_tokens is not None
     print(f"\n== {name} on {device} ({base}): WikiText-2 test perplexity, {args.ppl_seqlen}-token windows"
@@ -280,8 +282,6 @@ def _print_levels(name: str, device: str, base: str, rows, runs, args, speed) ->
                         "explain()); fp8: naive per-tensor FP8 e4m3, w8a8: naive per-tensor INT8 (the paper's "
                         "baseline)", 120))
     if speed is not None:
-        for row in rows:
-            runs[row[0]].update(prefill_tokens_per_s=row[-2], decode_tokens_per_s=row[-1])
         where = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
         print(textwrap.fill(f"tokens/s on {where}: prefill one {args.ppl_seqlen}-token "
                             f"window (median of 3), decode generate() of {args.decode_tokens} tokens at batch 1 after "
