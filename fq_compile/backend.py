@@ -23,6 +23,10 @@ kernels inline through torch.library.triton_op).  Options:
                fq_compile/generation.py for why "auto").  torch.compile refuses `mode=` together with
                `options=`, so mode="reduce-overhead" reaches us only without a plan; options={"mode":
                "reduce-overhead"} is accepted and means cudagraphs=True.
+    regions    True (default; env FQ_REGIONS=0 turns it off) | False: regional compilation
+               (passes/regions.py): decoder blocks that are the same program on same-shaped tensors
+               are outlined into one shared body that Inductor compiles once; the rest stay inline.
+               The graph's report says how many blocks shared how many bodies.
 
 What keeps a compiled model from silently running something else than its plan (runtime/guards.py):
   * each compiled graph is wrapped in a WeightGuard: before every call, the parameters whose values
@@ -53,7 +57,7 @@ from fq_compile.plan import QuantPlan
 from fq_compile.runtime.guards import WeightGuard, guard_eager_runs
 from fq_compile.runtime.state import reports
 
-_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm", "cudagraphs", "mode"}
+_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm", "cudagraphs", "mode", "regions"}
 
 
 class BackendOptionsError(ValueError):
@@ -97,6 +101,7 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
 
     compiled_reports = reports(plan)
     index = len(compiled_reports)
+    before = set(gm.graph.nodes)
     with stopwatch.stage("rewrite"):
         attention = rewrite_attention(gm, example_inputs, plan)     # first: it names sites by their linears
         if plan.config.quantize:
@@ -124,8 +129,9 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
         from torch._inductor.compile_fx import compile_fx
 
         patches = cudagraph_patches(cudagraphs, gm, example_inputs, index)
+        outlined = _outline(gm, set(gm.graph.nodes) - before, report, options)
         with dispatch.use(options.get("gemm")), _inductor_settings(), stopwatch.stage("Inductor compile"):
-            compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
+            compiled = _compile_fx(compile_fx, outlined, gm, example_inputs, patches, report)
     if not plan.config.quantize:
         return compiled
     _guard_layers(gm, example_inputs, report)
@@ -155,6 +161,39 @@ def _guard_layers(gm, example_inputs, report: GraphReport) -> None:
         warnings.warn(f"fq_compile: could not find the module of {len(missing)} quantized layer(s) (e.g. {missing[0]}) "
                       "in the frame Dynamo traced; if Dynamo ever runs them eagerly (recompile limit), they would "
                       "compute in floating point without an error", RuntimeWarning, stacklevel=2)
+
+
+def _outline(gm, inserted: set, report: GraphReport, options: dict):
+    """gm with its repeated blocks outlined (passes/regions.py), unless options['regions'] or env
+    FQ_REGIONS=0 turn it off."""
+    from fq_compile.passes.regions import outline_blocks
+
+    wanted = options.get("regions", os.environ.get("FQ_REGIONS", "1") not in ("0", "false", "off"))
+    if not wanted:
+        report.regions = "regional compilation: off"
+        return gm
+    with stopwatch.stage("rewrite"):
+        outlined, regions = outline_blocks(gm, inserted)
+    report.regions = regions.summary()
+    return outlined
+
+
+def _compile_fx(compile_fx, outlined, gm, example_inputs, patches, report: GraphReport):
+    """Inductor on the outlined graph; on the original one where Inductor refuses the outlined graph
+    (a torch without invoke_subgraph support for what a block does), with a warning."""
+    if outlined is gm:
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+    try:
+        return compile_fx(outlined, example_inputs, config_patches=patches or None)
+    except Exception as e:  # noqa: BLE001 - the same graph compiled whole is the fallback
+        import warnings
+
+        warnings.warn(f"fq_compile: regional compilation failed for graph {report.index} ({type(e).__name__}: "
+                      f"{str(e)[:300]}); compiling it whole (options={{'regions': False}} skips the attempt)",
+                      RuntimeWarning, stacklevel=3)
+        report.regions = "regional compilation: failed, compiled whole"
+        torch._dynamo.utils.counters.clear()
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
 def _inductor_settings():

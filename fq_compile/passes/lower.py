@@ -114,6 +114,7 @@ class GraphReport:
     # placeholder -> layer name of each replaced linear's weight (to find its module)
     layer_weights: dict = field(default_factory=dict, repr=False, compare=False)
     attention: list = field(default_factory=list)   # passes/attention.py: one AttentionReport per site
+    regions: str = ""           # passes/regions.py: how many blocks were outlined into how many bodies
 
 
 def _const(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
