@@ -3,10 +3,13 @@
     python benchmarks/compile_time.py --layers 2,6,12,24                 # CPU: Inductor's C++ path
     python benchmarks/compile_time.py --layers 2,12,24 --device cuda     # the GPU: Triton code
 
-For each block count: a tiny OPT (benchmarks/e2e.py's `tiny` config, random weights) is compiled once with
-plain Inductor (`torch.compile(model)`) and once with our backend (O3 synthetic plan at the paper's Table 4
-shares, Inductor on), and the first forward on a 1 x 32 prompt is timed, with the stages of
-fq_compile/kernels/stopwatch.py (our rewrite, Inductor).  Only code size grows with the block count (the
+For each block count: a tiny OPT (benchmarks/e2e.py's `tiny` config, random weights) is compiled with
+plain Inductor (`torch.compile(model)`) and with our backend (a synthetic plan of --level at the paper's
+Table 4 shares, Inductor on) twice: with regional compilation (fq_compile/passes/regions.py: blocks that are
+the same program share one compiled body) and without it (FQ_REGIONS=0, every block compiled); the first
+forward on a 1 x 32 prompt is timed, with the stages of fq_compile/kernels/stopwatch.py (our rewrite,
+Inductor).  At O1 every block of a synthetic plan is the same program; at O3 the INT4 layers are spread
+over depth with a phase per position, so blocks share bodies only where their INT4 pattern agrees.  Only code size grows with the block count (the
 hidden size stays 64), so the table says how much of a first call is per block and how much of it is ours
 compared with plain Inductor's.  Every compile starts from empty Dynamo caches with Inductor's caches off
 (force_disable_caches), so nothing is reused between rows; a one-block model of each kind is compiled first,
@@ -40,11 +43,14 @@ _OPTS = SimpleNamespace(dynamic_flag=False, batches=[1], seqs=[32], profile=Fals
                         auto_formats=None, gemm=None, cudagraphs="auto", flatten_ratio=None, activation_scale=None)
 
 
-def first_call(layers: int, ours: bool, device: torch.device, dtype, caches: bool = False) -> dict:
+def first_call(layers: int, method: str, device: torch.device, dtype, caches: bool = False,
+               regions: bool = True) -> dict:
     """Seconds of the first compiled forward (fresh Dynamo caches) and its stages; the model and its
-    compile come from benchmarks/e2e.py (prepare: fp16-inductor, or fq-O3 on a Table 4 synthetic plan)."""
+    compile come from benchmarks/e2e.py (prepare: fp16-inductor, or fq-<level> on a Table 4 synthetic plan);
+    regions: our regional compilation on or off."""
     torch._dynamo.reset()
-    fast, _, _ = e2e.prepare("fq-O3" if ours else "fp16-inductor", "tiny", device, dtype, _OPTS, layers=layers)
+    os.environ["FQ_REGIONS"] = "1" if regions else "0"
+    fast, plan, _ = e2e.prepare(method, "tiny", device, dtype, _OPTS, layers=layers)
     ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
     import torch._inductor.config as inductor_config
 
@@ -57,7 +63,13 @@ def first_call(layers: int, ours: bool, device: torch.device, dtype, caches: boo
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
     stages = stopwatch.totals()
-    return dict(wall=wall, inductor=stages.get("Inductor compile", (0.0, 0))[0], rewrite=stages.get("rewrite", (0.0, 0))[0])
+    shared = ""
+    if plan is not None:
+        from fq_compile.runtime.state import reports
+
+        shared = "; ".join(r.regions.removeprefix("regional compilation: ") for r in reports(plan) if r.regions)
+    return dict(wall=wall, inductor=stages.get("Inductor compile", (0.0, 0))[0], rewrite=stages.get("rewrite", (0.0, 0))[0],
+                regions=shared)
 
 
 def main(argv=None):
@@ -67,6 +79,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-dir", default=None,
                     help="keep Inductor's caches on, in this directory (run twice: the second run is the warm one)")
+    ap.add_argument("--level", default="O3", choices=["O1", "O3"], help="our synthetic plan's level")
     ap.add_argument("--out", default=None, help="write the markdown here too")
     args = ap.parse_args(argv)
     if args.cache_dir:
@@ -74,28 +87,34 @@ def main(argv=None):
     caches = bool(args.cache_dir)
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    first_call(1, False, device, dtype)      # untimed: imports and Inductor's one-time set-up
-    first_call(1, True, device, dtype)
+    ours = f"fq-{args.level}"
+    first_call(1, "fp16-inductor", device, dtype)      # untimed: imports and Inductor's one-time set-up
+    first_call(1, ours, device, dtype)
     rows = []
     for n in (int(x) for x in args.layers.split(",")):
-        plain = first_call(n, False, device, dtype, caches)
-        ours = first_call(n, True, device, dtype, caches)
-        rows.append([n, f"{plain['wall']:.1f}", f"{ours['wall']:.1f}", f"{ours['inductor']:.1f}", f"{ours['rewrite']:.1f}",
-                     f"{ours['wall'] / plain['wall']:.2f}"])
+        plain = first_call(n, "fp16-inductor", device, dtype, caches)
+        whole = first_call(n, ours, device, dtype, caches, regions=False)
+        regional = first_call(n, ours, device, dtype, caches, regions=True)
+        rows.append([n, f"{plain['wall']:.1f}", f"{whole['wall']:.1f}", f"{whole['inductor']:.1f}",
+                     f"{regional['wall']:.1f}", f"{regional['inductor']:.1f}", f"{regional['rewrite']:.1f}",
+                     f"{whole['wall'] / plain['wall']:.2f}", f"{regional['wall'] / plain['wall']:.2f}",
+                     regional["regions"]])
         print(rows[-1], flush=True)
     # per block: the slope between the smallest and largest block counts
-    (n0, p0, o0), (n1, p1, o1) = [(r[0], float(r[1]), float(r[2])) for r in (rows[0], rows[-1])]
-    slope = "" if n1 == n0 else (f"per block (slope {n0} -> {n1} blocks): plain Inductor {(p1 - p0) / (n1 - n0):.2f} s, "
-                                 f"ours {(o1 - o0) / (n1 - n0):.2f} s")
+    (n0, *a), (n1, *b) = [(r[0], float(r[1]), float(r[2]), float(r[4])) for r in (rows[0], rows[-1])]
+    slope = "" if n1 == n0 else ("per block (slope {} -> {} blocks): plain Inductor {:.2f} s, ours whole {:.2f} s, "
+                                 "ours regional {:.2f} s".format(n0, n1, *((y - x) / (n1 - n0) for x, y in zip(a, b))))
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     text = "\n".join([
         f"# First-call compile time vs decoder blocks ({dev})", "",
         f"date {datetime.date.today()}, tree {git_rev()}, torch {torch.__version__}; command: python {' '.join(sys.argv)}",
         "Tiny OPT (hidden 64, ffn 256), 1 x 32 prompt, fresh Dynamo caches, Inductor caches "
-        + (f"on in {args.cache_dir}" if caches else "off") + "; ours: O3 synthetic "
-        "plan (Table 4 shares), Inductor on. Seconds of the first forward.", "",
-        tabulate(rows, headers=["blocks", "plain Inductor s", "ours s", "ours: Inductor s", "ours: rewrite s",
-                                "ours / plain"], tablefmt="github", disable_numparse=True), "", slope, ""])
+        + (f"on in {args.cache_dir}" if caches else "off") + f"; ours: {args.level} synthetic "
+        "plan (Table 4 shares), Inductor on, whole (FQ_REGIONS=0) and regional (the default). Seconds of the "
+        "first forward.", "",
+        tabulate(rows, headers=["blocks", "plain Inductor s", "ours whole s", "whole: Inductor s", "ours regional s",
+                                "regional: Inductor s", "regional: rewrite s", "whole / plain", "regional / plain",
+                                "blocks outlined"], tablefmt="github", disable_numparse=True), "", slope, ""])
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -90,11 +90,13 @@ def test_plots_from_committed_results(tmp_path):
 
 
 def test_compile_time_smoke(tmp_path):
-    """benchmarks/compile_time.py: plain Inductor and our backend per block count, with the stopwatch's
-    Inductor and rewrite stages (ours spends its first call in Inductor: the column is not empty)."""
+    """benchmarks/compile_time.py: plain Inductor and our backend (whole and regional) per block count, with
+    the stopwatch's Inductor and rewrite stages (ours spends its first call in Inductor: the columns are not
+    empty), and how many blocks the regional compile outlined (two O1 blocks: both, into one body)."""
     out = tmp_path / "compile.md"
-    _script("compile_time").main(["--layers", "1,2", "--out", str(out)])
+    _script("compile_time").main(["--layers", "1,2", "--level", "O1", "--out", str(out)])
     text = out.read_text()
     rows = [l.split("|")[1:-1] for l in text.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
-    assert len(rows) == 2 and all(float(r[3]) > 0 for r in rows), text
+    assert len(rows) == 2 and all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows), text
+    assert "2 of 2 blocks outlined into 1 compiled body" in rows[1][-1], text
     assert "per block (slope 1 -> 2 blocks)" in text
