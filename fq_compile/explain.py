@@ -295,6 +295,7 @@ def _totals(plan: QuantPlan, views) -> list[list[str]]:
         ["GEMM work added by K' (weighted by N*K)", f"+{100 * (macs_flat / macs - 1):.1f}%" if macs else "-"],
         *_byte_rows(plan),
         ["graphs compiled", str(len(reports(plan)))],
+        *_region_rows(plan),
     ]
     if views:
         here = sum(lp.weight_bytes for lp in plan.layers.values() if lp.name not in views)
@@ -363,6 +364,17 @@ def _legend_lines(legend: _Legend, title: str) -> str:
     body = "\n".join(_lines(f"{k:<4}{len(layers):>4} layers  {text}", indent="  ", hang=" " * 18)
                      for k, text, layers in items)
     return f"{title}\n{body}"
+
+
+def _region_rows(plan: QuantPlan) -> list[list[str]]:
+    """How regional compilation (passes/regions.py) went, once per distinct outcome over the graphs."""
+    seen: dict[str, list[int]] = {}
+    for rep in reports(plan):
+        text = getattr(rep, "regions", "")
+        if text:
+            seen.setdefault(text.removeprefix("regional compilation: "), []).append(rep.index)
+    return [["regional compilation" + (f" (graph{'s' if len(ix) > 1 else ''} {', '.join(map(str, ix))})"
+                                       if len(seen) > 1 else ""), what] for what, ix in seen.items()]
 
 
 # Issue 25: until the quantized attention kernels beat PyTorch's SDPA, say so wherever a plan quantizes attention.

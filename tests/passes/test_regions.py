@@ -68,6 +68,7 @@ def test_same_blocks_share_one_body_and_compute_the_same_bits(recorded):
     assert calls == ["fq_block_0"] * 3, calls                     # every block calls the one body
     assert torch.equal(outlined, whole)
     assert "3 of 3 blocks outlined into 1 compiled body" in reports(plan)[-1].regions
+    assert "regional compilation" in fq_compile.explain(plan)          # explain() says it too
     body = recorded[-1].fq_block_0
     ops = {n.target for n in body.graph.nodes if n.op == "call_function"}
     assert torch.ops.fq.flat_linear.default in ops or any("fq" in str(t) for t in ops)
