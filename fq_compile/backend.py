@@ -192,7 +192,6 @@ def _compile_fx(compile_fx, outlined, gm, example_inputs, patches, report: Graph
                       f"{str(e)[:300]}); compiling it whole (options={{'regions': False}} skips the attempt)",
                       RuntimeWarning, stacklevel=3)
         report.regions = "regional compilation: failed, compiled whole"
-        torch._dynamo.utils.counters.clear()
         return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
