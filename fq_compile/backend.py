@@ -126,12 +126,10 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     if options.get("inductor", True) is False:
         compiled = gm.forward
     else:
-        from torch._inductor.compile_fx import compile_fx
-
         patches = cudagraph_patches(cudagraphs, gm, example_inputs, index)
         outlined = _outline(gm, set(gm.graph.nodes) - before, report, options)
         with dispatch.use(options.get("gemm")), _inductor_settings(), stopwatch.stage("Inductor compile"):
-            compiled = _compile_fx(compile_fx, outlined, gm, example_inputs, patches, report)
+            compiled = _compile_fx(outlined, gm, example_inputs, patches, report)
     if not plan.config.quantize:
         return compiled
     _guard_layers(gm, example_inputs, report)
@@ -178,9 +176,11 @@ def _outline(gm, inserted: set, report: GraphReport, options: dict):
     return outlined
 
 
-def _compile_fx(compile_fx, outlined, gm, example_inputs, patches, report: GraphReport):
+def _compile_fx(outlined, gm, example_inputs, patches, report: GraphReport):
     """Inductor on the outlined graph; on the original one where Inductor refuses the outlined graph
     (a torch without invoke_subgraph support for what a block does), with a warning."""
+    from torch._inductor.compile_fx import compile_fx
+
     if outlined is gm:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
     try:

@@ -370,9 +370,8 @@ def _region_rows(plan: QuantPlan) -> list[list[str]]:
     """How regional compilation (passes/regions.py) went, once per distinct outcome over the graphs."""
     seen: dict[str, list[int]] = {}
     for rep in reports(plan):
-        text = getattr(rep, "regions", "")
-        if text:
-            seen.setdefault(text.removeprefix("regional compilation: "), []).append(rep.index)
+        if rep.regions:
+            seen.setdefault(rep.regions.removeprefix("regional compilation: "), []).append(rep.index)
     return [["regional compilation" + (f" (graph{'s' if len(ix) > 1 else ''} {', '.join(map(str, ix))})"
                                        if len(seen) > 1 else ""), what] for what, ix in seen.items()]
 

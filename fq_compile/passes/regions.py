@@ -121,9 +121,6 @@ def _why_not(members: list[fx.Node], outputs: list[fx.Node], order: dict[fx.Node
     """Why this block cannot become one call placed at its last node (None: it can)."""
     last = order[members[-1]]
     inside = set(members)
-    for n in members:
-        if n.op not in ("call_function", "call_method"):
-            return f"holds a {n.op} node ({n.name})"
     for n in outputs:
         for u in n.users:
             if u not in inside and order[u] < last:
@@ -144,7 +141,7 @@ def _tensor_meta(v) -> tuple | None:
 
 def _input_meta(gm: fx.GraphModule, n: fx.Node) -> tuple | None:
     if n.op == "get_attr":
-        return _tensor_meta(_attr(gm, n.target))
+        return _tensor_meta(operator.attrgetter(n.target)(gm))
     for key in ("val", "example_value"):
         meta = _tensor_meta(n.meta.get(key))
         if meta is not None:
@@ -152,47 +149,31 @@ def _input_meta(gm: fx.GraphModule, n: fx.Node) -> tuple | None:
     return None
 
 
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _constant(v):
-    """A hashable, exact stand-in for a non-node argument (floats by their bits, through repr)."""
-    if isinstance(v, (list, tuple)):
-        return (type(v).__name__, tuple(_constant(x) for x in v))
-    if isinstance(v, dict):
-        return ("dict", tuple((k, _constant(x)) for k, x in v.items()))
-    if isinstance(v, slice):
-        return ("slice", _constant(v.start), _constant(v.stop), _constant(v.step))
-    if isinstance(v, torch.Tensor):       # a tensor constant inline in the args: its identity matters
-        return ("tensor-id", id(v))
-    return (type(v).__name__, repr(v))
+def _key(a, local: dict[fx.Node, tuple]):
+    """A hashable, exact stand-in for an argument: nodes by their place in the block (`local`), constants
+    by type and repr (floats to the last bit), inline tensors by identity."""
+    if isinstance(a, fx.Node):
+        return local[a]
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, tuple(_key(x, local) for x in a))
+    if isinstance(a, dict):
+        return ("dict", tuple((k, _key(x, local)) for k, x in a.items()))
+    if isinstance(a, slice):
+        return ("slice", _key(a.start, local), _key(a.stop, local), _key(a.step, local))
+    if isinstance(a, torch.Tensor):
+        return ("tensor-id", id(a))
+    return (type(a).__name__, repr(a))
 
 
 def _signature(gm: fx.GraphModule, b: _Block) -> tuple | None:
     """The block's program and operand metadata; None when an operand's metadata is unknown (no sharing)."""
     local = {n: ("in", i) for i, n in enumerate(b.inputs)}
     local.update({n: ("n", i) for i, n in enumerate(b.members)})
-
-    def arg(a):
-        if isinstance(a, fx.Node):
-            return local[a]
-        if isinstance(a, (list, tuple)):
-            return (type(a).__name__, tuple(arg(x) for x in a))
-        if isinstance(a, dict):
-            return ("dict", tuple((k, arg(x)) for k, x in a.items()))
-        if isinstance(a, slice):
-            return ("slice", arg(a.start), arg(a.stop), arg(a.step))
-        return _constant(a)
-
     metas = tuple(_input_meta(gm, n) for n in b.inputs)
     if any(m is None for m in metas):
         return None
-    program = tuple((n.op, n.target if isinstance(n.target, str) else id(n.target), arg(n.args), arg(n.kwargs))
-                    for n in b.members)
+    program = tuple((n.op, n.target if isinstance(n.target, str) else id(n.target), _key(n.args, local),
+                     _key(n.kwargs, local)) for n in b.members)
     return program, metas, tuple(local[o] for o in b.outputs)
 
 
@@ -278,15 +259,14 @@ def outline_blocks(gm: fx.GraphModule, inserted: set[fx.Node] | None = None,
     for attr in ("_param_name_to_source",):       # what AOTAutograd reads of a Dynamo graph's buffers
         if hasattr(gm, attr):
             setattr(new, attr, getattr(gm, attr))
-    remap: dict[fx.Node, fx.Node] = {}
-    outlined = sorted((b.index, k, b) for k, bs in enumerate(shared) for b in bs)
+    body_of = {}
     for k, bs in enumerate(shared):
         new.add_submodule(f"fq_block_{k}", _body(bs[0]))
-    for _, k, b in outlined:             # in graph order, so each block's inputs are remapped already
-        _replace(new.graph, b, f"fq_block_{k}", remap)
-    for bs in shared:
-        report.outlined += len(bs)
-    report.bodies = len(shared)
+        body_of.update((b.index, f"fq_block_{k}") for b in bs)
+    remap: dict[fx.Node, fx.Node] = {}
+    for b in sorted((b for bs in shared for b in bs), key=lambda b: b.index):   # graph order: inputs remapped
+        _replace(new.graph, b, body_of[b.index], remap)
+    report.outlined, report.bodies = len(body_of), len(shared)
     single = sum(len(bs) for bs in by_signature.values() if len(bs) < min_repeats)
     if single:
         report.note = f"{single} block(s) unlike any other stay inline"
