@@ -113,6 +113,10 @@ class Config:
         +2.58%).
     token_layers: with activation_scale "token", only the layers whose names contain one of these
         substrings take per-token scales (e.g. ("down_proj",)); empty: every INT8/INT4 layer.
+    align_blocks: pad each group's flattened width K' to the largest among the same group of the other
+        decoder blocks (zero columns; values unchanged), so that regional compilation compiles one body
+        for all blocks instead of one per block (planning/align.py; the plan's calibration record says
+        how many columns it added).  False: each group padded to pad_multiple only.
     """
 
     level: str = "O1"
@@ -143,6 +147,7 @@ class Config:
     attention_scales: str = "tensor"
     activation_scale: str | None = None
     token_layers: tuple[str, ...] = ()
+    align_blocks: bool = True
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -198,6 +203,8 @@ class Config:
         if isinstance(self.token_layers, str) or not all(isinstance(s, str) for s in self.token_layers):
             raise ConfigError(f"Config.token_layers={self.token_layers!r} must be a tuple of name substrings")
         object.__setattr__(self, "token_layers", tuple(self.token_layers))
+        if not isinstance(self.align_blocks, bool):
+            raise ConfigError(f"Config.align_blocks={self.align_blocks!r} must be True or False")
         spec = dict(LEVELS[self.level])
         if self.smoothing is not None:
             spec["smoothing"] = self.smoothing

@@ -652,7 +652,7 @@ class _Validator:
             self.fail(f"{w}.cmap", f"must be a ChannelMap, got {type(cm).__name__}")
         k = cm.src.numel() if isinstance(cm.src, torch.Tensor) else -1
         used = c + extra
-        if k < used or k % pad or k - used >= pad:
+        if k < used or k % pad:      # padded beyond the next multiple where blocks are aligned (planning/align.py)
             self.fail(f"{w}.cmap.src", f"{k} positions; expected {used} padded to a multiple of {pad}")
         src = self.tensor(f"{w}.cmap.src", cm.src, (torch.int32,), (k,))
         lo = self.tensor(f"{w}.cmap.lo", cm.lo, (torch.float32,), (k,))

@@ -26,6 +26,7 @@ from fq_compile.plan import (
     weight_fingerprint,
 )
 from fq_compile.planning import bits as bits_pass
+from fq_compile.planning.align import align_groups
 from fq_compile.planning.flatten import (
     channel_map,
     extra_channels,
@@ -149,6 +150,8 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             fold, note = "op", "folding disabled (Config.fold=False)"
         weights = {l: weight_of(l) for l in st.layers}
         plan.groups[name] = plan_group(name, st, weights, fold, note, config)
+    if config.align_blocks:                 # one K' per block position: one compiled body (passes/regions.py)
+        plan.calibration["align"] = align_groups(plan.groups).summary()
     for g in plan.groups.values():          # the norm values s was chosen for (checked at each compile)
         if g.fold.startswith("norm:"):
             g.fold_fingerprints = {fqn: weight_fingerprint(params[fqn]) for fqn in g.fold[len("norm:"):].split(",")}

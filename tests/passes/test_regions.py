@@ -97,15 +97,30 @@ def test_static_cache_updates_inside_the_body(recorded):
 
 
 def test_blocks_that_differ_get_no_shared_body(recorded):
-    """A calibrated plan flattens each layer by its own data: K' differs from block to block, so no two
-    blocks are the same program on same-shaped operands, and nothing is outlined."""
+    """Without block alignment a calibrated plan flattens each layer by its own data: K' differs from
+    block to block, so no two blocks are the same program on same-shaped operands: nothing is outlined."""
     model = tiny_opt(layers=2, seed=0)
-    plan = fq_compile.calibrate(model, batches(n=2), Config(level="O1"), progress=False)
+    plan = fq_compile.calibrate(model, batches(n=2), Config(level="O1", align_blocks=False), progress=False)
     sizes = [plan.groups[g].cmap.size for g in sorted(plan.groups) if ".0." in g or ".1." in g]
     assert len(set(sizes)) > 1                                     # the premise: K' differs
     _logits(model, plan, torch.randint(0, VOCAB, (1, 8)), regions=True)
     assert not _bodies(recorded[-1])
     assert "no two of 2 blocks" in reports(plan)[-1].regions
+
+
+def test_aligned_calibrated_plan_shares_one_body(recorded):
+    """With block alignment (the default) the same calibration pads each position to one K': both blocks
+    call one body, and the logits are bit for bit those of the unaligned plan (zero columns add nothing
+    to an integer product)."""
+    model = tiny_opt(layers=2, seed=0)
+    unaligned = fq_compile.calibrate(model, batches(n=2), Config(level="O1", align_blocks=False), progress=False)
+    plan = fq_compile.calibrate(model, batches(n=2), Config(level="O1"), progress=False)
+    assert "block alignment" in plan.calibration["align"]
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
+    reference = _logits(model, unaligned, ids, regions=False)
+    outlined = _logits(model, plan, ids, regions=True)
+    assert _bodies(recorded[-1]) == ["fq_block_0"] * 2
+    assert torch.equal(outlined, reference)
 
 
 def test_assign_blocks_puts_inserted_nodes_with_their_users():
