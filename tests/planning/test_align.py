@@ -56,6 +56,8 @@ def test_each_position_gets_its_largest_width(plans):
         torch.testing.assert_close(g.cmap.src[: before[name]], unaligned.groups[name].cmap.src, rtol=0, atol=0)
     added = sum(g.flat_features for g in aligned.groups.values()) - sum(before.values())
     assert f"+{100 * added / sum(before.values()):.1f}% flattened columns" in aligned.calibration["align"]
+    assert "padded to one K' each" in fq_compile.explain(aligned)          # explain() shows it
+    assert "off (Config.align_blocks=False)" in fq_compile.explain(unaligned)
 
 
 def test_aligned_weights_are_the_unaligned_ones_and_zero_columns(plans):
