@@ -28,6 +28,18 @@ Semantics (what every kernel reproduces), per row i of head h (kv head g), all f
         m     = m'
     out_i  = fl(acc * fl(v_scale[g] / l))   (0 where l = 0: a row with no visible key), cast to out_dtype
 
+Split keys (flash-decoding; kv_splits > 1): the keys are cut into spans of whole kv blocks
+(`split_span`: ceil(ceil(N / kv_block) / kv_splits) blocks each), each span runs the loop above from
+m = -inf, l = 0, acc = 0 on its own, and the spans' (m_s, l_s, acc_s) are combined in span order:
+
+    M = max_s m_s;  u = (M if M > -inf else 0);  a_s = exp2q(m_s - u)
+    l = sum_s fl(l_s * a_s);  acc = sum_s fl(acc_s * a_s)       (each sum left to right, from 0)
+
+then out as above.  One query row (a decode step) then spreads over kv_splits programs per kv head
+instead of one, which a short batch needs to fill the GPU; P is quantized against each span's own
+running max, so the bits depend on kv_splits (part of the semantics, like kv_block: the attention pass
+sets it from the graph's shapes, passes/attention.py).
+
 P's scale cancels between acc and l (both count P in the same units), so P needs no calibration:
 relative to the running max it lies in [0, 1] by construction.  exp2q is a fixed polynomial:
 
@@ -65,6 +77,7 @@ EXP2_C = (0.6951163411140442, 0.22764700651168823, 0.07706519961357117)  # C1, C
 KV_BLOCK = 64
 KV_BLOCKS = (16, 32, 64, 128)
 P_QMAX = 127.0
+MAX_KV_SPLITS = 256
 
 
 def format_of(dtype: torch.dtype) -> str:
@@ -151,9 +164,50 @@ def _exact_products(a: torch.Tensor, b: torch.Tensor, integer: bool) -> torch.Te
     return (a.double() @ b.double()).float()
 
 
+def split_span(n: int, kv_block: int, kv_splits: int) -> int:
+    """Keys per split of the module docstring: whole kv blocks, the N keys' blocks dealt to kv_splits
+    spans as evenly as whole spans allow (the last may be shorter); N itself where kv_splits <= 1."""
+    blocks = -(-n // kv_block)
+    if kv_splits <= 1 or blocks <= 1:
+        return max(n, 1)
+    return kv_block * -(-blocks // kv_splits)
+
+
 def attention_reference(q, k, v, q_scale, k_scale, v_scale, mask, causal: bool, sm_scale: float,
-                        out_dtype: torch.dtype, kv_block: int = KV_BLOCK) -> torch.Tensor:
-    """The semantics of the module docstring, block by block."""
+                        out_dtype: torch.dtype, kv_block: int = KV_BLOCK, kv_splits: int = 0) -> torch.Tensor:
+    """The semantics of the module docstring, block by block (split by split where kv_splits > 1)."""
+    n = k.shape[2]
+    span = split_span(n, kv_block, kv_splits)
+    if span >= n:
+        mx, den, acc = _scan(q, k, v, q_scale, k_scale, mask, causal, sm_scale, kv_block, 0, n)
+    else:
+        mx, den, acc = _combine([_scan(q, k, v, q_scale, k_scale, mask, causal, sm_scale, kv_block, j, min(n, j + span))
+                                 for j in range(0, n, span)])
+    rep = q.shape[1] // k.shape[1]
+    vs = v_scale.float().to(q.device).repeat_interleave(rep)[None, :, None]
+    r = vs / torch.where(den > 0, den, torch.ones_like(den))
+    out = torch.where(den[..., None] > 0, acc * r[..., None], torch.zeros_like(acc))
+    return out.to(out_dtype)
+
+
+def _combine(parts):
+    """Split partials (m_s, l_s, acc_s) -> (M, l, acc): u = M (0 where M = -inf), a_s = exp2q(m_s - u),
+    l = sum_s fl(l_s * a_s), acc = sum_s fl(acc_s * a_s), summed in split order."""
+    big = parts[0][0]
+    for m_s, _, _ in parts[1:]:
+        big = torch.maximum(big, m_s)
+    u = torch.where(big == -math.inf, torch.zeros_like(big), big)
+    den = torch.zeros_like(parts[0][1])
+    acc = torch.zeros_like(parts[0][2])
+    for m_s, l_s, acc_s in parts:
+        a = exp2q(m_s - u)
+        den = den + l_s * a
+        acc = acc + acc_s * a[..., None]
+    return big, den, acc
+
+
+def _scan(q, k, v, q_scale, k_scale, mask, causal: bool, sm_scale: float, kv_block: int, j_lo: int, j_hi: int):
+    """The online softmax over keys [j_lo, j_hi), blocks of kv_block from j_lo: (m, l, acc) unnormalised."""
     b, hq, m, _ = q.shape
     hkv, n, dv = k.shape[1], k.shape[2], v.shape[-1]
     rep = hq // hkv
@@ -161,7 +215,6 @@ def attention_reference(q, k, v, q_scale, k_scale, v_scale, mask, causal: bool, 
     pv_int = v.dtype == torch.int8
     dev = q.device
     c = score_scale(q_scale, k_scale, sm_scale).to(dev)[None, :, None, None]
-    vs = v_scale.float().to(dev).repeat_interleave(rep)[None, :, None]
     kf = k.float().repeat_interleave(rep, dim=1)
     vf = v.float().repeat_interleave(rep, dim=1)
     qf = q.float()
@@ -173,8 +226,8 @@ def attention_reference(q, k, v, q_scale, k_scale, v_scale, mask, causal: bool, 
     acc = torch.zeros((b, hq, m, dv), device=dev)
     neg_inf = torch.tensor(-math.inf, device=dev)
     log2e = torch.tensor(LOG2E, dtype=torch.float32, device=dev)
-    for j0 in range(0, n, kv_block):
-        j1 = min(n, j0 + kv_block)
+    for j0 in range(j_lo, j_hi, kv_block):
+        j1 = min(j_hi, j0 + kv_block)
         # causal: rows before j0 see none of this block, which leaves them exactly as they are
         # (max unchanged, alpha = exp2q(0) = 1, nothing added): skip them
         r0 = min(j0, m) if causal else 0
@@ -206,16 +259,14 @@ def attention_reference(q, k, v, q_scale, k_scale, v_scale, mask, causal: bool, 
         den[:, :, r0:] = den[:, :, r0:] * alpha + pq.sum(-1)
         acc[:, :, r0:] = acc[:, :, r0:] * alpha[..., None] + _exact_products(pq, vf[:, :, j0:j1], pv_int)
         mx[:, :, r0:] = m_new
-    r = vs / torch.where(den > 0, den, torch.ones_like(den))
-    out = torch.where(den[..., None] > 0, acc * r[..., None], torch.zeros_like(acc))
-    return out.to(out_dtype)
+    return mx, den, acc
 
 
 # ------------------------------------------------------------------------------------------------
 # the op
 # ------------------------------------------------------------------------------------------------
 
-def _check(q, k, v, q_scale, k_scale, v_scale, mask, kv_block):
+def _check(q, k, v, q_scale, k_scale, v_scale, mask, kv_block, kv_splits=0):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
                  lambda: f"fq::attention wants [B, H, S, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
@@ -238,6 +289,8 @@ def _check(q, k, v, q_scale, k_scale, v_scale, mask, kv_block):
     if mask is not None:
         torch._check(mask.dim() <= 4, lambda: f"fq::attention: mask has {mask.dim()} dims")
     torch._check(kv_block in KV_BLOCKS, lambda: f"fq::attention: kv_block must be one of {KV_BLOCKS}, got {kv_block}")
+    torch._check(0 <= kv_splits <= MAX_KV_SPLITS,
+                 lambda: f"fq::attention: kv_splits must lie in [0, {MAX_KV_SPLITS}], got {kv_splits}")
 
 
 def _fake(q, v, out_dtype):
@@ -247,9 +300,10 @@ def _fake(q, v, out_dtype):
 @custom_op("fq::attention_reference", mutates_args=())
 def _attention_ref_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor,
                       k_scale: torch.Tensor, v_scale: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-                      sm_scale: float, kv_block: int, out_dtype: torch.dtype) -> torch.Tensor:
-    _check(q, k, v, q_scale, k_scale, v_scale, mask, kv_block)
-    return attention_reference(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, out_dtype, kv_block)
+                      sm_scale: float, kv_block: int, out_dtype: torch.dtype, kv_splits: int = 0) -> torch.Tensor:
+    _check(q, k, v, q_scale, k_scale, v_scale, mask, kv_block, kv_splits)
+    return attention_reference(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, out_dtype, kv_block,
+                               kv_splits)
 
 
 # The GPU kernel (kernels/triton/attention.py), registered by fq_compile/kernels/__init__.py.
@@ -263,19 +317,19 @@ def register_cuda_impl(fn) -> None:
 @define_op("fq::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
               v_scale: torch.Tensor, mask: torch.Tensor | None, causal: bool, sm_scale: float, kv_block: int,
-              out_dtype: torch.dtype) -> torch.Tensor:
+              out_dtype: torch.dtype, kv_splits: int = 0) -> torch.Tensor:
     """Quantized attention (see the module docstring)."""
     impl = CUDA_IMPL.get("attention")
     if impl is not None and q.is_cuda:
-        return impl(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, kv_block, out_dtype)
+        return impl(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, kv_block, out_dtype, kv_splits=kv_splits)
     return torch.ops.fq.attention_reference(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, kv_block,
-                                            out_dtype)
+                                            out_dtype, kv_splits)
 
 
 for _op in (_attention_ref_op, attention):
     def _register(op=_op):
         @op.register_fake
-        def _(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, kv_block, out_dtype):
-            _check(q, k, v, q_scale, k_scale, v_scale, mask, kv_block)
+        def _(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, kv_block, out_dtype, kv_splits=0):
+            _check(q, k, v, q_scale, k_scale, v_scale, mask, kv_block, kv_splits)
             return _fake(q, v, out_dtype)
     _register()

@@ -196,6 +196,56 @@ def test_reference_exact_identities():
     assert torch.equal(flip, causal.flip(0))
 
 
+def oracle_split(qq, kq, vq, qs, ks, vs, causal, sm_scale, span):
+    """An independent float64 reading of split keys with one kv block per span: each span's P quantized
+    to INT8 against that span's own max, the spans rescaled to the overall max, one normalisation."""
+    hq, m, n = qq.shape[1], qq.shape[2], kq.shape[2]
+    rep = hq // kq.shape[1]
+    q = qq.double() * qs.double()[None, :, None, None]
+    k = (kq.double() * ks.double()[None, :, None, None]).repeat_interleave(rep, 1)
+    v = (vq.double() * vs.double()[None, :, None, None]).repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) * sm_scale
+    if causal:
+        s = s.masked_fill(~torch.ones(m, n, dtype=torch.bool).tril(), -math.inf)
+    parts = []
+    for j in range(0, n, span):
+        sj = s[..., j:j + span]
+        mj = sj.amax(-1, keepdim=True)
+        p = torch.round(torch.exp(sj - mj.clamp_min(-1e300)).nan_to_num(0.0) * 127)
+        parts.append((mj, p.sum(-1, keepdim=True), p @ v[:, :, j:j + span]))
+    big = torch.stack([mj for mj, _, _ in parts]).amax(0)
+    den = sum(torch.exp(mj - big).nan_to_num(0.0) * l for mj, l, _ in parts)
+    num = sum(torch.exp(mj - big).nan_to_num(0.0) * a for mj, _, a in parts)
+    return torch.where(den > 0, num / den, torch.zeros_like(den))
+
+
+def test_split_span_deals_whole_blocks():
+    assert A.split_span(2048, 64, 16) == 128 and A.split_span(2048, 64, 0) == 2048
+    assert A.split_span(100, 16, 3) == 48            # 7 blocks -> spans of 3, 3, 1 blocks
+    assert A.split_span(10, 16, 8) == 10 and A.split_span(0, 16, 8) == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_split_keys_match_their_float64_oracle(causal):
+    """kv_splits > 1: each span on its own, then combined; against an independent float64 reading of the
+    same (one kv block per span), as close as the one-block reference is to its oracle; and the split
+    is part of the semantics (its bits differ from one scan over all keys)."""
+    gen = torch.Generator().manual_seed(6)
+    b, hq, hkv, m, n, d = 2, 4, 2, 150 if causal else 1, 150, 64
+    q, k, v = make_qkv(b, hq, hkv, m, n, d, gen)
+    k[:, :, 120] *= 4.0                                   # a late key raises the max: spans disagree on it
+    (qq, kq, vq), (qs, ks, vs) = quantize(q, k, v, "int8", "int8")
+    span = A.split_span(n, 64, 3)                         # 3 blocks of 64 -> spans of 64 keys
+    assert span == 64
+    out = A.attention_reference(qq, kq, vq, qs, ks, vs, None, causal, d ** -0.5, torch.float32, 64, kv_splits=3)
+    ref = oracle_split(qq, kq, vq, qs, ks, vs, causal, d ** -0.5, span)
+    assert rel(out, ref) < 2e-3, rel(out, ref)
+    whole = A.attention_reference(qq, kq, vq, qs, ks, vs, None, causal, d ** -0.5, torch.float32, 64)
+    assert not torch.equal(out, whole)
+    one = A.attention_reference(qq, kq, vq, qs, ks, vs, None, causal, d ** -0.5, torch.float32, 64, kv_splits=1)
+    assert torch.equal(one, whole)
+
+
 def test_reference_fully_masked_rows_are_zero():
     gen = torch.Generator().manual_seed(4)
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16, gen)
@@ -222,6 +272,10 @@ def test_op_runs_the_reference_on_cpu_and_checks_its_inputs():
         torch.ops.fq.attention(qq, kq.to(torch.float8_e4m3fn), vq, *args)
     with pytest.raises(RuntimeError, match="kv_block"):
         torch.ops.fq.attention(qq, kq, vq, qs, ks, vs, None, True, 0.2, 48, torch.float16)
+    with pytest.raises(RuntimeError, match="kv_splits must lie"):
+        torch.ops.fq.attention(qq, kq, vq, qs, ks, vs, None, True, 0.2, 64, torch.float16, -1)
+    split = torch.ops.fq.attention(qq, kq, vq, *args, 2)
+    assert torch.equal(split, A.attention_reference(qq, kq, vq, qs, ks, vs, None, True, 0.2, torch.float16, 64, 2))
     with pytest.raises(RuntimeError, match="k_scale must be float32"):
         torch.ops.fq.attention(qq, kq, vq, qs, ks[:1], vs, None, True, 0.2, 64, torch.float16)
 
@@ -231,7 +285,7 @@ def test_op_runs_the_reference_on_cpu_and_checks_its_inputs():
 # ----------------------------------------------------------------------------------------------
 
 def check_attention(device: str, cases, seed: int = 0, configs=None, progress: bool = False):
-    """Kernel vs reference.  Case: (b, hq, hkv, m, n, d, qk_fmt, pv_fmt, kind, kv_block, out_dtype).
+    """Kernel vs reference.  Case: (b, hq, hkv, m, n, d, qk_fmt, pv_fmt, kind, kv_block, out_dtype[, kv_splits]).
     All-INT8: bit-exact.  FP8 PV or QK: the reference sums products exactly before one rounding, the
     interpreter (numpy float32) and Hopper's FP8 tensor cores (about 14 accumulator bits, per the
     DeepSeek-V3 report) do not; a product sum differs by a few ulps (interpreter) or ~2**-14 relative
@@ -241,7 +295,8 @@ def check_attention(device: str, cases, seed: int = 0, configs=None, progress: b
 
     gen = torch.Generator().manual_seed(seed)
     for i, case in enumerate(cases):
-        b, hq, hkv, m, n, d, qk_fmt, pv_fmt, kind, kv_block, out_dtype = case
+        b, hq, hkv, m, n, d, qk_fmt, pv_fmt, kind, kv_block, out_dtype, *rest = case
+        splits = rest[0] if rest else 0
         cfg = configs[i % len(configs)] if configs else None
         if progress:
             print(f"case {case} tiling {cfg or 'autotuned'}", flush=True)
@@ -254,13 +309,13 @@ def check_attention(device: str, cases, seed: int = 0, configs=None, progress: b
         elif kind == "float":
             mask = (torch.randn(1, hq, m, n, generator=gen) * 2).to(torch.bfloat16)
         sm = d ** -0.5
-        ref = A.attention_reference(qq, kq, vq, qs, ks, vs, mask, kind == "causal", sm, out_dtype, kv_block)
+        ref = A.attention_reference(qq, kq, vq, qs, ks, vs, mask, kind == "causal", sm, out_dtype, kv_block, splits)
         dev = [t.to(device) for t in (qq, kq, vq, qs, ks, vs)]
         if i % 3 == 1:       # V with keys contiguous (the layout the tensor cores want for PV), Q transposed storage
             dev[2] = dev[2].transpose(-1, -2).contiguous().transpose(-1, -2)
             dev[0] = dev[0].transpose(1, 2).contiguous().transpose(1, 2)
         out = attention_cuda(*dev, None if mask is None else mask.to(device), kind == "causal", sm, kv_block, out_dtype,
-                             config=cfg)
+                             kv_splits=splits, config=cfg)
         assert out.shape == ref.shape and out.dtype == out_dtype
         out = out.cpu()
         if qk_fmt == pv_fmt == "int8":
@@ -280,7 +335,12 @@ SMALL = [(1, 4, 2, 20, 20, 16, "int8", "int8", "causal", 16, torch.float32),
          (1, 2, 2, 24, 24, 128, "int8", "int8", "causal", 16, torch.float32),
          (1, 2, 1, 24, 24, 16, "fp8", "fp8", "causal", 16, torch.float32),
          (1, 2, 1, 20, 100, 64, "int8", "fp8", "none", 32, torch.float32),
-         (1, 2, 2, 20, 40, 32, "fp8", "int8", "bool", 16, torch.float32)]
+         (1, 2, 2, 20, 40, 32, "fp8", "int8", "bool", 16, torch.float32),
+         # split keys (flash-decoding): decode steps, a ragged last span, a fully masked row, causal prefill
+         (2, 4, 1, 1, 150, 64, "int8", "int8", "none", 16, torch.float32, 4),
+         (1, 6, 2, 1, 77, 32, "int8", "int8", "bool", 16, torch.bfloat16, 3),
+         (1, 2, 2, 30, 70, 16, "int8", "int8", "causal", 16, torch.float32, 3),
+         (1, 4, 2, 1, 100, 64, "fp8", "fp8", "none", 16, torch.float32, 5)]
 
 
 def _interp_main():
@@ -307,6 +367,8 @@ def test_gpu_implementation_registered():
 # candidate is checked once whichever the autotuner picks.
 GPU_AUTOTUNED = [(1, 9, 3, 2048, 2048, 64, "int8", "int8", "causal", 64, torch.bfloat16),   # SmolLM2-135M prefill
                  (8, 32, 8, 1, 2048, 128, "int8", "int8", "none", 64, torch.bfloat16),   # decode (fixed tile)
+                 (1, 32, 8, 1, 8192, 128, "int8", "int8", "bool", 64, torch.bfloat16, 16),  # split-key decode
+                 (2, 32, 8, 1, 3000, 128, "fp8", "fp8", "none", 64, torch.bfloat16, 16),
                  (4, 9, 3, 1, 700, 64, "int8", "int8", "bool", 64, torch.bfloat16)]      # decode, padded batch
 GPU_TILINGS = [(2, 12, 4, 300, 400, 80, "int8", "int8", "none", 64, torch.bfloat16),
                (1, 8, 8, 257, 257, 96, "int8", "int8", "bool", 64, torch.bfloat16),

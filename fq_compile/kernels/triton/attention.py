@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fq_compile.kernels.attention import EXP2_C, LOG2E, P_QMAX, score_scale
+from fq_compile.kernels.attention import EXP2_C, LOG2E, P_QMAX, score_scale, split_span
 from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -182,17 +182,19 @@ def _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
 
 
 @triton.jit
-def attention_kernel(Q, K, V, C, VS, MASK, OUT,
+def attention_kernel(Q, K, V, C, VS, MASK, OUT, WM, WL, WACC,
                      stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
                      stride_ob, stride_oh, stride_om, stride_od,
-                     HKV, M, N, REP, M_BUCKET, N_BUCKET,
+                     HKV, M, N, REP, M_BUCKET, N_BUCKET, SPAN, SPLITS,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                      QK_INT8: tl.constexpr, PV_INT8: tl.constexpr, EXP_HW: tl.constexpr,
-                     PV_F16: tl.constexpr = 0, QK_PROMOTE: tl.constexpr = 0):
-    """OUT[b, h, i, :] for BLOCK_M packed rows of kv head g (grid: row blocks, B * HKV).
-    MASK_KIND: 0 none, 1 bool (nonzero = attend), 2 additive float."""
+                     PV_F16: tl.constexpr = 0, QK_PROMOTE: tl.constexpr = 0, SPLIT: tl.constexpr = False):
+    """OUT[b, h, i, :] for BLOCK_M packed rows of kv head g (grid: row blocks, B * HKV[, SPLITS]).
+    MASK_KIND: 0 none, 1 bool (nonzero = attend), 2 additive float.  SPLIT: this program scans keys
+    [s * SPAN, (s + 1) * SPAN) only (s = program_id(2)) and writes its unnormalised (m, l, acc) to
+    WM/WL [B, HQ, M, SPLITS] and WACC [B, HQ, M, SPLITS, DV] (contiguous) for `combine_kernel`."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -222,7 +224,12 @@ def attention_kernel(Q, K, V, C, VS, MASK, OUT,
     else:
         hi = N
         full = (N // BLOCK_N) * BLOCK_N
-    for j0 in range(0, full, BLOCK_N):
+    lo = 0
+    if SPLIT:                   # this program's span of keys (SPAN: whole kv blocks)
+        lo = tl.program_id(2) * SPAN
+        hi = tl.minimum(hi, lo + SPAN)
+        full = tl.maximum(lo, tl.minimum(full, lo + SPAN))
+    for j0 in range(lo, full, BLOCK_N):
         acc, l_i, m_i = _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, D, DV, BLOCK_D, BLOCK_DV,
                                BLOCK_N, False, CAUSAL, MASK_KIND, QK_INT8, PV_INT8, EXP_HW, PV_F16, QK_PROMOTE, BLOCK_M)
@@ -231,12 +238,46 @@ def attention_kernel(Q, K, V, C, VS, MASK, OUT,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, D, DV, BLOCK_D, BLOCK_DV,
                                BLOCK_N, True, CAUSAL, MASK_KIND, QK_INT8, PV_INT8, EXP_HW, PV_F16, QK_PROMOTE, BLOCK_M)
 
-    vs = tl.load(VS + g) + tl.zeros([BLOCK_M], tl.float32)
-    ratio = _div_rn(vs, tl.where(l_i > 0, l_i, 1.0))   # l = 0: no visible key, the row is 0
+    if SPLIT:
+        w = ((b * (HKV * REP) + h.to(tl.int64)) * M + qpos.to(tl.int64)) * SPLITS + tl.program_id(2)
+        tl.store(WM + w, m_i, mask=row_ok)
+        tl.store(WL + w, l_i, mask=row_ok)
+        tl.store(WACC + w[:, None] * DV + offs_dv[None, :], acc, mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    else:
+        vs = tl.load(VS + g) + tl.zeros([BLOCK_M], tl.float32)
+        ratio = _div_rn(vs, tl.where(l_i > 0, l_i, 1.0))   # l = 0: no visible key, the row is 0
+        out = tl.where(l_i[:, None] > 0, _mul_rn(acc, ratio[:, None]), 0.0)
+        o_ptrs = (OUT + b * stride_ob + h[:, None].to(tl.int64) * stride_oh + qpos[:, None].to(tl.int64) * stride_om
+                  + offs_dv[None, :] * stride_od)
+        tl.store(o_ptrs, _to_out(out, OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def combine_kernel(WM, WL, WACC, VS, OUT, ROWS, HQ, M, REP, SPLITS,
+                   DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, EXP_HW: tl.constexpr):
+    """OUT rows (contiguous [B, HQ, M, DV], row r = (b * HQ + h) * M + i) from the split partials, as the
+    reference's _combine: the max over splits, then the rescaled sums in split order."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < ROWS
+    rw = r.to(tl.int64) * SPLITS
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = r_ok[:, None] & (offs_dv[None, :] < DV)
+    big = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for s in range(0, SPLITS):
+        big = tl.maximum(big, tl.load(WM + rw + s, mask=r_ok, other=float("-inf")))
+    u = tl.where(big == float("-inf"), 0.0, big)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    for s in range(0, SPLITS):
+        a = _exp2q(tl.load(WM + rw + s, mask=r_ok, other=float("-inf")) - u, EXP_HW)
+        l_i = l_i + _mul_rn(tl.load(WL + rw + s, mask=r_ok, other=0.0), a)
+        part = tl.load(WACC + (rw + s)[:, None] * DV + offs_dv[None, :], mask=dv_ok, other=0.0)
+        acc = acc + _mul_rn(part, a[:, None])
+    g = ((r // M) % HQ) // REP
+    vs = tl.load(VS + g, mask=r_ok, other=1.0)
+    ratio = _div_rn(vs, tl.where(l_i > 0, l_i, 1.0))
     out = tl.where(l_i[:, None] > 0, _mul_rn(acc, ratio[:, None]), 0.0)
-    o_ptrs = (OUT + b * stride_ob + h[:, None].to(tl.int64) * stride_oh + qpos[:, None].to(tl.int64) * stride_om
-              + offs_dv[None, :] * stride_od)
-    tl.store(o_ptrs, _to_out(out, OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(OUT + r.to(tl.int64)[:, None] * DV + offs_dv[None, :], _to_out(out, OUT.dtype.element_ty), mask=dv_ok)
 
 
 def _cfg(bm, warps, stages):
@@ -256,11 +297,12 @@ QK_PROMOTE = 32     # measured on the H100 (probe): FP8/FP8 relative error 3.8e-
 PREFILL_CONFIGS = [_cfg(128, 8, 3), _cfg(128, 4, 3), _cfg(64, 4, 3), _cfg(128, 8, 2)]
 DECODE_CONFIG = _cfg(16, 4, 3)
 INTERPRET_CONFIG = _cfg(16, 4, 1)
+COMBINE_ROWS = 16
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(tune: bool = True):
-    return triton.autotune(configs=PREFILL_CONFIGS if tune else PREFILL_CONFIGS[:1], key=["M_BUCKET", "N_BUCKET", "REP", "D", "BLOCK_N",
+    return triton.autotune(configs=PREFILL_CONFIGS if tune else PREFILL_CONFIGS[:1], key=["M_BUCKET", "N_BUCKET", "REP", "D", "BLOCK_N", "SPLIT",
                                                          "CAUSAL", "MASK_KIND", "QK_INT8", "PV_INT8"])(attention_kernel)
 
 
@@ -279,10 +321,11 @@ def _hint(x) -> int:
 
 
 def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, kv_block, out_dtype, *,
-                   exp_hw: bool = False, config: triton.Config | None = None, pv_f16: int | None = None,
-                   qk_promote: int | None = None):
-    """Launch the kernel (the op's CUDA implementation).  exp_hw: the hardware exp2 (benchmarks only,
-    not exact); config: force one tiling (tests run each candidate without timing it)."""
+                   kv_splits: int = 0, exp_hw: bool = False, config: triton.Config | None = None,
+                   pv_f16: int | None = None, qk_promote: int | None = None):
+    """Launch the kernel (the op's CUDA implementation).  kv_splits: the split-key semantics of
+    kernels/attention.py (one program per span, then `combine_kernel`); exp_hw: the hardware exp2
+    (benchmarks only, not exact); config: force one tiling (tests run each candidate without timing it)."""
     b, hq, m, d = q.shape
     hkv, n, dv = k.shape[1], k.shape[2], v.shape[-1]
     if d > 128 or dv > 128:
@@ -300,22 +343,35 @@ def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, k
         mask_kind = 1 if mask.dtype == torch.bool else 2
         ms = mask_arg.stride()
     rows = m * rep
+    span = split_span(n, kv_block, kv_splits)
+    splits = -(-n // span) if span < n else 1
+    if splits > 1:
+        ws = torch.empty((3, b * hq * m * splits), dtype=torch.float32, device=q.device)
+        wacc = torch.empty((b * hq * m * splits, dv), dtype=torch.float32, device=q.device)
+        wm, wl = ws[0], ws[1]
+    else:
+        wm = wl = wacc = c
     common = dict(D=d, DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_N=kv_block, CAUSAL=bool(causal),
                   MASK_KIND=mask_kind, QK_INT8=q.dtype == torch.int8, PV_INT8=v.dtype == torch.int8, EXP_HW=exp_hw,
                   PV_F16=PV_F16 if pv_f16 is None else pv_f16, QK_PROMOTE=QK_PROMOTE if qk_promote is None else qk_promote)
-    args = (q, k, v, c, vs, mask_arg, out, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+    args = (q, k, v, c, vs, mask_arg, out, wm, wl, wacc, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             hkv, m, n, rep, min(triton.next_power_of_2(_hint(rows)), 16384),
-            min(triton.next_power_of_2(max(_hint(n), 1)), 16384))
+            min(triton.next_power_of_2(max(_hint(n), 1)), 16384), span, splits)
+    common["SPLIT"] = splits > 1
     if config is None and (_INTERPRET or _hint(rows) <= 16):
         config = INTERPRET_CONFIG if _INTERPRET else DECODE_CONFIG
     if config is not None:
         bm = config.kwargs["BLOCK_M"]
-        torch.library.wrap_triton(attention_kernel)[(triton.cdiv(rows, bm), b * hkv)](
+        torch.library.wrap_triton(attention_kernel)[(triton.cdiv(rows, bm), b * hkv, splits)](
             *args, BLOCK_M=bm, num_warps=config.num_warps, num_stages=config.num_stages, **common)
-        return out
+    else:
+        def grid(meta):
+            return (triton.cdiv(rows, meta["BLOCK_M"]), b * hkv, splits)
 
-    def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]), b * hkv)
-
-    torch.library.wrap_triton(_tuned(tuning()))[grid](*args, **common)
+        torch.library.wrap_triton(_tuned(tuning()))[grid](*args, **common)
+    if splits > 1:
+        total = b * hq * m
+        torch.library.wrap_triton(combine_kernel)[(triton.cdiv(total, COMBINE_ROWS),)](
+            wm, wl, wacc, vs, out, total, hq, m, rep, splits, DV=dv, BLOCK_DV=_pow2(dv), BLOCK_R=COMBINE_ROWS,
+            EXP_HW=exp_hw, num_warps=4)
     return out
