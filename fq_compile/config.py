@@ -36,6 +36,7 @@ DEFAULT_MEMORY_BUDGET = 0.55
 # Eq. 7's beta when Config.beta is None: the paper's 1.3, except where a level was re-chosen (see Config.beta)
 PAPER_BETA = 1.3
 LEVEL_BETA = {"O1": 3.0}
+ALIGN_BUDGET = 0.02     # Config.align_budget: see benchmarks/results/align-cost-*.md
 
 class ConfigError(ValueError):
     """A Config knob holds a value outside its range."""
@@ -113,10 +114,11 @@ class Config:
         +2.58%).
     token_layers: with activation_scale "token", only the layers whose names contain one of these
         substrings take per-token scales (e.g. ("down_proj",)); empty: every INT8/INT4 layer.
-    align_blocks: pad each group's flattened width K' to the largest among the same group of the other
-        decoder blocks (zero columns; values unchanged), so that regional compilation compiles one body
-        for all blocks instead of one per block (planning/align.py; the plan's calibration record says
-        how many columns it added).  False: each group padded to pad_multiple only.
+    align_budget: block alignment (planning/align.py): decoder blocks are padded with zero columns (values
+        unchanged) to a few common sets of flattened widths K', so that regional compilation compiles one
+        body per set instead of one per block (a calibrated plan's K' differs in every block); the fewest
+        sets whose padding adds at most this fraction of the blocks' multiply-adds.  0: no padding (each
+        group padded to pad_multiple only); explain() says what it did.
     """
 
     level: str = "O1"
@@ -147,7 +149,7 @@ class Config:
     attention_scales: str = "tensor"
     activation_scale: str | None = None
     token_layers: tuple[str, ...] = ()
-    align_blocks: bool = True
+    align_budget: float = ALIGN_BUDGET
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -203,8 +205,7 @@ class Config:
         if isinstance(self.token_layers, str) or not all(isinstance(s, str) for s in self.token_layers):
             raise ConfigError(f"Config.token_layers={self.token_layers!r} must be a tuple of name substrings")
         object.__setattr__(self, "token_layers", tuple(self.token_layers))
-        if not isinstance(self.align_blocks, bool):
-            raise ConfigError(f"Config.align_blocks={self.align_blocks!r} must be True or False")
+        _check_range("align_budget", self.align_budget, 0.0, 100.0)
         spec = dict(LEVELS[self.level])
         if self.smoothing is not None:
             spec["smoothing"] = self.smoothing

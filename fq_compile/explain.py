@@ -294,7 +294,7 @@ def _totals(plan: QuantPlan, views) -> list[list[str]]:
         ["average flatten ratio (flattened layers)", f"{100 * sum(flat) / len(flat):.1f}%" if flat else "-"],
         ["GEMM work added by K' (weighted by N*K)", f"+{100 * (macs_flat / macs - 1):.1f}%" if macs else "-"],
         ["block alignment",
-         plan.calibration.get("align", "off (Config.align_blocks=False)").removeprefix("block alignment: ")],
+         plan.calibration.get("align", "off (Config.align_budget=0)").removeprefix("block alignment: ")],
         *_byte_rows(plan),
         ["graphs compiled", str(len(reports(plan)))],
         *_region_rows(plan),

@@ -150,8 +150,12 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
             fold, note = "op", "folding disabled (Config.fold=False)"
         weights = {l: weight_of(l) for l in st.layers}
         plan.groups[name] = plan_group(name, st, weights, fold, note, config)
-    if config.align_blocks:                 # one K' per block position: one compiled body (passes/regions.py)
-        plan.calibration["align"] = align_groups(plan.groups).summary()
+    if config.align_budget > 0:             # blocks padded to a few K' sets: few compiled bodies (passes/regions.py)
+        def rows(g):
+            return sum(params[refs[l].weight].shape[1 if refs[l].transposed else 0] for l in g.layers)
+
+        report = align_groups(plan.groups, {n: rows(g) for n, g in plan.groups.items()}, config.align_budget)
+        plan.calibration["align"] = report.summary()
     for g in plan.groups.values():          # the norm values s was chosen for (checked at each compile)
         if g.fold.startswith("norm:"):
             g.fold_fingerprints = {fqn: weight_fingerprint(params[fqn]) for fqn in g.fold[len("norm:"):].split(",")}

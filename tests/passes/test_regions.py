@@ -100,7 +100,7 @@ def test_blocks_that_differ_get_no_shared_body(recorded):
     """Without block alignment a calibrated plan flattens each layer by its own data: K' differs from
     block to block, so no two blocks are the same program on same-shaped operands: nothing is outlined."""
     model = tiny_opt(layers=2, seed=0)
-    plan = fq_compile.calibrate(model, batches(n=2), Config(level="O1", align_blocks=False), progress=False)
+    plan = fq_compile.calibrate(model, batches(n=2), Config(level="O1", align_budget=0.0), progress=False)
     sizes = [plan.groups[g].cmap.size for g in sorted(plan.groups) if ".0." in g or ".1." in g]
     assert len(set(sizes)) > 1                                     # the premise: K' differs
     _logits(model, plan, torch.randint(0, VOCAB, (1, 8)), regions=True)
@@ -109,13 +109,13 @@ def test_blocks_that_differ_get_no_shared_body(recorded):
 
 
 def test_aligned_calibrated_plan_shares_one_body(recorded):
-    """With block alignment (the default) the same calibration pads each position to one K': both blocks
+    """With block alignment at a budget that allows one set of widths, both blocks
     call one body, and the logits are bit for bit those of the unaligned plan (zero columns add nothing
     to an integer product)."""
     model = tiny_opt(layers=2, seed=0)
-    unaligned = fq_compile.calibrate(model, batches(n=2), Config(level="O1", align_blocks=False), progress=False)
-    plan = fq_compile.calibrate(model, batches(n=2), Config(level="O1"), progress=False)
-    assert "block alignment" in plan.calibration["align"]
+    unaligned = fq_compile.calibrate(model, batches(n=2), Config(level="O1", align_budget=0.0), progress=False)
+    plan = fq_compile.calibrate(model, batches(n=2), Config(level="O1", align_budget=100.0), progress=False)
+    assert "2 blocks padded to 1 set of K'" in plan.calibration["align"]
     ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
     reference = _logits(model, unaligned, ids, regions=False)
     outlined = _logits(model, plan, ids, regions=True)

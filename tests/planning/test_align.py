@@ -1,12 +1,13 @@
-"""Block alignment (fq_compile/planning/align.py): one K' per block position, padding that changes no value,
-plans that save and load with it, and the knob's validation."""
+"""Block alignment (fq_compile/planning/align.py): the fewest sets of widths within the budget, padding that
+changes no value, plans that save and load with it, and the knob's validation."""
 
 import pytest
 import torch
 
 import fq_compile
 from fq_compile import Config, ConfigError, QuantPlan
-from fq_compile.planning.align import align_groups, pad_channel_map, position_of
+from fq_compile.plan import GroupPlan
+from fq_compile.planning.align import _runs, align_groups, pad_channel_map, position_of
 from fq_compile.planning.flatten import channel_map, flatten_values, flatten_weight
 from tests.conftest import batches, tiny_llama
 
@@ -37,8 +38,8 @@ def test_padding_adds_zero_columns_and_keeps_the_product():
 @pytest.fixture(scope="module")
 def plans():
     model = tiny_llama(layers=3)
-    unaligned = fq_compile.calibrate(model, batches(n=2), Config(level="O1", align_blocks=False), progress=False)
-    aligned = fq_compile.calibrate(model, batches(n=2), Config(level="O1"), progress=False)
+    unaligned = fq_compile.calibrate(model, batches(n=2), Config(level="O1", align_budget=0.0), progress=False)
+    aligned = fq_compile.calibrate(model, batches(n=2), Config(level="O1", align_budget=100.0), progress=False)
     return unaligned, aligned
 
 
@@ -54,10 +55,9 @@ def test_each_position_gets_its_largest_width(plans):
         same = [before[n] for n in aligned.groups if position_of(n) == position_of(name)]
         assert g.flat_features == max(same)
         torch.testing.assert_close(g.cmap.src[: before[name]], unaligned.groups[name].cmap.src, rtol=0, atol=0)
-    added = sum(g.flat_features for g in aligned.groups.values()) - sum(before.values())
-    assert f"+{100 * added / sum(before.values()):.1f}% flattened columns" in aligned.calibration["align"]
-    assert "padded to one K' each" in fq_compile.explain(aligned)          # explain() shows it
-    assert "off (Config.align_blocks=False)" in fq_compile.explain(unaligned)
+    assert "3 blocks padded to 1 set of K'" in aligned.calibration["align"]
+    assert "3 blocks padded to 1 set of K'" in fq_compile.explain(aligned)          # explain() shows it
+    assert "off (Config.align_budget=0)" in fq_compile.explain(unaligned)
 
 
 def test_aligned_weights_are_the_unaligned_ones_and_zero_columns(plans):
@@ -76,22 +76,67 @@ def test_aligned_plan_saves_and_loads(plans, tmp_path):
     assert {n: g.flat_features for n, g in loaded.groups.items()} == {n: g.flat_features for n, g in aligned.groups.items()}
 
 
-def test_align_groups_leaves_single_and_unnumbered_groups_alone(plans):
-    import dataclasses
-
-    unaligned, _ = plans
-    widest = max(unaligned.groups.values(), key=lambda g: g.flat_features)
-    narrow = min(unaligned.groups.values(), key=lambda g: g.flat_features)
-    assert widest.flat_features > narrow.flat_features
-    groups = {"head": dataclasses.replace(widest, name="head"),           # outside the numbered blocks
-              "stem": dataclasses.replace(narrow, name="stem"),
-              "model.layers.0.mlp.down_proj": dataclasses.replace(narrow, name="model.layers.0.mlp.down_proj")}
-    report = align_groups(groups)
-    assert {n: g.flat_features for n, g in groups.items()} == {"head": widest.flat_features, "stem": narrow.flat_features,
-                                                               "model.layers.0.mlp.down_proj": narrow.flat_features}
-    assert report.summary() == "block alignment: no repeated groups" and report.overhead == 0.0
+def _group(name: str, extra_total: int, c: int = 32) -> GroupPlan:
+    extra = torch.zeros(c, dtype=torch.int64)
+    extra[0] = extra_total
+    return GroupPlan(name=name, layers=[name], in_features=c, threshold=1.0, smooth=torch.ones(c), fold="op",
+                     extra=extra, weight_dup=torch.zeros_like(extra), act_max=(extra + 1).float(), pad_multiple=32,
+                     cmap=channel_map(extra, None, 32))
 
 
-def test_knob_must_be_a_bool():
-    with pytest.raises(ConfigError, match="align_blocks"):
-        Config(align_blocks="yes")
+@pytest.mark.parametrize("budget,sets", [(0.0, 3), (0.05, 3), (0.2, 2), (100.0, 1)])
+def test_fewest_sets_within_the_budget(budget, sets):
+    """Blocks of widths 32, 32, 64, 64, 64, 256 (+ a group outside the blocks): no padding keeps the three
+    widths; padding the 32s to 64 costs 64/512 = 12.5% of the blocks' multiply-adds, so 20% allows two
+    sets; one set pads everything to 256."""
+    extras = [0, 0, 1, 20, 32, 200]
+    groups = {f"m.layers.{i}.fc": _group(f"m.layers.{i}.fc", e) for i, e in enumerate(extras)}
+    groups["head"] = _group("head", 300)
+    rows = {n: 10 for n in groups}
+    before = {n: g.flat_features for n, g in groups.items()}
+    assert [before[f"m.layers.{i}.fc"] for i in range(6)] == [32, 32, 64, 64, 64, 256]
+    report = align_groups(groups, rows, budget)
+    widths = [groups[f"m.layers.{i}.fc"].flat_features for i in range(6)]
+    assert report.blocks == 6 and report.widths == sets == len(set(widths)), (report, widths)
+    assert groups["head"].flat_features == before["head"]
+    assert all(w >= before[f"m.layers.{i}.fc"] for i, w in enumerate(widths))
+    assert report.overhead <= budget + 1e-12
+    assert report.macs_before == 10 * sum(before[f"m.layers.{i}.fc"] for i in range(6))
+    assert report.macs_after == 10 * sum(widths)
+
+
+def test_runs_are_optimal_for_their_count():
+    """_runs against brute force over every cut of 5 blocks, on random padding costs."""
+    import itertools
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n = 5
+        costs = [[0] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(i + 1, n):
+                costs[i][j] = costs[i][j - 1] + int(torch.randint(0, 10, (1,), generator=gen))
+        budget = int(torch.randint(0, 25, (1,), generator=gen))
+        best = None
+        for k in range(1, n + 1):
+            for cuts in itertools.combinations(range(1, n), k - 1):
+                bounds = [0, *cuts, n]
+                c = sum(costs[a][b - 1] for a, b in zip(bounds, bounds[1:]))
+                if c <= budget and (best is None or (k, c) < best):
+                    best = (k, c)
+        runs = _runs(costs, budget)
+        assert (len(runs), sum(costs[i][j] for i, j in runs)) == best
+        assert runs[0][0] == 0 and runs[-1][1] == n - 1 and all(a[1] + 1 == b[0] for a, b in zip(runs, runs[1:]))
+
+
+def test_no_repeated_blocks_no_alignment():
+    groups = {"head": _group("head", 3), "model.layers.0.fc": _group("model.layers.0.fc", 40)}
+    report = align_groups(groups, {n: 1 for n in groups}, 100.0)
+    assert report.summary() == "block alignment: no repeated blocks" and report.overhead == 0.0
+    assert groups["model.layers.0.fc"].flat_features == 96
+
+
+def test_knob_is_checked():
+    for bad in (-0.1, float("nan"), "2%"):
+        with pytest.raises(ConfigError, match="align_budget"):
+            Config(align_budget=bad)
