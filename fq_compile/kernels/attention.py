@@ -78,6 +78,7 @@ KV_BLOCK = 64
 KV_BLOCKS = (16, 32, 64, 128)
 P_QMAX = 127.0
 MAX_KV_SPLITS = 256
+DECODE_ROWS = 16        # packed query rows per kv head that one decode tile holds (kernels/triton/attention.py)
 
 
 def format_of(dtype: torch.dtype) -> str:
@@ -171,6 +172,18 @@ def split_span(n: int, kv_block: int, kv_splits: int) -> int:
     if kv_splits <= 1 or blocks <= 1:
         return max(n, 1)
     return kv_block * -(-blocks // kv_splits)
+
+
+def choose_kv_splits(batch: int, kv_heads: int, rows: int, n: int, kv_block: int, sm_count: int) -> int:
+    """kv_splits for a launch of `batch` x `kv_heads` programs of `rows` packed query rows over n keys:
+    split (flash-decoding) only a decode-sized tile (rows <= DECODE_ROWS), into enough spans that the
+    launch has about two programs per SM, at most one span per kv block and MAX_KV_SPLITS; 0: no split
+    (prefill, a grid that fills the GPU, a context of one block, no SM count: the CPU)."""
+    if rows > DECODE_ROWS or sm_count <= 0:
+        return 0
+    want = -(-2 * sm_count // max(1, batch * kv_heads))
+    splits = min(want, -(-n // kv_block), MAX_KV_SPLITS)
+    return splits if splits > 1 else 0
 
 
 def attention_reference(q, k, v, q_scale, k_scale, v_scale, mask, causal: bool, sm_scale: float,

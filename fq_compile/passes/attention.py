@@ -15,7 +15,11 @@ Each site is named after the module that owns its query projection (the parent o
 linear, e.g. model.layers.0.self_attn).  The rewrite is
 
     qq = fq.quantize_heads(q, 1/q_scale, int8|fp8)      (likewise k, v; Inductor fuses these into RoPE)
-    o  = fq.attention(qq, kq, vq, q_scale, k_scale, v_scale, mask, causal, scale, kv_block, dtype)
+    o  = fq.attention(qq, kq, vq, q_scale, k_scale, v_scale, mask, causal, scale, kv_block, dtype, kv_splits)
+
+kv_splits > 1 (split keys, flash-decoding) for a decode step on a GPU: one query row per head would
+otherwise give the GPU batch x kv heads programs to run; the split is chosen from the graph's shapes and
+the device's SM count (kernels/attention.py choose_kv_splits) and is part of the op's semantics.
 
 Left as they are, with the reason in explain(): dropout in training, logit soft-capping (tanh
 between the products), additive terms besides the mask (ALiBi, position bias: in the eager form;
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from fq_compile.kernels.attention import FORMATS, inverse_scale
+from fq_compile.kernels.attention import FORMATS, choose_kv_splits, inverse_scale
 from fq_compile.passes.lower import _const, _param_names
 from fq_compile.passes.match import example_value, is_linear, layer_name, linear_args, placeholder_inputs
 from fq_compile.passes.observe import AttentionObserver, AttentionStats, StatsStore
@@ -390,12 +394,33 @@ def _check_shapes(site: AttentionSite, ap: AttentionPlan) -> None:
                                 f"this graph has {tuple(int(x) for x in got)}")
 
 
+def _hint(x) -> int:
+    """An int for a shape decision: a dynamic size's example value (the choice picks a launch shape and the
+    split semantics that go with it, the same on every device that runs this graph)."""
+    if isinstance(x, torch.SymInt):
+        hint = x.node.hint
+        return int(hint) if hint is not None else 1
+    return int(x)
+
+
+def _kv_splits(qv: torch.Tensor, kv: torch.Tensor, ap: AttentionPlan) -> int:
+    """Split keys (flash-decoding) for a decode-sized attention on a GPU (kernels/attention.py's
+    choose_kv_splits from the graph's shapes and the device's SM count); 0 elsewhere."""
+    if qv.device.type != "cuda":
+        return 0
+    sms = torch.cuda.get_device_properties(qv.device).multi_processor_count
+    rep = ap.num_heads // ap.num_kv_heads
+    return choose_kv_splits(_hint(qv.shape[0]), ap.num_kv_heads, _hint(qv.shape[2]) * rep, _hint(kv.shape[2]),
+                            ap.kv_block, sms)
+
+
 def _replace(gm: fx.GraphModule, site: AttentionSite, ap: AttentionPlan, plan: QuantPlan, runtime) -> None:
     qv = example_value(site.q)
     device = qv.device
     dqk, dpv = FORMATS[ap.qk_format], FORMATS[ap.pv_format]
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(qv.shape[-1])
     out_dtype = example_value(site.node).dtype
+    splits = _kv_splits(qv, example_value(site.k), ap)
     g = gm.graph
     with g.inserting_before(site.node):
         consts = {w: _scale_const(gm, plan, ap, f"{w}s", getattr(ap, f"{w}_scale"), device) for w in "qkv"}
@@ -407,7 +432,7 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, ap: AttentionPlan, plan: Q
                 torch.ops.fq.quantize_heads.default, (node, inv[w], dt))
         new = g.call_function(torch.ops.fq.attention.default,
                               (quant["q"], quant["k"], quant["v"], consts["q"], consts["k"], consts["v"], site.mask,
-                               site.causal, float(scale), ap.kv_block, out_dtype))
+                               site.causal, float(scale), ap.kv_block, out_dtype, splits))
     new.meta.update(site.node.meta)
     if site.form == "sdpa":
         old_kv = [_arg(site.node, 1, "key"), _arg(site.node, 2, "value")]

@@ -246,6 +246,16 @@ def test_reference_split_keys_match_their_float64_oracle(causal):
     assert torch.equal(one, whole)
 
 
+def test_choose_kv_splits_fills_the_gpu_in_decode_only():
+    assert A.choose_kv_splits(1, 8, 4, 2048, 64, 132) == 32          # 264 programs wanted, 32 kv blocks
+    assert A.choose_kv_splits(1, 8, 4, 32768, 64, 132) == 33
+    assert A.choose_kv_splits(16, 8, 4, 8192, 64, 132) == 3
+    assert A.choose_kv_splits(64, 8, 4, 8192, 64, 132) == 0          # 512 programs fill 132 SMs
+    assert A.choose_kv_splits(1, 8, 2048, 2048, 64, 132) == 0        # prefill
+    assert A.choose_kv_splits(1, 8, 4, 64, 64, 132) == 0             # one kv block
+    assert A.choose_kv_splits(1, 8, 4, 2048, 64, 0) == 0             # no GPU
+
+
 def test_reference_fully_masked_rows_are_zero():
     gen = torch.Generator().manual_seed(4)
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16, gen)
