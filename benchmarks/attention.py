@@ -17,8 +17,8 @@ kernel: fq::attention's Triton kernel (INT8 and FP8 variants, kernel alone on pr
 with the Q/K/V quantization as separate kernels, which the model fuses into RoPE) against
 scaled_dot_product_attention in bf16 with each backend forced (flash, cuDNN, memory-efficient; GQA
 through enable_gqa where the backend takes it, else K/V repeated beforehand) and FlexAttention
-compiled, causal prefill at each (batch, seq); then decode (one query, a 2048-token context) at
-several batch sizes.  All measured side by side in one run with triton.testing.do_bench (median ms);
+compiled, causal prefill at each (batch, seq); then decode (one query, --decode-context tokens of context)
+at several batch sizes, with and without split keys (kv_splits as the attention pass picks it).  All measured side by side in one run with triton.testing.do_bench (median ms);
 ratios are best SDPA / ours.  Two diagnostics: the hardware exp2 (EXP_HW, not bit-exact) and V stored
 keys-contiguous, so the cost of the exact polynomial and of V's layout are measured, not guessed.
 
@@ -154,12 +154,14 @@ def _kernel_report(args, device, rows, dec_rows) -> str:
         f"{lb} {max(r['errs'][lb] for r in rows):.3g}" for lb in rows[0]["errs"]) if rows else ""
     if dec_rows:
         text += "\n\n## Decode (one query; K/V read from an 8-bit cache vs bf16)\n\n"
-        dl = [lb for lb in dec_rows[0]["times"] if not lb.startswith("sdpa")]
-        text += tabulate([[r["d"], r["batch"], r["context"],
+        dl = list(dict.fromkeys(lb for r in dec_rows for lb in r["times"] if not lb.startswith("sdpa")))
+        text += tabulate([[r["d"], r["batch"], r["context"], r.get("splits", 0),
                            " / ".join(f"{n[5:]} {t:.3f}" for n, t in r["times"].items() if n.startswith("sdpa"))] +
-                          [f"{r['times'][lb]:.3f} ({r['ratio'][lb]:.2f}x, {r['gbps'][lb]:.0f} GB/s)" for lb in dl]
+                          [f"{r['times'][lb]:.3f} ({r['ratio'][lb]:.2f}x, {r['gbps'][lb]:.0f} GB/s)"
+                           if lb in r["times"] else "-" for lb in dl]
                           for r in dec_rows],
-                         ["D", "batch", "context", "SDPA bf16 ms"] + [f"ours {lb}" for lb in dl], tablefmt="github")
+                         ["D", "batch", "context", "kv_splits (the pass's choice)", "SDPA bf16 ms"] +
+                         [f"ours {lb}" for lb in dl], tablefmt="github")
     if args.out:
         Path(args.out).write_text(text + "\n")
         Path(args.out).with_suffix(".json").write_text(json.dumps(dict(prefill=rows, decode=dec_rows), indent=1))
@@ -223,8 +225,10 @@ def kernel_main(args) -> str:
             del q, k, v, ref
             torch.cuda.empty_cache()
         # decode: one query against a context of args.decode_context tokens (int8 cache vs bf16)
-        for b in _ints(args.decode_batches):
-            n = args.decode_context
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        for b, n in [(b, n) for n in _ints(args.decode_context) for b in _ints(args.decode_batches)]:
+            if b * n > args.max_tokens * 4:
+                continue
             q = torch.randn(b, h, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
             k = torch.randn(b, hkv, n, d, device=device, dtype=torch.bfloat16, generator=gen)
             v = torch.randn(b, hkv, n, d, device=device, dtype=torch.bfloat16, generator=gen)
@@ -233,12 +237,18 @@ def kernel_main(args) -> str:
             for qk_fmt, pv_fmt in (("int8", "int8"), ("fp8", "fp8")):
                 (qq, kq, vq), (qs, ks, vs), _ = _quantized(q, k, v, qk_fmt, pv_fmt)
 
-                def run(qq=qq, kq=kq, vq=vq, qs=qs, ks=ks, vs=vs):
-                    return attention_cuda(qq, kq, vq, qs, ks, vs, None, False, d ** -0.5, A.KV_BLOCK, torch.bfloat16)
-                run()
-                times[f"{qk_fmt}/{pv_fmt}"] = _bench(run)
+                splits = A.choose_kv_splits(b, hkv, h // hkv, n, A.KV_BLOCK, sms)   # what the attention pass picks
+                for label, ks_ in ((f"{qk_fmt}/{pv_fmt}", 0), (f"{qk_fmt}/{pv_fmt} split", splits)):
+                    if ks_ == 0 and label.endswith("split"):
+                        continue
+
+                    def run(qq=qq, kq=kq, vq=vq, qs=qs, ks=ks, vs=vs, ks_=ks_):
+                        return attention_cuda(qq, kq, vq, qs, ks, vs, None, False, d ** -0.5, A.KV_BLOCK,
+                                              torch.bfloat16, kv_splits=ks_)
+                    run()
+                    times[label] = _bench(run)
             kv_bytes = {"bf16": 2 * b * hkv * n * d * 2, "8-bit": 2 * b * hkv * n * d}
-            dec_rows.append(dict(d=d, batch=b, context=n, best_sdpa=best_name, times=times,
+            dec_rows.append(dict(d=d, batch=b, context=n, best_sdpa=best_name, times=times, splits=splits,
                                  ratio={nm: times[best_name] / t for nm, t in times.items()},
                                  gbps={nm: (kv_bytes["bf16"] if nm.startswith("sdpa") else kv_bytes["8-bit"]) / t / 1e6
                                        for nm, t in times.items()}))
@@ -357,7 +367,7 @@ def main(argv=None) -> int:
     k.add_argument("--kv-heads", type=int, default=8)
     k.add_argument("--head-dims", default="128")
     k.add_argument("--decode-batches", default="1,16,64")
-    k.add_argument("--decode-context", type=int, default=2048)
+    k.add_argument("--decode-context", default="2048", help="context lengths of the decode rows, comma-separated")
     k.add_argument("--no-flex", dest="flex", action="store_false", help="skip FlexAttention (its compile takes time)")
     k.add_argument("--out", default=None)
     a = sub.add_parser("accuracy", help="WikiText-2 perplexity with quantized attention")
