@@ -901,7 +901,10 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=PROMPT)
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     ap.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
-                    help="torch.compile dynamic: auto = static for one prefill shape without decode, else dynamic")
+                    help="torch.compile dynamic: auto = static (False) for one prefill shape without decode, else "
+                         "Dynamo's default (None: static first, dynamic where a later call's shape differs), what "
+                         "users get; true lifts float attributes (layer norm eps) to graph inputs, which keeps "
+                         "blocks from regional compilation")
     ap.add_argument("--max-autotune", action="store_true", help="fp16-inductor in mode='max-autotune'")
     ap.add_argument("--auto-formats", default="",
                     help="fq-auto: format shares of the layers, e.g. fp8=0.3,w4a8=0.5,int8=0.2")
@@ -972,7 +975,7 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"unknown method(s) {sorted(bad)}; choose from {', '.join(METHODS)}")
     single = len(args.batches) * len(args.seqs) == 1 and not args.decode
-    args.dynamic_flag = {"true": True, "false": False, "auto": False if single or args.profile else True}[args.dynamic]
+    args.dynamic_flag = {"true": True, "false": False, "auto": False if single or args.profile else None}[args.dynamic]
     for knob in ("recompile_limit", "cache_size_limit"):      # one model sees many shapes and methods
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 32))

@@ -117,8 +117,25 @@ def _inputs_outputs(members: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node
     return list(inputs), outputs
 
 
+_VALUE_READS = {"item", "tolist"}
+
+
+def _reads_a_value(n: fx.Node) -> bool:
+    """x.item() / x.tolist() / aten._local_scalar_dense: a data-dependent Python number.  AOTAutograd traces
+    an invoke_subgraph body on fake operands, where such a read has no value (DataDependentOutputException
+    on the H100, OPT-1.3B compiled with dynamic=True: its layer norms' eps lifted to graph inputs)."""
+    if n.op == "call_method":
+        return n.target in _VALUE_READS
+    return n.op == "call_function" and n.target in (torch.ops.aten._local_scalar_dense.default,
+                                                     torch.ops.aten._local_scalar_dense)
+
+
 def _why_not(members: list[fx.Node], outputs: list[fx.Node], order: dict[fx.Node, int]) -> str | None:
     """Why this block cannot become one call placed at its last node (None: it can)."""
+    for n in members:
+        if _reads_a_value(n):
+            return (f"{n.name} reads a tensor's value as a Python number (a float attribute Dynamo lifted to an "
+                    "input under dynamic=True?): a traced body cannot")
     last = order[members[-1]]
     inside = set(members)
     for n in outputs:

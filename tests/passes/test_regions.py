@@ -164,6 +164,30 @@ def test_interleaved_block_stays_inline():
     assert new is gm and report.outlined == 0
 
 
+def test_block_reading_a_value_stays_inline():
+    """A block that turns a tensor into a Python number (x.item(): Dynamo's lifted float attributes under
+    dynamic=True) cannot be traced as a body on fake operands: the blocks stay inline, with the reason."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.zeros(4)
+    eps = [g.placeholder(f"eps{i}") for i in range(2)]
+    for e in eps:
+        e.meta["val"] = torch.zeros(())
+    h = x
+    for i in range(2):
+        item = g.call_method("item", (eps[i],))
+        r = g.call_function(torch.relu, (h,))
+        h = g.call_function(torch.add, (r, item))
+        for n in (item, r, h):
+            n.meta["nn_module_stack"] = {"m": (f"L['self'].layers.{i}", object)}
+    g.output(h)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    new, report = outline_blocks(gm, inserted=set())
+    assert new is gm and report.outlined == 0
+    assert all("reads a tensor's value as a Python number" in why for why in report.skipped.values())
+    assert len(report.skipped) == 2
+
+
 def test_fallback_to_the_whole_graph(monkeypatch):
     """Where Inductor refuses the outlined graph, the backend warns and compiles the graph whole."""
     import torch._inductor.compile_fx as cfx
