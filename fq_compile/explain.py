@@ -379,8 +379,9 @@ def _region_rows(plan: QuantPlan) -> list[list[str]]:
 
 
 # Issue 25: until the quantized attention kernels beat PyTorch's SDPA, say so wherever a plan quantizes attention.
-ATTENTION_SPEED_NOTE = ("note: quantized attention is slower than PyTorch's SDPA on Hopper today (H100, 2026-12-06: "
-                        "prefill 0.31x, batch-1 decode 0.02x); it saves KV-cache memory, not time (issue 25)")
+ATTENTION_SPEED_NOTE = ("note: quantized attention is slower than PyTorch's SDPA on Hopper in prefill (H100, "
+                        "2026-12-07: 0.31x INT8, 0.50x FP8 at 8 x 2048) and in short-context batch-1 decode (0.33x at "
+                        "2k); faster where decode reads many KV bytes (batch 16-64 at 2k-32k: 1.25-1.88x) (issue 25)")
 
 
 def _attention(plan: QuantPlan, full: bool) -> str:
