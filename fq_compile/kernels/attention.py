@@ -28,9 +28,10 @@ Semantics (what every kernel reproduces), per row i of head h (kv head g), all f
         m     = m'
     out_i  = fl(acc * fl(v_scale[g] / l))   (0 where l = 0: a row with no visible key), cast to out_dtype
 
-Split keys (flash-decoding; kv_splits > 1): the keys are cut into spans of whole kv blocks
-(`split_span`: ceil(ceil(N / kv_block) / kv_splits) blocks each), each span runs the loop above from
-m = -inf, l = 0, acc = 0 on its own, and the spans' (m_s, l_s, acc_s) are combined in span order:
+Split keys (flash-decoding; kv_splits > 1): the keys are cut into kv_splits spans of whole kv blocks
+(`split_span`: ceil(ceil(N / kv_block) / kv_splits) blocks each; the last spans may be shorter or empty),
+each span runs the loop above from m = -inf, l = 0, acc = 0 on its own (an empty span keeps those), and the
+kv_splits partials (m_s, l_s, acc_s) are combined in span order:
 
     M = max_s m_s;  u = (M if M > -inf else 0);  a_s = exp2q(m_s - u)
     l = sum_s fl(l_s * a_s);  acc = sum_s fl(acc_s * a_s)       (each sum left to right, from 0)
@@ -165,13 +166,13 @@ def _exact_products(a: torch.Tensor, b: torch.Tensor, integer: bool) -> torch.Te
     return (a.double() @ b.double()).float()
 
 
-def split_span(n: int, kv_block: int, kv_splits: int) -> int:
-    """Keys per split of the module docstring: whole kv blocks, the N keys' blocks dealt to kv_splits
-    spans as evenly as whole spans allow (the last may be shorter); N itself where kv_splits <= 1."""
-    blocks = -(-n // kv_block)
-    if kv_splits <= 1 or blocks <= 1:
-        return max(n, 1)
-    return kv_block * -(-blocks // kv_splits)
+def split_span(n, kv_block: int, kv_splits: int):
+    """Keys per span of the module docstring: ceil(ceil(N / kv_block) / kv_splits) whole kv blocks
+    (N where kv_splits <= 1).  Works on a symbolic N (no branch on it)."""
+    if kv_splits <= 1:
+        return n
+    blocks = (n + kv_block - 1) // kv_block
+    return kv_block * ((blocks + kv_splits - 1) // kv_splits)
 
 
 def choose_kv_splits(batch: int, kv_heads: int, rows: int, n: int, kv_block: int, sm_count: int) -> int:
@@ -188,14 +189,14 @@ def choose_kv_splits(batch: int, kv_heads: int, rows: int, n: int, kv_block: int
 
 def attention_reference(q, k, v, q_scale, k_scale, v_scale, mask, causal: bool, sm_scale: float,
                         out_dtype: torch.dtype, kv_block: int = KV_BLOCK, kv_splits: int = 0) -> torch.Tensor:
-    """The semantics of the module docstring, block by block (split by split where kv_splits > 1)."""
+    """The semantics of the module docstring, block by block (span by span where kv_splits > 1)."""
     n = k.shape[2]
-    span = split_span(n, kv_block, kv_splits)
-    if span >= n:
+    if kv_splits <= 1:
         mx, den, acc = _scan(q, k, v, q_scale, k_scale, mask, causal, sm_scale, kv_block, 0, n)
     else:
-        mx, den, acc = _combine([_scan(q, k, v, q_scale, k_scale, mask, causal, sm_scale, kv_block, j, min(n, j + span))
-                                 for j in range(0, n, span)])
+        span = split_span(n, kv_block, kv_splits)
+        mx, den, acc = _combine([_scan(q, k, v, q_scale, k_scale, mask, causal, sm_scale, kv_block,
+                                       min(n, j * span), min(n, (j + 1) * span)) for j in range(kv_splits)])
     rep = q.shape[1] // k.shape[1]
     vs = v_scale.float().to(q.device).repeat_interleave(rep)[None, :, None]
     r = vs / torch.where(den > 0, den, torch.ones_like(den))

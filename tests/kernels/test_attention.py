@@ -222,7 +222,7 @@ def oracle_split(qq, kq, vq, qs, ks, vs, causal, sm_scale, span):
 def test_split_span_deals_whole_blocks():
     assert A.split_span(2048, 64, 16) == 128 and A.split_span(2048, 64, 0) == 2048
     assert A.split_span(100, 16, 3) == 48            # 7 blocks -> spans of 3, 3, 1 blocks
-    assert A.split_span(10, 16, 8) == 10 and A.split_span(0, 16, 8) == 1
+    assert A.split_span(10, 16, 8) == 16 and A.split_span(0, 16, 8) == 0
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -244,6 +244,13 @@ def test_reference_split_keys_match_their_float64_oracle(causal):
     assert not torch.equal(out, whole)
     one = A.attention_reference(qq, kq, vq, qs, ks, vs, None, causal, d ** -0.5, torch.float32, 64, kv_splits=1)
     assert torch.equal(one, whole)
+    # more spans than blocks: the empty ones add nothing, bit for bit (signed zeros included)
+    many = A.attention_reference(qq, kq, vq, qs, ks, vs, None, causal, d ** -0.5, torch.float32, 64, kv_splits=5)
+    assert torch.equal(many.view(torch.int32), out.view(torch.int32))
+    short = A.attention_reference(qq[..., :1, :], kq[:, :, :40], vq[:, :, :40], qs, ks, vs, None, False, d ** -0.5,
+                                  torch.float32, 64, kv_splits=4)        # one block: the split changes nothing
+    assert torch.equal(short, A.attention_reference(qq[..., :1, :], kq[:, :, :40], vq[:, :, :40], qs, ks, vs, None,
+                                                    False, d ** -0.5, torch.float32, 64))
 
 
 def test_choose_kv_splits_fills_the_gpu_in_decode_only():
@@ -350,7 +357,8 @@ SMALL = [(1, 4, 2, 20, 20, 16, "int8", "int8", "causal", 16, torch.float32),
          (2, 4, 1, 1, 150, 64, "int8", "int8", "none", 16, torch.float32, 4),
          (1, 6, 2, 1, 77, 32, "int8", "int8", "bool", 16, torch.bfloat16, 3),
          (1, 2, 2, 30, 70, 16, "int8", "int8", "causal", 16, torch.float32, 3),
-         (1, 4, 2, 1, 100, 64, "fp8", "fp8", "none", 16, torch.float32, 5)]
+         (1, 4, 2, 1, 100, 64, "fp8", "fp8", "none", 16, torch.float32, 5),
+         (1, 4, 1, 1, 40, 32, "int8", "int8", "none", 16, torch.float32, 6)]    # 3 blocks, 6 spans: 3 empty
 
 
 def _interp_main():
