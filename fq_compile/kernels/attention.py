@@ -80,6 +80,7 @@ KV_BLOCKS = (16, 32, 64, 128)
 P_QMAX = 127.0
 MAX_KV_SPLITS = 256
 DECODE_ROWS = 16        # packed query rows per kv head that one decode tile holds (kernels/triton/attention.py)
+DECODE_MAX_SPLITS = 64  # the pass's cap: the combine kernel unrolls one step per split
 
 
 def format_of(dtype: torch.dtype) -> str:
@@ -178,12 +179,12 @@ def split_span(n, kv_block: int, kv_splits: int):
 def choose_kv_splits(batch: int, kv_heads: int, rows: int, n: int, kv_block: int, sm_count: int) -> int:
     """kv_splits for a launch of `batch` x `kv_heads` programs of `rows` packed query rows over n keys:
     split (flash-decoding) only a decode-sized tile (rows <= DECODE_ROWS), into enough spans that the
-    launch has about two programs per SM, at most one span per kv block and MAX_KV_SPLITS; 0: no split
+    launch has about two programs per SM, at most one span per kv block and DECODE_MAX_SPLITS; 0: no split
     (prefill, a grid that fills the GPU, a context of one block, no SM count: the CPU)."""
     if rows > DECODE_ROWS or sm_count <= 0:
         return 0
     want = -(-2 * sm_count // max(1, batch * kv_heads))
-    splits = min(want, -(-n // kv_block), MAX_KV_SPLITS)
+    splits = min(want, -(-n // kv_block), DECODE_MAX_SPLITS)
     return splits if splits > 1 else 0
 
 
