@@ -100,3 +100,19 @@ def test_compile_time_smoke(tmp_path):
     assert len(rows) == 2 and all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows), text
     assert "2 of 2 blocks outlined into 1 compiled body" in rows[1][-1], text
     assert "per block (slope 1 -> 2 blocks)" in text
+
+
+def test_align_cost_rows():
+    """benchmarks/align_cost.py's rows on a tiny calibrated plan: no budget keeps every block's widths (no
+    added work), one set of widths adds the most, and the table's work ratio is what the report says."""
+    import fq_compile
+    from fq_compile import Config
+    from tests.conftest import batches, tiny_llama
+
+    plan = fq_compile.calibrate(tiny_llama(layers=3), batches(n=2), Config(level="O1", align_budget=0.0),
+                                progress=False)
+    rows = _script("align_cost").rows_for(3.0, plan, [0.0, 100.0])
+    (none, one) = rows
+    assert none[3] == one[3] == 3 and none[5] == "+0.00%" and none[6] == "1.0000x"
+    assert one[4] == 1 and float(one[6].rstrip("x")) > 1.0
+    assert abs(float(one[5].strip("+%")) / 100 + 1 - float(one[6].rstrip("x"))) < 0.02
