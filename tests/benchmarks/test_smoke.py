@@ -116,3 +116,14 @@ def test_align_cost_rows():
     assert none[3] == one[3] == 3 and none[5] == "+0.00%" and none[6] == "1.0000x"
     assert one[4] == 1 and float(one[6].rstrip("x")) > 1.0
     assert abs(float(one[5].strip("+%")) / 100 + 1 - float(one[6].rstrip("x"))) < 0.02
+
+
+def test_long_context_smoke(tmp_path):
+    """benchmarks/long_context.py on a tiny Llama on the CPU: the three rows per (context, batch), the 8-bit
+    cache holding a quarter of the float32 cache's K/V bytes here (half of float16's on a GPU)."""
+    out = tmp_path / "lc.md"
+    _script("long_context").main(["--shape", "tiny", "--contexts", "80", "--batches", "1", "--new", "3",
+                                  "--reps", "1", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [r["row"] for r in rows] == ["fp16 (Inductor)", "ours, fp16 KV", "ours, 8-bit KV"]
+    assert rows[2]["kv_bytes"] * 4 == rows[1]["kv_bytes"] > 0
