@@ -21,8 +21,10 @@ activation quantize) join the block of their users.  The plan's tensors (get_att
 value the block reads from outside become operands, so two blocks share a body when their node sequences
 are the same op for op (targets, constants, local wiring) and their operands agree in shape, stride, dtype
 and device -- the condition under which one traced body is correct for both.  A flattened layer's K'
-differs from layer to layer in a calibrated plan, so such blocks get bodies of their own: correct, only
-less saving (the report says how many distinct bodies a graph has).
+differs from layer to layer in a calibrated plan; planning pads blocks to a few common sets of K'
+(planning/align.py) so that they share, and blocks that still differ get bodies of their own: correct,
+only less saving (the report says how many distinct bodies a graph has).  A block that reads a tensor's
+value as a Python number (`.item()`) stays inline: a body is traced on fake operands.
 
 A block whose nodes interleave with outside work that depends on them is left inline.  The outlined graph
 is a new GraphModule over the same buffers; the backend keeps the original and compiles that instead if
