@@ -172,6 +172,21 @@ class ChannelMap:
     def size(self) -> int:
         return int(self.src.numel())
 
+    def padded_to(self, size: int) -> "ChannelMap":
+        """This map with zero positions appended up to `size` (src 0, lo = hi = 0, weight factor 0,
+        inactive): they add nothing to the product."""
+        pad = size - self.size
+        if pad < 0:
+            raise ValueError(f"cannot pad a channel map of {self.size} positions to {size}")
+        if pad == 0:
+            return self
+
+        def padded(t, fill):
+            return torch.cat([t, torch.full((pad,), fill, dtype=t.dtype, device=t.device)])
+
+        return ChannelMap(padded(self.src, 0), padded(self.lo, 0.0), padded(self.hi, 0.0),
+                          padded(self.weight_factor, 0.0), padded(self.active, False))
+
 
 @dataclass
 class GroupPlan:

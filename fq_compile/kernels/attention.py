@@ -78,9 +78,8 @@ EXP2_C = (0.6951163411140442, 0.22764700651168823, 0.07706519961357117)  # C1, C
 KV_BLOCK = 64
 KV_BLOCKS = (16, 32, 64, 128)
 P_QMAX = 127.0
-MAX_KV_SPLITS = 256
+MAX_KV_SPLITS = 64      # the Triton combine kernel unrolls one step per split
 DECODE_ROWS = 16        # packed query rows per kv head that one decode tile holds (kernels/triton/attention.py)
-DECODE_MAX_SPLITS = 64  # the pass's cap: the combine kernel unrolls one step per split
 
 
 def format_of(dtype: torch.dtype) -> str:
@@ -179,26 +178,31 @@ def split_span(n, kv_block: int, kv_splits: int):
 def choose_kv_splits(batch: int, kv_heads: int, rows: int, n: int, kv_block: int, sm_count: int) -> int:
     """kv_splits for a launch of `batch` x `kv_heads` programs of `rows` packed query rows over n keys:
     split (flash-decoding) only a decode-sized tile (rows <= DECODE_ROWS), into enough spans that the
-    launch has about two programs per SM, at most one span per kv block and DECODE_MAX_SPLITS; 0: no split
+    launch has about two programs per SM, at most one span per kv block and MAX_KV_SPLITS; 0: no split
     (prefill, a grid that fills the GPU, a context of one block, no SM count: the CPU)."""
     if rows > DECODE_ROWS or sm_count <= 0:
         return 0
     want = -(-2 * sm_count // max(1, batch * kv_heads))
-    splits = min(want, -(-n // kv_block), DECODE_MAX_SPLITS)
+    splits = min(want, -(-n // kv_block), MAX_KV_SPLITS)
     return splits if splits > 1 else 0
 
 
 def attention_reference(q, k, v, q_scale, k_scale, v_scale, mask, causal: bool, sm_scale: float,
                         out_dtype: torch.dtype, kv_block: int = KV_BLOCK, kv_splits: int = 0) -> torch.Tensor:
     """The semantics of the module docstring, block by block (span by span where kv_splits > 1)."""
-    n = k.shape[2]
+    b, hq, m, _ = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    rep = hq // hkv
+    ops = dict(qf=q.float(), kf=k.float().repeat_interleave(rep, dim=1), vf=v.float().repeat_interleave(rep, dim=1),
+               c=score_scale(q_scale, k_scale, sm_scale).to(q.device)[None, :, None, None],
+               mask=None if mask is None else mask.expand(b, hq, m, n), causal=causal, kv_block=kv_block,
+               qk_int=q.dtype == torch.int8, pv_int=v.dtype == torch.int8)
     if kv_splits <= 1:
-        mx, den, acc = _scan(q, k, v, q_scale, k_scale, mask, causal, sm_scale, kv_block, 0, n)
+        mx, den, acc = _scan(**ops, j_lo=0, j_hi=n)
     else:
         span = split_span(n, kv_block, kv_splits)
-        mx, den, acc = _combine([_scan(q, k, v, q_scale, k_scale, mask, causal, sm_scale, kv_block,
-                                       min(n, j * span), min(n, (j + 1) * span)) for j in range(kv_splits)])
-    rep = q.shape[1] // k.shape[1]
+        mx, den, acc = _combine([_scan(**ops, j_lo=min(n, j * span), j_hi=min(n, (j + 1) * span))
+                                 for j in range(kv_splits)])
     vs = v_scale.float().to(q.device).repeat_interleave(rep)[None, :, None]
     r = vs / torch.where(den > 0, den, torch.ones_like(den))
     out = torch.where(den[..., None] > 0, acc * r[..., None], torch.zeros_like(acc))
@@ -221,20 +225,13 @@ def _combine(parts):
     return big, den, acc
 
 
-def _scan(q, k, v, q_scale, k_scale, mask, causal: bool, sm_scale: float, kv_block: int, j_lo: int, j_hi: int):
-    """The online softmax over keys [j_lo, j_hi), blocks of kv_block from j_lo: (m, l, acc) unnormalised."""
-    b, hq, m, _ = q.shape
-    hkv, n, dv = k.shape[1], k.shape[2], v.shape[-1]
-    rep = hq // hkv
-    qk_int = q.dtype == torch.int8
-    pv_int = v.dtype == torch.int8
-    dev = q.device
-    c = score_scale(q_scale, k_scale, sm_scale).to(dev)[None, :, None, None]
-    kf = k.float().repeat_interleave(rep, dim=1)
-    vf = v.float().repeat_interleave(rep, dim=1)
-    qf = q.float()
-    if mask is not None:
-        mask = mask.expand(b, hq, m, n)
+def _scan(qf, kf, vf, c, mask, causal: bool, kv_block: int, qk_int: bool, pv_int: bool, j_lo: int, j_hi: int):
+    """The online softmax over keys [j_lo, j_hi), blocks of kv_block from j_lo: (m, l, acc) unnormalised.
+    qf/kf/vf: Q, K, V as float32, K and V repeated to the query heads; c: score_scale [1, Hq, 1, 1];
+    mask: None or expanded to [B, Hq, M, N]."""
+    b, hq, m, _ = qf.shape
+    dv = vf.shape[-1]
+    dev = qf.device
     rows = torch.arange(m, device=dev)[:, None]
     mx = torch.full((b, hq, m), -math.inf, device=dev)
     den = torch.zeros((b, hq, m), device=dev)

@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from fq_compile.kernels.attention import FORMATS, choose_kv_splits, inverse_scale
+from fq_compile.kernels.dispatch import device_info, size_hint
 from fq_compile.passes.lower import _const, _param_names
 from fq_compile.passes.match import example_value, is_linear, layer_name, linear_args, placeholder_inputs
 from fq_compile.passes.observe import AttentionObserver, AttentionStats, StatsStore
@@ -394,24 +395,16 @@ def _check_shapes(site: AttentionSite, ap: AttentionPlan) -> None:
                                 f"this graph has {tuple(int(x) for x in got)}")
 
 
-def _hint(x) -> int:
-    """An int for a shape decision: a dynamic size's example value (the choice picks a launch shape and the
-    split semantics that go with it, the same on every device that runs this graph)."""
-    if isinstance(x, torch.SymInt):
-        hint = x.node.hint
-        return int(hint) if hint is not None else 1
-    return int(x)
-
-
 def _kv_splits(qv: torch.Tensor, kv: torch.Tensor, ap: AttentionPlan) -> int:
     """Split keys (flash-decoding) for a decode-sized attention on a GPU (kernels/attention.py's
-    choose_kv_splits from the graph's shapes and the device's SM count); 0 elsewhere."""
-    if qv.device.type != "cuda":
-        return 0
-    sms = torch.cuda.get_device_properties(qv.device).multi_processor_count
+    choose_kv_splits from the graph's shapes -- a dynamic size by its example value -- and the device's
+    SM count, 0 on the CPU); part of the op's semantics, fixed in the graph."""
+    def hint(x):
+        return size_hint(x) or 1
+
     rep = ap.num_heads // ap.num_kv_heads
-    return choose_kv_splits(_hint(qv.shape[0]), ap.num_kv_heads, _hint(qv.shape[2]) * rep, _hint(kv.shape[2]),
-                            ap.kv_block, sms)
+    return choose_kv_splits(hint(qv.shape[0]), ap.num_kv_heads, hint(qv.shape[2]) * rep, hint(kv.shape[2]),
+                            ap.kv_block, device_info(qv.device).sm_count)
 
 
 def _replace(gm: fx.GraphModule, site: AttentionSite, ap: AttentionPlan, plan: QuantPlan, runtime) -> None:

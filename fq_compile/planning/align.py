@@ -25,9 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
-from fq_compile.plan import ChannelMap, GroupPlan
+from fq_compile.plan import GroupPlan
 
 _INDEX = re.compile(r"\.(\d+)\.")
 
@@ -36,21 +34,6 @@ def position_of(group_name: str) -> str | None:
     """The group's position in a block ('model.layers.#.mlp.down_proj'); None outside numbered blocks."""
     key, n = _INDEX.subn(".#.", group_name, count=1)
     return key if n else None
-
-
-def pad_channel_map(cmap: ChannelMap, size: int) -> ChannelMap:
-    """`cmap` with zero positions appended up to `size` positions."""
-    pad = size - cmap.size
-    if pad < 0:
-        raise ValueError(f"cannot pad a channel map of {cmap.size} positions to {size}")
-    if pad == 0:
-        return cmap
-
-    def padded(t, fill):
-        return torch.cat([t, torch.full((pad,), fill, dtype=t.dtype)])
-
-    return ChannelMap(padded(cmap.src, 0), padded(cmap.lo, 0.0), padded(cmap.hi, 0.0),
-                      padded(cmap.weight_factor, 0.0), padded(cmap.active, False))
 
 
 @dataclass
@@ -134,6 +117,6 @@ def align_groups(groups: dict[str, GroupPlan], rows: dict[str, int], budget: flo
         for p_i, p in enumerate(common):
             size = max(b[p].flat_features for b in members)
             for b in members:
-                b[p].cmap = pad_channel_map(b[p].cmap, size)
+                b[p].cmap = b[p].cmap.padded_to(size)
                 after += size * n_rows[p_i]
     return AlignReport(len(blocks), len(runs), before, after)

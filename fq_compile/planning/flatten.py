@@ -58,16 +58,9 @@ def channel_map(extra: torch.Tensor, weight_dup: torch.Tensor | None, pad_multip
         hi.append(torch.full((drep.numel(),), INF, dtype=torch.float64))
         wf.append(1.0 / (dup[drep].double() + 1.0))
     n = sum(t.numel() for t in src)
-    pad = (-n) % pad_multiple
-    active = torch.ones(n + pad, dtype=torch.bool)
-    if pad:
-        src.append(torch.zeros(pad, dtype=torch.int64))
-        lo.append(torch.zeros(pad, dtype=torch.float64))
-        hi.append(torch.zeros(pad, dtype=torch.float64))
-        wf.append(torch.zeros(pad, dtype=torch.float64))
-        active[n:] = False
-    return ChannelMap(torch.cat(src).to(torch.int32), torch.cat(lo).float(), torch.cat(hi).float(),
-                      torch.cat(wf).float(), active)
+    cmap = ChannelMap(torch.cat(src).to(torch.int32), torch.cat(lo).float(), torch.cat(hi).float(),
+                      torch.cat(wf).float(), torch.ones(n, dtype=torch.bool))
+    return cmap.padded_to(n + (-n) % pad_multiple)
 
 
 def flatten_values(x: torch.Tensor, cmap: ChannelMap, threshold: float) -> torch.Tensor:

@@ -170,15 +170,9 @@ def shard_channel_map(cmap: ChannelMap, offset: int, size: int, pad_multiple: in
     sources renumbered from 0, then zero padding to a multiple of `pad_multiple`."""
     idx = owned_positions(cmap, offset, size)
     n = idx.numel()
-    pad = (-n) % pad_multiple
-    active = torch.ones(n + pad, dtype=torch.bool)
-    active[n:] = False
-
-    def padded(t, fill):
-        return torch.cat([t, torch.full((pad,), fill, dtype=t.dtype)])
-
-    return ChannelMap(padded(cmap.src[idx] - offset, 0).to(torch.int32), padded(cmap.lo[idx], 0.0),
-                      padded(cmap.hi[idx], 0.0), padded(cmap.weight_factor[idx], 0.0), active)
+    owned = ChannelMap((cmap.src[idx] - offset).to(torch.int32), cmap.lo[idx], cmap.hi[idx], cmap.weight_factor[idx],
+                       torch.ones(n, dtype=torch.bool))
+    return owned.padded_to(n + (-n) % pad_multiple)
 
 
 def shard_group(g: GroupPlan, offset: int, size: int) -> GroupPlan:

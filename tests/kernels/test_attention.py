@@ -261,7 +261,7 @@ def test_choose_kv_splits_fills_the_gpu_in_decode_only():
     assert A.choose_kv_splits(1, 8, 2048, 2048, 64, 132) == 0        # prefill
     assert A.choose_kv_splits(1, 8, 4, 64, 64, 132) == 0             # one kv block
     assert A.choose_kv_splits(1, 8, 4, 2048, 64, 0) == 0             # no GPU
-    assert A.choose_kv_splits(1, 1, 8, 32768, 64, 132) == A.DECODE_MAX_SPLITS   # multi-query: capped
+    assert A.choose_kv_splits(1, 1, 8, 32768, 64, 132) == A.MAX_KV_SPLITS   # multi-query: capped
 
 
 def test_reference_fully_masked_rows_are_zero():

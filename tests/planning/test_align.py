@@ -7,7 +7,7 @@ import torch
 import fq_compile
 from fq_compile import Config, ConfigError, QuantPlan
 from fq_compile.plan import GroupPlan
-from fq_compile.planning.align import _runs, align_groups, pad_channel_map, position_of
+from fq_compile.planning.align import _runs, align_groups, position_of
 from fq_compile.planning.flatten import channel_map, flatten_values, flatten_weight
 from tests.conftest import batches, tiny_llama
 
@@ -23,7 +23,7 @@ def test_padding_adds_zero_columns_and_keeps_the_product():
     gen = torch.Generator().manual_seed(0)
     extra = torch.randint(0, 3, (24,), generator=gen)
     cmap = channel_map(extra, None, 8)
-    wide = pad_channel_map(cmap, cmap.size + 16)
+    wide = cmap.padded_to(cmap.size + 16)
     assert wide.size == cmap.size + 16 and not wide.active[cmap.size:].any()
     x = torch.randn(5, 24, generator=gen) * 3
     w = torch.randn(7, 24, generator=gen)
@@ -32,7 +32,7 @@ def test_padding_adds_zero_columns_and_keeps_the_product():
     assert torch.equal(xf[:, : cmap.size], flatten_values(x, cmap, 1.0))
     torch.testing.assert_close(xf @ wf.T, x @ w.T, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="cannot pad"):
-        pad_channel_map(cmap, cmap.size - 8)
+        cmap.padded_to(cmap.size - 8)
 
 
 @pytest.fixture(scope="module")

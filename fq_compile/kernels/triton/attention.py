@@ -348,7 +348,7 @@ def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, k
     splits = kv_splits if kv_splits > 1 else 1
     span = split_span(n, kv_block, kv_splits)
     if splits > 1:
-        ws = torch.empty((3, b * hq * m * splits), dtype=torch.float32, device=q.device)
+        ws = torch.empty((2, b * hq * m * splits), dtype=torch.float32, device=q.device)
         wacc = torch.empty((b * hq * m * splits, dv), dtype=torch.float32, device=q.device)
         wm, wl = ws[0], ws[1]
     else:
