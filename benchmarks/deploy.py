@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -101,8 +102,9 @@ def _prompt_ids(args, tokenizer) -> torch.Tensor:
     return torch.randint(0, 50272, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
 
 
-def _compile(model, plan, device: torch.device):
-    return torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": device.type != "cpu"})
+def _compile(model, plan, device: torch.device, deterministic: bool = False):
+    return torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": device.type != "cpu",
+                                                                 "deterministic": deterministic})
 
 
 # -- the fresh processes -----------------------------------------------------------------------------
@@ -130,7 +132,7 @@ def child_load(args) -> dict:
     load_s = time.perf_counter() - t
     load = peaks.read()
     t = time.perf_counter()
-    fast = _compile(model, model.fq_plan, device)
+    fast = _compile(model, model.fq_plan, device, args.deterministic)
     with torch.no_grad():
         logits = fast(ids).logits
         token = int(logits[0, -1].argmax())
@@ -147,8 +149,9 @@ def child_load(args) -> dict:
     expected = ref.get("logits")
     same = None if expected is None else bool(torch.equal(logits.cpu(), expected))
     diff = None if expected is None else float((logits.cpu().float() - expected.float()).abs().max())
+    digest = hashlib.sha256(logits.cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
     return {"load_s": load_s, "load": load, "first_s": first_s, "first": first, "second_s": second_s,
-            "token": token, "ref_token": None if expected is None else int(expected[0, -1].argmax()),
+            "token": token, "digest": digest, "ref_token": None if expected is None else int(expected[0, -1].argmax()),
             "identical": same, "max_abs_diff": diff, "exact_peak": peaks.exact}
 
 
@@ -232,7 +235,7 @@ def save(args, art: Path, work: Path) -> dict:
     t = time.perf_counter()
     if not args.no_reference:
         with torch.no_grad():
-            ref["logits"] = _compile(model, plan, device)(ids.to(device)).logits.cpu().contiguous()
+            ref["logits"] = _compile(model, plan, device, args.deterministic)(ids.to(device)).logits.cpu().contiguous()
     reference_s = time.perf_counter() - t
     save_file(ref, str(work / "reference.safetensors"))
     manifest = json.loads((art / "manifest.json").read_text())
@@ -244,13 +247,15 @@ def save(args, art: Path, work: Path) -> dict:
             "layers": len(plan.layers), "prompt": int(ids.shape[1])}
 
 
-def _run_child(mode: str, args, art: Path, work: Path) -> dict:
+def _run_child(mode: str, args, art: Path, work: Path, tag: int = 0) -> dict:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--dir", str(art), "--work", str(work),
             "--device", args.device]
     for key in ("model", "shape", "dtype"):
         if getattr(args, key):
             argv += [f"--{key}", getattr(args, key)]
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{mode}"),
+    if args.deterministic:
+        argv.append("--deterministic")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{mode}-{tag}"),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run(argv, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -265,7 +270,8 @@ def _load_avg() -> str:
         return "?"
 
 
-def report(args, saved: dict, loaded: dict, base: dict | None, command: str, load_start: str) -> str:
+def report(args, saved: dict, loaded: dict, base: dict | None, command: str, load_start: str,
+           runs: list[dict] | None = None) -> str:
     from tabulate import tabulate
 
     art = saved["artefact"]
@@ -310,8 +316,17 @@ def report(args, saved: dict, loaded: dict, base: dict | None, command: str, loa
         ident = ("bit-identical (torch.equal)" if loaded["identical"] else
                  f"DIFFERENT (max abs diff {loaded['max_abs_diff']:.3g})")
         ident += f"; first token {loaded['token']} (saving process: {loaded['ref_token']})"
+    if runs and len(runs) > 1:
+        agree = len({r["digest"] for r in runs}) == 1
+        ident += (f". {len(runs)} loading processes (each its own Inductor cache): "
+                  + ("" if loaded["identical"] is None else ", ".join(
+                      f"{'same' if r['identical'] else 'different'} (max abs diff {r['max_abs_diff']:.3g})"
+                      for r in runs) + " vs the saving process; ")
+                  + f"among themselves {'identical' if agree else 'DIFFERENT'}")
+    compile_mode = ("options={'deterministic': True} (Inductor's deterministic mode) on both sides"
+                    if args.deterministic else "default options (Inductor times reduction configs)")
     within = loaded["load"]["host_peak"] <= TARGET * art and loaded["load"].get("gpu_peak", 0) <= TARGET * art
-    lines += [f"First call's logits vs the saving process's: {ident}.", "",
+    lines += [f"First call's logits vs the saving process's: {ident}. Compiled with {compile_mode}.", "",
               f"Target (issue 27): peak host and GPU memory while loading <= {TARGET}x the artefact: "
               f"{'met' if within else 'NOT met'}."
               + ("" if loaded["exact_peak"] else " (the peak could not be reset after the imports here: it may "
@@ -347,6 +362,11 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128, help="random prompt length of --shape runs")
     p.add_argument("--no-reference", action="store_true", help="skip the saving side's compiled call")
     p.add_argument("--baseline", action="store_true", help="also measure the usual path (fp model + plan)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="compile both sides with options={'deterministic': True} (Inductor's deterministic mode)")
+    p.add_argument("--loads", type=int, default=1,
+                   help="fresh loading processes (each its own Inductor cache); with 2 or more the report also "
+                        "says whether they agree with each other (run-to-run) besides with the saving process")
     p.add_argument("--work", default=None, help="where the artefact goes (default: a temporary directory)")
     p.add_argument("--out", default=None, help="write the markdown here (it is printed either way)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -370,14 +390,15 @@ def main(argv=None) -> int:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        loaded = _run_child("load", args, art, work)
+        runs = [_run_child("load", args, art, work, tag=i) for i in range(max(1, args.loads))]
+        loaded = runs[0]
         base = _run_child("baseline", args, art, work) if args.baseline else None
-        text = report(args, saved, loaded, base, command, load_start)
+        text = report(args, saved, loaded, base, command, load_start, runs)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
-    return 0 if loaded["identical"] in (True, None) else 1
+    return 0 if all(r["identical"] in (True, None) for r in runs) else 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,13 @@ kernels inline through torch.library.triton_op).  Options:
                fq_compile/generation.py for why "auto").  torch.compile refuses `mode=` together with
                `options=`, so mode="reduce-overhead" reaches us only without a plan; options={"mode":
                "reduce-overhead"} is accepted and means cudagraphs=True.
+    deterministic  False (default; env FQ_DETERMINISTIC=1 turns it on) | True: Inductor's deterministic
+               mode (torch._inductor.config.deterministic): no kernel choice that changes numerics is made
+               by timing, so two processes compiling the same model and plan compute the same bits (by
+               default Inductor times several block sizes of each reduction, such as a LayerNorm's, and
+               keeps the fastest: the sums' order, and so the last bits, can differ from run to run).
+               fq:: kernels give the same bits for every tiling either way.  Costs some speed in
+               reductions; what deploying a saved artefact bit for bit needs (fq_compile/deploy.py).
     regions    True (default; env FQ_REGIONS=0 turns it off) | False: regional compilation
                (passes/regions.py): decoder blocks that are the same program on same-shaped tensors
                are outlined into one shared body that Inductor compiles once; the rest stay inline.
@@ -57,7 +64,8 @@ from fq_compile.plan import QuantPlan
 from fq_compile.runtime.guards import WeightGuard, guard_eager_runs
 from fq_compile.runtime.state import reports
 
-_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm", "cudagraphs", "mode", "regions"}
+_KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm", "cudagraphs", "mode", "regions",
+                  "deterministic"}
 
 
 class BackendOptionsError(ValueError):
@@ -79,6 +87,7 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
         cudagraphs = parse_cudagraphs(options.get("cudagraphs"), mode)
     except ValueError as e:
         raise BackendOptionsError(str(e)) from None
+    deterministic = _deterministic(options)
     plan = options.get("plan")
     if plan is None:
         from fq_compile.runtime.resident import released_origin
@@ -128,7 +137,8 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     else:
         patches = cudagraph_patches(cudagraphs, gm, example_inputs, index)
         outlined = _outline(gm, set(gm.graph.nodes) - before, report, options)
-        with dispatch.use(options.get("gemm")), _inductor_settings(), stopwatch.stage("Inductor compile"):
+        settings = _inductor_settings(deterministic=deterministic)
+        with dispatch.use(options.get("gemm")), settings, stopwatch.stage("Inductor compile"):
             compiled = _compile_fx(outlined, gm, example_inputs, patches, report)
     if not plan.config.quantize:
         return compiled
@@ -195,7 +205,17 @@ def _compile_fx(outlined, gm, example_inputs, patches, report: GraphReport):
         return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
-def _inductor_settings():
+def _deterministic(options: dict) -> bool:
+    """options['deterministic'], else env FQ_DETERMINISTIC; a non-bool is refused."""
+    value = options.get("deterministic")
+    if value is None:
+        return os.environ.get("FQ_DETERMINISTIC", "0") not in ("0", "", "false", "off")
+    if not isinstance(value, bool):
+        raise BackendOptionsError(f"options['deterministic'] must be True or False, got {value!r}")
+    return value
+
+
+def _inductor_settings(deterministic: bool = False):
     """Inductor settings for the graphs we compile.
       emulate_precision_casts: Inductor keeps a fused fp16/bf16 intermediate in float32 unless told to
         round it as eager does; with the activation quantize fused into its producer
@@ -208,8 +228,13 @@ def _inductor_settings():
       eager_numerics.division_rounding (torch 2.11+; emulate_divison_rounding in 2.10): a float32
         division as a correctly rounded one (div_rn) in Triton code, where Triton's own `/` rounds
         approximately: the per-token quantize divides qmax by the row's maximum
-        (kernels/flatten_quantize.py), and must give the bits the reference and our kernels give."""
+        (kernels/flatten_quantize.py), and must give the bits the reference and our kernels give.
+      deterministic (options['deterministic']): no timing-dependent choice that changes numerics."""
     import torch._inductor.config as inductor_config
+
+    if deterministic and not hasattr(inductor_config, "deterministic"):
+        raise BackendOptionsError(f"options['deterministic']=True needs torch._inductor.config.deterministic, "
+                                  f"which torch {torch.__version__} lacks")
 
     wanted = {"emulate_precision_casts": True, "realize_reads_threshold": 8}
     patches = {k: v for k, v in wanted.items() if hasattr(inductor_config, k)}
@@ -217,6 +242,8 @@ def _inductor_settings():
         patches["eager_numerics.division_rounding"] = True
     elif hasattr(inductor_config, "emulate_divison_rounding"):
         patches["emulate_divison_rounding"] = True
+    if deterministic:
+        patches["deterministic"] = True
     return inductor_config.patch(patches)
 
 

@@ -395,6 +395,42 @@ def test_unknown_option_is_refused():
         torch.compile(model, backend="flattenquant", options={"plan": plan, "bogus": 1})(torch.randint(0, VOCAB, (1, 5)))
 
 
+def test_deterministic_option_must_be_a_bool():
+    model = tiny_opt(layers=1)
+    plan = fq_compile.calibrate(model, batches(n=1), Config(level="w8a8"), progress=False)
+    with pytest.raises(Exception, match=r"options\['deterministic'\] must be True or False"):
+        torch.compile(model, backend="flattenquant", options={"plan": plan, "deterministic": "yes"})(
+            torch.randint(0, VOCAB, (1, 5)))
+
+
+def test_deterministic_option_reaches_inductor(monkeypatch):
+    """options={'deterministic': True} (or env FQ_DETERMINISTIC=1) compiles under Inductor's deterministic
+    mode; the default leaves it as it was."""
+    import torch._inductor.compile_fx as cfx
+    import torch._inductor.config as inductor_config
+
+    seen = []
+    real = cfx.compile_fx
+
+    def spy(*a, **k):
+        seen.append(inductor_config.deterministic)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    model = tiny_opt(layers=1)
+    plan = fq_compile.calibrate(model, batches(n=1), Config(level="w8a8"), progress=False)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    for options, env, want in (({"deterministic": True}, None, True), ({}, None, False), ({}, "1", True)):
+        if env:
+            monkeypatch.setenv("FQ_DETERMINISTIC", env)
+        torch._dynamo.reset()
+        seen.clear()
+        with torch.no_grad():
+            torch.compile(model, backend="flattenquant", options={"plan": plan, "free_weights": False, **options})(ids)
+        assert seen and all(v is want for v in seen), (options, env, seen)
+    assert inductor_config.deterministic is False
+
+
 def test_plan_for_another_model_names_the_layer():
     plan = fq_compile.calibrate(tiny_opt(layers=1), batches(n=1), Config(level="w8a8"), progress=False)
     torch._dynamo.reset()
