@@ -14,7 +14,8 @@ to the kernel as the 8-bit tensor it dequantizes when its scale is the plan's.
 Each site is named after the module that owns its query projection (the parent of Q's nearest
 linear, e.g. model.layers.0.self_attn).  The rewrite is
 
-    qq = fq.quantize_heads(q, 1/q_scale, int8|fp8)      (likewise k, v; Inductor fuses these into RoPE)
+    qq = fq.quantize_heads(q, 1/q_scale, int8|fp8)      (likewise k, v; Inductor fuses these into RoPE;
+                                                         v is stored keys-contiguous: `_keys_contiguous`)
     o  = fq.attention(qq, kq, vq, q_scale, k_scale, v_scale, mask, causal, scale, kv_block, dtype, kv_splits)
 
 kv_splits > 1 (split keys, flash-decoding) for a decode step on a GPU: one query row per head would
@@ -407,6 +408,19 @@ def _kv_splits(qv: torch.Tensor, kv: torch.Tensor, ap: AttentionPlan) -> int:
                             ap.kv_block, device_info(qv.device).sm_count)
 
 
+def _keys_contiguous(g: fx.Graph, vq: fx.Node) -> fx.Node:
+    """V [B, H, N, D] quantized in the graph, stored keys-contiguous (stride 1 along N; the values and
+    the shape unchanged).  In P.V, V is the operand whose reduction runs over the keys, and the 8-bit
+    tensor-core instructions (wgmma, mma.sync) take 8-bit operands only reduction-contiguous ("K-major"),
+    so a D-contiguous V is transposed tile by tile inside the kernel; stored this way it is read as it
+    lies.  Inductor writes the layout in the quantize's own kernel (a permuted store), so it costs no
+    pass of its own.  Measured on the kernel alone (H100, 8 x 2048, 32/8 heads, D 128, INT8/INT8):
+    1.770 -> 1.228 ms (results/attention-decode-2026-12-07-h100.md, "V^T").  A V read from the 8-bit
+    KV cache keeps the cache's layout."""
+    t = g.call_method("transpose", (vq, -1, -2))
+    return g.call_method("transpose", (g.call_method("contiguous", (t,)), -1, -2))
+
+
 def _replace(gm: fx.GraphModule, site: AttentionSite, ap: AttentionPlan, plan: QuantPlan, runtime) -> None:
     qv = example_value(site.q)
     device = qv.device
@@ -423,6 +437,8 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, ap: AttentionPlan, plan: Q
             cached = _cached_8bit(node, getattr(ap, f"{w}_scale"), dt, runtime) if w != "q" else None
             quant[w] = cached if cached is not None else g.call_function(
                 torch.ops.fq.quantize_heads.default, (node, inv[w], dt))
+            if w == "v" and cached is None:
+                quant[w] = _keys_contiguous(g, quant[w])
         new = g.call_function(torch.ops.fq.attention.default,
                               (quant["q"], quant["k"], quant["v"], consts["q"], consts["k"], consts["v"], site.mask,
                                site.causal, float(scale), ap.kv_block, out_dtype, splits))

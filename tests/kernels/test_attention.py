@@ -416,7 +416,8 @@ def test_gpu_kernel_matches_reference():
 
 
 def _gpu_inductor_main():
-    """torch.compile(inductor) of quantize_heads + fq.attention at a small prefill (autotuned tiling):
+    """torch.compile(inductor) of quantize_heads + fq.attention at a small prefill (autotuned tiling; V
+    stored keys-contiguous, as passes/attention.py emits it):
     our Triton kernel in the generated code, no fallback to the reference op; same result as eager."""
     from torch._inductor.utils import run_and_get_code
 
@@ -428,6 +429,7 @@ def _gpu_inductor_main():
         qq = torch.ops.fq.quantize_heads(q, inv["q"], torch.int8)
         kq = torch.ops.fq.quantize_heads(k, inv["k"], torch.int8)
         vq = torch.ops.fq.quantize_heads(v, inv["v"], torch.int8)
+        vq = vq.transpose(-1, -2).contiguous().transpose(-1, -2)        # keys-contiguous, as the pass emits it
         return torch.ops.fq.attention(qq, kq, vq, 1 / inv["q"], 1 / inv["k"], 1 / inv["v"], None, True, 128 ** -0.5, 64,
                                       torch.bfloat16)
 

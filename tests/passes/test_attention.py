@@ -247,3 +247,32 @@ def test_attention_alone_at_fp16(model_kind):
         fast(torch.randint(0, VOCAB, (1, 7)))
     code = reports(plan)[0].code
     assert "fq.attention.default" in code and "int8_linear" not in code
+
+
+def test_v_quantized_in_the_graph_is_stored_keys_contiguous():
+    """fq.attention reads a V quantized in the graph keys-contiguous (the layout the 8-bit tensor cores
+    take for P.V: passes/attention.py `_keys_contiguous`): in the rewritten graph, V's quantize is followed
+    by transpose -> contiguous -> transpose; the values are the oracle's either way (test above)."""
+    import re
+
+    model = tiny_llama(layers=1)
+    plan = fq_compile.calibrate(model, batches(n=1), Config(level="fp16", attention="int8"), progress=False)
+    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(x)
+    code = reports(plan)[0].code
+    defs = dict(re.findall(r"^ +(\w+) = (.+?)(?:;|$)", code, flags=re.M))
+    call = re.search(r"torch\.ops\.fq\.attention\.default\((\w+), (\w+), (\w+),", code)
+    v = call.group(3)
+    chain = []
+    while v in defs and len(chain) < 4:
+        chain.append(defs[v])
+        v = re.match(r"(?:torch\.ops\.fq\.quantize_heads\.default\()?(\w+)", defs[v]).group(1)
+    assert [c.split("(")[0].rsplit(".", 1)[-1] for c in chain] == ["transpose", "contiguous", "transpose", "default"], chain
+    assert chain[0].endswith(".transpose(-1, -2)") and chain[2].endswith(".transpose(-1, -2)")
+    assert chain[3].startswith("torch.ops.fq.quantize_heads.default(")
+    # the layout is what the name says: stride 1 along the keys, the values unchanged
+    t = torch.randint(-127, 128, (2, 4, 12, 8), dtype=torch.int8)
+    kc = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert kc.stride(-2) == 1 and torch.equal(kc, t)
