@@ -56,44 +56,12 @@ def _constants(c: int, bits: int, gen, device):
     return cm, to(cm.src), to(mult_t), to(mult_r), to(lo), to(hi), to(rmult)
 
 
-class _PersistentUpTo:
-    """An Inductor choices handler: inner reductions up to `limit` elements run persistent (the row held in
-    registers, read once) instead of Inductor's 1024; the experiment behind a one-pass per-token quantize."""
-
-    def __new__(cls, limit: int):
-        from torch._inductor.choices import InductorChoices
-        from torch._inductor.runtime.hints import ReductionHint
-        from torch._inductor.virtualized import V
-
-        class Handler(InductorChoices):
-            @staticmethod
-            def should_use_persistent_reduction(features, cooperative_reduction):
-                if (features.get_reduction_hint() == ReductionHint.INNER
-                        and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)):
-                    return True
-                return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
-
-        return Handler()
-
-
-def _persistent_reductions(limit: int):
-    import contextlib
-
-    from torch._inductor.virtualized import V
-
-    @contextlib.contextmanager
-    def ctx():
-        with V.set_choices_handler(_PersistentUpTo(limit)):
-            yield
-    return ctx()
-
-
 def main(argv=None) -> str:
     import triton
     from triton.testing import do_bench
 
     import fq_compile.kernels  # noqa: F401
-    from fq_compile.backend import _inductor_settings
+    from fq_compile.backend import _inductor_settings, persistent_reductions
     from fq_compile.kernels import dispatch
     from fq_compile.kernels.packing import pack_int4
 
@@ -133,7 +101,7 @@ def main(argv=None) -> str:
         fs, ft = torch.compile(q_static, fullgraph=True), torch.compile(q_token, fullgraph=True)
         row(f"LayerNorm + fused quantize, 16384 x {c} -> K' {cm.size} (Inductor)", lambda: fs(x), lambda: ft(x))
     torch._dynamo.reset()
-    with _inductor_settings(), _persistent_reductions(8192):
+    with _inductor_settings(), persistent_reductions(8192):
         ps, pt = torch.compile(q_static, fullgraph=True), torch.compile(q_token, fullgraph=True)
         ps(x), pt(x)            # compiled here, under the handler
     row("the same, persistent reductions up to 8192 (one read of each row)", lambda: ps(x), lambda: pt(x))

@@ -138,7 +138,7 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
         patches = cudagraph_patches(cudagraphs, gm, example_inputs, index)
         outlined = _outline(gm, set(gm.graph.nodes) - before, report, options)
         settings = _inductor_settings(deterministic=deterministic)
-        with dispatch.use(options.get("gemm")), settings, stopwatch.stage("Inductor compile"):
+        with dispatch.use(options.get("gemm")), settings, persistent_reductions(), stopwatch.stage("Inductor compile"):
             compiled = _compile_fx(outlined, gm, example_inputs, patches, report)
     if not plan.config.quantize:
         return compiled
@@ -213,6 +213,40 @@ def _deterministic(options: dict) -> bool:
     if not isinstance(value, bool):
         raise BackendOptionsError(f"options['deterministic'] must be True or False, got {value!r}")
     return value
+
+
+def persistent_reductions(limit: int | None = None):
+    """A context under which Inductor makes inner reductions of up to `limit` elements persistent (the
+    row held in registers and read from memory once) instead of only up to its fixed 1024; None: env
+    FQ_PERSISTENT_REDUCTIONS (0 or unset: Inductor's own rule, a no-op context).  What it is for: a
+    per-token activation quantize fused into a LayerNorm reduces each row twice (mean/variance, then the
+    row's largest slice), which Inductor loops over twice for rows wider than 1024 (H100: +41% on the
+    LayerNorm + quantize kernel, results/token-scales-2026-12-06-h100.md).  An experiment until the
+    device measures it (benchmarks/token_scales.py); Inductor's choices handler is the documented hook
+    for such rules (torch._inductor.choices.InductorChoices)."""
+    import contextlib
+
+    if limit is None:
+        try:
+            limit = int(os.environ.get("FQ_PERSISTENT_REDUCTIONS", "0") or 0)
+        except ValueError:
+            raise BackendOptionsError("FQ_PERSISTENT_REDUCTIONS must be an integer (elements), "
+                                      f"got {os.environ['FQ_PERSISTENT_REDUCTIONS']!r}") from None
+    if limit <= 0:
+        return contextlib.nullcontext()
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class PersistentUpTo(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction):
+            if (features.get_reduction_hint() == ReductionHint.INNER
+                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    return V.set_choices_handler(PersistentUpTo())
 
 
 def _inductor_settings(deterministic: bool = False):

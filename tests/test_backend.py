@@ -431,6 +431,32 @@ def test_deterministic_option_reaches_inductor(monkeypatch):
     assert inductor_config.deterministic is False
 
 
+def test_persistent_reductions_rule(monkeypatch):
+    """FQ_PERSISTENT_REDUCTIONS=N: inner reductions up to N elements persistent, the rest by Inductor's rule
+    (1024 for inner ones); unset or 0: no handler; not a number: a clear error."""
+    from types import SimpleNamespace
+
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    from fq_compile.backend import BackendOptionsError, persistent_reductions
+
+    graph = SimpleNamespace(sizevars=SimpleNamespace(statically_known_leq=lambda a, b: a <= b))
+    feats = lambda n, hint=ReductionHint.INNER: SimpleNamespace(get_reduction_hint=lambda: hint,  # noqa: E731
+                                                                reduction_numel=n)
+    with V.set_graph_handler(graph):
+        with persistent_reductions(8192):
+            pick = V.choices.should_use_persistent_reduction
+            assert pick(feats(5120), False) and pick(feats(8192), False) and pick(feats(512), False)
+            assert not pick(feats(20480), False)
+        monkeypatch.setenv("FQ_PERSISTENT_REDUCTIONS", "0")
+        with persistent_reductions():
+            assert not V.choices.should_use_persistent_reduction(feats(5120), False)      # Inductor's 1024
+    monkeypatch.setenv("FQ_PERSISTENT_REDUCTIONS", "lots")
+    with pytest.raises(BackendOptionsError, match="FQ_PERSISTENT_REDUCTIONS must be an integer"):
+        persistent_reductions()
+
+
 def test_plan_for_another_model_names_the_layer():
     plan = fq_compile.calibrate(tiny_opt(layers=1), batches(n=1), Config(level="w8a8"), progress=False)
     torch._dynamo.reset()

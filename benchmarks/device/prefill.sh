@@ -29,7 +29,8 @@
 #   o1-variants   OPT-13B 8 x 2048 (issue 24): naive FP8, then O1 at the flattening O1's default
 #                 (beta 3) gives on SmolLM2 (1.3% of channels) with per-token scales (the default),
 #                 per-tensor ones (the per-token cost, target <= 2%), and the quantize as our one-launch
-#                 kernel instead of Inductor's fused one (FQ_QUANTIZE=kernel FQ_ROWS_KERNEL=resident)  ~6-8
+#                 kernel instead of Inductor's fused one (FQ_QUANTIZE=kernel FQ_ROWS_KERNEL=resident), and
+#                 Inductor's fused one with persistent reductions up to 8192 (FQ_PERSISTENT_REDUCTIONS)  ~7-9
 #   sweep-SIZE-GROUP  OPT-SIZE (6.7b, 13b, 30b) at batch {1, 8, 32} x seq {512, 1024, 2048}, one
 #                 dynamic-shape compile per method; GROUP: fp16 (eager, Inductor), fp8 (naive FP8,
 #                 torchao float8), int8 (SmoothQuant, torchao int8), o1, o3 (ours)                 ~5-9
@@ -104,7 +105,8 @@ case $PART in
     LIMIT=120 run --models 13b --batches 8 --seqs 2048 --warmup 1 --reps 5 --budget 3 --methods fp8-naive
     LIMIT=120 run "${O1[@]}" --label beta3
     LIMIT=100 run "${O1[@]}" --label beta3-tensor --activation-scale tensor
-    FQ_QUANTIZE=kernel FQ_ROWS_KERNEL=resident LIMIT=100 run "${O1[@]}" --label beta3-resident ;;
+    FQ_QUANTIZE=kernel FQ_ROWS_KERNEL=resident LIMIT=100 run "${O1[@]}" --label beta3-resident
+    FQ_PERSISTENT_REDUCTIONS=8192 LIMIT=100 run "${O1[@]}" --label beta3-persistent ;;
   profile)
     run --profile --models 13b --methods fp16-inductor,fp8-naive,fq-O1,fq-O3 --batches 8 --seqs 2048
     FQ_QUANTIZE=kernel run --profile --models 13b --methods fq-O3 --batches 8 --seqs 2048
