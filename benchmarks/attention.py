@@ -246,8 +246,12 @@ def kernel_main(args) -> str:
                 (qq, kq, vq), (qs, ks, vs), _ = _quantized(q, k, v, qk_fmt, pv_fmt)
 
                 splits = A.choose_kv_splits(b, hkv, h // hkv, n, A.KV_BLOCK, sms)   # what the attention pass picks
-                for label, ks_ in ((f"{qk_fmt}/{pv_fmt}", 0), (f"{qk_fmt}/{pv_fmt} split", splits)):
-                    if ks_ == 0 and label.endswith("split"):
+                tried = [(f"{qk_fmt}/{pv_fmt}", 0), (f"{qk_fmt}/{pv_fmt} split", splits)]
+                if qk_fmt == "int8":            # other split counts, to check the pass's rule against
+                    tried += [(f"int8/int8 split={x}", x) for x in _ints(args.decode_splits)
+                              if x not in (0, splits) and x <= A.MAX_KV_SPLITS]
+                for label, ks_ in tried:
+                    if ks_ == 0 and "split" in label:
                         continue
 
                     def run(qq=qq, kq=kq, vq=vq, qs=qs, ks=ks, vs=vs, ks_=ks_):
@@ -376,6 +380,8 @@ def main(argv=None) -> int:
     k.add_argument("--head-dims", default="128")
     k.add_argument("--decode-batches", default="1,16,64")
     k.add_argument("--decode-context", default="2048", help="context lengths of the decode rows, comma-separated")
+    k.add_argument("--decode-splits", default="",
+                   help="also time INT8 decode at these kv_splits (comma-separated), beside the pass's choice")
     k.add_argument("--no-flex", dest="flex", action="store_false", help="skip FlexAttention (its compile takes time)")
     k.add_argument("--out", default=None)
     a = sub.add_parser("accuracy", help="WikiText-2 perplexity with quantized attention")
