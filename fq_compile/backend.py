@@ -87,7 +87,7 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
         cudagraphs = parse_cudagraphs(options.get("cudagraphs"), mode)
     except ValueError as e:
         raise BackendOptionsError(str(e)) from None
-    deterministic = _deterministic(options)
+    deterministic, persistent = _deterministic(options), _persistent_limit()
     plan = options.get("plan")
     if plan is None:
         from fq_compile.runtime.resident import released_origin
@@ -137,8 +137,8 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     else:
         patches = cudagraph_patches(cudagraphs, gm, example_inputs, index)
         outlined = _outline(gm, set(gm.graph.nodes) - before, report, options)
-        settings = _inductor_settings(deterministic=deterministic)
-        with dispatch.use(options.get("gemm")), settings, persistent_reductions(), stopwatch.stage("Inductor compile"):
+        with (dispatch.use(options.get("gemm")), _inductor_settings(deterministic), persistent_reductions(persistent),
+              stopwatch.stage("Inductor compile")):
             compiled = _compile_fx(outlined, gm, example_inputs, patches, report)
     if not plan.config.quantize:
         return compiled
@@ -206,19 +206,37 @@ def _compile_fx(outlined, gm, example_inputs, patches, report: GraphReport):
 
 
 def _deterministic(options: dict) -> bool:
-    """options['deterministic'], else env FQ_DETERMINISTIC; a non-bool is refused."""
+    """options['deterministic'], else env FQ_DETERMINISTIC; a non-bool, or True on a torch whose Inductor
+    has no deterministic mode, is refused."""
     value = options.get("deterministic")
     if value is None:
-        return os.environ.get("FQ_DETERMINISTIC", "0") not in ("0", "", "false", "off")
-    if not isinstance(value, bool):
+        value = os.environ.get("FQ_DETERMINISTIC", "0") not in ("0", "", "false", "off")
+    elif not isinstance(value, bool):
         raise BackendOptionsError(f"options['deterministic'] must be True or False, got {value!r}")
+    if value:
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config, "deterministic"):
+            raise BackendOptionsError(f"options['deterministic']=True needs torch._inductor.config.deterministic, "
+                                      f"which torch {torch.__version__} lacks")
     return value
 
 
-def persistent_reductions(limit: int | None = None):
+def _persistent_limit() -> int:
+    """env FQ_PERSISTENT_REDUCTIONS as a number of elements (0 or unset: Inductor's own rule)."""
+    raw = os.environ.get("FQ_PERSISTENT_REDUCTIONS", "0") or "0"
+    try:
+        return int(raw)
+    except ValueError:
+        raise BackendOptionsError(f"FQ_PERSISTENT_REDUCTIONS must be an integer (elements), got {raw!r}") from None
+
+
+def persistent_reductions(limit: int):
     """A context under which Inductor makes inner reductions of up to `limit` elements persistent (the
-    row held in registers and read from memory once) instead of only up to its fixed 1024; None: env
-    FQ_PERSISTENT_REDUCTIONS (0 or unset: Inductor's own rule, a no-op context).  What it is for: a
+    row held in registers and read from memory once) instead of only up to its fixed 1024; 0: Inductor's
+    own rule (a no-op context).  Every other decision stays with the handler in place (Inductor's, or
+    one a user installed through config.inductor_choices_class).  The backend takes `limit` from env
+    FQ_PERSISTENT_REDUCTIONS.  What it is for: a
     per-token activation quantize fused into a LayerNorm reduces each row twice (mean/variance, then the
     row's largest slice), which Inductor loops over twice for rows wider than 1024 (H100: +41% on the
     LayerNorm + quantize kernel, results/token-scales-2026-12-06-h100.md).  An experiment until the
@@ -226,25 +244,19 @@ def persistent_reductions(limit: int | None = None):
     for such rules (torch._inductor.choices.InductorChoices)."""
     import contextlib
 
-    if limit is None:
-        try:
-            limit = int(os.environ.get("FQ_PERSISTENT_REDUCTIONS", "0") or 0)
-        except ValueError:
-            raise BackendOptionsError("FQ_PERSISTENT_REDUCTIONS must be an integer (elements), "
-                                      f"got {os.environ['FQ_PERSISTENT_REDUCTIONS']!r}") from None
     if limit <= 0:
         return contextlib.nullcontext()
-    from torch._inductor.choices import InductorChoices
     from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
 
-    class PersistentUpTo(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features, cooperative_reduction):
+    current = V.choices
+
+    class PersistentUpTo(type(current)):
+        def should_use_persistent_reduction(self, features, cooperative_reduction):
             if (features.get_reduction_hint() == ReductionHint.INNER
                     and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)):
                 return True
-            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+            return current.should_use_persistent_reduction(features, cooperative_reduction)
 
     return V.set_choices_handler(PersistentUpTo())
 
@@ -265,10 +277,6 @@ def _inductor_settings(deterministic: bool = False):
         (kernels/flatten_quantize.py), and must give the bits the reference and our kernels give.
       deterministic (options['deterministic']): no timing-dependent choice that changes numerics."""
     import torch._inductor.config as inductor_config
-
-    if deterministic and not hasattr(inductor_config, "deterministic"):
-        raise BackendOptionsError(f"options['deterministic']=True needs torch._inductor.config.deterministic, "
-                                  f"which torch {torch.__version__} lacks")
 
     wanted = {"emulate_precision_casts": True, "realize_reads_threshold": 8}
     patches = {k: v for k, v in wanted.items() if hasattr(inductor_config, k)}

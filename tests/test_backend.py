@@ -432,14 +432,14 @@ def test_deterministic_option_reaches_inductor(monkeypatch):
 
 
 def test_persistent_reductions_rule(monkeypatch):
-    """FQ_PERSISTENT_REDUCTIONS=N: inner reductions up to N elements persistent, the rest by Inductor's rule
-    (1024 for inner ones); unset or 0: no handler; not a number: a clear error."""
+    """FQ_PERSISTENT_REDUCTIONS=N: inner reductions up to N elements persistent, the rest by the handler in
+    place (Inductor's: 1024 for inner ones); unset or 0: no handler; not a number: a clear error."""
     from types import SimpleNamespace
 
     from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
 
-    from fq_compile.backend import BackendOptionsError, persistent_reductions
+    from fq_compile.backend import BackendOptionsError, _persistent_limit, persistent_reductions
 
     graph = SimpleNamespace(sizevars=SimpleNamespace(statically_known_leq=lambda a, b: a <= b))
     feats = lambda n, hint=ReductionHint.INNER: SimpleNamespace(get_reduction_hint=lambda: hint,  # noqa: E731
@@ -450,11 +450,22 @@ def test_persistent_reductions_rule(monkeypatch):
             assert pick(feats(5120), False) and pick(feats(8192), False) and pick(feats(512), False)
             assert not pick(feats(20480), False)
         monkeypatch.setenv("FQ_PERSISTENT_REDUCTIONS", "0")
-        with persistent_reductions():
+        with persistent_reductions(_persistent_limit()):
             assert not V.choices.should_use_persistent_reduction(feats(5120), False)      # Inductor's 1024
+        # everything else stays with the handler in place (here a user's, which never goes persistent)
+        from torch._inductor.choices import InductorChoices
+
+        class Never(InductorChoices):
+            def should_use_persistent_reduction(self, features, cooperative_reduction):
+                return False
+
+        with V.set_choices_handler(Never()), persistent_reductions(8192):
+            assert V.choices.should_use_persistent_reduction(feats(5120), False)
+            assert not V.choices.should_use_persistent_reduction(feats(512, ReductionHint.OUTER_TINY), False)
+            assert isinstance(V.choices, Never)
     monkeypatch.setenv("FQ_PERSISTENT_REDUCTIONS", "lots")
     with pytest.raises(BackendOptionsError, match="FQ_PERSISTENT_REDUCTIONS must be an integer"):
-        persistent_reductions()
+        _persistent_limit()
 
 
 def test_plan_for_another_model_names_the_layer():
