@@ -117,6 +117,14 @@ def main(argv=None):
     busy /= 1e3 * n
     emit(f"CUDA-only trace: wall {pwall:.3f} ms/token, GPU busy {busy:.3f} ms/token "
          f"({100 * busy / pwall:.0f}%), idle {pwall - busy:.3f} ms/token; {len(spans) // n} kernels/token", "")
+    per_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0:
+            per_name.setdefault(e.name[:100], []).append(e.time_range.elapsed_us())
+    rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:args.top]
+    emit(f"## GPU kernels by total time ({args.top} largest; us per token, launches per token, median us per launch)",
+         "", "| kernel | us/token | launches/token | median us |", "|---|---|---|---|",
+         *(f"| `{k}` | {sum(v) / n:.1f} | {len(v) / n:.1f} | {sorted(v)[len(v) // 2]:.1f} |" for k, v in rows), "")
 
 
 if __name__ == "__main__":
