@@ -162,11 +162,17 @@ def _call(node, targets) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
+_ATEN_TRANSPOSES = tuple(t for name in ("numpy_T", "mT", "t") if hasattr(torch.ops.aten, name)
+                         for t in (getattr(torch.ops.aten, name), getattr(torch.ops.aten, name).default))
+
+
 def _transpose_of(node) -> fx.Node | None:
     """The 2-D tensor `node` transposes (W.T, W.t(), W.transpose(0, 1), W.permute(1, 0)), else None."""
     if not isinstance(node, fx.Node):
         return None
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
+        return node.args[0]
+    if _call(node, _ATEN_TRANSPOSES) and len(node.args) == 1:    # torch >= 2.14 traces W.T / W.mT as aten ops
         return node.args[0]
     if node.op == "call_function" and node.target is torch.t:
         return node.args[0]

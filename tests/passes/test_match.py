@@ -84,3 +84,20 @@ def test_falcon_linear_form(bias):
     (form,) = linear_forms(gm, name_of)
     assert (form.kind, form.transposed, name_of(form.weight)) == ("matmul", False, "weight")
     assert (name_of(form.bias) if form.bias is not None else None) == ("bias" if bias else None)
+
+
+@pytest.mark.parametrize("op", ["numpy_T", "mT", "t"])
+def test_aten_transposes_are_transposes(op):
+    """torch >= 2.14 traces `W.T` / `W.mT` as aten.numpy_T / aten.mT calls (older versions as getattr):
+    either form is a transpose of W, so x @ W.T is still a linear layer."""
+    from torch import fx
+
+    from fq_compile.passes.match import _transpose_of
+
+    if not hasattr(torch.ops.aten, op):
+        pytest.skip(f"this torch has no aten.{op}")
+    g = fx.Graph()
+    w = g.placeholder("w")
+    for target in (getattr(torch.ops.aten, op), getattr(torch.ops.aten, op).default):
+        assert _transpose_of(g.call_function(target, (w,))) is w
+    assert _transpose_of(g.call_function(torch.ops.aten.abs.default, (w,))) is None
