@@ -6,6 +6,11 @@ exactly (the CPU reference is those two references composed); with per-token sca
 
     xq, r = fq.flatten_quantize_rows(x, src, mult, lo, hi, rmult, bits)
     y = fq.int{bits}_linear(xq, wq, scale, bias, out_dtype, row_scale=r)
+
+where the row maxima r = row_absmax(x, rmult) may come in as an operand (`r`): the lowering computes
+them with fq::row_absmax_fused, which Inductor fuses into the kernel producing x, so the op launches
+no kernel of its own for them (without `r`, the CUDA op launches one small reduction per call: 7 us a
+call, 2 ms of each OPT-13B decode step on the H100, benchmarks/results/decode-host-fq-O3-13b-2026-12-07-h100.md).
   Why one op: at decode sizes
 (M <= DECODE_MAX_M rows, M = batch at one token per step) a linear layer only streams its weight,
 and the activation is a vector of K values per row; the flatten + quantize is a per-element
@@ -36,7 +41,8 @@ import torch
 from torch.library import custom_op
 
 from fq_compile.kernels.flatten_quantize import _check as _check_fq
-from fq_compile.kernels.flatten_quantize import _check_rows, flatten_quantize_reference, flatten_quantize_rows_reference
+from fq_compile.kernels.flatten_quantize import (_check_rows, flatten_quantize_reference, flatten_quantize_rows_reference,
+                                                 row_inverse)
 from fq_compile.kernels.int_gemm import quant_linear_reference
 
 DECODE_MAX_M = 64
@@ -56,19 +62,29 @@ def decode_max_m() -> int:
     return m
 
 
-def flat_linear_reference(x, src, mult, lo, hi, bits: int, wq, scale, bias, out_dtype, rmult=None) -> torch.Tensor:
-    """The definition: flatten_quantize(_rows)_reference, then quant_linear_reference."""
+def flat_linear_reference(x, src, mult, lo, hi, bits: int, wq, scale, bias, out_dtype, rmult=None,
+                          r=None) -> torch.Tensor:
+    """The definition: flatten_quantize(_rows)_reference, then quant_linear_reference; r: the row
+    maxima row_absmax(x, rmult) when the caller has them (the same bits either way)."""
     if rmult is None:
         xq = flatten_quantize_reference(x, src, mult, lo, hi, bits)
         return quant_linear_reference(xq, wq, scale, bias, bits, out_dtype)
-    xq, r = flatten_quantize_rows_reference(x, src, mult, lo, hi, rmult, bits)
+    if r is None:
+        xq, r = flatten_quantize_rows_reference(x, src, mult, lo, hi, rmult, bits)
+    else:
+        xq = flatten_quantize_reference(x, src, mult, lo, hi, bits, inv=row_inverse(r.reshape(-1), bits))
     return quant_linear_reference(xq, wq, scale, bias, bits, out_dtype, row_scale=r)
 
 
-def _check(x, src, mult, lo, hi, bits, wq, scale, rmult=None):
+def _check(x, src, mult, lo, hi, bits, wq, scale, rmult=None, r=None):
     _check_fq(x, src, mult, lo, hi, bits)
     if rmult is not None:
         _check_rows(x, rmult)
+    torch._check(r is None or rmult is not None,
+                 lambda: "flat_linear: r (the row maxima) is only meaningful with rmult (per-token scales)")
+    torch._check(r is None or (r.dtype == torch.float32 and r.shape == x.shape[:-1]),
+                 lambda: f"flat_linear: r must be float32 {tuple(x.shape[:-1])} (x's rows), got "
+                         f"{r.dtype} {tuple(r.shape)}")
     dt = torch.uint8 if bits == 4 else torch.int8
     k = src.shape[0] // 2 if bits == 4 else src.shape[0]
     torch._check(wq.dtype == dt and wq.dim() == 2 and wq.shape[1] == k,
@@ -101,17 +117,19 @@ def reserve(device, n: int) -> None:
 @custom_op("fq::flat_linear", mutates_args=())
 def flat_linear(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                 bits: int, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                out_dtype: torch.dtype, rmult: torch.Tensor | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype, rmult: torch.Tensor | None = None,
+                r: torch.Tensor | None = None) -> torch.Tensor:
     """Smooth + flatten + quantize x and multiply by the quantized weight (module docstring);
-    rmult: per-token scales (kernels/flatten_quantize.py), None: the static scale."""
-    _check(x, src, mult, lo, hi, bits, wq, scale, rmult)
+    rmult: per-token scales (kernels/flatten_quantize.py), None: the static scale; r: x's row maxima
+    row_absmax(x, rmult) if the caller computed them (fq::row_absmax_fused), else computed here."""
+    _check(x, src, mult, lo, hi, bits, wq, scale, rmult, r)
     impl = CUDA_IMPL.get("flat_linear")
     if impl is not None and x.is_cuda:
-        return impl(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult=rmult)
-    return flat_linear_reference(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult)
+        return impl(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult=rmult, r=r)
+    return flat_linear_reference(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r)
 
 
 @flat_linear.register_fake
-def _(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult=None):
-    _check(x, src, mult, lo, hi, bits, wq, scale, rmult)
+def _(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult=None, r=None):
+    _check(x, src, mult, lo, hi, bits, wq, scale, rmult, r)
     return x.new_empty((*x.shape[:-1], wq.shape[0]), dtype=out_dtype)

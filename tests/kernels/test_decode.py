@@ -74,6 +74,7 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
     dtype is a kernel compile); odd cases with per-token scales (rmult); the workspace is all zeros
     after every call (the kernel cleans up)."""
     from fq_compile.kernels import flat_linear_reference
+    from fq_compile.kernels.flatten_quantize import row_absmax
     from fq_compile.kernels.triton import decode as td
 
     gen = torch.Generator().manual_seed(seed)
@@ -84,8 +85,12 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
         rmult = row_multipliers(ref_args[1], ref_args[2], c) if i % 2 else None
         rmult_dev = None if rmult is None else rmult.to(device)
         dtypes = ALL_OUT if out_dtypes is None else (out_dtypes[i % len(out_dtypes)],)
-        for out_dtype in dtypes:
-            y = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev)
+        # the row maxima as the lowering passes them (computed beside x's producer), or none (the op's own)
+        r_dev = None if rmult is None else row_absmax(dev_args[0], rmult_dev)
+        for j, out_dtype in enumerate(dtypes):
+            given = r_dev if (i + j) % 4 == 3 else None
+            y = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev,
+                                    r=given)
             ref = flat_linear_reference(*ref_args[:5], bits, *ref_args[5:], out_dtype, rmult)
             assert y.shape == ref.shape and y.dtype == out_dtype
             bad = (y.cpu() != ref).sum().item()
@@ -95,8 +100,12 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
                 ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp_min(1e-30)
                 bad = ((y.cpu().float() - ref.float()).abs() > ulp).sum().item()
             assert bad == 0, (f"M={m} C={c} K'={k} N={n} int{bits} {x_dtype} {out_dtype} bias={bias} "
-                              f"rows={rmult is not None}: {bad} mismatches")
+                              f"rows={rmult is not None} r given={given is not None}: {bad} mismatches")
             assert ref.abs().max() > 0
+            if given is not None:                      # the kernel uses the r it is given
+                y2 = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev,
+                                         r=given * 2)
+                assert not torch.equal(y2.cpu(), y.cpu())
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:      # the workspace is keyed by an indexed device
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -159,6 +168,34 @@ def test_op_reference_is_the_two_references_composed():
         assert torch.equal(y, two)
     with pytest.raises(Exception, match="weight must be"):
         torch.ops.fq.flat_linear(x, src, mult, lo, hi, 8, w, scale, b, torch.float32)   # INT4 weight as INT8
+
+
+def test_row_maxima_given_or_not_give_the_same_bits():
+    """fq::flat_linear with per-token scales: the row maxima passed in (`r`, as the lowering computes
+    them with fq::row_absmax_fused) or computed by the op give the same bits; r without rmult, or r
+    of the wrong shape or dtype, is refused."""
+    import fq_compile.kernels  # noqa: F401
+    from fq_compile.kernels.flatten_quantize import row_absmax
+
+    gen = torch.Generator().manual_seed(9)
+    for bits in (8, 4):
+        (x, src, mult, lo, hi, w, scale, b), _ = _case(6, 41, 19, bits, 1 if bits == 8 else 2, gen, "cpu")
+        rmult = row_multipliers(src, mult, 41)
+        x3 = x.reshape(2, 3, 41)
+        r = torch.ops.fq.row_absmax_fused(x3, rmult)
+        assert torch.equal(r, row_absmax(x3, rmult)) and r.shape == (2, 3)
+        own = torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, rmult)
+        given = torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, rmult, r)
+        assert torch.equal(own, given) and own.abs().max() > 0
+        # a wrong r changes the result (the op uses it, it does not recompute it)
+        other = torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, rmult, r * 2)
+        assert not torch.equal(own, other)
+    with pytest.raises(Exception, match="only meaningful with rmult"):
+        torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, None, r)
+    with pytest.raises(Exception, match="r must be float32"):
+        torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, rmult, r.reshape(-1))
+    with pytest.raises(Exception, match="r must be float32"):
+        torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, rmult, r.double())
 
 
 # -- GPU ---------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ into the prologue, dequantize + bias into the epilogue, INT8 or packed INT4 weig
     y[m, n] = float32(sum_p w[n, p] * q[m, p]) * scale[n] + bias[n]
     q[m, p] = the flatten_quantize integer of x[m, src[p]] (flatten_quantize.py)
 
-With per-token scales (rmult given) a first small kernel writes each row's r[m] (the row maxima of
-flatten_quantize.py), the prologue multiplies by fl(qmax / r[m]) as well, and the epilogue by r[m]
-before scale[n].
+With per-token scales (rmult given) the prologue multiplies by fl(qmax / r[m]) as well, and the
+epilogue by r[m] before scale[n], r[m] being each row's maximum (flatten_quantize.py): the caller's
+(`r`: the lowering has Inductor compute it in the kernel that produces x, fq::row_absmax_fused), or,
+without it, written by one more small kernel first (row_absmax_kernel: one program over the whole
+row, 7 us a call on the H100 at K = 20480).
 
 At decode sizes the product is a matrix-vector product per row: every weight byte is read once and
 used M times, so the kernel's speed is the speed at which it streams the weight.  Layout of the work:
@@ -362,16 +364,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _unfused(x, src, mult, lo, hi, rmult, bits):
-    """flatten_quantize(_rows) on the device: (integer activation, row scales or None)."""
+def _unfused(x, src, mult, lo, hi, rmult, bits, r=None):
+    """flatten_quantize(_rows) on the device: (integer activation, row scales or None); r: the row
+    maxima if the caller has them."""
     if rmult is None:
         return flatten_quantize_cuda(x, src, mult, lo, hi, bits), None
-    return flatten_quantize_rows_cuda(x, src, mult, lo, hi, rmult, bits)
+    return flatten_quantize_rows_cuda(x, src, mult, lo, hi, rmult, bits, r=r)
 
 
-def _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult):
+def _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r=None):
     op = torch.ops.fq.int4_linear if bits == 4 else torch.ops.fq.int8_linear
-    xq, r = _unfused(x, src, mult, lo, hi, rmult, bits)
+    xq, r = _unfused(x, src, mult, lo, hi, rmult, bits, r)
     return op(xq, wq, scale, bias, out_dtype) if r is None else op(xq, wq, scale, bias, out_dtype, row_scale=r)
 
 
@@ -383,10 +386,11 @@ def tune_rows(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
-def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, rmult=None, config=None):
+def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, rmult=None, r=None, config=None):
     """fq::flat_linear on CUDA (and, under TRITON_INTERPRET=1, on the CPU): for M <= DECODE_MAX_M
     rows the fastest measured of the weight-streaming kernel (fused or on a pre-quantized activation)
-    and flatten_quantize + the GEMM op; above, the latter.  rmult: per-token scales.  config forces
+    and flatten_quantize + the GEMM op; above, the latter.  rmult: per-token scales; r: x's row
+    maxima if the caller computed them (else one small kernel computes them here).  config forces
     one candidate: a (variant, triton.Config or None) pair, or a triton.Config for the fused variant
     (tests cover each candidate without timing it)."""
     lead = x.shape[:-1]
@@ -395,8 +399,9 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
     for d in lead:
         m *= d
     if m > DECODE_MAX_M:
-        return _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult)
+        return _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r)
     x2 = x.reshape(m, x.shape[-1])
+    r2 = None if r is None else r.reshape(m).contiguous()
     k = src.shape[0]
     if m == 0 or n == 0:
         return torch.empty((*lead, n), dtype=out_dtype, device=x.device)
@@ -407,15 +412,17 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
 
     def run(variant, cfg):
         if variant == "gemm":
-            return _gemm(x2, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult)
+            return _gemm(x2, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r2)
         if variant == "gemv" and m > GEMV_MAX_M:
             raise ValueError(f"flat_linear: the gemv variant takes at most {GEMV_MAX_M} rows, got {m}")
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
         a = x2
         r = scale                   # a float32 pointer the kernel never reads without HAS_ROW
         if variant in ("prequant", "gemv"):
-            a, rq = _unfused(x2, src, mult, lo, hi, rmult, bits)
+            a, rq = _unfused(x2, src, mult, lo, hi, rmult, bits, r2)
             r = r if rq is None else rq
+        elif r2 is not None:
+            r = r2
         elif rmult is not None:
             r = torch.empty(m, dtype=torch.float32, device=x.device)
             row_absmax_kernel[(triton.cdiv(m, 2),)](x2, rmult, r, m, 1, x2.shape[1], x2.stride(0), 0, x2.stride(1),
