@@ -241,7 +241,10 @@ def persistent_reductions(limit: int):
     row's largest slice), which Inductor loops over twice for rows wider than 1024 (H100: +41% on the
     LayerNorm + quantize kernel, results/token-scales-2026-12-06-h100.md).  An experiment until the
     device measures it (benchmarks/token_scales.py); Inductor's choices handler is the documented hook
-    for such rules (torch._inductor.choices.InductorChoices)."""
+    for such rules (torch._inductor.choices.InductorChoices).  The limit joins torch.compiler's
+    cache_key_tag while it applies: Inductor's FX graph cache does not see the choices handler, and
+    would otherwise hand back kernels compiled without it (it did: the first device measurement of
+    this rule timed the cached non-persistent kernel twice)."""
     import contextlib
 
     if limit <= 0:
@@ -258,7 +261,10 @@ def persistent_reductions(limit: int):
                 return True
             return current.should_use_persistent_reduction(features, cooperative_reduction)
 
-    return V.set_choices_handler(PersistentUpTo())
+    stack = contextlib.ExitStack()
+    stack.enter_context(dispatch._cache_tag(f"fq_persistent_reductions={limit}"))
+    stack.enter_context(V.set_choices_handler(PersistentUpTo()))
+    return stack
 
 
 def _inductor_settings(deterministic: bool = False):

@@ -447,11 +447,14 @@ def test_persistent_reductions_rule(monkeypatch):
     with V.set_graph_handler(graph):
         with persistent_reductions(8192):
             pick = V.choices.should_use_persistent_reduction
+            # compiled artefacts cached without the rule are not reused under it (nor the reverse)
+            assert "fq_persistent_reductions=8192" in torch.compiler.config.cache_key_tag
             assert pick(feats(5120), False) and pick(feats(8192), False) and pick(feats(512), False)
             assert not pick(feats(20480), False)
         monkeypatch.setenv("FQ_PERSISTENT_REDUCTIONS", "0")
         with persistent_reductions(_persistent_limit()):
             assert not V.choices.should_use_persistent_reduction(feats(5120), False)      # Inductor's 1024
+            assert "fq_persistent" not in torch.compiler.config.cache_key_tag
         # everything else stays with the handler in place (here a user's, which never goes persistent)
         from torch._inductor.choices import InductorChoices
 
