@@ -493,11 +493,12 @@ def profile_decode(model, ids, kw, method, size, device, args, rec, info, steps:
 CATEGORIES = [
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("GEMM", ("int_gemm", "dequant", "int8_linear", "int4_linear", "cutlass", "gemm", "xmma", "nvjet", "cublas",
-              "scaled_mm", "addmm", "aten::mm", "_int_mm", "wgmma", "triton_tem", "unpack_int4")),
+              "scaled_mm", "addmm", "aten::mm", "_int_mm", "wgmma", "triton_tem", "unpack_int4",
+              "flat_linear_decode")),
     # fused quantizes are Inductor kernels named after their aten ops: ours (round, minimum, _unsafe_index),
     # FP8's cast (clamp, then a cast to e4m3 that the name does not show)
     ("quantize", ("flatten_quantize", "amax", "float8", "e4m3", "quantize", "round", "minimum", "_unsafe_index",
-                  "clamp")),
+                  "clamp", "row_absmax", "rows_resident")),
 ]
 
 

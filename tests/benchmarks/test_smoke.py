@@ -57,6 +57,18 @@ def test_e2e_decode_rows_carry_the_first_call_stages(tmp_path):
     assert "where each first generate() call went" in text
 
 
+def test_profile_categories_know_our_kernels():
+    """The decode profile's categories (benchmarks/e2e.py `category`) by the kernel names of the 13B O3 trace
+    (results/decode-host-fq-O3-13b-2026-12-07-h100.md): our GEMV is a GEMM, the row maxima a quantize,
+    an Inductor kernel named after the op it feeds is not a GEMM."""
+    e2e = _script("e2e")
+    assert e2e.category("flat_linear_decode_kernel") == "GEMM"
+    assert e2e.category("row_absmax_kernel") == "quantize"
+    assert e2e.category("flatten_quantize_kernel") == "quantize"
+    assert e2e.category("triton_poi_fused_flat_linear_relu_6") == "other"
+    assert e2e.category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+
+
 def test_cpu_smoke(tmp_path):
     out = tmp_path / "cpu.md"
     assert _script("cpu").main(["--smoke", "--methods", "fp32-eager,fp32-inductor,O1,O1-inductor", "--no-warm",
