@@ -256,10 +256,18 @@ def persistent_reductions(limit: int):
 
     class PersistentUpTo(type(current)):
         def should_use_persistent_reduction(self, features, cooperative_reduction):
-            if (features.get_reduction_hint() == ReductionHint.INNER
+            if (features.get_reduction_hint() == ReductionHint.INNER and _strict_sum_allows(features)
                     and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)):
                 return True
             return current.should_use_persistent_reduction(features, cooperative_reduction)
+
+    def _strict_sum_allows(features) -> bool:
+        """torch >= 2.14: a reduction whose sum order is pinned (`strict_sum_rblock`) goes persistent only
+        if its block covers the row (Inductor's own rule, kept)."""
+        rblock = getattr(features, "strict_sum_rblock", lambda: None)()
+        if rblock is None or features.has_strict_sum_multirow_reduction():
+            return True
+        return V.graph.sizevars.statically_known_geq(rblock, features.reduction_numel)
 
     stack = contextlib.ExitStack()
     stack.enter_context(dispatch._cache_tag(f"fq_persistent_reductions={limit}"))

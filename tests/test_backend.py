@@ -441,9 +441,13 @@ def test_persistent_reductions_rule(monkeypatch):
 
     from fq_compile.backend import BackendOptionsError, _persistent_limit, persistent_reductions
 
-    graph = SimpleNamespace(sizevars=SimpleNamespace(statically_known_leq=lambda a, b: a <= b))
-    feats = lambda n, hint=ReductionHint.INNER: SimpleNamespace(get_reduction_hint=lambda: hint,  # noqa: E731
-                                                                reduction_numel=n)
+    graph = SimpleNamespace(sizevars=SimpleNamespace(statically_known_leq=lambda a, b: a <= b,
+                                                     statically_known_geq=lambda a, b: a >= b))
+
+    def feats(n, hint=ReductionHint.INNER, strict=None):
+        # torch >= 2.14 asks for a pinned sum order's block (strict_sum_rblock); older ones do not
+        return SimpleNamespace(get_reduction_hint=lambda: hint, reduction_numel=n, strict_sum_rblock=lambda: strict,
+                               has_strict_sum_multirow_reduction=lambda: False)
     with V.set_graph_handler(graph):
         with persistent_reductions(8192):
             pick = V.choices.should_use_persistent_reduction
@@ -451,6 +455,8 @@ def test_persistent_reductions_rule(monkeypatch):
             assert "fq_persistent_reductions=8192" in torch.compiler.config.cache_key_tag
             assert pick(feats(5120), False) and pick(feats(8192), False) and pick(feats(512), False)
             assert not pick(feats(20480), False)
+            # a pinned sum order whose block does not cover the row stays looped (Inductor's rule)
+            assert not pick(feats(5120, strict=1024), False) and pick(feats(5120, strict=8192), False)
         monkeypatch.setenv("FQ_PERSISTENT_REDUCTIONS", "0")
         with persistent_reductions(_persistent_limit()):
             assert not V.choices.should_use_persistent_reduction(feats(5120), False)      # Inductor's 1024
