@@ -7,11 +7,7 @@ exactly (the CPU reference is those two references composed); with per-token sca
     xq, r = fq.flatten_quantize_rows(x, src, mult, lo, hi, rmult, bits)
     y = fq.int{bits}_linear(xq, wq, scale, bias, out_dtype, row_scale=r)
 
-where the row maxima r = row_absmax(x, rmult) may come in as an operand (`r`): the lowering computes
-them with fq::row_absmax_fused, which Inductor fuses into the kernel producing x, so the op launches
-no kernel of its own for them (without `r`, the CUDA op launches one small reduction per call: 7 us a
-call, 2 ms of each OPT-13B decode step on the H100, benchmarks/results/decode-host-fq-O3-13b-2026-12-07-h100.md).
-  Why one op: at decode sizes
+Why one op: at decode sizes
 (M <= DECODE_MAX_M rows, M = batch at one token per step) a linear layer only streams its weight,
 and the activation is a vector of K values per row; the flatten + quantize is a per-element
 operation on those values (gather x[src[p]], |x| * mult, round once, slice: flatten_quantize.py),
@@ -22,6 +18,14 @@ op runs whichever candidate the tuner timed fastest for the shape (kernels/trito
 fused weight-streaming kernel, the same kernel on an activation quantized once, with tensor-core or,
 at M <= 4, CUDA-core products, and flatten_quantize + the GEMM), and flatten_quantize + the GEMM
 above, so it is correct at every size.
+
+The quantized activation may come in as operands too: `xq` (the integers, as flatten_quantize(_rows)
+makes them) and, with per-token scales, `r` (the row maxima).  The lowering computes both with the
+fused quantize that Inductor puts into the kernel producing x (a LayerNorm, a ReLU: no launch of their
+own, one per input for q/k/v), and the op's variants that multiply a quantized activation read them
+instead of launching a quantize per call (on the H100 the per-call row maxima alone took 7 us a call,
+2 ms of each OPT-13B decode step: benchmarks/results/decode-host-fq-O3-13b-2026-12-07-h100.md); the
+fused variant reads x, as before.  The caller promises xq and r are x's: every path gives the same bits.
 
 The op is opaque to Inductor (a plain custom op, not a triton_op): the choice between the two paths
 is made at run time, not baked into compiled code with a guard, and the fused kernel's split-K
@@ -63,20 +67,19 @@ def decode_max_m() -> int:
 
 
 def flat_linear_reference(x, src, mult, lo, hi, bits: int, wq, scale, bias, out_dtype, rmult=None,
-                          r=None) -> torch.Tensor:
-    """The definition: flatten_quantize(_rows)_reference, then quant_linear_reference; r: the row
-    maxima row_absmax(x, rmult) when the caller has them (the same bits either way)."""
-    if rmult is None:
+                          r=None, xq=None) -> torch.Tensor:
+    """The definition: flatten_quantize(_rows)_reference, then quant_linear_reference; xq and r: x's
+    integers and row maxima when the caller has them (the same bits either way)."""
+    if xq is None and rmult is None:
         xq = flatten_quantize_reference(x, src, mult, lo, hi, bits)
-        return quant_linear_reference(xq, wq, scale, bias, bits, out_dtype)
-    if r is None:
+    elif xq is None and r is None:
         xq, r = flatten_quantize_rows_reference(x, src, mult, lo, hi, rmult, bits)
-    else:
+    elif xq is None:
         xq = flatten_quantize_reference(x, src, mult, lo, hi, bits, inv=row_inverse(r.reshape(-1), bits))
     return quant_linear_reference(xq, wq, scale, bias, bits, out_dtype, row_scale=r)
 
 
-def _check(x, src, mult, lo, hi, bits, wq, scale, rmult=None, r=None):
+def _check(x, src, mult, lo, hi, bits, wq, scale, rmult=None, r=None, xq=None):
     _check_fq(x, src, mult, lo, hi, bits)
     if rmult is not None:
         _check_rows(x, rmult)
@@ -85,6 +88,14 @@ def _check(x, src, mult, lo, hi, bits, wq, scale, rmult=None, r=None):
     torch._check(r is None or (r.dtype == torch.float32 and r.shape == x.shape[:-1]),
                  lambda: f"flat_linear: r must be float32 {tuple(x.shape[:-1])} (x's rows), got "
                          f"{r.dtype} {tuple(r.shape)}")
+    if xq is not None:
+        k = src.shape[0] // 2 if bits == 4 else src.shape[0]
+        dt = torch.uint8 if bits == 4 else torch.int8
+        torch._check(xq.dtype == dt and xq.shape == (*x.shape[:-1], k),
+                     lambda: f"flat_linear: xq must be {dt} {(*x.shape[:-1], k)} (x quantized), got {xq.dtype} "
+                             f"{tuple(xq.shape)}")
+        torch._check(rmult is None or r is not None,
+                     lambda: "flat_linear: with per-token scales, xq needs its row maxima r")
     dt = torch.uint8 if bits == 4 else torch.int8
     k = src.shape[0] // 2 if bits == 4 else src.shape[0]
     torch._check(wq.dtype == dt and wq.dim() == 2 and wq.shape[1] == k,
@@ -118,18 +129,18 @@ def reserve(device, n: int) -> None:
 def flat_linear(x: torch.Tensor, src: torch.Tensor, mult: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                 bits: int, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 out_dtype: torch.dtype, rmult: torch.Tensor | None = None,
-                r: torch.Tensor | None = None) -> torch.Tensor:
+                r: torch.Tensor | None = None, xq: torch.Tensor | None = None) -> torch.Tensor:
     """Smooth + flatten + quantize x and multiply by the quantized weight (module docstring);
-    rmult: per-token scales (kernels/flatten_quantize.py), None: the static scale; r: x's row maxima
-    row_absmax(x, rmult) if the caller computed them (fq::row_absmax_fused), else computed here."""
-    _check(x, src, mult, lo, hi, bits, wq, scale, rmult, r)
+    rmult: per-token scales (kernels/flatten_quantize.py), None: the static scale; xq, r: x quantized
+    and its row maxima, if the caller computed them (the lowering does, fused into x's producer)."""
+    _check(x, src, mult, lo, hi, bits, wq, scale, rmult, r, xq)
     impl = CUDA_IMPL.get("flat_linear")
     if impl is not None and x.is_cuda:
-        return impl(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult=rmult, r=r)
-    return flat_linear_reference(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r)
+        return impl(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult=rmult, r=r, xq=xq)
+    return flat_linear_reference(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r, xq)
 
 
 @flat_linear.register_fake
-def _(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult=None, r=None):
-    _check(x, src, mult, lo, hi, bits, wq, scale, rmult, r)
+def _(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult=None, r=None, xq=None):
+    _check(x, src, mult, lo, hi, bits, wq, scale, rmult, r, xq)
     return x.new_empty((*x.shape[:-1], wq.shape[0]), dtype=out_dtype)

@@ -49,9 +49,8 @@ op returns the integers and r [...] (float32); the GEMM's epilogue multiplies ea
 (int_gemm.py: `row_scale`) and each column by weight_scale[n] / qmax.  The division is the one step
 a compiler could round differently: our kernels use a correctly rounded division (libdevice div_rn),
 and the backend asks Inductor for the same (`eager_numerics.division_rounding`, backend.py).
-`fq::row_absmax_fused` is r alone as aten ops: the decode op (fq::flat_linear) quantizes inside its
-GEMM kernel, and takes r from it, computed by Inductor in the kernel that produces x (the max is exact
-in any order, so r has the same bits wherever it is computed).
+The max is exact in any order, so r has the same bits wherever it is computed (Inductor's kernel, ours,
+the decode op's own).
 """
 
 from __future__ import annotations
@@ -241,16 +240,7 @@ def flatten_quantize_rows_decomposed(x: torch.Tensor, src: torch.Tensor, mult: t
     return flatten_quantize_decomposed(x, src, mult, lo, hi, bits, direct, inv=row_inverse(r, bits)), r
 
 
-def row_absmax_decomposed(x: torch.Tensor, rmult: torch.Tensor) -> torch.Tensor:
-    """`row_absmax` for Inductor: a reduction over x that Inductor fuses into the kernel of x's
-    producer (the LayerNorm, ReLU or residual add that makes x), so a decode step's row maxima cost
-    no launch of their own.  The lowering feeds it to fq::flat_linear as `r` (passes/lower.py)."""
-    return row_absmax(x, rmult)
-
-
 _lib = torch.library.Library("fq", "FRAGMENT")
-_lib.define("row_absmax_fused(Tensor x, Tensor rmult) -> Tensor")
-_lib.impl("row_absmax_fused", row_absmax_decomposed, "CompositeImplicitAutograd")
 _lib.define("flatten_quantize_fused(Tensor x, Tensor src, Tensor mult, Tensor lo, Tensor hi, int bits, int direct) "
             "-> Tensor")
 _lib.impl("flatten_quantize_fused", flatten_quantize_decomposed, "CompositeImplicitAutograd")

@@ -21,8 +21,10 @@ Where x has at most `decode_max_m()` rows (64: decode steps), the pair is one fu
 
 whose GPU implementation streams the weight and quantizes x in its prologue, or on an activation
 quantized once, or runs the pair, whichever it measured fastest for the shape (kernels/flat_linear.py).
-With per-token scales its row maxima come from `r = fq.row_absmax_fused(x, rmult)` (once per input
-and bits), a reduction Inductor fuses into x's producer, so the op needs no launch of its own for them.
+The group's quantize is emitted as for larger graphs (once per input and bits, fused into x's producer by
+Inductor where it can be) and handed to the op as well (`xq`, and `r` with per-token scales): the op's
+variants on a quantized activation read it instead of launching a quantize of their own per call; the
+fused variant reads x.
 With symbolic shapes the row count is compared with a guard, so a graph made for decode is not
 reused for a long prefill (the op would still be right there, only slower).
 
@@ -307,16 +309,18 @@ def _lower_layer(rw: _Rewrite, grp: _Group, name: str, form: LinearForm, realize
     reason = "" if grp.smoothing != "op" else grp.note
     fused = grp.decode and act != "f8"
     with gm.graph.inserting_before(form.node):
-        args, rmult, rmax = _activation(rw, grp, lp, act, fused)
+        args, rmult = _activation(rw, grp, lp, act)
         wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
         bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
                 if lp.bias is not None else None)
         scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
         if fused:
             flat_linear_op.reserve(device, lp.out_features)   # its workspace, before any CUDA graph
+            xq, rows = grp.quantized[act]
             new = gemm = gm.graph.call_function(torch.ops.fq.flat_linear.default,
                                                 (x, *args, lp.bits, wq, scale, bias, out_dtype),
-                                                {"rmult": rmult, "r": rmax} if rmult is not None else {})
+                                                {"rmult": rmult, "r": rows, "xq": xq} if rmult is not None
+                                                else {"xq": xq})
         else:
             op = getattr(torch.ops.fq, f"{lp.format}_linear").default
             xq, rows = grp.quantized[act]
@@ -332,31 +336,26 @@ def _lower_layer(rw: _Rewrite, grp: _Group, name: str, form: LinearForm, realize
     _report_layer(rw, grp, name, lp, act, fused, rmult is not None, reason, gemm, out_dtype)
 
 
-def _activation(rw: _Rewrite, grp: _Group, lp, act: str, fused: bool):
-    """The layer's activation operands: (flattening constants, per-token rmult or None, row maxima or
-    None) for the flattened formats (the fused decode op quantizes itself, from the row maxima of a
-    fq.row_absmax_fused node made once per kind, which Inductor computes in x's producer; else the
-    group's quantize node, made once per kind), ([], None, None) for e4m3 (its quantize node, once
-    per group)."""
+def _activation(rw: _Rewrite, grp: _Group, lp, act: str):
+    """The layer's activation operands: (flattening constants, per-token rmult or None) for the
+    flattened formats, ([], None) for e4m3; the group's quantize node (integers, row scales), made
+    once per kind, in grp.quantized[act] (the decode op takes it beside x, as `xq` and `r`)."""
     gm, g = rw.gm, grp.g
     in_op = grp.smoothing == "op"
     if act == "f8":
         if act not in grp.quantized:     # per-tensor e4m3, not flattened (fp8, w4a8)
             mult = _const(gm, f"fq_{g.name}_f8_mult", _fp8_constants(rw.plan, g, lp, in_op, grp.device))
             grp.quantized[act] = (gm.graph.call_function(torch.ops.fq.fp8_quantize.default, (grp.x, mult)), None)
-        return [], None, None
+        return [], None
     if lp.bits not in grp.consts:        # flattened INT8 / INT4 (int8, int4)
         base = f"fq_{g.name}_a{lp.bits}"
         c = _group_constants(rw.plan, g, lp.bits, in_op, grp.device)
         grp.consts[lp.bits] = {k: _const(gm, f"{base}_{k}", v) for k, v in c.items()}
     args = [grp.consts[lp.bits][k] for k in ("src", "mult", "lo", "hi")]
     rmult = grp.consts[lp.bits].get("rmult")        # per-token scales
-    if not fused and act not in grp.quantized:
+    if act not in grp.quantized:
         grp.quantized[act] = _quantize_node(gm, grp.x, args, rmult, lp.bits, grp.qchoice, g)
-    if fused and rmult is not None and act not in grp.quantized:
-        rmax = gm.graph.call_function(torch.ops.fq.row_absmax_fused.default, (grp.x, rmult))
-        grp.quantized[act] = (None, gm.graph.call_method("detach", (rmax,)))   # no autograd into the op
-    return args, rmult, grp.quantized[act][1] if fused and rmult is not None else None
+    return args, rmult
 
 
 def _unfold_rows(rw: _Rewrite, name: str, lp, new: fx.Node, out_dtype, device) -> fx.Node:
@@ -398,8 +397,10 @@ def _report_layer(rw: _Rewrite, grp: _Group, name, lp, act, fused, per_token, re
     scales = "per token" if per_token else "per tensor"
     if fused:
         rw.report.layers.append(LayerReport(
-            name, f"fq.flat_linear (int{lp.bits})", grp.smoothing, reason, quantize="inside fq.flat_linear",
-            quantize_why=f"decode-sized input (<= {flat_linear_op.decode_max_m()} rows)",
+            name, f"fq.flat_linear (int{lp.bits})", grp.smoothing, reason,
+            quantize=f"{grp.qchoice.label()}, or inside fq.flat_linear",
+            quantize_why=f"decode-sized input (<= {flat_linear_op.decode_max_m()} rows): the op reads the group's "
+                         f"quantize ({grp.qchoice.why}) or quantizes in its prologue, as it measured fastest",
             gemm="Triton weight-streaming (kernels/triton/decode.py)", gemm_why="M <= decode_max_m()", scales=scales))
         return
     g = grp.g

@@ -74,7 +74,8 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
     dtype is a kernel compile); odd cases with per-token scales (rmult); the workspace is all zeros
     after every call (the kernel cleans up)."""
     from fq_compile.kernels import flat_linear_reference
-    from fq_compile.kernels.flatten_quantize import row_absmax
+    from fq_compile.kernels.flatten_quantize import (flatten_quantize_reference, flatten_quantize_rows_reference,
+                                                     row_absmax)
     from fq_compile.kernels.triton import decode as td
 
     gen = torch.Generator().manual_seed(seed)
@@ -85,12 +86,20 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
         rmult = row_multipliers(ref_args[1], ref_args[2], c) if i % 2 else None
         rmult_dev = None if rmult is None else rmult.to(device)
         dtypes = ALL_OUT if out_dtypes is None else (out_dtypes[i % len(out_dtypes)],)
-        # the row maxima as the lowering passes them (computed beside x's producer), or none (the op's own)
+        # x quantized and its row maxima as the lowering passes them (computed in x's producer), the row
+        # maxima alone, or nothing (the op's own): mode (i + j) % 4 == 2, 3, else
         r_dev = None if rmult is None else row_absmax(dev_args[0], rmult_dev)
+        if rmult is None:
+            xq_dev = flatten_quantize_reference(*ref_args[:5], bits).to(device)
+        else:
+            xq_dev = flatten_quantize_rows_reference(*ref_args[:5], rmult, bits)[0].to(device)
+        variant = cfg[0] if isinstance(cfg, tuple) else None
         for j, out_dtype in enumerate(dtypes):
-            given = r_dev if (i + j) % 4 == 3 else None
+            mode = (i + j) % 4
+            given = r_dev if mode in (2, 3) else None
+            gxq = xq_dev if mode == 2 else None
             y = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev,
-                                    r=given)
+                                    r=given, xq=gxq)
             ref = flat_linear_reference(*ref_args[:5], bits, *ref_args[5:], out_dtype, rmult)
             assert y.shape == ref.shape and y.dtype == out_dtype
             bad = (y.cpu() != ref).sum().item()
@@ -100,12 +109,17 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
                 ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp_min(1e-30)
                 bad = ((y.cpu().float() - ref.float()).abs() > ulp).sum().item()
             assert bad == 0, (f"M={m} C={c} K'={k} N={n} int{bits} {x_dtype} {out_dtype} bias={bias} "
-                              f"rows={rmult is not None} r given={given is not None}: {bad} mismatches")
+                              f"rows={rmult is not None} given: r {given is not None}, xq {gxq is not None}: "
+                              f"{bad} mismatches")
             assert ref.abs().max() > 0
-            if given is not None:                      # the kernel uses the r it is given
+            if given is not None and gxq is None:      # the kernel uses the r it is given
                 y2 = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev,
                                          r=given * 2)
                 assert not torch.equal(y2.cpu(), y.cpu())
+            if gxq is not None and variant is not None:  # xq is read by every variant but the fused one
+                y2 = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev,
+                                         r=given, xq=torch.zeros_like(gxq))
+                assert torch.equal(y2.cpu(), y.cpu()) == (variant == "fused"), variant
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:      # the workspace is keyed by an indexed device
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -170,32 +184,43 @@ def test_op_reference_is_the_two_references_composed():
         torch.ops.fq.flat_linear(x, src, mult, lo, hi, 8, w, scale, b, torch.float32)   # INT4 weight as INT8
 
 
-def test_row_maxima_given_or_not_give_the_same_bits():
-    """fq::flat_linear with per-token scales: the row maxima passed in (`r`, as the lowering computes
-    them with fq::row_absmax_fused) or computed by the op give the same bits; r without rmult, or r
-    of the wrong shape or dtype, is refused."""
+def test_quantized_operands_given_or_not_give_the_same_bits():
+    """fq::flat_linear given x quantized (`xq`, and `r`, the row maxima, with per-token scales), as the
+    lowering passes them, or computing them itself: the same bits; the operands it is given are used (the
+    CPU op multiplies xq); r without rmult, xq without r under per-token scales, or operands of the wrong
+    shape or dtype are refused."""
     import fq_compile.kernels  # noqa: F401
-    from fq_compile.kernels.flatten_quantize import row_absmax
+    from fq_compile.kernels.flatten_quantize import flatten_quantize_reference, row_absmax
 
     gen = torch.Generator().manual_seed(9)
     for bits in (8, 4):
         (x, src, mult, lo, hi, w, scale, b), _ = _case(6, 41, 19, bits, 1 if bits == 8 else 2, gen, "cpu")
-        rmult = row_multipliers(src, mult, 41)
         x3 = x.reshape(2, 3, 41)
-        r = torch.ops.fq.row_absmax_fused(x3, rmult)
-        assert torch.equal(r, row_absmax(x3, rmult)) and r.shape == (2, 3)
-        own = torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, rmult)
-        given = torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, rmult, r)
-        assert torch.equal(own, given) and own.abs().max() > 0
-        # a wrong r changes the result (the op uses it, it does not recompute it)
-        other = torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, rmult, r * 2)
-        assert not torch.equal(own, other)
+        args = (x3, src, mult, lo, hi, bits, w, scale, b, torch.float32)
+        for rmult in (None, row_multipliers(src, mult, 41)):
+            own = torch.ops.fq.flat_linear(*args, rmult)
+            assert own.abs().max() > 0
+            if rmult is None:
+                xq, r = torch.ops.fq.flatten_quantize(x3, src, mult, lo, hi, bits), None
+            else:
+                xq, r = torch.ops.fq.flatten_quantize_rows(x3, src, mult, lo, hi, rmult, bits)
+                assert torch.equal(r, row_absmax(x3, rmult)) and r.shape == (2, 3)
+                assert torch.equal(torch.ops.fq.flat_linear(*args, rmult, r), own)       # r alone
+                assert not torch.equal(torch.ops.fq.flat_linear(*args, rmult, r * 2), own)
+            assert torch.equal(torch.ops.fq.flat_linear(*args, rmult, r, xq), own)
+            assert not torch.equal(torch.ops.fq.flat_linear(*args, rmult, r, torch.zeros_like(xq)), own)
     with pytest.raises(Exception, match="only meaningful with rmult"):
-        torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, None, r)
+        torch.ops.fq.flat_linear(*args, None, r)
     with pytest.raises(Exception, match="r must be float32"):
-        torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, rmult, r.reshape(-1))
+        torch.ops.fq.flat_linear(*args, rmult, r.reshape(-1))
     with pytest.raises(Exception, match="r must be float32"):
-        torch.ops.fq.flat_linear(x3, src, mult, lo, hi, bits, w, scale, b, torch.float32, rmult, r.double())
+        torch.ops.fq.flat_linear(*args, rmult, r.double())
+    with pytest.raises(Exception, match="xq needs its row maxima"):
+        torch.ops.fq.flat_linear(*args, rmult, None, xq)
+    with pytest.raises(Exception, match="xq must be"):
+        torch.ops.fq.flat_linear(*args, rmult, r, xq[..., :-1])
+    with pytest.raises(Exception, match="xq must be"):
+        torch.ops.fq.flat_linear(*args, None, None, flatten_quantize_reference(x3, src, mult, lo, hi, bits).float())
 
 
 # -- GPU ---------------------------------------------------------------------------------------------
@@ -324,9 +349,13 @@ def test_choice_follows_the_measured_times(monkeypatch, tmp_path):
     assert td._choose(4, 5120, 24896, 16, True, dev, run_for(True)) == cands[4]
     assert td._choose(4, 5120, 24896, 16, False, dev, run_for(False)) == cands[6]
     assert len(timed) == 2 * len(cands)
+    # with the quantized activation given (the lowering's case) the pre-quantized variants launch no
+    # quantize: a choice of its own, timed apart
+    assert td._choose(4, 5120, 24896, 16, True, dev, run_for(True), True) == cands[4]
+    assert len(timed) == 3 * len(cands) and len(td._BEST) == 3
     capturing[0] = True                                  # an untuned shape during a capture: no timing
     assert td._choose(4, 5120, 4096, 16, False, dev, run_for(False)) == cands[0]
-    assert len(timed) == 2 * len(cands) and len(td._BEST) == 2
+    assert len(timed) == 3 * len(cands) and len(td._BEST) == 3
 
 
 def test_each_row_bucket_is_tuned_apart(monkeypatch):
@@ -339,7 +368,7 @@ def test_each_row_bucket_is_tuned_apart(monkeypatch):
     class Chosen(Exception):
         pass
 
-    def fake_choose(bits, n, k, bucket, rows, device, run):
+    def fake_choose(bits, n, k, bucket, rows, device, run, given=False):
         seen.append(bucket)
         raise Chosen
 

@@ -22,24 +22,42 @@ def _decode_code(model, level: str) -> str:
     return reports(plan)[0].code
 
 
-def test_decode_row_maxima_once_per_input_and_bits_beside_the_producer():
-    """With per-token scales (the default for flattened levels) every fq.flat_linear takes its row
-    maxima from a fq.row_absmax_fused node (which Inductor fuses into the producer of x) instead of
-    computing them itself: one node per (input, bits), shared by the layers reading that input (q/k/v,
-    gate/up), read by the op through its `r` argument."""
+def test_decode_op_reads_the_groups_quantize():
+    """In a decode-sized graph every fq.flat_linear gets x and x's quantize as operands: `xq` (and, with
+    per-token scales, the default for flattened levels, `r`) from the group's quantize node, the one a
+    larger graph's GEMMs read, made once per (input, bits) and shared by the layers reading that input
+    (q/k/v, gate/up) and fused by Inductor into x's producer: no quantize is launched per call."""
     for make, level in ((tiny_opt, "O1"), (tiny_llama, "O1"), (tiny_opt, "O3")):
         code = _decode_code(make(layers=1), level)
-        maxima = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(
-            r"^ +(\w+) = torch\.ops\.fq\.row_absmax_fused\.default\((\w+), (\w+)\)", code, flags=re.M)}
+        quantize = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(
+            r"^ +(\w+) = torch\.ops\.fq\.(flatten_quantize\w*)\.default\((\w+), ", code, flags=re.M)}
+        item = {m.group(1): (m.group(2), int(m.group(3)))
+                for m in re.finditer(r"^ +(\w+) = (\w+)\[(\d)\]", code, flags=re.M)}
         detached = dict(re.findall(r"^ +(\w+) = (\w+)\.detach\(\)", code, flags=re.M))
-        calls = re.findall(r"torch\.ops\.fq\.flat_linear\.default\((\w+), .*?rmult = (\w+), r = (\w+)\)", code)
+        calls = re.findall(r"torch\.ops\.fq\.flat_linear\.default\((\w+), .*?rmult = (\w+), r = (\w+), xq = (\w+)\)",
+                           code)
         n_linear = len(re.findall(r"torch\.ops\.fq\.flat_linear\.default\(", code))
         assert n_linear >= 6 and len(calls) == n_linear, (level, n_linear, len(calls))
-        seen = set()
-        for x, rmult, r in calls:
-            assert detached.get(r) in maxima, (r, detached.get(r))
-            assert maxima[detached[r]] == (x, rmult), "the row maxima are of the op's own input and multipliers"
-            seen.add(detached[r])
-        # one per (input, rmult): no group computes its maxima twice, none is left unused
-        assert len(seen) == len(maxima) == len({(x, rm) for x, rm, _ in calls})
-        assert len(maxima) < n_linear                 # q/k/v (and gate/up) share theirs
+        used = set()
+        for x, _rmult, r, xq in calls:
+            node, index = item[xq]
+            assert index == 0 and quantize[node] == ("flatten_quantize_rows_fused", x), (xq, quantize.get(node))
+            assert item[detached[r]] == (node, 1), "r is the same quantize's row maxima"
+            used.add(node)
+        assert used == set(quantize), "no quantize is left unused"
+        assert len(used) < n_linear                  # q/k/v (and gate/up) share theirs
+
+
+def test_decode_op_static_scales_read_the_groups_quantize():
+    """Per-tensor scales (activation_scale="tensor"): `xq` only, from the group's fused quantize."""
+    model = tiny_opt(layers=1)
+    plan = fq_compile.calibrate(model, batches(n=1), Config(level="O1", activation_scale="tensor"), progress=False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(
+            torch.randint(0, VOCAB, (1, 5)))
+    code = reports(plan)[0].code
+    calls = re.findall(r"torch\.ops\.fq\.flat_linear\.default\((\w+), [^\n]*?xq = (\w+)\)", code)
+    assert len(calls) == 6 and "rmult =" not in code
+    for x, xq in calls:
+        assert re.search(rf"^ +{xq} = torch\.ops\.fq\.flatten_quantize_fused\.default\({x}, ", code, flags=re.M)

@@ -6,9 +6,10 @@ into the prologue, dequantize + bias into the epilogue, INT8 or packed INT4 weig
 
 With per-token scales (rmult given) the prologue multiplies by fl(qmax / r[m]) as well, and the
 epilogue by r[m] before scale[n], r[m] being each row's maximum (flatten_quantize.py): the caller's
-(`r`: the lowering has Inductor compute it in the kernel that produces x, fq::row_absmax_fused), or,
-without it, written by one more small kernel first (row_absmax_kernel: one program over the whole
-row, 7 us a call on the H100 at K = 20480).
+(`r`: the lowering has Inductor compute it, with the quantized activation `xq`, in the kernel that
+produces x), or, without it, written by one more small kernel first (row_absmax_kernel: one program
+over the whole row, 7 us a call on the H100 at K = 20480).  Given `xq`, the variants on a quantized
+activation read it instead of launching flatten_quantize.
 
 At decode sizes the product is a matrix-vector product per row: every weight byte is read once and
 used M times, so the kernel's speed is the speed at which it streams the weight.  Layout of the work:
@@ -292,8 +293,10 @@ def replay_ms(fn, device, reps: int = 8, rounds: int = 5) -> float:
     return max(0.0, median_ms(both) - median_ms(alone)) / reps
 
 
-def _choose(bits: int, n: int, k: int, bucket: int, rows: bool, device: torch.device, run):
-    """The fastest (variant, tiling) for this shape, row bucket and kind of scales (rows: per-token):
+def _choose(bits: int, n: int, k: int, bucket: int, rows: bool, device: torch.device, run, given: bool = False):
+    """The fastest (variant, tiling) for this shape, row bucket, kind of scales (rows: per-token) and
+    whether the caller passed the quantized activation (given: the pre-quantized variants then launch
+    no quantize, so the ranking differs):
     from memory, from the disk table (shared by processes: a second process never re-times), else
     timed now (every candidate, replay_ms), except during a CUDA graph capture, where nothing may
     synchronize: then the first candidate, not remembered."""
@@ -301,11 +304,11 @@ def _choose(bits: int, n: int, k: int, bucket: int, rows: bool, device: torch.de
     if _INTERPRET:
         return "fused", INTERPRET_CONFIG
     name = torch.cuda.get_device_name(device)
-    key = (name, bits, n, k, bucket, rows)
+    key = (name, bits, n, k, bucket, rows, given)
     if key in _BEST:
         return cands[_BEST[key]]
     skey = (f"{name}|{triton.__version__}|int{bits}|n{n}|k{k}|rows{bucket}|{'token' if rows else 'tensor'}"
-            f"|{len(cands)} candidates")
+            f"{'|xq given' if given else ''}|{len(cands)} candidates")
     disk = _load_tuned().get(skey)
     if isinstance(disk, int) and 0 <= disk < len(cands):
         _BEST[key] = disk
@@ -372,9 +375,10 @@ def _unfused(x, src, mult, lo, hi, rmult, bits, r=None):
     return flatten_quantize_rows_cuda(x, src, mult, lo, hi, rmult, bits, r=r)
 
 
-def _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r=None):
+def _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r=None, xq=None):
     op = torch.ops.fq.int4_linear if bits == 4 else torch.ops.fq.int8_linear
-    xq, r = _unfused(x, src, mult, lo, hi, rmult, bits, r)
+    if xq is None:
+        xq, r = _unfused(x, src, mult, lo, hi, rmult, bits, r)
     return op(xq, wq, scale, bias, out_dtype) if r is None else op(xq, wq, scale, bias, out_dtype, row_scale=r)
 
 
@@ -386,11 +390,12 @@ def tune_rows(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
-def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, rmult=None, r=None, config=None):
+def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, rmult=None, r=None, xq=None,
+                     config=None):
     """fq::flat_linear on CUDA (and, under TRITON_INTERPRET=1, on the CPU): for M <= DECODE_MAX_M
     rows the fastest measured of the weight-streaming kernel (fused or on a pre-quantized activation)
-    and flatten_quantize + the GEMM op; above, the latter.  rmult: per-token scales; r: x's row
-    maxima if the caller computed them (else one small kernel computes them here).  config forces
+    and flatten_quantize + the GEMM op; above, the latter.  rmult: per-token scales; xq, r: x quantized
+    and its row maxima if the caller computed them (else small kernels compute them here).  config forces
     one candidate: a (variant, triton.Config or None) pair, or a triton.Config for the fused variant
     (tests cover each candidate without timing it)."""
     lead = x.shape[:-1]
@@ -399,9 +404,10 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
     for d in lead:
         m *= d
     if m > DECODE_MAX_M:
-        return _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r)
+        return _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r, xq)
     x2 = x.reshape(m, x.shape[-1])
     r2 = None if r is None else r.reshape(m).contiguous()
+    xq2 = None if xq is None else xq.reshape(m, xq.shape[-1])
     k = src.shape[0]
     if m == 0 or n == 0:
         return torch.empty((*lead, n), dtype=out_dtype, device=x.device)
@@ -412,14 +418,14 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
 
     def run(variant, cfg):
         if variant == "gemm":
-            return _gemm(x2, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r2)
+            return _gemm(x2, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r2, xq2)
         if variant == "gemv" and m > GEMV_MAX_M:
             raise ValueError(f"flat_linear: the gemv variant takes at most {GEMV_MAX_M} rows, got {m}")
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
         a = x2
         r = scale                   # a float32 pointer the kernel never reads without HAS_ROW
         if variant in ("prequant", "gemv"):
-            a, rq = _unfused(x2, src, mult, lo, hi, rmult, bits, r2)
+            a, rq = (xq2, r2) if xq2 is not None else _unfused(x2, src, mult, lo, hi, rmult, bits, r2)
             r = r if rq is None else rq
         elif r2 is not None:
             r = r2
@@ -438,7 +444,7 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
         return out
 
     if config is None:
-        config = _choose(bits, n, k, tune_rows(m), rmult is not None, x.device, run)
+        config = _choose(bits, n, k, tune_rows(m), rmult is not None, x.device, run, xq is not None)
     elif isinstance(config, triton.Config):
         config = ("fused", config)
     if config[0] not in VARIANTS:
