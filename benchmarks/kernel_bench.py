@@ -424,7 +424,9 @@ def candidate_name(bits, cand) -> str:
 def bench_decode(k, n, m, dev, per_token=True):
     """ms per call of fq::flat_linear as the tuner chose it, of each candidate it chose among
     (kernels/triton/decode.py: fused tilings, pre-quantized tilings, quantize + GEMM) and of fp16
-    linear, weights rotated past L2; per_token: with per-token activation scales (the default plan)."""
+    linear, weights rotated past L2; per_token: with per-token activation scales (the default plan).
+    The op gets x quantized beside x, as the lowering passes it (the pre-quantized variants read it and
+    launch no quantize; in a model it is computed in the kernel producing x)."""
     from fq_compile.kernels.triton import decode as td
 
     kp = flat_k(k)
@@ -447,20 +449,26 @@ def bench_decode(k, n, m, dev, per_token=True):
         if bits == 4:
             ws = [pack_int4(w) for w in ws]
         args = (x, src, mult, lo, hi, bits)
+        # x quantized once, as the lowering hands it to the op (computed in the LayerNorm's kernel: not timed)
+        if rmult is None:
+            xq, rq = torch.ops.fq.flatten_quantize(x, src, mult, lo, hi, bits), None
+        else:
+            xq, rq = torch.ops.fq.flatten_quantize_rows(x, src, mult, lo, hi, rmult, bits)
+        given = dict(rmult=rmult, r=rq, xq=xq)
         ref = td.flat_linear_cuda(*args, ws[0], scale, bias, f16, rmult=rmult, config=("gemm", None))
-        y = torch.ops.fq.flat_linear(*args, ws[0], scale, bias, f16, rmult)      # tunes on first use
+        y = torch.ops.fq.flat_linear(*args, ws[0], scale, bias, f16, rmult, rq, xq)      # tunes on first use
         r[f"exact{bits}"] = bool(torch.equal(y, ref))
-        r[f"chosen{bits}"] = try_time(lambda: [lambda w=w: torch.ops.fq.flat_linear(*args, w, scale, bias, f16, rmult)
-                                               for w in ws])
+        r[f"chosen{bits}"] = try_time(lambda: [lambda w=w: torch.ops.fq.flat_linear(*args, w, scale, bias, f16, rmult,
+                                                                                     rq, xq) for w in ws])
         cand = {}
         for i, c in enumerate(td.candidates(bits)):
             name = candidate_name(bits, c)
             if c[0] == "gemv" and m > td.GEMV_MAX_M:        # not a candidate at this M
                 cand[name] = None
                 continue
-            cand[name] = try_time(lambda c=c: [lambda w=w: td.flat_linear_cuda(*args, w, scale, bias, f16, rmult=rmult,
+            cand[name] = try_time(lambda c=c: [lambda w=w: td.flat_linear_cuda(*args, w, scale, bias, f16, **given,
                                                                                 config=c) for w in ws])
-            exact = torch.equal(td.flat_linear_cuda(*args, ws[0], scale, bias, f16, rmult=rmult, config=c), ref)
+            exact = torch.equal(td.flat_linear_cuda(*args, ws[0], scale, bias, f16, **given, config=c), ref)
             r[f"exact{bits}"] &= bool(exact)
         r[f"cand{bits}"] = cand
         r[f"bytes{bits}"] = wb

@@ -35,11 +35,11 @@ used M times, so the kernel's speed is the speed at which it streams the weight.
     concurrently on two streams.
 
 Which way a call runs is measured, not assumed: per (GPU, bits, N, K, row bucket (`tune_rows`: the
-power of two >= M), static or per-token scales) the tuner times nine candidates on first use, each
-replayed from a CUDA graph with L2 flushed before every call, as a decode step runs it (`replay_ms`;
-well under a second a shape; never inside a CUDA graph capture): the fused kernel in four tilings,
-the same kernel on an activation quantized once by flatten_quantize (two tilings; no prologue work,
-which every N tile otherwise repeats), flatten_quantize + the prefill GEMM op, and for M <= 4 the
+power of two >= M), static or per-token scales, quantized activation given or not) the tuner times
+seven candidates on first use, each replayed from a CUDA graph with L2 flushed before every call, as a
+decode step runs it (`replay_ms`; well under a second a shape; never inside a CUDA graph capture): the
+fused kernel in two tilings (`FUSED_TILINGS`), the same kernel on the quantized activation (two tilings;
+no prologue work, which every N tile otherwise repeats), the prefill GEMM op on it, and for M <= 4 the
 pre-quantized activation times the weights on the CUDA cores (the same kernel without tl.dot, two tilings; a
 larger M times it as never fitting).  The choice is kept in memory and in `decode_tune.json` under
 $FQ_CACHE_DIR (or ~/.cache/fq_compile), so later processes never re-time.
@@ -208,7 +208,15 @@ INTERPRET_CONFIG = _cfg(16, 32, 1, 4, 1)
 #   "gemv"     as "prequant", with the products on the CUDA cores instead of tl.dot (DOT=False: no
 #              tensor-core operand layout for the weight tile), for M <= GEMV_MAX_M only.
 VARIANTS = ("fused", "prequant", "gemm", "gemv")
-PREQUANT_TILINGS = (0, 3)         # of CONFIGS: the other two add compiles that rarely win without a prologue
+# Which tilings of CONFIGS each variant is timed with: every candidate is a Triton compile and a timing
+# on first use (the first generate()'s "decode tuning": 18.7 of its 94.7 s at OPT-13B O3 on the H100).
+# Of the 4 fused tilings only 1 and 3 were ever fastest in the H100 measurements (13B shapes, M = 1/16/64,
+# results/kernels-decode-2026-12-06-h100.md: fused1 for qkv INT8, fused3 for the FFN INT8 at M = 1;
+# prequant or the GEMM everywhere else), and the pre-quantized variants only win more now that the lowering
+# hands them the quantized activation; the prequant tilings: the other two add compiles that rarely win
+# without a prologue.
+FUSED_TILINGS = (1, 3)
+PREQUANT_TILINGS = (0, 3)
 GEMV_MAX_M = 4                    # the gemv tile holds BLOCK_N x BLOCK_K x rows int32 products in registers
 GEMV_CONFIGS = {
     8: [_cfg(64, 256, 8, 4, 3), _cfg(32, 512, 4, 4, 3)],
@@ -218,7 +226,7 @@ GEMV_CONFIGS = {
 
 def candidates(bits: int) -> list[tuple[str, triton.Config | None]]:
     """Every (variant, tiling) the tuner times, in a fixed order (the disk table stores indices)."""
-    return ([("fused", c) for c in CONFIGS[bits]] + [("prequant", CONFIGS[bits][i]) for i in PREQUANT_TILINGS]
+    return ([("fused", CONFIGS[bits][i]) for i in FUSED_TILINGS] + [("prequant", CONFIGS[bits][i]) for i in PREQUANT_TILINGS]
             + [("gemm", None)] + [("gemv", c) for c in GEMV_CONFIGS[bits]])
 
 
