@@ -35,10 +35,9 @@ LIMIT=${LIMIT:-530}                       # hard stop for one python run, second
 CACHE=${CACHE:-$PWD/.fqcache/compile}     # compiler caches of this call (git-ignored; a fresh machine starts empty)
 export TORCHINDUCTOR_CACHE_DIR=$CACHE/inductor TRITON_CACHE_DIR=$CACHE/triton FQ_CACHE_DIR=$CACHE/fq
 MODEL=${MODEL:-13b}                       # the OPT shape (1.3b, 6.7b, 13b, 30b): iterate on 1.3b, headline on 13b
-# 3 timed calls after the first, median: the second generate() of a CUDA-graph method records its graphs
-# again (cudagraph trees warm a graph up on its first call and record it on the second; the prefill graph is
-# called once per generate(), so the decode graph is re-recorded under it in call 2: fq-O3 13B 2416 ms, then
-# 1804 ms, while HF's compile, which leaves prefill eager, shows 1599 / 1594); with 2 the median averaged it in
+# 3 timed calls after the first, median: our second generate() is slower than the later ones (fq-O3 13B
+# 2416 ms, then 1804 ms; HF's compile 1599 / 1594), likely the CUDA-graph trees recording the prefill graph,
+# which each generate() calls once (warmed up in call 1, recorded in call 2); with 2 the median averaged it in
 COMMON=(--models "$MODEL" --batches '' --decode 1,16,64 --decode-reps 3 --budget 6)
 run() { timeout "$LIMIT" python3 benchmarks/e2e.py --out "$OUT" --time-limit $((LIMIT - 60)) "$@" || echo "e2e.py exited with $?"; }
 brief() { python3 benchmarks/e2e.py --brief "$OUT/e2e.jsonl" || true; }

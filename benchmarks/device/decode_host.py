@@ -73,8 +73,19 @@ def main(argv=None):
          "Its stages (fq_compile/kernels/stopwatch.py, each stage's own seconds):", "", "```",
          stopwatch.table(first), "```", "", "Dynamo's compile-time table:", "", "```",
          torch._dynamo.utils.compile_times(repr="str", aggregate=True)[:4000], "```", "")
-    model.generate(ids, **kw)
-    sync()
+    # the second call apart: on the H100 it was ~600 ms slower than the later ones at 13B (results/
+    # e2e-decode-13b-2026-12-07-h100.md); its GPU-busy share says whether the GPU or the host took it
+    from torch.profiler import ProfilerActivity, profile
+
+    before = e2e.compile_counts()
+    acts = [ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof2:
+        t = time.monotonic()
+        model.generate(ids, **kw)
+        sync()
+        second = time.monotonic() - t
+    busy2 = _busy_ms(prof2)
+    emit(f"second generate(): {second * 1e3:.1f} ms (GPU busy {busy2:.1f} ms); {e2e.compile_counts(before)}", "")
 
     n = args.tokens
     walls = []
@@ -98,8 +109,6 @@ def main(argv=None):
         emit(f"## cProfile, sorted by {key} ({n} tokens; divide by {n} for per token)", "", "```",
              body[body.find("ncalls"):][:12000], "```", "")
 
-    from torch.profiler import ProfilerActivity, profile
-
     if dev.type != "cuda":
         return
 
@@ -108,13 +117,8 @@ def main(argv=None):
         model.generate(ids, **kw)
         sync()
         pwall = (time.monotonic() - t) * 1e3 / n
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0)
-    busy, end = 0.0, None
-    for a, b in spans:
-        busy += max(0, b - max(a, end if end is not None else a))
-        end = b if end is None else max(end, b)
-    busy /= 1e3 * n
+    spans = _spans(prof)
+    busy = _busy_ms(prof) / n
     emit(f"CUDA-only trace: wall {pwall:.3f} ms/token, GPU busy {busy:.3f} ms/token "
          f"({100 * busy / pwall:.0f}%), idle {pwall - busy:.3f} ms/token; {len(spans) // n} kernels/token", "")
     per_name: dict[str, list[float]] = {}
@@ -125,6 +129,20 @@ def main(argv=None):
     emit(f"## GPU kernels by total time ({args.top} largest; us per token, launches per token, median us per launch)",
          "", "| kernel | us/token | launches/token | median us |", "|---|---|---|---|",
          *(f"| `{k}` | {sum(v) / n:.1f} | {len(v) / n:.1f} | {sorted(v)[len(v) // 2]:.1f} |" for k, v in rows), "")
+
+
+def _spans(prof):
+    return sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0)
+
+
+def _busy_ms(prof) -> float:
+    """GPU milliseconds covered by at least one kernel (the union of the kernels' intervals)."""
+    busy, end = 0.0, None
+    for a, b in _spans(prof):
+        busy += max(0, b - max(a, end if end is not None else a))
+        end = b if end is None else max(end, b)
+    return busy / 1e3
 
 
 if __name__ == "__main__":
