@@ -21,8 +21,8 @@ above, so it is correct at every size.
 
 The quantized activation may come in as operands too: `xq` (the integers, as flatten_quantize(_rows)
 makes them) and, with per-token scales, `r` (the row maxima).  The lowering computes both with the
-fused quantize that Inductor puts into the kernel producing x (a LayerNorm, a ReLU: no launch of their
-own, one per input for q/k/v), and the op's variants that multiply a quantized activation read them
+fused quantize (Inductor's code for it, beside the LayerNorm or ReLU that makes x: once per input, q/k/v
+share it), and the op's variants that multiply a quantized activation read them
 instead of launching a quantize per call (on the H100 the per-call row maxima alone took 7 us a call,
 2 ms of each OPT-13B decode step: benchmarks/results/decode-host-fq-O3-13b-2026-12-07-h100.md); the
 fused variant reads x, as before.  The caller promises xq and r are x's: every path gives the same bits.

@@ -6,8 +6,8 @@ into the prologue, dequantize + bias into the epilogue, INT8 or packed INT4 weig
 
 With per-token scales (rmult given) the prologue multiplies by fl(qmax / r[m]) as well, and the
 epilogue by r[m] before scale[n], r[m] being each row's maximum (flatten_quantize.py): the caller's
-(`r`: the lowering has Inductor compute it, with the quantized activation `xq`, in the kernel that
-produces x), or, without it, written by one more small kernel first (row_absmax_kernel: one program
+(`r`: the lowering has Inductor compute it, with the quantized activation `xq`, beside the kernel
+that produces x), or, without it, written by one more small kernel first (row_absmax_kernel: one program
 over the whole row, 7 us a call on the H100 at K = 20480).  Given `xq`, the variants on a quantized
 activation read it instead of launching flatten_quantize.
 
