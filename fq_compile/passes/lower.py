@@ -314,16 +314,15 @@ def _lower_layer(rw: _Rewrite, grp: _Group, name: str, form: LinearForm, realize
         bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
                 if lp.bias is not None else None)
         scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
+        xq, rows = grp.quantized[act]
         if fused:
             flat_linear_op.reserve(device, lp.out_features)   # its workspace, before any CUDA graph
-            xq, rows = grp.quantized[act]
             new = gemm = gm.graph.call_function(torch.ops.fq.flat_linear.default,
                                                 (x, *args, lp.bits, wq, scale, bias, out_dtype),
                                                 {"rmult": rmult, "r": rows, "xq": xq} if rmult is not None
                                                 else {"xq": xq})
         else:
             op = getattr(torch.ops.fq, f"{lp.format}_linear").default
-            xq, rows = grp.quantized[act]
             new = gemm = gm.graph.call_function(op, (xq, wq, scale, bias, out_dtype),
                                                 {"row_scale": rows} if rows is not None else {})
         if lp.rows_folded_from and name not in realized_rows:
