@@ -19,8 +19,8 @@ fused weight-streaming kernel, the same kernel on an activation quantized once, 
 at M <= 4, CUDA-core products, and flatten_quantize + the GEMM), and flatten_quantize + the GEMM
 above, so it is correct at every size.
 
-The quantized activation may come in as operands too: `xq` (the integers, as flatten_quantize(_rows)
-makes them) and, with per-token scales, `r` (the row maxima).  The lowering computes both with the
+The quantized activation may come in as operands too: `xq` (the integers) and, with per-token scales,
+`r` (the row maxima), as flatten_quantize(_rows) returns them: both or neither.  The lowering computes both with the
 fused quantize (Inductor's code for it, beside the LayerNorm or ReLU that makes x: once per input, q/k/v
 share it), and the op's variants that multiply a quantized activation read them
 instead of launching a quantize per call (on the H100 the per-call row maxima alone took 7 us a call,
@@ -45,8 +45,7 @@ import torch
 from torch.library import custom_op
 
 from fq_compile.kernels.flatten_quantize import _check as _check_fq
-from fq_compile.kernels.flatten_quantize import (_check_rows, flatten_quantize_reference, flatten_quantize_rows_reference,
-                                                 row_inverse)
+from fq_compile.kernels.flatten_quantize import _check_rows, flatten_quantize_reference, flatten_quantize_rows_reference
 from fq_compile.kernels.int_gemm import quant_linear_reference
 
 DECODE_MAX_M = 64
@@ -72,10 +71,8 @@ def flat_linear_reference(x, src, mult, lo, hi, bits: int, wq, scale, bias, out_
     integers and row maxima when the caller has them (the same bits either way)."""
     if xq is None and rmult is None:
         xq = flatten_quantize_reference(x, src, mult, lo, hi, bits)
-    elif xq is None and r is None:
-        xq, r = flatten_quantize_rows_reference(x, src, mult, lo, hi, rmult, bits)
     elif xq is None:
-        xq = flatten_quantize_reference(x, src, mult, lo, hi, bits, inv=row_inverse(r.reshape(-1), bits))
+        xq, r = flatten_quantize_rows_reference(x, src, mult, lo, hi, rmult, bits)
     return quant_linear_reference(xq, wq, scale, bias, bits, out_dtype, row_scale=r)
 
 
@@ -83,21 +80,19 @@ def _check(x, src, mult, lo, hi, bits, wq, scale, rmult=None, r=None, xq=None):
     _check_fq(x, src, mult, lo, hi, bits)
     if rmult is not None:
         _check_rows(x, rmult)
-    torch._check(r is None or rmult is not None,
-                 lambda: "flat_linear: r (the row maxima) is only meaningful with rmult (per-token scales)")
+    dt = torch.uint8 if bits == 4 else torch.int8
+    k = src.shape[0] // 2 if bits == 4 else src.shape[0]
+    torch._check(r is None or (rmult is not None and xq is not None),
+                 lambda: "flat_linear: r (the row maxima) comes with xq, under per-token scales (rmult)")
     torch._check(r is None or (r.dtype == torch.float32 and r.shape == x.shape[:-1]),
                  lambda: f"flat_linear: r must be float32 {tuple(x.shape[:-1])} (x's rows), got "
                          f"{r.dtype} {tuple(r.shape)}")
     if xq is not None:
-        k = src.shape[0] // 2 if bits == 4 else src.shape[0]
-        dt = torch.uint8 if bits == 4 else torch.int8
         torch._check(xq.dtype == dt and xq.shape == (*x.shape[:-1], k),
                      lambda: f"flat_linear: xq must be {dt} {(*x.shape[:-1], k)} (x quantized), got {xq.dtype} "
                              f"{tuple(xq.shape)}")
         torch._check(rmult is None or r is not None,
                      lambda: "flat_linear: with per-token scales, xq needs its row maxima r")
-    dt = torch.uint8 if bits == 4 else torch.int8
-    k = src.shape[0] // 2 if bits == 4 else src.shape[0]
     torch._check(wq.dtype == dt and wq.dim() == 2 and wq.shape[1] == k,
                  lambda: f"flat_linear: weight must be {dt} [N, {k}], got {wq.dtype} {tuple(wq.shape)}")
     torch._check(scale.dtype == torch.float32 and scale.dim() == 1 and scale.shape[0] == wq.shape[0],

@@ -86,8 +86,8 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
         rmult = row_multipliers(ref_args[1], ref_args[2], c) if i % 2 else None
         rmult_dev = None if rmult is None else rmult.to(device)
         dtypes = ALL_OUT if out_dtypes is None else (out_dtypes[i % len(out_dtypes)],)
-        # x quantized and its row maxima as the lowering passes them (computed in x's producer), the row
-        # maxima alone, or nothing (the op's own): mode (i + j) % 4 == 2, 3, else
+        # x quantized and its row maxima as the lowering passes them (computed beside x's producer) when
+        # (i + j) % 4 is 2 or 3, else nothing (the op quantizes itself)
         r_dev = None if rmult is None else row_absmax(dev_args[0], rmult_dev)
         if rmult is None:
             xq_dev = flatten_quantize_reference(*ref_args[:5], bits).to(device)
@@ -95,9 +95,8 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
             xq_dev = flatten_quantize_rows_reference(*ref_args[:5], rmult, bits)[0].to(device)
         variant = cfg[0] if isinstance(cfg, tuple) else None
         for j, out_dtype in enumerate(dtypes):
-            mode = (i + j) % 4
-            given = r_dev if mode in (2, 3) else None
-            gxq = xq_dev if mode == 2 else None
+            gxq = xq_dev if (i + j) % 4 in (2, 3) else None
+            given = r_dev if gxq is not None else None
             y = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev,
                                     r=given, xq=gxq)
             ref = flat_linear_reference(*ref_args[:5], bits, *ref_args[5:], out_dtype, rmult)
@@ -112,9 +111,9 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
                               f"rows={rmult is not None} given: r {given is not None}, xq {gxq is not None}: "
                               f"{bad} mismatches")
             assert ref.abs().max() > 0
-            if given is not None and gxq is None:      # the kernel uses the r it is given
+            if given is not None:                      # every variant uses the r it is given
                 y2 = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev,
-                                         r=given * 2)
+                                         r=given * 2, xq=gxq)
                 assert not torch.equal(y2.cpu(), y.cpu())
             if gxq is not None and variant is not None:  # xq is read by every variant but the fused one
                 y2 = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev,
@@ -187,8 +186,8 @@ def test_op_reference_is_the_two_references_composed():
 def test_quantized_operands_given_or_not_give_the_same_bits():
     """fq::flat_linear given x quantized (`xq`, and `r`, the row maxima, with per-token scales), as the
     lowering passes them, or computing them itself: the same bits; the operands it is given are used (the
-    CPU op multiplies xq); r without rmult, xq without r under per-token scales, or operands of the wrong
-    shape or dtype are refused."""
+    CPU op multiplies xq by r); r without rmult or without xq, xq without r under per-token scales, or
+    operands of the wrong shape or dtype are refused."""
     import fq_compile.kernels  # noqa: F401
     from fq_compile.kernels.flatten_quantize import flatten_quantize_reference, row_absmax
 
@@ -205,16 +204,17 @@ def test_quantized_operands_given_or_not_give_the_same_bits():
             else:
                 xq, r = torch.ops.fq.flatten_quantize_rows(x3, src, mult, lo, hi, rmult, bits)
                 assert torch.equal(r, row_absmax(x3, rmult)) and r.shape == (2, 3)
-                assert torch.equal(torch.ops.fq.flat_linear(*args, rmult, r), own)       # r alone
-                assert not torch.equal(torch.ops.fq.flat_linear(*args, rmult, r * 2), own)
+                assert not torch.equal(torch.ops.fq.flat_linear(*args, rmult, r * 2, xq), own)
             assert torch.equal(torch.ops.fq.flat_linear(*args, rmult, r, xq), own)
             assert not torch.equal(torch.ops.fq.flat_linear(*args, rmult, r, torch.zeros_like(xq)), own)
-    with pytest.raises(Exception, match="only meaningful with rmult"):
-        torch.ops.fq.flat_linear(*args, None, r)
+    with pytest.raises(Exception, match="comes with xq, under per-token scales"):
+        torch.ops.fq.flat_linear(*args, None, r, xq)
+    with pytest.raises(Exception, match="comes with xq, under per-token scales"):
+        torch.ops.fq.flat_linear(*args, rmult, r)
     with pytest.raises(Exception, match="r must be float32"):
-        torch.ops.fq.flat_linear(*args, rmult, r.reshape(-1))
+        torch.ops.fq.flat_linear(*args, rmult, r.reshape(-1), xq)
     with pytest.raises(Exception, match="r must be float32"):
-        torch.ops.fq.flat_linear(*args, rmult, r.double())
+        torch.ops.fq.flat_linear(*args, rmult, r.double(), xq)
     with pytest.raises(Exception, match="xq needs its row maxima"):
         torch.ops.fq.flat_linear(*args, rmult, None, xq)
     with pytest.raises(Exception, match="xq must be"):

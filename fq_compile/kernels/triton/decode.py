@@ -375,18 +375,18 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _unfused(x, src, mult, lo, hi, rmult, bits, r=None):
-    """flatten_quantize(_rows) on the device: (integer activation, row scales or None); r: the row
-    maxima if the caller has them."""
+def _unfused(x, src, mult, lo, hi, rmult, bits):
+    """flatten_quantize(_rows) on the device: (integer activation, row scales or None)."""
     if rmult is None:
         return flatten_quantize_cuda(x, src, mult, lo, hi, bits), None
-    return flatten_quantize_rows_cuda(x, src, mult, lo, hi, rmult, bits, r=r)
+    return flatten_quantize_rows_cuda(x, src, mult, lo, hi, rmult, bits)
 
 
 def _gemm(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r=None, xq=None):
+    """flatten_quantize(_rows) + the GEMM op; xq, r: x quantized by the caller (then no quantize)."""
     op = torch.ops.fq.int4_linear if bits == 4 else torch.ops.fq.int8_linear
     if xq is None:
-        xq, r = _unfused(x, src, mult, lo, hi, rmult, bits, r)
+        xq, r = _unfused(x, src, mult, lo, hi, rmult, bits)
     return op(xq, wq, scale, bias, out_dtype) if r is None else op(xq, wq, scale, bias, out_dtype, row_scale=r)
 
 
@@ -403,7 +403,8 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
     """fq::flat_linear on CUDA (and, under TRITON_INTERPRET=1, on the CPU): for M <= DECODE_MAX_M
     rows the fastest measured of the weight-streaming kernel (fused or on a pre-quantized activation)
     and flatten_quantize + the GEMM op; above, the latter.  rmult: per-token scales; xq, r: x quantized
-    and its row maxima if the caller computed them (else small kernels compute them here).  config forces
+    and its row maxima (both or neither) if the caller computed them (else small kernels compute them
+    here).  config forces
     one candidate: a (variant, triton.Config or None) pair, or a triton.Config for the fused variant
     (tests cover each candidate without timing it)."""
     lead = x.shape[:-1]
@@ -433,7 +434,7 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
         a = x2
         r = scale                   # a float32 pointer the kernel never reads without HAS_ROW
         if variant in ("prequant", "gemv"):
-            a, rq = (xq2, r2) if xq2 is not None else _unfused(x2, src, mult, lo, hi, rmult, bits, r2)
+            a, rq = (xq2, r2) if xq2 is not None else _unfused(x2, src, mult, lo, hi, rmult, bits)
             r = r if rq is None else rq
         elif r2 is not None:
             r = r2

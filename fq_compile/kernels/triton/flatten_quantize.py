@@ -301,18 +301,16 @@ def flatten_quantize_cuda(x, src, mult, lo, hi, bits):
     return _launch(x, src, mult, lo, hi, None, bits)[0]
 
 
-def flatten_quantize_rows_cuda(x, src, mult, lo, hi, rmult, bits, resident: bool | None = None, r=None):
+def flatten_quantize_rows_cuda(x, src, mult, lo, hi, rmult, bits, resident: bool | None = None):
     """CUDA implementation of fq::flatten_quantize_rows: the row maxima first (one pass over x), then
     the quantize with each row's multiplier; returns (integers, r).  resident: one launch that keeps
-    each row on chip between the two sweeps (rows_resident_kernel); None: as FQ_ROWS_KERNEL says.
-    r: the row maxima, already computed by the caller (row_absmax(x, rmult), float32 of x's leading
-    shape): then only the quantize launches."""
+    each row on chip between the two sweeps (rows_resident_kernel); None: as FQ_ROWS_KERNEL says."""
     if resident is None:
         resident = rows_kernel() == "resident"
-    return _launch(x, src, mult, lo, hi, rmult, bits, resident and r is None, r)
+    return _launch(x, src, mult, lo, hi, rmult, bits, resident)
 
 
-def _launch(x, src, mult, lo, hi, rmult, bits, resident=False, given_r=None):
+def _launch(x, src, mult, lo, hi, rmult, bits, resident=False):
     k = src.shape[0]
     p = k // 2 if bits == 4 else k
     out_dtype = torch.uint8 if bits == 4 else torch.int8
@@ -322,13 +320,9 @@ def _launch(x, src, mult, lo, hi, rmult, bits, resident=False, given_r=None):
         x3 = x3.contiguous()
     m = b * t
     out = torch.empty((*x.shape[:-1], p), dtype=out_dtype, device=x.device)
-    r = None
-    if given_r is not None:
-        r = given_r.reshape(x.shape[:-1]).contiguous()
-    elif rmult is not None:
-        r = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    r = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) if rmult is not None else None
     if m == 0 or p == 0:
-        if r is not None and given_r is None:
+        if r is not None:
             r.zero_()
         return out, r
     m_bucket = min(triton.next_power_of_2(m), 4096)
@@ -340,7 +334,7 @@ def _launch(x, src, mult, lo, hi, rmult, bits, resident=False, given_r=None):
             x3, src, mult, lo, hi, rmult, out, r, m, t, c, p, m_bucket,
             x3.stride(0), x3.stride(1), x3.stride(2), p, BITS=bits)
         return out, r
-    if r is not None and given_r is None:
+    if r is not None:
         bm, bc = (2, 32) if _INTERPRET else (4, 512)
         torch.library.wrap_triton(row_absmax_kernel)[(triton.cdiv(m, bm),)](
             x3, rmult, r, m, t, c, x3.stride(0), x3.stride(1), x3.stride(2), BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
