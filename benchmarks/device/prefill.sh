@@ -11,6 +11,8 @@
 # PARTs, in the order to run them (minutes are estimates until measured):
 #   build         time the CUTLASS first-use build a user gets (an fp16 model: 2 libraries + the API
 #                 library, cache emptied first); target <= 60 s on 16 cores                       ~1-2
+#   readme        OPT-13B 8 x 2048 at default settings (README's prefill column, issue 24): fp16 eager,
+#                 naive FP8, O1 and auto at O1's beta-3 flattening, O1 per-tensor, O3                ~8-9
 #   headline      OPT-13B 8 x 2048 in one call: fp16 eager, naive FP8, O1, O3 (default settings), fp16
 #                 Inductor last (the slower fp16 at 13B on the H100; lost first if time runs out);
 #                 fewer reps (warm-up 1, <= 5 timed, 3 s budget per point)                        ~7-9
@@ -95,6 +97,17 @@ case $PART in
     cat "$OUT/fusion.md" 2>/dev/null || true ;;
   headline) run --models 13b --methods fp16-eager,fp8-naive,fq-O1,fq-O3,fp16-inductor --batches 8 --seqs 2048 \
               --warmup 1 --reps 5 --budget 3 ;;
+  readme)
+    # the README headline's prefill column and issue 24's rows at what a user gets by default: O1 and auto
+    # at the flattening O1's default beta 3 gives on SmolLM2 (1.3% of channels), auto in the formats it
+    # chose there (40 of 210 layers FP8, the rest INT8: accuracy-smollm2-135m-full-cpu-2026-12-07.md), O1
+    # with per-tensor scales beside the per-token default (their cost, target <= 2%)
+    P=(--models 13b --batches 8 --seqs 2048 --warmup 1 --reps 5 --budget 3)
+    LIMIT=110 run "${P[@]}" --methods fp16-eager,fp8-naive
+    LIMIT=100 run "${P[@]}" --methods fq-O1 --flatten-ratio 0.013 --label beta3
+    LIMIT=100 run "${P[@]}" --methods fq-auto --auto-formats fp8=0.19,int8=0.81 --flatten-ratio 0.013 --label beta3
+    LIMIT=90 run "${P[@]}" --methods fq-O1 --flatten-ratio 0.013 --label beta3-tensor --activation-scale tensor
+    LIMIT=100 run "${P[@]}" --methods fq-O3 ;;
   headline-a) run --models 13b --methods fp16-eager,fp16-inductor,fp8-naive --batches 8 --seqs 2048 ;;
   headline-b) run --models 13b --methods fq-O3,fq-O1 --batches 8 --seqs 2048 ;;
   headline-c) run --models 13b --methods fq-O3 --batches 8 --seqs 2048 --gemm cutlass
