@@ -239,6 +239,8 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
         if args.cudagraphs != "auto":
             options["cudagraphs"] = args.cudagraphs == "true"
             info["cudagraphs"] = args.cudagraphs
+        if getattr(args, "defer_stop", "default") == "off":
+            options["defer_stop"] = False              # the host waits for every decode step
         model = torch.compile(model, backend="flattenquant", options=options, **compile_kw)   # fast.generate works
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -402,6 +404,7 @@ def run_method(method, size, device, dtype, args, rec):
                 kw["cache_implementation"] = "static"
             try:
                 before = compile_counts()
+                STOP_CHECKS["deferred"] = 0
                 stopwatch.reset()
                 t = time.monotonic()
                 model.generate(ids, **kw)          # first call: compiles the graphs of this batch size
@@ -424,6 +427,7 @@ def run_method(method, size, device, dtype, args, rec):
                 torch.cuda.empty_cache()
                 continue
             med = statistics.median(ms)
+            info["stop_check"] = "deferred" if STOP_CHECKS["deferred"] else "per step"
             rec(kind="decode", model=size, method=label(method, args), batch=b, prompt=args.prompt, new_tokens=args.new_tokens,
                 cache=cache, ms=round(med, 3), tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2),
                 reps=[round(x, 3) for x in ms], first_call_s=round(warm_s, 1), peak_bytes=peak(device),
@@ -435,6 +439,40 @@ def run_method(method, size, device, dtype, args, rec):
         rec(kind="graphs", model=size, method=label(method, args), graphs=len(reports(plan)),
             released_bytes=sum(r.released_bytes for r in reports(plan)))
     model = plan = None                        # free the GPU before the next method
+
+
+STOP_CHECKS = {"deferred": 0}
+
+
+def watch_stop_checks(force: bool = False) -> None:
+    """Count the deferred stop checks Hugging Face's generate() makes (our backend asks for them on CUDA:
+    fq_compile/generation.py), so that each decode row says whether its host waited for every step.
+    force (--defer-stop all): every method's generate() defers on CUDA, the fp16 and FP8 peers included,
+    by Hugging Face's own rule for the devices where it defers ("mps"): what the same host-side change gives
+    them, measured beside ours."""
+    try:
+        from transformers.generation import utils as gen_utils
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    cls = getattr(gen_utils, "DeferredStopCheck", None)
+    if cls is None:
+        if force:
+            raise SystemExit("--defer-stop all needs transformers' DeferredStopCheck (transformers >= 5.17)")
+        return
+    init = cls.__init__
+
+    def counted(self, *a, **k):
+        STOP_CHECKS["deferred"] += 1
+        init(self, *a, **k)
+
+    cls.__init__ = counted
+    if force:
+        supported = cls.is_supported
+
+        def is_supported(device, *a, **k):
+            return supported(torch.device("mps") if device.type == "cuda" else device, *a, **k)
+
+        cls.is_supported = staticmethod(is_supported)
 
 
 def compile_counts(before: dict | None = None) -> dict:
@@ -700,7 +738,7 @@ def decode_tables(rows, size) -> list[str]:
         base = _fastest_fp16(dec, r["batch"])
         bound = copy * 1e9 / wbytes[r["method"]] * r["batch"] if copy and wbytes.get(r["method"]) else None
         c = r.get("first_call_compiles") or {}
-        table.append([r["method"], r["batch"], r.get("cache", "-"), f"{r['tokens_per_s']:.1f}",
+        table.append([r["method"], r["batch"], r.get("cache", "-"), r.get("stop_check", "-"), f"{r['tokens_per_s']:.1f}",
                       f"{r['tokens_per_s'] / base:.2f}" if base else "-",
                       f"{100 * r['tokens_per_s'] / bound:.0f}%" if bound else "-",
                       r.get("first_call_s", r.get("warmup_s", "-")), _gb(r.get("peak_bytes")),
@@ -713,8 +751,10 @@ def decode_tables(rows, size) -> list[str]:
              "x fp16: over the fastest fp16 method at that batch. % bound: of the weight-streaming bound "
              "(copy bandwidth / resident weight bytes x batch)" + (f", copy bandwidth {copy:.0f} GB/s" if copy else "")
              + ". first call: the first generate() at that batch, compiling included. compiles: Dynamo graphs / "
-             "graph breaks / CUDA-graph skips in the first call; recompiles: graphs compiled during the timed calls.",
-             "", tabulate(table, headers=["method", "batch", "cache", "tokens/s", "x fp16", "% bound", "first call s",
+             "graph breaks / CUDA-graph skips in the first call; recompiles: graphs compiled during the timed calls. "
+             "stop check: per step = the host waits for each decode step (Hugging Face's default); deferred = "
+             "read one step late, so the host queues the next step while the GPU runs this one.",
+             "", tabulate(table, headers=["method", "batch", "cache", "stop check", "tokens/s", "x fp16", "% bound", "first call s",
                                           "peak GB (KV incl.)", "compiles", "recompiles"],
                           tablefmt="github", disable_numparse=True), ""]
     staged = [r for r in dec if r.get("first_call_stages") is not None]
@@ -920,6 +960,10 @@ def main(argv=None):
                     help="KV cache of the decode runs (fp16-eager always uses the dynamic one)")
     ap.add_argument("--cudagraphs", choices=["auto", "true", "false"], default="auto",
                     help="our backend's cudagraphs option (fq_compile/generation.py)")
+    ap.add_argument("--defer-stop", choices=["default", "all", "off"], default="default",
+                    help="generate()'s stop check: default = what each method gets (ours deferred on CUDA, Hugging "
+                         "Face's paths one host sync per step); all = deferred for every method (the peers too); "
+                         "off = ours with options defer_stop=False. Label such rows (--label)")
     ap.add_argument("--activation-scale", choices=["token", "tensor"], default=None,
                     help="our levels' activation scales (Config.activation_scale); default: the level's own")
     ap.add_argument("--label", default=None, help="suffix for the method names of this run's rows (e.g. warm-cache)")
@@ -996,6 +1040,8 @@ def main(argv=None):
         meta["triton"] = triton.__version__
     except ImportError:
         pass
+    meta["defer_stop"] = args.defer_stop
+    watch_stop_checks(force=args.defer_stop == "all")
     rec = Recorder(Path(args.out), meta)
     if device.type == "cuda" and args.decode:
         rec(kind="copy", gb_per_s=round(copy_bandwidth(), 1))

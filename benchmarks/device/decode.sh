@@ -21,6 +21,8 @@
 #   o1         fq-O1, batch 1/16/64                                                                ~6-8 min
 #   torchao    torchao int8 and int4 weight-only, 1/16/64                                          ~7-9 min
 #   fp8        naive FP8 (static cache, HF compiles), 1/16/64                                      ~5-7 min
+#   defer      batch 1: fq-O3 with the host waiting for every step (options defer_stop=False), naive FP8 and
+#              fp16-static with Hugging Face's deferred stop check forced on (what the same change gives them) ~4-6 min
 #   automem    fq-auto with the layer shares `auto` chose at memory_budget=0.30 on SmolLM2 (issue 23's
 #              memory-first row; results/accuracy-smollm2-135m-auto-memory-select-cpu-2026-12-07.md)  ~6-8 min
 #   compile    fq-O3's first generate() twice, in two processes: cold caches, then warm ones
@@ -54,6 +56,11 @@ case $PART in
   fp16)     run "${COMMON[@]}" --methods fp16-eager,fp16-static --decode-profile ;;
   torchao)  run "${COMMON[@]}" --methods torchao-int8wo,torchao-int4wo ;;
   fp8)      run "${COMMON[@]}" --methods fp8-naive ;;
+  defer)    # the deferred stop check's share of the headline: ours with the host waiting for every step
+            # (defer_stop=False), and the peers given the same deferral (Hugging Face's own DeferredStopCheck)
+            run --models "$MODEL" --batches '' --decode 1 --decode-reps 3 --budget 6 --methods fq-O3 --defer-stop off --label sync
+            run --models "$MODEL" --batches '' --decode 1 --decode-reps 3 --budget 6 --methods fp8-naive,fp16-static \
+                --defer-stop all --label defer-all ;;
   automem)  run "${COMMON[@]}" --methods fq-auto --auto-formats fp8=0.414,w4a8=0.462,int4=0.11,int8=0.014 \
                 --label auto-mem0.30 --decode-profile ;;   # the layer shares auto chose at memory_budget=0.30 on SmolLM2
   dynamic)  run --models "$MODEL" --batches '' --decode 1 --decode-reps 2 --methods fq-O3 --cache dynamic --label dynamic-cache \
