@@ -8,6 +8,7 @@ import copy
 import functools
 import operator
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,6 +157,91 @@ def test_mode_reduce_overhead_names_the_option_that_works():
             torch.randint(0, VOCAB, (1, 5)))
 
 
+def test_defer_stop_option_must_be_a_bool():
+    model, plan, ids, _ = _setup("opt")
+    with pytest.raises(Exception, match=r"options\['defer_stop'\] must be True or False"):
+        torch.compile(model, backend="flattenquant", options={"plan": plan, "defer_stop": "yes"})(ids)
+
+
+# -- deferred stop check -----------------------------------------------------------------------------
+
+def _deferred_stop_check():
+    return pytest.importorskip("transformers.generation.utils").__dict__.get("DeferredStopCheck") or pytest.skip(
+        "transformers < 5.17 has no DeferredStopCheck")
+
+
+def _is_supported_on_cuda(monkeypatch) -> list:
+    """Spy on DeferredStopCheck.is_supported as generate() calls it: record what it answers for a CUDA
+    device in the same state (the flag our hooks set), and answer this CPU run as before."""
+    dsc = _deferred_stop_check()
+    hooked = dsc.is_supported
+    answers = []
+
+    def spy(device, *args, **kwargs):
+        answers.append(hooked(torch.device("cuda"), *args, **kwargs))
+        return hooked(device, *args, **kwargs)
+
+    monkeypatch.setattr(dsc, "is_supported", staticmethod(spy))
+    return answers
+
+
+def test_generate_through_the_backend_defers_the_stop_check_on_cuda(monkeypatch):
+    """The flag set before the prefill reaches is_supported after it: on CUDA, generate() of a model
+    compiled by this backend defers its stop check; defer_stop=False or an uncompiled model does not."""
+    model, plan, ids, _ = _setup("opt")
+    answers = _is_supported_on_cuda(monkeypatch)
+    kw = dict(_kwargs("dynamic"), max_new_tokens=3, min_new_tokens=3)
+    with torch.no_grad():
+        torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False}).generate(ids, **kw)
+        assert answers == [True]
+        torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False,
+                                                              "defer_stop": False}).generate(ids, **kw)
+        assert answers == [True, False]
+        model.generate(ids, **kw)                   # not compiled: Hugging Face's rule (no deferring on CUDA)
+        assert answers == [True, False, False]
+        compiled = copy.deepcopy(model)             # the model.compile() form
+        compiled.compile(backend="flattenquant", options={"plan": plan, "inductor": False})
+        compiled.generate(ids, **kw)
+        assert answers == [True, False, False, True]
+
+
+def test_deferred_stop_flag_is_consumed_and_never_leaks():
+    """is_supported answers Hugging Face's deferring rule once per _valid_auto_compile_criteria call of
+    a model this backend compiles, on CUDA only; every call of the latter resets the flag."""
+    from transformers import StaticCache
+
+    dsc = _deferred_stop_check()
+    assert isinstance(dsc.__dict__["is_supported"], staticmethod)
+    model, plan, _, _ = _setup("opt")
+    ours = copy.deepcopy(model)
+    ours.compile(backend="flattenquant", options={"plan": plan})
+    cuda, cfg = torch.device("cuda"), model.generation_config
+
+    def criteria(m):
+        return m._valid_auto_compile_criteria({}, cfg)
+
+    assert criteria(ours) is False                      # Hugging Face's own compile stays off (second hook)
+    assert dsc.is_supported(cuda, None, False, False) is True
+    assert dsc.is_supported(cuda, None, False, False) is False         # consumed
+    criteria(ours)
+    assert dsc.is_supported(torch.device("cpu"), None, False, False) is False   # Hugging Face's answer on CPU
+    assert dsc.is_supported(cuda, None, False, False) is False         # ... and consumed there too
+    criteria(ours)
+    criteria(model)                                     # a later generate() of another model
+    assert dsc.is_supported(cuda, None, False, False) is False
+    # Hugging Face's rule where it defers: no assistant; a returned cache must be croppable
+    not_croppable = SimpleNamespace(is_croppable=False)     # all is_supported reads of a cache
+    for args, want in (((None, False, True), False), ((not_croppable, True, False), False),
+                       ((not_croppable, False, False), True), ((StaticCache(config=model.config, max_cache_len=8),
+                                                                True, False), True)):
+        criteria(ours)
+        assert dsc.is_supported(cuda, *args) is want, args
+    off = copy.deepcopy(model)
+    off.compile(backend="flattenquant", options={"plan": plan, "defer_stop": False})
+    criteria(off)
+    assert dsc.is_supported(cuda, None, False, False) is False
+
+
 def _cache_update_graph(static: bool):
     """cache[:, idx] = x in place (as a static KV cache's update), plus a read of the cache."""
     g = fx.Graph()
@@ -276,3 +362,42 @@ def test_cuda_generate_with_static_cache():
     launches = sum(1 for e in prof.events() if e.name == "cudaGraphLaunch")
     # every decode step replays (the new call's new cache re-records once: its address changed)
     assert launches >= steps // 2, f"{launches} CUDA graph launches for {steps} tokens"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_deferred_stop_check_gives_the_same_tokens(monkeypatch):
+    """On CUDA, fast.generate reads the stop flag one step late (DeferredStopCheck) unless
+    defer_stop=False, and the tokens are the same: for a generate() that runs to max_new_tokens and
+    for one whose rows both stop at EOS before it (the deferred check runs one extra step and drops it)."""
+    dsc = _deferred_stop_check()
+    made = []
+    init = dsc.__init__
+
+    def counting_init(self, *a, **kw):
+        made.append(1)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(dsc, "__init__", counting_init)
+    steps = 10
+    model = tiny_opt(layers=1, seed=3).cuda()
+    plan = fq_compile.calibrate(model, [b.cuda() for b in batches(n=2)], Config(level="O2", gamma=2.3), progress=False)
+    ids = torch.randint(0, VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(7)).cuda()
+    kw = dict(max_new_tokens=steps, do_sample=False, pad_token_id=1, cache_implementation="static")
+    outs = {}
+    with torch.no_grad():
+        for defer in (False, True):
+            torch._dynamo.reset()
+            fast = torch.compile(model, backend="flattenquant",
+                                 options={"plan": plan, "free_weights": False, "defer_stop": defer})
+            before = len(made)
+            full = fast.generate(ids, eos_token_id=[], **kw)
+            if not defer:   # EOS: row 0's 3rd generated token and row 1's 5th, so both rows stop early
+                eos = [int(full[0, PROMPT + 2]), int(full[1, PROMPT + 4])]
+            early = fast.generate(ids, eos_token_id=eos, **kw)
+            outs[defer] = (full, early)
+            assert len(made) - before == (2 if defer else 0), (defer, len(made) - before)
+    (full_f, early_f), (full_t, early_t) = outs[False], outs[True]
+    assert full_f.shape[1] == PROMPT + steps and early_f.shape[1] <= PROMPT + 5, (full_f.shape, early_f.shape)
+    assert torch.equal(full_t, full_f), f"{full_t.tolist()} != {full_f.tolist()}"
+    assert torch.equal(early_t, early_f), f"{early_t.tolist()} != {early_f.tolist()}"
