@@ -50,7 +50,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,memory.total --f
 {
 case $PART in
   headline) run --models "$MODEL" --batches '' --decode 1 --decode-reps 3 --budget 6 \
-                --methods fp16-eager,fq-O3,fp16-static,fp8-naive,fq-O1 ;;
+                --methods fp16-eager,fq-O3,fp16-static,fp8-naive,fq-O1 --decode-profile ;;
   o3)       run "${COMMON[@]}" --methods fq-O3 --decode-profile ;;
   o1)       run "${COMMON[@]}" --methods fq-O1 --decode-profile ;;
   fp16)     run "${COMMON[@]}" --methods fp16-eager,fp16-static --decode-profile ;;
