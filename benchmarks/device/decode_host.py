@@ -2,9 +2,11 @@
 
     python benchmarks/device/decode_host.py --model 1.3b --method fq-O3 [--tokens 32] [--out DIR]
 
-After the first generate() (timed, with Dynamo's compile-time table) and a warm one, three looks at
+After the first generate() (timed, with Dynamo's compile-time table) and a warm one, these looks at
 the same warm generate of --tokens new tokens:
-  1. wall time per token, no instrumentation;
+  1. wall time per token, no instrumentation; then where the host waits for the GPU (torch.cuda's sync
+     debug mode, per Python line) and what it issues per token (compiled regions, CUDA-graph replays,
+     launches outside graphs, synchronizations);
   2. GPU busy time per token from a CUDA-only torch.profiler trace (no CPU op tracing, which would
      slow the host and inflate the idle figure), union of kernel intervals;
   3. cProfile of the host side: the functions with the most own time and most cumulative time per
@@ -41,6 +43,11 @@ def main(argv=None):
     ap.add_argument("--out", default=".")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--device", default="cuda", help="cpu with --model tiny: a check of the script, not a figure")
+    ap.add_argument("--dynamic", choices=["none", "true"], default="none",
+                    help="torch.compile dynamic: none (Dynamo's default, what e2e.py's decode rows and users get) or "
+                         "true (float attributes become graph inputs, wrapped into tensors on every call)")
+    ap.add_argument("--defer-stop", choices=["default", "off"], default="default",
+                    help="ours: options defer_stop (default True); off: the host waits for every step")
     args = ap.parse_args(argv)
     out = Path(args.out) / f"decode-host-{args.method}-{args.model}.md"
     lines = [f"# Decode host profile: {args.method}, OPT-{args.model} shape, batch 1, {args.tokens} new tokens", "",
@@ -53,8 +60,10 @@ def main(argv=None):
 
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    opts = SimpleNamespace(dynamic_flag=True, batches=[], seqs=[], profile=False, decode=[1], max_autotune=False,
-                           auto_formats=None, gemm=None, cudagraphs="auto")
+    opts = SimpleNamespace(dynamic_flag=True if args.dynamic == "true" else None, batches=[], seqs=[], profile=False,
+                           decode=[1], max_autotune=False, auto_formats=None, gemm=None, cudagraphs="auto",
+                           defer_stop=args.defer_stop)
+    e2e.watch_stop_checks()
     t = time.monotonic()
     model, plan, info = e2e.prepare(args.method, args.model, dev, torch.float16, opts)
     emit(f"prepare (build + plan + compile wrapper): {time.monotonic() - t:.1f} s; {info}")
@@ -95,7 +104,10 @@ def main(argv=None):
         sync()
         walls.append((time.monotonic() - t) * 1e3 / n)
     wall = sorted(walls)[1]
-    emit(f"wall per token (median of 3, prefill included in the mean): {wall:.3f} ms = {1e3 / wall:.1f} tok/s")
+    emit(f"wall per token (median of 3, prefill included in the mean): {wall:.3f} ms = {1e3 / wall:.1f} tok/s; "
+         f"calls {', '.join(f'{w:.3f}' for w in walls)} ms/token; stop check deferred: {bool(e2e.STOP_CHECKS['deferred'])}")
+    if dev.type == "cuda":
+        emit(*host_syncs(model, ids, kw, n=args.tokens), *step_calls(model, ids, kw, n=args.tokens))
 
     pr = cProfile.Profile()
     pr.enable()
@@ -129,6 +141,54 @@ def main(argv=None):
     emit(f"## GPU kernels by total time ({args.top} largest; us per token, launches per token, median us per launch)",
          "", "| kernel | us/token | launches/token | median us |", "|---|---|---|---|",
          *(f"| `{k}` | {sum(v) / n:.1f} | {len(v) / n:.1f} | {sorted(v)[len(v) // 2]:.1f} |" for k, v in rows), "")
+
+
+def host_syncs(model, ids, kw, n: int) -> list[str]:
+    """Where the host waits for the GPU inside one warm generate(): torch.cuda's sync debug mode warns at
+    every synchronizing CUDA call (item() of a GPU tensor, .cpu(), a blocking copy); counted per Python
+    line.  With the deferred stop check a step should have none: any line here holds the host back."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model.generate(ids, **kw)
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            where[key] = where.get(key, 0) + 1
+    rows = sorted(where.items(), key=lambda kv: -kv[1])
+    return [f"## Host waits for the GPU in one generate() ({n} tokens; torch.cuda.set_sync_debug_mode)", "",
+            "| where (Python line) | synchronizing calls | per token |", "|---|---|---|",
+            *(f"| `{k}` | {c} | {c / n:.2f} |" for k, c in rows[:20]), "" if rows else "none", ""]
+
+
+def step_calls(model, ids, kw, n: int) -> list[str]:
+    """What the host issues per token (a CPU + CUDA trace): compiled regions entered, CUDA-graph replays,
+    kernel launches outside graphs, host-side synchronizations: one replay and nothing else is the goal."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+    keys = {"compiled regions entered": ("Torch-Compiled Region",), "CUDA-graph launches": ("cudaGraphLaunch",),
+            "kernel launches outside CUDA graphs": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"),
+            "host synchronizations": ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"),
+            "memcpy calls": ("cudaMemcpyAsync", "cudaMemcpy")}
+    counts = {k: 0 for k in keys}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            continue
+        for k, names in keys.items():
+            if e.name.startswith(names):
+                counts[k] += 1
+    return [f"## Host calls per token (CPU + CUDA trace of one generate(), {n} tokens; the prefill included)", "",
+            "| what | per token |", "|---|---|", *(f"| {k} | {v / n:.2f} |" for k, v in counts.items()), ""]
 
 
 def _spans(prof):
