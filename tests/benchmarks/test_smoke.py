@@ -139,3 +139,21 @@ def test_long_context_smoke(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [r["row"] for r in rows] == ["fp16 (Inductor)", "ours, fp16 KV", "ours, 8-bit KV"]
     assert rows[2]["kv_bytes"] * 4 == rows[1]["kv_bytes"] > 0
+
+
+def test_guard_cost_rows():
+    """benchmarks/guard_cost.py on a two-layer OPT: every compiled call of a generate() is priced (prefill +
+    decode steps), both with full guard evaluation and with only the guards that tell entries apart."""
+    full, skip, calls = _script("guard_cost").lookup_ms("flattenquant", layers=2, tokens=3)
+    assert calls == 3 and full > 0 and skip > 0, (full, skip, calls)
+
+
+def test_e2e_defer_stop_rows(tmp_path):
+    """e2e.py's decode rows say which stop check ran, counted: on the CPU (no events) Hugging Face's per-step
+    check, whatever our option says."""
+    e2e = _script("e2e")
+    e2e.main(["--smoke", "--out", str(tmp_path), "--batches", "", "--decode", "1", "--methods", "fq-O1",
+              "--defer-stop", "off", "--label", "sync"])
+    rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    dec = [r for r in rows if r.get("kind") == "decode"]
+    assert dec and all(r["stop_check"] == "per step" and r["method"] == "fq-O1@sync" for r in dec), dec
