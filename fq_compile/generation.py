@@ -29,9 +29,10 @@ the latest when torch.compile resolves the name) installs three narrow hooks.  T
 backend returns the original module's `generate` with, for the duration of that call only, the
 original module's calls routed through the compiled module's Dynamo context -- exactly what
 `model.compile()` installs permanently (`Module._compiled_call_impl`), so both forms share one
-mechanism and one set of compiled graphs.  Every other attribute, and every OptimizedModule of
-another backend, is untouched.  Routing is per call and per object: a thread running the original
-module while `fast.generate` runs would be routed too.
+mechanism and one set of compiled graphs; the call also checks the quantized weights once per graph,
+at its first forward, instead of at every step (runtime/guards.py's checked_once).  Every other
+attribute, and every OptimizedModule of another backend, is untouched.  Routing is per call and per
+object: a thread running the original module while `fast.generate` runs would be routed too.
 
 The second form compiles every call of the module (`model.compile()`), the prefill and each decode
 step included.  One thing breaks both forms: for static caches on CUDA, Hugging Face's generate()
@@ -99,6 +100,8 @@ import warnings
 
 import torch
 import torch.fx as fx
+
+from fq_compile.runtime.guards import checked_once
 
 CUDAGRAPH_CHOICES = ("auto", True, False)
 
@@ -299,7 +302,8 @@ def _routed_generate(fast):
 
         orig._compiled_call_impl = call
         try:
-            return generate(*args, **kwargs)
+            with checked_once():        # the weights are checked at the first call, not at every step
+                return generate(*args, **kwargs)
         finally:
             orig._compiled_call_impl = None
 

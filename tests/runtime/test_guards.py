@@ -209,6 +209,70 @@ def test_unchanged_values_pass_and_restored_weights_run_again(compiled_opt):
         assert torch.equal(fast(x).logits, before)
 
 
+def test_checked_once_checks_each_graph_at_its_first_call_in_the_scope(compiled_opt, monkeypatch):
+    """Inside one checked_once() scope a guard checks on its first call only (the decode steps of one
+    generate()); the next scope, and every call outside one, checks again: a change made inside a scope
+    raises at the first call after it."""
+    from fq_compile.runtime import guards
+
+    model, plan, fast, x, before = compiled_opt
+    picks = []
+    call = guards.WeightGuard.__call__
+
+    def counting(self, *args):            # a call checks unless it is in the scope the guard last checked in
+        scope = guards._SCOPE.get()
+        if scope is None or scope is not self.scope:
+            picks.append(1)
+        return call(self, *args)
+
+    monkeypatch.setattr(guards.WeightGuard, "__call__", counting)
+    w = model.model.decoder.layers[0].fc1.weight
+    with torch.no_grad():
+        with guards.checked_once():
+            for _ in range(3):
+                assert torch.equal(fast(x).logits, before)
+            assert len(picks) == 1, picks          # one graph, checked once in three calls
+            w.mul_(-1.0)                           # inside the scope: not seen until the scope ends
+            fast(x)
+        with pytest.raises(PlanMismatchError, match=r"fc1\.weight"):
+            fast(x)
+        with guards.checked_once(), pytest.raises(PlanMismatchError, match=r"fc1\.weight"):
+            fast(x)                                # a new scope checks at its first call
+        w.mul_(-1.0)
+        assert torch.equal(fast(x).logits, before)
+
+
+def test_generate_checks_the_weights_once_per_call():
+    """fast.generate() opens one checked_once() scope per call: a weight changed between two calls
+    raises at the second; within a call the guard checks at the first forward only."""
+    from fq_compile.runtime import guards
+
+    torch._dynamo.reset()
+    model = tiny_opt(layers=1)
+    plan = fq_compile.calibrate(model, batches(n=1), Config(level="O1"), progress=False)
+    fast = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=1)
+    checks = []
+    recheck = guards.WeightGuard.__call__
+
+    def spy(self, *args):
+        checks.append(guards._SCOPE.get() is not None and guards._SCOPE.get() is self.scope)
+        return recheck(self, *args)
+
+    with torch.no_grad():
+        fast.generate(ids, **kw)
+        guards.WeightGuard.__call__ = spy
+        try:
+            fast.generate(ids, **kw)
+        finally:
+            guards.WeightGuard.__call__ = recheck
+        assert checks and checks.count(False) <= 2 and checks.count(True) >= 2, checks   # prefill + 1st step
+        model.model.decoder.layers[0].fc1.weight.mul_(-1.0)
+        with pytest.raises(PlanMismatchError, match=r"fc1\.weight"):
+            fast.generate(ids, **kw)
+
+
 def test_a_plan_for_weights_with_entries_negated_is_refused():
     """sum|W| cannot tell these apart; the fingerprint can (any single element)."""
     model = tiny_llama(layers=1)
