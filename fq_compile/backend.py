@@ -44,6 +44,7 @@ What keeps a compiled model from silently running something else than its plan (
   * each compiled graph is wrapped in a WeightGuard: before every call, the parameters whose values
     the rewrite consumed (quantized weights and biases, folded norm weights) must be unchanged, or
     the call raises PlanMismatchError saying to recalibrate (in-place updates, load_state_dict);
+    inside fast.generate() at each graph's first call of the generate() only;
   * the module of every quantized linear gets a forward pre-hook that compiled code never runs: if
     Dynamo runs such a layer eagerly inside flattenquant-compiled code (a frame over its recompile
     limit, set_stance("eager_on_recompile")), it raises RecompileLimitError naming the remedies,
