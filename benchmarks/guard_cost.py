@@ -26,23 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.e2e import build_model  # noqa: E402
 from fq_compile.tools.synthetic import synthetic_plan  # noqa: E402
-
-
-def build(layers: int):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=layers, ffn_dim=256, num_attention_heads=4,
-                    max_position_embeddings=256, word_embed_proj_dim=64)
-    return OPTForCausalLM(cfg).eval()
 
 
 def lookup_ms(backend: str, layers: int, tokens: int) -> tuple[float, float, int]:
     """(guard ms per call with full evaluation, with skip_guard_eval_unsafe, compiled calls per generate)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = build(layers)
+    model = build_model("tiny", torch.device("cpu"), torch.float32, layers=layers)   # hidden 64, vocab 512
     torch._dynamo.reset()
     if backend == "flattenquant":
         plan = synthetic_plan(model, "O3", flatten_ratio=0.2, int4_share=0.45, source="guard_cost.py",

@@ -97,26 +97,24 @@ def main(argv=None):
     emit(f"second generate(): {second * 1e3:.1f} ms (GPU busy {busy2:.1f} ms); {e2e.compile_counts(before)}", "")
 
     n = args.tokens
-    walls = []
-    for _ in range(3):
-        t = time.monotonic()
-        model.generate(ids, **kw)
-        sync()
-        walls.append((time.monotonic() - t) * 1e3 / n)
-    wall = sorted(walls)[1]
-    emit(f"wall per token (median of 3, prefill included in the mean): {wall:.3f} ms = {1e3 / wall:.1f} tok/s; "
-         f"calls {', '.join(f'{w:.3f}' for w in walls)} ms/token; stop check deferred: {bool(e2e.STOP_CHECKS['deferred'])}")
-    # Dynamo's guard evaluation per call (CPU, 40-layer OPT at hidden 64 through this backend: 2.2 ms a call
-    # under the profiler, 0.27 ms with skip_guard_eval_unsafe): what skipping it would give, measured, not built
-    skip = []
-    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+
+    def per_token(label):
+        """Three warm generate() calls, ms per token each; the line says their median and each."""
+        walls = []
         for _ in range(3):
             t = time.monotonic()
             model.generate(ids, **kw)
             sync()
-            skip.append((time.monotonic() - t) * 1e3 / n)
-    emit(f"the same with torch.compiler.set_stance(skip_guard_eval_unsafe=True) (not what users get): "
-         f"{sorted(skip)[1]:.3f} ms/token = {1e3 / sorted(skip)[1]:.1f} tok/s; calls {', '.join(f'{w:.3f}' for w in skip)}")
+            walls.append((time.monotonic() - t) * 1e3 / n)
+        wall = sorted(walls)[1]
+        return (f"{label}: {wall:.3f} ms/token = {1e3 / wall:.1f} tok/s (median of 3, prefill included in the mean); "
+                f"calls {', '.join(f'{w:.3f}' for w in walls)} ms/token")
+
+    emit(per_token("wall per token") + f"; stop check deferred: {bool(e2e.STOP_CHECKS['deferred'])}")
+    # Dynamo's guard evaluation per call (CPU, 40-layer OPT at hidden 64 through this backend: 2.1-2.6 ms a
+    # call, 0.27 ms with skip_guard_eval_unsafe: benchmarks/guard_cost.py): what skipping it would give here
+    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+        emit(per_token("the same with torch.compiler.set_stance(skip_guard_eval_unsafe=True) (not what users get)"))
     if dev.type == "cuda":
         emit(*host_syncs(model, ids, kw, n=args.tokens), *step_calls(model, ids, kw, n=args.tokens))
 
