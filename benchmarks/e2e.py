@@ -722,6 +722,16 @@ def _fastest_fp16(dec, b):
     return max((r["tokens_per_s"] for r in dec if r["method"] in FP16 and r["batch"] == b), default=None)
 
 
+def _call_range(r) -> str:
+    """tokens/s of the slowest and the fastest timed call ("-" for one call): the host's noise shows here
+    (H100, 2026-12-07: O3's calls 8.8 to 13.8 ms a token on one machine)."""
+    reps = r.get("reps") or []
+    if len(reps) < 2:
+        return "-"
+    n = r["batch"] * r["new_tokens"] * 1e3
+    return f"{n / max(reps):.1f}-{n / min(reps):.1f}"
+
+
 def decode_tables(rows, size) -> list[str]:
     """Issue 10's decode table (one row per method and batch) and, where profiled, where a decode
     step's time goes."""
@@ -739,6 +749,7 @@ def decode_tables(rows, size) -> list[str]:
         bound = copy * 1e9 / wbytes[r["method"]] * r["batch"] if copy and wbytes.get(r["method"]) else None
         c = r.get("first_call_compiles") or {}
         table.append([r["method"], r["batch"], r.get("cache", "-"), r.get("stop_check", "-"), f"{r['tokens_per_s']:.1f}",
+                      _call_range(r),
                       f"{r['tokens_per_s'] / base:.2f}" if base else "-",
                       f"{100 * r['tokens_per_s'] / bound:.0f}%" if bound else "-",
                       r.get("first_call_s", r.get("warmup_s", "-")), _gb(r.get("peak_bytes")),
@@ -747,14 +758,15 @@ def decode_tables(rows, size) -> list[str]:
     d0 = dec[0]
     lines = [f"## OPT-{size}: decode (issue 10)",
              f"generate(): {d0.get('prompt')}-token prompt, {d0.get('new_tokens')} new tokens, greedy, batch as "
-             "listed; tokens/s over the whole call (prefill included), median of timed calls after the first. "
+             "listed; tokens/s over the whole call (prefill included), median of timed calls after the first; "
+             "calls: the slowest and the fastest timed call. "
              "x fp16: over the fastest fp16 method at that batch. % bound: of the weight-streaming bound "
              "(copy bandwidth / resident weight bytes x batch)" + (f", copy bandwidth {copy:.0f} GB/s" if copy else "")
              + ". first call: the first generate() at that batch, compiling included. compiles: Dynamo graphs / "
              "graph breaks / CUDA-graph skips in the first call; recompiles: graphs compiled during the timed calls. "
              "stop check: per step = the host waits for each decode step (Hugging Face's default); deferred = "
              "read one step late, so the host queues the next step while the GPU runs this one.",
-             "", tabulate(table, headers=["method", "batch", "cache", "stop check", "tokens/s", "x fp16", "% bound", "first call s",
+             "", tabulate(table, headers=["method", "batch", "cache", "stop check", "tokens/s", "calls", "x fp16", "% bound", "first call s",
                                           "peak GB (KV incl.)", "compiles", "recompiles"],
                           tablefmt="github", disable_numparse=True), ""]
     staged = [r for r in dec if r.get("first_call_stages") is not None]
@@ -955,7 +967,7 @@ def main(argv=None):
                          "Table 4 figure); pair with --label to keep the rows apart")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--decode-reps", type=int, default=3)
+    ap.add_argument("--decode-reps", type=int, default=5)
     ap.add_argument("--cache", choices=["static", "dynamic"], default="static",
                     help="KV cache of the decode runs (fp16-eager always uses the dynamic one)")
     ap.add_argument("--cudagraphs", choices=["auto", "true", "false"], default="auto",

@@ -42,14 +42,14 @@ MODEL=${MODEL:-13b}                       # the OPT shape (1.3b, 6.7b, 13b, 30b)
 # 3 timed calls after the first, median: our second generate() is slower than the later ones (fq-O3 13B
 # 2416 ms, then 1804 ms; HF's compile 1599 / 1594), likely the CUDA-graph trees recording the prefill graph,
 # which each generate() calls once (warmed up in call 1, recorded in call 2); with 2 the median averaged it in
-COMMON=(--models "$MODEL" --batches '' --decode 1,16,64 --decode-reps 3 --budget 6)
+COMMON=(--models "$MODEL" --batches '' --decode 1,16,64 --decode-reps 5 --budget 8)
 run() { timeout "$LIMIT" python3 benchmarks/e2e.py --out "$OUT" --time-limit $((LIMIT - 60)) "$@" || echo "e2e.py exited with $?"; }
 brief() { python3 benchmarks/e2e.py --brief "$OUT/e2e.jsonl" || true; }
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv | tee -a "$OUT/decode-$PART.log" || true
 {
 case $PART in
-  headline) run --models "$MODEL" --batches '' --decode 1 --decode-reps 3 --budget 6 \
+  headline) run --models "$MODEL" --batches '' --decode 1 --decode-reps 5 --budget 8 \
                 --methods fp16-eager,fq-O3,fp16-static,fp8-naive,fq-O1 --decode-profile ;;
   o3)       run "${COMMON[@]}" --methods fq-O3 --decode-profile ;;
   o1)       run "${COMMON[@]}" --methods fq-O1 --decode-profile ;;
@@ -58,8 +58,8 @@ case $PART in
   fp8)      run "${COMMON[@]}" --methods fp8-naive ;;
   defer)    # the deferred stop check's share of the headline: ours with the host waiting for every step
             # (defer_stop=False), and the peers given the same deferral (Hugging Face's own DeferredStopCheck)
-            run --models "$MODEL" --batches '' --decode 1 --decode-reps 3 --budget 6 --methods fq-O3 --defer-stop off --label sync
-            run --models "$MODEL" --batches '' --decode 1 --decode-reps 3 --budget 6 --methods fp8-naive,fp16-static \
+            run --models "$MODEL" --batches '' --decode 1 --decode-reps 5 --budget 8 --methods fq-O3 --defer-stop off --label sync
+            run --models "$MODEL" --batches '' --decode 1 --decode-reps 5 --budget 8 --methods fp8-naive,fp16-static \
                 --defer-stop all --label defer-all ;;
   automem)  run "${COMMON[@]}" --methods fq-auto --auto-formats fp8=0.414,w4a8=0.462,int4=0.11,int8=0.014 \
                 --label auto-mem0.30 --decode-profile ;;   # the layer shares auto chose at memory_budget=0.30 on SmolLM2

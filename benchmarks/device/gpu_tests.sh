@@ -36,6 +36,9 @@ echo "== CUTLASS build (background): the instances the GPU tests call"
 BUILD=$!
 
 echo "== pytest -m gpu"
+# how many tests this run should report (a run cut by LIMIT after its last test still says "all N reported")
+WANT=$(python3 -m pytest -m gpu --collect-only -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>/dev/null \
+       | grep -oE '^[0-9]+(/[0-9]+)? tests? collected' | grep -oE '^[0-9]+')
 : > "$OUT/gpu-tests-durations.txt"
 FQ_TEST_LOG="$OUT/gpu-tests-durations.txt" timeout "${LIMIT:-330}" python3 -m pytest -m gpu -q -rfEs \
   -p no:cacheprovider --durations=20 --durations-min=0 -n "${WORKERS:-8}" ${PYTEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1
@@ -54,6 +57,10 @@ count() { grep -cE "^ *[0-9.]+s call +$1 " "$OUT/gpu-tests-durations.txt"; }
   echo "CUTLASS build: $(tail -1 "$OUT/cutlass-build.log")"
   echo "pytest exit: $RC$([ $RC -eq 124 ] && echo ' (cut by LIMIT)')"
   echo "passed: $(count passed)  failed: $(count failed)  skipped: $(grep -cE ' skipped ' "$OUT/gpu-tests-durations.txt")  errors: $(grep -cE '^ *[0-9.]+s (setup|teardown) +failed ' "$OUT/gpu-tests-durations.txt")"
+  GOT=$(grep -oE '(call|setup) +(passed|failed|skipped) +\S+' "$OUT/gpu-tests-durations.txt" | awk '{print $3}' | sort -u | wc -l)
+  if [ -z "$WANT" ]; then echo "reported: $GOT tests (collected count unavailable)"
+  elif [ "$GOT" -ge "$WANT" ]; then echo "reported: all $WANT collected tests"
+  else echo "reported: $GOT of $WANT collected tests ($((WANT - GOT)) never reported: cut by LIMIT or crashed)"; fi
   echo
   echo "failures and skips:"
   grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/gpu-tests.log" | cut -c1-220
