@@ -157,3 +157,13 @@ def test_e2e_defer_stop_rows(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
     dec = [r for r in rows if r.get("kind") == "decode"]
     assert dec and all(r["stop_check"] == "per step" and r["method"] == "fq-O1@sync" for r in dec), dec
+
+
+def test_fp8_gemm_smoke(tmp_path):
+    out = tmp_path / "fp8.md"
+    text = _script("fp8_gemm").main(["--smoke", "--out", str(out)])
+    assert out.read_text() == text
+    header = next(line for line in text.splitlines() if line.startswith("| layer"))
+    assert [c.strip() for c in header.strip("|").split("|")][2:] == _script("fp8_gemm").COLUMNS
+    row = next(line for line in text.splitlines() if line.startswith("| tiny"))
+    assert "refused" not in row and row.count("us (") == 6
