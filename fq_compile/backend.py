@@ -34,6 +34,11 @@ kernels inline through torch.library.triton_op).  Options:
                (passes/regions.py): decoder blocks that are the same program on same-shaped tensors
                are outlined into one shared body that Inductor compiles once; the rest stay inline.
                The graph's report says how many blocks shared how many bodies.
+    fuse_siblings  True (default; env FQ_FUSE_SIBLINGS=0 turns it off) | False: layers that read one input
+               in the same integer format (q/k/v, gate/up) run as one GEMM over their weights concatenated
+               along N, its output split to each layer (passes/siblings.py): one wide launch instead of
+               several narrow ones, the same bits.  explain() marks each such layer "fused: q_proj+k_proj+...".
+               Not for e4m3 layers (fp8, w4a8: float accumulation) nor tensor-parallel ones.
     defer_stop True (default) | False: generate() on CUDA reads Hugging Face's stop flag one step late
                (transformers' DeferredStopCheck), so that the host queues each decode step while the
                GPU still runs the previous one instead of waiting for it (6 ms of GPU idle in a 15.7 ms
@@ -71,7 +76,7 @@ from fq_compile.runtime.guards import WeightGuard, guard_eager_runs
 from fq_compile.runtime.state import reports
 
 _KNOWN_OPTIONS = {"plan", "dump_dir", "inductor", "free_weights", "gemm", "cudagraphs", "mode", "regions",
-                  "deterministic", "defer_stop"}
+                  "deterministic", "defer_stop", "fuse_siblings"}
 
 
 class BackendOptionsError(ValueError):
@@ -122,7 +127,8 @@ def flattenquant(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     with stopwatch.stage("rewrite"):
         attention = rewrite_attention(gm, example_inputs, plan)     # first: it names sites by their linears
         if plan.config.quantize:
-            report = rewrite(gm, example_inputs, plan, index, gemm_mode=options.get("gemm"))
+            report = rewrite(gm, example_inputs, plan, index, gemm_mode=options.get("gemm"),
+                             fuse_siblings=_fuse_siblings(options))
         else:
             report = GraphReport(index, code=gm.code)
     report.attention = attention
@@ -177,6 +183,14 @@ def _guard_layers(gm, example_inputs, report: GraphReport) -> None:
         warnings.warn(f"fq_compile: could not find the module of {len(missing)} quantized layer(s) (e.g. {missing[0]}) "
                       "in the frame Dynamo traced; if Dynamo ever runs them eagerly (recompile limit), they would "
                       "compute in floating point without an error", RuntimeWarning, stacklevel=2)
+
+
+def _fuse_siblings(options: dict) -> bool:
+    """options['fuse_siblings'], else env FQ_FUSE_SIBLINGS (on unless 0 / false / off)."""
+    value = options.get("fuse_siblings", os.environ.get("FQ_FUSE_SIBLINGS", "1") not in ("0", "false", "off"))
+    if not isinstance(value, bool):
+        raise BackendOptionsError(f"options['fuse_siblings'] must be True or False, got {value!r}")
+    return value
 
 
 def _outline(gm, inserted: set, report: GraphReport, options: dict):

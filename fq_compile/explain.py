@@ -166,7 +166,7 @@ def _collect(plan: QuantPlan):
         where = seen[-1].smoothing if seen else g.fold
         keys, ops, smooth_notes = [], [], []
         for lr in seen:
-            op = lr.op + (f" +{lr.act}" if lr.act != "none" else "")
+            op = lr.op + (f" +{lr.act}" if lr.act != "none" else "") + (f" [fused: {lr.fused}]" if lr.fused else "")
             ops.append(op)
             label = f"{lr.quantize}, {lr.scales} scale" if lr.scales else lr.quantize
             q = f"{label} ({lr.quantize_why})" if lr.quantize_why else (label or "-")

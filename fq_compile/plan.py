@@ -361,7 +361,9 @@ class QuantPlan:        # plans) on a recompile, and field-wise equality would c
                                  fold_fingerprints=g.fold_fingerprints, activation_scale=g.activation_scale)
         for lname, lp in self.layers.items():
             li = len(layers)
-            tensors[f"l{li}.weight_q"] = lp.weight_q.contiguous()
+            # a row view of weights fused with its siblings' (passes/siblings.py) is written as a tensor of its own
+            wq = lp.weight_q
+            tensors[f"l{li}.weight_q"] = wq.clone() if wq._base is not None else wq.contiguous()
             tensors[f"l{li}.weight_scale"] = lp.weight_scale.contiguous()
             if lp.bias is not None:
                 tensors[f"l{li}.bias"] = lp.bias.contiguous()

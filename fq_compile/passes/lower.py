@@ -79,6 +79,7 @@ from fq_compile.passes.match import (
     param_fqn,
     placeholder_inputs,
 )
+from fq_compile.passes import siblings
 from fq_compile.passes.shard import local_input, tp_linear, wrap_output
 from fq_compile.plan import GroupPlan, PlanMismatchError, QuantPlan, stale_message
 from fq_compile.runtime.guards import fingerprint
@@ -102,6 +103,7 @@ class LayerReport:
     gemm: str = ""          # the GEMM kernel at this graph's shape: "CUTLASS <config>", "Triton", ...
     gemm_why: str = ""
     act: str = "none"       # epilogue activation folded into the GEMM ("relu")
+    fused: str = ""         # the layers sharing this layer's GEMM (passes/siblings.py), e.g. "q_proj+k_proj+v_proj"
     scales: str = ""        # the activation's scale: "per tensor", "per token" (flattened formats), "" otherwise
 
 
@@ -135,20 +137,25 @@ def _const(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
 
 
 def rewrite(gm: fx.GraphModule, example_inputs, plan: QuantPlan, index: int = 0, group_hook=None,
-            gemm_mode: str | None = None) -> GraphReport:
+            gemm_mode: str | None = None, fuse_siblings: bool = False) -> GraphReport:
     """Replace the plan's linears in `gm` (see the module docstring); returns what was done.
 
     group_hook(gm, group_plan, x_node, smoothing, first_linear_node) runs before each group is
     rewritten: calibration uses it to observe the inputs of the partially quantized model (GPTQ).
     gemm_mode: the backend's options['gemm'] (None: FQ_GEMM), for the recorded GEMM choices.
+    fuse_siblings: layers of one group that can share a GEMM run as one over their concatenated weights
+    (passes/siblings.py; the backend's options['fuse_siblings']).  Off here by default: calibration's
+    GPTQ pass rewrites through this function and updates the plan's weights in place afterwards.
 
     In four steps, each its own function: find and check the planned linears, grouped by the tensor
     they read (`_collect`); decide where each group's smoothing lives in this graph (`_decide_folds`);
-    lower each group (`_lower_group`: its activation quantize, then per layer the GEMM, `_lower_layer`);
+    lower each group (`_lower_group`: its activation quantize, then per layer the GEMM, `_lower_layer`, or
+    one GEMM for siblings that share it, `_lower_siblings`);
     fold ReLUs into GEMM epilogues and start the CUTLASS builds the choices need."""
     mode = dispatch.parse_mode(gemm_mode, "options['gemm']") if gemm_mode is not None else None
     runtime = placeholder_inputs(gm, example_inputs)
-    rw = _Rewrite(gm, plan, GraphReport(index), runtime, _param_names(gm, example_inputs, runtime, plan), mode)
+    rw = _Rewrite(gm, plan, GraphReport(index), runtime, _param_names(gm, example_inputs, runtime, plan), mode,
+                  fuse_siblings)
     by_input = _collect(rw)
     groups, folds = _decide_folds(rw, by_input)
     realized_rows = {g.fold[len("rows:"):] for g in groups.values() if folds[g.name][0].startswith("rows:")}
@@ -174,6 +181,7 @@ class _Rewrite:
     runtime: dict                    # placeholder -> its runtime value
     name_of: ParamNames
     mode: str | None                 # options['gemm']
+    fuse_siblings: bool              # options['fuse_siblings']: siblings share one GEMM (passes/siblings.py)
     tp: dict = field(default_factory=dict)          # DTensor linears: layer -> TPLinear (passes/shard.py)
     readers: dict = field(default_factory=dict)     # linear call node -> the node that reads x for it (TP)
     to_local: dict = field(default_factory=dict)
@@ -294,45 +302,102 @@ def _lower_group(rw: _Rewrite, x: fx.Node, members, g: GroupPlan, fold, realized
     producer, fusable = describe_producer(x)
     grp = _Group(x, g, smoothing, note, device, info, _rows(xv), dispatch.decide_quantize(info, producer, fusable),
                  _decode_sized(x))
-    for name, form in members:
-        _lower_layer(rw, grp, name, form, realized_rows)
+    for run in _runs(rw, members):
+        if len(run) == 1:
+            _lower_layer(rw, grp, *run[0], realized_rows)
+        else:
+            _lower_siblings(rw, grp, run, realized_rows)
+
+
+def _layer_plan(rw: _Rewrite, name: str):
+    return rw.tp[name].layer if name in rw.tp else rw.plan.layers[name]
+
+
+def _out_dtype(form: LinearForm) -> torch.dtype:
+    v = example_value(form.out)
+    return v.dtype if v is not None else torch.float32
+
+
+def _runs(rw: _Rewrite, members) -> list[list]:
+    """The group's layers as GEMM runs: siblings that can share one GEMM together (passes/siblings.py),
+    every other layer alone; one run per layer when options['fuse_siblings'] is off."""
+    if not rw.fuse_siblings:
+        return [[m] for m in members]
+    keys = [siblings.fusion_key(_layer_plan(rw, n), _out_dtype(f), n in rw.tp) for n, f in members]
+    return siblings.sibling_runs(members, keys)
 
 
 def _lower_layer(rw: _Rewrite, grp: _Group, name: str, form: LinearForm, realized_rows: set) -> None:
     """One planned linear: its GEMM (and the group's quantize, the first time a kind is needed) in
     place of the linear, the row fold undone where it does not hold here, and its report."""
-    gm, plan, x, device = rw.gm, rw.plan, grp.x, grp.device
-    lp = rw.tp[name].layer if name in rw.tp else plan.layers[name]
-    node = form.out
-    out_dtype = example_value(node).dtype if example_value(node) is not None else torch.float32
+    gm, plan, device = rw.gm, rw.plan, grp.device
+    lp = _layer_plan(rw, name)
+    out_dtype = _out_dtype(form)
     act = _ACTIVATION[lp.format]
-    reason = "" if grp.smoothing != "op" else grp.note
-    fused = grp.decode and act != "f8"
     with gm.graph.inserting_before(form.node):
         args, rmult = _activation(rw, grp, lp, act)
         wq = _const(gm, f"fq_{name}_wq", device_tensor(plan, f"{name}.wq", lp.weight_q, device))
         bias = (_const(gm, f"fq_{name}_bias", device_tensor(plan, f"{name}.bias", lp.bias, device))
                 if lp.bias is not None else None)
         scale = _const(gm, f"fq_{name}_scale", _layer_scale(plan, lp, device))
-        xq, rows = grp.quantized[act]
-        if fused:
-            flat_linear_op.reserve(device, lp.out_features)   # its workspace, before any CUDA graph
-            new = gemm = gm.graph.call_function(torch.ops.fq.flat_linear.default,
-                                                (x, *args, lp.bits, wq, scale, bias, out_dtype),
-                                                {"rmult": rmult, "r": rows, "xq": xq} if rmult is not None
-                                                else {"xq": xq})
-        else:
-            op = getattr(torch.ops.fq, f"{lp.format}_linear").default
-            new = gemm = gm.graph.call_function(op, (xq, wq, scale, bias, out_dtype),
-                                                {"row_scale": rows} if rows is not None else {})
-        if lp.rows_folded_from and name not in realized_rows:
-            new = _unfold_rows(rw, name, lp, new, out_dtype, device)
-            reason = (reason + "; " if reason else "") + (
-                f"output multiplied by the smoothing of {lp.rows_folded_from} (not folded in this graph)")
+        gemm = _gemm(rw, grp, lp, (args, rmult), (wq, scale, bias), lp.out_features, out_dtype)
+    _finish_layer(rw, grp, name, form, gemm, gemm, realized_rows)
+
+
+def _lower_siblings(rw: _Rewrite, grp: _Group, run: list, realized_rows: set) -> None:
+    """Layers of one group that share one GEMM over their concatenated weights (passes/siblings.py),
+    placed before the first of them; each layer's columns then take its linear's place."""
+    gm, names = rw.gm, [n for n, _ in run]
+    lps = [_layer_plan(rw, n) for n in names]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = min((f.node for _, f in run), key=order.__getitem__)
+    label = siblings.run_label(names)
+    wq, scale, bias = siblings.fused_tensors(rw.plan, names, grp.device)
+    n_total = sum(lp.out_features for lp in lps)
+    with gm.graph.inserting_before(first):
+        operands = _activation(rw, grp, lps[0], _ACTIVATION[lps[0].format])
+        consts = [_const(gm, f"fq_{names[0]}_{label}_{k}", t) if t is not None else None
+                  for k, t in (("wq", wq), ("scale", scale), ("bias", bias))]
+        gemm = _gemm(rw, grp, lps[0], operands, consts, n_total, _out_dtype(run[0][1]))
+        parts = siblings.split_output(gm.graph, gemm, [lp.out_features for lp in lps])
+    for (name, form), part in zip(run, parts):
+        _finish_layer(rw, grp, name, form, part, gemm, realized_rows, (label, n_total))
+
+
+def _gemm(rw: _Rewrite, grp: _Group, lp, operands, consts, n: int, out_dtype) -> fx.Node:
+    """The GEMM node of `lp`'s format on the group's activation, over `n` output channels: fq.flat_linear
+    at decode sizes (flattened formats), else the format's linear op on the group's quantize."""
+    (args, rmult), (wq, scale, bias) = operands, consts
+    act = _ACTIVATION[lp.format]
+    xq, rows = grp.quantized[act]
+    if grp.decode and act != "f8":
+        flat_linear_op.reserve(grp.device, n)   # its workspace, before any CUDA graph
+        return rw.gm.graph.call_function(torch.ops.fq.flat_linear.default,
+                                         (grp.x, *args, lp.bits, wq, scale, bias, out_dtype),
+                                         {"rmult": rmult, "r": rows, "xq": xq} if rmult is not None else {"xq": xq})
+    op = getattr(torch.ops.fq, f"{lp.format}_linear").default
+    return rw.gm.graph.call_function(op, (xq, wq, scale, bias, out_dtype),
+                                     {"row_scale": rows} if rows is not None else {})
+
+
+def _finish_layer(rw: _Rewrite, grp: _Group, name: str, form: LinearForm, new: fx.Node, gemm: fx.Node,
+                  realized_rows: set, run: tuple | None = None) -> None:
+    """`new` (the layer's output) takes the linear's place, its row fold undone where it does not hold
+    here, the DTensor wrap restored; then the layer's report row (run: (label, N) of a shared GEMM)."""
+    lp = _layer_plan(rw, name)
+    out_dtype = _out_dtype(form)
+    reason = "" if grp.smoothing != "op" else grp.note
+    if lp.rows_folded_from and name not in realized_rows:
+        with rw.gm.graph.inserting_before(form.node):
+            new = _unfold_rows(rw, name, lp, new, out_dtype, grp.device)
+        reason = (reason + "; " if reason else "") + (
+            f"output multiplied by the smoothing of {lp.rows_folded_from} (not folded in this graph)")
     if name in rw.tp:
-        new = wrap_output(gm, new, rw.tp[name])    # back to the DTensor the graph expects
+        new = wrap_output(rw.gm, new, rw.tp[name])    # back to the DTensor the graph expects
     _replace_linear(rw, form, new)
-    _report_layer(rw, grp, name, lp, act, fused, rmult is not None, reason, gemm, out_dtype)
+    act = _ACTIVATION[lp.format]
+    per_token = act != "f8" and grp.consts[lp.bits].get("rmult") is not None
+    _report_layer(rw, grp, name, lp, act, grp.decode and act != "f8", per_token, reason, gemm, out_dtype, run)
 
 
 def _activation(rw: _Rewrite, grp: _Group, lp, act: str):
@@ -385,8 +450,20 @@ def _replace_linear(rw: _Rewrite, form: LinearForm, new: fx.Node) -> None:
             rw.report.replaced_params[fqn] = p_node
 
 
-def _report_layer(rw: _Rewrite, grp: _Group, name, lp, act, fused, per_token, reason, gemm, out_dtype) -> None:
-    """The layer's row of the graph report: op, smoothing, both kernel choices and why."""
+def _report_layer(rw: _Rewrite, grp: _Group, name, lp, act, fused, per_token, reason, gemm, out_dtype,
+                  run: tuple | None = None) -> None:
+    """The layer's row of the graph report: op, smoothing, both kernel choices and why; run: (label, N)
+    where the layer shares its GEMM with its siblings (its row says so, the choice is the shared GEMM's)."""
+    n = run[1] if run else lp.out_features
+    before = len(rw.report.layers)
+    _report_row(rw, grp, name, lp, act, fused, per_token, reason, gemm, out_dtype, n)
+    if run and len(rw.report.layers) > before:
+        lr = rw.report.layers[-1]
+        lr.fused = run[0]
+        lr.gemm_why = (lr.gemm_why + "; " if lr.gemm_why else "") + f"one GEMM of N={n} with its siblings"
+
+
+def _report_row(rw: _Rewrite, grp: _Group, name, lp, act, fused, per_token, reason, gemm, out_dtype, n) -> None:
     if act == "f8":
         rw.report.layers.append(LayerReport(
             name, f"fq.{lp.format}_linear", grp.smoothing, reason, quantize="fp8_quantize", scales="per tensor",
@@ -403,7 +480,7 @@ def _report_layer(rw: _Rewrite, grp: _Group, name, lp, act, fused, per_token, re
             gemm="Triton weight-streaming (kernels/triton/decode.py)", gemm_why="M <= decode_max_m()", scales=scales))
         return
     g = grp.g
-    gchoice = dispatch.decide(lp.bits, grp.m, lp.out_features, g.flat_features, out_dtype, grp.info, mode=rw.mode) \
+    gchoice = dispatch.decide(lp.bits, grp.m, n, g.flat_features, out_dtype, grp.info, mode=rw.mode) \
         if grp.m is not None else dispatch.Choice("triton", "", "rows unknown at compile time")
     lr = LayerReport(name, f"fq.{lp.format}_linear", grp.smoothing, reason, quantize=grp.qchoice.label(),
                      quantize_why=grp.qchoice.why, gemm=gchoice.label(), gemm_why=gchoice.why, scales=scales)

@@ -17,8 +17,8 @@ def _decode_code(model, level: str) -> str:
     plan = fq_compile.calibrate(model, batches(n=1), Config(level=level), progress=False)
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(
-            torch.randint(0, VOCAB, (1, 5)))
+        torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False,
+                                                              "fuse_siblings": False})(torch.randint(0, VOCAB, (1, 5)))
     return reports(plan)[0].code
 
 
@@ -26,7 +26,8 @@ def test_decode_op_reads_the_groups_quantize():
     """In a decode-sized graph every fq.flat_linear gets x and x's quantize as operands: `xq` (and, with
     per-token scales, the default for flattened levels, `r`) from the group's quantize node, the one a
     larger graph's GEMMs read, made once per (input, bits) and shared by the layers reading that input
-    (q/k/v, gate/up) and fused by Inductor into x's producer: no quantize is launched per call."""
+    (q/k/v, gate/up) and fused by Inductor into x's producer: no quantize is launched per call.  Siblings
+    unfused here, so that they are separate GEMMs (tests/passes/test_siblings.py: one GEMM for them)."""
     for make, level in ((tiny_opt, "O1"), (tiny_llama, "O1"), (tiny_opt, "O3")):
         code = _decode_code(make(layers=1), level)
         quantize = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(
@@ -49,12 +50,14 @@ def test_decode_op_reads_the_groups_quantize():
 
 
 def test_decode_op_static_scales_read_the_groups_quantize():
-    """Per-tensor scales (activation_scale="tensor"): `xq` only, from the group's fused quantize."""
+    """Per-tensor scales (activation_scale="tensor"): `xq` only, from the group's fused quantize (siblings
+    unfused: one call per layer)."""
     model = tiny_opt(layers=1)
     plan = fq_compile.calibrate(model, batches(n=1), Config(level="O1", activation_scale="tensor"), progress=False)
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})(
+        torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False,
+                                                              "fuse_siblings": False})(
             torch.randint(0, VOCAB, (1, 5)))
     code = reports(plan)[0].code
     calls = re.findall(r"torch\.ops\.fq\.flat_linear\.default\((\w+), [^\n]*?xq = (\w+)\)", code)
