@@ -37,6 +37,7 @@ DEFAULT_MEMORY_BUDGET = 0.55
 PAPER_BETA = 1.3
 LEVEL_BETA = {"O1": 3.0}
 ALIGN_BUDGET = 0.02     # Config.align_budget: see benchmarks/results/align-cost-*.md
+BITS_PATTERNS = 4       # Config.bits_patterns: see its docstring and benchmarks/results/bits-align-*.md
 
 class ConfigError(ValueError):
     """A Config knob holds a value outside its range."""
@@ -119,6 +120,13 @@ class Config:
         body per set instead of one per block (a calibrated plan's K' differs in every block); the fewest
         sets whose padding adds at most this fraction of the blocks' multiply-adds.  0: no padding (each
         group padded to pad_multiple only); explain() says what it did.
+    bits_patterns: O2/O3: at most this many distinct per-block INT4/INT8 patterns (planning/bit_patterns.py).
+        Eq. 8 chooses bits per layer, so blocks differ in which layers are INT4, and regional compilation
+        compiles one body per distinct pattern; after Eq. 8, INT4 layers are promoted to INT8 (never the
+        reverse, so accuracy can only gain; an activation group is promoted whole) until at most this many
+        patterns remain, keeping the most INT4 weight size; before any weight is quantized (GPTQ included), so
+        promoted layers get real INT8 weights.  The all-INT8 pattern counts when used.  0: off (Eq. 8's
+        bits as they are); explain() says what it did.  Default BITS_PATTERNS (4; provisional, to be chosen by measurement).
     """
 
     level: str = "O1"
@@ -150,6 +158,7 @@ class Config:
     activation_scale: str | None = None
     token_layers: tuple[str, ...] = ()
     align_budget: float = ALIGN_BUDGET
+    bits_patterns: int = BITS_PATTERNS
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -206,6 +215,8 @@ class Config:
             raise ConfigError(f"Config.token_layers={self.token_layers!r} must be a tuple of name substrings")
         object.__setattr__(self, "token_layers", tuple(self.token_layers))
         _check_range("align_budget", self.align_budget, 0.0, 100.0)
+        if isinstance(self.bits_patterns, bool) or not isinstance(self.bits_patterns, int) or self.bits_patterns < 0:
+            raise ConfigError(f"Config.bits_patterns={self.bits_patterns!r} must be an integer >= 0 (0: off)")
         spec = dict(LEVELS[self.level])
         if self.smoothing is not None:
             spec["smoothing"] = self.smoothing

@@ -73,7 +73,7 @@ class PatternReport:
 
     def summary(self) -> str:
         if not self.k:
-            return f"bit patterns: off, {self.patterns_before} over {self.blocks} blocks"
+            return f"bit patterns: off, {self.patterns_before} over {self.blocks} blocks (no limit)"
         if not self.blocks:
             return "bit patterns: no repeated blocks"
         return (f"bit patterns: {self.patterns_before} -> {self.patterns_after} over {self.blocks} blocks (k={self.k}"

@@ -5,6 +5,7 @@ import itertools
 import random
 
 import pytest
+import torch
 
 from fq_compile.planning import bit_patterns
 from fq_compile.planning.bit_patterns import block_patterns, count_patterns, limit_patterns
@@ -141,3 +142,70 @@ def test_patterns_read_positions_not_names():
     bits, _, _ = _model(2, {0: {"attn.o"}, 1: {"attn.o"}})
     pats = block_patterns(bits)
     assert pats[0] == pats[1] and "model.layers.#.attn.o" in pats[0][1]
+
+
+@pytest.fixture(scope="module")
+def o3_plans():
+    import fq_compile
+    from fq_compile import Config
+    from tests.conftest import batches, tiny_llama
+
+    model = tiny_llama(layers=6)
+    off = fq_compile.calibrate(model, batches(n=2), Config(level="O3", bits_patterns=0), progress=False)
+    two = fq_compile.calibrate(model, batches(n=2), Config(level="O3", bits_patterns=2), progress=False)
+    return off, two
+
+
+def test_planner_limits_patterns_before_quantizing(o3_plans):
+    import fq_compile
+
+    off, two = o3_plans
+    bits_off = {n: lp.bits for n, lp in off.layers.items()}
+    bits_two = {n: lp.bits for n, lp in two.layers.items()}
+    assert count_patterns(bits_off) > 2                          # premise: Eq. 8 gives more than two
+    assert count_patterns(bits_two) <= 2
+    gamma = off.config.gamma
+    for n, lp in off.layers.items():                             # off: Eq. 8's bits, as they were
+        assert (lp.kl_ratio < gamma) == (lp.bits == 4), n
+    promoted = [n for n in off.layers if bits_off[n] == 4 and bits_two[n] == 8]
+    assert promoted
+    for n, lp in two.layers.items():
+        assert bits_two[n] == bits_off[n] or n in promoted       # promotion only
+        assert lp.kl_ratio == pytest.approx(off.layers[n].kl_ratio)
+    groups = {n: lp.group for n, lp in two.layers.items()}
+    _check_promotion_only(bits_off, bits_two, groups)
+    for n in promoted:                                           # real INT8 weights, GPTQ'd at 8 bits
+        lp, g = two.layers[n], two.groups[two.layers[n].group]
+        assert lp.format == "int8" and lp.weight_q.dtype == torch.int8
+        assert tuple(lp.weight_q.shape) == (lp.out_features, g.flat_features)      # not packed
+        assert int(lp.weight_q.abs().max()) > 7                  # beyond the INT4 grid
+        assert "promoted to INT8" in lp.why
+    assert two.calibration["gptq_blocks"] > 0
+    note = two.calibration["bits_patterns"]
+    assert f"{count_patterns(bits_off)} -> {count_patterns(bits_two)} over 6 blocks (k=2)" in note
+    assert f"{len(promoted)} layer" in note
+    shown = " ".join(fq_compile.explain(two).split())            # explain() wraps long cells
+    assert "bit patterns (INT4/INT8 per block)" in shown and "(k=2); INT4 layers" in shown
+    assert "(no limit)" in off.calibration["bits_patterns"]
+
+
+def test_limited_plan_saves_and_loads(o3_plans, tmp_path):
+    from fq_compile import QuantPlan
+
+    _, two = o3_plans
+    two.save(tmp_path / "p.fqplan")
+    loaded = QuantPlan.load(tmp_path / "p.fqplan")
+    assert {n: lp.bits for n, lp in loaded.layers.items()} == {n: lp.bits for n, lp in two.layers.items()}
+    assert loaded.calibration["bits_patterns"] == two.calibration["bits_patterns"]
+    assert loaded.config.bits_patterns == 2
+
+
+def test_config_knob_is_validated():
+    from fq_compile import Config, ConfigError
+    from fq_compile.config import BITS_PATTERNS
+
+    assert Config().bits_patterns == BITS_PATTERNS and Config(bits_patterns=0).bits_patterns == 0
+    assert Config.from_dict(Config(bits_patterns=3).to_dict()).bits_patterns == 3
+    for bad in (-1, 1.5, True, "2", None):
+        with pytest.raises(ConfigError, match="bits_patterns"):
+            Config(bits_patterns=bad)
