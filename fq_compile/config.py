@@ -123,10 +123,17 @@ class Config:
     bits_patterns: O2/O3: at most this many distinct per-block INT4/INT8 patterns (planning/bit_patterns.py).
         Eq. 8 chooses bits per layer, so blocks differ in which layers are INT4, and regional compilation
         compiles one body per distinct pattern; after Eq. 8, INT4 layers are promoted to INT8 (never the
-        reverse, so accuracy can only gain; an activation group is promoted whole) until at most this many
+        reverse: no layer loses precision; an activation group is promoted whole) until at most this many
         patterns remain, keeping the most INT4 weight size; before any weight is quantized (GPTQ included), so
         promoted layers get real INT8 weights.  The all-INT8 pattern counts when used.  0: off (Eq. 8's
-        bits as they are); explain() says what it did.  Default BITS_PATTERNS (4; provisional, to be chosen by measurement).
+        bits as they are); explain() says what it did.  Default BITS_PATTERNS = 4, an estimate, not a
+        measurement at 13B: issue 23 wants OPT-13B's first O3 generate() within 90 s; on the H100 it took
+        106 s, Inductor 82.7 s for the synthetic plan's 8 bodies, where O1's one body took 30.0 s of Inductor
+        (another run: benchmarks/results/e2e-decode-13b-2026-12-07-h100*.md), ~7.5 s per extra body, so
+        dropping to <= 5 bodies should meet it and 4 leaves a margin.  4 keeps most of the INT4 weights: on
+        SmolLM2-135M's O3 plan (12 patterns over 30 blocks) 9.6% of the linear weights stay INT4 of Eq. 8's
+        13.1% (k=3: 8.5%, k=2: 5.7%), on the old synthetic OPT-13B plan 40.4% of 45%
+        (benchmarks/results/bits-align-smollm2-135m-cpu-2026-12-07.md).
     """
 
     level: str = "O1"
