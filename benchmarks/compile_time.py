@@ -9,7 +9,8 @@ Table 4 shares, Inductor on) twice: with regional compilation (fq_compile/passes
 the same program share one compiled body) and without it (FQ_REGIONS=0, every block compiled); the first
 forward on a 1 x 32 prompt is timed, with the stages of fq_compile/kernels/stopwatch.py (our rewrite,
 Inductor).  At O1 every block of a synthetic plan is the same program; at O3 the INT4 layers are spread
-over depth with a phase per position, so blocks share bodies only where their INT4 pattern agrees.  Only code size grows with the block count (the
+over depth in at most Config.bits_patterns per-block patterns (--bits-patterns 0: a phase per position, the
+plans before that limit: 8 patterns over 40 blocks), and blocks share bodies only where their pattern agrees.  Only code size grows with the block count (the
 hidden size stays 64), so the table says how much of a first call is per block and how much of it is ours
 compared with plain Inductor's.  Every compile starts from empty Dynamo caches with Inductor's caches off
 (force_disable_caches), so nothing is reused between rows; a one-block model of each kind is compiled first,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import sys
@@ -72,6 +74,11 @@ def first_call(layers: int, method: str, device: torch.device, dtype, caches: bo
                 regions=shared)
 
 
+def _s(x: float, digits: int = 1) -> str:
+    """A table cell: the number, or '-' where it was not measured (--regional-only)."""
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -80,28 +87,37 @@ def main(argv=None):
     ap.add_argument("--cache-dir", default=None,
                     help="keep Inductor's caches on, in this directory (run twice: the second run is the warm one)")
     ap.add_argument("--level", default="O3", choices=["O1", "O3"], help="our synthetic plan's level")
+    ap.add_argument("--bits-patterns", type=int, default=None,
+                    help="O3: the synthetic plan's Config.bits_patterns (default: Config's; 0: a phase per position, "
+                         "the plans before the limit)")
+    ap.add_argument("--regional-only", action="store_true",
+                    help="time only ours regional (plain Inductor and whole columns left '-'): the cheap comparison")
     ap.add_argument("--out", default=None, help="write the markdown here too")
     args = ap.parse_args(argv)
+    _OPTS.bits_patterns = args.bits_patterns
     if args.cache_dir:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
     caches = bool(args.cache_dir)
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     ours = f"fq-{args.level}"
-    first_call(1, "fp16-inductor", device, dtype)      # untimed: imports and Inductor's one-time set-up
+    if not args.regional_only:
+        first_call(1, "fp16-inductor", device, dtype)      # untimed: imports and Inductor's one-time set-up
     first_call(1, ours, device, dtype)
     rows = []
+    skipped = dict(wall=math.nan, inductor=math.nan)
     for n in (int(x) for x in args.layers.split(",")):
-        plain = first_call(n, "fp16-inductor", device, dtype, caches)
-        whole = first_call(n, ours, device, dtype, caches, regions=False)
+        plain = skipped if args.regional_only else first_call(n, "fp16-inductor", device, dtype, caches)
+        whole = skipped if args.regional_only else first_call(n, ours, device, dtype, caches, regions=False)
         regional = first_call(n, ours, device, dtype, caches, regions=True)
-        rows.append([n, f"{plain['wall']:.1f}", f"{whole['wall']:.1f}", f"{whole['inductor']:.1f}",
+        rows.append([n, _s(plain['wall']), _s(whole['wall']), _s(whole['inductor']),
                      f"{regional['wall']:.1f}", f"{regional['inductor']:.1f}", f"{regional['rewrite']:.1f}",
-                     f"{whole['wall'] / plain['wall']:.2f}", f"{regional['wall'] / plain['wall']:.2f}",
+                     _s(whole['wall'] / plain['wall'], 2), _s(regional['wall'] / plain['wall'], 2),
                      regional["regions"]])
         print(rows[-1], flush=True)
     # per block: the slope between the smallest and largest block counts
-    (n0, *a), (n1, *b) = [(r[0], float(r[1]), float(r[2]), float(r[4])) for r in (rows[0], rows[-1])]
+    (n0, *a), (n1, *b) = [(r[0], *(float(x) if x != "-" else math.nan for x in (r[1], r[2], r[4])))
+                          for r in (rows[0], rows[-1])]
     slope = "" if n1 == n0 else ("per block (slope {} -> {} blocks): plain Inductor {:.2f} s, ours whole {:.2f} s, "
                                  "ours regional {:.2f} s".format(n0, n1, *((y - x) / (n1 - n0) for x, y in zip(a, b))))
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
@@ -110,7 +126,10 @@ def main(argv=None):
         f"date {datetime.date.today()}, tree {git_rev()}, torch {torch.__version__}; command: python {' '.join(sys.argv)}",
         "Tiny OPT (hidden 64, ffn 256), 1 x 32 prompt, fresh Dynamo caches, Inductor caches "
         + (f"on in {args.cache_dir}" if caches else "off") + f"; ours: {args.level} synthetic "
-        "plan (Table 4 shares), Inductor on, whole (FQ_REGIONS=0) and regional (the default). Seconds of the "
+        "plan (Table 4 shares"
+        + (f", Config.bits_patterns={'default' if args.bits_patterns is None else args.bits_patterns}"
+           if args.level == "O3" else "")
+        + "), Inductor on, whole (FQ_REGIONS=0) and regional (the default). Seconds of the "
         "first forward.", "",
         tabulate(rows, headers=["blocks", "plain Inductor s", "ours whole s", "whole: Inductor s", "ours regional s",
                                 "regional: Inductor s", "regional: rewrite s", "whole / plain", "regional / plain",

@@ -222,12 +222,14 @@ def prepare(method: str, size: str, device, dtype, args, layers=None):
             info["format_shares"] = shares
         plan = synthetic_plan(model, level, flatten_ratio=0.0 if level in ("smoothquant", "fp8") else ratio,
                               int4_share=share if level == "O3" else 0.0, format_shares=shares, source=TABLE4_LABEL,
-                              activation_scale=scale,
+                              activation_scale=scale, bits_patterns=getattr(args, "bits_patterns", None),
                               release_weights=True, progress=False)
         torch._dynamo.reset()                    # drop the replica's capture graphs (synthetic.py)
         n4 = sum(lp.bits == 4 for lp in plan.layers.values())
         if scale:
             info["activation_scale"] = scale
+        if level == "O3":
+            info["bits_patterns"] = plan.calibration["bits_patterns"]
         info.update(plan_source=TABLE4_LABEL if level != "smoothquant" else "-", level=level,
                     int4_share=round(n4 / len(plan.layers), 4),
                     flatten_ratio=round(statistics.mean(plan.groups[lp.group].flatten_ratio

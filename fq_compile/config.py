@@ -37,6 +37,7 @@ DEFAULT_MEMORY_BUDGET = 0.55
 PAPER_BETA = 1.3
 LEVEL_BETA = {"O1": 3.0}
 ALIGN_BUDGET = 0.02     # Config.align_budget: see benchmarks/results/align-cost-*.md
+BITS_PATTERNS = 4       # Config.bits_patterns: see its docstring and benchmarks/results/bits-align-*.md
 
 class ConfigError(ValueError):
     """A Config knob holds a value outside its range."""
@@ -119,6 +120,20 @@ class Config:
         body per set instead of one per block (a calibrated plan's K' differs in every block); the fewest
         sets whose padding adds at most this fraction of the blocks' multiply-adds.  0: no padding (each
         group padded to pad_multiple only); explain() says what it did.
+    bits_patterns: O2/O3: at most this many distinct per-block INT4/INT8 patterns (planning/bit_patterns.py).
+        Eq. 8 chooses bits per layer, so blocks differ in which layers are INT4, and regional compilation
+        compiles one body per distinct pattern; after Eq. 8, INT4 layers are promoted to INT8 (never the
+        reverse: no layer loses precision; an activation group is promoted whole) until at most this many
+        patterns remain, keeping the most INT4 weight size; before any weight is quantized (GPTQ included), so
+        promoted layers get real INT8 weights.  The all-INT8 pattern counts when used.  0: off (Eq. 8's
+        bits as they are); explain() says what it did.  Default BITS_PATTERNS = 4, an estimate, not a
+        measurement at 13B: issue 23 wants OPT-13B's first O3 generate() within 90 s; on the H100 it took
+        106 s, Inductor 82.7 s for the synthetic plan's 8 bodies, where O1's one body took 30.0 s of Inductor
+        (another run: benchmarks/results/e2e-decode-13b-2026-12-07-h100*.md), ~7.5 s per extra body, so
+        dropping to <= 5 bodies should meet it and 4 leaves a margin.  4 keeps most of the INT4 weights: on
+        SmolLM2-135M's O3 plan (12 patterns over 30 blocks) 9.6% of the linear weights stay INT4 of Eq. 8's
+        13.1% (k=3: 8.5%, k=2: 5.7%), on the old synthetic OPT-13B plan 40.4% of 45%
+        (benchmarks/results/bits-align-smollm2-135m-cpu-2026-12-07.md).
     """
 
     level: str = "O1"
@@ -150,6 +165,7 @@ class Config:
     activation_scale: str | None = None
     token_layers: tuple[str, ...] = ()
     align_budget: float = ALIGN_BUDGET
+    bits_patterns: int = BITS_PATTERNS
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -206,6 +222,8 @@ class Config:
             raise ConfigError(f"Config.token_layers={self.token_layers!r} must be a tuple of name substrings")
         object.__setattr__(self, "token_layers", tuple(self.token_layers))
         _check_range("align_budget", self.align_budget, 0.0, 100.0)
+        if isinstance(self.bits_patterns, bool) or not isinstance(self.bits_patterns, int) or self.bits_patterns < 0:
+            raise ConfigError(f"Config.bits_patterns={self.bits_patterns!r} must be an integer >= 0 (0: off)")
         spec = dict(LEVELS[self.level])
         if self.smoothing is not None:
             spec["smoothing"] = self.smoothing

@@ -295,6 +295,9 @@ def _totals(plan: QuantPlan, views) -> list[list[str]]:
         ["GEMM work added by K' (weighted by N*K)", f"+{100 * (macs_flat / macs - 1):.1f}%" if macs else "-"],
         ["block alignment",
          plan.calibration.get("align", "off (Config.align_budget=0)").removeprefix("block alignment: ")],
+        *([["bit patterns (INT4/INT8 per block)",
+            plan.calibration["bits_patterns"].removeprefix("bit patterns: ")]] if "bits_patterns" in plan.calibration
+          else []),
         *_byte_rows(plan),
         ["graphs compiled", str(len(reports(plan)))],
         *_region_rows(plan),

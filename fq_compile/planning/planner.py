@@ -27,6 +27,7 @@ from fq_compile.plan import (
 )
 from fq_compile.planning import bits as bits_pass
 from fq_compile.planning.align import align_groups
+from fq_compile.planning.bit_patterns import limit_patterns
 from fq_compile.planning.flatten import (
     channel_map,
     extra_channels,
@@ -81,11 +82,25 @@ def plan_group(name: str, stats: InputStats, weights: dict[str, torch.Tensor], f
                      activation_scale="token" if token else "tensor")
 
 
+def level_format(weight: torch.Tensor, group: GroupPlan, row_scale: torch.Tensor | None, config: Config,
+                 act_ratio: float | None) -> tuple[str, float | None]:
+    """The level's format of a layer and Eq. 8's ratio (None without mixed bits): fp8 at level fp8, else
+    INT8, or INT4 where Eq. 8 says at O2/O3 (act_ratio: its group's activation ratio)."""
+    fmt = "fp8" if config.format == "fp8" else "int8"
+    if not config.mixed_bits:
+        return fmt, None
+    wf = flattened_weight(weight, group, row_scale)
+    w_ratio = bits_pass.tensor_ratio(wf, float(wf.abs().max()), config.kl_bins, config.kl_method)
+    fmt = "int4" if bits_pass.choose_bits(act_ratio, w_ratio, config.gamma) == 4 else "int8"
+    return fmt, max(act_ratio, w_ratio)
+
+
 def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.Tensor | None,
                row_scale: torch.Tensor | None, row_group: str | None, config: Config, act_ratio: float | None,
                fmt: str | None = None, fingerprints: tuple[str, str | None] | None = None,
-               transposed: bool = False) -> LayerPlan:
-    """One layer's plan in format `fmt`; None: the level's (fp8, or INT8 / INT4 by Eq. 8 at O2/O3).
+               transposed: bool = False, kl_ratio: float | None = None) -> LayerPlan:
+    """One layer's plan in format `fmt`; None: the level's (`level_format`: fp8, or INT8 / INT4 by Eq. 8 at
+    O2/O3); kl_ratio: Eq. 8's ratio recorded with a given `fmt` (level_format's own otherwise).
     weight is [N, K] (transposed already where the model stores it [K, N]: `transposed`);
     fingerprints: (weight, bias) fingerprints of the model's own tensors, as stored (layout and dtype
     included), as the backend will compute them; computed from `weight` / `bias` when not given."""
@@ -94,19 +109,13 @@ def plan_layer(layer: str, group: GroupPlan, weight: torch.Tensor, bias: torch.T
     b = None if bias is None else bias.float().clone()
     if row_scale is not None and b is not None:
         b = b / row_scale
-    ratio = None
     if fmt is None:
-        fmt = "fp8" if config.format == "fp8" else "int8"
-        if config.mixed_bits:
-            wf = flattened_weight(weight, group, row_scale)
-            w_ratio = bits_pass.tensor_ratio(wf, float(wf.abs().max()), config.kl_bins, config.kl_method)
-            ratio = max(act_ratio, w_ratio)
-            fmt = "int4" if bits_pass.choose_bits(act_ratio, w_ratio, config.gamma) == 4 else "int8"
+        fmt, kl_ratio = level_format(weight, group, row_scale, config, act_ratio)
     q = quantize_layer(fmt, weight, group, row_scale, config)
     return LayerPlan(name=layer, group=group.name, in_features=weight.shape[1], out_features=weight.shape[0],
                      bits=FORMAT_BITS[fmt], format=fmt, weight_q=q.weight_q, weight_scale=q.weight_scale,
                      act_scale=q.act_scale, bias=b, fingerprint=fingerprints[0],
-                     kl_ratio=ratio, rows_folded_from=row_group, bias_fingerprint=fingerprints[1],
+                     kl_ratio=kl_ratio, rows_folded_from=row_group, bias_fingerprint=fingerprints[1],
                      transposed=transposed)
 
 
@@ -172,19 +181,46 @@ def build_plan(model: torch.nn.Module, inputs: dict[str, InputStats], folds: dic
         _plan_auto(plan, inputs, row_fold, weight_of, bias_of, fingerprints_of, config, progress,
                    transposed_of=lambda layer: refs[layer].transposed)
         return plan
-    for name, g in tqdm(list(plan.groups.items()), desc="fq_compile: quantizing layers", disable=not progress):
-        st = inputs[name]
-        act_ratio = None
-        if config.mixed_bits:
-            sample = flatten_values(st.sample / g.smooth, g.cmap, g.threshold)
+    # each layer's format first (Eq. 8 at O2/O3), then the bit patterns limited, then the weights quantized
+    chosen: dict[str, tuple[str, float | None]] = {}
+    size: dict[str, int] = {}
+    promoted: set[str] = set()
+    if config.mixed_bits:
+        for name, g in tqdm(list(plan.groups.items()), desc="fq_compile: choosing bits", disable=not progress):
+            sample = flatten_values(inputs[name].sample / g.smooth, g.cmap, g.threshold)
             act_ratio = bits_pass.tensor_ratio(sample, g.threshold, config.kl_bins, config.kl_method)
+            for layer in g.layers:
+                rg = row_fold.get(layer)
+                w = weight_of(layer)
+                size[layer] = w.numel()
+                chosen[layer] = level_format(w, g, None if rg is None else rg.smooth, config, act_ratio)
+        promoted = _limit_bit_patterns(plan, chosen, size, config)
+    for name, g in tqdm(list(plan.groups.items()), desc="fq_compile: quantizing layers", disable=not progress):
         for layer in g.layers:
             rg = row_fold.get(layer)
-            plan.layers[layer] = plan_layer(layer, g, weight_of(layer), bias_of(layer),
-                                            None if rg is None else rg.smooth, None if rg is None else rg.name,
-                                            config, act_ratio, fingerprints=fingerprints_of(layer),
-                                            transposed=refs[layer].transposed)
+            fmt, ratio = chosen.get(layer, (None, None))       # None: plan_layer takes the level's
+            lp = plan_layer(layer, g, weight_of(layer), bias_of(layer), None if rg is None else rg.smooth,
+                            None if rg is None else rg.name, config, None, fmt=fmt,
+                            fingerprints=fingerprints_of(layer), transposed=refs[layer].transposed, kl_ratio=ratio)
+            if layer in promoted:
+                lp.why = (f"INT4 by Eq. 8, promoted to INT8: at most {config.bits_patterns} bit patterns over the "
+                          "blocks (Config.bits_patterns)")
+            plan.layers[layer] = lp
     return plan
+
+
+def _limit_bit_patterns(plan: QuantPlan, chosen: dict[str, tuple[str, float | None]], size: dict[str, int],
+                        config: Config) -> set[str]:
+    """Config.bits_patterns applied to the Eq. 8 formats in `chosen` (in place: promoted layers become
+    int8), before any weight is quantized (size: layer -> N x K, what INT4 saves is weighed by); the report
+    goes to plan.calibration["bits_patterns"].  Returns the promoted layers."""
+    bits = {layer: FORMAT_BITS[fmt] for layer, (fmt, _) in chosen.items()}
+    group = {layer: name for name, g in plan.groups.items() for layer in g.layers}
+    _, report = limit_patterns(bits, size, group, config.bits_patterns)
+    plan.calibration["bits_patterns"] = report.summary()
+    for layer in report.promoted:
+        chosen[layer] = ("int8", chosen[layer][1])
+    return set(report.promoted)
 
 
 MIN_HELD_OUT = 8        # fewer held-out rows in any group: auto measures on every sampled row instead

@@ -15,9 +15,16 @@ backend compiles exactly the ops a calibrated plan of those shares would give:
   * formats (level auto): for each group position, the blocks dealt to the formats in the given
     shares, spread over depth (fp8 / w4a8 layers read the unflattened input); level fp8: all fp8;
   * bits: for each group position in the block (q/k/v, out, fc1, fc2 for OPT), INT4 in the same
-    share of blocks, spread evenly over depth with a different phase per position; so the INT4
-    share of layers and of weight bytes both equal the requested share, and q/k/v never mix bits
-    (one activation quantize per group, as calibrated plans mostly give);
+    share of blocks, spread evenly over depth (block b is INT4 at a position when (b+1)*share + phase
+    passes an integer that b*share + phase did not); so the INT4 share of layers and of weight bytes
+    both equal the requested share, and q/k/v never mix bits (one activation quantize per group, as
+    calibrated plans mostly give).  The positions are dealt round-robin to m = bits_patterns // 2
+    phase classes (phases 0, 1/m, ...): a block's pattern depends only on where frac(b * share) lies
+    among the 2m arc ends {1 - share - phase, 1 - phase}, so the blocks take at most 2m <= bits_patterns
+    distinct INT4/INT8 patterns, as a calibrated plan under Config.bits_patterns does (the default:
+    Config's; bits_patterns=1 puts every block in one pattern, all INT8 or all INT4 positions by the
+    nearer share; 0: one phase per position, the plans before Config.bits_patterns, up to 2 x positions
+    patterns: OPT's 40 blocks at 45% gave 8);
   * values: smoothing scales 1, threshold T fixed (4.0: random-init activations are ~N(0, 1)),
     weights flattened and rounded at max scales, per tensor or per channel as the level's Config says
     (plain rounding: numerics are not the
@@ -43,7 +50,7 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-from fq_compile.config import Config
+from fq_compile.config import BITS_PATTERNS, Config
 from fq_compile.kernels.flatten_quantize import QMAX
 from fq_compile.kernels.fp8 import E4M3_MAX, round_e4m3
 from fq_compile.kernels.packing import pack_int4
@@ -59,6 +66,7 @@ from fq_compile.plan import (
     parameter_shapes,
     weight_fingerprint,
 )
+from fq_compile.planning.bit_patterns import count_patterns
 from fq_compile.planning.calibrate import skipped_layers
 from fq_compile.planning.flatten import channel_map, flatten_weight
 from fq_compile.runtime.resident import release
@@ -142,6 +150,18 @@ def _int4_blocks(n_blocks: int, share: float, phase: float) -> set[int]:
     return {b for b in range(n_blocks) if math.floor((b + 1) * share + phase) > math.floor(b * share + phase)}
 
 
+def _int4_positions(n_blocks: int, share: float, phases: dict[int, float], patterns: int) -> dict[int, set[int]]:
+    """position -> its INT4 blocks: `share` of the blocks at every position, in at most `patterns` distinct
+    per-block patterns (0: no limit, each position at its own phase in `phases`); see the module docstring."""
+    if patterns == 0:
+        return {pos: _int4_blocks(n_blocks, share, phase) for pos, phase in phases.items()}
+    if patterns == 1:                       # one pattern: the share rounded to all or nothing
+        every = set(range(n_blocks)) if share >= 0.5 else set()
+        return {pos: every for pos in phases}
+    m = patterns // 2
+    return {pos: _int4_blocks(n_blocks, share, (k % m) / m) for k, pos in enumerate(sorted(phases))}
+
+
 def _format_of_block(b: int, n_blocks: int, shares: dict[str, float], phase: float) -> str:
     """The format of block b at one group position: the blocks are dealt to the formats in proportion
     to `shares` (they sum to 1), spread over depth, shifted by the position's phase."""
@@ -157,14 +177,18 @@ def _format_of_block(b: int, n_blocks: int, shares: dict[str, float], phase: flo
 def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: float = 0.0,
                    int4_share: float = 0.0, format_shares: dict[str, float] | None = None,
                    source: str = "given shares", seed: int = 0, activation_scale: str | None = None,
-                   release_weights: bool = False, progress: bool = True) -> QuantPlan:
+                   release_weights: bool = False, progress: bool = True,
+                   bits_patterns: int | None = None) -> QuantPlan:
     """A plan for `model` at `level` ('w8a8', 'smoothquant', 'O1', 'O2', 'O3', 'fp8' or 'auto') with the
     given average flatten ratio (levels that flatten) and INT4 share of layers (O2/O3); see the module
     docstring.  Level auto takes `format_shares` (format -> share of the layers at every group position,
     e.g. {"fp8": 0.3, "w4a8": 0.5, "int8": 0.2}, what a calibrated auto plan chose); level fp8 puts every
     layer in fp8.  `source` is recorded in plan.calibration (e.g. 'paper Table 4 figures').
-    activation_scale: Config.activation_scale ("tensor" or "token"; None: the level's default)."""
-    config = Config(level=level, activation_scale=activation_scale)
+    activation_scale: Config.activation_scale ("tensor" or "token"; None: the level's default).
+    bits_patterns: at most this many per-block INT4/INT8 patterns (O2/O3; None: Config's default; 0: one
+    phase per position, as before the limit existed); recorded as Config.bits_patterns in the plan."""
+    config = Config(level=level, activation_scale=activation_scale,
+                    bits_patterns=BITS_PATTERNS if bits_patterns is None else bits_patterns)
     _check_shares(config, level, flatten_ratio, int4_share, format_shares)
     params = dict(model.named_parameters())
     skipped = skipped_layers(model, config.skip)
@@ -172,7 +196,7 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
     n_blocks = model.config.num_hidden_layers
     groups = _groups_per_block(structure, n_blocks, skipped)
     phases = {pos: k / max(len(structure), 1) for k, pos in enumerate(sorted({g[2] for g in groups}))}
-    int4 = {pos: _int4_blocks(n_blocks, int4_share, phases[pos]) for pos in phases}
+    int4 = _int4_positions(n_blocks, int4_share, phases, config.bits_patterns)
 
     plan = QuantPlan(config=config, model_type=type(model).__name__, model_hash=model_hash(model), skipped=skipped,
                      calibration={"synthetic": source, "flatten_ratio": flatten_ratio, "int4_share": int4_share,
@@ -208,6 +232,11 @@ def synthetic_plan(model: torch.nn.Module, level: str = "O1", *, flatten_ratio: 
                     release(b, layer + ".bias")
     if tp:
         plan.calibration[TP_KEY] = tp
+    if config.mixed_bits:
+        n_pat = count_patterns({n: lp.bits for n, lp in plan.layers.items()})
+        plan.calibration["bits_patterns"] = (f"bit patterns: {n_pat} over {n_blocks} blocks (synthetic, "
+                                             + (f"at most {config.bits_patterns})" if config.bits_patterns
+                                                else "a phase per position)"))
     return plan
 
 

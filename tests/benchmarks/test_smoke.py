@@ -167,3 +167,20 @@ def test_fp8_gemm_smoke(tmp_path):
     assert [c.strip() for c in header.strip("|").split("|")][2:] == _script("fp8_gemm").COLUMNS
     row = next(line for line in text.splitlines() if line.startswith("| tiny"))
     assert "refused" not in row and row.count("us (") == 6
+
+
+def test_bits_patterns_rows():
+    """benchmarks/bits_patterns.py's table on a synthetic O3 plan of the old phase-per-position kind: off keeps
+    every pattern, each k row has at most k, and the INT4 shares only fall as k shrinks."""
+    from fq_compile.tools.synthetic import synthetic_plan
+    from tests.conftest import tiny_opt
+
+    plan = synthetic_plan(tiny_opt(layers=12, outliers=False), "O3", flatten_ratio=0.2, int4_share=0.45,
+                          progress=False, bits_patterns=0)
+    rows, bits = _script("bits_patterns").table_rows(plan, [0, 1, 2, 4])
+    assert [r[0] for r in rows] == ["off", 1, 2, 4] and all(r[1] == 12 for r in rows)
+    assert rows[0][2] > 4 and [r[2] <= k for r, k in zip(rows[1:], (1, 2, 4))] == [True] * 3
+    layers = [float(r[3].rstrip("%")) for r in rows]
+    assert layers[0] == pytest.approx(100 * sum(lp.bits == 4 for lp in plan.layers.values()) / len(plan.layers), abs=0.06)
+    assert layers[1] <= layers[2] <= layers[3] <= layers[0] and rows[0][5] == 0
+    assert bits[0] == {n: lp.bits for n, lp in plan.layers.items()}
