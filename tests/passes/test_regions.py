@@ -25,21 +25,6 @@ from tests.conftest import VOCAB, batches, tiny_opt
 HOP = torch.ops.higher_order.invoke_subgraph
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """compile_fx replaced by a recorder: the graphs it gets, run as they are (eager FX)."""
-    import torch._inductor.compile_fx as cfx
-
-    graphs = []
-
-    def record(gm, example_inputs, config_patches=None):
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(cfx, "compile_fx", record)
-    return graphs
-
-
 def _model_and_plan(layers=3, level="O1", seed=0):
     model = tiny_opt(layers=layers, seed=seed)
     plan = synthetic_plan(model, level, flatten_ratio=0.2, progress=False)

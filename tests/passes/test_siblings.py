@@ -137,21 +137,6 @@ def test_option_and_env_switch(monkeypatch):
         _run(model, plan, _ids(4), fuse_siblings="yes")
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """compile_fx replaced by a recorder: the graphs it gets, run as they are (eager FX)."""
-    import torch._inductor.compile_fx as cfx
-
-    graphs = []
-
-    def record(gm, example_inputs, config_patches=None):
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(cfx, "compile_fx", record)
-    return graphs
-
-
 def test_fused_blocks_outline_into_one_shared_body(recorded):
     """Regional compilation after the fusion: every block calls one body holding the fused GEMM, and the
     logits are those of the unfused, un-outlined graph."""
