@@ -36,7 +36,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fq_compile.kernels  # noqa: E402,F401  (registers the fq:: ops and their CUDA implementations)
+from kernel_bench import n_sets, try_time  # noqa: E402
+from provenance import git_rev  # noqa: E402
 
 LAYERS = [("13B qkv/out", 5120, 5120), ("13B fc1", 5120, 20480), ("13B fc2", 20480, 5120)]   # name, K, N
 COLUMNS = ["naive", "triton", "cublas+pass", "rowwise bf16", "rowwise fp16", "int8 K'"]
@@ -48,11 +51,10 @@ def flat_width(k: int, ratio: float) -> int:
 
 
 def _timer(device):
+    """kernel_bench.py's try_time on CUDA (CUDA-graph replays; None where the call is refused); a plain
+    wall-clock mean on the CPU (--smoke)."""
     if device.type == "cuda":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from kernel_bench import try_time
-
-        return lambda make: try_time(make)
+        return try_time
 
     def cpu_time(make):
         calls = make()
@@ -63,18 +65,10 @@ def _timer(device):
     return cpu_time
 
 
-def _sets(nbytes: int, device) -> int:
-    """How many operand sets keep the working set past 2x L2 (one on the CPU)."""
-    if device.type != "cuda":
-        return 1
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    return max(1, min(8, math.ceil(2 * l2 / max(nbytes, 1))))
-
-
 def bench_shape(k: int, n: int, m: int, ratio: float, device, timer) -> dict:
     """ms per call of every column at one shape."""
     f16, e4m3 = torch.float16, torch.float8_e4m3fn
-    ns = _sets(m * k + n * k + 2 * m * n, device)
+    ns = n_sets(m * k + n * k + 2 * m * n)
     xs = [torch.randn(m, k, device=device).clamp(-400, 400).to(e4m3) for _ in range(ns)]
     ws = [torch.randn(n, k, device=device).clamp(-400, 400).to(e4m3) for _ in range(ns)]
     scale = torch.rand(n, device=device) * 1e-4 + 1e-5
@@ -104,7 +98,7 @@ def bench_shape(k: int, n: int, m: int, ratio: float, device, timer) -> dict:
             r[col] = timer(lambda: [lambda a=a, b=b: ref(a, b) for a, b in zip(xs, ws)])
     xs = ws = None            # free the e4m3 sets before the int8 ones
     kp = flat_width(k, ratio)
-    ns8 = _sets(m * kp + n * kp + 2 * m * n, device)
+    ns8 = n_sets(m * kp + n * kp + 2 * m * n)
     xq = [torch.randint(-127, 128, (m, kp), device=device, dtype=torch.int8) for _ in range(ns8)]
     wq = [torch.randint(-127, 128, (n, kp), device=device, dtype=torch.int8) for _ in range(ns8)]
     row = torch.rand(m, device=device) * 1e-2 + 1e-3                # per-token scales (O1's default)
@@ -154,7 +148,7 @@ def main(argv=None) -> str:
     text = "\n".join([
         "# FP8 GEMM choices for fp16 models (issue 24)", "",
         f"device: {dev_name}, date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"torch {torch.__version__}, tree {os.environ.get('FQ_TREE', 'unknown')}",
+        f"torch {torch.__version__}, tree {os.environ.get('FQ_TREE') or git_rev()}",
         f"command: python benchmarks/fp8_gemm.py {' '.join(argv if argv is not None else sys.argv[1:])}",
         "cells: median time per call (CUDA-graph replays, inputs rotated past 2x L2) and naive's time / the "
         "cell's (>1: faster than naive FP8's GEMM); GEMM alone, fp16 out, bias; 'refused': this torch rejects "

@@ -36,6 +36,12 @@ def position_of(group_name: str) -> str | None:
     return key if n else None
 
 
+def block_of(name: str) -> int | None:
+    """The block index of a group or layer (its first numbered path component); None outside numbered blocks."""
+    m = _INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
 @dataclass
 class AlignReport:
     """blocks: blocks aligned; widths: distinct programs they were padded to (runs); macs_before/after:
@@ -84,11 +90,11 @@ def align_groups(groups: dict[str, GroupPlan], rows: dict[str, int], budget: flo
     """Pad the groups' channel maps (in place) as the module docstring says.  rows: a group's output rows
     summed over its layers (N of each GEMM that reads it); budget: the padding allowed, as a fraction
     of the aligned groups' multiply-adds (inf: every block padded to one set of widths)."""
-    by_block: dict[str, dict[str, GroupPlan]] = {}
+    by_block: dict[int, dict[str, GroupPlan]] = {}
     for name, g in groups.items():
-        m = _INDEX.search(name)
-        if m is not None:
-            by_block.setdefault(m.group(1), {})[position_of(name)] = g
+        blk = block_of(name)
+        if blk is not None:
+            by_block.setdefault(blk, {})[position_of(name)] = g
     if len(by_block) < 2:
         return AlignReport()
     common = set.intersection(*(set(b) for b in by_block.values()))

@@ -30,22 +30,14 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from fq_compile.planning.align import position_of
+from fq_compile.planning.align import block_of, position_of
 
-_INDEX = re.compile(r"\.(\d+)\.")
 MAX_SETS = 2_000_000      # candidate sets scored exactly; more: greedy + swaps
 _CHUNK = 50_000
-
-
-def block_of(layer: str) -> int | None:
-    """The block index of a layer (its first numbered path component), None outside numbered blocks."""
-    m = _INDEX.search(layer)
-    return int(m.group(1)) if m else None
 
 
 @dataclass
