@@ -398,21 +398,29 @@ GPU_TILINGS = [(2, 12, 4, 300, 400, 80, "int8", "int8", "none", 64, torch.bfloat
 GPU_TIMEOUT_S = 300
 
 
-def _gpu_main():
+GPU_GROUPS = ("autotuned", "tilings-0", "tilings-1")   # one child process each: xdist runs them side by side
+
+
+def _gpu_main(group: str):
     from fq_compile.kernels.triton.attention import PREFILL_CONFIGS
     assert torch.cuda.is_available()
     os.environ["FQ_TUNE"] = "1"     # the autotuned launch as models run it
-    check_attention("cuda", GPU_AUTOTUNED, seed=21, progress=True)
-    check_attention("cuda", GPU_TILINGS, seed=22, configs=PREFILL_CONFIGS, progress=True)
-    print("attention gpu: ok")
+    if group == "autotuned":
+        check_attention("cuda", GPU_AUTOTUNED, seed=21, progress=True)
+    else:
+        half = int(group.rsplit("-", 1)[1])      # every other case: the forced tilings' compiles are the time
+        check_attention("cuda", GPU_TILINGS[half::2], seed=22 + half, configs=PREFILL_CONFIGS, progress=True)
+    print(f"attention gpu {group}: ok")
 
 
 @gpu
 @needs_cuda
-def test_gpu_kernel_matches_reference():
+@pytest.mark.parametrize("group", GPU_GROUPS)
+def test_gpu_kernel_matches_reference(group):
     """The kernel against the reference on the GPU, in a child process under a time limit (a hung
-    kernel fails the test, with the last case started, instead of stalling the run)."""
-    run_guarded([__file__, "gpu"], GPU_TIMEOUT_S)
+    kernel fails the test, with the last case started, instead of stalling the run); the autotuned
+    full-size cases and each half of the forced tilings in its own child (the longest GPU test as one)."""
+    run_guarded([__file__, "gpu", group], GPU_TIMEOUT_S)
 
 
 def _gpu_inductor_main():
@@ -448,4 +456,8 @@ def test_gpu_inductor_inlines_attention_kernel():
 
 
 if __name__ == "__main__":
-    {"gpu": _gpu_main, "gpu-inductor": _gpu_inductor_main}.get(sys.argv[1] if sys.argv[1:] else "", _interp_main)()
+    mode = sys.argv[1] if sys.argv[1:] else ""
+    if mode == "gpu":
+        _gpu_main(sys.argv[2])
+    else:
+        {"gpu-inductor": _gpu_inductor_main}.get(mode, _interp_main)()
