@@ -13,6 +13,10 @@
 #                 library, cache emptied first); target <= 60 s on 16 cores                       ~1-2
 #   readme        OPT-13B 8 x 2048 at default settings (README's prefill column, issue 24): fp16 eager,
 #                 naive FP8, O1 and auto at O1's beta-3 flattening, O1 per-tensor, O3                ~8-9
+#   batch         OPT-13B seq 2048 at batch 1 and 32 for fp16 eager, naive FP8 and O1 at beta 3 (readme's rows at
+#                 batch 8 complete README's speed-vs-batch plot: e2e.py --report draws it from all three)    ~5-8
+#   profile-auto  issue 24's per-block profile of `auto` (beta 3, fp8 0.19 / int8 0.81) beside O1 at beta 3 and
+#                 naive FP8 (4 blocks at 8 x 2048: where auto's extra time over O1 goes)                   ~2-3
 #   headline      OPT-13B 8 x 2048 in one call: fp16 eager, naive FP8, O1, O3 (default settings), fp16
 #                 Inductor last (the slower fp16 at 13B on the H100; lost first if time runs out);
 #                 fewer reps (warm-up 1, <= 5 timed, 3 s budget per point)                        ~7-9
@@ -108,6 +112,15 @@ case $PART in
     LIMIT=100 run "${P[@]}" --methods fq-auto --auto-formats fp8=0.19,int8=0.81 --flatten-ratio 0.013 --label beta3
     LIMIT=90 run "${P[@]}" --methods fq-O1 --flatten-ratio 0.013 --label beta3-tensor --activation-scale tensor
     LIMIT=100 run "${P[@]}" --methods fq-O3 ;;
+  batch)
+    P=(--models 13b --batches 1,32 --seqs 2048 --warmup 1 --reps 5 --budget 3)
+    LIMIT=150 run "${P[@]}" --methods fp16-eager,fp8-naive
+    LIMIT=150 run "${P[@]}" --methods fq-O1 --flatten-ratio 0.013 --label beta3 ;;
+  profile-auto)
+    A=(--profile --models 13b --batches 8 --seqs 2048 --flatten-ratio 0.013 --label beta3)
+    LIMIT=100 run --profile --models 13b --batches 8 --seqs 2048 --methods fp8-naive
+    LIMIT=100 run "${A[@]}" --methods fq-O1
+    LIMIT=100 run "${A[@]}" --methods fq-auto --auto-formats fp8=0.19,int8=0.81 ;;
   headline-a) run --models 13b --methods fp16-eager,fp16-inductor,fp8-naive --batches 8 --seqs 2048 ;;
   headline-b) run --models 13b --methods fq-O3,fq-O1 --batches 8 --seqs 2048 ;;
   headline-c) run --models 13b --methods fq-O3 --batches 8 --seqs 2048 --gemm cutlass
