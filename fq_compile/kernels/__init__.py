@@ -49,8 +49,10 @@ def _register_gpu_implementations() -> None:
 
 def _register_attention() -> None:
     from fq_compile.kernels.triton import attention as triton_attention
+    from fq_compile.kernels.triton import heads as triton_heads
 
-    attention.register_cuda_impl(triton_attention.attention_cuda)
+    attention.register_cuda_impl(triton_attention.attention_cuda,
+                                 quantize_heads=(triton_heads.applies, triton_heads.quantize_heads_cuda))
 
 
 _register_gpu_implementations()

@@ -82,6 +82,17 @@ MAX_KV_SPLITS = 64      # the Triton combine kernel unrolls one step per split
 DECODE_ROWS = 16        # packed query rows per kv head that one decode tile holds (kernels/triton/attention.py)
 
 
+# The GPU kernels, registered by fq_compile/kernels/__init__.py: "attention" (kernels/triton/attention.py)
+# and "quantize_heads" ((applies, impl), kernels/triton/heads.py).
+CUDA_IMPL = {}
+
+
+def register_cuda_impl(fn, quantize_heads=None) -> None:
+    CUDA_IMPL["attention"] = fn
+    if quantize_heads is not None:
+        CUDA_IMPL["quantize_heads"] = quantize_heads
+
+
 def format_of(dtype: torch.dtype) -> str:
     for name, dt in FORMATS.items():
         if dt == dtype:
@@ -118,13 +129,24 @@ def dequantize_heads_reference(xq: torch.Tensor, scale: torch.Tensor, dtype: tor
     return (xq.float() * _heads_view(scale.float(), xq)).to(dtype)
 
 
+def _quantize_heads(x: torch.Tensor, inv_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The composite's body: on a plain CUDA tensor (eager mode) one Triton launch with the reference's
+    bits (kernels/triton/heads.py: the five aten kernels below cost ~10x the bytes they must move);
+    anything else, a traced tensor (FakeTensor, FunctionalTensor) above all, gets the aten ops, so
+    AOTAutograd still decomposes the op and Inductor fuses it with its neighbours."""
+    impl = CUDA_IMPL.get("quantize_heads")
+    if impl is not None and type(x) is torch.Tensor and x.is_cuda and impl[0](x, inv_scale, dtype):
+        return impl[1](x, inv_scale, dtype)
+    return quantize_heads_reference(x, inv_scale, dtype)
+
+
 # Composite (decomposed into aten ops by AOTAutograd, so Inductor fuses them with their neighbours, e.g.
 # the rotary embedding that produces Q and K), yet one node in a Dynamo graph: the attention pass
 # recognises a KV-cache read (`dequantize_heads`) and hands the 8-bit tensor to the kernel directly.
 _LIB = torch.library.Library("fq", "FRAGMENT")
 _LIB.define("quantize_heads(Tensor x, Tensor inv_scale, ScalarType dtype) -> Tensor")
 _LIB.define("dequantize_heads(Tensor xq, Tensor scale, ScalarType dtype) -> Tensor")
-_LIB.impl("quantize_heads", quantize_heads_reference, "CompositeImplicitAutograd")
+_LIB.impl("quantize_heads", _quantize_heads, "CompositeImplicitAutograd")
 _LIB.impl("dequantize_heads", dequantize_heads_reference, "CompositeImplicitAutograd")
 
 
@@ -318,12 +340,6 @@ def _attention_ref_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale
                                kv_splits)
 
 
-# The GPU kernel (kernels/triton/attention.py), registered by fq_compile/kernels/__init__.py.
-CUDA_IMPL = {}
-
-
-def register_cuda_impl(fn) -> None:
-    CUDA_IMPL["attention"] = fn
 
 
 @define_op("fq::attention", mutates_args=())

@@ -362,15 +362,53 @@ SMALL = [(1, 4, 2, 20, 20, 16, "int8", "int8", "causal", 16, torch.float32),
          (1, 4, 1, 1, 40, 32, "int8", "int8", "none", 16, torch.float32, 6)]    # 3 blocks, 6 spans: 3 empty
 
 
+def check_quantize_heads(device: str, seed: int = 0, shape=(2, 3, 37, 80)):
+    """quantize_heads' Triton kernel (kernels/triton/heads.py) against the reference, bit for bit: bf16 and
+    float32 inputs, a transposed layout (kept in the output), ties at half steps, saturation, and values
+    in e4m3's subnormal range; INT8 and FP8.  The inputs are scaled so every rounding case occurs."""
+    from fq_compile.kernels.triton.heads import applies, quantize_heads_cuda
+
+    gen = torch.Generator().manual_seed(seed)
+    b, h, s, d = shape
+    x = torch.randn(b, h, s, d, generator=gen) * torch.logspace(-4, 1.5, d)
+    x[0, 0, 0, :8] = torch.tensor([2.5, -2.5, 3.5, -0.5, 1e4, -1e4, 0.0, -0.0])   # ties, saturation, zeros
+    inv = torch.rand(h, generator=gen) * 40 + 1
+    inv[0] = 1.0                                                                 # the ties stay ties
+    for dt, xdt, layout in ((torch.int8, torch.float32, "plain"), (torch.int8, torch.bfloat16, "bshd"),
+                            (torch.float8_e4m3fn, torch.float32, "bshd"), (torch.float8_e4m3fn, torch.bfloat16, "plain")):
+        xx = x.to(xdt)
+        if layout == "bshd":                               # [B, S, H, D] storage, as a model's Q arrives
+            xx = xx.transpose(1, 2).contiguous().transpose(1, 2)
+        xd, invd = xx.to(device), inv.to(device)
+        assert applies(xd, invd, dt)
+        got = quantize_heads_cuda(xd, invd, dt).cpu()
+        ref = A.quantize_heads_reference(xx, inv, dt)
+        assert got.dtype == dt and got.shape == ref.shape and got.stride() == xx.stride(), (got.stride(), xx.stride())
+        bad = (got.view(torch.int8) != ref.view(torch.int8)).sum().item()
+        assert bad == 0, f"{dt} {xdt} {layout}: {bad} of {ref.numel()} bytes differ"
+        assert got.view(torch.int8).float().abs().max() > 100               # saturation reached (not all zeros)
+
+
 def _interp_main():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     check_attention("cpu", SMALL, seed=11)
     print("attention: ok")
 
 
+def _interp_quantize_main():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    check_quantize_heads("cpu")
+    print("quantize_heads: ok")
+
+
 def test_interpreter_matches_reference():
     need_triton_interpreter()
     run_guarded([__file__], 600, env=dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES=""))
+
+
+def test_interpreter_quantize_heads_matches_reference():
+    need_triton_interpreter()
+    run_guarded([__file__, "interp-quantize"], 300, env=dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES=""))
 
 
 def test_gpu_implementation_registered():
@@ -460,4 +498,4 @@ if __name__ == "__main__":
     if mode == "gpu":
         _gpu_main(sys.argv[2])
     else:
-        {"gpu-inductor": _gpu_inductor_main}.get(mode, _interp_main)()
+        {"gpu-inductor": _gpu_inductor_main, "interp-quantize": _interp_quantize_main}.get(mode, _interp_main)()
