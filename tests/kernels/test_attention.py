@@ -302,16 +302,20 @@ def test_op_runs_the_reference_on_cpu_and_checks_its_inputs():
 # the Triton kernel against the reference (interpreter on CPU, full size on GPU)
 # ----------------------------------------------------------------------------------------------
 
-def check_attention(device: str, cases, seed: int = 0, configs=None, progress: bool = False):
+def check_attention(device: str, cases, seed: int = 0, configs=None, progress: bool = False, hopper=None):
     """Kernel vs reference.  Case: (b, hq, hkv, m, n, d, qk_fmt, pv_fmt, kind, kv_block, out_dtype[, kv_splits]).
     All-INT8: bit-exact.  FP8 PV or QK: the reference sums products exactly before one rounding, the
     interpreter (numpy float32) and Hopper's FP8 tensor cores (about 14 accumulator bits, per the
     DeepSeek-V3 report) do not; a product sum differs by a few ulps (interpreter) or ~2**-14 relative
     (GPU), which moves a P across an e4m3 rounding edge now and then (one step is 6% of that P):
-    relative error < 1e-6 (interpreter) / 5e-3 (GPU), against quantization errors of 2-5%."""
+    relative error < 1e-6 (interpreter) / 5e-3 (GPU), against quantization errors of 2-5%.
+    hopper: attention_cuda's switch (True: the Hopper prefill kernel, which raises where it does not apply);
+    returns the Hopper layouts (attention_hopper.plan) of the cases, so a test can check what it covered."""
+    from fq_compile.kernels.triton import attention_hopper
     from fq_compile.kernels.triton.attention import attention_cuda
 
     gen = torch.Generator().manual_seed(seed)
+    layouts = []
     for i, case in enumerate(cases):
         b, hq, hkv, m, n, d, qk_fmt, pv_fmt, kind, kv_block, out_dtype, *rest = case
         splits = rest[0] if rest else 0
@@ -332,8 +336,11 @@ def check_attention(device: str, cases, seed: int = 0, configs=None, progress: b
         if i % 3 == 1:       # V with keys contiguous (the layout the tensor cores want for PV), Q transposed storage
             dev[2] = dev[2].transpose(-1, -2).contiguous().transpose(-1, -2)
             dev[0] = dev[0].transpose(1, 2).contiguous().transpose(1, 2)
-        out = attention_cuda(*dev, None if mask is None else mask.to(device), kind == "causal", sm, kv_block, out_dtype,
-                             kv_splits=splits, config=cfg)
+        dmask = None if mask is None else mask.to(device)
+        if hopper:
+            layouts.append(attention_hopper.plan(dev[0], dev[1], dev[2], dmask, splits, force=True))
+        out = attention_cuda(*dev, dmask, kind == "causal", sm, kv_block, out_dtype, kv_splits=splits, config=cfg,
+                             hopper=hopper)
         assert out.shape == ref.shape and out.dtype == out_dtype
         out = out.cpu()
         if qk_fmt == pv_fmt == "int8":
@@ -343,6 +350,7 @@ def check_attention(device: str, cases, seed: int = 0, configs=None, progress: b
             tol = 1e-6 if device == "cpu" and out_dtype == torch.float32 else 5e-3
             assert rel(out, ref) < tol, f"{case}: rel err {rel(out, ref)}"
         assert torch.isfinite(out.float()).all()
+    return layouts
 
 
 SMALL = [(1, 4, 2, 20, 20, 16, "int8", "int8", "causal", 16, torch.float32),
@@ -395,6 +403,31 @@ def _interp_main():
     print("attention: ok")
 
 
+# The Hopper prefill kernel (kernels/triton/attention_hopper.py) at interpreter sizes: causal with M < N and
+# M = N, no mask with a ragged last block, GQA, the three format pairs, head dims 32/64/128; every third
+# case (i % 3 == 1) stores V keys-contiguous, with N a multiple of 16 (descriptors) or not (plain loads).
+HOPPER_SMALL = [(1, 4, 2, 40, 40, 32, "int8", "int8", "causal", 16, torch.float32),
+                (1, 4, 1, 24, 48, 64, "int8", "int8", "causal", 16, torch.bfloat16),
+                (2, 2, 2, 33, 70, 32, "int8", "int8", "none", 32, torch.float32),
+                (1, 2, 1, 20, 36, 32, "fp8", "fp8", "causal", 16, torch.float32),
+                (1, 4, 2, 30, 40, 32, "int8", "int8", "causal", 16, torch.float32),
+                (1, 2, 1, 24, 64, 128, "int8", "fp8", "none", 64, torch.float32)]
+
+
+def _interp_hopper_main():
+    import triton
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    # the interpreter's 16-row tile, and a 32-row one with warp_specialize asked for (the interpreter runs
+    # the loop as a loop): the causal diagonal then spans several kv blocks of a tile
+    cfgs = [triton.Config({"BLOCK_M": 16, "WS": False}, num_warps=4, num_stages=1),
+            triton.Config({"BLOCK_M": 32, "WS": True}, num_warps=4, num_stages=1)]
+    layouts = check_attention("cpu", HOPPER_SMALL, seed=12, configs=cfgs, hopper=True)
+    seen = {(lay["USE_DESC"], lay["V_T"]) for lay in layouts}
+    assert {(True, False), (True, True), (False, True)} <= seen, seen
+    print("attention hopper: ok")
+
+
 def _interp_quantize_main():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     check_quantize_heads("cpu")
@@ -409,6 +442,55 @@ def test_interpreter_matches_reference():
 def test_interpreter_quantize_heads_matches_reference():
     need_triton_interpreter()
     run_guarded([__file__, "interp-quantize"], 300, env=dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES=""))
+
+
+def test_interpreter_hopper_kernel_matches_reference():
+    """The Hopper prefill kernel's math and descriptor indexing under the interpreter (not its scheduling:
+    warp specialisation and TMA run on the GPU only): INT8 bit-exact, FP8 within check_attention's bound."""
+    need_triton_interpreter()
+    run_guarded([__file__, "interp-hopper"], 600, env=dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES=""))
+
+
+def test_hopper_plan_takes_prefill_shapes_only():
+    """Where the Hopper kernel applies (plan with force=True: the shape rules alone), and its layout."""
+    pytest.importorskip("triton")
+    from fq_compile.kernels.triton.attention_hopper import plan
+
+    def qkv(m, n, d=128, dv=None, v_t=True, b=1):
+        q = torch.zeros(b, 32, m, d, dtype=torch.int8)
+        k = torch.zeros(b, 8, n, d, dtype=torch.int8)
+        v = torch.zeros(b, 8, n, dv or d, dtype=torch.int8)
+        if v_t:
+            v = v.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return q, k, v
+
+    assert plan(*qkv(2048, 2048), None, 0, force=True) == dict(USE_DESC=True, V_T=True)
+    assert plan(*qkv(2048, 2048, v_t=False), None, 0, force=True) == dict(USE_DESC=True, V_T=False)
+    assert plan(*qkv(100, 100), None, 0, force=True) == dict(USE_DESC=False, V_T=True)   # V^T rows of 100 bytes
+    q, k, v = qkv(64, 64, v_t=False)
+    assert plan(q, k[:, :, 1:], v[:, :, 1:], None, 0, force=True)["USE_DESC"] is True          # offset 128 bytes
+    shifted = torch.zeros(k.numel() + 8, dtype=torch.int8)[8:].view(k.shape)
+    assert plan(q, shifted, v, None, 0, force=True)["USE_DESC"] is False                          # base offset 8
+    assert plan(*qkv(64, 64), torch.ones(64, 64, dtype=torch.bool), 0, force=True) is None       # a mask
+    assert plan(*qkv(64, 64), None, 4, force=True) is None                                        # split keys
+    assert plan(*qkv(4, 2048), None, 0, force=True) is None                                       # decode-sized
+    assert plan(*qkv(64, 64, d=80), None, 0, force=True) is None                                  # head dim 80
+    assert plan(*qkv(64, 64, dv=64), None, 0, force=True) is None                                 # D != DV
+    q, k, v = qkv(64, 64)
+    assert plan(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, None, 0, force=True) is None
+    assert plan(q, k, v, None, 0) is None or torch.cuda.is_available()                            # CPU: never chosen
+
+
+def test_hopper_env_switch(monkeypatch):
+    pytest.importorskip("triton")
+    from fq_compile.kernels.triton import attention_hopper as H
+    monkeypatch.setenv(H.ENV, "nows")
+    assert H.configs() and not any(c.kwargs["WS"] for c in H.configs())
+    monkeypatch.setenv(H.ENV, "1")
+    assert any(c.kwargs["WS"] for c in H.configs()) and all(c.kwargs["BLOCK_M"] == 128 for c in H.configs())
+    monkeypatch.setenv(H.ENV, "yes")
+    with pytest.raises(ValueError, match="must be 0, 1 or nows"):
+        H.mode()
 
 
 def test_gpu_implementation_registered():
@@ -498,4 +580,5 @@ if __name__ == "__main__":
     if mode == "gpu":
         _gpu_main(sys.argv[2])
     else:
-        {"gpu-inductor": _gpu_inductor_main, "interp-quantize": _interp_quantize_main}.get(mode, _interp_main)()
+        {"gpu-inductor": _gpu_inductor_main, "interp-quantize": _interp_quantize_main,
+         "interp-hopper": _interp_hopper_main}.get(mode, _interp_main)()

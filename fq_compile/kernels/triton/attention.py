@@ -33,86 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fq_compile.kernels.attention import EXP2_C, LOG2E, P_QMAX, score_scale, split_span
+from fq_compile.kernels.attention import score_scale, split_span
+from fq_compile.kernels.triton import attention_hopper
+from fq_compile.kernels.triton.attention_math import _LOG2E, _hint, _div_rn, _exp2q, _mul_rn, _scores, _to_out, _update
 from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-_C1: tl.constexpr = tl.constexpr(EXP2_C[0])
-_C2: tl.constexpr = tl.constexpr(EXP2_C[1])
-_C3: tl.constexpr = tl.constexpr(EXP2_C[2])
-_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
-_PQ: tl.constexpr = tl.constexpr(P_QMAX)
-
-if _INTERPRET:
-    @triton.jit
-    def _mul_rn(a, b):
-        return a * b
-
-    @triton.jit
-    def _div_rn(a, b):
-        return a / b
-
-    @triton.jit
-    def _rint_small(v):
-        # v in [0, 127]: adding 2**23 leaves no fraction bits, so the FPU rounds half to even
-        return (v + 8388608.0) - 8388608.0
-
-    @triton.jit
-    def _to_e4m3(p):
-        """p in [0, 1] -> e4m3, rounded to nearest even.  The interpreter's float -> fp8 conversion
-        mis-rounds (triton 3.9: 0.497 -> 0.25) but converts grid values exactly, so round onto the
-        e4m3 grid first: steps of 2**(e - 3) in binade e, 2**-9 below 2**-6 (subnormals)."""
-        e = tl.maximum(((p.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3
-        step = ((e + 127) << 23).to(tl.float32, bitcast=True)
-        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
-        return (_rint_small(p * inv) * step).to(tl.float8e4nv)
-
-    @triton.jit
-    def _to_out(x, dtype: tl.constexpr):
-        """The interpreter casts float32 -> bfloat16 by truncation (the GPU rounds to nearest even):
-        round the bits first, then the cast is exact."""
-        if dtype == tl.bfloat16:
-            b = x.to(tl.uint32, bitcast=True)
-            x = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return x.to(dtype)
-else:
-    from triton.language.extra import libdevice
-
-    @triton.jit
-    def _mul_rn(a, b):
-        return libdevice.mul_rn(a, b)
-
-    @triton.jit
-    def _div_rn(a, b):
-        return libdevice.div_rn(a, b)
-
-    @triton.jit
-    def _rint_small(v):
-        return libdevice.rint(v)
-
-    @triton.jit
-    def _to_e4m3(p):
-        return p.to(tl.float8e4nv)   # cvt.rn.satfinite: round to nearest even
-
-    @triton.jit
-    def _to_out(x, dtype: tl.constexpr):
-        return x.to(dtype)           # round to nearest even
-
-
-@triton.jit
-def _exp2q(x, EXP_HW: tl.constexpr):
-    """exp2q of the reference (0 below -126; -inf -> 0), or the hardware exp2 when EXP_HW."""
-    if EXP_HW:
-        return tl.exp2(x)
-    xc = tl.maximum(x, -126.0)
-    n = tl.floor(xc)
-    f = xc - n
-    p = _mul_rn(f, _C3) + _C2
-    p = _mul_rn(p, f) + _C1
-    p = _mul_rn(p, f) + 1.0
-    two_n = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
-    return tl.where(x < -126.0, 0.0, _mul_rn(p, two_n))
 
 
 @triton.jit
@@ -133,13 +59,7 @@ def _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
         k_mask = k_mask & n_ok[:, None]
         v_mask = v_mask & n_ok[:, None]
     k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd, mask=k_mask, other=0.0)
-    if QK_INT8:
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-    elif QK_PROMOTE > 0:
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, max_num_imprecise_acc=QK_PROMOTE)
-    else:
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
-    t = _mul_rn(s, c[:, None])
+    t = _scores(q, k, c, QK_INT8, QK_PROMOTE)
     if MASK_KIND != 0:
         m_ptrs = mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_mn
         m_ok = row_ok[:, None] & n_ok[None, :]
@@ -154,31 +74,9 @@ def _block(acc, l_i, m_i, q, c, qpos, row_ok, k_base, v_base, mask_rows, j0, N,
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= qpos[:, None])
         t = tl.where(visible, t, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(t, 1))
-    u = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = _exp2q(m_i - u, EXP_HW)
-    p = _exp2q(t - u[:, None], EXP_HW)
     v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd, mask=v_mask,
                 other=0.0)
-    if PV_INT8:
-        pq = _rint_small(_mul_rn(p, _PQ))
-        l_blk = tl.sum(pq, 1)                      # integers <= 127 * 128: exact in any order
-        pv = tl.dot(pq.to(tl.int8), v, out_dtype=tl.int32).to(tl.float32)
-    else:
-        p8 = _to_e4m3(p)
-        l_blk = tl.sum(p8.to(tl.float32), 1)       # multiples of 2**-9 below 128: exact in any order
-        if PV_F16 == 1 or (PV_F16 == 0 and BLOCK_M >= 64):
-            # e4m3 values are exact in float16, and so are their products in the float32 sum: the
-            # same P.V on the float16 tensor cores.  Why not the e4m3 ones: with P in registers
-            # straight from the QK^T accumulator, Triton 3.6's wgmma path (BLOCK_M >= 64) computes a
-            # wrong P.V (relative error ~0.7; benchmarks/device/attention_probe.py), while the
-            # 16-row mma.sync tile and e4m3 operands loaded from memory are right.
-            pv = tl.dot(p8.to(tl.float16), v.to(tl.float16), out_dtype=tl.float32)
-        else:
-            pv = tl.dot(p8, v, out_dtype=tl.float32)
-    l_i = _mul_rn(l_i, alpha) + l_blk
-    acc = _mul_rn(acc, alpha[:, None]) + pv
-    return acc, l_i, m_new
+    return _update(acc, l_i, m_i, t, v, PV_INT8, EXP_HW, PV_F16, BLOCK_M)
 
 
 @triton.jit
@@ -312,22 +210,27 @@ def _pow2(x: int, lo: int = 32) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-def _hint(x) -> int:
-    """A concrete size for a tuning decision (regime, autotune bucket).  Under Inductor a dynamic size
-    is a SymInt: take its example value without a guard (power-of-two arithmetic on it would build a
-    symbolic expression and a guard per bucket); the choice only picks a tiling, never the result."""
-    if isinstance(x, torch.SymInt):
-        hint = x.node.hint
-        return int(hint) if hint is not None else 4096
-    return int(x)
+def _hopper_layout(q, k, v, mask, kv_splits, exp_hw, config, hopper):
+    """attention_hopper's layout constants where its kernel takes this call, else None.  hopper: None
+    chooses (sm_90 and FQ_ATTN_HOPPER, and no forced generic tiling), False never, True insists (the
+    device check skipped: tests and benchmark columns; a shape it cannot take raises)."""
+    if hopper is False or exp_hw or (hopper is None and config is not None):
+        return None
+    layout = attention_hopper.plan(q, k, v, mask, kv_splits, force=bool(hopper))
+    if hopper and layout is None:
+        raise ValueError(f"the Hopper prefill kernel does not take q {tuple(q.shape)} k {tuple(k.shape)} "
+                         f"v {tuple(v.shape)} (strides {v.stride()}), mask {mask is not None}, kv_splits {kv_splits}")
+    return layout
 
 
 def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, kv_block, out_dtype, *,
                    kv_splits: int = 0, exp_hw: bool = False, config: triton.Config | None = None,
-                   pv_f16: int | None = None, qk_promote: int | None = None):
+                   pv_f16: int | None = None, qk_promote: int | None = None, hopper: bool | None = None):
     """Launch the kernel (the op's CUDA implementation).  kv_splits: the split-key semantics of
     kernels/attention.py (one program per span, then `combine_kernel`); exp_hw: the hardware exp2
-    (benchmarks only, not exact); config: force one tiling (tests run each candidate without timing it)."""
+    (benchmarks only, not exact); config: force one tiling (tests run each candidate without timing it);
+    hopper: the Hopper prefill kernel (kernels/triton/attention_hopper.py; see _hopper_layout), the same
+    bits by construction."""
     b, hq, m, d = q.shape
     hkv, n, dv = k.shape[1], k.shape[2], v.shape[-1]
     if d > 128 or dv > 128:
@@ -353,12 +256,19 @@ def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, k
         wm, wl = ws[0], ws[1]
     else:
         wm = wl = wacc = c
+    pv_f16 = PV_F16 if pv_f16 is None else pv_f16
+    qk_promote = QK_PROMOTE if qk_promote is None else qk_promote
+    buckets = (min(triton.next_power_of_2(_hint(rows)), 16384), min(triton.next_power_of_2(max(_hint(n), 1)), 16384))
+    layout = _hopper_layout(q, k, v, mask, kv_splits, exp_hw, config, hopper)
+    if layout is not None:
+        attention_hopper.launch(q, k, v, c, vs, out, causal, kv_block, layout, buckets, pv_f16=pv_f16,
+                                qk_promote=qk_promote, config=config)
+        return out
     common = dict(D=d, DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_N=kv_block, CAUSAL=bool(causal),
                   MASK_KIND=mask_kind, QK_INT8=q.dtype == torch.int8, PV_INT8=v.dtype == torch.int8, EXP_HW=exp_hw,
-                  PV_F16=PV_F16 if pv_f16 is None else pv_f16, QK_PROMOTE=QK_PROMOTE if qk_promote is None else qk_promote)
+                  PV_F16=pv_f16, QK_PROMOTE=qk_promote)
     args = (q, k, v, c, vs, mask_arg, out, wm, wl, wacc, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-            hkv, m, n, rep, min(triton.next_power_of_2(_hint(rows)), 16384),
-            min(triton.next_power_of_2(max(_hint(n), 1)), 16384), span, splits)
+            hkv, m, n, rep, *buckets, span, splits)
     common["SPLIT"] = splits > 1
     if config is None and (_INTERPRET or _hint(rows) <= 16):
         config = INTERPRET_CONFIG if _INTERPRET else DECODE_CONFIG
