@@ -516,21 +516,56 @@ GPU_TILINGS = [(2, 12, 4, 300, 400, 80, "int8", "int8", "none", 64, torch.bfloat
                (1, 8, 2, 300, 300, 64, "int8", "fp8", "causal", 64, torch.bfloat16),
                (1, 4, 4, 333, 333, 128, "fp8", "int8", "none", 64, torch.float32)]
 GPU_TIMEOUT_S = 300
+# The Hopper prefill kernel (forced, hopper=True, so a case it cannot take fails instead of falling back):
+# the benchmark's shape per batch element (32/8 heads, D 128, causal, V keys-contiguous: i % 3 == 1) and
+# FP8 autotuned over its candidates, warp-specialised ones included; then each candidate forced once
+# on smaller cases (channels-contiguous V, keys-contiguous V with N = 257: plain loads, ragged ends).
+HOPPER_GPU_AUTOTUNED = [(1, 8, 2, 1000, 1000, 64, "int8", "int8", "none", 64, torch.bfloat16),
+                        (2, 32, 8, 2048, 2048, 128, "int8", "int8", "causal", 64, torch.bfloat16),
+                        (1, 32, 8, 1024, 1024, 128, "fp8", "fp8", "causal", 64, torch.bfloat16),
+                        (1, 4, 2, 200, 200, 128, "int8", "fp8", "none", 64, torch.float32),
+                        (1, 32, 8, 1024, 1024, 128, "fp8", "fp8", "causal", 64, torch.bfloat16)]
+HOPPER_GPU_TILINGS = [(1, 8, 2, 1000, 1000, 64, "int8", "int8", "none", 64, torch.bfloat16),
+                      (1, 16, 4, 257, 257, 128, "int8", "int8", "causal", 64, torch.bfloat16),
+                      (1, 8, 8, 300, 320, 128, "int8", "fp8", "causal", 64, torch.float32),
+                      (1, 8, 2, 500, 512, 32, "fp8", "int8", "none", 128, torch.bfloat16)]
 
 
-GPU_GROUPS = ("autotuned", "tilings-0", "tilings-1")   # one child process each: xdist runs them side by side
+GPU_GROUPS = ("autotuned", "tilings-0", "tilings-1", "hopper-autotuned", "hopper-tilings")   # one child each
 
 
 def _gpu_main(group: str):
     from fq_compile.kernels.triton.attention import PREFILL_CONFIGS
     assert torch.cuda.is_available()
     os.environ["FQ_TUNE"] = "1"     # the autotuned launch as models run it
-    if group == "autotuned":
+    if group == "hopper-autotuned":
+        _gpu_hopper_selected()
+        layouts = check_attention("cuda", HOPPER_GPU_AUTOTUNED, seed=23, progress=True, hopper=True)
+        assert [lay["V_T"] for lay in layouts] == [False, True, False, False, True] and all(lay["USE_DESC"] for lay in layouts)
+    elif group == "hopper-tilings":
+        from fq_compile.kernels.triton.attention_hopper import HOPPER_CONFIGS
+        check_attention("cuda", HOPPER_GPU_TILINGS, seed=24, configs=HOPPER_CONFIGS, progress=True, hopper=True)
+    elif group == "autotuned":
         check_attention("cuda", GPU_AUTOTUNED, seed=21, progress=True)
     else:
         half = int(group.rsplit("-", 1)[1])      # every other case: the forced tilings' compiles are the time
         check_attention("cuda", GPU_TILINGS[half::2], seed=22 + half, configs=PREFILL_CONFIGS, progress=True)
     print(f"attention gpu {group}: ok")
+
+
+def _gpu_hopper_selected():
+    """On an sm_90 device with FQ_ATTN_HOPPER unset, the op's own launch (no switch) takes the Hopper kernel
+    at the benchmark's prefill shape, and not for a masked call or a decode step."""
+    from fq_compile.kernels.triton import attention_hopper as H
+    if torch.cuda.get_device_capability() != (9, 0) or os.environ.get(H.ENV, "1") == "0":
+        print("not sm_90 (or FQ_ATTN_HOPPER=0): the automatic choice is not checked here")
+        return
+    q = torch.zeros(8, 32, 2048, 128, dtype=torch.int8, device="cuda")
+    k = torch.zeros(8, 8, 2048, 128, dtype=torch.int8, device="cuda")
+    v = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert H.plan(q, k, v, None, 0) == dict(USE_DESC=True, V_T=True)
+    assert H.plan(q, k, v, torch.ones(2048, 2048, dtype=torch.bool, device="cuda"), 0) is None
+    assert H.plan(q[:, :, :1], k, v, None, 16) is None
 
 
 @gpu
@@ -546,7 +581,9 @@ def test_gpu_kernel_matches_reference(group):
 def _gpu_inductor_main():
     """torch.compile(inductor) of quantize_heads + fq.attention at a small prefill (autotuned tiling; V
     stored keys-contiguous, as passes/attention.py emits it):
-    our Triton kernel in the generated code, no fallback to the reference op; same result as eager."""
+    our Triton kernel in the generated code (on sm_90 the Hopper prefill kernel, with its device-side
+    tensor descriptors), no fallback to the reference op; same result as eager (where quantize_heads
+    is one Triton launch, kernels/triton/heads.py: the same bits as Inductor's fused aten ops)."""
     from torch._inductor.utils import run_and_get_code
 
     gen = torch.Generator().manual_seed(31)
@@ -564,7 +601,10 @@ def _gpu_inductor_main():
     print("compiling", flush=True)
     out, codes = run_and_get_code(torch.compile(f, backend="inductor", fullgraph=True), q, k, v)
     code = "\n".join(codes)
-    assert "attention_kernel" in code and "attention_reference" not in code, code[-3000:]
+    from fq_compile.kernels.triton import attention_hopper
+    hopper = torch.cuda.get_device_capability() == (9, 0) and attention_hopper.mode() != "0"
+    kernel = "hopper_prefill_kernel" if hopper else "attention_kernel"      # sm_90 takes the Hopper prefill
+    assert kernel in code and "attention_reference" not in code, code[-3000:]
     assert torch.equal(out, f(q, k, v))
     print("attention inductor gpu: ok")
 
