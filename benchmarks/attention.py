@@ -13,14 +13,21 @@ in .data/, as benchmarks/device/accuracy.sh):
         --data-dir .data --rows "INT8 QK, INT8 PV, per tensor;INT8 QK, INT8 PV, per head;FP8 QK, FP8 PV, per head" \
         --out $OUT/attention-accuracy.md > $OUT/attention-accuracy.log 2>&1; tail -n 30 $OUT/attention-*.log
 
-kernel: fq::attention's Triton kernel (INT8 and FP8 variants, kernel alone on pre-quantized Q/K/V, and
-with the Q/K/V quantization as separate kernels, which the model fuses into RoPE) against
+kernel: fq::attention's Triton kernels (INT8 and FP8 variants, kernel alone on pre-quantized Q/K/V, and
+"+quant": with the Q/K/V quantization as separate launches, which the model fuses into RoPE; see
+_our_variant) against
 scaled_dot_product_attention in bf16 with each backend forced (flash, cuDNN, memory-efficient; GQA
 through enable_gqa where the backend takes it, else K/V repeated beforehand) and FlexAttention
 compiled, causal prefill at each (batch, seq); then decode (one query, --decode-context tokens of context)
 at several batch sizes, with and without split keys (kv_splits as the attention pass picks it).  All measured side by side in one run with triton.testing.do_bench (median ms);
 ratios are best SDPA / ours.  Two diagnostics: the hardware exp2 (EXP_HW, not bit-exact) and V stored
 keys-contiguous, so the cost of the exact polynomial and of V's layout are measured, not guessed.
+Columns "int8/int8", "fp8/fp8", ... are the generic kernel (forced, on every GPU); on sm_90 the columns
+"int8/int8 hopper V^T" and "fp8/fp8 hopper V^T" are kernels/triton/attention_hopper.py (forced; the op
+picks it itself on sm_90 for such calls), each with its "+quant".  "+quant" quantizes with
+quantize_heads' one-launch Triton kernel (kernels/triton/heads.py); "int8/int8 (aten quantize) +quant"
+times the same with the five aten kernels it replaced, so the fix is measured against its baseline in
+the same run.  Not yet measured (as of this docstring): any Hopper column, and the new "+quant" times.
 
 accuracy: WikiText-2 perplexity of a model (default SmolLM2-135M) at --base (default O1) without and
 with quantized attention: INT8 / FP8 / mixed, per-tensor / per-head scales.  One calibration observes
@@ -142,6 +149,49 @@ def _rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _our_variant(q, k, v, d, qk_fmt, pv_fmt, opt):
+    """(label, kernel alone, kernel with the Q/K/V quantize, first output) for one of our prefill columns.
+    opt: exp_hw (the hardware exp2), v_keys_contiguous (V stored keys-contiguous, "V^T"), hopper (the
+    Hopper prefill kernel forced; every other column forces the generic kernel, so a column means the
+    same kernel on every GPU), aten_quant (only "+quant", with the composite's five aten kernels that
+    quantize_heads ran as before kernels/triton/heads.py: the fix measured beside its baseline).
+    "+quant" times quantize_heads of q, k and v (one Triton launch each on CUDA), V's transpose to
+    keys-contiguous where the column stores it so (a copy of the 8-bit V; Inductor folds it into the
+    quantize's store), and the kernel: what an eager caller pays, an upper bound on a compiled model's
+    cost (where Inductor fuses the quantize with RoPE)."""
+    from fq_compile.kernels.triton.attention import attention_cuda
+
+    (qq, kq, vq), (qs, ks, vs), inv = _quantized(q, k, v, qk_fmt, pv_fmt)
+    v_t = opt.get("v_keys_contiguous", False)
+    exp_hw, hopper = opt.get("exp_hw", False), opt.get("hopper", False)
+    label = (f"{qk_fmt}/{pv_fmt}" + (" hopper" if hopper else "") + (" hw-exp2" if exp_hw else "") +
+             (" V^T" if v_t else ""))
+    dq, dv = A.FORMATS[qk_fmt], A.FORMATS[pv_fmt]
+
+    def keys_contiguous(x):
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2) if v_t else x
+
+    def attend(qq, kq, vq):
+        return attention_cuda(qq, kq, vq, qs, ks, vs, None, True, d ** -0.5, A.KV_BLOCK, torch.bfloat16,
+                              exp_hw=exp_hw, hopper=hopper)
+
+    def with_quant():
+        return attend(torch.ops.fq.quantize_heads(q, inv[0], dq), torch.ops.fq.quantize_heads(k, inv[1], dq),
+                      keys_contiguous(torch.ops.fq.quantize_heads(v, inv[2], dv)))
+
+    if opt.get("aten_quant"):
+        def aten_quant():
+            return attend(A.quantize_heads_reference(q, inv[0], dq), A.quantize_heads_reference(k, inv[1], dq),
+                          A.quantize_heads_reference(v, inv[2], dv))
+        return label + " (aten quantize)", None, aten_quant, None
+    vq = keys_contiguous(vq)
+
+    def run():
+        return attend(qq, kq, vq)
+    out = run()                                   # autotunes outside the timing
+    return label, run, (with_quant if not exp_hw and (not v_t or hopper) else None), out
+
+
 def _kernel_report(args, device, rows, dec_rows) -> str:
     """The kernel tables so far (written after every measured shape, so a run cut short keeps them)."""
     h, hkv = args.heads, args.kv_heads
@@ -183,7 +233,9 @@ def kernel_main(args) -> str:
     gen = torch.Generator(device=device).manual_seed(0)
     h, hkv = args.heads, args.kv_heads
     ours = [("int8", "int8", {}), ("fp8", "fp8", {}), ("int8", "fp8", {}), ("int8", "int8", {"exp_hw": True}),
-            ("int8", "int8", {"v_keys_contiguous": True})]
+            ("int8", "int8", {"v_keys_contiguous": True}), ("int8", "int8", {"aten_quant": True})]
+    if torch.cuda.get_device_capability(device) == (9, 0):     # the Hopper prefill kernel, forced (sm_90 only)
+        ours += [(f, f, {"hopper": True, "v_keys_contiguous": True}) for f in ("int8", "fp8")]
     rows, dec_rows = [], []
     for d in _ints(args.head_dims):
         shapes = [(b, s) for s in _ints(args.seqs) for b in _ints(args.batches) if b * s <= args.max_tokens]
@@ -202,28 +254,12 @@ def kernel_main(args) -> str:
             best_name = min((n for n in times if n.startswith("sdpa")), key=times.get, default=None)
             errs = {}
             for qk_fmt, pv_fmt, opt in ours:
-                (qq, kq, vq), (qs, ks, vs), inv = _quantized(q, k, v, qk_fmt, pv_fmt)
-                if opt.get("v_keys_contiguous"):
-                    vq = vq.transpose(-1, -2).contiguous().transpose(-1, -2)
-                exp_hw = opt.get("exp_hw", False)
-                label = (f"{qk_fmt}/{pv_fmt}" + (" hw-exp2" if exp_hw else "") +
-                         (" V^T" if "v_keys_contiguous" in opt else ""))
-
-                def run(qq=qq, kq=kq, vq=vq, qs=qs, ks=ks, vs=vs, exp_hw=exp_hw):
-                    return attention_cuda(qq, kq, vq, qs, ks, vs, None, True, d ** -0.5, A.KV_BLOCK, torch.bfloat16,
-                                          exp_hw=exp_hw)
-                out = run()                                   # autotunes outside the timing
-                errs[label] = _rel(out, ref)
-                times[label] = _bench(run)
-                if not opt:
-                    def with_quant(qk_fmt=qk_fmt, pv_fmt=pv_fmt, inv=inv, qs=qs, ks=ks, vs=vs):
-                        dq, dv = A.FORMATS[qk_fmt], A.FORMATS[pv_fmt]
-                        return attention_cuda(torch.ops.fq.quantize_heads(q, inv[0], dq),
-                                              torch.ops.fq.quantize_heads(k, inv[1], dq),
-                                              torch.ops.fq.quantize_heads(v, inv[2], dv), qs, ks, vs, None, True,
-                                              d ** -0.5, A.KV_BLOCK, torch.bfloat16)
+                label, run, with_quant, out = _our_variant(q, k, v, d, qk_fmt, pv_fmt, opt)
+                if out is not None:
+                    errs[label] = _rel(out, ref)
+                    times[label] = _bench(run)
+                if with_quant is not None:
                     times[label + " +quant"] = _bench(with_quant)
-                del qq, kq, vq
             best = times[best_name] if best_name else float("nan")
             rows.append(dict(d=d, batch=b, seq=s, best_sdpa=best_name, times=times, errs=errs,
                              tflops={n: flops / t / 1e9 for n, t in times.items()},

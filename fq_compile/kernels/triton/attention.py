@@ -19,6 +19,10 @@ and 128 among them); others are zero-padded to the next power of two in register
 nothing).  The reference defines every bit for INT8 operands; with FP8 the tensor cores' accumulation
 differs (see the reference's docstring).
 
+On sm_90 an unmasked, unsplit prefill with D == DV in 32/64/128 goes instead to the Hopper-structured
+kernel of kernels/triton/attention_hopper.py (tensor descriptors, warp-specialised KV loop; the same
+per-block math from attention_math.py, so the same bits); FQ_ATTN_HOPPER=0 keeps everything here.
+
 EXP_HW=True (the launcher's `exp_hw`) swaps in the special-function unit's exp2 (MUFU ex2.approx):
 not bit-exact against the reference, kept only so that benchmarks/attention.py can measure what the
 exact polynomial costs.
