@@ -425,7 +425,41 @@ def _interp_hopper_main():
     layouts = check_attention("cpu", HOPPER_SMALL, seed=12, configs=cfgs, hopper=True)
     seen = {(lay["USE_DESC"], lay["V_T"]) for lay in layouts}
     assert {(True, False), (True, True), (False, True)} <= seen, seen
+    _check_hopper_fallback()
     print("attention hopper: ok")
+
+
+def _check_hopper_fallback():
+    """A Hopper kernel chosen automatically that fails to compile or launch warns once and leaves the process
+    on the generic kernel (same bits); one the caller insists on raises."""
+    import warnings
+
+    from fq_compile.kernels.triton import attention as TA
+    from fq_compile.kernels.triton import attention_hopper as H
+
+    gen = torch.Generator().manual_seed(13)
+    (qq, kq, vq), (qs, ks, vs) = quantize(*make_qkv(1, 4, 2, 24, 24, 32, gen), "int8", "int8")
+    args = (qq, kq, vq, qs, ks, vs, None, True, 32 ** -0.5, 16, torch.float32)
+    ref = A.attention_reference(*args[:9], torch.float32, 16)
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(1)
+        raise RuntimeError("cannot warp-specialise this loop")
+
+    saved = H.plan, H.launch
+    H.plan, H.launch = (lambda *a, **kw: dict(USE_DESC=True, V_T=False)), broken
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert torch.equal(TA.attention_cuda(*args), ref)
+            assert torch.equal(TA.attention_cuda(*args), ref)
+        assert calls == [1] and sum("Hopper prefill kernel failed" in str(w.message) for w in caught) == 1
+        with pytest.raises(RuntimeError, match="warp-specialise"):
+            TA.attention_cuda(*args, hopper=True)
+    finally:
+        H.plan, H.launch = saved
+        TA._HOPPER_FAILED.clear()
 
 
 def _interp_quantize_main():

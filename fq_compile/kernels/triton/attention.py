@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -227,6 +228,28 @@ def _hopper_layout(q, k, v, mask, kv_splits, exp_hw, config, hopper):
     return layout
 
 
+_HOPPER_FAILED: list[str] = []
+
+
+def _launch_hopper(q, k, v, c, vs, out, causal, kv_block, layout, buckets, pv_f16, qk_promote, config, insist) -> bool:
+    """Run the Hopper kernel; True if it ran.  Chosen automatically (not insist), a failure to compile or
+    launch it (a Triton that cannot warp-specialise this loop, say) warns once and leaves this process on
+    the generic kernel, instead of failing the model's prefill; tests and benchmarks insist, so they fail."""
+    if _HOPPER_FAILED and not insist:
+        return False
+    try:
+        attention_hopper.launch(q, k, v, c, vs, out, causal, kv_block, layout, buckets, pv_f16=pv_f16,
+                                qk_promote=qk_promote, config=config)
+        return True
+    except Exception as e:   # noqa: BLE001  (any compile/launch error: the generic kernel computes the same bits)
+        if insist:
+            raise
+        _HOPPER_FAILED.append(f"{type(e).__name__}: {e}")
+        warnings.warn(f"fq::attention: the Hopper prefill kernel failed ({_HOPPER_FAILED[0][:300]}); this process "
+                      f"uses the generic kernel from now on (FQ_ATTN_HOPPER=0 skips the attempt)", RuntimeWarning)
+        return False
+
+
 def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, kv_block, out_dtype, *,
                    kv_splits: int = 0, exp_hw: bool = False, config: triton.Config | None = None,
                    pv_f16: int | None = None, qk_promote: int | None = None, hopper: bool | None = None):
@@ -264,9 +287,8 @@ def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, k
     qk_promote = QK_PROMOTE if qk_promote is None else qk_promote
     buckets = (min(triton.next_power_of_2(_hint(rows)), 16384), min(triton.next_power_of_2(max(_hint(n), 1)), 16384))
     layout = _hopper_layout(q, k, v, mask, kv_splits, exp_hw, config, hopper)
-    if layout is not None:
-        attention_hopper.launch(q, k, v, c, vs, out, causal, kv_block, layout, buckets, pv_f16=pv_f16,
-                                qk_promote=qk_promote, config=config)
+    if layout is not None and _launch_hopper(q, k, v, c, vs, out, causal, kv_block, layout, buckets, pv_f16,
+                                             qk_promote, config, insist=bool(hopper)):
         return out
     common = dict(D=d, DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_N=kv_block, CAUSAL=bool(causal),
                   MASK_KIND=mask_kind, QK_INT8=q.dtype == torch.int8, PV_INT8=v.dtype == torch.int8, EXP_HW=exp_hw,

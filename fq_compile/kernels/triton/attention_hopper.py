@@ -224,8 +224,9 @@ def _ensure_allocator() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(cfgs: tuple):
-    return triton.autotune(configs=list(cfgs), key=["M_BUCKET", "N_BUCKET", "REP", "D", "BLOCK_N", "CAUSAL",
+def _tuned(ws: bool, tune: bool):
+    cfgs = [c for c in HOPPER_CONFIGS if ws or not c.kwargs["WS"]]
+    return triton.autotune(configs=cfgs if tune else cfgs[:1], key=["M_BUCKET", "N_BUCKET", "REP", "D", "BLOCK_N", "CAUSAL",
                                                      "QK_INT8", "PV_INT8", "USE_DESC", "V_T"])(hopper_prefill_kernel)
 
 
@@ -254,5 +255,4 @@ def launch(q, k, v, c, vs, out, causal: bool, kv_block: int, layout: dict, bucke
     def grid(meta):
         return (triton.cdiv(m * rep, meta["BLOCK_M"]), b * hkv)
 
-    cfgs = configs()
-    torch.library.wrap_triton(_tuned(tuple(cfgs if tuning() else cfgs[:1])))[grid](*args, **common)
+    torch.library.wrap_triton(_tuned(mode() != "nows", tuning()))[grid](*args, **common)
