@@ -338,7 +338,7 @@ def check_attention(device: str, cases, seed: int = 0, configs=None, progress: b
             dev[0] = dev[0].transpose(1, 2).contiguous().transpose(1, 2)
         dmask = None if mask is None else mask.to(device)
         if hopper:
-            layouts.append(attention_hopper.plan(dev[0], dev[1], dev[2], dmask, splits, force=True))
+            layouts.append(attention_hopper.plan(dev[0], dev[1], dev[2], dmask, splits, kv_block, force=True))
         out = attention_cuda(*dev, dmask, kind == "causal", sm, kv_block, out_dtype, kv_splits=splits, config=cfg,
                              hopper=hopper)
         assert out.shape == ref.shape and out.dtype == out_dtype
@@ -406,11 +406,11 @@ def _interp_main():
 # The Hopper prefill kernel (kernels/triton/attention_hopper.py) at interpreter sizes: causal with M < N and
 # M = N, no mask with a ragged last block, GQA, the three format pairs, head dims 32/64/128; every third
 # case (i % 3 == 1) stores V keys-contiguous, with N a multiple of 16 (descriptors) or not (plain loads).
-HOPPER_SMALL = [(1, 4, 2, 40, 40, 32, "int8", "int8", "causal", 16, torch.float32),
-                (1, 4, 1, 24, 48, 64, "int8", "int8", "causal", 16, torch.bfloat16),
+HOPPER_SMALL = [(1, 4, 2, 40, 40, 32, "int8", "int8", "causal", 32, torch.float32),
+                (1, 4, 1, 24, 48, 64, "int8", "int8", "causal", 32, torch.bfloat16),
                 (2, 2, 2, 33, 70, 32, "int8", "int8", "none", 32, torch.float32),
-                (1, 2, 1, 20, 36, 32, "fp8", "fp8", "causal", 16, torch.float32),
-                (1, 4, 2, 30, 40, 32, "int8", "int8", "causal", 16, torch.float32),
+                (1, 2, 1, 20, 76, 32, "fp8", "fp8", "causal", 32, torch.float32),
+                (1, 4, 2, 70, 70, 32, "int8", "int8", "causal", 32, torch.float32),
                 (1, 2, 1, 24, 64, 128, "int8", "fp8", "none", 64, torch.float32)]
 
 
@@ -439,8 +439,8 @@ def _check_hopper_fallback():
 
     gen = torch.Generator().manual_seed(13)
     (qq, kq, vq), (qs, ks, vs) = quantize(*make_qkv(1, 4, 2, 24, 24, 32, gen), "int8", "int8")
-    args = (qq, kq, vq, qs, ks, vs, None, True, 32 ** -0.5, 16, torch.float32)
-    ref = A.attention_reference(*args[:9], torch.float32, 16)
+    args = (qq, kq, vq, qs, ks, vs, None, True, 32 ** -0.5, 32, torch.float32)
+    ref = A.attention_reference(*args[:9], torch.float32, 32)
     calls = []
 
     def broken(*a, **kw):
@@ -510,6 +510,7 @@ def test_hopper_plan_takes_prefill_shapes_only():
     assert plan(*qkv(4, 2048), None, 0, force=True) is None                                       # decode-sized
     assert plan(*qkv(64, 64, d=80), None, 0, force=True) is None                                  # head dim 80
     assert plan(*qkv(64, 64, dv=64), None, 0, force=True) is None                                 # D != DV
+    assert plan(*qkv(64, 64), None, 0, 16, force=True) is None                  # kv_block 16: INT8 P.V needs K >= 32
     q, k, v = qkv(64, 64)
     assert plan(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, None, 0, force=True) is None
     assert plan(q, k, v, None, 0) is None or torch.cuda.is_available()                            # CPU: never chosen
@@ -518,12 +519,12 @@ def test_hopper_plan_takes_prefill_shapes_only():
 def test_hopper_env_switch(monkeypatch):
     pytest.importorskip("triton")
     from fq_compile.kernels.triton import attention_hopper as H
-    monkeypatch.setenv(H.ENV, "nows")
-    assert H.configs() and not any(c.kwargs["WS"] for c in H.configs())
     monkeypatch.setenv(H.ENV, "1")
+    assert H.configs() and not any(c.kwargs["WS"] for c in H.configs())
+    monkeypatch.setenv(H.ENV, "ws")
     assert any(c.kwargs["WS"] for c in H.configs()) and all(c.kwargs["BLOCK_M"] == 128 for c in H.configs())
     monkeypatch.setenv(H.ENV, "yes")
-    with pytest.raises(ValueError, match="must be 0, 1 or nows"):
+    with pytest.raises(ValueError, match="must be 0, 1 or ws"):
         H.mode()
 
 
@@ -552,7 +553,7 @@ GPU_TILINGS = [(2, 12, 4, 300, 400, 80, "int8", "int8", "none", 64, torch.bfloat
 GPU_TIMEOUT_S = 300
 # The Hopper prefill kernel (forced, hopper=True, so a case it cannot take fails instead of falling back):
 # the benchmark's shape per batch element (32/8 heads, D 128, causal, V keys-contiguous: i % 3 == 1) and
-# FP8 autotuned over its candidates, warp-specialised ones included; then each candidate forced once
+# FP8 autotuned over its candidates; then each candidate forced at least once
 # on smaller cases (channels-contiguous V, keys-contiguous V with N = 257: plain loads, ragged ends).
 HOPPER_GPU_AUTOTUNED = [(1, 8, 2, 1000, 1000, 64, "int8", "int8", "none", 64, torch.bfloat16),
                         (2, 32, 8, 2048, 2048, 128, "int8", "int8", "causal", 64, torch.bfloat16),
@@ -577,8 +578,8 @@ def _gpu_main(group: str):
         layouts = check_attention("cuda", HOPPER_GPU_AUTOTUNED, seed=23, progress=True, hopper=True)
         assert [lay["V_T"] for lay in layouts] == [False, True, False, False, True] and all(lay["USE_DESC"] for lay in layouts)
     elif group == "hopper-tilings":
-        from fq_compile.kernels.triton.attention_hopper import HOPPER_CONFIGS
-        check_attention("cuda", HOPPER_GPU_TILINGS, seed=24, configs=HOPPER_CONFIGS, progress=True, hopper=True)
+        from fq_compile.kernels.triton.attention_hopper import configs      # + the WS one under FQ_ATTN_HOPPER=ws
+        check_attention("cuda", HOPPER_GPU_TILINGS, seed=24, configs=configs(), progress=True, hopper=True)
     elif group == "autotuned":
         check_attention("cuda", GPU_AUTOTUNED, seed=21, progress=True)
     else:

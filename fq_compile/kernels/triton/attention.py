@@ -215,16 +215,17 @@ def _pow2(x: int, lo: int = 32) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-def _hopper_layout(q, k, v, mask, kv_splits, exp_hw, config, hopper):
+def _hopper_layout(q, k, v, mask, kv_splits, kv_block, exp_hw, config, hopper):
     """attention_hopper's layout constants where its kernel takes this call, else None.  hopper: None
     chooses (sm_90 and FQ_ATTN_HOPPER, and no forced generic tiling), False never, True insists (the
     device check skipped: tests and benchmark columns; a shape it cannot take raises)."""
     if hopper is False or exp_hw or (hopper is None and config is not None):
         return None
-    layout = attention_hopper.plan(q, k, v, mask, kv_splits, force=bool(hopper))
+    layout = attention_hopper.plan(q, k, v, mask, kv_splits, kv_block, force=bool(hopper))
     if hopper and layout is None:
         raise ValueError(f"the Hopper prefill kernel does not take q {tuple(q.shape)} k {tuple(k.shape)} "
-                         f"v {tuple(v.shape)} (strides {v.stride()}), mask {mask is not None}, kv_splits {kv_splits}")
+                         f"v {tuple(v.shape)} (strides {v.stride()}), mask {mask is not None}, kv_splits {kv_splits}, "
+                         f"kv_block {kv_block}")
     return layout
 
 
@@ -286,7 +287,7 @@ def attention_cuda(q, k, v, q_scale, k_scale, v_scale, mask, causal, sm_scale, k
     pv_f16 = PV_F16 if pv_f16 is None else pv_f16
     qk_promote = QK_PROMOTE if qk_promote is None else qk_promote
     buckets = (min(triton.next_power_of_2(_hint(rows)), 16384), min(triton.next_power_of_2(max(_hint(n), 1)), 16384))
-    layout = _hopper_layout(q, k, v, mask, kv_splits, exp_hw, config, hopper)
+    layout = _hopper_layout(q, k, v, mask, kv_splits, kv_block, exp_hw, config, hopper)
     if layout is not None and _launch_hopper(q, k, v, c, vs, out, causal, kv_block, layout, buckets, pv_f16,
                                              qk_promote, config, insist=bool(hopper)):
         return out
