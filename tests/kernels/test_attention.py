@@ -516,33 +516,16 @@ def test_hopper_plan_takes_prefill_shapes_only():
     assert plan(q, k, v, None, 0) is None or torch.cuda.is_available()                            # CPU: never chosen
 
 
-def _compile_hopper_sm90(qk_fmt, pv_fmt, v_t, use_desc, warps, d=128, kv_block=64, ws=False):
-    """The Hopper kernel compiled ahead of time for sm_90 (no GPU needed: Triton's own ptxas): its PTX."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from fq_compile.kernels.triton.attention_hopper import hopper_prefill_kernel
-
-    ptr = {"int8": "*i8", "fp8": "*fp8e4nv"}
-    sig = {"Q": ptr[qk_fmt], "K": ptr[qk_fmt], "V": ptr[pv_fmt], "C": "*fp32", "VS": "*fp32", "OUT": "*bf16"}
-    sig.update({n: "i32" for n in hopper_prefill_kernel.arg_names[6:27]})
-    cx = dict(D=d, BLOCK_M=128, BLOCK_N=kv_block, CAUSAL=True, QK_INT8=qk_fmt == "int8", PV_INT8=pv_fmt == "int8",
-              USE_DESC=use_desc, V_T=v_t, WS=ws, PV_F16=0, QK_PROMOTE=0 if qk_fmt == "int8" else 32)
-    sig.update({n: "constexpr" for n in cx})
-    src = ASTSource(fn=hopper_prefill_kernel, signature=sig, constexprs=cx)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3)).asm["ptx"]
-
-
 def test_hopper_kernel_compiles_to_wgmma_and_tma_for_sm90():
     """Compiled for sm_90 on the CPU (with this venv's Triton, not necessarily the device's): both dots on
     wgmma, K and V through the bulk tensor copy (TMA) where descriptors are on, none where they are off."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter does not compile")
     pytest.importorskip("triton.backends.nvidia")
-    ptx = _compile_hopper_sm90("int8", "int8", v_t=True, use_desc=True, warps=8)
+    from fq_compile.kernels.triton.attention_hopper import compile_sm90
+    ptx = compile_sm90("int8", "int8", v_t=True, use_desc=True, warps=8)
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx and "cp.async.bulk.tensor" in ptx
-    ptx = _compile_hopper_sm90("fp8", "fp8", v_t=False, use_desc=False, warps=4, d=64)
+    ptx = compile_sm90("fp8", "fp8", v_t=False, use_desc=False, warps=4, d=64)
     assert "wgmma.mma_async" in ptx and ".e4m3.e4m3" in ptx and "cp.async.bulk.tensor" not in ptx
 
 
