@@ -7,7 +7,9 @@
     fp8.py                fq::fp8_quantize / fq::fp8_linear / fq::w4a8_linear: the FP8 (e4m3) family
     flat_linear.py        fq::flat_linear: flatten_quantize + GEMM as one op, for decode (M <= 64 rows)
     packing.py            the INT4 storage format (two values per byte)
-    triton/               Triton kernels for both families (CUDA)
+    triton/               Triton kernels for both families (CUDA); attention: the generic kernel, and on sm_90
+                          the Hopper prefill kernel for the calls attention_hopper.plan takes (FQ_ATTN_HOPPER);
+                          quantize_heads: one launch in eager mode (heads.py)
     cutlass/              CUTLASS sm_90a GEMMs (fq::cutlass_int_linear), built on first use
     dispatch.py           the kernel choices, by architecture and shape: Triton or CUTLASS GEMMs
                           (FQ_GEMM, the table, the sm_90 rule), fused or opaque quantize (FQ_QUANTIZE)
