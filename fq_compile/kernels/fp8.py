@@ -1,5 +1,11 @@
 """FP8 (e4m3) linear layers: `fq::fp8_quantize`, `fq::fp8_linear`, `fq::w4a8_linear`.
 
+`fq::fp8_quantize_fused` is the same quantize as plain aten ops (a multiply, a clamp, the cast), which
+Inductor fuses into the activation's producer (a LayerNorm, ReLU, SiLU(gate) * up, ...), as naive FP8's
+cast is: the activation is then never written in fp16 and read back.  The lowering emits it wherever
+the flattened formats' quantize is fused (dispatch.decide_quantize); the opaque `fq::fp8_quantize`
+(our Triton kernel on CUDA) where there is nothing to fuse with.  Both give the reference's bits.
+
 The per-tensor static FP8 format (no flattening): activations scaled by one calibrated number and
 rounded to e4m3; weights in e4m3 (`fp8_linear`) or int4 values packed two per byte (`w4a8_linear`:
 W4A8, int4 values are exact e4m3 numbers, so both run on the FP8 tensor cores).
@@ -156,6 +162,15 @@ def w4a8_linear(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: t
         return impl(xq, wq, scale, bias, out_dtype)
     return torch.ops.fq.w4a8_linear_reference(xq, wq, scale, bias, out_dtype)
 
+
+def _fp8_quantize_decomposed(x: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    _check_quantize(x, mult)
+    return fp8_quantize_reference(x, mult)
+
+
+_lib = torch.library.Library("fq", "FRAGMENT")
+_lib.define("fp8_quantize_fused(Tensor x, Tensor mult) -> Tensor")
+_lib.impl("fp8_quantize_fused", _fp8_quantize_decomposed, "CompositeImplicitAutograd")
 
 for _op in (_fp8_quantize_ref_op, fp8_quantize):
     @_op.register_fake

@@ -30,7 +30,8 @@ reused for a long prefill (the op would still be right there, only slower).
 
 For a layer in an FP8 format (plan.py: fp8, w4a8; no flattening) the pair is
 
-    xq = fq.fp8_quantize(x, mult)                             # once per input
+    xq = fq.fp8_quantize(x, mult)                             # once per input; fq.fp8_quantize_fused
+                                                              # (aten ops) where Inductor fuses it
     y  = fq.fp8_linear(xq, Wq, scale, bias, dtype)            # or fq.w4a8_linear (packed INT4 weights)
 
 with the plan's tensors attached to the GraphModule as buffers (get_attr nodes, which Inductor
@@ -409,7 +410,8 @@ def _activation(rw: _Rewrite, grp: _Group, lp, act: str):
     if act == "f8":
         if act not in grp.quantized:     # per-tensor e4m3, not flattened (fp8, w4a8)
             mult = _const(gm, f"fq_{g.name}_f8_mult", _fp8_constants(rw.plan, g, lp, in_op, grp.device))
-            grp.quantized[act] = (gm.graph.call_function(torch.ops.fq.fp8_quantize.default, (grp.x, mult)), None)
+            op = torch.ops.fq.fp8_quantize_fused if grp.qchoice.impl == "fused" else torch.ops.fq.fp8_quantize
+            grp.quantized[act] = (gm.graph.call_function(op.default, (grp.x, mult)), None)
         return [], None
     if lp.bits not in grp.consts:        # flattened INT8 / INT4 (int8, int4)
         base = f"fq_{g.name}_a{lp.bits}"
@@ -466,8 +468,9 @@ def _report_layer(rw: _Rewrite, grp: _Group, name, lp, act, fused, per_token, re
 def _report_row(rw: _Rewrite, grp: _Group, name, lp, act, fused, per_token, reason, gemm, out_dtype, n) -> None:
     if act == "f8":
         rw.report.layers.append(LayerReport(
-            name, f"fq.{lp.format}_linear", grp.smoothing, reason, quantize="fp8_quantize", scales="per tensor",
-            quantize_why="per-tensor e4m3, not flattened", gemm="fp8 GEMM",
+            name, f"fq.{lp.format}_linear", grp.smoothing, reason, quantize="fused by Inductor" if grp.qchoice.impl == "fused" else grp.qchoice.label(),
+            scales="per tensor",
+            quantize_why=f"per-tensor e4m3, not flattened ({grp.qchoice.why})", gemm="fp8 GEMM",
             gemm_why="on CUDA cuBLAS _scaled_mm or Triton (FQ_FP8_GEMM); the reference elsewhere"))
         return
     scales = "per token" if per_token else "per tensor"

@@ -1,4 +1,5 @@
-"""fq::flatten_quantize_fused (the activation quantize as aten ops Inductor fuses into its producer),
+"""fq::flatten_quantize_fused and fq::fp8_quantize_fused (the activation quantize as aten ops Inductor
+fuses into its producer),
 the choice between it and the opaque kernel, and the ReLU GEMM epilogue.
 
 CPU: the decomposition bit-exact against `flatten_quantize_reference` eagerly (INT8/INT4, fp32/bf16/
@@ -22,6 +23,7 @@ from fq_compile.kernels.flatten_quantize import (
     flatten_quantize_reference,
     flatten_quantize_rows_reference,
 )
+from fq_compile.kernels.fp8 import fp8_quantize_reference
 from fq_compile.kernels.packing import unpack_int4
 from fq_compile.runtime.state import reports
 from tests.conftest import batches, tiny_llama, tiny_opt
@@ -96,7 +98,8 @@ def _producers(c: int, gen, device: str = "cpu"):
 def _check_compiled(device: str, dtype: torch.dtype, bits: int, seed: int):
     """Every producer + the fused quantize in one compiled function: each quantized result equals
     the reference applied to the producer's output the same compiled code returns; the same for the
-    per-token quantize (its row maxima and correctly rounded division fused in as well)."""
+    per-token quantize (its row maxima and correctly rounded division fused in as well) and the e4m3
+    quantize of the FP8 formats (with saturation)."""
     from torch._inductor.utils import run_and_get_code
 
     gen = torch.Generator().manual_seed(seed)
@@ -108,6 +111,8 @@ def _check_compiled(device: str, dtype: torch.dtype, bits: int, seed: int):
     rmult = rmult_cpu.to(device)
     full = direct_prefix(consts[0], bits)
     prods = _producers(c, gen, device)
+    m8_cpu = torch.rand(c, generator=gen) * 300          # e4m3 multipliers: some products saturate at 448
+    m8 = m8_cpu.to(device)
 
     def f(x, r, g):
         outs = {}
@@ -115,7 +120,8 @@ def _check_compiled(device: str, dtype: torch.dtype, bits: int, seed: int):
             a = p(x, r, g)
             direct = full if name == "relu" else 0     # the backend's gather, and the slice variant once
             outs[name] = (a, torch.ops.fq.flatten_quantize_fused(a, src, mult, lo, hi, bits, direct),
-                          torch.ops.fq.flatten_quantize_rows_fused(a, src, mult, lo, hi, rmult, bits, direct))
+                          torch.ops.fq.flatten_quantize_rows_fused(a, src, mult, lo, hi, rmult, bits, direct),
+                          torch.ops.fq.fp8_quantize_fused(a, m8))
         return outs
 
     torch._dynamo.reset()
@@ -126,7 +132,10 @@ def _check_compiled(device: str, dtype: torch.dtype, bits: int, seed: int):
         outs, code = run_and_get_code(torch.compile(f, fullgraph=True), *(t.to(device) for t in (x, r, g)))
     src_code = "\n".join(code)
     assert "flatten_quantize_kernel" not in src_code and "_reference" not in src_code   # all Inductor's code
-    for name, (a, q, (qr, rows)) in outs.items():
+    for name, (a, q, (qr, rows), q8) in outs.items():
+        ref8 = fp8_quantize_reference(a.cpu(), m8_cpu).view(torch.uint8)
+        bad = (q8.cpu().view(torch.uint8) != ref8).sum().item()
+        assert bad == 0, f"{name} {dtype} e4m3: {bad} of {ref8.numel()} differ"
         ref = flatten_quantize_reference(a.cpu(), *consts, bits)
         bad = (q.cpu() != ref).sum().item()
         assert bad == 0, f"{name} {dtype} INT{bits}: {bad} of {ref.numel()} differ"
@@ -198,6 +207,48 @@ def test_backend_fuses_every_quantize_with_a_producer(monkeypatch):
     monkeypatch.setenv("FQ_QUANTIZE_READ", "sideways")
     with pytest.raises(ValueError, match="FQ_QUANTIZE_READ='sideways'"):
         dispatch.gather_mode("relu")
+
+
+def _fresh(plan):
+    """The same plan without its compile reports (each compile appends its own)."""
+    return fq_compile.QuantPlan(plan.config, plan.model_type, plan.model_hash, plan.groups, plan.layers,
+                                plan.skipped, plan.calibration)
+
+
+def _inductor_logits(model, plan, x):
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, code = run_and_get_code(lambda: torch.compile(model, backend="flattenquant", options={"plan": plan})(x).logits)
+    return out, "\n".join(code)
+
+
+def test_fp8_quantize_fused_into_its_producer(monkeypatch):
+    """FP8-format layers (level fp8): the e4m3 quantize is emitted as fq.fp8_quantize_fused (aten ops)
+    where the producer fuses, as the flattened formats' quantize is, and as the opaque op with
+    FQ_QUANTIZE=kernel; the same logits bit for bit, without Inductor and through it, and through
+    Inductor no call of the opaque op is left."""
+    monkeypatch.delenv("FQ_QUANTIZE", raising=False)
+    monkeypatch.setenv("FQ_DECODE_MAX_M", "0")
+    opt = tiny_opt()
+    plan = fq_compile.calibrate(opt, batches(2), fq_compile.Config(level="fp8"), progress=False)
+    assert {lp.format for lp in plan.layers.values()} == {"fp8"}
+    x = batches(1, seed=3)[0]
+    fused_out, rep = _compiled_reports(opt, plan, x)
+    assert all(lr.quantize == "fused by Inductor" for lr in rep.values()), [lr.quantize for lr in rep.values()]
+    assert rep["fc2"].quantize_why == "per-tensor e4m3, not flattened (into relu)"
+    assert rep["self_attn.q_proj"].quantize_why == "per-tensor e4m3, not flattened (into layer_norm)"
+    fused_ind, code = _inductor_logits(opt, _fresh(plan), x)
+    assert "ops.fq.fp8_quantize" not in code      # no call of the opaque op (or its reference): fused code
+
+    monkeypatch.setenv("FQ_QUANTIZE", "kernel")
+    kernel_out, rep2 = _compiled_reports(opt, _fresh(plan), x)
+    assert all(lr.quantize == "reference" and lr.quantize_why.endswith("(FQ_QUANTIZE=kernel)") for lr in rep2.values())
+    assert torch.equal(kernel_out, fused_out)
+    kernel_ind, code2 = _inductor_logits(opt, _fresh(plan), x)
+    assert "ops.fq.fp8_quantize" in code2
+    assert torch.equal(kernel_ind, fused_ind)
 
 
 def test_llama_gated_mlp_and_rms_norm(monkeypatch):
