@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 
 from fq_compile.kernels.attention import EXP2_C, LOG2E, P_QMAX
+# the explicitly rounded float ops, one definition for every kernel (interpreter and GPU forms)
+from fq_compile.kernels.triton.flatten_quantize import _div_rn, _mul_rn, _rint_small  # noqa: F401
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -24,19 +26,6 @@ _LOG2E: tl.constexpr = tl.constexpr(LOG2E)
 _PQ: tl.constexpr = tl.constexpr(P_QMAX)
 
 if _INTERPRET:
-    @triton.jit
-    def _mul_rn(a, b):
-        return a * b
-
-    @triton.jit
-    def _div_rn(a, b):
-        return a / b
-
-    @triton.jit
-    def _rint_small(v):
-        # v in [0, 127]: adding 2**23 leaves no fraction bits, so the FPU rounds half to even
-        return (v + 8388608.0) - 8388608.0
-
     @triton.jit
     def _to_e4m3(p):
         """p in [0, 1] -> e4m3, rounded to nearest even.  The interpreter's float -> fp8 conversion
@@ -56,20 +45,6 @@ if _INTERPRET:
             x = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
         return x.to(dtype)
 else:
-    from triton.language.extra import libdevice
-
-    @triton.jit
-    def _mul_rn(a, b):
-        return libdevice.mul_rn(a, b)
-
-    @triton.jit
-    def _div_rn(a, b):
-        return libdevice.div_rn(a, b)
-
-    @triton.jit
-    def _rint_small(v):
-        return libdevice.rint(v)
-
     @triton.jit
     def _to_e4m3(p):
         return p.to(tl.float8e4nv)   # cvt.rn.satfinite: round to nearest even
