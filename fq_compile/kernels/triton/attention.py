@@ -40,7 +40,7 @@ import triton.language as tl
 
 from fq_compile.kernels.attention import score_scale, split_span
 from fq_compile.kernels.triton import attention_hopper
-from fq_compile.kernels.triton.attention_math import _LOG2E, _hint, _div_rn, _exp2q, _mul_rn, _scores, _to_out, _update
+from fq_compile.kernels.triton.attention_math import _key_bounds, _LOG2E, _hint, _div_rn, _exp2q, _mul_rn, _scores, _to_out, _update
 from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -119,14 +119,7 @@ def attention_kernel(Q, K, V, C, VS, MASK, OUT, WM, WL, WACC,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    if CAUSAL:
-        q_lo = (pid_m * BLOCK_M) // REP
-        q_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // REP, M - 1)
-        hi = tl.minimum(N, q_hi + 1)
-        full = (tl.minimum(N, q_lo + 1) // BLOCK_N) * BLOCK_N
-    else:
-        hi = N
-        full = (N // BLOCK_N) * BLOCK_N
+    hi, full = _key_bounds(pid_m, M, N, REP, BLOCK_M, BLOCK_N, CAUSAL)
     lo = 0
     if SPLIT:                   # this program's span of keys (SPAN: whole kv blocks)
         lo = tl.program_id(2) * SPAN

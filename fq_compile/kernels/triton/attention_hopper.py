@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from fq_compile.kernels.attention import DECODE_ROWS
-from fq_compile.kernels.triton.attention_math import _div_rn, _hint, _mul_rn, _scores, _to_out, _update
+from fq_compile.kernels.triton.attention_math import _key_bounds, _div_rn, _hint, _mul_rn, _scores, _to_out, _update
 from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -145,14 +145,7 @@ def hopper_prefill_kernel(Q, K, V, C, VS, OUT,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if CAUSAL:
-        q_lo = (pid_m * BLOCK_M) // REP
-        q_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // REP, M - 1)
-        hi = tl.minimum(N, q_hi + 1)
-        full = (tl.minimum(N, q_lo + 1) // BLOCK_N) * BLOCK_N
-    else:
-        hi = N
-        full = (N // BLOCK_N) * BLOCK_N
+    hi, full = _key_bounds(pid_m, M, N, REP, BLOCK_M, BLOCK_N, CAUSAL)
     # off the diagonal: every row sees every key of the block (no masks; the producer/consumer loop)
     for j0 in tl.range(0, full, BLOCK_N, warp_specialize=WS):
         acc, l_i, m_i = _step(acc, l_i, m_i, q, c, qpos, k_src, v_src, j0, N, stride_kn, stride_vn, stride_vd,

@@ -55,6 +55,22 @@ else:
 
 
 @triton.jit
+def _key_bounds(pid_m, M, N, REP, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(hi, full) for query tile pid_m (BLOCK_M packed rows, REP query heads per key head): the keys any
+    of its rows sees end at hi; below `full` (a multiple of BLOCK_N) every row sees every key, so those
+    blocks need no causal mask."""
+    if CAUSAL:
+        q_lo = (pid_m * BLOCK_M) // REP
+        q_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // REP, M - 1)
+        hi = tl.minimum(N, q_hi + 1)
+        full = (tl.minimum(N, q_lo + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = N
+        full = (N // BLOCK_N) * BLOCK_N
+    return hi, full
+
+
+@triton.jit
 def _exp2q(x, EXP_HW: tl.constexpr):
     """exp2q of the reference (0 below -126; -inf -> 0), or the hardware exp2 when EXP_HW."""
     if EXP_HW:
