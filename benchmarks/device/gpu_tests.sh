@@ -11,7 +11,7 @@
 # run (tests/gpu_durations.txt), and the CUTLASS tests last.  Every test's outcome and duration is
 # appended to $OUT/gpu-tests-durations.txt as it finishes, so a run cut by LIMIT still says what ran;
 # copy it over tests/gpu_durations.txt when you commit the run's record.
-# Knobs: LIMIT (seconds for pytest, default 330), WORKERS (xdist workers, default 8),
+# Knobs: LIMIT (seconds for pytest, default 540), WORKERS (xdist workers, default 8),
 # PYTEST_ARGS (extra pytest arguments, e.g. -k attention), FQ_CACHE_DIR (reuse a CUTLASS build),
 # FQ_TREE (the commit to name in the record).
 set -uo pipefail
@@ -40,7 +40,7 @@ echo "== pytest -m gpu"
 WANT=$(python3 -m pytest -m gpu --collect-only -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>/dev/null \
        | grep -oE '^[0-9]+(/[0-9]+)? tests? collected' | grep -oE '^[0-9]+')
 : > "$OUT/gpu-tests-durations.txt"
-FQ_TEST_LOG="$OUT/gpu-tests-durations.txt" timeout "${LIMIT:-330}" python3 -m pytest -m gpu -q -rfEs \
+FQ_TEST_LOG="$OUT/gpu-tests-durations.txt" timeout "${LIMIT:-540}" python3 -m pytest -m gpu -q -rfEs \
   -p no:cacheprovider --durations=20 --durations-min=0 -n "${WORKERS:-8}" ${PYTEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1
 RC=$?
 wait $BUILD
@@ -51,7 +51,7 @@ count() { grep -cE "^ *[0-9.]+s call +$1 " "$OUT/gpu-tests-durations.txt"; }
   echo "device: $GPU"
   echo "software: $VERSIONS"
   echo "tree: $TREE"
-  echo "command: bash benchmarks/device/gpu_tests.sh (WORKERS=${WORKERS:-8} LIMIT=${LIMIT:-330} ${PYTEST_ARGS:-})"
+  echo "command: bash benchmarks/device/gpu_tests.sh (WORKERS=${WORKERS:-8} LIMIT=${LIMIT:-540} ${PYTEST_ARGS:-})"
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "wall: ${WALL} s (wheels, fresh CUTLASS build in the background, pytest; machine start excluded)"
   echo "CUTLASS build: $(tail -1 "$OUT/cutlass-build.log")"
