@@ -406,6 +406,7 @@ def run_method(method, size, device, dtype, args, rec):
                 kw["cache_implementation"] = "static"
             try:
                 before = compile_counts()
+                phases = dynamo_phases()
                 STOP_CHECKS["deferred"] = 0
                 stopwatch.reset()
                 t = time.monotonic()
@@ -413,6 +414,7 @@ def run_method(method, size, device, dtype, args, rec):
                 sync(device)
                 warm_s = time.monotonic() - t
                 stages = {k: round(v[0], 1) for k, v in stopwatch.totals().items()}
+                phases = dynamo_phases(phases)
                 if first:
                     rec(kind="memory", model=size, method=label(method, args), resident_bytes=allocated(device),
                         setup_s=round(prep_s, 1), first_call_s=round(warm_s, 1), first_shape=["generate", b],
@@ -421,7 +423,13 @@ def run_method(method, size, device, dtype, args, rec):
                 compiled = compile_counts(before)
                 reset_peak(device)
                 before = compile_counts()
-                ms = timed(lambda: model.generate(ids, **kw), device, 0, args.decode_reps, args.budget)
+                recorded = [cudagraphs_recorded(device)]
+
+                def call():
+                    model.generate(ids, **kw)
+                    recorded.append(cudagraphs_recorded(device))
+
+                ms = timed(call, device, 0, args.decode_reps, args.budget)
                 again = compile_counts(before)
             except torch.cuda.OutOfMemoryError as e:
                 rec(kind="decode", model=size, method=label(method, args), batch=b, error=f"out of memory: {str(e)[:120]}")
@@ -434,7 +442,9 @@ def run_method(method, size, device, dtype, args, rec):
                 cache=cache, ms=round(med, 3), tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2),
                 reps=[round(x, 3) for x in ms], first_call_s=round(warm_s, 1), peak_bytes=peak(device),
                 first_call_compiles=compiled, timed_compiles=again,
-                first_call_stages=stages, **info)
+                first_call_stages=stages, first_call_dynamo_phases=phases,
+                cudagraphs_recorded_per_call=(None if None in recorded
+                                              else [b_ - a_ for a_, b_ in zip(recorded, recorded[1:])]), **info)
             if args.decode_profile and i == 0:
                 profile_decode(model, ids, kw, method, size, device, args, rec, info)
     if plan is not None:
@@ -486,21 +496,78 @@ def compile_counts(before: dict | None = None) -> dict:
     return now if before is None else {k: now[k] - before.get(k, 0) for k in now}
 
 
+def cudagraphs_recorded(device) -> int | None:
+    """CUDA graphs Inductor's cudagraph trees hold for `device` (every recorded node of every tree;
+    None off CUDA or where the trees' internals differ).  A timed generate() that raises it re-recorded:
+    what made issue 23's timed calls bimodal (fq_compile/generation.py, "One static cache per model")."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.get_manager(device.index or 0, create_if_none_exists=False)
+        if manager is None:
+            return 0
+        todo, count = [n for nodes in manager.roots.values() for n in nodes], 0
+        while todo:
+            node = todo.pop()
+            count += 1
+            todo.extend(c for nodes in node.children.values() for c in nodes)
+        return count
+    except Exception:  # private API: no count rather than no benchmark
+        return None
+
+
+def dynamo_phases(before: dict | None = None, top: int = 12) -> dict:
+    """Seconds per phase that Dynamo and Inductor time (torch._dynamo.utils.compilation_time_metrics;
+    nested phases overlap), since `before`: where a first call's compile time goes, the `top` largest."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return {}
+    now = {k: sum(v) for k, v in compilation_time_metrics.items()}
+    if before is None:
+        return now
+    spent = {k: round(v - before.get(k, 0.0), 1) for k, v in now.items() if v - before.get(k, 0.0) >= 0.05}
+    return dict(sorted(spent.items(), key=lambda kv: -kv[1])[:top])
+
+
 def profile_decode(model, ids, kw, method, size, device, args, rec, info, steps: int = 16):
-    """Where one decode step's time goes: a torch.profiler trace of generate() with `steps` new
-    tokens (after the timed runs, so nothing compiles); per step: wall ms, GPU busy ms (union of
-    kernel intervals) by kernel category, and the idle rest (launch gaps, Python, host syncs)."""
+    """Where one decode step's time goes, the prefill excluded: generate() with steps + 1 new tokens
+    minus generate() with 1 (the prefill and its token), divided by `steps`, both after the timed runs
+    (nothing compiles).  The step's wall time from calls timed without the profiler (the profiler's
+    per-launch cost inflates a traced wall: 11.45 ms a token traced against 7.83 timed for O3 on the
+    H100 of 2026-12-07); its GPU busy time (union of kernel intervals) and per-category kernel time from
+    torch.profiler traces of the same two calls; idle = wall - busy (launch gaps, Python, host syncs)."""
+    if device.type != "cuda":
+        return
+
+    def generate(n):
+        return lambda: model.generate(ids, **dict(kw, max_new_tokens=n, min_new_tokens=n))
+
+    long_, short = generate(steps + 1), generate(1)
+    long_()
+    short()
+    sync(device)
+    step = (statistics.median(timed(long_, device, 0, 5, 30.0))
+            - statistics.median(timed(short, device, 0, 5, 30.0))) / steps
+    (busy_l, cats_l, wall_l, n_l), (busy_s, cats_s, wall_s, n_s) = _traced(long_, device), _traced(short, device)
+    busy = (busy_l - busy_s) / steps
+    rec(kind="decode_profile", model=size, method=label(method, args), batch=int(ids.shape[0]), steps=steps,
+        step_ms=round(step, 3), step_busy_ms=round(busy, 3), step_idle_ms=round(step - busy, 3),
+        traced_step_ms=round((wall_l - wall_s) / steps, 3), step_kernels=(n_l - n_s) // steps,
+        **{f"{c}_step_ms": round((v - cats_s.get(c, 0.0)) / steps, 3) for c, v in cats_l.items()}, **info)
+
+
+def _traced(fn, device):
+    """(GPU busy ms: union of kernel intervals, ms per kernel category, wall ms, kernels) of one fn()
+    under torch.profiler."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    if device.type != "cuda":
-        return
-    kw = dict(kw, max_new_tokens=steps, min_new_tokens=steps)
-    model.generate(ids, **kw)
-    sync(device)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         t = time.monotonic()
-        model.generate(ids, **kw)
+        fn()
         sync(device)
         wall = (time.monotonic() - t) * 1e3
     spans, cats = [], {}
@@ -518,12 +585,7 @@ def profile_decode(model, ids, kw, method, size, device, args, rec, info, steps:
         elif b > end:
             busy += b - end
             end = b
-    busy /= 1e3
-    n = steps                                        # prefill + steps - 1 decode forwards; per token
-    rec(kind="decode_profile", model=size, method=label(method, args), batch=int(ids.shape[0]), steps=steps,
-        wall_ms_per_token=round(wall / n, 3), busy_ms_per_token=round(busy / n, 3),
-        idle_ms_per_token=round((wall - busy) / n, 3), kernels=len(spans) // n,
-        **{f"{c}_ms_per_token": round(v / n, 3) for c, v in cats.items()}, **info)
+    return busy / 1e3, cats, wall, len(spans)
 
 
 # -- per-layer profile --------------------------------------------------------------------------------
@@ -785,15 +847,29 @@ def decode_tables(rows, size) -> list[str]:
     prof = [r for r in rows if r.get("kind") == "decode_profile" and r.get("model") == size]
     if prof:
         cats = ["quantize", "GEMM", "attention", "other"]
-        ptable = [[r["method"], r["batch"], r["wall_ms_per_token"], r["busy_ms_per_token"], r["idle_ms_per_token"],
-                   r.get("kernels", "-")] + [r.get(f"{c}_ms_per_token", 0.0) for c in cats]
-                  for r in sorted(prof, key=lambda r: _order([r["method"]] + METHODS).index(r["method"]))]
-        lines += [f"### OPT-{size}: one decode step, where the time goes (ms per token)",
-                  "torch.profiler over generate() with 16 new tokens after the timed runs; busy = union of GPU "
-                  "kernel intervals; idle = wall - busy (launch gaps, Python, host syncs); categories sum kernel "
-                  "time (may overlap)", "",
-                  tabulate(ptable, headers=["method", "batch", "wall", "GPU busy", "idle", "kernels/token"] + cats,
-                           tablefmt="github", disable_numparse=True), ""]
+        prof = sorted(prof, key=lambda r: _order([r["method"]] + METHODS).index(r["method"]))
+        new = [r for r in prof if "step_ms" in r]
+        if new:
+            ptable = [[r["method"], r["batch"], r["step_ms"], r["step_busy_ms"], r["step_idle_ms"],
+                       f"{r['step_idle_ms'] / r['step_ms']:.0%}" if r["step_ms"] > 0 else "-", r["traced_step_ms"],
+                       r["step_kernels"]] + [r.get(f"{c}_step_ms", 0.0) for c in cats] for r in new]
+            lines += [f"### OPT-{size}: one decode step, where the time goes (ms)",
+                      "One step = generate() of 17 new tokens minus generate() of 1 (prefill excluded), / 16. wall: "
+                      "timed without the profiler (medians of 5); GPU busy: union of kernel intervals and categories "
+                      "(kernel time, may overlap) from torch.profiler traces of the same calls; idle = wall - busy "
+                      "(launch gaps, Python, host syncs); traced wall: the same step under the profiler", "",
+                      tabulate(ptable, headers=["method", "batch", "wall", "GPU busy", "idle", "idle %", "traced wall",
+                                                "kernels"] + cats, tablefmt="github", disable_numparse=True), ""]
+        old = [r for r in prof if "step_ms" not in r]
+        if old:
+            ptable = [[r["method"], r["batch"], r["wall_ms_per_token"], r["busy_ms_per_token"], r["idle_ms_per_token"],
+                       r.get("kernels", "-")] + [r.get(f"{c}_ms_per_token", 0.0) for c in cats] for r in old]
+            lines += [f"### OPT-{size}: one decode step, where the time goes (ms per token)",
+                      "torch.profiler over generate() with 16 new tokens after the timed runs (prefill included); "
+                      "busy = union of GPU kernel intervals; idle = traced wall - busy; categories sum kernel time "
+                      "(may overlap)", "",
+                      tabulate(ptable, headers=["method", "batch", "wall", "GPU busy", "idle", "kernels/token"] + cats,
+                               tablefmt="github", disable_numparse=True), ""]
     return lines
 
 

@@ -24,7 +24,7 @@ considered:
     point;
   * raise an error from `fast.generate`: needs the same interception as making it work.
 What we do: importing fq_compile (which `backend="flattenquant"` does through its entry point, at
-the latest when torch.compile resolves the name) installs three narrow hooks.  The first wraps
+the latest when torch.compile resolves the name) installs four narrow hooks.  The first wraps
 `OptimizedModule.__getattr__` once, for one name: `generate` on a module compiled with this
 backend returns the original module's `generate` with, for the duration of that call only, the
 original module's calls routed through the compiled module's Dynamo context -- exactly what
@@ -89,14 +89,32 @@ that gets them.  `fast.generate` initializes a static cache before the first com
 CUDA with CUDA graphs allowed: the cache's length is then a tensor from the first call on, and
 OPT's forward in transformers 5.24 turns that into a data-dependent size, a graph break with a
 host sync per forward, where the lazily created cache gives one graph).
+
+One static cache per model (the fourth hook, CUDA with CUDA graphs only).  transformers 5 creates a new
+StaticCache in every generate() (`GenerationMixin._prepare_static_cache`); its key, value and length
+tensors are static addresses, and Inductor's cudagraph trees re-record (warm up and capture again) every
+graph whose static inputs moved.  So a call ran at replay speed only when the allocator happened to hand
+back the previous call's addresses: on an H100 (OPT-13B shape, O3, batch 1) the five timed calls took
+1688 / 995 / 1691 / 996 / 1002 ms, the slow ones at the speed of the step's 914 launches without graphs
+(benchmarks/results/e2e-decode-13b-2026-12-07-h100-e5d5697.md).  The hook keeps the cache a model's
+generate() created and hands it back, reset (zeroed in place, Hugging Face's `Cache.reset`), to the next
+generate() that asks for the same one (implementation, batch size, length, chunking, dtype, device), as
+transformers 4 did with `model._cache`.  It is handed back only when nothing but the hook holds it: a
+cache the caller kept (`return_dict_in_generate=True`'s `past_key_values`) is never reset under them,
+and that generate() gets a new one.  The price: the last cache stays allocated after generate() returns,
+until the model is freed or `release_static_cache(model)` is called.  Elsewhere (the CPU, cudagraphs
+False, a model not compiled by this backend) generate() creates its cache as before.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
+import gc
 import operator
+import sys
 import warnings
+import weakref
 
 import torch
 import torch.fx as fx
@@ -360,13 +378,14 @@ _INSTALLED = "_fq_compile_generate_hook"
 
 
 def install() -> None:
-    """The three hooks of the module docstring, once per process: `generate` of modules compiled with
+    """The four hooks of the module docstring, once per process: `generate` of modules compiled with
     backend='flattenquant' is routed, Hugging Face's own decode-step compile is skipped for a model
-    whose calls this backend already compiles, and such a model's generate() on CUDA defers its stop
-    check.  Everything else keeps its own behaviour."""
+    whose calls this backend already compiles, such a model's generate() on CUDA defers its stop
+    check and reuses its static cache.  Everything else keeps its own behaviour."""
     _install_generate_routing()
     _install_hf_compile_guard()
     _install_deferred_stop()
+    _install_cache_reuse()
 
 
 # Whether the generate() running in this context may defer its stop check (module docstring): set by
@@ -394,6 +413,72 @@ def _install_hf_compile_guard() -> None:
 
     setattr(_valid_auto_compile_criteria, _INSTALLED, True)
     GenerationMixin._valid_auto_compile_criteria = _valid_auto_compile_criteria
+
+
+# The static cache each model's last generate() created, with what it was made for (module docstring).
+_KEPT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+STABLE_CACHE_DEVICES = ("cuda",)      # where a cache's addresses matter (CUDA graphs)
+
+
+def release_static_cache(model) -> None:
+    """Drop the static KV cache kept for `model` between generate() calls (module docstring)."""
+    _KEPT_CACHES.pop(model, None)
+
+
+def _keeps_static_cache(model) -> bool:
+    options = _calls_options(model)
+    if options is None or torch.device(model.device).type not in STABLE_CACHE_DEVICES:
+        return False
+    try:
+        return parse_cudagraphs(options.get("cudagraphs"), options.get("mode")) is not False
+    except ValueError:
+        return False
+
+
+def _only_kept(kept: tuple) -> bool:
+    """Whether nothing but `_KEPT_CACHES` holds the kept cache (counted: the tuple and getrefcount's
+    argument).  Garbage counts too until collected (a finished generate()'s frames, or what Dynamo traced
+    in it, can sit in reference cycles: seen on the CPU), so a count above that is checked again after one
+    gc.collect() (milliseconds, once per generate(), and only then)."""
+    if sys.getrefcount(kept[1]) == 2:
+        return True
+    gc.collect()
+    return sys.getrefcount(kept[1]) == 2
+
+
+def _install_cache_reuse() -> None:
+    """Wrap `GenerationMixin._prepare_static_cache` (module docstring); a transformers without it keeps
+    its own behaviour."""
+    try:
+        from transformers.generation.utils import GenerationMixin
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    original = getattr(GenerationMixin, "_prepare_static_cache", None)
+    if original is None or getattr(original, _INSTALLED, False):
+        return
+
+    @functools.wraps(original)
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):
+        def build():
+            return original(self, cache_implementation=cache_implementation, batch_size=batch_size,
+                            max_cache_len=max_cache_len, prefill_chunk_size=prefill_chunk_size,
+                            model_kwargs=model_kwargs)
+
+        if not _keeps_static_cache(self) or self.config.is_encoder_decoder:
+            return build()
+        length = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))    # Hugging Face's rule
+        made_for = (cache_implementation, batch_size, length, prefill_chunk_size, self.dtype, torch.device(self.device))
+        kept = _KEPT_CACHES.get(self)
+        if kept is not None and kept[0] == made_for and _only_kept(kept):
+            kept[1].reset()
+            self._previous_max_cache_length = length
+            return kept[1]
+        cache = build()
+        _KEPT_CACHES[self] = (made_for, cache)
+        return cache
+
+    setattr(_prepare_static_cache, _INSTALLED, True)
+    GenerationMixin._prepare_static_cache = _prepare_static_cache
 
 
 def _install_deferred_stop() -> None:

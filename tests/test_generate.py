@@ -8,6 +8,7 @@ import copy
 import functools
 import operator
 import warnings
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -290,6 +291,48 @@ def test_static_cache_is_initialized_outside_the_compiled_call():
         a = model(ids, cache=cache, use_cache=True).logits
         b = model(ids, cache=StaticCache(config=model.config, max_cache_len=16), use_cache=True).logits
     torch.testing.assert_close(a, b)
+
+
+def test_static_cache_is_reused_across_generate_calls_unless_the_caller_holds_it(monkeypatch):
+    """transformers 5 makes a new StaticCache per generate(); moved static addresses made cudagraph trees
+    re-record in some calls (generation.py's fourth hook).  The CPU stands in for CUDA here."""
+    from fq_compile import generation
+
+    monkeypatch.setattr(generation, "STABLE_CACHE_DEVICES", ("cuda", "cpu"))
+    model, plan, ids, _ = _setup("llama")
+    other = torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(11))
+    fast = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})
+    with torch.no_grad():
+        first = fast.generate(ids, **_kwargs("static"))
+        kept = weakref.ref(generation._KEPT_CACHES[model][1])      # (a strong reference would block the reuse)
+        address = kept().layers[0].keys.data_ptr()
+        second = fast.generate(other, **_kwargs("static"))
+        assert generation._KEPT_CACHES[model][1] is kept() and kept().layers[0].keys.data_ptr() == address
+        generation.release_static_cache(model)
+        fresh = fast.generate(other, **_kwargs("static"))                                       # a new cache
+        assert generation._KEPT_CACHES[model][1] is not kept()
+        again = fast.generate(ids, **_kwargs("static"))
+        # a cache the caller holds is never reset under them
+        held = fast.generate(ids, return_dict_in_generate=True, **_kwargs("static")).past_key_values
+        snapshot = held.layers[0].keys.clone()
+        fast.generate(other, **_kwargs("static"))
+        assert generation._KEPT_CACHES[model][1] is not held
+        assert torch.equal(held.layers[0].keys, snapshot)
+    torch._dynamo.reset()
+    generation.release_static_cache(model)
+    assert torch.equal(first, _reference("llama", "static")) and torch.equal(first, again)
+    assert torch.equal(second, fresh) and not torch.equal(second[:, PROMPT:], first[:, PROMPT:])
+
+
+def test_static_cache_is_not_kept_off_cuda_graph_devices():
+    from fq_compile import generation
+
+    model, plan, ids, _ = _setup("opt")
+    with torch.no_grad():
+        torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False}).generate(
+            ids, **_kwargs("static"))
+    torch._dynamo.reset()
+    assert model not in generation._KEPT_CACHES        # the CPU: Hugging Face's own cache per call
 
 
 def _compiled_regions(fast, ids, cache_len: int, steps: int) -> int:

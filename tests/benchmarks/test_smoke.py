@@ -53,8 +53,18 @@ def test_e2e_decode_rows_carry_the_first_call_stages(tmp_path):
     dec = next(r for r in rows if r["kind"] == "decode")
     assert dec["first_call_stages"]["Inductor compile"] > 0 and "rewrite" in dec["first_call_stages"]
     assert sum(dec["first_call_stages"].values()) <= dec["first_call_s"] + 0.1
+    # Dynamo's own phase timings of the first call (nested, so each is at most the whole call)
+    phases = dec["first_call_dynamo_phases"]
+    assert phases and all(0 < v <= dec["first_call_s"] + 0.1 for v in phases.values()), phases
+    assert dec["cudagraphs_recorded_per_call"] is None          # no cudagraph trees on the CPU
+    # the decode step's row as profile_decode writes it on CUDA (prefill excluded by two lengths)
+    with open(tmp_path / "e2e.jsonl", "a") as f:
+        f.write(json.dumps(dict(dec, kind="decode_profile", steps=16, step_ms=7.8, step_busy_ms=7.0, step_idle_ms=0.8,
+                                traced_step_ms=11.0, step_kernels=914, GEMM_step_ms=5.7)) + "\n")
     text = e2e.report([tmp_path / "e2e.jsonl"], tmp_path / "res", "smoke")
     assert "where each first generate() call went" in text
+    assert "generate() of 17 new tokens minus generate() of 1" in text and "| 7.8    | 7.0" in text
+    assert "| 10%" in text, text
 
 
 def test_profile_categories_know_our_kernels():
