@@ -69,6 +69,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fq_compile  # noqa: E402,F401  (registers backend='flattenquant')
+from fq_compile.generation import cudagraphs_recorded  # noqa: E402
 from fq_compile.kernels import stopwatch  # noqa: E402
 from fq_compile.runtime.resident import resident_bytes  # noqa: E402
 from fq_compile.runtime.state import reports  # noqa: E402
@@ -423,7 +424,7 @@ def run_method(method, size, device, dtype, args, rec):
                 compiled = compile_counts(before)
                 reset_peak(device)
                 before = compile_counts()
-                recorded = [cudagraphs_recorded(device)]
+                recorded = [cudagraphs_recorded(device)]     # fq_compile/generation.py
 
                 def call():
                     model.generate(ids, **kw)
@@ -494,28 +495,6 @@ def compile_counts(before: dict | None = None) -> dict:
     now = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
     return now if before is None else {k: now[k] - before.get(k, 0) for k in now}
-
-
-def cudagraphs_recorded(device) -> int | None:
-    """CUDA graphs Inductor's cudagraph trees hold for `device` (every recorded node of every tree;
-    None off CUDA or where the trees' internals differ).  A timed generate() that raises it re-recorded:
-    what made issue 23's timed calls bimodal (fq_compile/generation.py, "One static cache per model")."""
-    if device.type != "cuda":
-        return None
-    try:
-        from torch._inductor import cudagraph_trees
-
-        manager = cudagraph_trees.get_manager(device.index or 0, create_if_none_exists=False)
-        if manager is None:
-            return 0
-        todo, count = [n for nodes in manager.roots.values() for n in nodes], 0
-        while todo:
-            node = todo.pop()
-            count += 1
-            todo.extend(c for nodes in node.children.values() for c in nodes)
-        return count
-    except Exception:  # private API: no count rather than no benchmark
-        return None
 
 
 def dynamo_phases(before: dict | None = None, top: int = 12) -> dict:

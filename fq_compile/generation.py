@@ -446,6 +446,28 @@ def _only_kept(kept: tuple) -> bool:
     return sys.getrefcount(kept[1]) == 2
 
 
+def cudagraphs_recorded(device) -> int | None:
+    """CUDA graphs Inductor's cudagraph trees hold for `device` (every recorded node of every tree;
+    None off CUDA or where the trees' internals differ).  A timed generate() that raises it re-recorded:
+    what made issue 23's timed calls bimodal ("One static cache per model" above)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.get_manager(device.index or 0, create_if_none_exists=False)
+        if manager is None:
+            return 0
+        todo, count = [n for nodes in manager.roots.values() for n in nodes], 0
+        while todo:
+            node = todo.pop()
+            count += 1
+            todo.extend(c for nodes in node.children.values() for c in nodes)
+        return count
+    except Exception:  # private API: no count rather than no benchmark
+        return None
+
+
 def _install_cache_reuse() -> None:
     """Wrap `GenerationMixin._prepare_static_cache` (module docstring); a transformers without it keeps
     its own behaviour."""
