@@ -139,13 +139,21 @@ def main(argv=None) -> str:
                              "--smoke checks the script on the CPU")
         device, layers, ms = torch.device("cuda"), LAYERS, [int(x) for x in args.ms.split(",")]
     timer = _timer(device)
-    results = []
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke: times meaningless)"
+    results, text = [], ""
     for name, k, n in layers:
         for m in ms:
             print(f"{name} M={m}", flush=True)
             results.append((name, k, n, m, bench_shape(k, n, m, args.ratio, device, timer)))
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke: times meaningless)"
-    text = "\n".join([
+            text = _report(results, dev_name, args, argv)
+            if args.out:          # after every shape: a run cut by a time limit keeps what it measured
+                Path(args.out).write_text(text)
+    print(text)
+    return text
+
+
+def _report(results, dev_name: str, args, argv) -> str:
+    return "\n".join([
         "# FP8 GEMM choices for fp16 models (issue 24)", "",
         f"device: {dev_name}, date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"torch {torch.__version__}, tree {os.environ.get('FQ_TREE') or git_rev()}",
@@ -154,10 +162,6 @@ def main(argv=None) -> str:
         "cell's (>1: faster than naive FP8's GEMM); GEMM alone, fp16 out, bias; 'refused': this torch rejects "
         f"the call; int8 K': flatten ratio {args.ratio}", "",
         table(results, args.ratio), ""])
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return text
 
 
 if __name__ == "__main__":
