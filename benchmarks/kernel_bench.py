@@ -412,13 +412,10 @@ def copy_bandwidth(dev, nbytes: int = 2 << 30) -> float:
 
 
 def candidate_name(bits, cand) -> str:
-    """fusedI / prequantI (tiling I of kernels/triton/decode.py CONFIGS[bits]), gemvI (of GEMV_CONFIGS[bits])
-    or gemm."""
+    """fusedI / prequantI (tiling I of kernels/triton/decode.py CONFIGS[bits]), gemvI, dp4aI or gemm."""
     from fq_compile.kernels.triton import decode as td
 
-    if cand[0] == "gemm":
-        return "gemm"
-    return f"{cand[0]}{(td.GEMV_CONFIGS if cand[0] == 'gemv' else td.CONFIGS)[bits].index(cand[1])}"
+    return td.config_name(bits, cand)
 
 
 def bench_decode(k, n, m, dev, per_token=True):
@@ -463,7 +460,7 @@ def bench_decode(k, n, m, dev, per_token=True):
         cand = {}
         for i, c in enumerate(td.candidates(bits)):
             name = candidate_name(bits, c)
-            if c[0] == "gemv" and m > td.GEMV_MAX_M:        # not a candidate at this M
+            if c[0] in ("gemv", "dp4a") and m > td.GEMV_MAX_M:        # not a candidate at this M
                 cand[name] = None
                 continue
             cand[name] = try_time(lambda c=c: [lambda w=w: td.flat_linear_cuda(*args, w, scale, bias, f16, **given,
@@ -504,7 +501,8 @@ def decode_main(args):
 
     head = ["layer", "M", "fp16 linear", "INT8 chosen", "INT8 fastest candidate", "chosen vs fastest", "INT4 chosen",
             "INT4 fastest candidate", "chosen vs fastest", "INT8 x fp16", "INT4 x fp16", "every path exact (8/4)"]
-    cand_head = ["layer", "M", "bits"] + [candidate_name(8, c) for c in td.candidates(8)]
+    names = list(dict.fromkeys(candidate_name(b, c) for b in (8, 4) for c in td.candidates(b)))   # dp4a: INT4 only
+    cand_head = ["layer", "M", "bits"] + names
     props = torch.cuda.get_device_properties(0)
     meta = (f"device: {props.name} ({props.multi_processor_count} SMs), "
             f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
@@ -524,7 +522,7 @@ def decode_main(args):
                 + ("" if done else f"\npartial: {len(rows)} of {len(shapes) * len(ms)} rows (the run was cut or "
                                    "is still running)\n")
                 + f"\n{tabulate(rows, head, tablefmt='github')}\n\nEvery candidate (fusedI / prequantI: tiling I of "
-                f"kernels/triton/decode.py CONFIGS):\n\n{tabulate(details, cand_head, tablefmt='github')}\n")
+                f"kernels/triton/decode.py CONFIGS; gemvI / dp4aI: of GEMV_CONFIGS / DP4A_CONFIGS):\n\n{tabulate(details, cand_head, tablefmt='github')}\n")
         if args.out:
             Path(args.out).write_text(text)
         return text
@@ -539,7 +537,8 @@ def decode_main(args):
                 bname, bt = best(r[f"cand{bits}"])
                 row += [cell(r[f"bytes{bits}"], r[f"chosen{bits}"]), f"{bname} {fmt(bt)}",
                         ratio(bt, r[f"chosen{bits}"])]
-                details.append([name, m, bits] + [fmt(r[f"cand{bits}"][c]) for c in r[f"cand{bits}"]])
+                details.append([name, m, bits] + [fmt(r[f"cand{bits}"][c]) if c in r[f"cand{bits}"] else "-"
+                                                  for c in names])
             row += [ratio(r["fp16"], r["chosen8"]), ratio(r["fp16"], r["chosen4"]), f"{r['exact8']}/{r['exact4']}"]
             rows.append(row)
             print("   ", rows[-1], flush=True)

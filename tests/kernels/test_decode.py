@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -141,6 +142,11 @@ SMALL = [(1, 45, 40, 8, 1, torch.float32, True, "c"), (3, 61, 33, 8, 1, torch.bf
          (40, 29, 18, 4, 2, torch.float32, True, "c"), (70, 37, 17, 4, 2, torch.float32, False, "c")]
 
 
+# the dp4a variant's cases: INT4, K' a multiple of 32 (pad 32), M <= 4; K' > 32 splits in the interpreter
+DP4A_CASES = [(1, 45, 40, 4, 32, torch.float32, True, "c"), (3, 61, 33, 4, 32, torch.bfloat16, False, "t"),
+              (2, 13, 20, 4, 32, torch.float16, True, "c"), (4, 29, 18, 4, 32, torch.float32, True, "c")]
+
+
 def _interp_main(which: str):
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from fq_compile.kernels.triton import decode as td
@@ -150,9 +156,17 @@ def _interp_main(which: str):
     # then the gemv variant on the cases it takes (M <= GEMV_MAX_M), again with and without
     cases = [c for c in SMALL if c[3] == bits]
     check_decode("cpu", cases, seed=11 + bits,
-                 configs=[(v, None if v == "gemm" else td.INTERPRET_CONFIG) for v in td.VARIANTS if v != "gemv"])
+                 configs=[(v, None if v == "gemm" else td.INTERPRET_CONFIG) for v in td.VARIANTS
+                          if v not in ("gemv", "dp4a")])
     check_decode("cpu", [c for c in cases if c[0] <= td.GEMV_MAX_M], seed=13 + bits,
                  configs=[("gemv", td.INTERPRET_CONFIG)])
+    if bits == 4:              # dp4a: INT4 words, K' a multiple of 32 (pad 32), M <= GEMV_MAX_M
+        check_decode("cpu", DP4A_CASES, seed=17, configs=[("dp4a", td.INTERPRET_CONFIG)])
+        with pytest.raises(ValueError, match="multiple of 32"):
+            dev_args = next(a for seed in range(50)           # a map whose K' is even but not a multiple of 32
+                            for _, a in [_case(1, 20, 16, 4, 2, torch.Generator().manual_seed(seed), "cpu")]
+                            if a[1].numel() % 32)
+            td.flat_linear_cuda(*dev_args[:5], 4, *dev_args[5:], torch.float32, config=("dp4a", td.INTERPRET_CONFIG))
     with pytest.raises(ValueError, match="gemv variant takes at most"):
         _, dev_args = _case(8, 20, 16, bits, 2, torch.Generator().manual_seed(0), "cpu")
         td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], torch.float32, config=("gemv", td.INTERPRET_CONFIG))
@@ -257,8 +271,9 @@ def test_gpu_every_tiling(bits):
               (64, 2600, 200, bits, pad, torch.float32, True, "c"), (1, 200, 200, bits, pad, torch.float16, True, "c"),
               (1, 2600, 200, bits, pad, torch.float16, False, "c")]
     few = [sh for sh in shapes if sh[0] <= td.GEMV_MAX_M]         # the gemv variant takes M <= 4
-    cases = [(few if c[0] == "gemv" else shapes)[i % (len(few) if c[0] == "gemv" else len(shapes))]
-             for i, c in enumerate(cands)]
+    words = [sh[:4] + (32,) + sh[5:] for sh in few]                 # dp4a: also K' a multiple of 32
+    pools = [{"gemv": few, "dp4a": words}.get(c[0], shapes) for c in cands]
+    cases = [pool[i % len(pool)] for i, pool in enumerate(pools)]
     check_decode("cuda", cases, seed=30 + bits, configs=cands,
                  out_dtypes=(torch.float16, torch.float32, torch.bfloat16, torch.float16, torch.float16))
 
@@ -310,6 +325,35 @@ def test_gpu_every_candidate_times_in_a_cuda_graph():
                 assert math.isfinite(t) and t >= 0, (bits, rows is not None, cand)
 
 
+def test_dp4a_variant_compiles_for_sm90():
+    """The dp4a variant's inline PTX, assembled for sm_90 by Triton's own ptxas (no GPU needed): the products
+    run as dp4a on the CUDA cores, no tensor-core instruction, and the weight loads are 16-byte vectors.  Its numbers: the interpreter test (the same
+    integers through shifts) and test_gpu_every_tiling on a GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fq_compile.kernels.triton import decode as td
+
+    if td._INTERPRET:
+        pytest.skip("the inline-assembly form is compiled only without TRITON_INTERPRET")
+    kernel = td.flat_linear_decode_kernel
+    sig = {n: "*i8" if n in ("x_ptr", "w_ptr") else "*fp32" if n in ("mult_ptr", "lo_ptr", "hi_ptr", "scale_ptr",
+                                                                      "bias_ptr", "r_ptr") else "*i32"
+           for n in kernel.arg_names[:12]}
+    sig["out_ptr"] = "*fp16"
+    sig.update({n: "i32" for n in kernel.arg_names[12:21]})
+    cfg = td.DP4A_CONFIGS[4][0]
+    cx = dict(BITS=4, HAS_BIAS=True, HAS_ROW=True, PREQ=True, BLOCK_M=1, DOT=False, DP4A=True, **cfg.kwargs)
+    sig.update({n: "constexpr" for n in cx})
+    # as Triton specializes a launch: every pointer and integer argument divisible by 16 (the 13B shapes' are)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(21)}
+    out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=attrs),
+                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    ptx = out.asm["ptx"]
+    assert "dp4a.u32.s32" in ptx and "dp4a.s32.s32" in ptx and "mma" not in ptx and out.asm.get("cubin")
+    assert "ld.global.v4.b32" in ptx               # the weight words come 16 bytes a load (the kernel's hints)
+
+
 def test_choice_follows_the_measured_times(monkeypatch, tmp_path):
     """The tuner takes the fastest candidate it timed, per (shape, row bucket, kind of scales), keeps
     it on disk, and a later process reads it back without timing; during a CUDA graph capture (or
@@ -324,10 +368,10 @@ def test_choice_follows_the_measured_times(monkeypatch, tmp_path):
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     cands = td.candidates(4)
-    assert [v for v, _ in cands] == ["fused", "fused", "prequant", "prequant", "gemm", "gemv", "gemv"]
+    assert [v for v, _ in cands] == ["fused", "fused", "prequant", "prequant", "gemm", "gemv", "gemv", "dp4a", "dp4a"]
     assert [c for v, c in cands if v == "fused"] == [td.CONFIGS[4][i] for i in td.FUSED_TILINGS]
     # measured times: per-token the pre-quantized variant is fastest, static the gemm
-    times = {False: [5.0, 4.0, 4.5, 8.0, 3.0, 3.5, 9.0], True: [9.0, 9.5, 2.0, 2.5, 4.0, 3.0, 2.2]}
+    times = {False: [5.0, 4.0, 4.5, 8.0, 3.0, 3.5, 9.0, 3.2, 6.0], True: [9.0, 9.5, 2.0, 2.5, 4.0, 3.0, 2.2, 2.1, 7.0]}
     timed = []
 
     def fake_time(fn, device):

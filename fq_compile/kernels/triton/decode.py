@@ -36,12 +36,12 @@ used M times, so the kernel's speed is the speed at which it streams the weight.
 
 Which way a call runs is measured, not assumed: per (GPU, bits, N, K, row bucket (`tune_rows`: the
 power of two >= M), static or per-token scales, quantized activation given or not) the tuner times
-seven candidates on first use, each replayed from a CUDA graph with L2 flushed before every call, as a
+seven candidates (nine for INT4) on first use, each replayed from a CUDA graph with L2 flushed before every call, as a
 decode step runs it (`replay_ms`; well under a second a shape; never inside a CUDA graph capture): the
 fused kernel in two tilings (`FUSED_TILINGS`), the same kernel on the quantized activation (two tilings;
 no prologue work, which every N tile otherwise repeats), the prefill GEMM op on it, and for M <= 4 the
-pre-quantized activation times the weights on the CUDA cores (the same kernel without tl.dot, two tilings; a
-larger M times it as never fitting).  The choice is kept in memory and in `decode_tune.json` under
+pre-quantized activation times the weights on the CUDA cores (the same kernel without tl.dot, two tilings,
+and for INT4 the dp4a form of it, two tilings; a larger M times them as never fitting).  The choice is kept in memory and in `decode_tune.json` under
 $FQ_CACHE_DIR (or ~/.cache/fq_compile), so later processes never re-time.
 Under TRITON_INTERPRET=1 one small configuration runs, so CPU tests cover the split and unsplit
 epilogues bit for bit.
@@ -68,6 +68,63 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 64
 
 
+# The "dp4a" variant (INT4, pre-quantized activation, M <= GEMV_MAX_M): 32-bit words of 8 nibbles, weight
+# and activation paired position by position (byte i of a word holds positions 2i, low nibble, and 2i + 1), so
+# one word of each gives 8 products, summed by two dp4a instructions on the CUDA cores: no tensor-core operand
+# layout to convert the weight tile into (the tl.dot path converts two nibble tiles per K tile, which on the
+# H100 cost INT4 1.42x INT8's time per weight byte).  A weight nibble w (two's complement) is used as
+# u = w + 8 = (its 4 bits) ^ 8, unsigned, so unpacking a word's 8 nibbles is an and-xor and a shift-and-xor
+# (no sign extension): sum(w x) = sum(u x) - 8 sum(x), and sum(x) over a K tile does not depend on the output
+# channel, so each program subtracts it once per tile and row (`_word_sum`).  The activation's words are
+# split into their even and odd positions (sign-extended int8) once per K tile (`_split_words`).  The
+# interpreter has no inline assembly: there `_split_words` passes the word through and `_word_dot` /
+# `_word_sum` take the 8 nibbles apart with shifts (the same integers).
+if _INTERPRET:
+    @triton.jit
+    def _split_words(x):
+        return x, x
+
+    @triton.jit
+    def _word_dot(w, xe, xo):
+        acc = tl.zeros_like(w)
+        for i in tl.static_range(8):
+            acc += (((w >> (4 * i)) & 15) ^ 8) * ((xe << (28 - 4 * i)) >> 28)
+        return acc
+
+    @triton.jit
+    def _word_sum(xe, xo):
+        acc = tl.zeros_like(xe)
+        for i in tl.static_range(8):
+            acc += (xe << (28 - 4 * i)) >> 28
+        return acc
+else:
+    @triton.jit
+    def _split_words(x):
+        """int32 words of 8 nibbles -> (4 sign-extended int8 of the even positions, of the odd), as int32."""
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .b32 t, s; "
+                "and.b32 t, $2, 0x0F0F0F0F; and.b32 s, $2, 0x08080808; mul.lo.u32 s, s, 30; or.b32 $0, t, s; "
+                "shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; and.b32 s, t, 0x08080808; mul.lo.u32 s, s, 30; "
+                "or.b32 $1, t, s; }",
+            constraints="=r,=r,r", args=[x], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _word_dot(w, xe, xo):
+        """sum over a word's 8 positions of (weight nibble + 8) x activation: two dp4a (unsigned x signed)."""
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .b32 t; "
+                "and.b32 t, $1, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; dp4a.u32.s32 $0, t, $2, 0; "
+                "shr.u32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; dp4a.u32.s32 $0, t, $3, $0; }",
+            constraints="=r,r,r,r", args=[w, xe, xo], dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _word_sum(xe, xo):
+        """sum of a word's 8 activations (split words): two dp4a against ones."""
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .b32 o; mov.b32 o, 0x01010101; dp4a.s32.s32 $0, $1, o, 0; dp4a.s32.s32 $0, $2, o, $0; }",
+            constraints="=r,r,r", args=[xe, xo], dtype=tl.int32, is_pure=True, pack=1)
+
+
 @triton.jit
 def _quantized_rows(x_ptr, pos, pos_ok, rows, row_ok, src_ptr, mult_ptr, lo_ptr, hi_ptr, stride_xm, stride_xc,
                     inv, QMAX: tl.constexpr, HAS_ROW: tl.constexpr):
@@ -92,13 +149,15 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
                               stride_om, stride_on,
                               BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, PREQ: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              SPLIT_BLOCKS: tl.constexpr, DOT: tl.constexpr = True):
+                              SPLIT_BLOCKS: tl.constexpr, DOT: tl.constexpr = True, DP4A: tl.constexpr = False):
     """out[M, N] = flat_linear(x[M, C]) for one (N tile, K split); K counts flattened positions
     (w has K or K/2 bytes a row); module docstring for the scheme.  PREQ: x is already the quantized
     activation (flatten_quantize's int8 [M, K] or packed uint8 [M, K/2]; src/mult/lo/hi unused) and
     r, with HAS_ROW, its row scales.  DOT=False (the "gemv" variant, BLOCK_M <= GEMV_MAX_M): the
     products on the CUDA cores, broadcast and summed over K, instead of tl.dot (no tensor-core operand
-    layout to convert the weight tile into; the integer sums are exact in any order, so the same bits)."""
+    layout to convert the weight tile into; the integer sums are exact in any order, so the same bits).
+    DP4A (INT4 with PREQ, BLOCK_M <= GEMV_MAX_M, K a multiple of 32, rows of x and w at multiples of 16
+    bytes): 32-bit words and dp4a instead (`_word_dot`), one row of x at a time."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -128,6 +187,24 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
                                     stride_xm, stride_xc, inv, QMAX, HAS_ROW)
             w = tl.load(w_ptr + cols[:, None] * stride_wn + pos[None, :] * stride_wk, mask=pos_ok[None, :], other=0)
             acc = _mac(acc, w, q, DOT)
+    elif DP4A:
+        KW: tl.constexpr = BLOCK_K // 8
+        ww = tl.arange(0, KW)
+        w32 = w_ptr.to(tl.pointer_type(tl.int32))
+        x32 = x_ptr.to(tl.pointer_type(tl.int32))
+        # the caller guarantees K % 32 == 0 and row strides of 16 bytes: told to the compiler, the loads and
+        # their masks go 16 bytes at a time
+        words = tl.multiple_of(K // 8, 4)
+        w_row = tl.multiple_of(stride_wn // 4, 4)
+        x_row = tl.multiple_of(stride_xm // 4, 4)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            j = tl.max_contiguous(tl.multiple_of(k // 8 + ww, KW), KW)    # words: positions 8j .. 8j + 7
+            j_ok = j < words
+            w = tl.load(w32 + cols[:, None] * w_row + j[None, :], mask=j_ok[None, :], other=0)
+            for m in tl.static_range(BLOCK_M):
+                xe, xo = _split_words(tl.load(x32 + m * x_row + j, mask=j_ok & (m < M), other=0))
+                part = tl.sum(_word_dot(w, xe[None, :], xo[None, :]), axis=1) - 8 * tl.sum(_word_sum(xe, xo), axis=0)
+                acc += tl.where(rows[None, :] == m, part[:, None], 0)
     else:
         KB: tl.constexpr = BLOCK_K // 2
         jj = tl.arange(0, KB)
@@ -207,7 +284,9 @@ INTERPRET_CONFIG = _cfg(16, 32, 1, 4, 1)
 #              rows, which can win at M = 16-64.
 #   "gemv"     as "prequant", with the products on the CUDA cores instead of tl.dot (DOT=False: no
 #              tensor-core operand layout for the weight tile), for M <= GEMV_MAX_M only.
-VARIANTS = ("fused", "prequant", "gemm", "gemv")
+#   "dp4a"     INT4 only, as "gemv" with 32-bit words and dp4a (kernel docstring), for M <= GEMV_MAX_M and K
+#              a multiple of 32.
+VARIANTS = ("fused", "prequant", "gemm", "gemv", "dp4a")
 # Which tilings of CONFIGS each variant is timed with: every candidate is a Triton compile and a timing
 # on first use (the first generate()'s "decode tuning": 18.7 of its 94.7 s at OPT-13B O3 on the H100).
 # Of the 4 fused tilings only 1 and 3 were ever fastest in the H100 measurements (13B shapes, M = 1/16/64,
@@ -224,10 +303,24 @@ GEMV_CONFIGS = {
 }
 
 
+# BLOCK_K counts positions (8 a word): 64 x 1024 is 64 rows x 128 words, 64 int32 registers a thread at 4 warps
+DP4A_CONFIGS = {4: [_cfg(64, 1024, 4, 4, 3), _cfg(32, 2048, 4, 4, 3)]}
+
+
 def candidates(bits: int) -> list[tuple[str, triton.Config | None]]:
     """Every (variant, tiling) the tuner times, in a fixed order (the disk table stores indices)."""
     return ([("fused", CONFIGS[bits][i]) for i in FUSED_TILINGS] + [("prequant", CONFIGS[bits][i]) for i in PREQUANT_TILINGS]
-            + [("gemm", None)] + [("gemv", c) for c in GEMV_CONFIGS[bits]])
+            + [("gemm", None)] + [("gemv", c) for c in GEMV_CONFIGS[bits]]
+            + [("dp4a", c) for c in DP4A_CONFIGS.get(bits, [])])
+
+
+def config_name(bits: int, cand) -> str:
+    """fusedI / prequantI (tiling I of CONFIGS[bits]), gemvI (of GEMV_CONFIGS), dp4aI (of DP4A_CONFIGS), gemm."""
+    variant, cfg = cand
+    if variant == "gemm":
+        return "gemm"
+    table = {"gemv": GEMV_CONFIGS, "dp4a": DP4A_CONFIGS}.get(variant, CONFIGS)[bits]
+    return f"{variant}{table.index(cfg)}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -398,6 +491,10 @@ def tune_rows(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
+def _word_aligned(*ts: torch.Tensor) -> bool:
+    return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in ts)
+
+
 def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, rmult=None, r=None, xq=None,
                      config=None):
     """fq::flat_linear on CUDA (and, under TRITON_INTERPRET=1, on the CPU): for M <= DECODE_MAX_M
@@ -428,14 +525,19 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
     def run(variant, cfg):
         if variant == "gemm":
             return _gemm(x2, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r2, xq2)
-        if variant == "gemv" and m > GEMV_MAX_M:
-            raise ValueError(f"flat_linear: the gemv variant takes at most {GEMV_MAX_M} rows, got {m}")
+        if variant in ("gemv", "dp4a") and m > GEMV_MAX_M:
+            raise ValueError(f"flat_linear: the {variant} variant takes at most {GEMV_MAX_M} rows, got {m}")
+        if variant == "dp4a" and (bits != 4 or k % 32):
+            raise ValueError(f"flat_linear: the dp4a variant takes INT4 with K' a multiple of 32, got int{bits}, K'={k}")
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
         a = x2
         r = scale                   # a float32 pointer the kernel never reads without HAS_ROW
-        if variant in ("prequant", "gemv"):
+        if variant in ("prequant", "gemv", "dp4a"):
             a, rq = (xq2, r2) if xq2 is not None else _unfused(x2, src, mult, lo, hi, rmult, bits)
             r = r if rq is None else rq
+        if variant == "dp4a" and not _word_aligned(a, wq):
+            raise ValueError("flat_linear: the dp4a variant reads 16-byte vectors of words: rows of the packed "
+                             "activation and weight must be contiguous and start at multiples of 16 bytes")
         elif r2 is not None:
             r = r2
         elif rmult is not None:
@@ -448,7 +550,7 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
             a, src, mult, lo, hi, wq, scale, bias_arg, out, sums, counters, r, m, n, k,
             a.stride(0), a.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
             BITS=bits, HAS_BIAS=has_bias, HAS_ROW=rmult is not None, PREQ=variant != "fused", DOT=variant != "gemv",
-            BLOCK_M=tune_rows(m) if variant == "gemv" else row_bucket,
+            DP4A=variant == "dp4a", BLOCK_M=tune_rows(m) if variant in ("gemv", "dp4a") else row_bucket,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
         return out
 
