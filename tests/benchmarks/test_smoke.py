@@ -194,3 +194,17 @@ def test_bits_patterns_rows():
     assert layers[0] == pytest.approx(100 * sum(lp.bits == 4 for lp in plan.layers.values()) / len(plan.layers), abs=0.06)
     assert layers[1] <= layers[2] <= layers[3] <= layers[0] and rows[0][5] == 0
     assert bits[0] == {n: lp.bits for n, lp in plan.layers.items()}
+
+
+def test_decode_sass_counts_fewer_instructions_for_dp4a(tmp_path):
+    """benchmarks/decode_sass.py on the CPU (Triton's ptxas and nvdisasm, no GPU): every pre-quantized decode
+    candidate gets a row, and the dp4a form needs fewer instructions per weight byte than the tl.dot form
+    at both widths (the reason it exists; the device measures whether that makes it faster)."""
+    text = _script("decode_sass").main(["--out", str(tmp_path / "sass.md")])
+    per_byte = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in ("int8", "int4"):
+            per_byte[(cells[0], cells[1])] = float(cells[4])
+    for bits in ("int8", "int4"):
+        assert per_byte[(bits, "dp4a0")] < per_byte[(bits, "prequant0")] / 2, per_byte

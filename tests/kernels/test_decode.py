@@ -142,9 +142,11 @@ SMALL = [(1, 45, 40, 8, 1, torch.float32, True, "c"), (3, 61, 33, 8, 1, torch.bf
          (40, 29, 18, 4, 2, torch.float32, True, "c"), (70, 37, 17, 4, 2, torch.float32, False, "c")]
 
 
-# the dp4a variant's cases: INT4, K' a multiple of 32 (pad 32), M <= 4; K' > 32 splits in the interpreter
-DP4A_CASES = [(1, 45, 40, 4, 32, torch.float32, True, "c"), (3, 61, 33, 4, 32, torch.bfloat16, False, "t"),
-              (2, 13, 20, 4, 32, torch.float16, True, "c"), (4, 29, 18, 4, 32, torch.float32, True, "c")]
+# the dp4a variant's cases: K' a multiple of 16 (INT8) / 32 (INT4) (the pad), M <= 4; K' > 32 splits in the
+# interpreter
+DP4A_CASES = {bits: [(1, 45, 40, bits, pad, torch.float32, True, "c"), (3, 61, 33, bits, pad, torch.bfloat16, False, "t"),
+                     (2, 13, 20, bits, pad, torch.float16, True, "c"), (4, 29, 18, bits, pad, torch.float32, True, "c")]
+              for bits, pad in ((8, 16), (4, 32))}
 
 
 def _interp_main(which: str):
@@ -160,13 +162,13 @@ def _interp_main(which: str):
                           if v not in ("gemv", "dp4a")])
     check_decode("cpu", [c for c in cases if c[0] <= td.GEMV_MAX_M], seed=13 + bits,
                  configs=[("gemv", td.INTERPRET_CONFIG)])
-    if bits == 4:              # dp4a: INT4 words, K' a multiple of 32 (pad 32), M <= GEMV_MAX_M
-        check_decode("cpu", DP4A_CASES, seed=17, configs=[("dp4a", td.INTERPRET_CONFIG)])
-        with pytest.raises(ValueError, match="multiple of 32"):
-            dev_args = next(a for seed in range(50)           # a map whose K' is even but not a multiple of 32
-                            for _, a in [_case(1, 20, 16, 4, 2, torch.Generator().manual_seed(seed), "cpu")]
-                            if a[1].numel() % 32)
-            td.flat_linear_cuda(*dev_args[:5], 4, *dev_args[5:], torch.float32, config=("dp4a", td.INTERPRET_CONFIG))
+    # dp4a: 32-bit words, K' a multiple of 16 (INT8) / 32 (INT4), M <= GEMV_MAX_M
+    check_decode("cpu", DP4A_CASES[bits], seed=17 + bits, configs=[("dp4a", td.INTERPRET_CONFIG)])
+    with pytest.raises(ValueError, match=f"multiple of {128 // bits}"):
+        dev_args = next(a for seed in range(50)              # a map whose K' is not a multiple of 128 / bits
+                        for _, a in [_case(1, 20, 16, bits, 2, torch.Generator().manual_seed(seed), "cpu")]
+                        if a[1].numel() % (128 // bits))
+        td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], torch.float32, config=("dp4a", td.INTERPRET_CONFIG))
     with pytest.raises(ValueError, match="gemv variant takes at most"):
         _, dev_args = _case(8, 20, 16, bits, 2, torch.Generator().manual_seed(0), "cpu")
         td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], torch.float32, config=("gemv", td.INTERPRET_CONFIG))
@@ -271,7 +273,7 @@ def test_gpu_every_tiling(bits):
               (64, 2600, 200, bits, pad, torch.float32, True, "c"), (1, 200, 200, bits, pad, torch.float16, True, "c"),
               (1, 2600, 200, bits, pad, torch.float16, False, "c")]
     few = [sh for sh in shapes if sh[0] <= td.GEMV_MAX_M]         # the gemv variant takes M <= 4
-    words = [sh[:4] + (32,) + sh[5:] for sh in few]                 # dp4a: also K' a multiple of 32
+    words = [sh[:4] + (128 // bits,) + sh[5:] for sh in few]        # dp4a: also K' a multiple of 128 / bits
     pools = [{"gemv": few, "dp4a": words}.get(c[0], shapes) for c in cands]
     cases = [pool[i % len(pool)] for i, pool in enumerate(pools)]
     check_decode("cuda", cases, seed=30 + bits, configs=cands,
@@ -342,16 +344,19 @@ def test_dp4a_variant_compiles_for_sm90():
            for n in kernel.arg_names[:12]}
     sig["out_ptr"] = "*fp16"
     sig.update({n: "i32" for n in kernel.arg_names[12:21]})
-    cfg = td.DP4A_CONFIGS[4][0]
-    cx = dict(BITS=4, HAS_BIAS=True, HAS_ROW=True, PREQ=True, BLOCK_M=1, DOT=False, DP4A=True, **cfg.kwargs)
-    sig.update({n: "constexpr" for n in cx})
-    # as Triton specializes a launch: every pointer and integer argument divisible by 16 (the 13B shapes' are)
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(21)}
-    out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=attrs),
-                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    ptx = out.asm["ptx"]
-    assert "dp4a.u32.s32" in ptx and "dp4a.s32.s32" in ptx and "mma" not in ptx and out.asm.get("cubin")
-    assert "ld.global.v4.b32" in ptx               # the weight words come 16 bytes a load (the kernel's hints)
+    for bits in (8, 4):
+        cfg = td.DP4A_CONFIGS[bits][0]
+        cx = dict(BITS=bits, HAS_BIAS=True, HAS_ROW=True, PREQ=True, BLOCK_M=1, DOT=False, DP4A=True, **cfg.kwargs)
+        # as Triton specializes a launch: every pointer and integer argument divisible by 16 (the 13B shapes' are)
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(21)}
+        out = triton.compile(ASTSource(fn=kernel, signature=dict(sig, **{n: "constexpr" for n in cx}), constexprs=cx,
+                                       attrs=attrs),
+                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps,
+                                                                            num_stages=cfg.num_stages))
+        ptx = out.asm["ptx"]
+        assert "dp4a.s32.s32" in ptx and "mma" not in ptx and out.asm.get("cubin"), bits
+        assert ("dp4a.u32.s32" in ptx) == (bits == 4)          # INT4: the offset nibbles, unsigned
+        assert "ld.global.v4.b32" in ptx, bits                  # the weight words come 16 bytes a load (the hints)
 
 
 def test_choice_follows_the_measured_times(monkeypatch, tmp_path):

@@ -36,12 +36,12 @@ used M times, so the kernel's speed is the speed at which it streams the weight.
 
 Which way a call runs is measured, not assumed: per (GPU, bits, N, K, row bucket (`tune_rows`: the
 power of two >= M), static or per-token scales, quantized activation given or not) the tuner times
-seven candidates (nine for INT4) on first use, each replayed from a CUDA graph with L2 flushed before every call, as a
+nine candidates on first use, each replayed from a CUDA graph with L2 flushed before every call, as a
 decode step runs it (`replay_ms`; well under a second a shape; never inside a CUDA graph capture): the
 fused kernel in two tilings (`FUSED_TILINGS`), the same kernel on the quantized activation (two tilings;
 no prologue work, which every N tile otherwise repeats), the prefill GEMM op on it, and for M <= 4 the
 pre-quantized activation times the weights on the CUDA cores (the same kernel without tl.dot, two tilings,
-and for INT4 the dp4a form of it, two tilings; a larger M times them as never fitting).  The choice is kept in memory and in `decode_tune.json` under
+and its dp4a form over 32-bit words, two tilings; a larger M times them as never fitting).  The choice is kept in memory and in `decode_tune.json` under
 $FQ_CACHE_DIR (or ~/.cache/fq_compile), so later processes never re-time.
 Under TRITON_INTERPRET=1 one small configuration runs, so CPU tests cover the split and unsplit
 epilogues bit for bit.
@@ -68,7 +68,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 64
 
 
-# The "dp4a" variant (INT4, pre-quantized activation, M <= GEMV_MAX_M): 32-bit words of 8 nibbles, weight
+# The "dp4a" variant (pre-quantized activation, M <= GEMV_MAX_M; INT8: words of 4 int8, one dp4a each, `_word_dot8`;
+# INT4 as follows): 32-bit words of 8 nibbles, weight
 # and activation paired position by position (byte i of a word holds positions 2i, low nibble, and 2i + 1), so
 # one word of each gives 8 products, summed by two dp4a instructions on the CUDA cores: no tensor-core operand
 # layout to convert the weight tile into (the tl.dot path converts two nibble tiles per K tile, which on the
@@ -97,6 +98,13 @@ if _INTERPRET:
         for i in tl.static_range(8):
             acc += (xe << (28 - 4 * i)) >> 28
         return acc
+
+    @triton.jit
+    def _word_dot8(w, x):
+        acc = tl.zeros_like(w)
+        for i in tl.static_range(4):
+            acc += ((w << (24 - 8 * i)) >> 24) * ((x << (24 - 8 * i)) >> 24)
+        return acc
 else:
     @triton.jit
     def _split_words(x):
@@ -123,6 +131,12 @@ else:
         return tl.inline_asm_elementwise(
             asm="{ .reg .b32 o; mov.b32 o, 0x01010101; dp4a.s32.s32 $0, $1, o, 0; dp4a.s32.s32 $0, $2, o, $0; }",
             constraints="=r,r,r", args=[xe, xo], dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _word_dot8(w, x):
+        """sum of the 4 products of two words of int8: one dp4a."""
+        return tl.inline_asm_elementwise(asm="dp4a.s32.s32 $0, $1, $2, 0;", constraints="=r,r,r", args=[w, x],
+                                         dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -156,8 +170,8 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
     r, with HAS_ROW, its row scales.  DOT=False (the "gemv" variant, BLOCK_M <= GEMV_MAX_M): the
     products on the CUDA cores, broadcast and summed over K, instead of tl.dot (no tensor-core operand
     layout to convert the weight tile into; the integer sums are exact in any order, so the same bits).
-    DP4A (INT4 with PREQ, BLOCK_M <= GEMV_MAX_M, K a multiple of 32, rows of x and w at multiples of 16
-    bytes): 32-bit words and dp4a instead (`_word_dot`), one row of x at a time."""
+    DP4A (PREQ, BLOCK_M <= GEMV_MAX_M, K a multiple of 16 (INT8) or 32 (INT4), rows of x and w at multiples
+    of 16 bytes): 32-bit words and dp4a instead (`_word_dot8`, `_word_dot`), one row of x at a time."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -174,7 +188,31 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     k_lo = pid_k * (SPLIT_BLOCKS * BLOCK_K)
     k_hi = tl.minimum(K, k_lo + SPLIT_BLOCKS * BLOCK_K)
-    if BITS == 8:
+    if DP4A:
+        PER_WORD: tl.constexpr = 32 // BITS          # positions a 32-bit word holds
+        KW: tl.constexpr = BLOCK_K // PER_WORD
+        ww = tl.arange(0, KW)
+        w32 = w_ptr.to(tl.pointer_type(tl.int32))
+        x32 = x_ptr.to(tl.pointer_type(tl.int32))
+        # the caller guarantees K % (4 PER_WORD) == 0 and row strides of 16 bytes: told to the compiler, the
+        # loads and their masks go 16 bytes at a time
+        words = tl.multiple_of(K // PER_WORD, 4)
+        w_row = tl.multiple_of(stride_wn // 4, 4)
+        x_row = tl.multiple_of(stride_xm // 4, 4)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            j = tl.max_contiguous(tl.multiple_of(k // PER_WORD + ww, KW), KW)   # word j: positions PER_WORD j ..
+            j_ok = j < words
+            w = tl.load(w32 + cols[:, None] * w_row + j[None, :], mask=j_ok[None, :], other=0)
+            for m in tl.static_range(BLOCK_M):
+                xw = tl.load(x32 + m * x_row + j, mask=j_ok & (m < M), other=0)
+                if BITS == 8:
+                    part = tl.sum(_word_dot8(w, xw[None, :]), axis=1)
+                else:
+                    xe, xo = _split_words(xw)
+                    part = (tl.sum(_word_dot(w, xe[None, :], xo[None, :]), axis=1)
+                            - 8 * tl.sum(_word_sum(xe, xo), axis=0))
+                acc += tl.where(rows[None, :] == m, part[:, None], 0)
+    elif BITS == 8:
         kk = tl.arange(0, BLOCK_K)
         for k in range(k_lo, k_hi, BLOCK_K):
             pos = k + kk
@@ -187,24 +225,6 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
                                     stride_xm, stride_xc, inv, QMAX, HAS_ROW)
             w = tl.load(w_ptr + cols[:, None] * stride_wn + pos[None, :] * stride_wk, mask=pos_ok[None, :], other=0)
             acc = _mac(acc, w, q, DOT)
-    elif DP4A:
-        KW: tl.constexpr = BLOCK_K // 8
-        ww = tl.arange(0, KW)
-        w32 = w_ptr.to(tl.pointer_type(tl.int32))
-        x32 = x_ptr.to(tl.pointer_type(tl.int32))
-        # the caller guarantees K % 32 == 0 and row strides of 16 bytes: told to the compiler, the loads and
-        # their masks go 16 bytes at a time
-        words = tl.multiple_of(K // 8, 4)
-        w_row = tl.multiple_of(stride_wn // 4, 4)
-        x_row = tl.multiple_of(stride_xm // 4, 4)
-        for k in range(k_lo, k_hi, BLOCK_K):
-            j = tl.max_contiguous(tl.multiple_of(k // 8 + ww, KW), KW)    # words: positions 8j .. 8j + 7
-            j_ok = j < words
-            w = tl.load(w32 + cols[:, None] * w_row + j[None, :], mask=j_ok[None, :], other=0)
-            for m in tl.static_range(BLOCK_M):
-                xe, xo = _split_words(tl.load(x32 + m * x_row + j, mask=j_ok & (m < M), other=0))
-                part = tl.sum(_word_dot(w, xe[None, :], xo[None, :]), axis=1) - 8 * tl.sum(_word_sum(xe, xo), axis=0)
-                acc += tl.where(rows[None, :] == m, part[:, None], 0)
     else:
         KB: tl.constexpr = BLOCK_K // 2
         jj = tl.arange(0, KB)
@@ -284,8 +304,8 @@ INTERPRET_CONFIG = _cfg(16, 32, 1, 4, 1)
 #              rows, which can win at M = 16-64.
 #   "gemv"     as "prequant", with the products on the CUDA cores instead of tl.dot (DOT=False: no
 #              tensor-core operand layout for the weight tile), for M <= GEMV_MAX_M only.
-#   "dp4a"     INT4 only, as "gemv" with 32-bit words and dp4a (kernel docstring), for M <= GEMV_MAX_M and K
-#              a multiple of 32.
+#   "dp4a"     as "gemv" with 32-bit words and dp4a (kernel docstring), for M <= GEMV_MAX_M and K a multiple
+#              of 16 (INT8) / 32 (INT4).
 VARIANTS = ("fused", "prequant", "gemm", "gemv", "dp4a")
 # Which tilings of CONFIGS each variant is timed with: every candidate is a Triton compile and a timing
 # on first use (the first generate()'s "decode tuning": 18.7 of its 94.7 s at OPT-13B O3 on the H100).
@@ -303,8 +323,10 @@ GEMV_CONFIGS = {
 }
 
 
-# BLOCK_K counts positions (8 a word): 64 x 1024 is 64 rows x 128 words, 64 int32 registers a thread at 4 warps
-DP4A_CONFIGS = {4: [_cfg(64, 1024, 4, 4, 3), _cfg(32, 2048, 4, 4, 3)]}
+# BLOCK_K counts positions (4 or 8 a word): 64 x 512 (INT8) / 1024 (INT4) is 64 rows x 128 words, 64 int32
+# registers a thread at 4 warps
+DP4A_CONFIGS = {8: [_cfg(64, 512, 4, 4, 3), _cfg(32, 1024, 4, 4, 3)],
+                4: [_cfg(64, 1024, 4, 4, 3), _cfg(32, 2048, 4, 4, 3)]}
 
 
 def candidates(bits: int) -> list[tuple[str, triton.Config | None]]:
@@ -527,8 +549,9 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
             return _gemm(x2, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, rmult, r2, xq2)
         if variant in ("gemv", "dp4a") and m > GEMV_MAX_M:
             raise ValueError(f"flat_linear: the {variant} variant takes at most {GEMV_MAX_M} rows, got {m}")
-        if variant == "dp4a" and (bits != 4 or k % 32):
-            raise ValueError(f"flat_linear: the dp4a variant takes INT4 with K' a multiple of 32, got int{bits}, K'={k}")
+        if variant == "dp4a" and k % (128 // bits):
+            raise ValueError(f"flat_linear: the dp4a variant takes K' a multiple of {128 // bits} at int{bits}, "
+                             f"got K'={k}")
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
         a = x2
         r = scale                   # a float32 pointer the kernel never reads without HAS_ROW
