@@ -418,6 +418,7 @@ def _install_hf_compile_guard() -> None:
 # The static cache each model's last generate() created, with what it was made for (module docstring).
 _KEPT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 STABLE_CACHE_DEVICES = ("cuda",)      # where a cache's addresses matter (CUDA graphs)
+_COLLECT_IN_VAIN: weakref.WeakSet = weakref.WeakSet()     # models whose last gc.collect() freed no kept cache
 
 
 def release_static_cache(model) -> None:
@@ -435,15 +436,21 @@ def _keeps_static_cache(model) -> bool:
         return False
 
 
-def _only_kept(kept: tuple) -> bool:
+def _only_kept(model, kept: tuple) -> bool:
     """Whether nothing but `_KEPT_CACHES` holds the kept cache (counted: the tuple and getrefcount's
-    argument).  Garbage counts too until collected (a finished generate()'s frames, or what Dynamo traced
-    in it, can sit in reference cycles: seen on the CPU), so a count above that is checked again after one
-    gc.collect() (milliseconds, once per generate(), and only then)."""
+    argument).  Garbage counts too until collected (what Dynamo traced in a generate() that compiled can sit
+    in reference cycles: seen on the CPU), so a count above that is checked again after one gc.collect() --
+    unless the previous collect for this model freed nothing (a caller who keeps every returned cache would
+    otherwise pay a full collection per call)."""
     if sys.getrefcount(kept[1]) == 2:
         return True
+    if model in _COLLECT_IN_VAIN:
+        return False
     gc.collect()
-    return sys.getrefcount(kept[1]) == 2
+    if sys.getrefcount(kept[1]) == 2:
+        return True
+    _COLLECT_IN_VAIN.add(model)
+    return False
 
 
 def cudagraphs_recorded(device) -> int | None:
@@ -491,7 +498,8 @@ def _install_cache_reuse() -> None:
         length = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))    # Hugging Face's rule
         made_for = (cache_implementation, batch_size, length, prefill_chunk_size, self.dtype, torch.device(self.device))
         kept = _KEPT_CACHES.get(self)
-        if kept is not None and kept[0] == made_for and _only_kept(kept):
+        if kept is not None and kept[0] == made_for and _only_kept(self, kept):
+            _COLLECT_IN_VAIN.discard(self)
             kept[1].reset()
             self._previous_max_cache_length = length
             return kept[1]

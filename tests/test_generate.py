@@ -319,6 +319,9 @@ def test_static_cache_is_reused_across_generate_calls_unless_the_caller_holds_it
         fast.generate(other, **_kwargs("static"))
         assert generation._KEPT_CACHES[model][1] is not held
         assert torch.equal(held.layers[0].keys, snapshot)
+        assert model in generation._COLLECT_IN_VAIN          # no full collection per call for such a caller
+        fast.generate(other, **_kwargs("static"))              # its own cache, not held: reused again
+        assert model not in generation._COLLECT_IN_VAIN
     torch._dynamo.reset()
     generation.release_static_cache(model)
     assert torch.equal(first, _reference("llama", "static")) and torch.equal(first, again)
