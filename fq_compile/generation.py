@@ -95,8 +95,9 @@ StaticCache in every generate() (`GenerationMixin._prepare_static_cache`); its k
 tensors are static addresses, and Inductor's cudagraph trees re-record (warm up and capture again) every
 graph whose static inputs moved.  So a call ran at replay speed only when the allocator happened to hand
 back the previous call's addresses: on an H100 (OPT-13B shape, O3, batch 1) the five timed calls took
-1688 / 995 / 1691 / 996 / 1002 ms, the slow ones at the speed of the step's 914 launches without graphs
-(benchmarks/results/e2e-decode-13b-2026-12-07-h100-e5d5697.md).  The hook keeps the cache a model's
+1688 / 995 / 1691 / 996 / 1002 ms (benchmarks/results/e2e-decode-13b-2026-12-07-h100-e5d5697.md; the cause
+is read from the code and the CPU, where the previous call's cache was still alive in a garbage cycle when the
+next one allocated: e2e.py counts the graphs each call records, so a GPU run confirms or refutes it).  The hook keeps the cache a model's
 generate() created and hands it back, reset (zeroed in place, Hugging Face's `Cache.reset`), to the next
 generate() that asks for the same one (implementation, batch size, length, chunking, dtype, device), as
 transformers 4 did with `model._cache`.  It is handed back only when nothing but the hook holds it: a
