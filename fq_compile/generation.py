@@ -395,14 +395,23 @@ def install() -> None:
 _DEFER_STOP: contextvars.ContextVar[bool] = contextvars.ContextVar("fq_compile_defer_stop", default=False)
 
 
-def _install_hf_compile_guard() -> None:
+def _generation_method(name: str):
+    """(GenerationMixin, its method `name`) to wrap, or None: a transformers without it, or already wrapped."""
     try:
         from transformers.generation.utils import GenerationMixin
     except ImportError:  # pragma: no cover - transformers is a dependency
-        return
-    original = getattr(GenerationMixin, "_valid_auto_compile_criteria", None)
+        return None
+    original = getattr(GenerationMixin, name, None)
     if original is None or getattr(original, _INSTALLED, False):
+        return None
+    return GenerationMixin, original
+
+
+def _install_hf_compile_guard() -> None:
+    found = _generation_method("_valid_auto_compile_criteria")
+    if found is None:
         return
+    GenerationMixin, original = found
 
     @functools.wraps(original)
     def _valid_auto_compile_criteria(self, *args, **kwargs):
@@ -479,13 +488,10 @@ def cudagraphs_recorded(device) -> int | None:
 def _install_cache_reuse() -> None:
     """Wrap `GenerationMixin._prepare_static_cache` (module docstring); a transformers without it keeps
     its own behaviour."""
-    try:
-        from transformers.generation.utils import GenerationMixin
-    except ImportError:  # pragma: no cover - transformers is a dependency
+    found = _generation_method("_prepare_static_cache")
+    if found is None:
         return
-    original = getattr(GenerationMixin, "_prepare_static_cache", None)
-    if original is None or getattr(original, _INSTALLED, False):
-        return
+    GenerationMixin, original = found
 
     @functools.wraps(original)
     def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):

@@ -60,7 +60,7 @@ import triton.language as tl
 from fq_compile.kernels.triton.flatten_quantize import (_quantize_rows, _quantize_vals, _row_inverse,
                                                        flatten_quantize_cuda, flatten_quantize_rows_cuda,
                                                        row_absmax_kernel)
-from fq_compile.kernels.triton.gemm import _mul_rn, _nibbles
+from fq_compile.kernels.triton.gemm import NIBBLES_ASM, _mul_rn, _nibbles
 from fq_compile.kernels import stopwatch
 from fq_compile.kernels.triton.tuning import tuning
 
@@ -109,12 +109,8 @@ else:
     @triton.jit
     def _split_words(x):
         """int32 words of 8 nibbles -> (4 sign-extended int8 of the even positions, of the odd), as int32."""
-        return tl.inline_asm_elementwise(
-            asm="{ .reg .b32 t, s; "
-                "and.b32 t, $2, 0x0F0F0F0F; and.b32 s, $2, 0x08080808; mul.lo.u32 s, s, 30; or.b32 $0, t, s; "
-                "shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; and.b32 s, t, 0x08080808; mul.lo.u32 s, s, 30; "
-                "or.b32 $1, t, s; }",
-            constraints="=r,=r,r", args=[x], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(asm=NIBBLES_ASM, constraints="=r,=r,r", args=[x], dtype=(tl.int32, tl.int32),
+                                         is_pure=True, pack=1)
 
     @triton.jit
     def _word_dot(w, xe, xo):

@@ -51,6 +51,13 @@ else:
         return libdevice.mul_rn(a, b)
 
 
+# 32-bit register $2 of 4 bytes -> $0: their low nibbles, $1: their high nibbles, each sign-extended to a byte
+# (a constexpr: a jitted function may read a global only as one)
+NIBBLES_ASM = tl.constexpr("{ .reg .b32 t, s; "
+                           "and.b32 t, $2, 0x0F0F0F0F; and.b32 s, $2, 0x08080808; mul.lo.u32 s, s, 30; "
+                           "or.b32 $0, t, s; shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; and.b32 s, t, 0x08080808; "
+                           "mul.lo.u32 s, s, 30; or.b32 $1, t, s; }")
+
 if _INTERPRET:
     @triton.jit
     def _nibbles(p):
@@ -62,12 +69,8 @@ else:
     def _nibbles(p):
         """packed uint8 -> (low nibbles, high nibbles) as sign-extended int8, same shape: four
         bytes per 32-bit register at a time; a nibble with bit 3 set gets 0xF0 or-ed in (8 * 30)."""
-        return tl.inline_asm_elementwise(
-            asm="{ .reg .b32 t, s; "
-                "and.b32 t, $2, 0x0F0F0F0F; and.b32 s, $2, 0x08080808; mul.lo.u32 s, s, 30; or.b32 $0, t, s; "
-                "shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; and.b32 s, t, 0x08080808; mul.lo.u32 s, s, 30; "
-                "or.b32 $1, t, s; }",
-            constraints="=r,=r,r", args=[p], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(asm=NIBBLES_ASM, constraints="=r,=r,r", args=[p], dtype=(tl.int8, tl.int8),
+                                         is_pure=True, pack=4)
 
 
 @triton.jit
