@@ -28,6 +28,9 @@
 #   compile    fq-O3's first generate() twice, in two processes: cold caches, then warm ones
 #              (Inductor's FX/autotune caches, Triton's, our decode tuning under .fqcache)         ~6-8 min
 #   dynamic    fq-O3 with the dynamic cache (no CUDA graphs), batch 1: the cost of that choice   ~4-6 min
+#   quantize   fq-O3, batch 1, with Inductor's reductions persistent up to 32768 elements
+#              (FQ_PERSISTENT_REDUCTIONS): whether each layer input's row maximum and quantize become one
+#              kernel at M = 1 (the step's quantize: 1.11 ms over ~120 small kernels on the H100)      ~3-4 min
 # Each part ends with a short table of its rows.  Afterwards, on any machine with tabulate:
 #   python benchmarks/e2e.py --report <every e2e.jsonl> --results-dir benchmarks/results --stem e2e-decode-<date>-h200
 set -euo pipefail
@@ -65,6 +68,8 @@ case $PART in
                 --label auto-mem0.30 --decode-profile ;;   # the layer shares auto chose at memory_budget=0.30 on SmolLM2
   dynamic)  run --models "$MODEL" --batches '' --decode 1 --decode-reps 2 --methods fq-O3 --cache dynamic --label dynamic-cache \
                 --decode-profile ;;
+  quantize) FQ_PERSISTENT_REDUCTIONS=32768 run --models "$MODEL" --batches '' --decode 1 --decode-reps 5 --budget 8 \
+                --methods fq-O3 --label persistent --decode-profile ;;
   compile)  rm -rf "$CACHE"
             run --models "$MODEL" --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label cold-cache
             run --models "$MODEL" --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label warm-cache
