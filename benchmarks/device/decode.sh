@@ -30,7 +30,7 @@
 #   dynamic    fq-O3 with the dynamic cache (no CUDA graphs), batch 1: the cost of that choice   ~4-6 min
 #   quantize   fq-O3, batch 1, with Inductor's reductions persistent up to 32768 elements
 #              (FQ_PERSISTENT_REDUCTIONS): whether each layer input's row maximum and quantize become one
-#              kernel at M = 1 (the step's quantize: 1.11 ms over ~120 small kernels on the H100)      ~3-4 min
+#              kernel at M = 1 (the step's quantize: 1.11 ms for 160 layer inputs on the H100)       ~3-4 min
 # Each part ends with a short table of its rows.  Afterwards, on any machine with tabulate:
 #   python benchmarks/e2e.py --report <every e2e.jsonl> --results-dir benchmarks/results --stem e2e-decode-<date>-h200
 set -euo pipefail
