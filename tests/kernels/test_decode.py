@@ -169,6 +169,24 @@ def _interp_main(which: str):
                         for _, a in [_case(1, 20, 16, bits, 2, torch.Generator().manual_seed(seed), "cpu")]
                         if a[1].numel() % (128 // bits))
         td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], torch.float32, config=("dp4a", td.INTERPRET_CONFIG))
+    # the tuner's dp4a choice meets an activation that does not start on 16 bytes: it runs the prequant kernel
+    # (forced, dp4a refuses it)
+    ref_args, dev_args = _case(2, 45, 40, bits, 128 // bits, torch.Generator().manual_seed(3), "cpu")
+    from fq_compile.kernels import flat_linear_reference
+    from fq_compile.kernels.flatten_quantize import flatten_quantize_reference
+    xq = flatten_quantize_reference(*ref_args[:5], bits)
+    shifted = torch.empty(xq.numel() + 4, dtype=xq.dtype)[4:].view(xq.shape)
+    shifted.copy_(xq)
+    ref = flat_linear_reference(*ref_args[:5], bits, *ref_args[5:], torch.float32, None)
+    with pytest.raises(ValueError, match="16 bytes"):
+        td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], torch.float32, xq=shifted,
+                            config=("dp4a", td.INTERPRET_CONFIG))
+    chose = td._choose
+    td._choose = lambda *a, **k: ("dp4a", td.INTERPRET_CONFIG)
+    try:
+        assert torch.equal(td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], torch.float32, xq=shifted), ref)
+    finally:
+        td._choose = chose
     with pytest.raises(ValueError, match="gemv variant takes at most"):
         _, dev_args = _case(8, 20, 16, bits, 2, torch.Generator().manual_seed(0), "cpu")
         td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], torch.float32, config=("gemv", td.INTERPRET_CONFIG))

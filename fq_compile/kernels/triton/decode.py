@@ -575,6 +575,9 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
 
     if config is None:
         config = _choose(bits, n, k, tune_rows(m), rmult is not None, x.device, run, xq is not None)
+        if config[0] == "dp4a" and xq2 is not None and not _word_aligned(xq2):
+            # tuned on an aligned activation; this call's starts elsewhere: the same products through tl.dot
+            config = ("prequant", CONFIGS[bits][PREQUANT_TILINGS[0]])
     elif isinstance(config, triton.Config):
         config = ("fused", config)
     if config[0] not in VARIANTS:
