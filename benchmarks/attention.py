@@ -27,7 +27,9 @@ Columns "int8/int8", "fp8/fp8", ... are the generic kernel (forced, on every GPU
 picks it itself on sm_90 for such calls), each with its "+quant".  "+quant" quantizes with
 quantize_heads' one-launch Triton kernel (kernels/triton/heads.py); "int8/int8 (aten quantize) +quant"
 times the same with the five aten kernels it replaced, so the fix is measured against its baseline in
-the same run.  Not yet measured (as of this docstring): any Hopper column, and the new "+quant" times.
+the same run.  Each "+quant" is also timed replayed from a CUDA graph ("+quant (CUDA graph)": device time
+only): do_bench's "+quant" includes the host's launches between the four calls, which on the H100 of
+2026-12-07 may be most of the 0.77 ms (INT8) / 1.3 ms (FP8) that "+quant" added over the kernel alone.
 
 accuracy: WikiText-2 perplexity of a model (default SmolLM2-135M) at --base (default O1) without and
 with quantized attention: INT8 / FP8 / mixed, per-tensor / per-head scales.  One calibration observes
@@ -260,6 +262,10 @@ def kernel_main(args) -> str:
                     times[label] = _bench(run)
                 if with_quant is not None:
                     times[label + " +quant"] = _bench(with_quant)
+                    try:   # the same calls' device time: do_bench also times the host's launches between them
+                        times[label + " +quant (CUDA graph)"] = _bench_graph(with_quant)
+                    except Exception as e:  # a call that cannot be captured: no column rather than no table
+                        print(f"    {label} +quant (CUDA graph): {type(e).__name__}: {str(e).splitlines()[0][:100]}")
             best = times[best_name] if best_name else float("nan")
             rows.append(dict(d=d, batch=b, seq=s, best_sdpa=best_name, times=times, errs=errs,
                              tflops={n: flops / t / 1e9 for n, t in times.items()},
