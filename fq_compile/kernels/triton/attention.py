@@ -40,7 +40,8 @@ import triton.language as tl
 
 from fq_compile.kernels.attention import score_scale, split_span
 from fq_compile.kernels.triton import attention_hopper
-from fq_compile.kernels.triton.attention_math import _key_bounds, _LOG2E, _hint, _div_rn, _exp2q, _mul_rn, _scores, _to_out, _update
+from fq_compile.kernels.triton.attention_math import (_LOG2E, _exp2q, _hint, _key_bounds, _mul_rn, _normalized,
+                                                     _packed_rows, _scores, _to_out, _update)
 from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -99,13 +100,7 @@ def attention_kernel(Q, K, V, C, VS, MASK, OUT, WM, WL, WACC,
     [s * SPAN, (s + 1) * SPAN) only (s = program_id(2)) and writes its unnormalised (m, l, acc) to
     WM/WL [B, HQ, M, SPLITS] and WACC [B, HQ, M, SPLITS, DV] (contiguous) for `combine_kernel`."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    g = pid_bh % HKV
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = r < M * REP
-    qpos = tl.where(row_ok, r // REP, 0)
-    h = g * REP + r % REP
+    b, g, row_ok, qpos, h = _packed_rows(pid_m, tl.program_id(1), HKV, M, REP, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_ptrs = (Q + b * stride_qb + h[:, None].to(tl.int64) * stride_qh + qpos[:, None].to(tl.int64) * stride_qm
@@ -140,9 +135,7 @@ def attention_kernel(Q, K, V, C, VS, MASK, OUT, WM, WL, WACC,
         tl.store(WL + w, l_i, mask=row_ok)
         tl.store(WACC + w[:, None] * DV + offs_dv[None, :], acc, mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     else:
-        vs = tl.load(VS + g) + tl.zeros([BLOCK_M], tl.float32)
-        ratio = _div_rn(vs, tl.where(l_i > 0, l_i, 1.0))   # l = 0: no visible key, the row is 0
-        out = tl.where(l_i[:, None] > 0, _mul_rn(acc, ratio[:, None]), 0.0)
+        out = _normalized(acc, l_i, tl.load(VS + g) + tl.zeros([BLOCK_M], tl.float32))
         o_ptrs = (OUT + b * stride_ob + h[:, None].to(tl.int64) * stride_oh + qpos[:, None].to(tl.int64) * stride_om
                   + offs_dv[None, :] * stride_od)
         tl.store(o_ptrs, _to_out(out, OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
@@ -172,9 +165,7 @@ def combine_kernel(WM, WL, WACC, VS, OUT, ROWS, HQ, M, REP, SPLITS: tl.constexpr
         part = tl.load(WACC + (rw + s)[:, None] * DV + offs_dv[None, :], mask=dv_ok, other=0.0)
         acc = acc + _mul_rn(part, a[:, None])
     g = ((r // M) % HQ) // REP
-    vs = tl.load(VS + g, mask=r_ok, other=1.0)
-    ratio = _div_rn(vs, tl.where(l_i > 0, l_i, 1.0))
-    out = tl.where(l_i[:, None] > 0, _mul_rn(acc, ratio[:, None]), 0.0)
+    out = _normalized(acc, l_i, tl.load(VS + g, mask=r_ok, other=1.0))
     tl.store(OUT + r.to(tl.int64)[:, None] * DV + offs_dv[None, :], _to_out(out, OUT.dtype.element_ty), mask=dv_ok)
 
 

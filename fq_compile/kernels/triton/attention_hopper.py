@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from fq_compile.kernels.attention import DECODE_ROWS
-from fq_compile.kernels.triton.attention_math import _key_bounds, _div_rn, _hint, _mul_rn, _scores, _to_out, _update
+from fq_compile.kernels.triton.attention_math import (_hint, _key_bounds, _normalized, _packed_rows, _scores, _to_out,
+                                                     _update)
 from fq_compile.kernels.triton.tuning import tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -122,13 +123,7 @@ def hopper_prefill_kernel(Q, K, V, C, VS, OUT,
     generic kernel packs them (row r: position r // REP of head g * REP + r % REP).  K's channels are
     contiguous (stride 1, not passed); V_T: V's keys are (stride_vn == 1)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    g = pid_bh % HKV
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = r < M * REP
-    qpos = tl.where(row_ok, r // REP, 0)
-    h = g * REP + r % REP
+    b, g, row_ok, qpos, h = _packed_rows(pid_m, tl.program_id(1), HKV, M, REP, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + h[:, None].to(tl.int64) * stride_qh + qpos[:, None].to(tl.int64) * stride_qm
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
@@ -155,9 +150,7 @@ def hopper_prefill_kernel(Q, K, V, C, VS, OUT,
         acc, l_i, m_i = _step(acc, l_i, m_i, q, c, qpos, k_src, v_src, j0, N, stride_kn, stride_vn, stride_vd,
                               D, BLOCK_N, USE_DESC, V_T, True, CAUSAL, QK_INT8, PV_INT8, PV_F16, QK_PROMOTE, BLOCK_M)
 
-    vs = tl.load(VS + g) + tl.zeros([BLOCK_M], tl.float32)
-    ratio = _div_rn(vs, tl.where(l_i > 0, l_i, 1.0))   # l = 0: no visible key, the row is 0
-    out = tl.where(l_i[:, None] > 0, _mul_rn(acc, ratio[:, None]), 0.0)
+    out = _normalized(acc, l_i, tl.load(VS + g) + tl.zeros([BLOCK_M], tl.float32))
     o_ptrs = (OUT + b * stride_ob + h[:, None].to(tl.int64) * stride_oh + qpos[:, None].to(tl.int64) * stride_om
               + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, _to_out(out, OUT.dtype.element_ty), mask=row_ok[:, None])

@@ -55,6 +55,27 @@ else:
 
 
 @triton.jit
+def _packed_rows(pid_m, pid_bh, HKV, M, REP, BLOCK_M: tl.constexpr):
+    """The BLOCK_M packed rows of program (pid_m, pid_bh) over kv head g of batch b: row r is query position
+    r // REP of query head g * REP + r % REP, so the REP heads sharing a key head share its key tiles.
+    Returns (b, g, row_ok, qpos, h)."""
+    b = (pid_bh // HKV).to(tl.int64)
+    g = pid_bh % HKV
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < M * REP
+    qpos = tl.where(row_ok, r // REP, 0)
+    return b, g, row_ok, qpos, g * REP + r % REP
+
+
+@triton.jit
+def _normalized(acc, l_i, vs):
+    """The softmax's division and V's scale: acc * fl(vs / l) per row (explicitly rounded), and 0 for a row
+    that saw no key (l = 0)."""
+    ratio = _div_rn(vs, tl.where(l_i > 0, l_i, 1.0))
+    return tl.where(l_i[:, None] > 0, _mul_rn(acc, ratio[:, None]), 0.0)
+
+
+@triton.jit
 def _key_bounds(pid_m, M, N, REP, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """(hi, full) for query tile pid_m (BLOCK_M packed rows, REP query heads per key head): the keys any
     of its rows sees end at hi; below `full` (a multiple of BLOCK_N) every row sees every key, so those
