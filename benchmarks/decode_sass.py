@@ -38,29 +38,6 @@ def _nvdisasm() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm")
 
 
-def compile_sm90(bits: int, variant: str, cfg, block_m: int = 1):
-    """The candidate compiled for sm_90 (no GPU): triton's CompiledKernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from fq_compile.kernels.triton import decode as td
-
-    kernel = td.flat_linear_decode_kernel
-    floats = ("mult_ptr", "lo_ptr", "hi_ptr", "scale_ptr", "bias_ptr", "r_ptr")
-    sig = {n: "*i8" if n in ("x_ptr", "w_ptr") else "*fp32" if n in floats else "*i32" for n in kernel.arg_names[:12]}
-    sig["out_ptr"] = "*fp16"
-    sig.update({n: "i32" for n in kernel.arg_names[12:21]})
-    dot = variant != "gemv"
-    cx = dict(BITS=bits, HAS_BIAS=True, HAS_ROW=True, PREQ=True, DOT=dot and variant != "dp4a",
-              DP4A=variant == "dp4a", BLOCK_M=block_m if variant in ("gemv", "dp4a") else 16, **cfg.kwargs)
-    sig.update({n: "constexpr" for n in cx})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(21)}
-    return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-
-
 def loop_body(cubin: bytes) -> list[str]:
     """The SASS mnemonics of the longest span that a backward branch closes (the K loop)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -91,7 +68,7 @@ def rows(bits_list=(8, 4)) -> list[list]:
             variant, cfg = cand
             if variant in ("fused", "gemm"):       # fused: the prologue gathers x (not a weight-stream count)
                 continue
-            ops = loop_body(compile_sm90(bits, variant, cfg).asm["cubin"])
+            ops = loop_body(td.compile_sm90(bits, variant, cfg).asm["cubin"])
             kw = cfg.kwargs
             per_thread = kw["BLOCK_N"] * kw["BLOCK_K"] * bits / 8 / (32 * cfg.num_warps)
             per_byte = len(ops) / per_thread

@@ -411,13 +411,6 @@ def copy_bandwidth(dev, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def candidate_name(bits, cand) -> str:
-    """fusedI / prequantI (tiling I of kernels/triton/decode.py CONFIGS[bits]), gemvI, dp4aI or gemm."""
-    from fq_compile.kernels.triton import decode as td
-
-    return td.config_name(bits, cand)
-
-
 def bench_decode(k, n, m, dev, per_token=True):
     """ms per call of fq::flat_linear as the tuner chose it, of each candidate it chose among
     (kernels/triton/decode.py: fused tilings, pre-quantized tilings, quantize + GEMM) and of fp16
@@ -459,7 +452,7 @@ def bench_decode(k, n, m, dev, per_token=True):
                                                                                      rq, xq) for w in ws])
         cand = {}
         for i, c in enumerate(td.candidates(bits)):
-            name = candidate_name(bits, c)
+            name = td.config_name(bits, c)
             if c[0] in ("gemv", "dp4a") and m > td.GEMV_MAX_M:        # not a candidate at this M
                 cand[name] = None
                 continue
@@ -501,7 +494,7 @@ def decode_main(args):
 
     head = ["layer", "M", "fp16 linear", "INT8 chosen", "INT8 fastest candidate", "chosen vs fastest", "INT4 chosen",
             "INT4 fastest candidate", "chosen vs fastest", "INT8 x fp16", "INT4 x fp16", "every path exact (8/4)"]
-    names = list(dict.fromkeys(candidate_name(b, c) for b in (8, 4) for c in td.candidates(b)))   # dp4a: INT4 only
+    names = list(dict.fromkeys(td.config_name(b, c) for b in (8, 4) for c in td.candidates(b)))  # both widths'
     cand_head = ["layer", "M", "bits"] + names
     props = torch.cuda.get_device_properties(0)
     meta = (f"device: {props.name} ({props.multi_processor_count} SMs), "

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -347,30 +346,15 @@ def test_gpu_every_candidate_times_in_a_cuda_graph():
 
 def test_dp4a_variant_compiles_for_sm90():
     """The dp4a variant's inline PTX, assembled for sm_90 by Triton's own ptxas (no GPU needed): the products
-    run as dp4a on the CUDA cores, no tensor-core instruction, and the weight loads are 16-byte vectors.  Its numbers: the interpreter test (the same
-    integers through shifts) and test_gpu_every_tiling on a GPU."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    run as dp4a on the CUDA cores, no tensor-core instruction, and the weight loads are 16-byte vectors.  Its
+    numbers: the interpreter test (the same integers through shifts) and test_gpu_every_tiling on a GPU."""
     from fq_compile.kernels.triton import decode as td
 
     if td._INTERPRET:
         pytest.skip("the inline-assembly form is compiled only without TRITON_INTERPRET")
-    kernel = td.flat_linear_decode_kernel
-    sig = {n: "*i8" if n in ("x_ptr", "w_ptr") else "*fp32" if n in ("mult_ptr", "lo_ptr", "hi_ptr", "scale_ptr",
-                                                                      "bias_ptr", "r_ptr") else "*i32"
-           for n in kernel.arg_names[:12]}
-    sig["out_ptr"] = "*fp16"
-    sig.update({n: "i32" for n in kernel.arg_names[12:21]})
     for bits in (8, 4):
-        cfg = td.DP4A_CONFIGS[bits][0]
-        cx = dict(BITS=bits, HAS_BIAS=True, HAS_ROW=True, PREQ=True, BLOCK_M=1, DOT=False, DP4A=True, **cfg.kwargs)
         # as Triton specializes a launch: every pointer and integer argument divisible by 16 (the 13B shapes' are)
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(21)}
-        out = triton.compile(ASTSource(fn=kernel, signature=dict(sig, **{n: "constexpr" for n in cx}), constexprs=cx,
-                                       attrs=attrs),
-                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps,
-                                                                            num_stages=cfg.num_stages))
+        out = td.compile_sm90(bits, "dp4a", td.DP4A_CONFIGS[bits][0])
         ptx = out.asm["ptx"]
         assert "dp4a.s32.s32" in ptx and "mma" not in ptx and out.asm.get("cubin"), bits
         assert ("dp4a.u32.s32" in ptx) == (bits == 4)          # INT4: the offset nibbles, unsigned

@@ -509,6 +509,29 @@ def tune_rows(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
+def compile_sm90(bits: int, variant: str, cfg: triton.Config, block_m: int = 1):
+    """The weight-streaming kernel as `variant` (not "gemm") with tiling `cfg` would run it with a
+    pre-quantized activation ("fused": quantizing in its prologue) and per-token scales, compiled ahead of
+    time for sm_90 with Triton's own ptxas (no GPU needed), specialized as a launch with every pointer and
+    integer divisible by 16 is: Triton's CompiledKernel (.asm["ptx"], ["cubin"]), for tests and
+    benchmarks/decode_sass.py.  block_m: the rows of the gemv / dp4a forms (the tl.dot forms pad to 16)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = flat_linear_decode_kernel
+    floats = ("mult_ptr", "lo_ptr", "hi_ptr", "scale_ptr", "bias_ptr", "r_ptr")
+    sig = {n: "*i8" if n in ("x_ptr", "w_ptr") else "*fp32" if n in floats else "*i32" for n in kernel.arg_names[:12]}
+    sig.update({"x_ptr": "*fp16" if variant == "fused" else "*i8", "out_ptr": "*fp16"})
+    sig.update({n: "i32" for n in kernel.arg_names[12:21]})
+    cx = dict(BITS=bits, HAS_BIAS=True, HAS_ROW=True, PREQ=variant != "fused", DOT=variant != "gemv",
+              DP4A=variant == "dp4a", BLOCK_M=block_m if variant in ("gemv", "dp4a") else 16, **cfg.kwargs)
+    sig.update({n: "constexpr" for n in cx})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(21)}
+    return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps,
+                                                                         num_stages=cfg.num_stages))
+
+
 def _word_aligned(*ts: torch.Tensor) -> bool:
     return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in ts)
 
