@@ -340,8 +340,6 @@ def _attention_ref_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale
                                kv_splits)
 
 
-
-
 @define_op("fq::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
               v_scale: torch.Tensor, mask: torch.Tensor | None, causal: bool, sm_scale: float, kv_block: int,

@@ -24,22 +24,10 @@ import triton
 import triton.language as tl
 
 from fq_compile.kernels.triton.fp8 import _e4m3_byte, _round_e4m3
+from fq_compile.kernels.triton.flatten_quantize import _rint_small
 from fq_compile.kernels.triton.gemm import _mul_rn
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-if _INTERPRET:
-    @triton.jit
-    def _rint127(m):
-        # m in [0, 127]: adding 2**23 leaves no fraction bits, so the FPU rounds half to even
-        return (m + 8388608.0) - 8388608.0
-else:
-    from triton.language.extra import libdevice
-
-    @triton.jit
-    def _rint127(m):
-        return libdevice.rint(m)
-
 
 @triton.jit
 def quantize_heads_kernel(X, INV, OUT, ROWS, H, S, D, sxb, sxh, sxs, sxd, sob, soh, sos, sod,
@@ -57,7 +45,7 @@ def quantize_heads_kernel(X, INV, OUT, ROWS, H, S, D, sxb, sxh, sxs, sxd, sob, s
     a = _mul_rn(x.to(tl.float32), inv[:, None])
     o_ptrs = OUT + (b * sob + h.to(tl.int64) * soh + s * sos)[:, None] + d[None, :] * sod
     if TO_INT8:
-        m = _rint127(tl.minimum(tl.abs(a), 127.0))
+        m = _rint_small(tl.minimum(tl.abs(a), 127.0))
         tl.store(o_ptrs, tl.where(a < 0, -m, m).to(tl.int8), mask=ok)
     else:
         tl.store(o_ptrs, _e4m3_byte(_round_e4m3(a)), mask=ok)
