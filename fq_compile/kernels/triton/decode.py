@@ -200,7 +200,9 @@ def flat_linear_decode_kernel(x_ptr, src_ptr, mult_ptr, lo_ptr, hi_ptr, w_ptr, s
             j_ok = j < words
             w = tl.load(w32 + cols[:, None] * w_row + j[None, :], mask=j_ok[None, :], other=0)
             for m in tl.static_range(BLOCK_M):
-                xw = tl.load(x32 + m * x_row + j, mask=j_ok & (m < M), other=0)
+                # row m's mask as a tensor comparison: triton 3.9's interpreter refuses a mask built from
+                # a scalar bool (m < M) and a tensor; the compiler folds the zeros
+                xw = tl.load(x32 + m * x_row + j, mask=j_ok & (tl.zeros_like(j) + m < M), other=0)
                 if BITS == 8:
                     part = tl.sum(_word_dot8(w, xw[None, :]), axis=1)
                 else:
