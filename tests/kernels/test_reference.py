@@ -179,10 +179,13 @@ def test_cpu_int8_path_is_exact_where_chosen(monkeypatch):
     a = torch.randint(-128, 128, (9, 1040), generator=g, dtype=torch.int8)
     b = torch.randint(-128, 128, (17, 1040), generator=g, dtype=torch.int8)
     want = a.long() @ b.long().T
+    b_cols = b.t().contiguous().t()              # the same weights stored column-major, and every other row
     for has_dot in (False, True):
         monkeypatch.setattr(int_gemm, "_INT8_DOT", has_dot)
         assert int_gemm.cpu_gemm_path(1040) == ("int_mm" if has_dot else "float")
         assert torch.equal(int_matmul_reference(a, b).long(), want)
+        assert torch.equal(int_matmul_reference(a, b_cols).long(), want)
+        assert torch.equal(int_matmul_reference(a[:1], b[::2]).long(), want[:1, ::2])
     assert int_gemm.cpu_gemm_path(1041) == "float"          # K not a multiple of 8: float chunks
 
 
