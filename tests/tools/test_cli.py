@@ -56,6 +56,36 @@ def test_loader_local_dir_and_opt_alias(model_dir):
         load_model(str(model_dir / "nothing-here" / "model"))
 
 
+def test_gguf_files_are_parsed_once_per_load(tmp_path):
+    """fq_compile.tools.models.gguf_parsed_once: inside, one reader per file (the same object, the file's
+    contents) and one tensor-name map per (architecture, blocks); outside, gguf's own functions again, also
+    after an error inside."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from fq_compile.tools.models import gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_parsed_once():
+        a, b = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert a is b and a.tensors[0].name == "token_embd.weight"
+        assert np.array_equal(np.asarray(a.tensors[0].data).reshape(3, 4), np.arange(12).reshape(3, 4))
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+    with pytest.raises(RuntimeError, match="inside"), gguf_parsed_once():
+        raise RuntimeError("inside")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+
+
 def test_perplexity_protocol_against_direct_computation():
     model = tiny_llama(layers=1)
     ids = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(0))
