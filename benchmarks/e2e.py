@@ -538,17 +538,29 @@ def profile_decode(model, ids, kw, method, size, device, args, rec, info, steps:
     sync(device)
     step = (statistics.median(timed(long_, device, 0, 5, 30.0))
             - statistics.median(timed(short, device, 0, 5, 30.0))) / steps
-    (busy_l, cats_l, wall_l, n_l), (busy_s, cats_s, wall_s, n_s) = _traced(long_, device), _traced(short, device)
+    (busy_l, cats_l, wall_l, n_l, k_l), (busy_s, cats_s, wall_s, n_s, k_s) = _traced(long_, device), _traced(short, device)
     busy = (busy_l - busy_s) / steps
     rec(kind="decode_profile", model=size, method=label(method, args), batch=int(ids.shape[0]), steps=steps,
         step_ms=round(step, 3), step_busy_ms=round(busy, 3), step_idle_ms=round(step - busy, 3),
         traced_step_ms=round((wall_l - wall_s) / steps, 3), step_kernels=(n_l - n_s) // steps,
+        step_top_kernels=top_kernels(k_l, k_s, steps),
         **{f"{c}_step_ms": round((v - cats_s.get(c, 0.0)) / steps, 3) for c, v in cats_l.items()}, **info)
 
 
+def top_kernels(long_: dict, short: dict, steps: int, top: int = 15) -> list:
+    """The kernels of one decode step (the long trace less the short, / steps), the `top` largest by time:
+    [name (first 100 characters), us per step, launches per step, category]."""
+    rows = []
+    for name, (us, n) in long_.items():
+        us0, n0 = short.get(name, (0.0, 0))
+        if n > n0:
+            rows.append([name[:100], round((us - us0) / steps, 1), round((n - n0) / steps, 2), category(name)])
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
 def _traced(fn, device):
-    """(GPU busy ms: union of kernel intervals, ms per kernel category, wall ms, kernels) of one fn()
-    under torch.profiler."""
+    """(GPU busy ms: union of kernel intervals, ms per kernel category, wall ms, kernels launched, and per
+    kernel name [us, launches]) of one fn() under torch.profiler."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -557,13 +569,16 @@ def _traced(fn, device):
         fn()
         sync(device)
         wall = (time.monotonic() - t) * 1e3
-    spans, cats = [], {}
+    spans, cats, kernels = [], {}, {}
     for evt in prof.events():
         if getattr(evt, "device_type", None) != DeviceType.CUDA or evt.time_range.elapsed_us() <= 0:
             continue
         spans.append((evt.time_range.start, evt.time_range.end))
         c = category(evt.name)
         cats[c] = cats.get(c, 0.0) + evt.time_range.elapsed_us() / 1e3
+        k = kernels.setdefault(evt.name, [0.0, 0])
+        k[0] += evt.time_range.elapsed_us()
+        k[1] += 1
     busy, end = 0.0, None
     for a, b in sorted(spans):
         if end is None or a > end:
@@ -572,7 +587,7 @@ def _traced(fn, device):
         elif b > end:
             busy += b - end
             end = b
-    return busy / 1e3, cats, wall, len(spans)
+    return busy / 1e3, cats, wall, len(spans), kernels
 
 
 # -- per-layer profile --------------------------------------------------------------------------------
@@ -848,6 +863,10 @@ def decode_tables(rows, size) -> list[str]:
                       "(launch gaps, Python, host syncs); traced wall: the same step under the profiler", "",
                       tabulate(ptable, headers=["method", "batch", "wall", "GPU busy", "idle", "idle %", "traced wall",
                                                 "kernels"] + cats, tablefmt="github", disable_numparse=True), ""]
+            for r in (r for r in new if r.get("step_top_kernels")):
+                lines += [f"#### {r['method']}, batch {r['batch']}: the step's largest kernels", "",
+                          tabulate(r["step_top_kernels"], headers=["kernel", "us / step", "launches / step", "category"],
+                                   tablefmt="github", disable_numparse=True), ""]
         old = [r for r in prof if "step_ms" not in r]
         if old:
             ptable = [[r["method"], r["batch"], r["wall_ms_per_token"], r["busy_ms_per_token"], r["idle_ms_per_token"],

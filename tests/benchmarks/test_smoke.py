@@ -60,11 +60,17 @@ def test_e2e_decode_rows_carry_the_first_call_stages(tmp_path):
     # the decode step's row as profile_decode writes it on CUDA (prefill excluded by two lengths)
     with open(tmp_path / "e2e.jsonl", "a") as f:
         f.write(json.dumps(dict(dec, kind="decode_profile", steps=16, step_ms=7.8, step_busy_ms=7.0, step_idle_ms=0.8,
-                                traced_step_ms=11.0, step_kernels=914, GEMM_step_ms=5.7)) + "\n")
+                                traced_step_ms=11.0, step_kernels=914, GEMM_step_ms=5.7,
+                                step_top_kernels=e2e.top_kernels({"flat_linear_decode_kernel": (5710.0 * 17, 200 * 17),
+                                                                  "triton_red_fused_amax": (700.0 * 17 + 50, 160 * 17 + 1)},
+                                                                 {"triton_red_fused_amax": (50.0, 1)}, 16))) + "\n")
     text = e2e.report([tmp_path / "e2e.jsonl"], tmp_path / "res", "smoke")
     assert "where each first generate() call went" in text
     assert "generate() of 17 new tokens minus generate() of 1" in text and "| 7.8    | 7.0" in text
     assert "| 10%" in text, text
+    # the step's largest kernels: the long trace less the short one, per step
+    assert "the step's largest kernels" in text
+    assert "| flat_linear_decode_kernel | 6066.9      | 212.5" in text and "| triton_red_fused_amax     | 743.8 " in text, text
     assert "the first generate() call's compile phases" in text
     # Dynamo's graph-break reasons, tabulated per first call (none on this CPU run: a row as the H100 records one)
     assert "graph breaks in the first generate() call" not in text
