@@ -315,7 +315,8 @@ def _routed_generate(fast):
         def call(*a, **kw):
             if cudagraphs is not False and _on_cuda(a, kw):   # only CUDA graphs need it (module docstring)
                 init_static_caches(orig, a, kw)
-            return compiled(*a, **kw)
+            with cache_lengths_traced(kw):
+                return compiled(*a, **kw)
 
         setattr(call, _ROUTED, fast)
 
@@ -327,6 +328,23 @@ def _routed_generate(fast):
             orig._compiled_call_impl = None
 
     return routed
+
+
+def cache_lengths_traced(kwargs):
+    """A context for one compiled call given an initialized static cache: Dynamo traces `.item()` of a
+    tensor into the graph (config.capture_scalar_outputs) instead of breaking the graph there.  Why:
+    generate() drops an all-ones attention mask, and OPT's decoder (transformers 5.x) then builds
+    `torch.ones(batch, cache.get_seq_length() + new)`, a dead mask when position_ids are given; an
+    initialized static cache's length is a tensor, so the prefill broke there (on the CPU with the
+    cache initialized as the CUDA path does, 5 graph breaks; the H100 recorded 3 for ours at OPT-13B),
+    each break a graph of its own for the first call to compile.  Decode steps never reach that line.
+    Other calls: unchanged."""
+    import contextlib
+
+    if not any(getattr(l, "is_compileable", False) and getattr(l, "is_initialized", False)
+               for v in kwargs.values() for l in getattr(v, "layers", ()) or ()):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(capture_scalar_outputs=True)
 
 
 def _on_cuda(args, kwargs) -> bool:

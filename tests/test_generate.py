@@ -358,7 +358,7 @@ def test_each_decode_step_is_one_compiled_graph(model_kind):
     """Issue 23's first condition, on the CPU: on the cache the CUDA path uses (initialized before the
     compiled call, its tensors static addresses), a decode step is one compiled graph -- no graph
     break, so no host round trip between graphs inside a step -- and nothing recompiles once
-    decoding runs.  (OPT's prefill breaks on the cache's tensor length; prefill only.)"""
+    decoding runs."""
     from torch._dynamo.utils import counters
 
     model, plan, ids, _ = _setup(model_kind)
@@ -371,6 +371,26 @@ def test_each_decode_step_is_one_compiled_graph(model_kind):
     assert not counters["stats"].get("unique_graphs") and not sum(counters["graph_break"].values()), (
         dict(counters["stats"]), dict(counters["graph_break"]))
     assert long - short == 12 - 4, (short, long)        # one compiled region per extra decode step
+
+
+def test_prefill_on_an_initialized_static_cache_is_one_graph(model_kind):
+    """The prefill too: on an early-initialized static cache (the CUDA path's), generate() compiles one
+    prefill graph and one decode graph, with no graph break (OPT built a dead mask from the cache's tensor
+    length: generation.cache_lengths_traced), and the tokens are the reference ops' eager ones."""
+    from torch._dynamo.utils import counters
+    from transformers import StaticCache
+
+    model, plan, ids, _ = _setup(model_kind)
+    torch._dynamo.reset()
+    counters.clear()
+    fast = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + STEPS)   # generate()'s own size
+    init_static_caches(model, (), {"input_ids": ids, "cache": cache})
+    with torch.no_grad():
+        out = fast.generate(ids, cache=cache, **_kwargs("dynamic"))
+    assert not sum(counters["graph_break"].values()), dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert torch.equal(out, _reference(model_kind, "static"))
 
 
 # -- GPU ---------------------------------------------------------------------------------------------
