@@ -30,7 +30,8 @@ backend returns the original module's `generate` with, for the duration of that 
 original module's calls routed through the compiled module's Dynamo context -- exactly what
 `model.compile()` installs permanently (`Module._compiled_call_impl`), so both forms share one
 mechanism and one set of compiled graphs; the call also checks the quantized weights once per graph,
-at its first forward, instead of at every step (runtime/guards.py's checked_once).  Every other
+at its first forward, instead of at every step (runtime/guards.py's checked_once), and traces a static
+cache's tensor length into the graph instead of breaking it (`cache_lengths_traced`).  Every other
 attribute, and every OptimizedModule of another backend, is untouched.  Routing is per call and per
 object: a thread running the original module while `fast.generate` runs would be routed too.
 
