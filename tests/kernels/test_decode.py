@@ -68,6 +68,17 @@ def row_multipliers(src: torch.Tensor, mult: torch.Tensor, c: int) -> torch.Tens
     return (mult[:c] / torch.bincount(used, minlength=c).float()).float()
 
 
+class _Counted:
+    """A Triton kernel's launches (`kernel[grid](...)`), counted."""
+
+    def __init__(self, kernel):
+        self.kernel, self.n = kernel, 0
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.kernel[grid]
+
+
 def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None):
     """Each case: (M, C, N, bits, pad, x dtype, bias, x layout), compared exactly with the reference
     in every output dtype (out_dtypes None), or in out_dtypes[i % len] for case i (on the GPU every
@@ -97,8 +108,14 @@ def check_decode(device: str, cases, seed: int, configs=(None,), out_dtypes=None
         for j, out_dtype in enumerate(dtypes):
             gxq = xq_dev if (i + j) % 4 in (2, 3) else None
             given = r_dev if gxq is not None else None
-            y = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev,
-                                    r=given, xq=gxq)
+            launches = td.row_absmax_kernel = _Counted(td.row_absmax_kernel)
+            try:
+                y = td.flat_linear_cuda(*dev_args[:5], bits, *dev_args[5:], out_dtype, config=cfg, rmult=rmult_dev,
+                                        r=given, xq=gxq)
+            finally:
+                td.row_absmax_kernel = launches.kernel
+            if variant in ("prequant", "gemv", "dp4a"):     # their row maxima come with the quantized activation
+                assert launches.n == 0, f"{variant}: {launches.n} extra row-maximum launches"
             ref = flat_linear_reference(*ref_args[:5], bits, *ref_args[5:], out_dtype, rmult)
             assert y.shape == ref.shape and y.dtype == out_dtype
             bad = (y.cpu() != ref).sum().item()

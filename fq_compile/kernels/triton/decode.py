@@ -579,9 +579,9 @@ def flat_linear_cuda(x, src, mult, lo, hi, bits, wq, scale, bias, out_dtype, *, 
         if variant in ("prequant", "gemv", "dp4a"):
             a, rq = (xq2, r2) if xq2 is not None else _unfused(x2, src, mult, lo, hi, rmult, bits)
             r = r if rq is None else rq
-        if variant == "dp4a" and not _word_aligned(a, wq):
-            raise ValueError("flat_linear: the dp4a variant reads 16-byte vectors of words: rows of the packed "
-                             "activation and weight must be contiguous and start at multiples of 16 bytes")
+            if variant == "dp4a" and not _word_aligned(a, wq):
+                raise ValueError("flat_linear: the dp4a variant reads 16-byte vectors of words: rows of the packed "
+                                 "activation and weight must be contiguous and start at multiples of 16 bytes")
         elif r2 is not None:
             r = r2
         elif rmult is not None:
