@@ -87,9 +87,13 @@ A static cache created *inside* the first compiled call (`model.compile()` form 
 cache_implementation="static": Hugging Face creates the cache lazily in the first forward) is not
 a static address, so "auto" leaves those graphs without CUDA graphs and warns once, naming the form
 that gets them.  `fast.generate` initializes a static cache before the first compiled call (only on
-CUDA with CUDA graphs allowed: the cache's length is then a tensor from the first call on, and
-OPT's forward in transformers 5.24 turns that into a data-dependent size, a graph break with a
-host sync per forward, where the lazily created cache gives one graph).
+CUDA with CUDA graphs allowed).  The cache's length is then a tensor from the first call on, and
+OPT's decoder (transformers 5.x), given no attention mask (generate() drops an all-ones one), builds
+a dead `torch.ones(batch, cache.get_seq_length() + new)` from it: a data-dependent size, which broke
+the prefill graph (on the CPU with the cache initialized so, 5 breaks; the H100 recorded 3 for ours at
+OPT-13B), each piece a graph for the first call to compile.  So a routed call given an initialized
+static cache traces `.item()` into the graph (`cache_lengths_traced`: Dynamo's capture_scalar_outputs,
+for that call only); decode steps never reach that line.
 
 One static cache per model (the fourth hook, CUDA with CUDA graphs only).  transformers 5 creates a new
 StaticCache in every generate() (`GenerationMixin._prepare_static_cache`); its key, value and length
@@ -331,19 +335,18 @@ def _routed_generate(fast):
     return routed
 
 
+def _static_caches(kwargs) -> list:
+    """The caches among a forward's keyword arguments that can hold static layers (StaticCache and kin)."""
+    return [v for v in kwargs.values() if hasattr(v, "early_initialization") and hasattr(v, "layers")]
+
+
 def cache_lengths_traced(kwargs):
-    """A context for one compiled call given an initialized static cache: Dynamo traces `.item()` of a
-    tensor into the graph (config.capture_scalar_outputs) instead of breaking the graph there.  Why:
-    generate() drops an all-ones attention mask, and OPT's decoder (transformers 5.x) then builds
-    `torch.ones(batch, cache.get_seq_length() + new)`, a dead mask when position_ids are given; an
-    initialized static cache's length is a tensor, so the prefill broke there (on the CPU with the
-    cache initialized as the CUDA path does, 5 graph breaks; the H100 recorded 3 for ours at OPT-13B),
-    each break a graph of its own for the first call to compile.  Decode steps never reach that line.
-    Other calls: unchanged."""
+    """A context for one compiled call: given an initialized static cache, Dynamo traces `.item()` into
+    the graph instead of breaking it (module docstring, on OPT's prefill); otherwise nothing."""
     import contextlib
 
     if not any(getattr(l, "is_compileable", False) and getattr(l, "is_initialized", False)
-               for v in kwargs.values() for l in getattr(v, "layers", ()) or ()):
+               for cache in _static_caches(kwargs) for l in cache.layers):
         return contextlib.nullcontext()
     return torch._dynamo.config.patch(capture_scalar_outputs=True)
 
@@ -357,7 +360,7 @@ def init_static_caches(model, args, kwargs) -> None:
     Hugging Face's StaticCache.early_initialization does: its tensors are then created outside the
     compiled graph and marked as static addresses (what CUDA graphs need), instead of lazily inside
     the first compiled call.  Caches without uninitialized static layers are left alone."""
-    caches = [v for v in kwargs.values() if hasattr(v, "early_initialization") and hasattr(v, "layers")]
+    caches = _static_caches(kwargs)
     if not caches:
         return
     ids = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
