@@ -538,29 +538,36 @@ def profile_decode(model, ids, kw, method, size, device, args, rec, info, steps:
     sync(device)
     step = (statistics.median(timed(long_, device, 0, 5, 30.0))
             - statistics.median(timed(short, device, 0, 5, 30.0))) / steps
-    (busy_l, cats_l, wall_l, n_l, k_l), (busy_s, cats_s, wall_s, n_s, k_s) = _traced(long_, device), _traced(short, device)
+    (busy_l, wall_l, k_l), (busy_s, wall_s, k_s) = _traced(long_, device), _traced(short, device)
     busy = (busy_l - busy_s) / steps
+    step_k = per_step(k_l, k_s, steps)
+    cats = {}
+    for name in k_l:                     # the categories of the long trace's kernels, as the step's
+        cats[category(name)] = cats.get(category(name), 0.0) + step_k[name][0] / 1e3
+    launches = sum(n for _, n in k_l.values()) - sum(n for _, n in k_s.values())
     rec(kind="decode_profile", model=size, method=label(method, args), batch=int(ids.shape[0]), steps=steps,
         step_ms=round(step, 3), step_busy_ms=round(busy, 3), step_idle_ms=round(step - busy, 3),
-        traced_step_ms=round((wall_l - wall_s) / steps, 3), step_kernels=(n_l - n_s) // steps,
-        step_top_kernels=top_kernels(k_l, k_s, steps),
-        **{f"{c}_step_ms": round((v - cats_s.get(c, 0.0)) / steps, 3) for c, v in cats_l.items()}, **info)
+        traced_step_ms=round((wall_l - wall_s) / steps, 3), step_kernels=launches // steps,
+        step_top_kernels=top_kernels(step_k), **{f"{c}_step_ms": round(v, 3) for c, v in cats.items()}, **info)
 
 
-def top_kernels(long_: dict, short: dict, steps: int, top: int = 15) -> list:
-    """The kernels of one decode step (the long trace less the short, / steps), the `top` largest by time:
-    [name (first 100 characters), us per step, launches per step, category]."""
-    rows = []
-    for name, (us, n) in long_.items():
-        us0, n0 = short.get(name, (0.0, 0))
-        if n > n0:
-            rows.append([name[:100], round((us - us0) / steps, 1), round((n - n0) / steps, 2), category(name)])
+def per_step(long_: dict, short: dict, steps: int) -> dict:
+    """{kernel name: (us, launches)} of one decode step: the long trace's less the short one's, / steps."""
+    zero = (0.0, 0)
+    return {name: ((long_.get(name, zero)[0] - short.get(name, zero)[0]) / steps,
+                   (long_.get(name, zero)[1] - short.get(name, zero)[1]) / steps) for name in {*long_, *short}}
+
+
+def top_kernels(step: dict, top: int = 15) -> list:
+    """The `top` largest kernels of a step (`per_step`) by time: [name (first 100 characters), us, launches,
+    category]."""
+    rows = [[name[:100], round(us, 1), round(n, 2), category(name)] for name, (us, n) in step.items() if n > 0]
     return sorted(rows, key=lambda r: -r[1])[:top]
 
 
 def _traced(fn, device):
-    """(GPU busy ms: union of kernel intervals, ms per kernel category, wall ms, kernels launched, and per
-    kernel name [us, launches]) of one fn() under torch.profiler."""
+    """(GPU busy ms: union of kernel intervals, wall ms, {kernel name: [us, launches]}) of one fn() under
+    torch.profiler."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -569,13 +576,11 @@ def _traced(fn, device):
         fn()
         sync(device)
         wall = (time.monotonic() - t) * 1e3
-    spans, cats, kernels = [], {}, {}
+    spans, kernels = [], {}
     for evt in prof.events():
         if getattr(evt, "device_type", None) != DeviceType.CUDA or evt.time_range.elapsed_us() <= 0:
             continue
         spans.append((evt.time_range.start, evt.time_range.end))
-        c = category(evt.name)
-        cats[c] = cats.get(c, 0.0) + evt.time_range.elapsed_us() / 1e3
         k = kernels.setdefault(evt.name, [0.0, 0])
         k[0] += evt.time_range.elapsed_us()
         k[1] += 1
@@ -587,7 +592,7 @@ def _traced(fn, device):
         elif b > end:
             busy += b - end
             end = b
-    return busy / 1e3, cats, wall, len(spans), kernels
+    return busy / 1e3, wall, kernels
 
 
 # -- per-layer profile --------------------------------------------------------------------------------

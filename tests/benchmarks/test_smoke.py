@@ -61,9 +61,10 @@ def test_e2e_decode_rows_carry_the_first_call_stages(tmp_path):
     with open(tmp_path / "e2e.jsonl", "a") as f:
         f.write(json.dumps(dict(dec, kind="decode_profile", steps=16, step_ms=7.8, step_busy_ms=7.0, step_idle_ms=0.8,
                                 traced_step_ms=11.0, step_kernels=914, GEMM_step_ms=5.7,
-                                step_top_kernels=e2e.top_kernels({"flat_linear_decode_kernel": (5710.0 * 17, 200 * 17),
-                                                                  "triton_red_fused_amax": (700.0 * 17 + 50, 160 * 17 + 1)},
-                                                                 {"triton_red_fused_amax": (50.0, 1)}, 16))) + "\n")
+                                step_top_kernels=e2e.top_kernels(e2e.per_step(
+                                    {"flat_linear_decode_kernel": (5710.0 * 17, 200 * 17),
+                                     "triton_red_fused_amax": (700.0 * 17 + 50, 160 * 17 + 1)},
+                                    {"triton_red_fused_amax": (50.0, 1)}, 16)))) + "\n")
     text = e2e.report([tmp_path / "e2e.jsonl"], tmp_path / "res", "smoke")
     assert "where each first generate() call went" in text
     assert "generate() of 17 new tokens minus generate() of 1" in text and "| 7.8    | 7.0" in text
