@@ -29,6 +29,7 @@ from fq_compile.kernels.triton.gemm import _mul_rn
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
 @triton.jit
 def quantize_heads_kernel(X, INV, OUT, ROWS, H, S, D, sxb, sxh, sxs, sxd, sob, soh, sos, sod,
                           TO_INT8: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
