@@ -781,11 +781,12 @@ def report(paths, results_dir: Path, stem: str) -> str:
     results_dir.mkdir(parents=True, exist_ok=True)
     md = results_dir / f"{stem}.md"
     png = results_dir / f"{stem}.png"
-    if plot(rows, png):
+    plotted = plot(rows, png)
+    if plotted:
         lines += [f"![latency vs batch and sequence]({png.name})", ""]
     md.write_text("\n".join(lines))          # the raw rows stay where the runs wrote them, out of the repo
     print("\n".join(lines))
-    print(f"wrote {md}, {png}")
+    print(f"wrote {md}" + (f", {png}" if plotted else " (no prefill rows: no plot)"))
     return "\n".join(lines)
 
 
