@@ -4,17 +4,20 @@
 
 On the 13B prefill row of 2026-12-07 (H100, results/e2e-prefill-13b-2026-12-07-h100-076f56c.md) `auto`
 with 19% of its layers FP8 took 578.7 ms against O1's 530.2 (all flattened INT8) and naive FP8's 491.5.
-In an fp16 model our FP8 layers run the Triton FP8 GEMM (kernels/triton/fp8.py, fp8_gemm_choice: cuBLAS
-applies a per-channel scale in its epilogue only with row-wise scaling, which gives a bfloat16 output),
-while naive FP8 calls cuBLAS with per-tensor scales straight into fp16.  This table times, per layer
+In an fp16 model our FP8 layers ran the Triton FP8 GEMM (kernels/triton/fp8.py, fp8_gemm_choice: cuBLAS
+applies a per-channel scale in its epilogue only with row-wise scaling, then believed to give bfloat16
+output only), while naive FP8 calls cuBLAS with per-tensor scales straight into fp16.  This table's first
+H100 run (results/fp8-gemm-2026-12-07-h100-970198a.md) found row-wise into fp16 taken by torch 2.11 and
+1.6-1.8x faster than the Triton GEMM; fp8_gemm_choice's auto takes it since.  This table times, per layer
 shape and M, the GEMM alone (the activation already e4m3 / int8; fp16 out, bias, per-channel weight
 scales; CUDA-graph replays, inputs rotated past L2 as in kernel_bench.py):
 
   naive        torch._scaled_mm, per-tensor scales, fp16 out (what fp8-naive runs per layer)
-  triton       fq::fp8_linear's Triton GEMM, fp16 out (what our FP8 layers run today)
+  triton       fq::fp8_linear's Triton GEMM, fp16 out (FQ_FP8_GEMM=triton; auto's choice before 2026-12-08)
   cublas+pass  torch._scaled_mm into float32, then scale and bias as one element-wise pass (FQ_FP8_GEMM=scaled_mm)
   rowwise bf16 torch._scaled_mm with row-wise scales into bfloat16 (what a bfloat16 model's FP8 layers run)
-  rowwise fp16 the same into fp16, where this torch allows it ("refused" otherwise: the probe)
+  rowwise fp16 the same into fp16, where this torch allows it ("refused" otherwise: the probe);
+               auto's choice for fp16 models where it is allowed
   int8 K'      fq::int8_linear on the flattened K' with per-token scales (O1's GEMM at the given flatten
                ratio; the dispatch table's choice of CUTLASS / Triton)
 

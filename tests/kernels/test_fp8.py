@@ -216,6 +216,30 @@ def test_import_registers_fp8_kernels():
     assert {"fp8_quantize", "fp8_linear", "w4a8_linear"} <= set(fp8.CUDA_IMPL)
 
 
+def test_fp8_gemm_choice(monkeypatch):
+    """auto: cuBLAS row-wise into bfloat16 always, into float16 only on a CUDA device whose torch takes it
+    (never off CUDA, never for float32), else the Triton GEMM; FQ_FP8_GEMM overrides; a bad value is an error."""
+    pytest.importorskip("triton")
+    from fq_compile.kernels.triton import fp8 as tf
+
+    monkeypatch.delenv("FQ_FP8_GEMM", raising=False)
+    cpu = torch.device("cpu")
+    assert tf.fp8_gemm_choice(torch.bfloat16, cpu) == "scaled_mm_rowwise"
+    assert tf.fp8_gemm_choice(torch.float16, cpu) == "triton"
+    assert tf.fp8_gemm_choice(torch.float16) == "triton"
+    assert tf.fp8_gemm_choice(torch.float32, cpu) == "triton"
+    monkeypatch.setattr(tf, "_rowwise_ok", lambda dtype, device: dtype == torch.float16)
+    assert tf.fp8_gemm_choice(torch.float16, torch.device("cuda", 0)) == "scaled_mm_rowwise"
+    monkeypatch.setattr(tf, "_rowwise_ok", lambda dtype, device: False)
+    assert tf.fp8_gemm_choice(torch.float16, torch.device("cuda", 0)) == "triton"
+    for choice in ("scaled_mm", "triton"):
+        monkeypatch.setenv("FQ_FP8_GEMM", choice)
+        assert tf.fp8_gemm_choice(torch.float16, cpu) == choice
+    monkeypatch.setenv("FQ_FP8_GEMM", "cublas")
+    with pytest.raises(ValueError, match="FQ_FP8_GEMM"):
+        tf.fp8_gemm_choice(torch.float16, cpu)
+
+
 GPU_SHAPES = [(1, 4096, 4096), (16, 5120, 1024), (300, 1000, 4128), (2048, 4096, 5120), (7, 2900, 3000)]
 
 

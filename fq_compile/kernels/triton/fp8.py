@@ -9,7 +9,7 @@ bits (_e4m3_byte), so no e4m3 type is needed and the kernel compiles below sm_89
 
 fp8_linear: `torch._scaled_mm` (cuBLAS FP8) where the GPU has FP8 tensor cores (compute capability
 >= 8.9), the shape suits it (K, N multiples of 16) and its epilogue can apply the per-channel scale
-(row-wise scaling, bfloat16 output); else the Triton GEMM below, whose epilogue is the integer GEMMs'
+(row-wise scaling into bfloat16, or float16 where this torch takes it); else the Triton GEMM below, whose epilogue is the integer GEMMs'
 (FQ_FP8_GEMM overrides the choice: fp8_gemm_choice; which is faster is for the device to measure).
 
 w4a8_linear: the Triton GEMM, whose weight tiles arrive packed two int4 per byte and are unpacked in
@@ -237,22 +237,51 @@ def _scaled_mm_ok(xq, wq) -> bool:
     return hasattr(torch, "_scaled_mm") and has_fp8_cores(xq.device) and k % 16 == 0 and n % 16 == 0
 
 
-def fp8_gemm_choice(out_dtype: torch.dtype) -> str:
-    """FQ_FP8_GEMM = auto (default) | scaled_mm | triton.  auto: cuBLAS with row-wise scales for a
-    bfloat16 output (the per-channel scale fused in its epilogue), else the Triton GEMM (its epilogue
-    fused too); scaled_mm: cuBLAS into float32, then scale and bias as one element-wise pass."""
+_ROWWISE: dict[tuple[torch.dtype, int], bool] = {}
+
+
+def _rowwise_ok(out_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this torch's `_scaled_mm` takes row-wise scales into `out_dtype` on `device` (torch 2.11
+    takes float16 and bfloat16 on an H100; earlier releases bfloat16 only): one 16 x 16 x 16 call, once
+    per dtype and GPU.  Never asked inside a CUDA-graph capture (the graph's uncaptured warm-up has asked
+    by then); there the answer is no, not remembered."""
+    key = (out_dtype, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _ROWWISE:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        a = torch.zeros((16, 16), device=device).to(torch.float8_e4m3fn)
+        ones = torch.ones((16, 1), device=device)
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.reshape(1, 16), out_dtype=out_dtype)
+            _ROWWISE[key] = True
+        except (RuntimeError, ValueError, NotImplementedError):
+            _ROWWISE[key] = False
+    return _ROWWISE[key]
+
+
+def fp8_gemm_choice(out_dtype: torch.dtype, device: torch.device | None = None) -> str:
+    """FQ_FP8_GEMM = auto (default) | scaled_mm | triton.  auto: cuBLAS with row-wise scales (the
+    per-channel scale fused in its epilogue) for a float16 or bfloat16 output where this torch takes
+    it (_rowwise_ok), else the Triton GEMM (its epilogue fused too); scaled_mm: cuBLAS into
+    float32, then scale and bias as one element-wise pass.  On an H100 (2026-12-07, OPT-13B prefill
+    shapes, M = 2048 and 16384, results/fp8-gemm-2026-12-07-h100-970198a.md) cuBLAS row-wise into float16
+    ran 0.85-1.00x naive per-tensor FP8's GEMM time, the Triton GEMM 0.53-0.58x, cuBLAS + pass 0.50-0.84x."""
     choice = os.environ.get("FQ_FP8_GEMM", "auto")
     if choice not in ("auto", "scaled_mm", "triton"):
         raise ValueError(f"FQ_FP8_GEMM={choice!r} must be auto, scaled_mm or triton")
     if choice == "auto":
-        return "scaled_mm_rowwise" if out_dtype == torch.bfloat16 else "triton"
+        rowwise = out_dtype == torch.bfloat16 or (out_dtype == torch.float16 and device is not None
+                                                  and device.type == "cuda" and _rowwise_ok(out_dtype, device))
+        return "scaled_mm_rowwise" if rowwise else "triton"
     return choice
 
 
 def fp8_linear_cuda(xq, wq, scale, bias, out_dtype):
     """cuBLAS FP8 or the Triton GEMM (fp8_gemm_choice; the Triton GEMM wherever cuBLAS does not apply)."""
-    choice = fp8_gemm_choice(out_dtype)
-    if choice == "triton" or not _scaled_mm_ok(xq, wq):
+    if not _scaled_mm_ok(xq, wq):
+        return fp8_gemm_triton(xq, wq, scale, bias, out_dtype, int4_w=False)
+    choice = fp8_gemm_choice(out_dtype, xq.device)
+    if choice == "triton":
         return fp8_gemm_triton(xq, wq, scale, bias, out_dtype, int4_w=False)
     lead = xq.shape[:-1]
     a = xq.reshape(-1, xq.shape[-1])
@@ -261,7 +290,9 @@ def fp8_linear_cuda(xq, wq, scale, bias, out_dtype):
     n = wq.shape[0]
     if choice == "scaled_mm_rowwise":
         ones = torch.ones((a.shape[0], 1), dtype=torch.float32, device=xq.device)
-        y = torch._scaled_mm(a, wq.t(), scale_a=ones, scale_b=scale.float().reshape(1, n), out_dtype=out_dtype)
+        col = per_channel(scale, n, xq.device)
+        col = (col.expand(n) if col.numel() == 1 else col).reshape(1, n).contiguous()
+        y = torch._scaled_mm(a, wq.t(), scale_a=ones, scale_b=col, out_dtype=out_dtype)
         if bias is not None:
             y = y + bias.to(out_dtype)
         return y.reshape(*lead, n)
