@@ -79,10 +79,13 @@ def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     dot instructions, otherwise float32 GEMMs over K chunks that are exact by construction: without
     VNNI/AMX, torch._int_mm has no fast kernel while the float BLAS is what the CPU is built for."""
     if a.is_cuda:
-        try:
-            return torch._int_mm(a.contiguous(), b_t.t().contiguous())
-        except RuntimeError:   # shapes _int_mm refuses (M <= 16, K or N not multiples of 8): float64,
-            return (a.double() @ b_t.double().t()).to(torch.int32)   # exact, never TF32
+        a = a.contiguous()
+        for b in (b_t.contiguous().t(), b_t.t().contiguous()):   # column-major view first: no weight copy
+            try:
+                return torch._int_mm(a, b)
+            except RuntimeError:   # layouts or shapes _int_mm refuses (M <= 16, K or N not multiples of 8)
+                continue
+        return (a.double() @ b_t.double().t()).to(torch.int32)   # exact, never TF32
     return _cpu_int_matmul(a, b_t).to(torch.int32)
 
 

@@ -114,6 +114,22 @@ def test_int_matmul_is_exact(m, k, n):
         assert torch.equal(got.long(), x.long() @ y.long().T)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m,k,n", [(32, 64, 48), (17, 4096, 520), (5, 96, 33), (1, 5000, 2), (40, 40, 24)])
+def test_gpu_int_matmul_is_exact(m, k, n):
+    """The CUDA branch: torch._int_mm on the weight's column-major view (no copy), its row-major copy where
+    that is refused, float64 where _int_mm refuses the shape (M <= 16, K or N not multiples of 8): every
+    path equals the int64 definition, also for a strided (sliced) weight."""
+    g = torch.Generator().manual_seed(m * 31 + k)
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (2 * n, k), generator=g, dtype=torch.int8)
+    for w in (b[:n], b[::2]):
+        got = int_matmul_reference(a.cuda(), w.cuda())
+        assert got.dtype == torch.int32 and got.shape == (m, n)
+        assert torch.equal(got.cpu().long(), a.long() @ w.long().T)
+
+
 def test_int_matmul_falls_back_to_float64_under_reduced_float32_precision():
     from fq_compile.kernels.int_gemm import exact_float_chunk
 
