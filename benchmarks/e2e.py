@@ -56,10 +56,12 @@ vs the faster of fp16 eager / Inductor) and a Figure 4-like PNG.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import gc
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -360,7 +362,9 @@ def run_method(method, size, device, dtype, args, rec):
     vocab = 512 if size == "tiny" else 50272
     t = time.monotonic()
     try:
-        model, plan, info = prepare(method, size, device, dtype, args)
+        model, plan, info = prepare(method, size, device, dtype, args, layers=getattr(args, "layers", None))
+        if getattr(args, "layers", None):
+            info["layers"] = args.layers            # a block count other than the model's own
     except Unavailable as e:
         rec(kind="unavailable", model=size, method=label(method, args), reason=str(e))
         return
@@ -410,10 +414,18 @@ def run_method(method, size, device, dtype, args, rec):
                 phases = dynamo_phases()
                 STOP_CHECKS["deferred"] = 0
                 stopwatch.reset()
+                profiler = cProfile.Profile() if getattr(args, "first_call_profile", False) and i == 0 else None
                 t = time.monotonic()
+                if profiler is not None:
+                    profiler.enable()
                 model.generate(ids, **kw)          # first call: compiles the graphs of this batch size
                 sync(device)
                 warm_s = time.monotonic() - t
+                if profiler is not None:
+                    profiler.disable()
+                    info_profile = {"first_call_functions": python_hotspots(profiler)}
+                else:
+                    info_profile = {}
                 stages = {k: round(v[0], 1) for k, v in stopwatch.totals().items()}
                 phases = dynamo_phases(phases)
                 if first:
@@ -443,7 +455,7 @@ def run_method(method, size, device, dtype, args, rec):
                 cache=cache, ms=round(med, 3), tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2),
                 reps=[round(x, 3) for x in ms], first_call_s=round(warm_s, 1), peak_bytes=peak(device),
                 first_call_compiles=compiled, timed_compiles=again,
-                first_call_stages=stages, first_call_dynamo_phases=phases,
+                first_call_stages=stages, first_call_dynamo_phases=phases, **info_profile,
                 cudagraphs_recorded_per_call=(None if None in recorded
                                               else [b_ - a_ for a_, b_ in zip(recorded, recorded[1:])]), **info)
             if args.decode_profile and i == 0:
@@ -452,6 +464,15 @@ def run_method(method, size, device, dtype, args, rec):
         rec(kind="graphs", model=size, method=label(method, args), graphs=len(reports(plan)),
             released_bytes=sum(r.released_bytes for r in reports(plan)))
     model = plan = None                        # free the GPU before the next method
+
+
+def python_hotspots(profiler, top: int = 25) -> list:
+    """The functions a cProfile'd call spent most of its own time in: [function, own s, cumulative s, calls],
+    by own time (where a first call's Python goes: Dynamo, AOTAutograd, Inductor, ours)."""
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [[f"{Path(fn).name}:{line}({name})", round(tt, 2), round(ct, 2), nc]
+            for (fn, line, name), (cc, nc, tt, ct, callers) in rows]
 
 
 STOP_CHECKS = {"deferred": 0}
@@ -889,6 +910,8 @@ def decode_tables(rows, size) -> list[str]:
 def _first_call_details(dec, size) -> list[str]:
     """Where Dynamo and Inductor spent a first generate() (their own phase timers, nested phases overlap) and
     why Dynamo broke graphs in it, per decode row that recorded them."""
+    from tabulate import tabulate
+
     lines = []
     phased = [r for r in dec if r.get("first_call_dynamo_phases")]
     if phased:
@@ -897,6 +920,10 @@ def _first_call_details(dec, size) -> list[str]:
                   "phases overlap (each includes the ones it calls).", ""]
         lines += [f"- {r['method']} (batch {r['batch']}, {r.get('first_call_s', '-')} s): "
                   + ", ".join(f"{k} {v}" for k, v in r["first_call_dynamo_phases"].items()) for r in phased] + [""]
+    for r in (r for r in dec if r.get("first_call_functions")):
+        lines += [f"### OPT-{size}, {r['method']} (batch {r['batch']}): the first call's Python, by own time (cProfile)",
+                  "", tabulate(r["first_call_functions"], headers=["function", "own s", "cumulative s", "calls"],
+                               tablefmt="github", disable_numparse=True), ""]
     broken = [r for r in dec if (r.get("first_call_compiles") or {}).get("break_reasons")]
     if broken:
         lines += [f"### OPT-{size}: graph breaks in the first generate() call", ""]
@@ -1108,6 +1135,11 @@ def main(argv=None):
     ap.add_argument("--activation-scale", choices=["token", "tensor"], default=None,
                     help="our levels' activation scales (Config.activation_scale); default: the level's own")
     ap.add_argument("--label", default=None, help="suffix for the method names of this run's rows (e.g. warm-cache)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder blocks (default: the model's own): e.g. tiny at 13B's 40 blocks, to study a first "
+                         "call's structure on the CPU")
+    ap.add_argument("--first-call-profile", action="store_true",
+                    help="cProfile the first generate() of the first decode batch: its Python hotspots in the row")
     ap.add_argument("--decode-profile", action="store_true",
                     help="profile one short generate per method: per-token wall, GPU busy by category, idle")
     ap.add_argument("--budget", type=float, default=8.0, help="seconds of timed runs per point (after 3 reps)")

@@ -27,6 +27,9 @@
 #              memory-first row; results/accuracy-smollm2-135m-auto-memory-select-cpu-2026-12-07.md)  ~6-8 min
 #   compile    fq-O3's first generate() twice, in two processes: cold caches, then warm ones
 #              (Inductor's FX/autotune caches, Triton's, our decode tuning under .fqcache)         ~6-8 min
+#   firstcall  fq-O3's first generate() under cProfile, cold caches: the Python functions its ~109 s (H100, 13B)
+#              are spent in, by own time (Dynamo's phase timers say AOTAutograd's dispatcher creation took 67 s there,
+#              4x the CPU's for the same 40-block structure)                                          ~3-4 min
 #   dynamic    fq-O3 with the dynamic cache (no CUDA graphs), batch 1: the cost of that choice   ~4-6 min
 #   quantize   fq-O3, batch 1, with Inductor's reductions persistent up to 32768 elements
 #              (FQ_PERSISTENT_REDUCTIONS): whether each layer input's row maximum and quantize become one
@@ -70,6 +73,10 @@ case $PART in
                 --decode-profile ;;
   quantize) FQ_PERSISTENT_REDUCTIONS=32768 run --models "$MODEL" --batches '' --decode 1 --decode-reps 5 --budget 8 \
                 --methods fq-O3 --label persistent --decode-profile ;;
+  firstcall) # where the first call's Python goes (cProfile: slows that call, so its own label, never the cold row)
+            rm -rf "$CACHE"
+            run --models "$MODEL" --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 \
+                --label cprofile --first-call-profile ;;
   compile)  rm -rf "$CACHE"
             run --models "$MODEL" --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label cold-cache
             run --models "$MODEL" --batches '' --decode 1 --decode-reps 1 --new-tokens 32 --methods fq-O3 --label warm-cache

@@ -48,9 +48,13 @@ def test_e2e_decode_rows_carry_the_first_call_stages(tmp_path):
     tabulates it (issue 23's first-call table)."""
     e2e = _script("e2e")
     e2e.main(["--smoke", "--batches", "", "--decode", "1", "--decode-reps", "1", "--new-tokens", "2",
-              "--methods", "fq-O3", "--out", str(tmp_path)])
+              "--methods", "fq-O3", "--first-call-profile", "--out", str(tmp_path)])
     rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
     dec = next(r for r in rows if r["kind"] == "decode")
+    # --first-call-profile: the first call's Python hotspots, by own time, each at most the whole call
+    hot = dec["first_call_functions"]
+    assert len(hot) == 25 and all(0 <= own <= cum <= dec["first_call_s"] + 0.5 for _, own, cum, _ in hot), hot
+    assert [own for _, own, _, _ in hot] == sorted((own for _, own, _, _ in hot), reverse=True)
     assert dec["first_call_stages"]["Inductor compile"] > 0 and "rewrite" in dec["first_call_stages"]
     assert sum(dec["first_call_stages"].values()) <= dec["first_call_s"] + 0.1
     # Dynamo's own phase timings of the first call (nested, so each is at most the whole call)
@@ -73,6 +77,7 @@ def test_e2e_decode_rows_carry_the_first_call_stages(tmp_path):
     assert "the step's largest kernels" in text
     assert "| flat_linear_decode_kernel | 6066.9      | 212.5" in text and "| triton_red_fused_amax     | 743.8 " in text, text
     assert "the first generate() call's compile phases" in text
+    assert "the first call's Python, by own time (cProfile)" in text and hot[0][0] in text
     # Dynamo's graph-break reasons, tabulated per first call (none on this CPU run: a row as the H100 records one)
     assert "graph breaks in the first generate() call" not in text
     with open(tmp_path / "e2e.jsonl", "a") as f:
