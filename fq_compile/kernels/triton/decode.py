@@ -322,9 +322,12 @@ GEMV_CONFIGS = {
 
 
 # BLOCK_K counts positions (4 or 8 a word): 64 x 512 (INT8) / 1024 (INT4) is 64 rows x 128 words, 64 int32
-# registers a thread at 4 warps
+# registers a thread at 4 warps.  INT4's third tiling: more, smaller programs for a small weight.  At OPT-13B's
+# 5120 x 6400 (the out projection) both others launch 160 programs for 132 SMs, and the kernel ran at 49% of copy
+# bandwidth there (11.3 us for 16 MB; 77-78% on fc1/fc2 with 560-640 programs: results/kernels-decode-2026-12-07-
+# h100-970198a.md); 32 x 1024 over 2 tiles a program launches 640.  Whether it wins is the tuner's to measure.
 DP4A_CONFIGS = {8: [_cfg(64, 512, 4, 4, 3), _cfg(32, 1024, 4, 4, 3)],
-                4: [_cfg(64, 1024, 4, 4, 3), _cfg(32, 2048, 4, 4, 3)]}
+                4: [_cfg(64, 1024, 4, 4, 3), _cfg(32, 2048, 4, 4, 3), _cfg(32, 1024, 2, 4, 3)]}
 
 
 def candidates(bits: int) -> list[tuple[str, triton.Config | None]]:
