@@ -9,8 +9,8 @@ bits (_e4m3_byte), so no e4m3 type is needed and the kernel compiles below sm_89
 
 fp8_linear: `torch._scaled_mm` (cuBLAS FP8) where the GPU has FP8 tensor cores (compute capability
 >= 8.9), the shape suits it (K, N multiples of 16) and its epilogue can apply the per-channel scale
-(row-wise scaling into bfloat16, or float16 where this torch takes it); else the Triton GEMM below, whose epilogue is the integer GEMMs'
-(FQ_FP8_GEMM overrides the choice: fp8_gemm_choice; which is faster is for the device to measure).
+(row-wise scaling into bfloat16, or into float16 where this torch takes it); else the Triton GEMM
+below, whose epilogue is the integer GEMMs' (FQ_FP8_GEMM overrides the choice: fp8_gemm_choice).
 
 w4a8_linear: the Triton GEMM, whose weight tiles arrive packed two int4 per byte and are unpacked in
 registers onto the FP8 tensor cores (int4 values are exact in e4m3): the weight bytes are halved
