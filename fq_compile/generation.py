@@ -31,7 +31,7 @@ original module's calls routed through the compiled module's Dynamo context -- e
 `model.compile()` installs permanently (`Module._compiled_call_impl`), so both forms share one
 mechanism and one set of compiled graphs; the call also checks the quantized weights once per graph,
 at its first forward, instead of at every step (runtime/guards.py's checked_once), and traces a static
-cache's tensor length into the graph instead of breaking it (`cache_lengths_traced`).  Every other
+cache's tensor length into the graph instead of breaking it (`static_cache_initialized`).  Every other
 attribute, and every OptimizedModule of another backend, is untouched.  Routing is per call and per
 object: a thread running the original module while `fast.generate` runs would be routed too.
 
@@ -91,9 +91,11 @@ CUDA with CUDA graphs allowed).  The cache's length is then a tensor from the fi
 OPT's decoder (transformers 5.x), given no attention mask (generate() drops an all-ones one), builds
 a dead `torch.ones(batch, cache.get_seq_length() + new)` from it: a data-dependent size, which broke
 the prefill graph (on the CPU with the cache initialized so, 5 breaks; the H100 recorded 3 for ours at
-OPT-13B), each piece a graph for the first call to compile.  So a routed call given an initialized
-static cache traces `.item()` into the graph (`cache_lengths_traced`: Dynamo's capture_scalar_outputs,
-for that call only); decode steps never reach that line.
+OPT-13B), each piece a graph for the first call to compile.  So a routed generate() traces `.item()` into
+the graph (Dynamo's capture_scalar_outputs, from its first forward given an initialized static cache to its
+end: `static_cache_initialized`); decode steps never reach that line.  transformers 5.17's OPT also hands
+that mask to `create_causal_mask`, whose padding branch on its length then breaks the prefill once per call
+(5.25 does not: benchmarks/NOTES-decode.md).
 
 One static cache per model (the fourth hook, CUDA with CUDA graphs only).  transformers 5 creates a new
 StaticCache in every generate() (`GenerationMixin._prepare_static_cache`); its key, value and length
@@ -114,6 +116,7 @@ False, a model not compiled by this backend) generate() creates its cache as bef
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import gc
@@ -312,6 +315,10 @@ def _routed_generate(fast):
         if orig._compiled_call_impl is not None:   # model.compile() was used too: its own routing
             return generate(*args, **kwargs)
         compiled = _compiled_call(fast)
+        # Dynamo's capture_scalar_outputs for the rest of this generate(), from its first forward given an
+        # initialized static cache (module docstring, on OPT's prefill): entered once, not at every decode
+        # step (a config patch costs ~18 us of host time a call)
+        lengths, traced = contextlib.ExitStack(), []
 
         # not traced by whatever Dynamo context is active around the call (Hugging Face's own
         # decode-step compile, for static caches on CUDA): the cache is initialized eagerly and
@@ -320,14 +327,16 @@ def _routed_generate(fast):
         def call(*a, **kw):
             if cudagraphs is not False and _on_cuda(a, kw):   # only CUDA graphs need it (module docstring)
                 init_static_caches(orig, a, kw)
-            with cache_lengths_traced(kw):
-                return compiled(*a, **kw)
+            if not traced and static_cache_initialized(kw):
+                lengths.enter_context(torch._dynamo.config.patch(capture_scalar_outputs=True))
+                traced.append(True)
+            return compiled(*a, **kw)
 
         setattr(call, _ROUTED, fast)
 
         orig._compiled_call_impl = call
         try:
-            with checked_once():        # the weights are checked at the first call, not at every step
+            with checked_once(), lengths:   # the weights are checked at the first call, not at every step
                 return generate(*args, **kwargs)
         finally:
             orig._compiled_call_impl = None
@@ -340,15 +349,11 @@ def _static_caches(kwargs) -> list:
     return [v for v in kwargs.values() if hasattr(v, "early_initialization") and hasattr(v, "layers")]
 
 
-def cache_lengths_traced(kwargs):
-    """A context for one compiled call: given an initialized static cache, Dynamo traces `.item()` into
-    the graph instead of breaking it (module docstring, on OPT's prefill); otherwise nothing."""
-    import contextlib
-
-    if not any(getattr(l, "is_compileable", False) and getattr(l, "is_initialized", False)
-               for cache in _static_caches(kwargs) for l in cache.layers):
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(capture_scalar_outputs=True)
+def static_cache_initialized(kwargs) -> bool:
+    """Whether a forward's keyword arguments hold a static cache whose tensors exist already (so its length
+    is a tensor, traced into the graph by the routed generate(): module docstring, on OPT's prefill)."""
+    return any(getattr(l, "is_compileable", False) and getattr(l, "is_initialized", False)
+               for cache in _static_caches(kwargs) for l in cache.layers)
 
 
 def _on_cuda(args, kwargs) -> bool:

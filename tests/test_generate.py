@@ -394,7 +394,7 @@ def test_each_decode_step_is_one_compiled_graph(model_kind):
 def test_prefill_on_an_initialized_static_cache_is_one_graph(model_kind):
     """The prefill too: on an early-initialized static cache (the CUDA path's), generate() compiles one
     prefill graph and one decode graph, with no graph break (OPT built a dead mask from the cache's tensor
-    length: generation.cache_lengths_traced), and the tokens are the reference ops' eager ones.  Where the
+    length: generation.static_cache_initialized), and the tokens are the reference ops' eager ones.  Where the
     installed transformers hands OPT's dead mask to create_causal_mask (5.17, the H100's), the prefill keeps
     one break at the mask's padding branch: a known limitation, only the tokens are checked there."""
     from torch._dynamo.utils import counters
@@ -406,8 +406,10 @@ def test_prefill_on_an_initialized_static_cache_is_one_graph(model_kind):
     fast = torch.compile(model, backend="flattenquant", options={"plan": plan, "inductor": False})
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + STEPS)   # generate()'s own size
     init_static_caches(model, (), {"input_ids": ids, **_cache_kw(model, cache)})
+    before = torch._dynamo.config.capture_scalar_outputs
     with torch.no_grad():
         out = fast.generate(ids, **_cache_kw(model, cache), **_kwargs("dynamic"))
+    assert torch._dynamo.config.capture_scalar_outputs == before      # for that generate() only
     # a break is counted in graph_break (torch 2.11) or only as the resume function it leaves (torch 2.13)
     breaks = {**counters["graph_break"], **counters["resumes"]}
     graphs = counters["stats"]["unique_graphs"]
