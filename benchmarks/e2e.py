@@ -362,8 +362,8 @@ def run_method(method, size, device, dtype, args, rec):
     vocab = 512 if size == "tiny" else 50272
     t = time.monotonic()
     try:
-        model, plan, info = prepare(method, size, device, dtype, args, layers=getattr(args, "layers", None))
-        if getattr(args, "layers", None):
+        model, plan, info = prepare(method, size, device, dtype, args, layers=args.layers)
+        if args.layers:
             info["layers"] = args.layers            # a block count other than the model's own
     except Unavailable as e:
         rec(kind="unavailable", model=size, method=label(method, args), reason=str(e))
@@ -414,7 +414,7 @@ def run_method(method, size, device, dtype, args, rec):
                 phases = dynamo_phases()
                 STOP_CHECKS["deferred"] = 0
                 stopwatch.reset()
-                profiler = cProfile.Profile() if getattr(args, "first_call_profile", False) and i == 0 else None
+                profiler = cProfile.Profile() if args.first_call_profile and i == 0 else None
                 t = time.monotonic()
                 if profiler is not None:
                     profiler.enable()
@@ -423,9 +423,7 @@ def run_method(method, size, device, dtype, args, rec):
                 warm_s = time.monotonic() - t
                 if profiler is not None:
                     profiler.disable()
-                    info_profile = {"first_call_functions": python_hotspots(profiler)}
-                else:
-                    info_profile = {}
+                hot = {} if profiler is None else {"first_call_functions": python_hotspots(profiler)}
                 stages = {k: round(v[0], 1) for k, v in stopwatch.totals().items()}
                 phases = dynamo_phases(phases)
                 if first:
@@ -455,7 +453,7 @@ def run_method(method, size, device, dtype, args, rec):
                 cache=cache, ms=round(med, 3), tokens_per_s=round(b * args.new_tokens / (med / 1e3), 2),
                 reps=[round(x, 3) for x in ms], first_call_s=round(warm_s, 1), peak_bytes=peak(device),
                 first_call_compiles=compiled, timed_compiles=again,
-                first_call_stages=stages, first_call_dynamo_phases=phases, **info_profile,
+                first_call_stages=stages, first_call_dynamo_phases=phases, **hot,
                 cudagraphs_recorded_per_call=(None if None in recorded
                                               else [b_ - a_ for a_, b_ in zip(recorded, recorded[1:])]), **info)
             if args.decode_profile and i == 0:
