@@ -79,12 +79,14 @@ def int_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     dot instructions, otherwise float32 GEMMs over K chunks that are exact by construction: without
     VNNI/AMX, torch._int_mm has no fast kernel while the float BLAS is what the CPU is built for."""
     if a.is_cuda:
-        a = a.contiguous()
-        for b in (b_t.contiguous().t(), b_t.t().contiguous()):   # column-major view first: no weight copy
-            try:
-                return torch._int_mm(a, b)
-            except RuntimeError:   # layouts or shapes _int_mm refuses (M <= 16, K or N not multiples of 8)
-                continue
+        (m, k), n = a.shape, b_t.shape[0]
+        if m > 16 and k > 0 and k % 8 == 0 and n > 0 and n % 8 == 0:   # the shapes _int_mm takes on CUDA
+            a = a.contiguous()
+            for b in (b_t.contiguous().t(), b_t.t().contiguous()):   # column-major view first: no weight copy
+                try:
+                    return torch._int_mm(a, b)
+                except RuntimeError:   # a layout this torch's cuBLAS path refuses: the row-major copy
+                    continue
         return (a.double() @ b_t.double().t()).to(torch.int32)   # exact, never TF32
     return _cpu_int_matmul(a, b_t).to(torch.int32)
 
